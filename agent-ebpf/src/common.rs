@@ -1,0 +1,112 @@
+//! Maps, configuration and field readers shared by the programs.
+//!
+//! Every kernel field is read through `bpf_probe_read_kernel` at an offset from [`Config`], so a
+//! kernel whose structs moved still works as long as its BTF says where they are.
+
+use agent_common::{Config, Counter, ThreadCpu, COUNTERS};
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+};
+
+/// Entry 0 holds the configuration, written by the agent before any program is attached.
+#[map]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// Loss and traffic counters, indexed by `agent_common::Counter`.
+#[map]
+pub static COUNTERS_MAP: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS, 0);
+
+/// Finished requests, database round trips and connects, read by the agent.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
+
+/// On/off-CPU totals per target thread (key: thread id).
+#[map]
+pub static THREADS: HashMap<u32, ThreadCpu> = HashMap::with_max_entries(16384, 0);
+
+#[inline(always)]
+pub fn config() -> Option<&'static Config> {
+    let c = CONFIG.get(0)?;
+    if c.netns_inum == 0 {
+        return None;
+    }
+    Some(c)
+}
+
+#[inline(always)]
+pub fn count(c: Counter) {
+    add(c, 1);
+}
+
+#[inline(always)]
+pub fn add(c: Counter, n: u64) {
+    if let Some(p) = COUNTERS_MAP.get_ptr_mut(c as u32) {
+        // SAFETY: per-CPU slot, no other writer on this CPU while the program runs.
+        unsafe { *p += n };
+    }
+}
+
+#[inline(always)]
+pub fn now() -> u64 {
+    // SAFETY: no arguments, always allowed.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Reads a `T` at `base + off` in kernel memory.
+#[inline(always)]
+pub fn read<T>(base: u64, off: u32) -> Option<T> {
+    if base == 0 {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel tolerates any address; a fault returns an error.
+    unsafe { bpf_probe_read_kernel((base + off as u64) as *const T).ok() }
+}
+
+/// Network namespace inode of a `struct sock *`.
+#[inline(always)]
+pub fn sk_netns(c: &Config, sk: u64) -> Option<u32> {
+    let net: u64 = read(sk, c.offsets.sk_net)?;
+    read(net, c.offsets.net_inum)
+}
+
+/// Network namespace inode of a `struct task_struct *` (None while it exits: nsproxy is NULL).
+#[inline(always)]
+pub fn task_netns(c: &Config, task: u64) -> Option<u32> {
+    let nsproxy: u64 = read(task, c.offsets.task_nsproxy)?;
+    let net: u64 = read(nsproxy, c.offsets.nsproxy_net_ns)?;
+    read(net, c.offsets.net_inum)
+}
+
+#[inline(always)]
+pub fn port_in(ports: &[u16; agent_common::MAX_PORTS], p: u16) -> bool {
+    if p == 0 {
+        return false;
+    }
+    let mut i = 0;
+    while i < agent_common::MAX_PORTS {
+        if ports[i] == p {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// On-CPU nanoseconds of thread `tid` up to `t`, counting the slice it is running now.
+#[inline(always)]
+pub fn thread_on_cpu(tid: u32, tgid: u32, t: u64) -> u64 {
+    if let Some(p) = THREADS.get_ptr_mut(tid) {
+        // SAFETY: map value pointer valid for this program run.
+        let th = unsafe { &*p };
+        let running = if th.last_in != 0 && t > th.last_in { t - th.last_in } else { 0 };
+        return th.on_ns + running;
+    }
+    // First sight of a running thread: start its clock now.
+    let th = ThreadCpu { tgid, last_in: t, ..ThreadCpu::default() };
+    if THREADS.insert(tid, th, 0).is_err() {
+        count(Counter::ThreadMapFull);
+    }
+    0
+}

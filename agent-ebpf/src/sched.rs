@@ -1,0 +1,104 @@
+//! On-CPU and off-CPU time of the target's threads.
+//!
+//! A thread belongs to the target while its `nsproxy->net_ns` is the target namespace, so threads
+//! started before the agent attached, and workers respawned later, are counted alike.
+
+use agent_common::{Counter, ThreadCpu};
+use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
+
+use crate::common::{add, config, count, now, read, task_netns, THREADS};
+
+/// `tp_btf/sched_switch`: `TP_PROTO(bool preempt, struct task_struct *prev,
+/// struct task_struct *next, unsigned int prev_state)` (include/trace/events/sched.h; the
+/// `prev_state` argument was added in 5.18 after the two we read).
+#[btf_tracepoint(function = "sched_switch")]
+pub fn awl_sched_switch(ctx: BtfTracePointContext) -> i32 {
+    try_sched_switch(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_sched_switch(ctx: &BtfTracePointContext) -> Option<()> {
+    let c = config()?;
+    let prev: u64 = ctx.arg(1);
+    let next: u64 = ctx.arg(2);
+    let t = now();
+    if task_netns(c, prev) == Some(c.netns_inum) {
+        let tid: u32 = read(prev, c.offsets.task_pid)?;
+        switch_out(tid, read(prev, c.offsets.task_tgid).unwrap_or(0), t);
+    }
+    if task_netns(c, next) == Some(c.netns_inum) {
+        let tid: u32 = read(next, c.offsets.task_pid)?;
+        switch_in(tid, read(next, c.offsets.task_tgid).unwrap_or(0), t);
+    }
+    Some(())
+}
+
+#[inline(always)]
+fn switch_out(tid: u32, tgid: u32, t: u64) {
+    match THREADS.get_ptr_mut(tid) {
+        Some(p) => {
+            // SAFETY: map value pointer valid for this program run.
+            let th = unsafe { &mut *p };
+            if th.last_in != 0 && t > th.last_in {
+                th.on_ns += t - th.last_in;
+            }
+            th.last_in = 0;
+            th.last_out = t;
+        }
+        None => {
+            let th = ThreadCpu { tgid, last_out: t, ..ThreadCpu::default() };
+            if THREADS.insert(tid, th, 0).is_err() {
+                count(Counter::ThreadMapFull);
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn switch_in(tid: u32, tgid: u32, t: u64) {
+    match THREADS.get_ptr_mut(tid) {
+        Some(p) => {
+            // SAFETY: as above.
+            let th = unsafe { &mut *p };
+            if th.last_out != 0 && t > th.last_out {
+                th.off_ns += t - th.last_out;
+            }
+            th.last_out = 0;
+            th.last_in = t;
+        }
+        None => {
+            let th = ThreadCpu { tgid, last_in: t, ..ThreadCpu::default() };
+            if THREADS.insert(tid, th, 0).is_err() {
+                count(Counter::ThreadMapFull);
+            }
+        }
+    }
+}
+
+/// `tp_btf/sched_process_exit`: `TP_PROTO(struct task_struct *p, ...)`, run by the exiting
+/// thread itself. Its totals move to the per-CPU "exited" counters so nothing is lost.
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn awl_sched_exit(_ctx: BtfTracePointContext) -> i32 {
+    try_exit();
+    0
+}
+
+#[inline(always)]
+fn try_exit() -> Option<()> {
+    config()?;
+    let tid = aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32;
+    let p = THREADS.get_ptr(tid)?;
+    // SAFETY: map value pointer valid for this program run.
+    let th = unsafe { *p };
+    let t = now();
+    let mut on = th.on_ns;
+    if th.last_in != 0 && t > th.last_in {
+        on += t - th.last_in;
+    }
+    add(Counter::ExitedOnCpuNs, on);
+    add(Counter::ExitedOffCpuNs, th.off_ns);
+    let _ = THREADS.remove(tid);
+    crate::sock::forget_thread(tid);
+    Some(())
+}

@@ -1,0 +1,593 @@
+//! HTTP requests on accepted connections of the server ports, and database round trips and
+//! connects on client connections to the database ports.
+//!
+//! The data path hangs off `sock_send_length` / `sock_recv_length`, which the kernel fires from
+//! `sock_sendmsg` / `sock_recvmsg` for every socket I/O (send, write, sendmsg, sendfile, ...), in the
+//! caller's context, after the data was copied. Connection life comes from `inet_sock_set_state`.
+//! A socket is classified the first time it is seen, from its own fields, so connections opened
+//! before the agent attached are measured like new ones. Nothing here parses HTTP: the first bytes
+//! of a request and a response are copied for the agent to parse.
+
+use agent_common::{
+    Counter, DbConnectEvent, DbRoundTripEvent, EventHeader, EventKind, RequestEvent,
+    CONFIG_CAPTURE_PAYLOAD, HEAD_LEN, REQ_END_CLOSE, REQ_EXCLUSIVE_THREAD, REQ_NO_HEAD,
+    REQ_NO_RESPONSE, STATUS_LEN,
+};
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_pid_tgid,
+        generated::{bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs},
+    },
+    macros::{btf_tracepoint, map},
+    maps::HashMap,
+    programs::BtfTracePointContext,
+};
+
+use crate::common::{config, count, now, port_in, read, sk_netns, thread_on_cpu, EVENTS};
+
+const ROLE_HTTP: u32 = 1;
+const ROLE_DB: u32 = 2;
+
+/// HTTP connection states.
+const H_IDLE: u32 = 0;
+const H_RECV: u32 = 1;
+const H_RESP: u32 = 2;
+/// Database connection states (0, the zeroed start, is idle).
+const D_SENT: u32 = 1;
+const D_RECVD: u32 = 2;
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const MSG_PEEK: i32 = 2;
+
+/// TCP states (include/net/tcp_states.h).
+const TCP_ESTABLISHED: i32 = 1;
+const TCP_SYN_SENT: i32 = 2;
+const TCP_SYN_RECV: i32 = 3;
+const TCP_FIN_WAIT1: i32 = 4;
+const TCP_CLOSE: i32 = 7;
+const TCP_CLOSE_WAIT: i32 = 8;
+const TCP_LAST_ACK: i32 = 9;
+const TCP_LISTEN: i32 = 10;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Conn {
+    role: u32,
+    state: u32,
+    /// Requests started on this connection (the current one's number, 1-based).
+    seq: u32,
+    flags: u32,
+    /// Thread that read the current request, or made the pending database send.
+    tid: u32,
+    tgid: u32,
+    db_round_trips: u32,
+    db_connects: u32,
+    start_ns: u64,
+    first_send_ns: u64,
+    last_send_ns: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    db_wait_ns: u64,
+    db_connect_ns: u64,
+    cpu_start_ns: u64,
+    on_cpu_ns: u64,
+    local_port: u16,
+    remote_port: u16,
+    head_len: u16,
+    status_len: u16,
+    head: [u8; HEAD_LEN],
+    status: [u8; STATUS_LEN],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Connecting {
+    start_ns: u64,
+    tid: u32,
+    tgid: u32,
+    remote_port: u16,
+    _pad: [u16; 3],
+}
+
+/// The request a thread is serving: the last one it read.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ThreadReq {
+    sock: u64,
+    seq: u32,
+    /// Sticky: this thread once read a request while another it had read was unanswered
+    /// (an event loop). Work it does cannot be pinned to one request.
+    multiplexed: u32,
+}
+
+/// Tracked connections (key: `struct sock *`). Entries go at TCP_CLOSE.
+#[map]
+static CONNS: HashMap<u64, Conn> = HashMap::with_max_entries(32768, 0);
+
+/// Database connects in flight (SYN_SENT seen, ESTABLISHED not yet).
+#[map]
+static CONNECTING: HashMap<u64, Connecting> = HashMap::with_max_entries(4096, 0);
+
+#[map]
+static THREAD_REQ: HashMap<u32, ThreadReq> = HashMap::with_max_entries(16384, 0);
+
+/// Called when a target thread exits.
+#[inline(always)]
+pub fn forget_thread(tid: u32) {
+    let _ = THREAD_REQ.remove(tid);
+}
+
+/// `tp_btf/sock_recv_length`: `TP_PROTO(struct sock *sk, int ret, int flags)`
+/// (include/trace/events/sock.h, fired by `sock_recvmsg_nosec`; Linux 6.3+).
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn awl_sock_recv(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_io(&ctx, false);
+    0
+}
+
+/// `tp_btf/sock_send_length`: `TP_PROTO(struct sock *sk, int ret, int flags)`
+/// (fired by `sock_sendmsg_nosec`; Linux 6.3+).
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn awl_sock_send(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_io(&ctx, true);
+    0
+}
+
+#[inline(always)]
+fn try_io(ctx: &BtfTracePointContext, is_send: bool) -> Option<()> {
+    let c = config()?;
+    let sk: u64 = ctx.arg(0);
+    let ret: i32 = ctx.arg(1);
+    let flags: i32 = ctx.arg(2);
+    if ret <= 0 || (!is_send && flags & MSG_PEEK != 0) {
+        return None;
+    }
+    let t = now();
+    let p = match CONNS.get_ptr_mut(sk) {
+        Some(p) => p,
+        None => classify(c, sk)?,
+    };
+    // SAFETY: map value pointer valid for this program run.
+    let conn = unsafe { &mut *p };
+    if conn.role == ROLE_HTTP {
+        if is_send {
+            http_send(c, conn, ret as u64, t);
+        } else {
+            http_recv(c, sk, conn, ret as u64, t);
+        }
+    } else if is_send {
+        if conn.state != D_SENT {
+            conn.state = D_SENT;
+            conn.start_ns = t;
+            conn.bytes_out = 0;
+            conn.tid = bpf_get_current_pid_tgid() as u32;
+        }
+        conn.bytes_out += ret as u64;
+    } else if conn.state == D_SENT {
+        conn.state = D_RECVD;
+        db_round_trip(sk, conn, t);
+    }
+    Some(())
+}
+
+/// First sight of a socket: decide from its ports whether it is ours, and start tracking it.
+#[inline(always)]
+fn classify(c: &agent_common::Config, sk: u64) -> Option<*mut Conn> {
+    if sk_netns(c, sk)? != c.netns_inum {
+        return None;
+    }
+    let family: u16 = read(sk, c.offsets.sk_family)?;
+    if family != AF_INET && family != AF_INET6 {
+        return None;
+    }
+    let lport: u16 = read(sk, c.offsets.sk_num)?;
+    let rport = u16::from_be(read(sk, c.offsets.sk_dport)?);
+    let role = if port_in(&c.http_ports, lport) {
+        ROLE_HTTP
+    } else if port_in(&c.db_ports, rport) {
+        ROLE_DB
+    } else {
+        return None;
+    };
+    track(sk, role, lport, rport)
+}
+
+#[inline(always)]
+fn track(sk: u64, role: u32, lport: u16, rport: u16) -> Option<*mut Conn> {
+    // SAFETY: Conn is plain data; all-zero is its idle state.
+    let mut conn: Conn = unsafe { core::mem::zeroed() };
+    conn.role = role;
+    conn.local_port = lport;
+    conn.remote_port = rport;
+    if CONNS.insert(sk, conn, 0).is_err() {
+        count(Counter::ConnMapFull);
+        return None;
+    }
+    CONNS.get_ptr_mut(sk)
+}
+
+#[inline(always)]
+fn http_recv(c: &agent_common::Config, sk: u64, conn: &mut Conn, n: u64, t: u64) {
+    if conn.state == H_RECV {
+        conn.bytes_in += n;
+        return;
+    }
+    if conn.state == H_RESP {
+        finalize(sk, conn, 0);
+    }
+    let id = bpf_get_current_pid_tgid();
+    let tid = id as u32;
+    conn.state = H_RECV;
+    conn.seq += 1;
+    conn.flags = 0;
+    conn.tid = tid;
+    conn.tgid = (id >> 32) as u32;
+    conn.start_ns = t;
+    conn.first_send_ns = 0;
+    conn.last_send_ns = 0;
+    conn.bytes_in = n;
+    conn.bytes_out = 0;
+    conn.db_round_trips = 0;
+    conn.db_connects = 0;
+    conn.db_wait_ns = 0;
+    conn.db_connect_ns = 0;
+    conn.on_cpu_ns = 0;
+    conn.status_len = 0;
+    conn.cpu_start_ns = thread_on_cpu(tid, conn.tgid, t);
+    conn.head_len = 0;
+    if c.flags & CONFIG_CAPTURE_PAYLOAD != 0 {
+        match copy_user_head(c, &mut conn.head, n) {
+            Some(len) => conn.head_len = len,
+            None => conn.flags |= REQ_NO_HEAD,
+        }
+    }
+
+    // Which request this thread now serves; an event loop shows up as a thread that reads a
+    // second request before answering the first.
+    let mut multiplexed = 0;
+    if let Some(prev) = THREAD_REQ.get_ptr(tid) {
+        // SAFETY: map value pointer valid for this program run.
+        let prev = unsafe { *prev };
+        multiplexed = prev.multiplexed;
+        if multiplexed == 0 && prev.sock != sk {
+            if let Some(pc) = CONNS.get_ptr(prev.sock) {
+                // SAFETY: as above.
+                let pc = unsafe { &*pc };
+                if pc.seq == prev.seq && pc.state == H_RECV {
+                    multiplexed = 1;
+                }
+            }
+        }
+    }
+    let tr = ThreadReq { sock: sk, seq: conn.seq, multiplexed };
+    if THREAD_REQ.insert(tid, tr, 0).is_err() {
+        count(Counter::ThreadMapFull);
+    }
+}
+
+#[inline(always)]
+fn http_send(c: &agent_common::Config, conn: &mut Conn, n: u64, t: u64) {
+    if conn.state == H_IDLE {
+        // A response we did not see the request of (attached mid-request).
+        count(Counter::UnknownSocket);
+        return;
+    }
+    if conn.state == H_RECV {
+        conn.state = H_RESP;
+        conn.first_send_ns = t;
+        if c.flags & CONFIG_CAPTURE_PAYLOAD != 0 {
+            let mut status = [0u8; STATUS_LEN];
+            if let Some(len) = copy_user_status(c, &mut status, n) {
+                conn.status = status;
+                conn.status_len = len;
+            }
+        }
+    }
+    conn.last_send_ns = t;
+    conn.bytes_out += n;
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if tid == conn.tid {
+        let cpu = thread_on_cpu(tid, conn.tgid, t);
+        conn.on_cpu_ns = cpu.saturating_sub(conn.cpu_start_ns);
+    }
+}
+
+/// Emits the request record and returns the connection to idle.
+#[inline(always)]
+fn finalize(sk: u64, conn: &mut Conn, extra_flags: u32) {
+    let mut flags = conn.flags | extra_flags;
+    if conn.state != H_RESP {
+        flags |= REQ_NO_RESPONSE;
+    }
+    if let Some(tr) = THREAD_REQ.get_ptr(conn.tid) {
+        // SAFETY: map value pointer valid for this program run.
+        if unsafe { (*tr).multiplexed } == 0 {
+            flags |= REQ_EXCLUSIVE_THREAD;
+        }
+    }
+    conn.state = H_IDLE;
+    count(Counter::Requests);
+    let Some(mut e) = EVENTS.reserve::<RequestEvent>(0) else {
+        count(Counter::RingbufFull);
+        return;
+    };
+    let end = if conn.last_send_ns != 0 { conn.last_send_ns } else { now() };
+    let ev = RequestEvent {
+        hdr: EventHeader {
+            kind: EventKind::Request as u32,
+            tgid: conn.tgid,
+            tid: conn.tid,
+            _pad: 0,
+            ts_ns: now(),
+        },
+        sock: sk,
+        start_ns: conn.start_ns,
+        first_send_ns: conn.first_send_ns,
+        end_ns: end,
+        bytes_in: conn.bytes_in,
+        bytes_out: conn.bytes_out,
+        db_wait_ns: conn.db_wait_ns,
+        db_connect_ns: conn.db_connect_ns,
+        on_cpu_ns: conn.on_cpu_ns,
+        seq: conn.seq,
+        db_round_trips: conn.db_round_trips,
+        db_connects: conn.db_connects,
+        flags,
+        local_port: conn.local_port,
+        remote_port: conn.remote_port,
+        head_len: conn.head_len,
+        status_len: conn.status_len,
+        head: conn.head,
+        status: conn.status,
+    };
+    e.write(ev);
+    e.submit(0);
+}
+
+#[inline(always)]
+fn db_round_trip(sk: u64, conn: &mut Conn, t: u64) {
+    let dur = t.saturating_sub(conn.start_ns);
+    count(Counter::DbRoundTrips);
+    let id = bpf_get_current_pid_tgid();
+    let attributed = attribute(id as u32, dur, false);
+    if attributed {
+        count(Counter::DbRoundTripsAttributed);
+    }
+    let Some(mut e) = EVENTS.reserve::<DbRoundTripEvent>(0) else {
+        count(Counter::RingbufFull);
+        return;
+    };
+    e.write(DbRoundTripEvent {
+        hdr: EventHeader {
+            kind: EventKind::DbRoundTrip as u32,
+            tgid: (id >> 32) as u32,
+            tid: id as u32,
+            _pad: 0,
+            ts_ns: t,
+        },
+        sock: sk,
+        start_ns: conn.start_ns,
+        dur_ns: dur,
+        bytes_out: conn.bytes_out as u32,
+        attributed: attributed as u32,
+        remote_port: conn.remote_port,
+        local_port: conn.local_port,
+        _pad: 0,
+    });
+    e.submit(0);
+}
+
+/// Adds database time to the request thread `tid` is serving, when that is unambiguous.
+#[inline(always)]
+fn attribute(tid: u32, dur: u64, is_connect: bool) -> bool {
+    let Some(tr) = THREAD_REQ.get_ptr(tid) else {
+        return false;
+    };
+    // SAFETY: map value pointer valid for this program run.
+    let tr = unsafe { *tr };
+    if tr.multiplexed != 0 {
+        return false;
+    }
+    let Some(p) = CONNS.get_ptr_mut(tr.sock) else {
+        return false;
+    };
+    // SAFETY: as above.
+    let conn = unsafe { &mut *p };
+    if conn.seq != tr.seq || conn.state == H_IDLE || conn.role != ROLE_HTTP {
+        return false;
+    }
+    if is_connect {
+        conn.db_connects += 1;
+        conn.db_connect_ns += dur;
+    } else {
+        conn.db_round_trips += 1;
+        conn.db_wait_ns += dur;
+    }
+    true
+}
+
+/// Copies the first bytes the current syscall read into or wrote from user memory.
+/// Returns how many bytes are meaningful, or None when the buffer is unknown.
+#[inline(always)]
+fn user_buf(c: &agent_common::Config) -> Option<u64> {
+    if c.offsets.regs_size == 0 {
+        return None;
+    }
+    // SAFETY: helper calls with pointers the verifier checks; a fault returns an error.
+    unsafe {
+        let task = bpf_get_current_task_btf();
+        let regs_btf = bpf_task_pt_regs(task);
+        // Launder the BTF pointer into a plain address through the stack, so the offset
+        // arithmetic below is on a scalar (the verifier refuses variable offsets on BTF pointers).
+        let mut regs: u64 = 0;
+        if bpf_probe_read_kernel(
+            (&mut regs as *mut u64).cast(),
+            8,
+            (&regs_btf as *const _ as *const u64).cast(),
+        ) != 0
+        {
+            return None;
+        }
+        let nr: u64 = read(regs, c.offsets.regs_nr)?;
+        let arg1: u64 = read(regs, c.offsets.regs_arg1)?;
+        let s = &c.syscalls;
+        let nr = nr as u32;
+        if nr == s.read || nr == s.write || nr == s.recvfrom || nr == s.sendto {
+            Some(arg1)
+        } else if nr == s.recvmsg || nr == s.sendmsg {
+            // struct user_msghdr: msg_iov at 16 on LP64 (uapi, stable); iovec.iov_base first.
+            let iov: u64 = read_user(arg1 + 16)?;
+            read_user(iov)
+        } else if nr == s.readv || nr == s.writev {
+            read_user(arg1)
+        } else {
+            None
+        }
+    }
+}
+
+#[inline(always)]
+fn read_user(addr: u64) -> Option<u64> {
+    let mut v: u64 = 0;
+    // SAFETY: bpf_probe_read_user tolerates any address.
+    let r = unsafe { bpf_probe_read_user((&mut v as *mut u64).cast(), 8, addr as *const _) };
+    if r != 0 {
+        return None;
+    }
+    Some(v)
+}
+
+#[inline(always)]
+fn copy_user_head(c: &agent_common::Config, dst: &mut [u8; HEAD_LEN], n: u64) -> Option<u16> {
+    let buf = user_buf(c)?;
+    let len = if n < HEAD_LEN as u64 { n as u32 } else { HEAD_LEN as u32 };
+    // Bound for the verifier: len is in 1..=HEAD_LEN.
+    let len = len & (2 * HEAD_LEN as u32 - 1);
+    if len == 0 || len > HEAD_LEN as u32 {
+        return None;
+    }
+    // SAFETY: dst has HEAD_LEN bytes and len <= HEAD_LEN.
+    let r = unsafe { bpf_probe_read_user(dst.as_mut_ptr().cast(), len, buf as *const _) };
+    if r != 0 {
+        count(Counter::PayloadReadFailed);
+        return None;
+    }
+    Some(len as u16)
+}
+
+#[inline(always)]
+fn copy_user_status(c: &agent_common::Config, dst: &mut [u8; STATUS_LEN], n: u64) -> Option<u16> {
+    let buf = user_buf(c)?;
+    let len = if n < STATUS_LEN as u64 { n as u32 } else { STATUS_LEN as u32 };
+    let len = len & (2 * STATUS_LEN as u32 - 1);
+    if len == 0 || len > STATUS_LEN as u32 {
+        return None;
+    }
+    // SAFETY: dst has STATUS_LEN bytes and len <= STATUS_LEN.
+    let r = unsafe { bpf_probe_read_user(dst.as_mut_ptr().cast(), len, buf as *const _) };
+    if r != 0 {
+        count(Counter::PayloadReadFailed);
+        return None;
+    }
+    Some(len as u16)
+}
+
+/// `tp_btf/inet_sock_set_state`: `TP_PROTO(const struct sock *sk, const int oldstate,
+/// const int newstate)` (include/trace/events/sock.h). Fires in process and softirq context;
+/// the namespace is taken from the socket, never from the current task.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn awl_sock_state(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_state(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_state(ctx: &BtfTracePointContext) -> Option<()> {
+    let c = config()?;
+    let sk: u64 = ctx.arg(0);
+    let old: i32 = ctx.arg(1);
+    let new: i32 = ctx.arg(2);
+
+    if let Some(p) = CONNS.get_ptr_mut(sk) {
+        // SAFETY: map value pointer valid for this program run.
+        let conn = unsafe { &mut *p };
+        if conn.role == ROLE_HTTP {
+            let server_done = new == TCP_FIN_WAIT1 || new == TCP_LAST_ACK || new == TCP_CLOSE;
+            let peer_done = new == TCP_CLOSE_WAIT;
+            if conn.state == H_RESP && (server_done || peer_done) {
+                finalize(sk, conn, REQ_END_CLOSE);
+            } else if conn.state == H_RECV && new == TCP_CLOSE {
+                finalize(sk, conn, REQ_END_CLOSE);
+            }
+        }
+        if new == TCP_CLOSE {
+            count(if conn.role == ROLE_HTTP { Counter::HttpConnsClosed } else { Counter::DbConnsClosed });
+            let _ = CONNS.remove(sk);
+        }
+        // Connecting sockets are never in CONNS before ESTABLISHED.
+        return Some(());
+    }
+
+    if sk_netns(c, sk)? != c.netns_inum {
+        return None;
+    }
+    let lport: u16 = read(sk, c.offsets.sk_num)?;
+    let rport = u16::from_be(read(sk, c.offsets.sk_dport)?);
+    if old == TCP_CLOSE && new == TCP_SYN_SENT && port_in(&c.db_ports, rport) {
+        let id = bpf_get_current_pid_tgid();
+        let cn = Connecting {
+            start_ns: now(),
+            tid: id as u32,
+            tgid: (id >> 32) as u32,
+            remote_port: rport,
+            _pad: [0; 3],
+        };
+        if CONNECTING.insert(sk, cn, 0).is_err() {
+            count(Counter::ConnMapFull);
+        }
+    } else if old == TCP_SYN_SENT {
+        let cn = unsafe { *CONNECTING.get_ptr(sk)? };
+        let _ = CONNECTING.remove(sk);
+        if new != TCP_ESTABLISHED {
+            count(Counter::DbConnectFailed);
+            return Some(());
+        }
+        let t = now();
+        let dur = t.saturating_sub(cn.start_ns);
+        count(Counter::DbConnsOpened);
+        count(Counter::DbConnects);
+        attribute(cn.tid, dur, true);
+        track(sk, ROLE_DB, lport, rport);
+        let Some(mut e) = EVENTS.reserve::<DbConnectEvent>(0) else {
+            count(Counter::RingbufFull);
+            return Some(());
+        };
+        e.write(DbConnectEvent {
+            hdr: EventHeader {
+                kind: EventKind::DbConnect as u32,
+                tgid: cn.tgid,
+                tid: cn.tid,
+                _pad: 0,
+                ts_ns: t,
+            },
+            sock: sk,
+            start_ns: cn.start_ns,
+            dur_ns: dur,
+            remote_port: rport,
+            _pad: [0; 3],
+        });
+        e.submit(0);
+    } else if old == TCP_SYN_RECV && new == TCP_ESTABLISHED && port_in(&c.http_ports, lport) {
+        count(Counter::HttpConnsOpened);
+        track(sk, ROLE_HTTP, lport, rport);
+    } else if new == TCP_CLOSE && old != TCP_LISTEN {
+        // Untracked (opened before attach and idle since): still a connection that closed.
+        if port_in(&c.http_ports, lport) {
+            count(Counter::HttpConnsClosed);
+        } else if port_in(&c.db_ports, rport) {
+            count(Counter::DbConnsClosed);
+        }
+    }
+    Some(())
+}

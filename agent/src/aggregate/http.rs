@@ -1,0 +1,171 @@
+//! Turns the first bytes of a request and of a response, as the probes copied them, into a
+//! method, a normalised path and a status code, keeping the set of (method, path) labels bounded.
+//!
+//! It must never fail on odd bytes: anything unparseable becomes `OTHER` / `/?` / 0.
+
+use std::collections::HashMap;
+
+const METHODS: &[&str] = &["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE"];
+
+/// Method and raw path of a request line; the path is marked with a trailing `…` when the copied
+/// head ended inside it.
+pub fn parse_request_head(head: &[u8]) -> (&'static str, String) {
+    let line_end = head.iter().position(|&b| b == b'\r' || b == b'\n').unwrap_or(head.len());
+    let line = &head[..line_end];
+    let mut parts = line.splitn(3, |&b| b == b' ');
+    let method = parts.next().unwrap_or(b"");
+    let method = METHODS
+        .iter()
+        .find(|m| m.as_bytes() == method)
+        .copied()
+        .unwrap_or("OTHER");
+    let Some(target) = parts.next() else {
+        return (method, "/?".into());
+    };
+    let complete = parts.next().is_some();
+    let target = String::from_utf8_lossy(target);
+    let path = target.split(['?', '#']).next().unwrap_or("");
+    let mut p = normalise_path(path);
+    if !complete && !target.contains('?') && p != "/?" {
+        p.push('…');
+    }
+    (method, p)
+}
+
+/// Collapses identifiers so that `/posts/123/` and `/posts/456/` are one label.
+pub fn normalise_path(path: &str) -> String {
+    if !path.starts_with('/') {
+        return "/?".into();
+    }
+    let mut out = String::with_capacity(path.len());
+    for (i, seg) in path.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        out.push_str(normalise_segment(seg));
+        if out.len() > 96 {
+            out.truncate(96);
+            out.push('…');
+            break;
+        }
+    }
+    out
+}
+
+fn normalise_segment(seg: &str) -> &str {
+    if seg.is_empty() {
+        return seg;
+    }
+    if seg.bytes().all(|b| b.is_ascii_digit()) {
+        return ":n";
+    }
+    let hex_or_dash = seg.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+    if hex_or_dash && seg.len() == 36 && seg.bytes().filter(|&b| b == b'-').count() == 4 {
+        return ":uuid";
+    }
+    if hex_or_dash && seg.len() >= 16 {
+        return ":hex";
+    }
+    seg
+}
+
+/// Status code of a response's first bytes (`HTTP/1.1 200 OK`), 0 when not a status line.
+pub fn parse_status(head: &[u8]) -> u16 {
+    if head.len() < 12 || !head.starts_with(b"HTTP/") {
+        return 0;
+    }
+    let Some(sp) = head.iter().position(|&b| b == b' ') else { return 0 };
+    let code = &head[sp + 1..];
+    if code.len() < 3 || !code[..3].iter().all(u8::is_ascii_digit) {
+        return 0;
+    }
+    code[..3].iter().fold(0u16, |a, &d| a * 10 + u16::from(d - b'0'))
+}
+
+/// Interns (method, path) labels up to a bound; past it everything new is `OTHER /other`, so a
+/// scanner hitting random URLs cannot blow up the label set of the metrics.
+pub struct LabelSet {
+    max: usize,
+    ids: HashMap<(&'static str, String), usize>,
+    labels: Vec<(&'static str, String)>,
+}
+
+impl LabelSet {
+    pub fn new(max: usize) -> Self {
+        let mut s = LabelSet { max: max.max(1), ids: HashMap::new(), labels: Vec::new() };
+        s.labels.push(("OTHER", "/other".into()));
+        s.ids.insert(("OTHER", "/other".into()), 0);
+        s
+    }
+
+    pub fn intern(&mut self, method: &'static str, path: String) -> usize {
+        let key = (method, path);
+        if let Some(&id) = self.ids.get(&key) {
+            return id;
+        }
+        if self.labels.len() > self.max {
+            return 0;
+        }
+        let id = self.labels.len();
+        self.labels.push(key.clone());
+        self.ids.insert(key, id);
+        id
+    }
+
+    pub fn get(&self, id: usize) -> (&'static str, &str) {
+        let (m, p) = &self.labels[id];
+        (m, p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn request_lines() {
+        assert_eq!(parse_request_head(b"GET /posts/io_read/ HTTP/1.1\r\nHost: x\r\n"), ("GET", "/posts/io_read/".into()));
+        assert_eq!(parse_request_head(b"POST /posts/io_create/?a=1 HTTP/1.1\r\n"), ("POST", "/posts/io_create/".into()));
+        assert_eq!(parse_request_head(b"GET /items/12345/x HTTP/1.0\r\n"), ("GET", "/items/:n/x".into()));
+        assert_eq!(
+            parse_request_head(b"GET /p/0b7e3a52-3f0e-4c5e-9d0a-1c2b3d4e5f60 HTTP/1.1"),
+            ("GET", "/p/:uuid".into())
+        );
+        assert_eq!(parse_request_head(b"BREW /pot HTTP/1.1\r\n"), ("OTHER", "/pot".into()));
+        // The copied head ended inside the path.
+        assert_eq!(parse_request_head(b"GET /a/very/long/pa"), ("GET", "/a/very/long/pa…".into()));
+        assert_eq!(parse_request_head(b""), ("OTHER", "/?".into()));
+        assert_eq!(parse_request_head(b"\x16\x03\x01 garbage"), ("OTHER", "/?".into()));
+    }
+
+    #[test]
+    fn status_lines() {
+        assert_eq!(parse_status(b"HTTP/1.1 200 OK\r\n"), 200);
+        assert_eq!(parse_status(b"HTTP/1.0 500 Internal"), 500);
+        assert_eq!(parse_status(b"HTTP/1.1 20"), 0);
+        assert_eq!(parse_status(b"hello world, no"), 0);
+    }
+
+    #[test]
+    fn label_set_is_bounded() {
+        let mut s = LabelSet::new(3);
+        let a = s.intern("GET", "/a".into());
+        assert_eq!(s.intern("GET", "/a".into()), a);
+        for i in 0..100 {
+            s.intern("GET", format!("/x{i}"));
+        }
+        assert!(s.labels.len() <= 4);
+        assert_eq!(s.intern("GET", "/brand-new".into()), 0);
+        assert_eq!(s.get(0), ("OTHER", "/other"));
+    }
+
+    proptest! {
+        #[test]
+        fn parsing_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..80)) {
+            let (_, p) = parse_request_head(&bytes);
+            prop_assert!(p.len() <= 100 + 3);
+            let _ = parse_status(&bytes);
+        }
+    }
+}

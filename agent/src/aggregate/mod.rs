@@ -1,0 +1,407 @@
+//! The one place that turns raw probe records into what everyone reads: per-request records,
+//! histograms, per-interval and whole-run summaries. Outputs (the `watch` lines, NDJSON, and later
+//! metrics and result files) read from here and never recompute.
+//!
+//! It keeps no unbounded state: histograms are fixed-size, labels are interned into a bounded set.
+
+pub mod http;
+pub mod summary;
+
+use std::collections::BTreeMap;
+
+use agent_common::{
+    Counter, DbConnectEvent, DbRoundTripEvent, EventHeader, EventKind, RequestEvent, ThreadCpu,
+    COUNTERS, REQ_END_CLOSE, REQ_EXCLUSIVE_THREAD, REQ_NO_HEAD, REQ_NO_RESPONSE,
+};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Nanosecond histogram, 3 significant digits (<= 0.1 % relative error), 1 ns .. 1 h.
+pub fn new_hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("static bounds are valid")
+}
+
+/// One finished request, as written to NDJSON by `watch --json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestRecord {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub pid: u32,
+    pub tid: u32,
+    pub method: &'static str,
+    pub path: String,
+    /// 0 when no status line was seen.
+    pub status: u16,
+    /// CLOCK_MONOTONIC nanoseconds of the first request byte read.
+    pub start_ns: u64,
+    /// First request byte read to last response byte written.
+    pub server_ns: u64,
+    /// First request byte read to first response byte written.
+    pub first_byte_ns: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Database round trips made by the serving thread during the request.
+    pub db_round_trips: u32,
+    pub db_wait_ns: u64,
+    pub db_connects: u32,
+    pub db_connect_ns: u64,
+    pub on_cpu_ns: u64,
+    /// The serving thread served only this request meanwhile: the per-request database and CPU
+    /// figures are this request's own. False for event-loop threads.
+    pub exclusive_thread: bool,
+    /// 1-based index of the request on its connection.
+    pub seq: u32,
+    /// "next" (another request followed on the connection) or "close".
+    pub ended_by: &'static str,
+    pub responded: bool,
+    pub local_port: u16,
+    pub remote_port: u16,
+}
+
+/// A decoded ring-buffer record.
+#[derive(Debug, Clone)]
+pub enum Record {
+    Request(RequestRecord),
+    DbRoundTrip { dur_ns: u64, attributed: bool },
+    DbConnect { dur_ns: u64 },
+}
+
+/// Counts and histograms over some interval.
+#[derive(Clone)]
+pub struct Stats {
+    pub requests: u64,
+    pub responded: u64,
+    pub by_status: BTreeMap<u16, u64>,
+    pub by_label: BTreeMap<usize, u64>,
+    pub server: Histogram<u64>,
+    pub db_rtt: Histogram<u64>,
+    pub db_connect: Histogram<u64>,
+    pub db_round_trips: u64,
+    pub db_wait_ns: u64,
+    pub db_connects: u64,
+    pub db_connect_ns: u64,
+    /// Round trips the kernel could pin to one request.
+    pub db_round_trips_attributed: u64,
+    pub exclusive_requests: u64,
+    pub server_ns_sum: u64,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            requests: 0,
+            responded: 0,
+            by_status: BTreeMap::new(),
+            by_label: BTreeMap::new(),
+            server: new_hist(),
+            db_rtt: new_hist(),
+            db_connect: new_hist(),
+            db_round_trips: 0,
+            db_wait_ns: 0,
+            db_connects: 0,
+            db_connect_ns: 0,
+            db_round_trips_attributed: 0,
+            exclusive_requests: 0,
+            server_ns_sum: 0,
+        }
+    }
+}
+
+impl Stats {
+    fn add(&mut self, r: &Record, label: Option<usize>) {
+        match r {
+            Record::Request(q) => {
+                self.requests += 1;
+                if q.responded {
+                    self.responded += 1;
+                }
+                *self.by_status.entry(q.status).or_default() += 1;
+                if let Some(l) = label {
+                    *self.by_label.entry(l).or_default() += 1;
+                }
+                self.server.saturating_record(q.server_ns.max(1));
+                self.server_ns_sum += q.server_ns;
+                if q.exclusive_thread {
+                    self.exclusive_requests += 1;
+                }
+            }
+            Record::DbRoundTrip { dur_ns, attributed } => {
+                self.db_round_trips += 1;
+                self.db_wait_ns += dur_ns;
+                self.db_rtt.saturating_record((*dur_ns).max(1));
+                if *attributed {
+                    self.db_round_trips_attributed += 1;
+                }
+            }
+            Record::DbConnect { dur_ns } => {
+                self.db_connects += 1;
+                self.db_connect_ns += dur_ns;
+                self.db_connect.saturating_record((*dur_ns).max(1));
+            }
+        }
+    }
+}
+
+/// Decodes one ring-buffer record. Unknown kinds and short records are None (and counted by
+/// the caller as malformed).
+pub fn decode(bytes: &[u8], labels: &mut http::LabelSet) -> Option<(Record, Option<usize>)> {
+    let hdr = EventHeader::from_bytes(bytes)?;
+    match hdr.kind {
+        k if k == EventKind::Request as u32 => {
+            let e = RequestEvent::from_bytes(bytes)?;
+            let head = &e.head[..(e.head_len as usize).min(e.head.len())];
+            let (method, path) = if e.flags & REQ_NO_HEAD != 0 || head.is_empty() {
+                ("OTHER", "/?".to_string())
+            } else {
+                http::parse_request_head(head)
+            };
+            let label = labels.intern(method, path.clone());
+            let status = http::parse_status(&e.status[..(e.status_len as usize).min(e.status.len())]);
+            let rec = RequestRecord {
+                kind: "request",
+                pid: e.hdr.tgid,
+                tid: e.hdr.tid,
+                method,
+                path,
+                status,
+                start_ns: e.start_ns,
+                server_ns: e.end_ns.saturating_sub(e.start_ns),
+                first_byte_ns: if e.first_send_ns != 0 { e.first_send_ns.saturating_sub(e.start_ns) } else { 0 },
+                bytes_in: e.bytes_in,
+                bytes_out: e.bytes_out,
+                db_round_trips: e.db_round_trips,
+                db_wait_ns: e.db_wait_ns,
+                db_connects: e.db_connects,
+                db_connect_ns: e.db_connect_ns,
+                on_cpu_ns: e.on_cpu_ns,
+                exclusive_thread: e.flags & REQ_EXCLUSIVE_THREAD != 0,
+                seq: e.seq,
+                ended_by: if e.flags & REQ_END_CLOSE != 0 { "close" } else { "next" },
+                responded: e.flags & REQ_NO_RESPONSE == 0,
+                local_port: e.local_port,
+                remote_port: e.remote_port,
+            };
+            Some((Record::Request(rec), Some(label)))
+        }
+        k if k == EventKind::DbRoundTrip as u32 => {
+            let e = DbRoundTripEvent::from_bytes(bytes)?;
+            Some((Record::DbRoundTrip { dur_ns: e.dur_ns, attributed: e.attributed != 0 }, None))
+        }
+        k if k == EventKind::DbConnect as u32 => {
+            let e = DbConnectEvent::from_bytes(bytes)?;
+            Some((Record::DbConnect { dur_ns: e.dur_ns }, None))
+        }
+        _ => None,
+    }
+}
+
+/// CPU totals of the target's threads at one instant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuTotals {
+    pub on_ns: u64,
+    pub off_ns: u64,
+    pub threads: u64,
+}
+
+impl CpuTotals {
+    /// Totals at `now` (CLOCK_MONOTONIC ns), counting the slices in progress.
+    pub fn at(now: u64, threads: &[(u32, ThreadCpu)], counters: &[u64; COUNTERS as usize]) -> CpuTotals {
+        let mut t = CpuTotals {
+            on_ns: counters[Counter::ExitedOnCpuNs as usize],
+            off_ns: counters[Counter::ExitedOffCpuNs as usize],
+            threads: threads.len() as u64,
+        };
+        for (_, th) in threads {
+            t.on_ns += th.on_ns;
+            t.off_ns += th.off_ns;
+            if th.last_in != 0 && now > th.last_in {
+                t.on_ns += now - th.last_in;
+            }
+            if th.last_out != 0 && now > th.last_out {
+                t.off_ns += now - th.last_out;
+            }
+        }
+        t
+    }
+
+    /// Off-CPU share of thread time between two snapshots.
+    pub fn off_share_since(&self, earlier: &CpuTotals) -> Option<f64> {
+        let on = self.on_ns.saturating_sub(earlier.on_ns);
+        let off = self.off_ns.saturating_sub(earlier.off_ns);
+        let all = on + off;
+        (all > 0).then(|| off as f64 / all as f64)
+    }
+}
+
+/// The running aggregation of one attach.
+pub struct Aggregator {
+    pub labels: http::LabelSet,
+    pub total: Stats,
+    pub window: Stats,
+    /// Records the agent could not decode (should stay 0).
+    pub malformed: u64,
+}
+
+impl Default for Aggregator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Aggregator {
+    pub fn new() -> Self {
+        Aggregator { labels: http::LabelSet::new(64), total: Stats::default(), window: Stats::default(), malformed: 0 }
+    }
+
+    /// Accounts one raw record; returns it decoded.
+    pub fn push(&mut self, bytes: &[u8]) -> Option<Record> {
+        let Some((rec, label)) = decode(bytes, &mut self.labels) else {
+            self.malformed += 1;
+            return None;
+        };
+        self.total.add(&rec, label);
+        self.window.add(&rec, label);
+        Some(rec)
+    }
+
+    /// Ends the current interval and returns it.
+    pub fn take_window(&mut self) -> Stats {
+        std::mem::take(&mut self.window)
+    }
+}
+
+/// Percentiles in milliseconds.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Quantiles {
+    pub count: u64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub mean_ms: f64,
+}
+
+impl Quantiles {
+    pub fn of(h: &Histogram<u64>) -> Quantiles {
+        let ms = |ns: u64| ns as f64 / 1e6;
+        Quantiles {
+            count: h.len(),
+            p50_ms: ms(h.value_at_quantile(0.5)),
+            p90_ms: ms(h.value_at_quantile(0.9)),
+            p99_ms: ms(h.value_at_quantile(0.99)),
+            max_ms: ms(h.max()),
+            mean_ms: h.mean() / 1e6,
+        }
+    }
+}
+
+/// Ratios that do not need per-request attribution: exact over any server.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Ratios {
+    pub db_round_trips_per_request: Option<f64>,
+    pub db_wait_ms_per_request: Option<f64>,
+    pub db_wait_share_of_server_time: Option<f64>,
+    /// Share of round trips that the kernel pinned to one request (1.0 on sync servers).
+    pub attributed_share: Option<f64>,
+}
+
+impl Stats {
+    pub fn ratios(&self) -> Ratios {
+        let per_req = |x: f64| (self.requests > 0).then(|| x / self.requests as f64);
+        Ratios {
+            db_round_trips_per_request: per_req(self.db_round_trips as f64),
+            db_wait_ms_per_request: per_req(self.db_wait_ns as f64 / 1e6),
+            db_wait_share_of_server_time: (self.server_ns_sum > 0)
+                .then(|| self.db_wait_ns as f64 / self.server_ns_sum as f64),
+            attributed_share: (self.db_round_trips > 0)
+                .then(|| self.db_round_trips_attributed as f64 / self.db_round_trips as f64),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req_bytes(start: u64, end: u64, rtts: u32, flags: u32) -> Vec<u8> {
+        let mut head = [0u8; agent_common::HEAD_LEN];
+        let h = b"GET /posts/io_read/ HTTP/1.1\r\n";
+        head[..h.len()].copy_from_slice(h);
+        let mut status = [0u8; agent_common::STATUS_LEN];
+        status.copy_from_slice(b"HTTP/1.1 200 OK\r");
+        let e = RequestEvent {
+            hdr: EventHeader { kind: EventKind::Request as u32, tgid: 1, tid: 2, _pad: 0, ts_ns: end },
+            sock: 7,
+            start_ns: start,
+            first_send_ns: end,
+            end_ns: end,
+            bytes_in: 30,
+            bytes_out: 100,
+            db_wait_ns: 5,
+            db_connect_ns: 0,
+            on_cpu_ns: 1,
+            seq: 1,
+            db_round_trips: rtts,
+            db_connects: 0,
+            flags,
+            local_port: 8000,
+            remote_port: 40000,
+            head_len: h.len() as u16,
+            status_len: 16,
+            head,
+            status,
+        };
+        // SAFETY: repr(C) POD record viewed as bytes.
+        unsafe { std::slice::from_raw_parts((&e as *const RequestEvent).cast::<u8>(), size_of::<RequestEvent>()) }.to_vec()
+    }
+
+    #[test]
+    fn decodes_a_request_record() {
+        let mut a = Aggregator::new();
+        let Some(Record::Request(r)) = a.push(&req_bytes(1_000, 3_001_000, 4, REQ_EXCLUSIVE_THREAD)) else {
+            panic!("not a request")
+        };
+        assert_eq!((r.method, r.path.as_str(), r.status), ("GET", "/posts/io_read/", 200));
+        assert_eq!(r.server_ns, 3_000_000);
+        assert_eq!(r.db_round_trips, 4);
+        assert!(r.exclusive_thread && r.responded);
+        assert_eq!(r.ended_by, "next");
+        assert_eq!(a.total.requests, 1);
+        assert!(a.push(&[1, 2, 3]).is_none());
+        assert_eq!(a.malformed, 1);
+    }
+
+    #[test]
+    fn ratios_are_exact_totals() {
+        let mut s = Stats::default();
+        for _ in 0..3 {
+            s.add(&Record::Request(match decode(&req_bytes(0, 10_000_000, 0, 0), &mut http::LabelSet::new(4)).unwrap().0 {
+                Record::Request(r) => r,
+                _ => unreachable!(),
+            }), None);
+        }
+        for attributed in [true, true, false, true, true, true] {
+            s.add(&Record::DbRoundTrip { dur_ns: 2_000_000, attributed }, None);
+        }
+        let r = s.ratios();
+        assert_eq!(r.db_round_trips_per_request, Some(2.0));
+        assert_eq!(r.db_wait_ms_per_request, Some(4.0));
+        assert_eq!(r.db_wait_share_of_server_time, Some(0.4));
+        assert_eq!(r.attributed_share, Some(5.0 / 6.0));
+    }
+
+    #[test]
+    fn cpu_totals_count_slices_in_progress_and_exited_threads() {
+        let mut counters = [0u64; COUNTERS as usize];
+        counters[Counter::ExitedOnCpuNs as usize] = 100;
+        counters[Counter::ExitedOffCpuNs as usize] = 50;
+        let running = ThreadCpu { tgid: 1, _pad: 0, on_ns: 10, off_ns: 20, last_in: 1_000, last_out: 0 };
+        let sleeping = ThreadCpu { tgid: 1, _pad: 0, on_ns: 5, off_ns: 5, last_in: 0, last_out: 1_500 };
+        let t = CpuTotals::at(2_000, &[(1, running), (2, sleeping)], &counters);
+        assert_eq!(t.on_ns, 100 + 10 + 1_000 + 5);
+        assert_eq!(t.off_ns, 50 + 20 + 5 + 500);
+        let later = CpuTotals { on_ns: t.on_ns + 25, off_ns: t.off_ns + 75, threads: 2 };
+        assert_eq!(later.off_share_since(&t), Some(0.75));
+        assert_eq!(t.off_share_since(&t), None);
+    }
+}

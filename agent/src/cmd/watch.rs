@@ -1,0 +1,276 @@
+//! `awaitlab watch`: attach the probes to one network namespace, print a line a second, and
+//! optionally write one NDJSON record per finished request. Ctrl-C (or SIGTERM, or the target
+//! vanishing) drains what the kernel already produced, prints the summary and detaches.
+//!
+//! It must not lose records silently: everything not delivered shows in the `lost` figures.
+
+use std::{
+    io::Write as _,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
+use tokio::{
+    io::{unix::AsyncFd, Interest},
+    signal::unix::{signal, SignalKind},
+};
+
+use crate::{
+    aggregate::{
+        summary::{Summary, SummaryInput},
+        Aggregator, CpuTotals, Quantiles, Record,
+    },
+    fail,
+    probes::{ProbeError, ProbeSpec, Probes},
+    target::Target,
+    EXIT_NOPERM, EXIT_USAGE,
+};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// What to watch: pid:PID, PID, netns:NAME, or a namespace path (/proc/PID/ns/net,
+    /// /run/netns/NAME).
+    #[arg(long)]
+    pub target: String,
+    /// Server port whose accepted connections carry HTTP requests (repeat for several).
+    #[arg(long = "http-port", default_values_t = [8000u16], value_parser = clap::value_parser!(u16).range(1..))]
+    pub http_ports: Vec<u16>,
+    /// Database port whose client connections are timed (repeat for several).
+    #[arg(long = "db-port", default_values_t = [5432u16], value_parser = clap::value_parser!(u16).range(1..))]
+    pub db_ports: Vec<u16>,
+    /// Write one JSON record per finished request to stdout (NDJSON), then a summary record;
+    /// the per-second lines go to stderr.
+    #[arg(long)]
+    pub json: bool,
+    /// Seconds between lines.
+    #[arg(long, default_value_t = 1.0, value_parser = parse_interval)]
+    pub interval: f64,
+    /// Stop after this many seconds (default: until Ctrl-C).
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Do not copy request and response heads (no method, path or status).
+    #[arg(long)]
+    pub no_payload: bool,
+}
+
+fn parse_interval(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(0.05..=3600.0).contains(&v) {
+        return Err("interval must be between 0.05 and 3600 seconds".into());
+    }
+    Ok(v)
+}
+
+pub fn run(args: Args) -> ExitCode {
+    let target = match Target::resolve(&args.target) {
+        Ok(t) => t,
+        Err(e) => {
+            let code = if e.is_usage() { EXIT_USAGE } else { 1 };
+            return fail(&anyhow::Error::new(e), code);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&anyhow::Error::new(e).context("starting the runtime"), 1),
+    };
+    match rt.block_on(watch(&args, &target)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = match e.downcast_ref::<ProbeError>() {
+                Some(ProbeError::NotRoot) => EXIT_NOPERM,
+                Some(ProbeError::TooManyPorts { .. }) => EXIT_USAGE,
+                _ => 1,
+            };
+            fail(&e, code)
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer to a local timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+async fn watch(args: &Args, target: &Target) -> anyhow::Result<()> {
+    let spec = ProbeSpec {
+        netns_inum: target.netns_inum,
+        http_ports: dedup(&args.http_ports),
+        db_ports: dedup(&args.db_ports),
+        capture_payload: !args.no_payload,
+    };
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+
+    let mut probes = Probes::attach(&spec)?;
+    let ring = probes.take_events()?;
+    // SAFETY: the ring buffer owns its fd and AsyncFd owns the ring buffer, so the fd stays open
+    // for as long as it is registered.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("polling the ring buffer: {}", e))?;
+    let live: Vec<&str> = probes.status().iter().filter(|s| s.live).map(|s| s.hook).collect();
+    let skipped: Vec<&str> = probes.status().iter().filter(|s| !s.live).map(|s| s.hook).collect();
+    eprintln!(
+        "awaitlab: attached to network namespace {} ({}); http ports {:?}, db ports {:?}; live: {}{}",
+        target.netns_inum,
+        target.spec,
+        spec.http_ports,
+        spec.db_ports,
+        live.join(", "),
+        if skipped.is_empty() { String::new() } else { format!("; skipped: {}", skipped.join(", ")) }
+    );
+
+    let mut agg = Aggregator::new();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let started = Instant::now();
+    let cpu_start = CpuTotals::at(monotonic_ns(), &probes.threads()?, &probes.counters()?);
+    let mut cpu_prev = cpu_start;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(args.interval));
+    tick.tick().await;
+    let deadline = args.duration.map(|d| started + Duration::from_secs_f64(d.max(0.0)));
+
+    let stop_reason = loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("waiting on the ring buffer")?;
+                drain(guard.get_inner_mut(), &mut agg, args.json, &mut out)?;
+                guard.clear_ready();
+            }
+            _ = tick.tick() => {
+                drain(ring.get_mut(), &mut agg, args.json, &mut out)?;
+                out.flush().context("writing stdout")?;
+                let counters = probes.counters()?;
+                let cpu = CpuTotals::at(monotonic_ns(), &probes.threads()?, &counters);
+                let line = window_line(started.elapsed().as_secs_f64(), args.interval, &mut agg, &cpu, &cpu_prev, &counters);
+                cpu_prev = cpu;
+                if args.json { eprintln!("{line}") } else { writeln!(out, "{line}")?; out.flush()?; }
+                if !target.alive() {
+                    break format!("target {} vanished", target.spec);
+                }
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    break "duration reached".to_string();
+                }
+            }
+            _ = sigint.recv() => break "interrupted".to_string(),
+            _ = sigterm.recv() => break "terminated".to_string(),
+        }
+    };
+
+    // The kernel may have finished records after the last wakeup: take them all before detaching.
+    drain(ring.get_mut(), &mut agg, args.json, &mut out)?;
+    let counters = probes.counters()?;
+    let cpu_end = CpuTotals::at(monotonic_ns(), &probes.threads()?, &counters);
+    let status = probes.status().to_vec();
+    drop(ring);
+    drop(probes);
+    let summary = Summary::build(SummaryInput {
+        target: &target.spec,
+        netns_inum: target.netns_inum,
+        duration_s: started.elapsed().as_secs_f64(),
+        stats: &agg.total,
+        labels: &agg.labels,
+        counters: &counters,
+        cpu_start,
+        cpu_end,
+        malformed: agg.malformed,
+        probes: &status,
+    });
+    if args.json {
+        serde_json::to_writer(&mut out, &summary).context("writing the summary")?;
+        writeln!(out)?;
+    } else {
+        print_summary(&mut out, &summary)?;
+    }
+    out.flush().context("writing stdout")?;
+    eprintln!("awaitlab: detached ({stop_reason})");
+    Ok(())
+}
+
+fn dedup(v: &[u16]) -> Vec<u16> {
+    let mut v = v.to_vec();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    agg: &mut Aggregator,
+    json: bool,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<()> {
+    while let Some(item) = ring.next() {
+        let rec = agg.push(&item);
+        drop(item);
+        if let (true, Some(Record::Request(r))) = (json, rec) {
+            serde_json::to_writer(&mut *out, &r).context("writing a record")?;
+            out.write_all(b"\n").context("writing a record")?;
+        }
+    }
+    Ok(())
+}
+
+fn window_line(
+    elapsed: f64,
+    interval: f64,
+    agg: &mut Aggregator,
+    cpu: &CpuTotals,
+    cpu_prev: &CpuTotals,
+    counters: &[u64; agent_common::COUNTERS as usize],
+) -> String {
+    use agent_common::Counter as C;
+    let w = agg.take_window();
+    let ms = |q: &Quantiles, f: fn(&Quantiles) -> f64| if q.count > 0 { format!("{:.2}", f(q)) } else { "-".into() };
+    let server = Quantiles::of(&w.server);
+    let rtt = Quantiles::of(&w.db_rtt);
+    let r = w.ratios();
+    let lost = counters[C::RingbufFull as usize] + counters[C::ConnMapFull as usize] + counters[C::ThreadMapFull as usize] + agg.malformed;
+    format!(
+        "{:>6.1}s  req/s {:>8.1}  server p50 {:>7} p99 {:>7} ms  db rtt p50 {:>7} p99 {:>7} ms  rt/req {:>5}  off-cpu {:>5}  lost {}  unknown {}",
+        elapsed,
+        w.requests as f64 / interval,
+        ms(&server, |q| q.p50_ms),
+        ms(&server, |q| q.p99_ms),
+        ms(&rtt, |q| q.p50_ms),
+        ms(&rtt, |q| q.p99_ms),
+        r.db_round_trips_per_request.map_or("-".into(), |x| format!("{x:.2}")),
+        cpu.off_share_since(cpu_prev).map_or("-".into(), |x| format!("{:.0}%", x * 100.0)),
+        lost,
+        counters[C::UnknownSocket as usize],
+    )
+}
+
+fn print_summary(out: &mut impl std::io::Write, s: &Summary) -> std::io::Result<()> {
+    let q = |q: &Quantiles| format!("p50 {:.2} p90 {:.2} p99 {:.2} max {:.2} ms (n={})", q.p50_ms, q.p90_ms, q.p99_ms, q.max_ms, q.count);
+    let opt = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.3}"));
+    writeln!(out, "summary of {} over {:.1} s", s.target, s.duration_s)?;
+    writeln!(out, "  requests          {} ({:.1}/s), status {:?}", s.requests, s.requests_per_s, s.status)?;
+    for p in &s.paths {
+        writeln!(out, "    {:<7} {:<40} {}", p.method, p.path, p.count)?;
+    }
+    writeln!(out, "  server time       {}", q(&s.server_time))?;
+    writeln!(out, "  db round trips    {}  {}", s.db.round_trips, q(&s.db.round_trip))?;
+    writeln!(out, "  db connects       {}  {}", s.db.connects, q(&s.db.connect))?;
+    writeln!(
+        out,
+        "  per request       round trips {}  db wait {} ms  db share of server time {}  attributed {}",
+        opt(s.ratios.db_round_trips_per_request),
+        opt(s.ratios.db_wait_ms_per_request),
+        opt(s.ratios.db_wait_share_of_server_time),
+        opt(s.ratios.attributed_share)
+    )?;
+    writeln!(
+        out,
+        "  cpu               on {:.3} s  off {:.3} s  off-cpu share {}  threads {}",
+        s.cpu.on_cpu_s,
+        s.cpu.off_cpu_s,
+        opt(s.cpu.off_cpu_share),
+        s.cpu.threads_seen
+    )?;
+    writeln!(out, "  lost              {:?}", s.lost)?;
+    Ok(())
+}

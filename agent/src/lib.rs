@@ -1,0 +1,79 @@
+//! awaitlab: an eBPF agent that measures how a web server spends each request (working, waiting
+//! on its database, queued) while network latency and load change.
+//!
+//! Layout: `target` resolves what to watch, `probes` loads and attaches the eBPF programs,
+//! `aggregate` turns their records into figures, `cmd` holds one module per subcommand.
+//! This file only parses the command line, sets up logging and maps errors to exit codes.
+
+pub mod aggregate;
+pub mod cmd;
+pub mod probes;
+pub mod target;
+
+use std::{ffi::OsString, process::ExitCode};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Exit code for usage errors (BSD sysexits EX_USAGE).
+pub const EXIT_USAGE: u8 = 64;
+/// Exit code when the agent lacks privileges (EX_NOPERM).
+pub const EXIT_NOPERM: u8 = 77;
+
+/// Measure per-request server time, database round trips and CPU wait of a server, with eBPF.
+#[derive(Debug, Parser)]
+#[command(name = "awaitlab", version, about, long_about = None)]
+pub struct Cli {
+    /// Log format on stderr (filter with AWAITLAB_LOG, default `warn,awaitlab=info`).
+    #[arg(long, value_enum, default_value_t = LogFormat::Plain, global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach to a network namespace and print what its server does, once a second.
+    Watch(cmd::watch::Args),
+}
+
+/// Parses `args` and runs the subcommand. Errors print one line; usage errors exit with 64.
+pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let code = match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => 0,
+                _ => EXIT_USAGE,
+            };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Watch(args) => cmd::watch::run(args),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AWAITLAB_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,awaitlab=info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Plain => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Prints `awaitlab: error: ...` (the whole cause chain on one line) and returns `code`.
+pub fn fail(e: &anyhow::Error, code: u8) -> ExitCode {
+    eprintln!("awaitlab: error: {e:#}");
+    ExitCode::from(code)
+}

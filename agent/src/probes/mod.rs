@@ -1,0 +1,252 @@
+//! Loads the eBPF programs, scopes them to one network namespace, attaches them, and gives access
+//! to what they produce: the ring buffer of records, the loss counters and the per-thread CPU map.
+//!
+//! Each program that the running kernel cannot load is skipped with a warning naming the program
+//! and the reason; [`Probes::status`] says which measurements are live. Dropping [`Probes`]
+//! detaches and unloads everything (aya owns the links); nothing is pinned, so a killed agent
+//! leaves nothing behind either.
+
+pub mod btf;
+
+use std::{os::fd::AsRawFd as _, path::Path};
+
+use agent_common::{Config, Counter, ThreadCpu, CONFIG_CAPTURE_PAYLOAD, COUNTERS, MAX_PORTS};
+use aya::{
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::BtfTracePoint,
+    Ebpf,
+};
+use tracing::{info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("the probes need root (CAP_BPF and CAP_PERFMON); run awaitlab as root")]
+    NotRoot,
+    #[error("this awaitlab was built without its eBPF programs (AYA_BUILD_SKIP); rebuild with `cargo xtask setup` done")]
+    NoObject,
+    #[error("kernel BTF: {0}")]
+    Btf(#[from] btf::BtfError),
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF map {name}: {source}")]
+    Map { name: &'static str, source: aya::maps::MapError },
+    #[error("no probe could be attached: {0}")]
+    NothingAttached(String),
+    #[error("mounting tracefs at {path}: {source}")]
+    Tracefs { path: &'static str, source: std::io::Error },
+    #[error("at most {max} {role} ports, got {got}")]
+    TooManyPorts { role: &'static str, max: usize, got: usize },
+}
+
+/// What to measure and where.
+#[derive(Debug, Clone)]
+pub struct ProbeSpec {
+    pub netns_inum: u32,
+    pub http_ports: Vec<u16>,
+    pub db_ports: Vec<u16>,
+    /// Copy request heads and response status lines (method, path, status).
+    pub capture_payload: bool,
+}
+
+/// One program: where it hooks, what it measures, and whether it is live.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProbeStatus {
+    pub program: &'static str,
+    pub hook: &'static str,
+    pub measures: &'static str,
+    pub live: bool,
+    pub reason: Option<String>,
+}
+
+/// (program, tp_btf hook, what it measures). Order matters: connection state first, so the data
+/// path finds new connections already classified.
+const PROGRAMS: &[(&str, &str, &str)] = &[
+    ("awl_sock_state", "inet_sock_set_state", "connections opened/closed, database connect time"),
+    ("awl_sock_recv", "sock_recv_length", "request start, database round-trip end"),
+    ("awl_sock_send", "sock_send_length", "response end, database round-trip start"),
+    ("awl_sched_switch", "sched_switch", "on-CPU and off-CPU time"),
+    ("awl_sched_exit", "sched_process_exit", "CPU time of exited threads"),
+];
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/awaitlab"));
+
+pub struct Probes {
+    ebpf: Ebpf,
+    status: Vec<ProbeStatus>,
+}
+
+impl Probes {
+    /// Loads, configures and attaches every program the kernel supports.
+    pub fn attach(spec: &ProbeSpec) -> Result<Probes, ProbeError> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(ProbeError::NotRoot);
+        }
+        if OBJECT.is_empty() {
+            return Err(ProbeError::NoObject);
+        }
+        ensure_tracefs()?;
+        raise_memlock();
+        let config = build_config(spec)?;
+        let kernel_btf = aya::Btf::from_sys_fs().map_err(|e| ProbeError::Load(e.into()))?;
+        let mut ebpf = Ebpf::load(OBJECT)?;
+        {
+            let mut cfg: Array<&mut MapData, Config> = Array::try_from(
+                ebpf.map_mut("CONFIG").ok_or(ProbeError::Map { name: "CONFIG", source: aya::maps::MapError::InvalidName { name: "CONFIG".into() } })?,
+            )
+            .map_err(|source| ProbeError::Map { name: "CONFIG", source })?;
+            cfg.set(0, config, 0).map_err(|source| ProbeError::Map { name: "CONFIG", source })?;
+        }
+        let own = btf::Btf::from_sys_fs()?;
+        let mut status = Vec::new();
+        for &(program, hook, measures) in PROGRAMS {
+            let result = if own.has_tracepoint(hook) {
+                attach_one(&mut ebpf, program, hook, &kernel_btf)
+            } else {
+                Err(format!("kernel has no tracepoint {hook}"))
+            };
+            let (live, reason) = match result {
+                Ok(()) => (true, None),
+                Err(e) => {
+                    warn!(program, hook, "probe skipped: {e}; not measured: {measures}");
+                    (false, Some(e))
+                }
+            };
+            status.push(ProbeStatus { program, hook, measures, live, reason });
+        }
+        if !status.iter().any(|s| s.live) {
+            let why = status.iter().filter_map(|s| s.reason.clone()).collect::<Vec<_>>().join("; ");
+            return Err(ProbeError::NothingAttached(why));
+        }
+        info!(netns = spec.netns_inum, "probes attached");
+        Ok(Probes { ebpf, status })
+    }
+
+    pub fn status(&self) -> &[ProbeStatus] {
+        &self.status
+    }
+
+    /// Takes the ring buffer of records (once).
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
+        let map = self.ebpf.take_map("EVENTS").ok_or(ProbeError::Map {
+            name: "EVENTS",
+            source: aya::maps::MapError::InvalidName { name: "EVENTS".into() },
+        })?;
+        RingBuf::try_from(map).map_err(|source| ProbeError::Map { name: "EVENTS", source })
+    }
+
+    /// Sums of the per-CPU counters, indexed by `agent_common::Counter`.
+    pub fn counters(&self) -> Result<[u64; COUNTERS as usize], ProbeError> {
+        let map = self.ebpf.map("COUNTERS_MAP").ok_or(ProbeError::Map {
+            name: "COUNTERS_MAP",
+            source: aya::maps::MapError::InvalidName { name: "COUNTERS_MAP".into() },
+        })?;
+        let arr: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).map_err(|source| ProbeError::Map { name: "COUNTERS_MAP", source })?;
+        let mut out = [0u64; COUNTERS as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let v = arr.get(&(i as u32), 0).map_err(|source| ProbeError::Map { name: "COUNTERS_MAP", source })?;
+            *slot = v.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Every tracked thread's CPU totals.
+    pub fn threads(&self) -> Result<Vec<(u32, ThreadCpu)>, ProbeError> {
+        let map = self.ebpf.map("THREADS").ok_or(ProbeError::Map {
+            name: "THREADS",
+            source: aya::maps::MapError::InvalidName { name: "THREADS".into() },
+        })?;
+        let h: BpfHashMap<&MapData, u32, ThreadCpu> =
+            BpfHashMap::try_from(map).map_err(|source| ProbeError::Map { name: "THREADS", source })?;
+        // Entries may vanish while we iterate (threads exiting): skip those, keep the rest.
+        Ok(h.iter().filter_map(Result::ok).collect())
+    }
+}
+
+/// Shorthand for one counter of a snapshot.
+pub fn counter(c: &[u64; COUNTERS as usize], which: Counter) -> u64 {
+    c[which as usize]
+}
+
+fn attach_one(ebpf: &mut Ebpf, program: &str, hook: &str, btf: &aya::Btf) -> Result<(), String> {
+    let prog: &mut BtfTracePoint = ebpf
+        .program_mut(program)
+        .ok_or_else(|| format!("program {program} missing from the object"))?
+        .try_into()
+        .map_err(|e| format!("{e}"))?;
+    prog.load(hook, btf).map_err(|e| format!("load: {}", error_chain(&e)))?;
+    prog.attach().map_err(|e| format!("attach: {}", error_chain(&e)))?;
+    Ok(())
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn build_config(spec: &ProbeSpec) -> Result<Config, ProbeError> {
+    let ports = |v: &[u16], role: &'static str| -> Result<[u16; MAX_PORTS], ProbeError> {
+        if v.len() > MAX_PORTS {
+            return Err(ProbeError::TooManyPorts { role, max: MAX_PORTS, got: v.len() });
+        }
+        let mut out = [0u16; MAX_PORTS];
+        out[..v.len()].copy_from_slice(v);
+        Ok(out)
+    };
+    let btf = btf::Btf::from_sys_fs()?;
+    let mut offsets = btf.offsets()?;
+    let mut flags = 0;
+    if spec.capture_payload {
+        flags |= CONFIG_CAPTURE_PAYLOAD;
+    } else {
+        offsets.regs_size = 0;
+    }
+    Ok(Config {
+        netns_inum: spec.netns_inum,
+        flags,
+        http_ports: ports(&spec.http_ports, "HTTP")?,
+        db_ports: ports(&spec.db_ports, "database")?,
+        offsets,
+        syscalls: btf::syscall_nrs(),
+    })
+}
+
+/// tracefs is not mounted at boot on some hosts; tracepoint-based tooling (and `bpftool prog
+/// tracelog`) needs it, so make sure it is there. Mounting it is idempotent and harmless.
+fn ensure_tracefs() -> Result<(), ProbeError> {
+    const PATH: &str = "/sys/kernel/tracing";
+    if Path::new(PATH).join("events").exists() {
+        return Ok(());
+    }
+    let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+    let (src, dst, fs) = (c("tracefs"), c(PATH), c("tracefs"));
+    // SAFETY: valid NUL-terminated strings, no data argument.
+    let r = unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), fs.as_ptr(), 0, std::ptr::null()) };
+    if r != 0 {
+        return Err(ProbeError::Tracefs { path: PATH, source: std::io::Error::last_os_error() });
+    }
+    info!("mounted tracefs at {PATH}");
+    Ok(())
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones do not, and some hosts
+/// forbid raising it. A failure is only worth a warning.
+fn raise_memlock() {
+    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: valid pointer to a local rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        tracing::debug!("could not raise RLIMIT_MEMLOCK ({}); fine on 5.11+", std::io::Error::last_os_error());
+    }
+}
+
+/// Raw fd of a ring buffer, for readiness polling.
+pub fn ring_fd(rb: &RingBuf<MapData>) -> i32 {
+    rb.as_raw_fd()
+}

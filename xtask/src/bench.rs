@@ -1,0 +1,594 @@
+//! `cargo xtask bench probes`: what the agent's probes cost a busy web server.
+//!
+//! nginx serves a constant response inside a private namespace; wrk loads it from the root
+//! namespace, alternately without and with the agent watching, and the rounds are compared by
+//! median throughput, the agent's CPU time and the kernel time of its eBPF programs. Traffic goes
+//! only to `netns::NS_ADDR`, inside the namespace this command creates. Every process, the
+//! namespace and the sysctl are undone by guards, also on error, panic or Ctrl-C; this module
+//! must not leave any of them behind, and must not fail a run for missing the throughput target
+//! (it reports, CI decides).
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use crate::bpfstats;
+use crate::cmd::{self, secs, ChildGuard};
+use crate::netns::{self, BenchNetns};
+use crate::wrk::{self, WrkResult};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Overhead of the agent's probes on an nginx under wrk load (needs root).
+    Probes(ProbesArgs),
+}
+
+#[derive(Args)]
+struct ProbesArgs {
+    /// Rounds; each runs wrk once without and once with the agent.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
+    /// Seconds of load per wrk run.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    duration: u32,
+    /// Debugging aid: skip the with-probes half (tests the harness without an agent).
+    #[arg(long, hide = true)]
+    no_agent: bool,
+}
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    match &args.bench {
+        Bench::Probes(a) => probes(a),
+    }
+}
+
+const NGINX: &str = "/usr/sbin/nginx";
+const HTTP_PORT: u16 = 8080;
+/// Long enough for the agent to load and attach all programs on a slow CI host.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(60);
+/// The agent flushes results on SIGINT; give it time before SIGKILL.
+const AGENT_GRACE: Duration = Duration::from_secs(30);
+/// The ratio with/without the issue sets as the goal.
+const TARGET_RATIO: f64 = 0.97;
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    // Only an atomic store: the one thing that is async-signal-safe here.
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Ctrl-C would otherwise kill the xtask before its guards run and leave the namespace behind.
+/// With this handler the current step returns (the children get the same SIGINT from the
+/// terminal), `check_interrupted` turns that into an error, and the guards clean up.
+fn catch_interrupts() {
+    let handler = on_interrupt as extern "C" fn(libc::c_int);
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, handler as libc::sighandler_t) };
+    }
+}
+
+fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// One wrk run with the agent attached, and what the agent cost during it.
+struct WithProbes {
+    wrk: WrkResult,
+    /// Agent utime+stime during the wrk run only (startup and program loading excluded).
+    agent_cpu_s: f64,
+    /// Agent utime+stime from start to just before SIGINT.
+    agent_cpu_total_s: f64,
+    bpf: bpfstats::Delta,
+    clean_exit: bool,
+}
+
+impl WithProbes {
+    fn cpu_s_per_100k(&self) -> f64 {
+        per(self.agent_cpu_s * 100_000.0, self.wrk.requests)
+    }
+    fn bpf_ns_per_req(&self) -> f64 {
+        per(self.bpf.run_time_ns as f64, self.wrk.requests)
+    }
+    fn bpf_runs_per_req(&self) -> f64 {
+        per(self.bpf.run_cnt as f64, self.wrk.requests)
+    }
+}
+
+fn per(x: f64, requests: u64) -> f64 {
+    if requests == 0 {
+        f64::NAN
+    } else {
+        x / requests as f64
+    }
+}
+
+struct Round {
+    without: WrkResult,
+    with: Option<WithProbes>,
+}
+
+fn probes(args: &ProbesArgs) -> Result<()> {
+    ensure!(cmd::is_root(), "the probes benchmark creates a network namespace and loads eBPF: run it as root");
+    for tool in [NGINX, "wrk", "bpftool", "ip"] {
+        ensure!(
+            cmd::succeeds(Command::new("sh").args(["-c", "command -v \"$1\"", "sh", tool])),
+            "{tool} not found; run `cargo xtask setup`"
+        );
+    }
+    let agent = if args.no_agent {
+        None
+    } else {
+        // Release, like users run it: a debug agent would overstate its own cost.
+        cmd::run(cmd::cargo().args(["build", "--release", "-p", "agent"])).context("building the agent")?;
+        let path = cmd::target_dir().join("release/awaitlab");
+        ensure!(path.is_file(), "{} is missing after the build", path.display());
+        Some(path)
+    };
+
+    let out_dir = cmd::target_dir().join("bench/probes");
+    fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    catch_interrupts();
+    let tmp = TempDir::create()?;
+    let ns = BenchNetns::create().context("creating the benchmark namespace")?;
+    let _nginx = start_nginx(&ns, tmp.path())?;
+    let url = format!("http://{}:{HTTP_PORT}/", netns::NS_ADDR);
+
+    // Warm caches and connection paths so that round 1's "without" run is not penalised.
+    eprintln!("warm-up");
+    wrk::run(&url, args.duration.min(2))?;
+    check_interrupted()?;
+
+    let mut rounds = Vec::new();
+    for round in 1..=args.runs {
+        eprintln!("\nround {round}/{}: without probes", args.runs);
+        let without = wrk::run(&url, args.duration)?;
+        check_interrupted()?;
+        let with = match &agent {
+            Some(agent) => {
+                eprintln!("round {round}/{}: with probes", args.runs);
+                Some(with_probes(agent, &ns, &url, args.duration, &out_dir, round)?)
+            }
+            None => None,
+        };
+        check_interrupted()?;
+        print_round(round, &without, with.as_ref());
+        rounds.push(Round { without, with });
+    }
+
+    print_summary(&rounds);
+    let json_path = out_dir.join("summary.json");
+    write_json(&json_path, args, &rounds)?;
+    println!("\nmachine-readable summary: {}", json_path.display());
+    if agent.is_some() {
+        println!("agent logs: {}/agent-round-*.{{stdout,stderr}}", out_dir.display());
+    }
+
+    let unclean = rounds.iter().filter(|r| r.with.as_ref().is_some_and(|w| !w.clean_exit)).count();
+    ensure!(unclean == 0, "the agent did not exit cleanly on SIGINT in {unclean} round(s); see its logs");
+    Ok(())
+}
+
+/// Removes the nginx runtime directory when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn create() -> Result<Self> {
+        let path = std::env::temp_dir().join(format!("awlbench-{}", std::process::id()));
+        // A stale directory from an earlier process with the same pid holds nothing we need.
+        if path.exists() {
+            fs::remove_dir_all(&path).with_context(|| format!("removing stale {}", path.display()))?;
+        }
+        fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self(path))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_dir_all(&self.0) {
+            eprintln!("warning: could not remove {}: {e}", self.0.display());
+        }
+    }
+}
+
+/// nginx modules whose temp-path directive must be set (so nginx never writes to
+/// /var/lib/nginx), unless this build left the module out (`nginx -V` says `--without-...`).
+const TEMP_PATHS: [(&str, &str); 5] = [
+    ("client_body_temp_path", ""),
+    ("proxy_temp_path", "http_proxy_module"),
+    ("fastcgi_temp_path", "http_fastcgi_module"),
+    ("uwsgi_temp_path", "http_uwsgi_module"),
+    ("scgi_temp_path", "http_scgi_module"),
+];
+
+fn nginx_config(tmp: &Path, nginx_v: &str) -> String {
+    let t = tmp.display();
+    let mut temp_paths = String::new();
+    for (directive, module) in TEMP_PATHS {
+        if module.is_empty() || !nginx_v.contains(&format!("--without-{module}")) {
+            temp_paths.push_str(&format!("    {directive} {t}/{directive};\n"));
+        }
+    }
+    // One worker process in the foreground: a single pid to own, signal and account for.
+    format!(
+        "daemon off;
+master_process off;
+worker_processes 1;
+pid {t}/nginx.pid;
+error_log {t}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+{temp_paths}    server {{
+        listen {HTTP_PORT};
+        location / {{ default_type text/plain; return 200 \"ok\\n\"; }}
+    }}
+}}
+"
+    )
+}
+
+fn start_nginx(ns: &BenchNetns, tmp: &Path) -> Result<ChildGuard> {
+    // `nginx -V` prints its configure flags to stderr.
+    let v = Command::new(NGINX).arg("-V").output().context("running nginx -V")?;
+    let conf = tmp.join("nginx.conf");
+    fs::write(&conf, nginx_config(tmp, &String::from_utf8_lossy(&v.stderr)))
+        .with_context(|| format!("writing {}", conf.display()))?;
+    let conf_s = conf.to_string_lossy().into_owned();
+    let prefix = format!("{}/", tmp.display());
+    let error_log = tmp.join("error.log").to_string_lossy().into_owned();
+    let mut nginx = ChildGuard::spawn(
+        "nginx",
+        // -e: the compiled-in error log (/var/log/nginx) would be opened before the config is read.
+        ns.exec(NGINX).args(["-p", &prefix, "-e", &error_log, "-c", &conf_s]),
+        libc::SIGTERM,
+        Duration::from_secs(5),
+    )?;
+
+    let addr = SocketAddr::new(netns::NS_ADDR.parse().context("NS_ADDR")?, HTTP_PORT);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        check_interrupted()?;
+        if let Some(status) = nginx.try_wait()? {
+            bail!("nginx exited ({status}) before serving; its error log:\n{}", tail(&tmp.join("error.log")));
+        }
+        match http_get_status(addr) {
+            Ok(200) => break,
+            Ok(code) => bail!("nginx answered {code} instead of 200"),
+            Err(e) if Instant::now() > deadline => {
+                return Err(e).context(format!("nginx not ready at {addr} after 10 s; log:\n{}", tail(&tmp.join("error.log"))));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+    eprintln!("nginx ready at {addr} in namespace {}", ns.name());
+    Ok(nginx)
+}
+
+/// A one-shot HTTP/1.0 GET without a client tool; returns the status code.
+fn http_get_status(addr: SocketAddr) -> Result<u16> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).context("connect")?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).context("set_read_timeout")?;
+    s.write_all(format!("GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).context("send")?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).context("receive")?;
+    let text = String::from_utf8_lossy(&resp);
+    let code = text
+        .strip_prefix("HTTP/1.")
+        .and_then(|r| r.get(2..5))
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("not an HTTP response: {:?}", text.lines().next().unwrap_or("")))?;
+    Ok(code)
+}
+
+fn with_probes(agent: &Path, ns: &BenchNetns, url: &str, duration: u32, out_dir: &Path, round: u32) -> Result<WithProbes> {
+    let _stats = bpfstats::StatsEnabled::enable()?;
+    let stdout_path = out_dir.join(format!("agent-round-{round}.stdout"));
+    let stderr_path = out_dir.join(format!("agent-round-{round}.stderr"));
+    let stdout = File::create(&stdout_path).with_context(|| format!("creating {}", stdout_path.display()))?;
+    let stderr = File::create(&stderr_path).with_context(|| format!("creating {}", stderr_path.display()))?;
+    let mut child = ChildGuard::spawn(
+        "awaitlab agent",
+        Command::new(agent)
+            .arg("watch")
+            .arg("--target")
+            .arg(ns.path())
+            .args(["--http-port", &HTTP_PORT.to_string()])
+            .stdout(stdout)
+            .stderr(stderr),
+        libc::SIGINT,
+        AGENT_GRACE,
+    )?;
+
+    let started = Instant::now();
+    loop {
+        check_interrupted()?;
+        if has_attached_line(&stderr_path) {
+            break;
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("the agent exited ({status}) before attaching; stderr:\n{}", tail(&stderr_path));
+        }
+        if started.elapsed() > ATTACH_TIMEOUT {
+            bail!("the agent did not print \"attached\" within {}; stderr:\n{}", secs(ATTACH_TIMEOUT), tail(&stderr_path));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("agent attached after {}", secs(started.elapsed()));
+
+    let pid = child.pid();
+    let cpu0 = cpu_seconds(pid)?;
+    let bpf0 = bpfstats::snapshot()?;
+    let wrk = wrk::run(url, duration)?;
+    // Both read before SIGINT: shutdown work is not part of the steady-state cost.
+    let bpf1 = bpfstats::snapshot()?;
+    let cpu1 = cpu_seconds(pid)?;
+    let bpf = bpfstats::delta(&bpf0, &bpf1);
+    if bpf.programs == 0 {
+        eprintln!("warning: no loaded BPF program is named awl_*; kernel-side cost reads as 0");
+    }
+
+    let (status, killed) = child.stop()?;
+    let clean_exit = status.success() && !killed;
+    if !clean_exit {
+        eprintln!("warning: the agent exited with {status}{}", if killed { " after SIGKILL" } else { "" });
+    }
+    Ok(WithProbes { wrk, agent_cpu_s: cpu1 - cpu0, agent_cpu_total_s: cpu1, bpf, clean_exit })
+}
+
+/// The agent logs one line containing "attached" once all its probes are live. Lines like
+/// "... not attached" or "... failed to be attached" do not count.
+fn has_attached_line(stderr_path: &Path) -> bool {
+    let Ok(text) = fs::read_to_string(stderr_path) else { return false };
+    text.lines().any(|l| {
+        let words: Vec<&str> = l.split(|c: char| !c.is_ascii_alphanumeric()).filter(|w| !w.is_empty()).collect();
+        words.iter().enumerate().any(|(i, w)| {
+            *w == "attached" && !matches!(i.checked_sub(1).map(|j| words[j]), Some("not" | "be" | "been" | "never"))
+        })
+    })
+}
+
+/// utime + stime of all the process's threads, from /proc/<pid>/stat (fields 14 and 15).
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // The command name (field 2) may contain spaces and parentheses; fields after it are plain.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).with_context(|| format!("parsing {path}"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3, so field N is at index N - 3.
+    let ticks = |n: usize| -> Result<u64> {
+        fields
+            .get(n - 3)
+            .and_then(|f| f.parse().ok())
+            .with_context(|| format!("field {n} of {path}"))
+    };
+    let total = ticks(14)? + ticks(15)?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ensure!(hz > 0, "sysconf(_SC_CLK_TCK) failed");
+    Ok(total as f64 / hz as f64)
+}
+
+fn tail(path: &Path) -> String {
+    match fs::read_to_string(path) {
+        Ok(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        }
+        Err(e) => format!("({}: {e})", path.display()),
+    }
+}
+
+fn fmt_us(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_owned(), |us| format!("{us:.0}us"))
+}
+
+fn print_round(round: u32, without: &WrkResult, with: Option<&WithProbes>) {
+    println!("\nround {round}");
+    println!(
+        "  {:<8} {:>10} {:>11} {:>9} {:>9} {:>11} {:>14} {:>11} {:>12}",
+        "probes", "requests", "req/s", "p50", "p99", "agent CPU", "CPU s/100k req", "BPF ns/req", "BPF runs/req"
+    );
+    let row = |label: &str, w: &WrkResult, rest: String| {
+        println!(
+            "  {:<8} {:>10} {:>11.0} {:>9} {:>9} {rest}",
+            label,
+            w.requests,
+            w.requests_per_sec,
+            fmt_us(w.p50_us),
+            fmt_us(w.p99_us)
+        );
+        if w.non_2xx > 0 || w.socket_errors.is_some() {
+            println!(
+                "           warning: {} non-2xx responses, socket errors: {}",
+                w.non_2xx,
+                w.socket_errors.as_deref().unwrap_or("none")
+            );
+        }
+    };
+    row("off", without, String::new());
+    if let Some(p) = with {
+        row(
+            "on",
+            &p.wrk,
+            format!(
+                "{:>10.3}s {:>14.4} {:>11.0} {:>12.2}",
+                p.agent_cpu_s,
+                p.cpu_s_per_100k(),
+                p.bpf_ns_per_req(),
+                p.bpf_runs_per_req()
+            ),
+        );
+        println!("           ratio on/off {:.3}", p.wrk.requests_per_sec / without.requests_per_sec);
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+struct Summary {
+    rps_without: f64,
+    rps_with: Option<f64>,
+    ratio: Option<f64>,
+    cpu_s_per_100k: Option<f64>,
+    bpf_ns_per_req: Option<f64>,
+}
+
+fn summarize(rounds: &[Round]) -> Summary {
+    let rps_without = median(rounds.iter().map(|r| r.without.requests_per_sec).collect());
+    let with: Vec<&WithProbes> = rounds.iter().filter_map(|r| r.with.as_ref()).collect();
+    if with.is_empty() {
+        return Summary { rps_without, rps_with: None, ratio: None, cpu_s_per_100k: None, bpf_ns_per_req: None };
+    }
+    let rps_with = median(with.iter().map(|w| w.wrk.requests_per_sec).collect());
+    Summary {
+        rps_without,
+        rps_with: Some(rps_with),
+        ratio: Some(rps_with / rps_without),
+        cpu_s_per_100k: Some(median(with.iter().map(|w| w.cpu_s_per_100k()).collect())),
+        bpf_ns_per_req: Some(median(with.iter().map(|w| w.bpf_ns_per_req()).collect())),
+    }
+}
+
+fn print_summary(rounds: &[Round]) {
+    let s = summarize(rounds);
+    println!("\nsummary over {} round(s) (medians)", rounds.len());
+    println!("  throughput without probes      {:>12.0} req/s", s.rps_without);
+    let (Some(rps_with), Some(ratio)) = (s.rps_with, s.ratio) else {
+        println!("  (--no-agent: with-probes half skipped)");
+        return;
+    };
+    println!("  throughput with probes         {rps_with:>12.0} req/s");
+    let verdict = if ratio >= TARGET_RATIO { "meets" } else { "BELOW" };
+    println!("  ratio with/without             {ratio:>12.3}   ({verdict} target >= {TARGET_RATIO})");
+    if let Some(c) = s.cpu_s_per_100k {
+        println!("  agent CPU per 100k requests    {c:>12.4} s   (user+system, during load)");
+    }
+    if let Some(b) = s.bpf_ns_per_req {
+        println!("  BPF kernel time per request    {b:>12.0} ns");
+    }
+}
+
+fn wrk_json(w: &WrkResult) -> serde_json::Value {
+    json!({
+        "requests": w.requests,
+        "requests_per_sec": w.requests_per_sec,
+        "p50_us": w.p50_us,
+        "p99_us": w.p99_us,
+        "non_2xx": w.non_2xx,
+        "socket_errors": w.socket_errors,
+    })
+}
+
+/// Stable schema (bump `version` on any incompatible change), built from the same data as the
+/// tables. NaN (no requests) becomes null.
+fn write_json(path: &Path, args: &ProbesArgs, rounds: &[Round]) -> Result<()> {
+    let s = summarize(rounds);
+    let rounds_json: Vec<_> = rounds
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            json!({
+                "round": i + 1,
+                "without_probes": wrk_json(&r.without),
+                "with_probes": r.with.as_ref().map(|w| json!({
+                    "wrk": wrk_json(&w.wrk),
+                    "agent_cpu_seconds": w.agent_cpu_s,
+                    "agent_cpu_seconds_total": w.agent_cpu_total_s,
+                    "agent_cpu_seconds_per_100k_requests": w.cpu_s_per_100k(),
+                    "bpf_programs": w.bpf.programs,
+                    "bpf_run_time_ns": w.bpf.run_time_ns,
+                    "bpf_run_cnt": w.bpf.run_cnt,
+                    "bpf_ns_per_request": w.bpf_ns_per_req(),
+                    "agent_clean_exit": w.clean_exit,
+                })),
+            })
+        })
+        .collect();
+    let doc = json!({
+        "version": 1,
+        "bench": "probes",
+        "duration_seconds": args.duration,
+        "wrk": {"threads": 1, "connections": 50},
+        "target_ratio": TARGET_RATIO,
+        "rounds": rounds_json,
+        "summary": {
+            "requests_per_sec_without_probes": s.rps_without,
+            "requests_per_sec_with_probes": s.rps_with,
+            "ratio": s.ratio,
+            "agent_cpu_seconds_per_100k_requests": s.cpu_s_per_100k,
+            "bpf_ns_per_request": s.bpf_ns_per_req,
+        },
+    });
+    let text = serde_json::to_string_pretty(&doc).context("serializing the summary")?;
+    fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(vec![]).is_nan());
+    }
+
+    #[test]
+    fn attached_line_detection() {
+        let dir = std::env::temp_dir().join(format!("xtask-attached-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("mkdir");
+        let f = dir.join("stderr");
+        fs::write(&f, "INFO loading\nWARN probe sched_switch not attached: EPERM\n").expect("write");
+        assert!(!has_attached_line(&f));
+        fs::write(&f, "INFO loading\n2024-01-01T00:00:00Z  INFO awaitlab: attached 5 probes\n").expect("write");
+        assert!(has_attached_line(&f));
+        fs::write(&f, "attached\n").expect("write");
+        assert!(has_attached_line(&f));
+        fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn nginx_config_skips_directives_of_missing_modules() {
+        let c = nginx_config(Path::new("/tmp/x"), "configure arguments: --without-http_uwsgi_module");
+        assert!(c.contains("client_body_temp_path /tmp/x/client_body_temp_path;"));
+        assert!(c.contains("fastcgi_temp_path"));
+        assert!(!c.contains("uwsgi_temp_path"));
+        assert!(c.contains("return 200 \"ok\\n\";"));
+    }
+}

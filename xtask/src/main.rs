@@ -1,0 +1,45 @@
+//! `cargo xtask`: the project's orchestration (setup, test, ci, bench).
+//!
+//! This binary only drives other tools (apt, rustup, cargo, ip, nginx, wrk, bpftool) and reads
+//! their results. It must not hold product logic (that belongs in `agent/`), and every host side
+//! effect it creates (namespaces, processes, sysctls) is undone by a guard, also on error.
+
+mod bench;
+mod bpfstats;
+mod cmd;
+mod netns;
+mod setup;
+mod test;
+mod wrk;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// Development tasks for awaitlab. Run from anywhere inside the workspace.
+#[derive(Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what builds and tests need (Debian packages, nightly rust-src, bpf-linker).
+    /// Idempotent: fast and prints "ok" per item when everything is present.
+    Setup,
+    /// Setup, build, unit tests, then the privileged integration tests (needs root).
+    Test(test::TestArgs),
+    /// What CI runs: the same as `test`.
+    Ci(test::TestArgs),
+    /// Benchmarks.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Setup => setup::run(),
+        Command::Test(args) | Command::Ci(args) => test::run(&args),
+        Command::Bench(args) => bench::run(&args),
+    }
+}

@@ -1,0 +1,77 @@
+//! `cargo xtask test` (and `cargo xtask ci`): setup, build, unit tests, privileged tests.
+//!
+//! One fixed sequence so that a developer and CI run exactly the same steps. It must stop at the
+//! first failing step and exit non-zero, and must not skip the privileged tests silently: without
+//! root it refuses to start instead of reporting a partial pass.
+
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use crate::cmd::{self, secs};
+use crate::setup;
+
+#[derive(Args)]
+pub struct TestArgs {
+    /// Extra arguments for the privileged test binary, e.g. a test name filter
+    /// (`cargo xtask test -- probes_see_requests`).
+    #[arg(last = true)]
+    pub privileged_args: Vec<String>,
+}
+
+/// `agent-ebpf` is `#![no_std]`/`#![no_main]` for `bpfel-unknown-none`; it cannot be built for
+/// the host, and `agent/build.rs` builds it for the BPF target anyway.
+const HOST_EXCLUDE: [&str; 2] = ["--exclude", "agent-ebpf"];
+
+pub fn run(args: &TestArgs) -> Result<()> {
+    // Checked first so that a non-root run fails in a second, not after minutes of building.
+    if !cmd::is_root() {
+        bail!(
+            "`cargo xtask test` runs privileged eBPF and network-namespace tests and must run as root \
+             (e.g. `sudo -E env PATH=\"$PATH\" cargo xtask test`)"
+        );
+    }
+    let start = Instant::now();
+
+    step("setup", setup::run)?;
+    step("build", || {
+        cmd::run(with_env(cmd::cargo().args(["build", "--workspace"]).args(HOST_EXCLUDE)))
+    })?;
+    step("unit tests", || {
+        cmd::run(with_env(
+            cmd::cargo()
+                .args(["test", "--workspace", "--lib", "--bins"])
+                .args(HOST_EXCLUDE),
+        ))
+    })?;
+    step("privileged tests", || {
+        // One at a time: the tests share kernel-wide state (tracepoints, bpf stats, namespaces
+        // with fixed names) and their timing assertions need the CPU to themselves.
+        cmd::run(with_env(
+            cmd::cargo()
+                .args(["test", "-p", "agent", "--test", "privileged", "--", "--test-threads=1"])
+                .args(&args.privileged_args),
+        ))
+    })?;
+
+    println!("\nall steps passed in {}", secs(start.elapsed()));
+    Ok(())
+}
+
+fn with_env(cmd: &mut Command) -> &mut Command {
+    cmd.env("RUST_BACKTRACE", "1")
+}
+
+fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+    println!("\n==> {name}");
+    let start = Instant::now();
+    let result = f();
+    let took = secs(start.elapsed());
+    match &result {
+        Ok(()) => println!("<== {name}: ok ({took})"),
+        Err(_) => println!("<== {name}: FAILED ({took})"),
+    }
+    result.with_context(|| format!("step `{name}` failed"))
+}
