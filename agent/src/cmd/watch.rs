@@ -64,6 +64,10 @@ fn parse_interval(s: &str) -> Result<f64, String> {
 }
 
 pub fn run(args: Args) -> ExitCode {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return fail(&anyhow::Error::new(ProbeError::NotRoot), EXIT_NOPERM);
+    }
     let target = match Target::resolve(&args.target) {
         Ok(t) => t,
         Err(e) => {
