@@ -26,6 +26,17 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
 #[map]
 pub static THREADS: HashMap<u32, ThreadCpu> = HashMap::with_max_entries(16384, 0);
 
+/// When the current task of each CPU went on CPU (any task, target or not): the start of the
+/// slice of a thread we first see while it runs or as it leaves the CPU.
+#[map]
+pub static LAST_SWITCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Start of the running task's current slice on this CPU (0 before the first switch we saw).
+#[inline(always)]
+pub fn slice_start() -> u64 {
+    LAST_SWITCH.get(0).copied().unwrap_or(0)
+}
+
 #[inline(always)]
 pub fn config() -> Option<&'static Config> {
     let c = CONFIG.get(0)?;
@@ -103,10 +114,12 @@ pub fn thread_on_cpu(tid: u32, tgid: u32, t: u64) -> u64 {
         let running = if th.last_in != 0 && t > th.last_in { t - th.last_in } else { 0 };
         return th.on_ns + running;
     }
-    // First sight of a running thread: start its clock now.
-    let th = ThreadCpu { tgid, last_in: t, ..ThreadCpu::default() };
+    // First sight of a running thread: its clock starts with the slice it is running.
+    let start = slice_start();
+    let last_in = if start != 0 && start <= t { start } else { t };
+    let th = ThreadCpu { tgid, last_in, ..ThreadCpu::default() };
     if THREADS.insert(tid, th, 0).is_err() {
         count(Counter::ThreadMapFull);
     }
-    0
+    t - last_in
 }

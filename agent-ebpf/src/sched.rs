@@ -6,7 +6,7 @@
 use agent_common::{Counter, ThreadCpu};
 use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 
-use crate::common::{add, config, count, now, read, task_netns, THREADS};
+use crate::common::{add, config, count, now, read, task_netns, LAST_SWITCH, THREADS};
 
 /// `tp_btf/sched_switch`: `TP_PROTO(bool preempt, struct task_struct *prev,
 /// struct task_struct *next, unsigned int prev_state)` (include/trace/events/sched.h; the
@@ -23,9 +23,12 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Option<()> {
     let prev: u64 = ctx.arg(1);
     let next: u64 = ctx.arg(2);
     let t = now();
+    let slice = LAST_SWITCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU slot, no other writer on this CPU while the program runs.
+    let slice_start = unsafe { core::mem::replace(&mut *slice, t) };
     if task_netns(c, prev) == Some(c.netns_inum) {
         let tid: u32 = read(prev, c.offsets.task_pid)?;
-        switch_out(tid, read(prev, c.offsets.task_tgid).unwrap_or(0), t);
+        switch_out(tid, read(prev, c.offsets.task_tgid).unwrap_or(0), t, slice_start);
     }
     if task_netns(c, next) == Some(c.netns_inum) {
         let tid: u32 = read(next, c.offsets.task_pid)?;
@@ -35,19 +38,20 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Option<()> {
 }
 
 #[inline(always)]
-fn switch_out(tid: u32, tgid: u32, t: u64) {
+fn switch_out(tid: u32, tgid: u32, t: u64, slice_start: u64) {
+    // The slice that ends now began at the previous switch on this CPU; that also covers a
+    // thread first seen here (already running when we attached, or just moved into the target).
+    let slice = if slice_start != 0 && t > slice_start { t - slice_start } else { 0 };
     match THREADS.get_ptr_mut(tid) {
         Some(p) => {
             // SAFETY: map value pointer valid for this program run.
             let th = unsafe { &mut *p };
-            if th.last_in != 0 && t > th.last_in {
-                th.on_ns += t - th.last_in;
-            }
+            th.on_ns += slice;
             th.last_in = 0;
             th.last_out = t;
         }
         None => {
-            let th = ThreadCpu { tgid, last_out: t, ..ThreadCpu::default() };
+            let th = ThreadCpu { tgid, on_ns: slice, last_out: t, ..ThreadCpu::default() };
             if THREADS.insert(tid, th, 0).is_err() {
                 count(Counter::ThreadMapFull);
             }

@@ -96,6 +96,7 @@ fn requests_round_trips_and_attribution_match_what_the_servers_count() {
     let p50 = ms(&s["db"]["round_trip"]["p50_ms"]);
     assert!(p50 >= delay_ms && p50 <= delay_ms + 5.0, "round-trip p50 {p50} ms vs {delay_ms} ms");
     assert_eq!(s["ratios"]["attributed_share"], 1.0, "a sync server's round trips all belong to requests");
+    assert_eq!(s["ratios"]["db_round_trips_per_request"], total_k as f64 / n as f64);
 
     // Per request: the handler of /kN made exactly N round trips and one connect, and cannot
     // have answered sooner than N delays.
@@ -120,6 +121,92 @@ fn requests_round_trips_and_attribution_match_what_the_servers_count() {
     let mut want = sent.clone();
     want.sort();
     assert_eq!(seen, want);
+    assert_no_programs_left();
+}
+
+/// A server already running, with a pooled database connection and a keep-alive client
+/// connection both opened before the agent attached: their traffic is measured like new traffic.
+#[test]
+fn connections_opened_before_attach_are_measured() {
+    let srv_ns = Netns::new("b");
+    let db_ns = Netns::new("e");
+    let link = Veth::new(Some(&srv_ns), &db_ns, "10.204.7");
+    let client_link = Veth::new(None, &srv_ns, "10.205.7");
+    let db_addr: SocketAddr = format!("{}:5432", link.right_ip).parse().unwrap();
+    let srv_addr: SocketAddr = format!("{}:8000", client_link.right_ip).parse().unwrap();
+    let db = FakeDb::start(Some(&db_ns), db_addr, Duration::from_millis(2));
+    let server = SyncServer::start_pooled(Some(&srv_ns), "0.0.0.0:8000".parse().unwrap(), db_addr);
+    let mut early = TcpStream::connect(srv_addr).unwrap();
+    assert_eq!(get(&mut early, "/k2", false), 200);
+
+    let agent = Agent::watch(&["--target", &srv_ns.path(), "--http-port", "8000"]);
+    let ks = [3u32, 1, 4, 1, 5];
+    for &k in &ks {
+        assert_eq!(get(&mut early, &format!("/k{k}"), false), 200);
+        let mut fresh = TcpStream::connect(srv_addr).unwrap();
+        assert_eq!(get(&mut fresh, &format!("/k{k}"), true), 200);
+    }
+    drop(early);
+    std::thread::sleep(Duration::from_millis(300));
+    let out = agent.stop();
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let s = out.summary();
+    let want_rtts: u64 = 2 * ks.iter().map(|&k| k as u64).sum::<u64>();
+    assert_eq!(server.requests.load(Ordering::Relaxed), 1 + 2 * ks.len() as u64);
+    assert_eq!(db.queries.load(Ordering::Relaxed), 2 + want_rtts);
+    assert_eq!(s["requests"], 2 * ks.len() as u64, "{s:#}");
+    assert_eq!(s["db"]["round_trips"], want_rtts, "{s:#}");
+    assert_eq!(s["db"]["connects"], 0, "the pooled connection was opened before attach");
+    assert_eq!(s["ratios"]["attributed_share"], 1.0);
+    for r in out.records("request") {
+        let k: u32 = r["path"].as_str().unwrap().strip_prefix("/k").unwrap().parse().unwrap();
+        assert_eq!(r["db_round_trips"], k, "{r}");
+    }
+    assert_no_programs_left();
+}
+
+/// A thread in the namespace alternates known CPU work and known sleeps. The kernel's own
+/// per-thread CPU clock is the truth for on-CPU time; the sleeps bound off-CPU time from below.
+#[test]
+fn on_and_off_cpu_time_match_the_threads_own_clock() {
+    let ns = Netns::new("cpu");
+    let agent = Agent::watch(&["--target", &ns.path()]);
+    let (cpu_s, wall_s, slept_s) = in_netns(&ns, || {
+        let thread_cpu = || {
+            let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+            // SAFETY: valid pointer to a local timespec.
+            unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+            ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+        };
+        let t0 = std::time::Instant::now();
+        let c0 = thread_cpu();
+        let mut slept = 0.0;
+        for _ in 0..5 {
+            let spin = std::time::Instant::now();
+            let mut x = 0u64;
+            while spin.elapsed() < Duration::from_millis(60) {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+            let s = std::time::Instant::now();
+            std::thread::sleep(Duration::from_millis(100));
+            slept += s.elapsed().as_secs_f64();
+        }
+        (thread_cpu() - c0, t0.elapsed().as_secs_f64(), slept)
+    })
+    .join()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let out = agent.stop();
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let s = out.summary();
+    let on = s["cpu"]["on_cpu_s"].as_f64().unwrap();
+    let off = s["cpu"]["off_cpu_s"].as_f64().unwrap();
+    // On-CPU: the thread also ran briefly before c0 and after the last clock read (setns, thread
+    // start and exit), so allow 10 ms above and 2 % either way for clock granularity.
+    assert!(on >= cpu_s * 0.98 && on <= cpu_s * 1.02 + 0.010, "on-CPU {on} s vs thread clock {cpu_s} s");
+    // Off-CPU: at least every sleep; at most the thread's whole life minus its CPU time.
+    assert!(off >= slept_s * 0.98, "off-CPU {off} s < slept {slept_s} s");
+    assert!(off <= wall_s - cpu_s + 0.010, "off-CPU {off} s > wall {wall_s} - cpu {cpu_s}");
     assert_no_programs_left();
 }
 

@@ -48,6 +48,10 @@ struct ProbesArgs {
     /// Debugging aid: skip the with-probes half (tests the harness without an agent).
     #[arg(long, hide = true)]
     no_agent: bool,
+    /// Debugging aid: run this binary as the agent instead of building target/release/awaitlab
+    /// (e.g. a stand-in script to test the harness's with-probes half).
+    #[arg(long, hide = true, conflicts_with = "no_agent")]
+    agent_bin: Option<PathBuf>,
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
@@ -127,7 +131,10 @@ struct Round {
 }
 
 fn probes(args: &ProbesArgs) -> Result<()> {
-    ensure!(cmd::is_root(), "the probes benchmark creates a network namespace and loads eBPF: run it as root");
+    ensure!(
+        cmd::is_root(),
+        "the probes benchmark creates a network namespace and loads eBPF: run it as root"
+    );
     for tool in [NGINX, "wrk", "bpftool", "ip"] {
         ensure!(
             cmd::succeeds(Command::new("sh").args(["-c", "command -v \"$1\"", "sh", tool])),
@@ -136,11 +143,18 @@ fn probes(args: &ProbesArgs) -> Result<()> {
     }
     let agent = if args.no_agent {
         None
+    } else if let Some(bin) = &args.agent_bin {
+        Some(bin.clone())
     } else {
         // Release, like users run it: a debug agent would overstate its own cost.
-        cmd::run(cmd::cargo().args(["build", "--release", "-p", "agent"])).context("building the agent")?;
+        cmd::run(cmd::cargo().args(["build", "--release", "-p", "agent"]))
+            .context("building the agent")?;
         let path = cmd::target_dir().join("release/awaitlab");
-        ensure!(path.is_file(), "{} is missing after the build", path.display());
+        ensure!(
+            path.is_file(),
+            "{} is missing after the build",
+            path.display()
+        );
         Some(path)
     };
 
@@ -165,7 +179,14 @@ fn probes(args: &ProbesArgs) -> Result<()> {
         let with = match &agent {
             Some(agent) => {
                 eprintln!("round {round}/{}: with probes", args.runs);
-                Some(with_probes(agent, &ns, &url, args.duration, &out_dir, round)?)
+                Some(with_probes(
+                    agent,
+                    &ns,
+                    &url,
+                    args.duration,
+                    &out_dir,
+                    round,
+                )?)
             }
             None => None,
         };
@@ -179,11 +200,20 @@ fn probes(args: &ProbesArgs) -> Result<()> {
     write_json(&json_path, args, &rounds)?;
     println!("\nmachine-readable summary: {}", json_path.display());
     if agent.is_some() {
-        println!("agent logs: {}/agent-round-*.{{stdout,stderr}}", out_dir.display());
+        println!(
+            "agent logs: {}/agent-round-*.{{stdout,stderr}}",
+            out_dir.display()
+        );
     }
 
-    let unclean = rounds.iter().filter(|r| r.with.as_ref().is_some_and(|w| !w.clean_exit)).count();
-    ensure!(unclean == 0, "the agent did not exit cleanly on SIGINT in {unclean} round(s); see its logs");
+    let unclean = rounds
+        .iter()
+        .filter(|r| r.with.as_ref().is_some_and(|w| !w.clean_exit))
+        .count();
+    ensure!(
+        unclean == 0,
+        "the agent did not exit cleanly on SIGINT in {unclean} round(s); see its logs"
+    );
     Ok(())
 }
 
@@ -195,7 +225,8 @@ impl TempDir {
         let path = std::env::temp_dir().join(format!("awlbench-{}", std::process::id()));
         // A stale directory from an earlier process with the same pid holds nothing we need.
         if path.exists() {
-            fs::remove_dir_all(&path).with_context(|| format!("removing stale {}", path.display()))?;
+            fs::remove_dir_all(&path)
+                .with_context(|| format!("removing stale {}", path.display()))?;
         }
         fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
         Ok(Self(path))
@@ -254,17 +285,24 @@ http {{
 
 fn start_nginx(ns: &BenchNetns, tmp: &Path) -> Result<ChildGuard> {
     // `nginx -V` prints its configure flags to stderr.
-    let v = Command::new(NGINX).arg("-V").output().context("running nginx -V")?;
+    let v = Command::new(NGINX)
+        .arg("-V")
+        .output()
+        .context("running nginx -V")?;
     let conf = tmp.join("nginx.conf");
-    fs::write(&conf, nginx_config(tmp, &String::from_utf8_lossy(&v.stderr)))
-        .with_context(|| format!("writing {}", conf.display()))?;
+    fs::write(
+        &conf,
+        nginx_config(tmp, &String::from_utf8_lossy(&v.stderr)),
+    )
+    .with_context(|| format!("writing {}", conf.display()))?;
     let conf_s = conf.to_string_lossy().into_owned();
     let prefix = format!("{}/", tmp.display());
     let error_log = tmp.join("error.log").to_string_lossy().into_owned();
     let mut nginx = ChildGuard::spawn(
         "nginx",
         // -e: the compiled-in error log (/var/log/nginx) would be opened before the config is read.
-        ns.exec(NGINX).args(["-p", &prefix, "-e", &error_log, "-c", &conf_s]),
+        ns.exec(NGINX)
+            .args(["-p", &prefix, "-e", &error_log, "-c", &conf_s]),
         libc::SIGTERM,
         Duration::from_secs(5),
     )?;
@@ -274,13 +312,19 @@ fn start_nginx(ns: &BenchNetns, tmp: &Path) -> Result<ChildGuard> {
     loop {
         check_interrupted()?;
         if let Some(status) = nginx.try_wait()? {
-            bail!("nginx exited ({status}) before serving; its error log:\n{}", tail(&tmp.join("error.log")));
+            bail!(
+                "nginx exited ({status}) before serving; its error log:\n{}",
+                tail(&tmp.join("error.log"))
+            );
         }
         match http_get_status(addr) {
             Ok(200) => break,
             Ok(code) => bail!("nginx answered {code} instead of 200"),
             Err(e) if Instant::now() > deadline => {
-                return Err(e).context(format!("nginx not ready at {addr} after 10 s; log:\n{}", tail(&tmp.join("error.log"))));
+                return Err(e).context(format!(
+                    "nginx not ready at {addr} after 10 s; log:\n{}",
+                    tail(&tmp.join("error.log"))
+                ));
             }
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
@@ -292,8 +336,10 @@ fn start_nginx(ns: &BenchNetns, tmp: &Path) -> Result<ChildGuard> {
 /// A one-shot HTTP/1.0 GET without a client tool; returns the status code.
 fn http_get_status(addr: SocketAddr) -> Result<u16> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).context("connect")?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).context("set_read_timeout")?;
-    s.write_all(format!("GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).context("send")?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .context("set_read_timeout")?;
+    s.write_all(format!("GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .context("send")?;
     let mut resp = Vec::new();
     s.read_to_end(&mut resp).context("receive")?;
     let text = String::from_utf8_lossy(&resp);
@@ -301,16 +347,30 @@ fn http_get_status(addr: SocketAddr) -> Result<u16> {
         .strip_prefix("HTTP/1.")
         .and_then(|r| r.get(2..5))
         .and_then(|c| c.parse().ok())
-        .with_context(|| format!("not an HTTP response: {:?}", text.lines().next().unwrap_or("")))?;
+        .with_context(|| {
+            format!(
+                "not an HTTP response: {:?}",
+                text.lines().next().unwrap_or("")
+            )
+        })?;
     Ok(code)
 }
 
-fn with_probes(agent: &Path, ns: &BenchNetns, url: &str, duration: u32, out_dir: &Path, round: u32) -> Result<WithProbes> {
+fn with_probes(
+    agent: &Path,
+    ns: &BenchNetns,
+    url: &str,
+    duration: u32,
+    out_dir: &Path,
+    round: u32,
+) -> Result<WithProbes> {
     let _stats = bpfstats::StatsEnabled::enable()?;
     let stdout_path = out_dir.join(format!("agent-round-{round}.stdout"));
     let stderr_path = out_dir.join(format!("agent-round-{round}.stderr"));
-    let stdout = File::create(&stdout_path).with_context(|| format!("creating {}", stdout_path.display()))?;
-    let stderr = File::create(&stderr_path).with_context(|| format!("creating {}", stderr_path.display()))?;
+    let stdout = File::create(&stdout_path)
+        .with_context(|| format!("creating {}", stdout_path.display()))?;
+    let stderr = File::create(&stderr_path)
+        .with_context(|| format!("creating {}", stderr_path.display()))?;
     let mut child = ChildGuard::spawn(
         "awaitlab agent",
         Command::new(agent)
@@ -331,10 +391,17 @@ fn with_probes(agent: &Path, ns: &BenchNetns, url: &str, duration: u32, out_dir:
             break;
         }
         if let Some(status) = child.try_wait()? {
-            bail!("the agent exited ({status}) before attaching; stderr:\n{}", tail(&stderr_path));
+            bail!(
+                "the agent exited ({status}) before attaching; stderr:\n{}",
+                tail(&stderr_path)
+            );
         }
         if started.elapsed() > ATTACH_TIMEOUT {
-            bail!("the agent did not print \"attached\" within {}; stderr:\n{}", secs(ATTACH_TIMEOUT), tail(&stderr_path));
+            bail!(
+                "the agent did not print \"attached\" within {}; stderr:\n{}",
+                secs(ATTACH_TIMEOUT),
+                tail(&stderr_path)
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -355,19 +422,37 @@ fn with_probes(agent: &Path, ns: &BenchNetns, url: &str, duration: u32, out_dir:
     let (status, killed) = child.stop()?;
     let clean_exit = status.success() && !killed;
     if !clean_exit {
-        eprintln!("warning: the agent exited with {status}{}", if killed { " after SIGKILL" } else { "" });
+        eprintln!(
+            "warning: the agent exited with {status}{}",
+            if killed { " after SIGKILL" } else { "" }
+        );
     }
-    Ok(WithProbes { wrk, agent_cpu_s: cpu1 - cpu0, agent_cpu_total_s: cpu1, bpf, clean_exit })
+    Ok(WithProbes {
+        wrk,
+        agent_cpu_s: cpu1 - cpu0,
+        agent_cpu_total_s: cpu1,
+        bpf,
+        clean_exit,
+    })
 }
 
 /// The agent logs one line containing "attached" once all its probes are live. Lines like
 /// "... not attached" or "... failed to be attached" do not count.
 fn has_attached_line(stderr_path: &Path) -> bool {
-    let Ok(text) = fs::read_to_string(stderr_path) else { return false };
+    let Ok(text) = fs::read_to_string(stderr_path) else {
+        return false;
+    };
     text.lines().any(|l| {
-        let words: Vec<&str> = l.split(|c: char| !c.is_ascii_alphanumeric()).filter(|w| !w.is_empty()).collect();
+        let words: Vec<&str> = l
+            .split(|c: char| !c.is_ascii_alphanumeric())
+            .filter(|w| !w.is_empty())
+            .collect();
         words.iter().enumerate().any(|(i, w)| {
-            *w == "attached" && !matches!(i.checked_sub(1).map(|j| words[j]), Some("not" | "be" | "been" | "never"))
+            *w == "attached"
+                && !matches!(
+                    i.checked_sub(1).map(|j| words[j]),
+                    Some("not" | "be" | "been" | "never")
+                )
         })
     })
 }
@@ -377,7 +462,10 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     let path = format!("/proc/{pid}/stat");
     let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     // The command name (field 2) may contain spaces and parentheses; fields after it are plain.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).with_context(|| format!("parsing {path}"))?;
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .with_context(|| format!("parsing {path}"))?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // `rest` starts at field 3, so field N is at index N - 3.
     let ticks = |n: usize| -> Result<u64> {
@@ -411,7 +499,15 @@ fn print_round(round: u32, without: &WrkResult, with: Option<&WithProbes>) {
     println!("\nround {round}");
     println!(
         "  {:<8} {:>10} {:>11} {:>9} {:>9} {:>11} {:>14} {:>11} {:>12}",
-        "probes", "requests", "req/s", "p50", "p99", "agent CPU", "CPU s/100k req", "BPF ns/req", "BPF runs/req"
+        "probes",
+        "requests",
+        "req/s",
+        "p50",
+        "p99",
+        "agent CPU",
+        "CPU s/100k req",
+        "BPF ns/req",
+        "BPF runs/req"
     );
     let row = |label: &str, w: &WrkResult, rest: String| {
         println!(
@@ -443,7 +539,10 @@ fn print_round(round: u32, without: &WrkResult, with: Option<&WithProbes>) {
                 p.bpf_runs_per_req()
             ),
         );
-        println!("           ratio on/off {:.3}", p.wrk.requests_per_sec / without.requests_per_sec);
+        println!(
+            "           ratio on/off {:.3}",
+            p.wrk.requests_per_sec / without.requests_per_sec
+        );
     }
 }
 
@@ -472,7 +571,13 @@ fn summarize(rounds: &[Round]) -> Summary {
     let rps_without = median(rounds.iter().map(|r| r.without.requests_per_sec).collect());
     let with: Vec<&WithProbes> = rounds.iter().filter_map(|r| r.with.as_ref()).collect();
     if with.is_empty() {
-        return Summary { rps_without, rps_with: None, ratio: None, cpu_s_per_100k: None, bpf_ns_per_req: None };
+        return Summary {
+            rps_without,
+            rps_with: None,
+            ratio: None,
+            cpu_s_per_100k: None,
+            bpf_ns_per_req: None,
+        };
     }
     let rps_with = median(with.iter().map(|w| w.wrk.requests_per_sec).collect());
     Summary {
@@ -487,14 +592,23 @@ fn summarize(rounds: &[Round]) -> Summary {
 fn print_summary(rounds: &[Round]) {
     let s = summarize(rounds);
     println!("\nsummary over {} round(s) (medians)", rounds.len());
-    println!("  throughput without probes      {:>12.0} req/s", s.rps_without);
+    println!(
+        "  throughput without probes      {:>12.0} req/s",
+        s.rps_without
+    );
     let (Some(rps_with), Some(ratio)) = (s.rps_with, s.ratio) else {
         println!("  (--no-agent: with-probes half skipped)");
         return;
     };
     println!("  throughput with probes         {rps_with:>12.0} req/s");
-    let verdict = if ratio >= TARGET_RATIO { "meets" } else { "BELOW" };
-    println!("  ratio with/without             {ratio:>12.3}   ({verdict} target >= {TARGET_RATIO})");
+    let verdict = if ratio >= TARGET_RATIO {
+        "meets"
+    } else {
+        "BELOW"
+    };
+    println!(
+        "  ratio with/without             {ratio:>12.3}   ({verdict} target >= {TARGET_RATIO})"
+    );
     if let Some(c) = s.cpu_s_per_100k {
         println!("  agent CPU per 100k requests    {c:>12.4} s   (user+system, during load)");
     }
@@ -574,9 +688,17 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("xtask-attached-{}", std::process::id()));
         fs::create_dir_all(&dir).expect("mkdir");
         let f = dir.join("stderr");
-        fs::write(&f, "INFO loading\nWARN probe sched_switch not attached: EPERM\n").expect("write");
+        fs::write(
+            &f,
+            "INFO loading\nWARN probe sched_switch not attached: EPERM\n",
+        )
+        .expect("write");
         assert!(!has_attached_line(&f));
-        fs::write(&f, "INFO loading\n2024-01-01T00:00:00Z  INFO awaitlab: attached 5 probes\n").expect("write");
+        fs::write(
+            &f,
+            "INFO loading\n2024-01-01T00:00:00Z  INFO awaitlab: attached 5 probes\n",
+        )
+        .expect("write");
         assert!(has_attached_line(&f));
         fs::write(&f, "attached\n").expect("write");
         assert!(has_attached_line(&f));
@@ -585,7 +707,10 @@ mod tests {
 
     #[test]
     fn nginx_config_skips_directives_of_missing_modules() {
-        let c = nginx_config(Path::new("/tmp/x"), "configure arguments: --without-http_uwsgi_module");
+        let c = nginx_config(
+            Path::new("/tmp/x"),
+            "configure arguments: --without-http_uwsgi_module",
+        );
         assert!(c.contains("client_body_temp_path /tmp/x/client_body_temp_path;"));
         assert!(c.contains("fastcgi_temp_path"));
         assert!(!c.contains("uwsgi_temp_path"));

@@ -27,7 +27,9 @@ impl StatsEnabled {
     pub fn enable() -> Result<Self> {
         let old = fs::read_to_string(SYSCTL).with_context(|| format!("reading {SYSCTL}"))?;
         fs::write(SYSCTL, "1").with_context(|| format!("writing 1 to {SYSCTL}"))?;
-        Ok(Self { old: old.trim().to_owned() })
+        Ok(Self {
+            old: old.trim().to_owned(),
+        })
     }
 }
 
@@ -48,14 +50,17 @@ pub fn snapshot() -> Result<Snapshot> {
 }
 
 fn parse(json: &str) -> Result<Snapshot> {
-    let progs: Vec<serde_json::Value> = serde_json::from_str(json).context("parsing bpftool's JSON")?;
+    let progs: Vec<serde_json::Value> =
+        serde_json::from_str(json).context("parsing bpftool's JSON")?;
     let mut snap = Snapshot::new();
     for p in progs {
         let name = p.get("name").and_then(|v| v.as_str()).unwrap_or("");
         if !name.starts_with(PROG_PREFIX) {
             continue;
         }
-        let Some(id) = p.get("id").and_then(|v| v.as_u64()) else { continue };
+        let Some(id) = p.get("id").and_then(|v| v.as_u64()) else {
+            continue;
+        };
         // bpftool leaves both fields out while a program has not run yet.
         let field = |k: &str| p.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
         snap.insert(id, (field("run_time_ns"), field("run_cnt")));
@@ -72,7 +77,10 @@ pub struct Delta {
 }
 
 pub fn delta(before: &Snapshot, after: &Snapshot) -> Delta {
-    let mut d = Delta { programs: after.len(), ..Delta::default() };
+    let mut d = Delta {
+        programs: after.len(),
+        ..Delta::default()
+    };
     for (id, &(ns, cnt)) in after {
         // A program loaded after the first snapshot counts from zero.
         let (ns0, cnt0) = before.get(id).copied().unwrap_or((0, 0));
@@ -100,6 +108,13 @@ mod tests {
         )
         .expect("parse");
         let d = delta(&before, &after);
-        assert_eq!(d, Delta { programs: 2, run_time_ns: 3000, run_cnt: 30 });
+        assert_eq!(
+            d,
+            Delta {
+                programs: 2,
+                run_time_ns: 3000,
+                run_cnt: 30
+            }
+        );
     }
 }

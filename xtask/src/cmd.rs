@@ -56,7 +56,8 @@ pub fn display(cmd: &Command) -> String {
 fn quote(arg: &OsStr) -> String {
     let a = arg.to_string_lossy();
     let plain = !a.is_empty()
-        && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+        && a.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
     if plain {
         a.into_owned()
     } else {
@@ -146,7 +147,12 @@ pub struct ChildGuard {
 }
 
 impl ChildGuard {
-    pub fn spawn(name: &str, cmd: &mut Command, stop_signal: libc::c_int, grace: Duration) -> Result<Self> {
+    pub fn spawn(
+        name: &str,
+        cmd: &mut Command,
+        stop_signal: libc::c_int,
+        grace: Duration,
+    ) -> Result<Self> {
         let line = display(cmd);
         eprintln!("$ {line} &");
         let child = cmd
@@ -180,7 +186,10 @@ impl ChildGuard {
         let Some(mut child) = self.child.take() else {
             bail!("{} was already stopped", self.name);
         };
-        if let Some(status) = child.try_wait().with_context(|| format!("waiting for {}", self.name))? {
+        if let Some(status) = child
+            .try_wait()
+            .with_context(|| format!("waiting for {}", self.name))?
+        {
             return Ok((status, false));
         }
         signal(child.id(), self.stop_signal)?;
@@ -194,7 +203,11 @@ impl ChildGuard {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        eprintln!("{} did not stop within {}; killing it", self.name, secs(self.grace));
+        eprintln!(
+            "{} did not stop within {}; killing it",
+            self.name,
+            secs(self.grace)
+        );
         child
             .kill()
             .with_context(|| format!("killing {}", self.name))?;

@@ -26,7 +26,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Install what builds and tests need (Debian packages, nightly rust-src, bpf-linker).
-    /// Idempotent: fast and prints "ok" per item when everything is present.
+    ///
+    /// Idempotent: fast, and prints "ok" per item when everything is present.
     Setup,
     /// Setup, build, unit tests, then the privileged integration tests (needs root).
     Test(test::TestArgs),

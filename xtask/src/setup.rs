@@ -1,9 +1,10 @@
 //! `cargo xtask setup`: make a Debian bookworm host (as root) ready to build, test and benchmark.
 //!
 //! Idempotent and quick when everything is present: each item is checked first and reported as
-//! "ok" or "installed". It must not upgrade or remove anything that is already installed, must
-//! not run `apt-get update` unless a package is actually missing, and must not leave services
-//! running that the packages' install scripts would otherwise start.
+//! "ok" or "installed". It must not upgrade or remove packages of its own accord (apt may
+//! still upgrade a dependency that a missing package requires), must not run `apt-get update`
+//! unless a package is actually missing, and must not leave services running that the
+//! packages' install scripts would otherwise start.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -76,7 +77,10 @@ fn debian_packages() -> Result<()> {
     }
     if !cmd::is_root() {
         let names: Vec<String> = missing.iter().map(|a| a.join("|")).collect();
-        bail!("missing Debian packages {}; run `cargo xtask setup` as root to install them", names.join(", "));
+        bail!(
+            "missing Debian packages {}; run `cargo xtask setup` as root to install them",
+            names.join(", ")
+        );
     }
 
     // Once, and only now: package lists may be empty on a fresh image, and candidates for the
@@ -93,13 +97,20 @@ fn debian_packages() -> Result<()> {
         }
         match pick {
             Some(p) => chosen.push(p),
-            None => bail!("no install candidate for any of {}", alternatives.join(", ")),
+            None => bail!(
+                "no install candidate for any of {}",
+                alternatives.join(", ")
+            ),
         }
     }
 
     let _no_services = NoServiceStart::install()?;
-    cmd::run(apt_get().args(["install", "-y", "--no-install-recommends"]).args(&chosen))
-        .context("apt-get install")?;
+    cmd::run(
+        apt_get()
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&chosen),
+    )
+    .context("apt-get install")?;
     for p in chosen {
         report(p, "installed");
     }
@@ -127,11 +138,16 @@ impl NoServiceStart {
         if path.exists() {
             return Ok(Self { path: None });
         }
-        fs::write(path, "#!/bin/sh\n# temporary, written by `cargo xtask setup`\nexit 101\n")
-            .with_context(|| format!("writing {}", path.display()))?;
+        fs::write(
+            path,
+            "#!/bin/sh\n# temporary, written by `cargo xtask setup`\nexit 101\n",
+        )
+        .with_context(|| format!("writing {}", path.display()))?;
         fs::set_permissions(path, fs::Permissions::from_mode(0o755))
             .with_context(|| format!("chmod {}", path.display()))?;
-        Ok(Self { path: Some(path.to_path_buf()) })
+        Ok(Self {
+            path: Some(path.to_path_buf()),
+        })
     }
 }
 
@@ -146,7 +162,9 @@ impl Drop for NoServiceStart {
 }
 
 fn nightly_sysroot() -> Result<PathBuf> {
-    let out = cmd::output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))?;
+    let out = cmd::output(
+        Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]),
+    )?;
     Ok(PathBuf::from(out.trim()))
 }
 
@@ -154,14 +172,26 @@ fn nightly_rust_src() -> Result<()> {
     if cmd::succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "-V"])) {
         report("nightly toolchain", "ok");
     } else {
-        cmd::run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+        cmd::run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
         report("nightly toolchain", "installed");
     }
     // The eBPF crate is built with -Z build-std=core, which needs the library sources.
     if nightly_sysroot()?.join("lib/rustlib/src").is_dir() {
         report("nightly rust-src", "ok");
     } else {
-        cmd::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        cmd::run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
         report("nightly rust-src", "installed");
     }
     Ok(())
@@ -171,7 +201,8 @@ fn nightly_rust_src() -> Result<()> {
 /// version. bpf-linker must use the same LLVM as the rustc that emits the bitcode.
 fn nightly_libllvm(sysroot_lib: &Path) -> Result<(PathBuf, u32)> {
     let mut found = Vec::new();
-    let entries = fs::read_dir(sysroot_lib).with_context(|| format!("reading {}", sysroot_lib.display()))?;
+    let entries =
+        fs::read_dir(sysroot_lib).with_context(|| format!("reading {}", sysroot_lib.display()))?;
     for entry in entries {
         let entry = entry.with_context(|| format!("reading {}", sysroot_lib.display()))?;
         let name = entry.file_name();
@@ -181,11 +212,17 @@ fn nightly_libllvm(sysroot_lib: &Path) -> Result<(PathBuf, u32)> {
     }
     found.sort();
     match found.len() {
-        0 => bail!("no libLLVM.so.*-rust-*-nightly in {}", sysroot_lib.display()),
+        0 => bail!(
+            "no libLLVM.so.*-rust-*-nightly in {}",
+            sysroot_lib.display()
+        ),
         1 => Ok(found.remove(0)),
         _ => {
             let (path, major) = found.remove(found.len() - 1);
-            eprintln!("warning: several nightly libLLVMs; using {}", path.display());
+            eprintln!(
+                "warning: several nightly libLLVMs; using {}",
+                path.display()
+            );
             Ok((path, major))
         }
     }
@@ -210,7 +247,9 @@ fn bpf_linker() -> Result<()> {
     let lib = prefix.join("lib");
     let (libllvm, major) = nightly_libllvm(&nightly_sysroot()?.join("lib"))?;
     fs::create_dir_all(&lib).with_context(|| format!("creating {}", lib.display()))?;
-    let file_name = libllvm.file_name().context("libLLVM path has no file name")?;
+    let file_name = libllvm
+        .file_name()
+        .context("libLLVM path has no file name")?;
     symlink_force(&libllvm, &lib.join(file_name))?;
     symlink_force(&libllvm, &lib.join("libLLVM.so"))?;
 
@@ -218,11 +257,19 @@ fn bpf_linker() -> Result<()> {
     let feature = format!("llvm-{major}");
     cmd::run(
         cmd::cargo()
-            .args(["install", "bpf-linker", "--no-default-features", "--features", &feature])
+            .args([
+                "install",
+                "bpf-linker",
+                "--no-default-features",
+                "--features",
+                &feature,
+            ])
             .env("LLVM_PREFIX", &prefix),
     )?;
     if !cmd::succeeds(Command::new("bpf-linker").arg("--version")) {
-        bail!("bpf-linker was installed but `bpf-linker --version` fails; is ~/.cargo/bin on PATH?");
+        bail!(
+            "bpf-linker was installed but `bpf-linker --version` fails; is ~/.cargo/bin on PATH?"
+        );
     }
     report("bpf-linker", "installed");
     Ok(())
@@ -245,8 +292,14 @@ mod tests {
 
     #[test]
     fn libllvm_major_from_file_name() {
-        assert_eq!(libllvm_major("libLLVM.so.22.1-rust-1.97.0-nightly"), Some(22));
-        assert_eq!(libllvm_major("libLLVM.so.23.0-rust-1.99.0-nightly"), Some(23));
+        assert_eq!(
+            libllvm_major("libLLVM.so.22.1-rust-1.97.0-nightly"),
+            Some(22)
+        );
+        assert_eq!(
+            libllvm_major("libLLVM.so.23.0-rust-1.99.0-nightly"),
+            Some(23)
+        );
         // The unversioned development name in the same directory is not the runtime library.
         assert_eq!(libllvm_major("libLLVM-22-rust-1.97.0-nightly.so"), None);
         assert_eq!(libllvm_major("libLLVM.so"), None);

@@ -37,7 +37,11 @@ pub fn run(args: &TestArgs) -> Result<()> {
 
     step("setup", setup::run)?;
     step("build", || {
-        cmd::run(with_env(cmd::cargo().args(["build", "--workspace"]).args(HOST_EXCLUDE)))
+        cmd::run(with_env(
+            cmd::cargo()
+                .args(["build", "--workspace"])
+                .args(HOST_EXCLUDE),
+        ))
     })?;
     step("unit tests", || {
         cmd::run(with_env(
@@ -51,7 +55,15 @@ pub fn run(args: &TestArgs) -> Result<()> {
         // with fixed names) and their timing assertions need the CPU to themselves.
         cmd::run(with_env(
             cmd::cargo()
-                .args(["test", "-p", "agent", "--test", "privileged", "--", "--test-threads=1"])
+                .args([
+                    "test",
+                    "-p",
+                    "agent",
+                    "--test",
+                    "privileged",
+                    "--",
+                    "--test-threads=1",
+                ])
                 .args(&args.privileged_args),
         ))
     })?;

@@ -27,7 +27,13 @@ pub struct WrkResult {
 /// leaving a core for the agent, so that the agent's cost shows up as lost throughput.
 pub fn run(url: &str, duration_secs: u32) -> Result<WrkResult> {
     let mut cmd = Command::new("wrk");
-    cmd.args(["-t1", "-c50", &format!("-d{duration_secs}s"), "--latency", url]);
+    cmd.args([
+        "-t1",
+        "-c50",
+        &format!("-d{duration_secs}s"),
+        "--latency",
+        url,
+    ]);
     let line = cmd::display(&cmd);
     eprintln!("$ {line}");
     let out = cmd::output(&mut cmd)?;
@@ -43,15 +49,26 @@ pub fn parse(report: &str) -> Result<WrkResult> {
     let mut socket_errors = None;
     for line in report.lines().map(str::trim) {
         if let Some((n, _)) = line.split_once(" requests in ") {
-            requests = Some(n.trim().parse::<u64>().with_context(|| format!("request count in {line:?}"))?);
+            requests = Some(
+                n.trim()
+                    .parse::<u64>()
+                    .with_context(|| format!("request count in {line:?}"))?,
+            );
         } else if let Some(v) = line.strip_prefix("Requests/sec:") {
-            rps = Some(v.trim().parse::<f64>().with_context(|| format!("rate in {line:?}"))?);
+            rps = Some(
+                v.trim()
+                    .parse::<f64>()
+                    .with_context(|| format!("rate in {line:?}"))?,
+            );
         } else if let Some(v) = line.strip_prefix("50%") {
             p50_us = Some(duration_us(v.trim())?);
         } else if let Some(v) = line.strip_prefix("99%") {
             p99_us = Some(duration_us(v.trim())?);
         } else if let Some(v) = line.strip_prefix("Non-2xx or 3xx responses:") {
-            non_2xx = v.trim().parse().with_context(|| format!("count in {line:?}"))?;
+            non_2xx = v
+                .trim()
+                .parse()
+                .with_context(|| format!("count in {line:?}"))?;
         } else if let Some(v) = line.strip_prefix("Socket errors:") {
             socket_errors = Some(v.trim().to_owned());
         }
@@ -59,7 +76,14 @@ pub fn parse(report: &str) -> Result<WrkResult> {
     let (Some(requests), Some(requests_per_sec)) = (requests, rps) else {
         bail!("no \"N requests in\" or \"Requests/sec:\" line");
     };
-    Ok(WrkResult { requests, requests_per_sec, p50_us, p99_us, non_2xx, socket_errors })
+    Ok(WrkResult {
+        requests,
+        requests_per_sec,
+        p50_us,
+        p99_us,
+        non_2xx,
+        socket_errors,
+    })
 }
 
 /// wrk prints latencies as a number with one of its units: us, ms, s, m, h.
@@ -120,7 +144,10 @@ Transfer/sec:      9.00MB
         );
         let r = parse(&text).expect("parse");
         assert_eq!(r.non_2xx, 7);
-        assert_eq!(r.socket_errors.as_deref(), Some("connect 0, read 3, write 0, timeout 1"));
+        assert_eq!(
+            r.socket_errors.as_deref(),
+            Some("connect 0, read 3, write 0, timeout 1")
+        );
     }
 
     #[test]

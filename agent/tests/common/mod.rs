@@ -202,12 +202,26 @@ pub struct SyncServer {
 
 impl SyncServer {
     pub fn start(ns: Option<&Netns>, addr: SocketAddr, db: SocketAddr) -> SyncServer {
+        Self::start_with(ns, addr, db, false)
+    }
+
+    /// Like `start`, but with one database connection opened at start and shared by every
+    /// request (a connection pool of one), so it exists before anything attaches.
+    pub fn start_pooled(ns: Option<&Netns>, addr: SocketAddr, db: SocketAddr) -> SyncServer {
+        Self::start_with(ns, addr, db, true)
+    }
+
+    fn start_with(ns: Option<&Netns>, addr: SocketAddr, db: SocketAddr, pooled: bool) -> SyncServer {
         let requests = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (n, s) = (requests.clone(), stop.clone());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let body = move || {
             let l = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+            let pool = Arc::new(std::sync::Mutex::new(pooled.then(|| {
+                let c = TcpStream::connect(db).expect("connect db");
+                (BufReader::new(c.try_clone().unwrap()), c)
+            })));
             ready_tx.send(()).unwrap();
             serve(l, s, move |conn| {
                 let mut r = BufReader::new(conn.try_clone().unwrap());
@@ -228,7 +242,15 @@ impl SyncServer {
                     }
                     let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
                     let k: u32 = path.strip_prefix("/k").and_then(|x| x.parse().ok()).unwrap_or(0);
-                    if k > 0 {
+                    let mut pooled_conn = pool.lock().unwrap();
+                    if let (true, Some((dr, dw))) = (k > 0, pooled_conn.as_mut()) {
+                        let mut reply = String::new();
+                        for _ in 0..k {
+                            dw.write_all(b"q\n").unwrap();
+                            reply.clear();
+                            dr.read_line(&mut reply).unwrap();
+                        }
+                    } else if k > 0 {
                         let db_conn = TcpStream::connect(db).expect("connect db");
                         let mut dr = BufReader::new(db_conn.try_clone().unwrap());
                         let mut dw = db_conn;
@@ -239,6 +261,7 @@ impl SyncServer {
                             dr.read_line(&mut reply).unwrap();
                         }
                     }
+                    drop(pooled_conn);
                     n.fetch_add(1, Ordering::Relaxed);
                     let close = head.to_ascii_lowercase().contains("connection: close");
                     let resp = format!(
