@@ -134,7 +134,7 @@ pub struct RequestEvent {
     pub db_wait_ns: u64,
     /// Database TCP connect time spent by the serving thread during the request.
     pub db_connect_ns: u64,
-    /// On-CPU time of the serving thread between start and end.
+    /// On-CPU time of the serving thread from the first request byte to the first response byte.
     pub on_cpu_ns: u64,
     /// Index of the request on its connection (0 = first).
     pub seq: u32,

@@ -37,6 +37,23 @@ pub fn slice_start() -> u64 {
     LAST_SWITCH.get(0).copied().unwrap_or(0)
 }
 
+/// Above this much unread data a submit wakes the agent; below it the agent's own timer picks
+/// the records up. A wakeup per record (the default) costs microseconds of irq_work per request.
+const WAKEUP_BYTES: u64 = 512 * 1024;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+
+/// Flags for `submit`: wake the reader only when a batch is waiting.
+#[inline(always)]
+pub fn submit_flags() -> u64 {
+    if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
+
 #[inline(always)]
 pub fn config() -> Option<&'static Config> {
     let c = CONFIG.get(0)?;
@@ -75,11 +92,28 @@ pub fn read<T>(base: u64, off: u32) -> Option<T> {
     unsafe { bpf_probe_read_kernel((base + off as u64) as *const T).ok() }
 }
 
-/// Network namespace inode of a `struct sock *`.
+/// The target's `struct net *`, learnt from the first socket whose namespace inode matched.
+/// While the target lives no other namespace can have that address, so afterwards one pointer
+/// comparison decides, instead of a second field read.
+#[map]
+pub static TARGET_NET: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Whether a `struct sock *` belongs to the target namespace.
 #[inline(always)]
-pub fn sk_netns(c: &Config, sk: u64) -> Option<u32> {
-    let net: u64 = read(sk, c.offsets.sk_net)?;
-    read(net, c.offsets.net_inum)
+pub fn sk_in_target(c: &Config, sk: u64) -> bool {
+    let Some(net) = read::<u64>(sk, c.offsets.sk_net) else { return false };
+    let Some(cached) = TARGET_NET.get_ptr_mut(0) else { return false };
+    // SAFETY: array value pointer valid for this program run.
+    let known = unsafe { *cached };
+    if known != 0 {
+        return net == known;
+    }
+    if read::<u32>(net, c.offsets.net_inum) == Some(c.netns_inum) {
+        // SAFETY: as above; racing writers all write the same value.
+        unsafe { *cached = net };
+        return true;
+    }
+    false
 }
 
 /// Network namespace inode of a `struct task_struct *` (None while it exits: nsproxy is NULL).

@@ -23,7 +23,7 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 
-use crate::common::{config, count, now, port_in, read, sk_netns, thread_on_cpu, EVENTS};
+use crate::common::{config, count, now, port_in, read, sk_in_target, submit_flags, thread_on_cpu, EVENTS};
 
 const ROLE_HTTP: u32 = 1;
 const ROLE_DB: u32 = 2;
@@ -143,6 +143,11 @@ fn try_io(ctx: &BtfTracePointContext, is_send: bool) -> Option<()> {
     if ret <= 0 || (!is_send && flags & MSG_PEEK != 0) {
         return None;
     }
+    // Namespace first: on a busy host most socket I/O is someone else's, and two field reads
+    // are cheaper than a hash lookup that misses.
+    if !sk_in_target(c, sk) {
+        return None;
+    }
     let t = now();
     let p = match CONNS.get_ptr_mut(sk) {
         Some(p) => p,
@@ -171,12 +176,9 @@ fn try_io(ctx: &BtfTracePointContext, is_send: bool) -> Option<()> {
     Some(())
 }
 
-/// First sight of a socket: decide from its ports whether it is ours, and start tracking it.
+/// First sight of a socket of the target: decide from its ports whether it is ours, and track it.
 #[inline(always)]
 fn classify(c: &agent_common::Config, sk: u64) -> Option<*mut Conn> {
-    if sk_netns(c, sk)? != c.netns_inum {
-        return None;
-    }
     let family: u16 = read(sk, c.offsets.sk_family)?;
     if family != AF_INET && family != AF_INET6 {
         return None;
@@ -214,7 +216,7 @@ fn http_recv(c: &agent_common::Config, sk: u64, conn: &mut Conn, n: u64, t: u64)
         return;
     }
     if conn.state == H_RESP {
-        finalize(sk, conn, 0);
+        finalize(sk, conn, 0, t);
     }
     let id = bpf_get_current_pid_tgid();
     let tid = id as u32;
@@ -245,23 +247,21 @@ fn http_recv(c: &agent_common::Config, sk: u64, conn: &mut Conn, n: u64, t: u64)
 
     // Which request this thread now serves; an event loop shows up as a thread that reads a
     // second request before answering the first.
-    let mut multiplexed = 0;
-    if let Some(prev) = THREAD_REQ.get_ptr(tid) {
+    if let Some(prev) = THREAD_REQ.get_ptr_mut(tid) {
         // SAFETY: map value pointer valid for this program run.
-        let prev = unsafe { *prev };
-        multiplexed = prev.multiplexed;
-        if multiplexed == 0 && prev.sock != sk {
+        let prev = unsafe { &mut *prev };
+        if prev.multiplexed == 0 && prev.sock != sk {
             if let Some(pc) = CONNS.get_ptr(prev.sock) {
                 // SAFETY: as above.
                 let pc = unsafe { &*pc };
                 if pc.seq == prev.seq && pc.state == H_RECV {
-                    multiplexed = 1;
+                    prev.multiplexed = 1;
                 }
             }
         }
-    }
-    let tr = ThreadReq { sock: sk, seq: conn.seq, multiplexed };
-    if THREAD_REQ.insert(tid, tr, 0).is_err() {
+        prev.sock = sk;
+        prev.seq = conn.seq;
+    } else if THREAD_REQ.insert(tid, ThreadReq { sock: sk, seq: conn.seq, multiplexed: 0 }, 0).is_err() {
         count(Counter::ThreadMapFull);
     }
 }
@@ -286,16 +286,17 @@ fn http_send(c: &agent_common::Config, conn: &mut Conn, n: u64, t: u64) {
     }
     conn.last_send_ns = t;
     conn.bytes_out += n;
-    let tid = bpf_get_current_pid_tgid() as u32;
-    if tid == conn.tid {
-        let cpu = thread_on_cpu(tid, conn.tgid, t);
+    // On-CPU time up to the first response byte: later writes of the same response are the
+    // kernel copying, and one map lookup less per write matters on fast servers.
+    if conn.first_send_ns == t && bpf_get_current_pid_tgid() as u32 == conn.tid {
+        let cpu = thread_on_cpu(conn.tid, conn.tgid, t);
         conn.on_cpu_ns = cpu.saturating_sub(conn.cpu_start_ns);
     }
 }
 
 /// Emits the request record and returns the connection to idle.
 #[inline(always)]
-fn finalize(sk: u64, conn: &mut Conn, extra_flags: u32) {
+fn finalize(sk: u64, conn: &mut Conn, extra_flags: u32, t: u64) {
     let mut flags = conn.flags | extra_flags;
     if conn.state != H_RESP {
         flags |= REQ_NO_RESPONSE;
@@ -312,14 +313,14 @@ fn finalize(sk: u64, conn: &mut Conn, extra_flags: u32) {
         count(Counter::RingbufFull);
         return;
     };
-    let end = if conn.last_send_ns != 0 { conn.last_send_ns } else { now() };
+    let end = if conn.last_send_ns != 0 { conn.last_send_ns } else { t };
     let ev = RequestEvent {
         hdr: EventHeader {
             kind: EventKind::Request as u32,
             tgid: conn.tgid,
             tid: conn.tid,
             _pad: 0,
-            ts_ns: now(),
+            ts_ns: t,
         },
         sock: sk,
         start_ns: conn.start_ns,
@@ -342,7 +343,7 @@ fn finalize(sk: u64, conn: &mut Conn, extra_flags: u32) {
         status: conn.status,
     };
     e.write(ev);
-    e.submit(0);
+    e.submit(submit_flags());
 }
 
 #[inline(always)]
@@ -375,7 +376,7 @@ fn db_round_trip(sk: u64, conn: &mut Conn, t: u64) {
         local_port: conn.local_port,
         _pad: 0,
     });
-    e.submit(0);
+    e.submit(submit_flags());
 }
 
 /// Adds database time to the request thread `tid` is serving, when that is unambiguous.
@@ -508,6 +509,7 @@ fn try_state(ctx: &BtfTracePointContext) -> Option<()> {
     let sk: u64 = ctx.arg(0);
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
+    let t = now();
 
     if let Some(p) = CONNS.get_ptr_mut(sk) {
         // SAFETY: map value pointer valid for this program run.
@@ -516,9 +518,9 @@ fn try_state(ctx: &BtfTracePointContext) -> Option<()> {
             let server_done = new == TCP_FIN_WAIT1 || new == TCP_LAST_ACK || new == TCP_CLOSE;
             let peer_done = new == TCP_CLOSE_WAIT;
             if conn.state == H_RESP && (server_done || peer_done) {
-                finalize(sk, conn, REQ_END_CLOSE);
+                finalize(sk, conn, REQ_END_CLOSE, t);
             } else if conn.state == H_RECV && new == TCP_CLOSE {
-                finalize(sk, conn, REQ_END_CLOSE);
+                finalize(sk, conn, REQ_END_CLOSE, t);
             }
         }
         if new == TCP_CLOSE {
@@ -529,7 +531,7 @@ fn try_state(ctx: &BtfTracePointContext) -> Option<()> {
         return Some(());
     }
 
-    if sk_netns(c, sk)? != c.netns_inum {
+    if !sk_in_target(c, sk) {
         return None;
     }
     let lport: u16 = read(sk, c.offsets.sk_num)?;
@@ -537,7 +539,7 @@ fn try_state(ctx: &BtfTracePointContext) -> Option<()> {
     if old == TCP_CLOSE && new == TCP_SYN_SENT && port_in(&c.db_ports, rport) {
         let id = bpf_get_current_pid_tgid();
         let cn = Connecting {
-            start_ns: now(),
+            start_ns: t,
             tid: id as u32,
             tgid: (id >> 32) as u32,
             remote_port: rport,
@@ -553,7 +555,6 @@ fn try_state(ctx: &BtfTracePointContext) -> Option<()> {
             count(Counter::DbConnectFailed);
             return Some(());
         }
-        let t = now();
         let dur = t.saturating_sub(cn.start_ns);
         count(Counter::DbConnsOpened);
         count(Counter::DbConnects);
@@ -577,7 +578,7 @@ fn try_state(ctx: &BtfTracePointContext) -> Option<()> {
             remote_port: rport,
             _pad: [0; 3],
         });
-        e.submit(0);
+        e.submit(submit_flags());
     } else if old == TCP_SYN_RECV && new == TCP_ESTABLISHED && port_in(&c.http_ports, lport) {
         count(Counter::HttpConnsOpened);
         track(sk, ROLE_HTTP, lport, rport);

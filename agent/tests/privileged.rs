@@ -34,7 +34,7 @@ fn requests_round_trips_and_attribution_match_what_the_servers_count() {
 
     // The same pair in the root namespace, on loopback: the noise that must stay invisible.
     let noise_db_addr: SocketAddr = "127.0.0.2:5432".parse().unwrap();
-    let noise_db = FakeDb::start(None, noise_db_addr, Duration::from_millis(1));
+    let _noise_db = FakeDb::start(None, noise_db_addr, Duration::from_millis(1));
     let noise_srv = SyncServer::start(None, "127.0.0.2:8000".parse().unwrap(), noise_db_addr);
 
     let agent = Agent::watch(&["--target", &srv_ns.path(), "--http-port", "8000", "--db-port", "5432"]);

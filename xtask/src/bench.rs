@@ -186,6 +186,7 @@ fn probes(args: &ProbesArgs) -> Result<()> {
                     args.duration,
                     &out_dir,
                     round,
+                    false,
                 )?)
             }
             None => None,
@@ -195,7 +196,16 @@ fn probes(args: &ProbesArgs) -> Result<()> {
         rounds.push(Round { without, with });
     }
 
-    print_summary(&rounds);
+    let profile = match &agent {
+        Some(agent) => {
+            eprintln!("\nprofile run: with probes and kernel BPF statistics enabled");
+            let p = with_probes(agent, &ns, &url, args.duration, &out_dir, 0, true)?;
+            print_profile(&p);
+            Some(p)
+        }
+        None => None,
+    };
+    print_summary(&rounds, profile.as_ref());
     let json_path = out_dir.join("summary.json");
     write_json(&json_path, args, &rounds)?;
     println!("\nmachine-readable summary: {}", json_path.display());
@@ -363,8 +373,11 @@ fn with_probes(
     duration: u32,
     out_dir: &Path,
     round: u32,
+    stats: bool,
 ) -> Result<WithProbes> {
-    let _stats = bpfstats::StatsEnabled::enable()?;
+    // bpf_stats adds two clock reads to every program run: it is on only for the separate
+    // profile run, never while throughput is compared.
+    let _stats = if stats { Some(bpfstats::StatsEnabled::enable()?) } else { None };
     let stdout_path = out_dir.join(format!("agent-round-{round}.stdout"));
     let stderr_path = out_dir.join(format!("agent-round-{round}.stderr"));
     let stdout = File::create(&stdout_path)
@@ -378,6 +391,8 @@ fn with_probes(
             .arg("--target")
             .arg(ns.path())
             .args(["--http-port", &HTTP_PORT.to_string()])
+            // Extra agent flags for experiments (e.g. --no-payload), split on whitespace.
+            .args(std::env::var("AWL_BENCH_AGENT_ARGS").unwrap_or_default().split_whitespace())
             .stdout(stdout)
             .stderr(stderr),
         libc::SIGINT,
@@ -415,7 +430,7 @@ fn with_probes(
     let bpf1 = bpfstats::snapshot()?;
     let cpu1 = cpu_seconds(pid)?;
     let bpf = bpfstats::delta(&bpf0, &bpf1);
-    if bpf.programs == 0 {
+    if stats && bpf.programs == 0 {
         eprintln!("warning: no loaded BPF program is named awl_*; kernel-side cost reads as 0");
     }
 
@@ -498,16 +513,14 @@ fn fmt_us(v: Option<f64>) -> String {
 fn print_round(round: u32, without: &WrkResult, with: Option<&WithProbes>) {
     println!("\nround {round}");
     println!(
-        "  {:<8} {:>10} {:>11} {:>9} {:>9} {:>11} {:>14} {:>11} {:>12}",
+        "  {:<8} {:>10} {:>11} {:>9} {:>9} {:>11} {:>14}",
         "probes",
         "requests",
         "req/s",
         "p50",
         "p99",
         "agent CPU",
-        "CPU s/100k req",
-        "BPF ns/req",
-        "BPF runs/req"
+        "CPU s/100k req"
     );
     let row = |label: &str, w: &WrkResult, rest: String| {
         println!(
@@ -532,17 +545,16 @@ fn print_round(round: u32, without: &WrkResult, with: Option<&WithProbes>) {
             "on",
             &p.wrk,
             format!(
-                "{:>10.3}s {:>14.4} {:>11.0} {:>12.2}",
+                "{:>10.3}s {:>14.4}",
                 p.agent_cpu_s,
-                p.cpu_s_per_100k(),
-                p.bpf_ns_per_req(),
-                p.bpf_runs_per_req()
+                p.cpu_s_per_100k()
             ),
         );
         println!(
             "           ratio on/off {:.3}",
             p.wrk.requests_per_sec / without.requests_per_sec
         );
+
     }
 }
 
@@ -585,12 +597,32 @@ fn summarize(rounds: &[Round]) -> Summary {
         rps_with: Some(rps_with),
         ratio: Some(rps_with / rps_without),
         cpu_s_per_100k: Some(median(with.iter().map(|w| w.cpu_s_per_100k()).collect())),
-        bpf_ns_per_req: Some(median(with.iter().map(|w| w.bpf_ns_per_req()).collect())),
+        bpf_ns_per_req: None,
     }
 }
 
-fn print_summary(rounds: &[Round]) {
-    let s = summarize(rounds);
+fn print_profile(p: &WithProbes) {
+    println!("\nkernel-side cost (profile run, bpf_stats on; not part of the ratio)");
+    let reqs = p.wrk.requests.max(1) as f64;
+    println!(
+        "  all programs     {:>7.0} ns/req  {:>6.2} runs/req   at {:.0} req/s",
+        p.bpf_ns_per_req(),
+        p.bpf_runs_per_req(),
+        p.wrk.requests_per_sec
+    );
+    for (name, ns, cnt) in &p.bpf.per_program {
+        println!(
+            "  {name:<16} {:>7.0} ns/req  {:>6.2} runs/req  {:>5.0} ns/run",
+            *ns as f64 / reqs,
+            *cnt as f64 / reqs,
+            *ns as f64 / (*cnt).max(1) as f64
+        );
+    }
+}
+
+fn print_summary(rounds: &[Round], profile: Option<&WithProbes>) {
+    let mut s = summarize(rounds);
+    s.bpf_ns_per_req = profile.map(|p| p.bpf_ns_per_req());
     println!("\nsummary over {} round(s) (medians)", rounds.len());
     println!(
         "  throughput without probes      {:>12.0} req/s",

@@ -41,8 +41,8 @@ impl Drop for StatsEnabled {
     }
 }
 
-/// Per program id: (run_time_ns, run_cnt) of the agent's programs.
-pub type Snapshot = HashMap<u64, (u64, u64)>;
+/// Per program id: (run_time_ns, run_cnt, name) of the agent's programs.
+pub type Snapshot = HashMap<u64, (u64, u64, String)>;
 
 pub fn snapshot() -> Result<Snapshot> {
     let out = cmd::output(Command::new("bpftool").args(["prog", "show", "--json"]))?;
@@ -63,17 +63,19 @@ fn parse(json: &str) -> Result<Snapshot> {
         };
         // bpftool leaves both fields out while a program has not run yet.
         let field = |k: &str| p.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-        snap.insert(id, (field("run_time_ns"), field("run_cnt")));
+        snap.insert(id, (field("run_time_ns"), field("run_cnt"), name.to_string()));
     }
     Ok(snap)
 }
 
 /// Kernel time and runs of the agent's programs between two snapshots.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Delta {
     pub programs: usize,
     pub run_time_ns: u64,
     pub run_cnt: u64,
+    /// (name, run_time_ns, run_cnt) per program, largest time first.
+    pub per_program: Vec<(String, u64, u64)>,
 }
 
 pub fn delta(before: &Snapshot, after: &Snapshot) -> Delta {
@@ -81,12 +83,15 @@ pub fn delta(before: &Snapshot, after: &Snapshot) -> Delta {
         programs: after.len(),
         ..Delta::default()
     };
-    for (id, &(ns, cnt)) in after {
+    for (id, (ns, cnt, name)) in after {
         // A program loaded after the first snapshot counts from zero.
-        let (ns0, cnt0) = before.get(id).copied().unwrap_or((0, 0));
-        d.run_time_ns += ns.saturating_sub(ns0);
-        d.run_cnt += cnt.saturating_sub(cnt0);
+        let (ns0, cnt0) = before.get(id).map(|b| (b.0, b.1)).unwrap_or((0, 0));
+        let (dn, dc) = (ns.saturating_sub(ns0), cnt.saturating_sub(cnt0));
+        d.run_time_ns += dn;
+        d.run_cnt += dc;
+        d.per_program.push((name.clone(), dn, dc));
     }
+    d.per_program.sort_by(|a, b| b.1.cmp(&a.1));
     d
 }
 
@@ -113,7 +118,11 @@ mod tests {
             Delta {
                 programs: 2,
                 run_time_ns: 3000,
-                run_cnt: 30
+                run_cnt: 30,
+                per_program: vec![
+                    ("awl_sock_send".into(), 3000, 30),
+                    ("awl_sched_switc".into(), 0, 0)
+                ],
             }
         );
     }

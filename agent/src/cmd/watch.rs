@@ -136,6 +136,10 @@ async fn watch(args: &Args, target: &Target) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs_f64(args.interval));
     tick.tick().await;
     let deadline = args.duration.map(|d| started + Duration::from_secs_f64(d.max(0.0)));
+    // The programs wake us only when half a megabyte is waiting (a wakeup per record would cost
+    // the server microseconds per request); this timer collects the rest promptly.
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
 
     let stop_reason = loop {
         tokio::select! {
@@ -144,6 +148,7 @@ async fn watch(args: &Args, target: &Target) -> anyhow::Result<()> {
                 drain(guard.get_inner_mut(), &mut agg, args.json, &mut out)?;
                 guard.clear_ready();
             }
+            _ = poll.tick() => drain(ring.get_mut(), &mut agg, args.json, &mut out)?,
             _ = tick.tick() => {
                 drain(ring.get_mut(), &mut agg, args.json, &mut out)?;
                 out.flush().context("writing stdout")?;
