@@ -78,6 +78,23 @@ fn init_logging(format: LogFormat) {
 
 /// Prints `awaitlab: error: ...` (the whole cause chain on one line) and returns `code`.
 pub fn fail(e: &anyhow::Error, code: u8) -> ExitCode {
-    eprintln!("awaitlab: error: {e:#}");
+    eprintln!("awaitlab: error: {}", one_line(e));
     ExitCode::from(code)
+}
+
+/// The cause chain joined with ": ", leaving out a cause whose text the previous link already
+/// includes (library errors often name their source in their own message).
+pub fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out.replace('\n', " ")
 }

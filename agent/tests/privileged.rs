@@ -121,7 +121,7 @@ fn requests_round_trips_and_attribution_match_what_the_servers_count() {
     let mut want = sent.clone();
     want.sort();
     assert_eq!(seen, want);
-    assert_no_programs_left();
+    out.assert_detached();
 }
 
 /// A server already running, with a pooled database connection and a keep-alive client
@@ -162,7 +162,7 @@ fn connections_opened_before_attach_are_measured() {
         let k: u32 = r["path"].as_str().unwrap().strip_prefix("/k").unwrap().parse().unwrap();
         assert_eq!(r["db_round_trips"], k, "{r}");
     }
-    assert_no_programs_left();
+    out.assert_detached();
 }
 
 /// A thread in the namespace alternates known CPU work and known sleeps. The kernel's own
@@ -207,7 +207,7 @@ fn on_and_off_cpu_time_match_the_threads_own_clock() {
     // Off-CPU: at least every sleep; at most the thread's whole life minus its CPU time.
     assert!(off >= slept_s * 0.98, "off-CPU {off} s < slept {slept_s} s");
     assert!(off <= wall_s - cpu_s + 0.010, "off-CPU {off} s > wall {wall_s} - cpu {cpu_s}");
-    assert_no_programs_left();
+    out.assert_detached();
 }
 
 /// PostgreSQL in one namespace, psql in the other: every query is one round trip.
@@ -246,7 +246,7 @@ fn every_postgresql_query_is_a_round_trip() {
     assert_eq!(s["db"]["conns_opened"], 2);
     assert_eq!(s["db"]["conns_closed"], 2);
     assert_eq!(s["requests"], 0);
-    assert_no_programs_left();
+    out.assert_detached();
 }
 
 /// A PostgreSQL server of our own (Debian's binaries, a fresh data directory) in a namespace.
@@ -338,55 +338,54 @@ fn pg_bin() -> String {
 
 #[test]
 fn a_missing_target_is_one_clear_error_and_attaches_nothing() {
-    let out = agent_once(&["watch", "--target", "/run/netns/awl-does-not-exist"]);
+    let out = assert_loads_nothing(|| agent_once(&["watch", "--target", "/run/netns/awl-does-not-exist"]));
     assert_eq!(out.code, Some(1));
     assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
     assert!(out.stderr.contains("does not exist"), "{}", out.stderr);
 
-    let out = agent_once(&["watch", "--target", "/etc/hostname"]);
+    let out = assert_loads_nothing(|| agent_once(&["watch", "--target", "/etc/hostname"]));
     assert_eq!(out.code, Some(1));
     assert!(out.stderr.contains("is not a network namespace"), "{}", out.stderr);
     assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
 
-    let out = agent_once(&["watch", "--target", "pid:999999999"]);
+    let out = assert_loads_nothing(|| agent_once(&["watch", "--target", "pid:999999999"]));
     assert_eq!(out.code, Some(1));
     assert!(out.stderr.contains("no process"), "{}", out.stderr);
 
-    let out = agent_once(&["watch", "--target", "docker"]);
+    let out = assert_loads_nothing(|| agent_once(&["watch", "--target", "docker"]));
     assert_eq!(out.code, Some(64), "bad syntax is a usage error: {}", out.stderr);
-    assert_no_programs_left();
 }
 
 #[test]
 fn bad_ports_are_usage_errors() {
     for bad in ["70000", "0", "-1", "http"] {
-        let out = agent_once(&["watch", "--target", "/proc/self/ns/net", "--http-port", bad]);
+        let out = assert_loads_nothing(|| agent_once(&["watch", "--target", "/proc/self/ns/net", "--http-port", bad]));
         assert_eq!(out.code, Some(64), "--http-port {bad}: {}", out.stderr);
         assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
         if bad != "-1" {
             // (clap reads "-1" as an unknown flag, which it names instead)
             assert!(out.stderr.contains("--http-port"), "{}", out.stderr);
         }
-        let out = agent_once(&["watch", "--target", "/proc/self/ns/net", "--db-port", bad]);
+        let out = assert_loads_nothing(|| agent_once(&["watch", "--target", "/proc/self/ns/net", "--db-port", bad]));
         assert_eq!(out.code, Some(64), "--db-port {bad}: {}", out.stderr);
     }
-    assert_no_programs_left();
 }
 
 #[test]
 fn without_root_it_says_so() {
     let ns = Netns::new("u");
-    let out = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(agent_bin())
-        .args(["watch", "--target", &ns.path()])
-        .output()
-        .unwrap();
+    let out = assert_loads_nothing(|| {
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(agent_bin())
+            .args(["watch", "--target", &ns.path()])
+            .output()
+            .unwrap()
+    });
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(77), "{stderr}");
     assert!(stderr.contains("need root"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert_no_programs_left();
 }
 
 /// The namespace is deleted while the agent watches it: it stops by itself and detaches.
@@ -394,13 +393,13 @@ fn without_root_it_says_so() {
 fn a_target_that_vanishes_stops_the_agent_cleanly() {
     let ns = Netns::new("v");
     let agent = Agent::watch(&["--target", &ns.path(), "--interval", "0.2"]);
-    assert!(!our_bpf_programs().is_empty(), "attached programs are visible");
+    assert!(agent.program_ids.iter().all(|i| our_bpf_programs().contains(i)), "attached programs are visible");
     sh("ip", &["netns", "del", &ns.name]);
     let out = agent.wait(Duration::from_secs(10));
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     assert!(out.stderr.contains("vanished"), "{}", out.stderr);
     assert_eq!(out.summary()["requests"], 0);
-    assert_no_programs_left();
+    out.assert_detached();
 
     // The same through a process: the process exits.
     let ns = Netns::new("w");
@@ -413,7 +412,7 @@ fn a_target_that_vanishes_stops_the_agent_cleanly() {
     let out = agent.wait(Duration::from_secs(10));
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     assert!(out.stderr.contains("vanished"), "{}", out.stderr);
-    assert_no_programs_left();
+    out.assert_detached();
 }
 
 /// tracefs is not mounted at boot on some hosts: the agent mounts it and works.
@@ -429,5 +428,5 @@ fn tracefs_missing_is_mounted() {
     assert!(mounted("/sys/kernel/tracing"), "the agent mounted tracefs");
     let out = agent.stop();
     assert_eq!(out.code, Some(0), "{}", out.stderr);
-    assert_no_programs_left();
+    out.assert_detached();
 }

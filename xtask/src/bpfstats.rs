@@ -91,7 +91,7 @@ pub fn delta(before: &Snapshot, after: &Snapshot) -> Delta {
         d.run_cnt += dc;
         d.per_program.push((name.clone(), dn, dc));
     }
-    d.per_program.sort_by(|a, b| b.1.cmp(&a.1));
+    d.per_program.sort_by_key(|p| std::cmp::Reverse(p.1));
     d
 }
 

@@ -118,14 +118,16 @@ async fn watch(args: &Args, target: &Target) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {}", e))?;
     let live: Vec<&str> = probes.status().iter().filter(|s| s.live).map(|s| s.hook).collect();
     let skipped: Vec<&str> = probes.status().iter().filter(|s| !s.live).map(|s| s.hook).collect();
+    let ids: Vec<String> = probes.status().iter().filter_map(|s| s.id).map(|i| i.to_string()).collect();
     eprintln!(
-        "awaitlab: attached to network namespace {} ({}); http ports {:?}, db ports {:?}; live: {}{}",
+        "awaitlab: attached to network namespace {} ({}); http ports {:?}, db ports {:?}; live: {}{}; program ids {}",
         target.netns_inum,
         target.spec,
         spec.http_ports,
         spec.db_ports,
         live.join(", "),
-        if skipped.is_empty() { String::new() } else { format!("; skipped: {}", skipped.join(", ")) }
+        if skipped.is_empty() { String::new() } else { format!("; skipped: {}", skipped.join(", ")) },
+        ids.join(",")
     );
 
     let mut agg = Aggregator::new();

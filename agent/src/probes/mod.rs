@@ -56,6 +56,8 @@ pub struct ProbeStatus {
     pub measures: &'static str,
     pub live: bool,
     pub reason: Option<String>,
+    /// Kernel program id while attached (`bpftool prog show id N`).
+    pub id: Option<u32>,
 }
 
 /// (program, tp_btf hook, what it measures). Order matters: connection state first, so the data
@@ -105,14 +107,14 @@ impl Probes {
             } else {
                 Err(format!("kernel has no tracepoint {hook}"))
             };
-            let (live, reason) = match result {
-                Ok(()) => (true, None),
+            let (live, reason, id) = match result {
+                Ok(id) => (true, None, Some(id)),
                 Err(e) => {
                     warn!(program, hook, "probe skipped: {e}; not measured: {measures}");
-                    (false, Some(e))
+                    (false, Some(e), None)
                 }
             };
-            status.push(ProbeStatus { program, hook, measures, live, reason });
+            status.push(ProbeStatus { program, hook, measures, live, reason, id });
         }
         if !status.iter().any(|s| s.live) {
             let why = status.iter().filter_map(|s| s.reason.clone()).collect::<Vec<_>>().join("; ");
@@ -169,7 +171,7 @@ pub fn counter(c: &[u64; COUNTERS as usize], which: Counter) -> u64 {
     c[which as usize]
 }
 
-fn attach_one(ebpf: &mut Ebpf, program: &str, hook: &str, btf: &aya::Btf) -> Result<(), String> {
+fn attach_one(ebpf: &mut Ebpf, program: &str, hook: &str, btf: &aya::Btf) -> Result<u32, String> {
     let prog: &mut BtfTracePoint = ebpf
         .program_mut(program)
         .ok_or_else(|| format!("program {program} missing from the object"))?
@@ -177,7 +179,7 @@ fn attach_one(ebpf: &mut Ebpf, program: &str, hook: &str, btf: &aya::Btf) -> Res
         .map_err(|e| format!("{e}"))?;
     prog.load(hook, btf).map_err(|e| format!("load: {}", error_chain(&e)))?;
     prog.attach().map_err(|e| format!("attach: {}", error_chain(&e)))?;
-    Ok(())
+    prog.info().map(|i| i.id()).map_err(|e| format!("program info: {}", error_chain(&e)))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -316,6 +316,8 @@ pub fn agent_bin() -> PathBuf {
 
 /// `awaitlab watch` as a child process; killed on drop if still running.
 pub struct Agent {
+    /// Program ids the agent reported when it attached.
+    pub program_ids: Vec<u32>,
     child: Option<Child>,
     stdout: PathBuf,
     stderr: PathBuf,
@@ -343,12 +345,18 @@ pub mod tempdir {
 }
 
 pub struct Finished {
+    pub program_ids: Vec<u32>,
     pub code: Option<i32>,
     pub stdout: String,
     pub stderr: String,
 }
 
 impl Finished {
+    /// Asserts the agent's programs are unloaded now that it has exited.
+    pub fn assert_detached(&self) {
+        assert_programs_gone(&self.program_ids);
+    }
+
     /// NDJSON lines of the given `type`.
     pub fn records(&self, kind: &str) -> Vec<serde_json::Value> {
         self.stdout
@@ -377,11 +385,13 @@ impl Agent {
             .stderr(File::create(&stderr).unwrap())
             .spawn()
             .expect("start awaitlab");
-        let mut a = Agent { child: Some(child), stdout, stderr, _dir: dir };
+        let mut a = Agent { program_ids: Vec::new(), child: Some(child), stdout, stderr, _dir: dir };
         let t0 = Instant::now();
         loop {
             let err = std::fs::read_to_string(&a.stderr).unwrap_or_default();
-            if err.contains("attached to network namespace") {
+            if let Some(line) = err.lines().find(|l| l.contains("attached to network namespace")) {
+                let ids = line.rsplit("program ids ").next().unwrap_or("");
+                a.program_ids = ids.split(',').filter_map(|i| i.trim().parse().ok()).collect();
                 return a;
             }
             if let Some(status) = a.child.as_mut().unwrap().try_wait().unwrap() {
@@ -419,6 +429,7 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(20));
         };
         Finished {
+            program_ids: std::mem::take(&mut self.program_ids),
             code: status.code(),
             stdout: std::fs::read_to_string(&self.stdout).unwrap_or_default(),
             stderr: std::fs::read_to_string(&self.stderr).unwrap_or_default(),
@@ -439,37 +450,48 @@ impl Drop for Agent {
 pub fn agent_once(args: &[&str]) -> Finished {
     let out = Command::new(agent_bin()).args(args).output().expect("run awaitlab");
     Finished {
+        program_ids: Vec::new(),
         code: out.status.code(),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
 
-/// Names of loaded BPF programs that belong to awaitlab (all start with `awl_`).
-pub fn our_bpf_programs() -> Vec<String> {
+/// Ids of loaded BPF programs named `awl_*` (awaitlab's).
+pub fn our_bpf_programs() -> Vec<u32> {
     let out = Command::new("bpftool").args(["prog", "show", "--json"]).output().expect("bpftool (cargo xtask setup installs it)");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
     v.as_array()
         .map(|a| {
             a.iter()
-                .filter_map(|p| p["name"].as_str())
-                .filter(|n| n.starts_with("awl_"))
-                .map(String::from)
+                .filter(|p| p["name"].as_str().is_some_and(|n| n.starts_with("awl_")))
+                .filter_map(|p| p["id"].as_u64().map(|i| i as u32))
                 .collect()
         })
         .unwrap_or_default()
 }
 
-/// Asserts that no awaitlab BPF program is loaded (they unload with the agent's last fd).
-pub fn assert_no_programs_left() {
-    // Program release is asynchronous (RCU): give the kernel a moment.
+/// Asserts that none of `ids` is still loaded (programs unload with the agent's last fd; the
+/// kernel frees them asynchronously, so allow a moment). Checking the agent's own ids keeps the
+/// check exact while another agent (a benchmark, a parallel checkout's tests) runs.
+pub fn assert_programs_gone(ids: &[u32]) {
+    assert!(!ids.is_empty(), "no program ids to check");
     let t0 = Instant::now();
     loop {
-        let left = our_bpf_programs();
+        let left: Vec<u32> = our_bpf_programs().into_iter().filter(|i| ids.contains(i)).collect();
         if left.is_empty() {
             return;
         }
         assert!(t0.elapsed() < Duration::from_secs(5), "BPF programs left behind: {left:?}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Runs `f` (which must not attach) and asserts it loaded no awaitlab program that outlived it.
+pub fn assert_loads_nothing<T>(f: impl FnOnce() -> T) -> T {
+    let before = our_bpf_programs();
+    let out = f();
+    let new: Vec<u32> = our_bpf_programs().into_iter().filter(|i| !before.contains(i)).collect();
+    assert!(new.is_empty(), "BPF programs left behind: {new:?}");
+    out
 }
