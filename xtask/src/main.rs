@@ -7,6 +7,7 @@
 mod bench;
 mod bpfstats;
 mod cmd;
+mod images;
 mod netns;
 mod setup;
 mod test;
@@ -35,6 +36,8 @@ enum Command {
     Ci(test::TestArgs),
     /// Benchmarks.
     Bench(bench::BenchArgs),
+    /// Build the local Debian base image (debootstrap + docker import) if it is missing.
+    BaseImage,
 }
 
 fn main() -> Result<()> {
@@ -42,5 +45,6 @@ fn main() -> Result<()> {
         Command::Setup => setup::run(),
         Command::Test(args) | Command::Ci(args) => test::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::BaseImage => images::base_image(),
     }
 }

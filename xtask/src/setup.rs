@@ -28,6 +28,7 @@ const PACKAGES: &[&[&str]] = &[
     // The benchmark only needs /usr/sbin/nginx; nginx-light is the smallest build with it.
     &["nginx-light", "nginx"],
     &["wrk"],
+    &["debootstrap"],
     &["procps"],
     &["util-linux"],
     &["psmisc"],

@@ -55,15 +55,8 @@ pub fn run(args: &TestArgs) -> Result<()> {
         // with fixed names) and their timing assertions need the CPU to themselves.
         cmd::run(with_env(
             cmd::cargo()
-                .args([
-                    "test",
-                    "-p",
-                    "agent",
-                    "--test",
-                    "privileged",
-                    "--",
-                    "--test-threads=1",
-                ])
+                // Every integration test target of the agent (tests/*.rs): each is privileged.
+                .args(["test", "-p", "agent", "--test", "*", "--", "--test-threads=1"])
                 .args(&args.privileged_args),
         ))
     })?;
