@@ -8,6 +8,8 @@
 pub mod aggregate;
 pub mod cmd;
 pub mod probes;
+pub mod report;
+pub mod results;
 pub mod target;
 
 use std::{ffi::OsString, process::ExitCode};
@@ -40,6 +42,8 @@ pub enum LogFormat {
 pub enum Command {
     /// Attach to a network namespace and print what its server does, once a second.
     Watch(cmd::watch::Args),
+    /// Write report.md and report.html from a results directory.
+    Report(cmd::report::Args),
 }
 
 /// Parses `args` and runs the subcommand. Errors print one line; usage errors exit with 64.
@@ -63,6 +67,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     init_logging(cli.log_format);
     match cli.command {
         Command::Watch(args) => cmd::watch::run(args),
+        Command::Report(args) => cmd::report::run(args),
     }
 }
 
