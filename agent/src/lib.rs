@@ -7,6 +7,7 @@
 
 pub mod aggregate;
 pub mod cmd;
+pub mod experiment;
 pub mod probes;
 pub mod report;
 pub mod results;
