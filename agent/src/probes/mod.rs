@@ -7,6 +7,7 @@
 //! leaves nothing behind either.
 
 pub mod btf;
+pub mod session;
 
 use std::{os::fd::AsRawFd as _, path::Path};
 
@@ -34,6 +35,8 @@ pub enum ProbeError {
     NothingAttached(String),
     #[error("mounting tracefs at {path}: {source}")]
     Tracefs { path: &'static str, source: std::io::Error },
+    #[error("polling the ring buffer: {0}")]
+    Poll(std::io::Error),
     #[error("at most {max} {role} ports, got {got}")]
     TooManyPorts { role: &'static str, max: usize, got: usize },
 }

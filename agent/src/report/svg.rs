@@ -61,8 +61,8 @@ fn fmt_tick(v: f64) -> String {
 
 impl Chart<'_> {
     pub fn render(&self) -> String {
-        let (w, h) = (460.0, 260.0);
-        let (l, r, t, b) = (58.0, 12.0, 26.0, 62.0);
+        let (w, h) = (460.0, 282.0);
+        let (l, r, t, b) = (58.0, 12.0, 26.0, 72.0);
         let pts: Vec<(f64, f64)> = self.series.iter().flat_map(|s| s.points.iter().copied()).filter(|p| p.0.is_finite() && p.1.is_finite()).collect();
         let (mut x0, mut x1) = pts.iter().fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.0), a.1.max(p.0)));
         let y1 = pts.iter().fold(f64::MIN, |a, p| a.max(p.1));
@@ -119,7 +119,7 @@ impl Chart<'_> {
             yb = h - b,
             xr = w - r,
             cx = (l + w - r) / 2.0,
-            xly = h - b + 30.0,
+            xly = h - b + 28.0,
             cy = (t + h - b) / 2.0,
             xl = esc(self.x_label),
             yl = esc(self.y_label)
@@ -140,7 +140,7 @@ impl Chart<'_> {
             }
             // Legend below the axis label, left to right.
             let lx = l + (i as f64 % 3.0) * 130.0;
-            let ly = h - 14.0 + if i >= 3 { 11.0 } else { 0.0 } - 8.0;
+            let ly = h - 20.0 + (i / 3) as f64 * 12.0;
             let _ = write!(
                 s,
                 r#"<rect x="{lx}" y="{ry}" width="10" height="3" fill="{color}"/><text x="{tx}" y="{ly}" font-size="10" font-family="sans-serif">{name}</text>"#,
