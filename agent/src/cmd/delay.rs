@@ -35,10 +35,10 @@ pub struct SetArgs {
     /// docker:NAME_OR_ID, pid:PID, PID, netns:NAME, or a namespace path.
     pub target: String,
     /// Delay in milliseconds (0 to 60000; fractions allowed).
-    #[arg(long, value_parser = parse_ms)]
+    #[arg(long, value_parser = parse_ms, allow_negative_numbers = true)]
     pub ms: f64,
     /// Jitter in milliseconds: each packet's delay is uniform in ms ± jitter (never reordered).
-    #[arg(long = "jitter-ms", default_value_t = 0.0, value_parser = parse_ms)]
+    #[arg(long = "jitter-ms", default_value_t = 0.0, value_parser = parse_ms, allow_negative_numbers = true)]
     pub jitter_ms: f64,
     /// Mechanism: netem if the kernel has it (auto), or force one.
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]

@@ -213,6 +213,10 @@ pub struct State {
     pub devs: Vec<String>,
     pub marker: String,
     pub queue: Option<u16>,
+    /// iptables-nft creates the `ip mangle` table on first use; when it did so for us, the table
+    /// is deleted again once it holds no rule (nothing left behind, not even an empty table).
+    #[serde(default)]
+    pub created_mangle: bool,
 }
 
 fn proc_start(pid: u32) -> Option<u64> {
@@ -266,20 +270,24 @@ impl State {
 
 /// Removes everything `marker`/`backend` installed in `ns` on `devs`: only rules with that exact
 /// marker, only root netem qdiscs with our handle on those devices.
-fn remove_installed(ns: &File, backend: Backend, marker: &str, devs: &[String]) -> Vec<String> {
+fn remove_installed(ns: &File, st: &State) -> Vec<String> {
+    let (backend, marker, devs) = (st.backend, &st.marker, &st.devs);
     let mut removed = Vec::new();
     match backend {
         Backend::Nfqueue => {
             if let Ok(listing) = run_in_ns(ns, "iptables", &iptables::list_args()) {
                 for r in iptables::parse_rules(&listing)
                     .into_iter()
-                    .filter(|r| r.marker == marker)
+                    .filter(|r| &r.marker == marker)
                 {
                     match run_in_ns(ns, "iptables", &r.delete) {
                         Ok(_) => removed.push(r.spec),
                         Err(e) => tracing::warn!("{e}"),
                     }
                 }
+            }
+            if st.created_mangle {
+                remove_mangle_if_empty(ns);
             }
         }
         Backend::Netem => {
@@ -306,7 +314,7 @@ pub fn cleanup_leftovers() -> Vec<String> {
             continue;
         }
         if let Some(ns) = st.open_ns() {
-            for r in remove_installed(&ns, st.backend, &st.marker, &st.devs) {
+            for r in remove_installed(&ns, &st) {
                 removed.push(format!("{} (left by pid {}): {r}", st.netns_path.display(), st.pid));
             }
         }
@@ -469,7 +477,7 @@ impl DelayGuard {
         }
         self.removed = true;
         // Rules first, so nothing new is queued; then the line accepts what it still holds.
-        remove_installed(&self.ns, self.state.backend, &self.state.marker, &self.state.devs);
+        remove_installed(&self.ns, &self.state);
         if let Some(mut l) = self.line.take() {
             l.stop();
         }
@@ -545,6 +553,7 @@ pub fn set(target: &Target, spec: &DelaySpec, choice: BackendChoice) -> Result<D
             devs: devs.clone(),
             marker: marker.clone(),
             queue: None,
+            created_mangle: false,
         },
         spec: spec.clone(),
         line: None,
@@ -584,6 +593,7 @@ pub fn set(target: &Target, spec: &DelaySpec, choice: BackendChoice) -> Result<D
             let (q, l) = started.ok_or(DelayError::NoQueue)?;
             guard.line = Some(l);
             guard.state.queue = Some(q);
+            guard.state.created_mangle = !mangle_exists(&guard.ns);
             guard.state.write()?;
             for d in &devs {
                 run_in_ns(&guard.ns, "iptables", &iptables::insert_args(d, &marker, q))?;
@@ -591,6 +601,33 @@ pub fn set(target: &Target, spec: &DelaySpec, choice: BackendChoice) -> Result<D
         }
     }
     Ok(guard)
+}
+
+/// Whether the nf_tables `ip mangle` table exists (true where `nft` is missing or iptables uses
+/// the legacy back end, whose tables always exist: then there is nothing to delete later).
+fn mangle_exists(ns: &File) -> bool {
+    let args: Vec<String> = ["list", "table", "ip", "mangle"].map(String::from).to_vec();
+    match run_in_ns(ns, "nft", &args) {
+        Ok(_) => true,
+        Err(DelayError::Command { stderr, .. }) => !stderr.contains("No such file or directory"),
+        Err(_) => true,
+    }
+}
+
+/// Deletes the `ip mangle` table when no rule is left in any of its chains and every policy is
+/// still ACCEPT (what iptables-nft created for us); anything else in it stays.
+fn remove_mangle_if_empty(ns: &File) {
+    let args: Vec<String> = ["-w", "-t", "mangle", "-S"].map(String::from).to_vec();
+    let Ok(listing) = run_in_ns(ns, "iptables", &args) else {
+        return;
+    };
+    let untouched = listing.lines().all(|l| l.starts_with("-P ") && l.ends_with(" ACCEPT"));
+    if untouched {
+        let args: Vec<String> = ["delete", "table", "ip", "mangle"].map(String::from).to_vec();
+        if let Err(e) = run_in_ns(ns, "nft", &args) {
+            tracing::debug!("{e}");
+        }
+    }
 }
 
 fn queues_named(listing: &str) -> Vec<u16> {
