@@ -16,7 +16,7 @@ pub mod tc;
 
 use std::{
     fs::File,
-    os::{fd::AsRawFd, unix::process::CommandExt},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -112,22 +112,19 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DelayError 
 }
 
 /// Runs `program args` with the host's binary, entered into the namespace `ns`, and returns stdout.
+///
+/// `nsenter` opens our own fd through `/proc/PID/fd/N` (still the namespace we checked when we
+/// opened it). This keeps the spawn a plain `posix_spawn`: a `pre_exec` hook would force a full
+/// `fork`, whose page-table copy and copy-on-write faults stall the delay line's threads for
+/// milliseconds each time the figures are read.
 pub fn run_in_ns(ns: &File, program: &str, args: &[String]) -> Result<String, DelayError> {
-    let fd = ns.as_raw_fd();
-    let mut cmd = Command::new(program);
-    cmd.args(args).stdin(Stdio::null());
-    // SAFETY: between fork and exec the child only calls setns (async-signal-safe) on an fd that
-    // stays open in the parent until spawn returns.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/proc/{}/fd/{}", std::process::id(), ns.as_raw_fd()))
+        .arg(program)
+        .args(args)
+        .stdin(Stdio::null());
     let line = format!("{program} {}", args.join(" "));
-    let out = cmd.output().map_err(io_err(format!("running `{line}`")))?;
+    let out = cmd.output().map_err(io_err(format!("running `nsenter {line}`")))?;
     if !out.status.success() {
         return Err(DelayError::Command {
             cmd: line,

@@ -131,11 +131,14 @@ pub fn parse(buf: &[u8], mut f: impl FnMut(Received)) {
     let mut off = 0;
     while off + NLMSG_HDRLEN <= buf.len() {
         let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap()) as usize;
-        if len < NLMSG_HDRLEN || off + len > buf.len() {
+        if len < NLMSG_HDRLEN {
             return;
         }
         let kind = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap());
-        let body = &buf[off + NLMSG_HDRLEN..off + len];
+        // A message cut short by a small receive buffer still yields its packet id (the packet
+        // header is the kernel's first attribute): a packet whose id we lost could never be
+        // released.
+        let body = &buf[off + NLMSG_HDRLEN..(off + len).min(buf.len())];
         if kind == NLMSG_ERROR && body.len() >= 4 + NLMSG_HDRLEN {
             let errno = i32::from_ne_bytes(body[..4].try_into().unwrap());
             let seq = u32::from_ne_bytes(body[4 + 8..4 + 12].try_into().unwrap());
@@ -267,6 +270,33 @@ impl Socket {
         Ok(r as usize)
     }
 
+    /// Receives up to `bufs.len()` datagrams in one call, waiting only for the first
+    /// (`recvmmsg`, `MSG_WAITFORONE`). Returns each datagram's length (capped at its buffer).
+    pub fn recv_many(&self, bufs: &mut [Vec<u8>], lens: &mut Vec<usize>) -> io::Result<()> {
+        let mut iovs: Vec<libc::iovec> =
+            bufs.iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr() as *mut libc::c_void, iov_len: b.len() }).collect();
+        // SAFETY: zeroed mmsghdr is valid; each points at one iovec that outlives the call.
+        let mut hdrs: Vec<libc::mmsghdr> = iovs
+            .iter_mut()
+            .map(|iov| {
+                let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                h.msg_hdr.msg_iov = iov;
+                h.msg_hdr.msg_iovlen = 1;
+                h
+            })
+            .collect();
+        // SAFETY: hdrs/iovs/bufs are valid for the call; no timeout pointer.
+        let n = unsafe {
+            libc::recvmmsg(self.fd.as_raw_fd(), hdrs.as_mut_ptr(), hdrs.len() as u32, libc::MSG_WAITFORONE, std::ptr::null_mut())
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        lens.clear();
+        lens.extend(hdrs[..n as usize].iter().zip(bufs.iter()).map(|(h, b)| (h.msg_len as usize).min(b.len())));
+        Ok(())
+    }
+
     pub fn raw(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
@@ -318,9 +348,13 @@ mod tests {
         let mut got = Vec::new();
         parse(&two, |r| got.push(r));
         assert_eq!(got, vec![Received::Packet(42), Received::Packet(42)]);
-        // A truncated message yields nothing rather than garbage.
+        // A message truncated inside its packet header yields no id rather than garbage; one
+        // truncated after it still yields the id.
         got.clear();
         parse(&msg[..msg.len() - 4], |r| got.push(r));
-        assert!(got.is_empty());
+        assert_eq!(got, vec![Received::Other]);
+        got.clear();
+        parse(&msg[..msg.len() - 1], |r| got.push(r));
+        assert_eq!(got, vec![Received::Packet(42)]);
     }
 }
