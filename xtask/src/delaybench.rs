@@ -55,12 +55,21 @@ impl Pair {
     fn create() -> Result<Pair> {
         let pid = std::process::id();
         // The guard exists before anything is made, so a failure below removes what was made.
-        let p = Pair { client: format!("awlbd{pid}c"), target: format!("awlbd{pid}t") };
+        let p = Pair {
+            client: format!("awlbd{pid}c"),
+            target: format!("awlbd{pid}t"),
+        };
         ip(&["netns", "add", &p.client])?;
         ip(&["netns", "add", &p.target])?;
         let (c, t) = (format!("awlbd{pid}x"), format!("awlbd{pid}y"));
-        ip(&["link", "add", &c, "netns", &p.client, "type", "veth", "peer", "name", &t, "netns", &p.target])?;
-        for (ns, dev, addr) in [(&p.client, &c, "10.232.0.1/30"), (&p.target, &t, "10.232.0.2/30")] {
+        ip(&[
+            "link", "add", &c, "netns", &p.client, "type", "veth", "peer", "name", &t, "netns",
+            &p.target,
+        ])?;
+        for (ns, dev, addr) in [
+            (&p.client, &c, "10.232.0.1/30"),
+            (&p.target, &t, "10.232.0.2/30"),
+        ] {
             ip(&["-n", ns, "addr", "add", addr, "dev", dev])?;
             ip(&["-n", ns, "link", "set", dev, "up"])?;
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
@@ -78,7 +87,10 @@ impl Drop for Pair {
 }
 
 fn remove_ns(name: &str) {
-    let _ = Command::new("ip").args(["netns", "del", name]).stderr(Stdio::null()).status();
+    let _ = Command::new("ip")
+        .args(["netns", "del", name])
+        .stderr(Stdio::null())
+        .status();
 }
 
 fn ip(args: &[&str]) -> Result<()> {
@@ -86,7 +98,10 @@ fn ip(args: &[&str]) -> Result<()> {
 }
 
 /// Runs `f` on a thread inside `/run/netns/NAME`.
-fn in_ns<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<Result<T>> {
+fn in_ns<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<Result<T>> {
     let path = format!("/run/netns/{name}");
     std::thread::spawn(move || {
         let file = File::open(&path).with_context(|| format!("opening {path}"))?;
@@ -114,8 +129,10 @@ impl Servers {
             let (s, n) = (stop.clone(), sunk.clone());
             let (tx, rx) = std::sync::mpsc::channel();
             threads.push(in_ns(&pair.target, move || -> () {
-                let sock = UdpSocket::bind(("10.232.0.2", port)).expect("bind in the target namespace");
-                sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+                let sock =
+                    UdpSocket::bind(("10.232.0.2", port)).expect("bind in the target namespace");
+                sock.set_read_timeout(Some(Duration::from_millis(100)))
+                    .unwrap();
                 set_rcvbuf(&sock, 32 << 20);
                 if echo {
                     realtime();
@@ -132,9 +149,14 @@ impl Servers {
                     }
                 }
             }));
-            rx.recv_timeout(Duration::from_secs(5)).context("the target's UDP servers did not start")?;
+            rx.recv_timeout(Duration::from_secs(5))
+                .context("the target's UDP servers did not start")?;
         }
-        Ok(Servers { stop, sunk, threads })
+        Ok(Servers {
+            stop,
+            sunk,
+            threads,
+        })
     }
 }
 
@@ -208,7 +230,9 @@ fn probe_rtts(pair: &Pair, n: u32, expect_ms: u32) -> Result<(Vec<f64>, u32)> {
             sent_at[i as usize].store(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
             sock.send_to(&i.to_le_bytes(), dst)?;
         }
-        let rtts = receiver.join().map_err(|_| anyhow::anyhow!("probe receiver panicked"))?;
+        let rtts = receiver
+            .join()
+            .map_err(|_| anyhow::anyhow!("probe receiver panicked"))?;
         let lost = n - rtts.len() as u32;
         Ok((rtts, lost))
     })
@@ -251,10 +275,23 @@ impl DelaySet {
         let out = dir.join(format!("{backend}-{ms}.out"));
         let err = dir.join(format!("{backend}-{ms}.err"));
         let mut c = Command::new(agent);
-        c.args(["delay", "set", &format!("netns:{}", pair.target), "--ms", &ms.to_string(), "--backend", backend])
-            .stdout(File::create(&out)?)
-            .stderr(File::create(&err)?);
-        let mut guard = ChildGuard::spawn("awaitlab delay set", &mut c, libc::SIGTERM, Duration::from_secs(10))?;
+        c.args([
+            "delay",
+            "set",
+            &format!("netns:{}", pair.target),
+            "--ms",
+            &ms.to_string(),
+            "--backend",
+            backend,
+        ])
+        .stdout(File::create(&out)?)
+        .stderr(File::create(&err)?);
+        let mut guard = ChildGuard::spawn(
+            "awaitlab delay set",
+            &mut c,
+            libc::SIGTERM,
+            Duration::from_secs(10),
+        )?;
         let t0 = Instant::now();
         loop {
             let text = fs::read_to_string(&err).unwrap_or_default();
@@ -264,7 +301,10 @@ impl DelaySet {
             if let Some(s) = guard.try_wait()? {
                 bail!("awaitlab delay set exited ({s}): {}", text.trim());
             }
-            ensure!(t0.elapsed() < Duration::from_secs(30), "awaitlab delay set did not report: {text}");
+            ensure!(
+                t0.elapsed() < Duration::from_secs(30),
+                "awaitlab delay set did not report: {text}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(DelaySet { guard, out, err })
@@ -277,7 +317,11 @@ impl DelaySet {
     /// Stops it and returns its summary (`achieved`).
     fn stop(mut self) -> Result<serde_json::Value> {
         let (status, killed) = self.guard.stop()?;
-        ensure!(!killed && status.success(), "awaitlab delay set: {status}: {}", fs::read_to_string(&self.err).unwrap_or_default());
+        ensure!(
+            !killed && status.success(),
+            "awaitlab delay set: {status}: {}",
+            fs::read_to_string(&self.err).unwrap_or_default()
+        );
         let out = fs::read_to_string(&self.out)?;
         out.lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
@@ -300,7 +344,10 @@ fn quantile(v: &[f64], q: f64) -> f64 {
 fn cpu_s(pid: u32) -> f64 {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let rest = stat.rfind(')').map_or("", |i| &stat[i + 2..]);
-    let f: Vec<f64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0.0)).collect();
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / hz
@@ -311,14 +358,20 @@ fn netem_available() -> bool {
     if ip(&["netns", "add", &name]).is_err() {
         return false;
     }
-    let ok = cmd::succeeds(Command::new("tc").args(["-n", &name, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"]));
+    let ok = cmd::succeeds(Command::new("tc").args([
+        "-n", &name, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms",
+    ]));
     remove_ns(&name);
     ok
 }
 
 pub fn run(args: &DelayArgs) -> Result<()> {
-    ensure!(cmd::is_root(), "the delay benchmark creates namespaces and iptables rules: run it as root");
-    cmd::run(cmd::cargo().args(["build", "--release", "-p", "agent"])).context("building the agent")?;
+    ensure!(
+        cmd::is_root(),
+        "the delay benchmark creates namespaces and iptables rules: run it as root"
+    );
+    cmd::run(cmd::cargo().args(["build", "--release", "-p", "agent"]))
+        .context("building the agent")?;
     let agent = cmd::target_dir().join("release/awaitlab");
     let out_dir = cmd::target_dir().join("bench/delay");
     fs::create_dir_all(&out_dir)?;
@@ -345,7 +398,9 @@ pub fn run(args: &DelayArgs) -> Result<()> {
             let achieved: Vec<f64> = rtts.iter().map(|r| r - base_p50).collect();
             let err: Vec<f64> = achieved.iter().map(|a| a - f64::from(ms)).collect();
             let (e50, e99) = (quantile(&err, 0.5), quantile(&err, 0.99));
-            let hold = summary["hold"]["p50_us"].as_f64().map_or("-".into(), |h| format!("{:.3} ms", h / 1e3));
+            let hold = summary["hold"]["p50_us"]
+                .as_f64()
+                .map_or("-".into(), |h| format!("{:.3} ms", h / 1e3));
             println!(
                 "{ms:6} ms  {backend:8} {:10.3} ms {:8.3} ms {:8.3} ms {lost:6} {:10} {hold:>12}",
                 quantile(&achieved, 0.5),
@@ -386,8 +441,10 @@ pub fn run(args: &DelayArgs) -> Result<()> {
         if clean {
             held = held.max(rate);
         }
-        floods.push(json!({"rate": rate, "sent": sent, "delivered": delivered, "seen": seen, "bypassed": bypassed,
-            "line_cpu_s_per_10k": per10k(line_cpu), "agent_cpu_s_per_10k": per10k(agent_cpu), "clean": clean}));
+        floods.push(
+            json!({"rate": rate, "sent": sent, "delivered": delivered, "seen": seen, "bypassed": bypassed,
+            "line_cpu_s_per_10k": per10k(line_cpu), "agent_cpu_s_per_10k": per10k(agent_cpu), "clean": clean}),
+        );
         if !clean {
             break;
         }
@@ -395,9 +452,19 @@ pub fn run(args: &DelayArgs) -> Result<()> {
     drop(servers);
     drop(pair);
 
-    let nfq: Vec<&serde_json::Value> = results.iter().filter(|r| r["backend"] == "nfqueue").collect();
-    let worst50 = nfq.iter().filter_map(|r| r["error_p50_ms"].as_f64()).map(f64::abs).fold(0.0, f64::max);
-    let worst99 = nfq.iter().filter_map(|r| r["error_p99_abs_ms"].as_f64()).fold(0.0, f64::max);
+    let nfq: Vec<&serde_json::Value> = results
+        .iter()
+        .filter(|r| r["backend"] == "nfqueue")
+        .collect();
+    let worst50 = nfq
+        .iter()
+        .filter_map(|r| r["error_p50_ms"].as_f64())
+        .map(f64::abs)
+        .fold(0.0, f64::max);
+    let worst99 = nfq
+        .iter()
+        .filter_map(|r| r["error_p99_abs_ms"].as_f64())
+        .fold(0.0, f64::max);
     println!(
         "\nbaseline round trip p50 {base_p50:.3} ms, p99 {:.3} ms ({base_lost} lost)",
         quantile(&base, 0.99)

@@ -212,7 +212,10 @@ fn realtime(which: &str) {
         libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0);
         let p = libc::sched_param { sched_priority: 10 };
         if libc::sched_setscheduler(0, libc::SCHED_FIFO, &p) != 0 {
-            tracing::warn!("delay line {which}: SCHED_FIFO refused ({}); timing will be less exact", std::io::Error::last_os_error());
+            tracing::warn!(
+                "delay line {which}: SCHED_FIFO refused ({}); timing will be less exact",
+                std::io::Error::last_os_error()
+            );
         }
     }
 }
@@ -233,7 +236,14 @@ fn reader(sh: &Shared, so: &Socket, mut sched: Schedule) {
                 c.enobufs.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
             Err(e) => {
                 tracing::error!("delay line: receiving from the queue: {e}");
                 break;

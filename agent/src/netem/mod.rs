@@ -136,7 +136,7 @@ pub fn run_in_ns(ns: &File, program: &str, args: &[String]) -> Result<String, De
 
 /// Interface names of the target namespace, `lo` included.
 pub fn interfaces(target: &Target) -> Result<Vec<String>, DelayError> {
-    Ok(target
+    target
         .run_in(|| {
             let mut names = Vec::new();
             // SAFETY: if_nameindex returns an array terminated by a zero entry, freed below.
@@ -154,7 +154,7 @@ pub fn interfaces(target: &Target) -> Result<Vec<String>, DelayError> {
             }
             Ok(names)
         })?
-        .map_err(io_err("listing interfaces"))?)
+        .map_err(io_err("listing interfaces"))
 }
 
 /// Whether this kernel accepts a netem qdisc: tried on `lo` of a throwaway namespace that only a

@@ -273,8 +273,13 @@ impl Socket {
     /// Receives up to `bufs.len()` datagrams in one call, waiting only for the first
     /// (`recvmmsg`, `MSG_WAITFORONE`). Returns each datagram's length (capped at its buffer).
     pub fn recv_many(&self, bufs: &mut [Vec<u8>], lens: &mut Vec<usize>) -> io::Result<()> {
-        let mut iovs: Vec<libc::iovec> =
-            bufs.iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr() as *mut libc::c_void, iov_len: b.len() }).collect();
+        let mut iovs: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            })
+            .collect();
         // SAFETY: zeroed mmsghdr is valid; each points at one iovec that outlives the call.
         let mut hdrs: Vec<libc::mmsghdr> = iovs
             .iter_mut()
@@ -287,13 +292,24 @@ impl Socket {
             .collect();
         // SAFETY: hdrs/iovs/bufs are valid for the call; no timeout pointer.
         let n = unsafe {
-            libc::recvmmsg(self.fd.as_raw_fd(), hdrs.as_mut_ptr(), hdrs.len() as u32, libc::MSG_WAITFORONE, std::ptr::null_mut())
+            libc::recvmmsg(
+                self.fd.as_raw_fd(),
+                hdrs.as_mut_ptr(),
+                hdrs.len() as u32,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
         };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
         lens.clear();
-        lens.extend(hdrs[..n as usize].iter().zip(bufs.iter()).map(|(h, b)| (h.msg_len as usize).min(b.len())));
+        lens.extend(
+            hdrs[..n as usize]
+                .iter()
+                .zip(bufs.iter())
+                .map(|(h, b)| (h.msg_len as usize).min(b.len())),
+        );
         Ok(())
     }
 
