@@ -387,6 +387,19 @@ fn nfqueue_adds_the_delay_to_round_trips_and_clear_restores_the_baseline() {
         "base {base:.3} ms, delayed {delayed:.3} ms, added {added:.3} ms"
     );
 
+    // A second delay on the same device is refused, naming the owner, and changes nothing.
+    let again = delay_cmd(&["set", &p.spec(), "--ms", "10", "--backend", "nfqueue"]);
+    assert_eq!(again.code, Some(1), "{}", again.stderr);
+    assert!(
+        again.stderr.contains(&format!(
+            "already has a delay by awaitlab (nfqueue, process {})",
+            set.pid()
+        )),
+        "{}",
+        again.stderr
+    );
+    assert_eq!(awaitlab_rules(&p.target.path()).len(), 1);
+
     let pid = set.pid();
     let cleared = delay_cmd(&["clear", &p.spec()]);
     assert_eq!(cleared.code, Some(0), "{}", cleared.stderr);

@@ -85,8 +85,10 @@ pub enum DelayError {
     NoDevices { spec: String },
     #[error("netem back end: the kernel refused a netem qdisc ({reason}); nothing was changed; use --backend nfqueue or auto")]
     NoNetem { reason: String },
-    #[error("target {spec}: device {dev} already has a delay by awaitlab process {pid}; clear it first")]
-    Busy { spec: String, dev: String, pid: u32 },
+    #[error(
+        "target {spec}: device {dev} already has a delay by awaitlab ({owner}); `awaitlab delay clear` removes it"
+    )]
+    Busy { spec: String, dev: String, owner: String },
     #[error("`{cmd}` failed: {stderr}")]
     Command { cmd: String, stderr: String },
     #[error("{what}: {source}")]
@@ -518,18 +520,22 @@ pub fn set(target: &Target, spec: &DelaySpec, choice: BackendChoice) -> Result<D
     }
     let installed = list_installed(&ns);
     for d in &devs {
-        if let Some(r) = installed.rules.iter().find(|r| &r.dev == d) {
+        let owner = if let Some(r) = installed.rules.iter().find(|r| &r.dev == d) {
+            Some(format!("nfqueue, process {}", r.owner_pid))
+        } else if installed.qdiscs.iter().any(|q| &q.dev == d) {
+            let pid = State::all()
+                .into_iter()
+                .find(|(_, s)| s.netns_inum == target.netns_inum && s.backend == Backend::Netem && s.devs.contains(d))
+                .map_or("unknown process".to_string(), |(_, s)| format!("process {}", s.pid));
+            Some(format!("netem, {pid}"))
+        } else {
+            None
+        };
+        if let Some(owner) = owner {
             return Err(DelayError::Busy {
                 spec: target.spec.clone(),
                 dev: d.clone(),
-                pid: r.owner_pid,
-            });
-        }
-        if installed.qdiscs.iter().any(|q| &q.dev == d) {
-            return Err(DelayError::Busy {
-                spec: target.spec.clone(),
-                dev: d.clone(),
-                pid: 0,
+                owner,
             });
         }
     }
@@ -713,14 +719,29 @@ pub fn show(target: &Target) -> Result<Installed, DelayError> {
     Ok(i)
 }
 
-/// Removes every delay awaitlab installed in the target: a running owner is asked to stop
-/// (SIGTERM) and given 5 s to remove its own; whatever remains is removed here. Returns what was
-/// removed.
+/// Whether `pid` is an `awaitlab delay set` process (whose whole job is holding the delay, so
+/// stopping it is what "clear" means). Other owners, such as an experiment runner using the
+/// library, are not signalled: their rules are removed under them instead.
+fn is_delay_set_process(pid: u32) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    args.len() > 2 && args[1] == b"delay" && args[2] == b"set"
+}
+
+/// Removes every delay awaitlab installed in the target: a running `awaitlab delay set` owner is
+/// asked to stop (SIGTERM) and given 5 s to remove its own; whatever remains is removed here.
+/// Returns what was removed.
 pub fn clear(target: &Target) -> Result<Vec<String>, DelayError> {
     let mut removed = cleanup_leftovers();
     let ns = target.open()?;
     for (path, st) in State::all() {
-        if st.netns_inum != target.netns_inum || !st.owner_alive() || st.pid == std::process::id() {
+        if st.netns_inum != target.netns_inum
+            || !st.owner_alive()
+            || st.pid == std::process::id()
+            || !is_delay_set_process(st.pid)
+        {
             continue;
         }
         // SAFETY: kill has no memory-safety preconditions; the start time check above makes
