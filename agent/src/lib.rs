@@ -8,6 +8,7 @@
 pub mod aggregate;
 pub mod cmd;
 pub mod experiment;
+pub mod netem;
 pub mod probes;
 pub mod report;
 pub mod results;
@@ -45,6 +46,8 @@ pub enum Command {
     Watch(cmd::watch::Args),
     /// Write report.md and report.html from a results directory.
     Report(cmd::report::Args),
+    /// Inject a network delay into a target's namespace (tc netem or an NFQUEUE delay line).
+    Delay(cmd::delay::Args),
 }
 
 /// Parses `args` and runs the subcommand. Errors print one line; usage errors exit with 64.
@@ -69,6 +72,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     match cli.command {
         Command::Watch(args) => cmd::watch::run(args),
         Command::Report(args) => cmd::report::run(args),
+        Command::Delay(args) => cmd::delay::run(args),
     }
 }
 

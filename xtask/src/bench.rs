@@ -35,6 +35,8 @@ pub struct BenchArgs {
 enum Bench {
     /// Overhead of the agent's probes on an nginx under wrk load (needs root).
     Probes(ProbesArgs),
+    /// Accuracy, packet rate and CPU of `awaitlab delay` (needs root).
+    Delay(crate::delaybench::DelayArgs),
 }
 
 #[derive(Args)]
@@ -57,6 +59,7 @@ struct ProbesArgs {
 pub fn run(args: &BenchArgs) -> Result<()> {
     match &args.bench {
         Bench::Probes(a) => probes(a),
+        Bench::Delay(a) => crate::delaybench::run(a),
     }
 }
 

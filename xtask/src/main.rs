@@ -7,6 +7,7 @@
 mod bench;
 mod bpfstats;
 mod cmd;
+mod delaybench;
 mod images;
 mod netns;
 mod setup;

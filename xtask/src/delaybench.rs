@@ -1,0 +1,483 @@
+//! `cargo xtask bench delay`: how exact and how cheap the agent's delay injection is.
+//!
+//! Two private namespaces joined by a veth pair; the target runs a UDP echo and a UDP sink, the
+//! client sends paced probes (one packet each way, so a round trip is exactly two packet
+//! traversals, one of them through the delay). For each requested delay it runs
+//! `awaitlab delay set` and reports the achieved round trip minus the undelayed baseline (p50 and
+//! p99 error), then floods the sink at rising rates through a 100 ms delay to find the highest
+//! rate held with nothing bypassed and nothing lost, and the delay line's CPU per 10k packets.
+//! The netem back end is measured the same way as a peer where the kernel has netem.
+//!
+//! Traffic stays inside the two namespaces this command creates; they (and the agent) are removed
+//! by guards, also on error or Ctrl-C. It reports and never fails a run for missing a target.
+
+use std::fs::{self, File};
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::Args;
+use serde_json::json;
+
+use crate::cmd::{self, ChildGuard};
+
+#[derive(Args)]
+pub struct DelayArgs {
+    /// Probes per requested delay (one every 2 ms).
+    #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u32).range(100..))]
+    probes: u32,
+    /// Seconds of flood per rate step.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    flood_secs: u32,
+}
+
+const REQUESTED_MS: [u32; 4] = [0, 10, 100, 200];
+const FLOOD_RATES: [u64; 5] = [25_000, 50_000, 75_000, 100_000, 150_000];
+const TARGET_P50_MS: f64 = 0.2;
+const TARGET_P99_MS: f64 = 1.0;
+const TARGET_PPS: u64 = 50_000;
+const ECHO_PORT: u16 = 7100;
+const SINK_PORT: u16 = 7101;
+
+/// Two namespaces and the veth between them (10.232.0.1 client, 10.232.0.2 target; no address
+/// in the root namespace, so parallel runs elsewhere cannot collide).
+struct Pair {
+    client: String,
+    target: String,
+}
+
+impl Pair {
+    fn create() -> Result<Pair> {
+        let pid = std::process::id();
+        // The guard exists before anything is made, so a failure below removes what was made.
+        let p = Pair {
+            client: format!("awlbd{pid}c"),
+            target: format!("awlbd{pid}t"),
+        };
+        ip(&["netns", "add", &p.client])?;
+        ip(&["netns", "add", &p.target])?;
+        let (c, t) = (format!("awlbd{pid}x"), format!("awlbd{pid}y"));
+        ip(&[
+            "link", "add", &c, "netns", &p.client, "type", "veth", "peer", "name", &t, "netns",
+            &p.target,
+        ])?;
+        for (ns, dev, addr) in [
+            (&p.client, &c, "10.232.0.1/30"),
+            (&p.target, &t, "10.232.0.2/30"),
+        ] {
+            ip(&["-n", ns, "addr", "add", addr, "dev", dev])?;
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(p)
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        // Deleting the namespaces deletes the veth pair with them.
+        remove_ns(&self.client);
+        remove_ns(&self.target);
+    }
+}
+
+fn remove_ns(name: &str) {
+    let _ = Command::new("ip")
+        .args(["netns", "del", name])
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    cmd::output(Command::new("ip").args(args)).map(|_| ())
+}
+
+/// Runs `f` on a thread inside `/run/netns/NAME`.
+fn in_ns<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<Result<T>> {
+    let path = format!("/run/netns/{name}");
+    std::thread::spawn(move || {
+        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+        // SAFETY: setns on an fd we own; it affects only this thread.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns {path}: {}", std::io::Error::last_os_error());
+        }
+        Ok(f())
+    })
+}
+
+/// The target's UDP echo and sink; stopped on drop.
+struct Servers {
+    stop: Arc<AtomicBool>,
+    sunk: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Servers {
+    fn start(pair: &Pair) -> Result<Servers> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sunk = Arc::new(AtomicU64::new(0));
+        let mut threads = Vec::new();
+        for (port, echo) in [(ECHO_PORT, true), (SINK_PORT, false)] {
+            let (s, n) = (stop.clone(), sunk.clone());
+            let (tx, rx) = std::sync::mpsc::channel();
+            threads.push(in_ns(&pair.target, move || -> () {
+                let sock =
+                    UdpSocket::bind(("10.232.0.2", port)).expect("bind in the target namespace");
+                sock.set_read_timeout(Some(Duration::from_millis(100)))
+                    .unwrap();
+                set_rcvbuf(&sock, 32 << 20);
+                if echo {
+                    realtime();
+                }
+                tx.send(()).unwrap();
+                let mut buf = [0u8; 2048];
+                while !s.load(Ordering::Relaxed) {
+                    if let Ok((len, from)) = sock.recv_from(&mut buf) {
+                        if echo {
+                            let _ = sock.send_to(&buf[..len], from);
+                        } else {
+                            n.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }));
+            rx.recv_timeout(Duration::from_secs(5))
+                .context("the target's UDP servers did not start")?;
+        }
+        Ok(Servers {
+            stop,
+            sunk,
+            threads,
+        })
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// SCHED_FIFO for the measuring threads (echo server, probe sender and receiver): other work on
+/// the host (builds, other benchmarks) would otherwise add its scheduling delays to every figure,
+/// and this benchmark measures the delay line, not the host's scheduler. Best effort.
+fn realtime() {
+    // SAFETY: sched_setscheduler on the calling thread with a valid parameter.
+    unsafe {
+        let p = libc::sched_param { sched_priority: 5 };
+        libc::sched_setscheduler(0, libc::SCHED_FIFO, &p);
+    }
+}
+
+fn set_rcvbuf(sock: &UdpSocket, bytes: i32) {
+    // SAFETY: setsockopt with a valid int option on an fd we own; best effort (root may force).
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            &bytes as *const _ as *const libc::c_void,
+            4,
+        );
+    }
+}
+
+/// Round trips (ms) of `n` probes sent every 2 ms from the client namespace; lost probes are
+/// counted, not timed.
+fn probe_rtts(pair: &Pair, n: u32, expect_ms: u32) -> Result<(Vec<f64>, u32)> {
+    in_ns(&pair.client, move || -> Result<(Vec<f64>, u32)> {
+        let sock = UdpSocket::bind("10.232.0.1:0")?;
+        let dst: SocketAddr = format!("10.232.0.2:{ECHO_PORT}").parse()?;
+        let t0 = Instant::now();
+        let sent_at: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+        let rx = sock.try_clone()?;
+        rx.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let (sa, t0r) = (sent_at.clone(), t0);
+        let deadline = Duration::from_millis(u64::from(n) * 2 + u64::from(expect_ms) + 1000);
+        realtime();
+        let receiver = std::thread::spawn(move || {
+            realtime();
+            let mut rtts = Vec::new();
+            let mut buf = [0u8; 64];
+            while t0r.elapsed() < deadline && rtts.len() < n as usize {
+                if let Ok(len) = rx.recv(&mut buf) {
+                    let now = t0r.elapsed().as_nanos() as u64;
+                    if len >= 4 {
+                        let i = u32::from_le_bytes(buf[..4].try_into().unwrap()) as usize;
+                        let s = sa[i].load(Ordering::Relaxed);
+                        rtts.push((now - s) as f64 / 1e6);
+                    }
+                }
+            }
+            rtts
+        });
+        for i in 0..n {
+            let due = Duration::from_millis(u64::from(i) * 2);
+            if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                std::thread::sleep(wait);
+            }
+            sent_at[i as usize].store(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            sock.send_to(&i.to_le_bytes(), dst)?;
+        }
+        let rtts = receiver
+            .join()
+            .map_err(|_| anyhow::anyhow!("probe receiver panicked"))?;
+        let lost = n - rtts.len() as u32;
+        Ok((rtts, lost))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("probe thread panicked"))??
+}
+
+/// Sends `rate` packets/s for `secs` to the sink; returns packets sent.
+fn flood(pair: &Pair, rate: u64, secs: u32) -> Result<u64> {
+    in_ns(&pair.client, move || -> Result<u64> {
+        let sock = UdpSocket::bind("10.232.0.1:0")?;
+        sock.connect(("10.232.0.2", SINK_PORT))?;
+        let payload = [0u8; 64];
+        let total = rate * u64::from(secs);
+        let t0 = Instant::now();
+        let mut sent = 0u64;
+        // Paced in bursts of 1 ms so that the rate is steady, not one burst per second.
+        while sent < total {
+            let due = (t0.elapsed().as_secs_f64() * rate as f64) as u64 + rate / 1000;
+            while sent < due.min(total) {
+                sock.send(&payload)?;
+                sent += 1;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(sent)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("flood thread panicked"))??
+}
+
+struct DelaySet {
+    guard: ChildGuard,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+impl DelaySet {
+    fn start(agent: &Path, pair: &Pair, ms: u32, backend: &str, dir: &Path) -> Result<DelaySet> {
+        let out = dir.join(format!("{backend}-{ms}.out"));
+        let err = dir.join(format!("{backend}-{ms}.err"));
+        let mut c = Command::new(agent);
+        c.args([
+            "delay",
+            "set",
+            &format!("netns:{}", pair.target),
+            "--ms",
+            &ms.to_string(),
+            "--backend",
+            backend,
+        ])
+        .stdout(File::create(&out)?)
+        .stderr(File::create(&err)?);
+        let mut guard = ChildGuard::spawn(
+            "awaitlab delay set",
+            &mut c,
+            libc::SIGTERM,
+            Duration::from_secs(10),
+        )?;
+        let t0 = Instant::now();
+        loop {
+            let text = fs::read_to_string(&err).unwrap_or_default();
+            if text.contains(" set on ") {
+                break;
+            }
+            if let Some(s) = guard.try_wait()? {
+                bail!("awaitlab delay set exited ({s}): {}", text.trim());
+            }
+            ensure!(
+                t0.elapsed() < Duration::from_secs(30),
+                "awaitlab delay set did not report: {text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(DelaySet { guard, out, err })
+    }
+
+    fn pid(&self) -> u32 {
+        self.guard.pid()
+    }
+
+    /// Stops it and returns its summary (`achieved`).
+    fn stop(mut self) -> Result<serde_json::Value> {
+        let (status, killed) = self.guard.stop()?;
+        ensure!(
+            !killed && status.success(),
+            "awaitlab delay set: {status}: {}",
+            fs::read_to_string(&self.err).unwrap_or_default()
+        );
+        let out = fs::read_to_string(&self.out)?;
+        out.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["type"] == "summary")
+            .map(|v| v["achieved"].clone())
+            .context("no summary from awaitlab delay set")
+    }
+}
+
+fn quantile(v: &[f64], q: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    s[((s.len() - 1) as f64 * q).round() as usize]
+}
+
+/// utime+stime of a process in seconds.
+fn cpu_s(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rfind(')').map_or("", |i| &stat[i + 2..]);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / hz
+}
+
+fn netem_available() -> bool {
+    let name = format!("awlbd{}n", std::process::id());
+    if ip(&["netns", "add", &name]).is_err() {
+        return false;
+    }
+    let ok = cmd::succeeds(Command::new("tc").args([
+        "-n", &name, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms",
+    ]));
+    remove_ns(&name);
+    ok
+}
+
+pub fn run(args: &DelayArgs) -> Result<()> {
+    ensure!(
+        cmd::is_root(),
+        "the delay benchmark creates namespaces and iptables rules: run it as root"
+    );
+    cmd::run(cmd::cargo().args(["build", "--release", "-p", "agent"]))
+        .context("building the agent")?;
+    let agent = cmd::target_dir().join("release/awaitlab");
+    let out_dir = cmd::target_dir().join("bench/delay");
+    fs::create_dir_all(&out_dir)?;
+    let pair = Pair::create().context("creating the benchmark namespaces")?;
+    let servers = Servers::start(&pair)?;
+
+    let mut backends = vec!["nfqueue"];
+    if netem_available() {
+        backends.push("netem");
+    } else {
+        eprintln!("peer: netem is not available on this kernel; nfqueue is measured alone");
+    }
+
+    eprintln!("baseline: {} probes without delay", args.probes);
+    let (base, base_lost) = probe_rtts(&pair, args.probes, 0)?;
+    let base_p50 = quantile(&base, 0.5);
+    let mut results = Vec::new();
+    println!("\nrequested  backend   achieved p50   error p50   error p99   lost   bypassed   hold p50 (line)");
+    for backend in &backends {
+        for ms in REQUESTED_MS {
+            let set = DelaySet::start(&agent, &pair, ms, backend, &out_dir)?;
+            let (rtts, lost) = probe_rtts(&pair, args.probes, ms)?;
+            let summary = set.stop()?;
+            let achieved: Vec<f64> = rtts.iter().map(|r| r - base_p50).collect();
+            let err: Vec<f64> = achieved.iter().map(|a| a - f64::from(ms)).collect();
+            let (e50, e99) = (quantile(&err, 0.5), quantile(&err, 0.99));
+            let hold = summary["hold"]["p50_us"]
+                .as_f64()
+                .map_or("-".into(), |h| format!("{:.3} ms", h / 1e3));
+            println!(
+                "{ms:6} ms  {backend:8} {:10.3} ms {:8.3} ms {:8.3} ms {lost:6} {:10} {hold:>12}",
+                quantile(&achieved, 0.5),
+                e50,
+                e99,
+                summary["bypassed"]
+            );
+            results.push(json!({"backend": backend, "requested_ms": ms, "achieved_p50_ms": quantile(&achieved, 0.5),
+                "error_p50_ms": e50, "error_p99_ms": e99, "error_p99_abs_ms": quantile(&err.iter().map(|e| e.abs()).collect::<Vec<_>>(), 0.99),
+                "lost": lost, "summary": summary}));
+        }
+    }
+
+    eprintln!("\nflood through a 100 ms delay (nfqueue)");
+    println!("\nrate pkt/s   sent      delivered  seen by line  bypassed  line CPU s/10k pkts  agent CPU s/10k pkts");
+    let mut floods = Vec::new();
+    let mut held = 0u64;
+    for rate in FLOOD_RATES {
+        let set = DelaySet::start(&agent, &pair, 100, "nfqueue", &out_dir)?;
+        let cpu0 = cpu_s(set.pid());
+        let before = servers.sunk.load(Ordering::Relaxed);
+        let sent = flood(&pair, rate, args.flood_secs)?;
+        // Let the last 100 ms of packets out of the line before counting.
+        std::thread::sleep(Duration::from_millis(400));
+        let agent_cpu = cpu_s(set.pid()) - cpu0;
+        let summary = set.stop()?;
+        let delivered = servers.sunk.load(Ordering::Relaxed) - before;
+        let seen = summary["packets_seen"].as_u64().unwrap_or(0);
+        let bypassed = summary["bypassed"].as_u64().unwrap_or(u64::MAX);
+        let line_cpu = summary["delay_line_cpu_s"].as_f64().unwrap_or(f64::NAN);
+        let per10k = |s: f64| s / seen.max(1) as f64 * 1e4;
+        println!(
+            "{rate:10} {sent:9} {delivered:10} {seen:13} {bypassed:9} {:20.4} {:20.4}",
+            per10k(line_cpu),
+            per10k(agent_cpu)
+        );
+        let clean = bypassed == 0 && delivered == sent && seen >= sent;
+        if clean {
+            held = held.max(rate);
+        }
+        floods.push(
+            json!({"rate": rate, "sent": sent, "delivered": delivered, "seen": seen, "bypassed": bypassed,
+            "line_cpu_s_per_10k": per10k(line_cpu), "agent_cpu_s_per_10k": per10k(agent_cpu), "clean": clean}),
+        );
+        if !clean {
+            break;
+        }
+    }
+    drop(servers);
+    drop(pair);
+
+    let nfq: Vec<&serde_json::Value> = results
+        .iter()
+        .filter(|r| r["backend"] == "nfqueue")
+        .collect();
+    let worst50 = nfq
+        .iter()
+        .filter_map(|r| r["error_p50_ms"].as_f64())
+        .map(f64::abs)
+        .fold(0.0, f64::max);
+    let worst99 = nfq
+        .iter()
+        .filter_map(|r| r["error_p99_abs_ms"].as_f64())
+        .fold(0.0, f64::max);
+    println!(
+        "\nbaseline round trip p50 {base_p50:.3} ms, p99 {:.3} ms ({base_lost} lost)",
+        quantile(&base, 0.99)
+    );
+    println!(
+        "nfqueue: worst |error p50| {worst50:.3} ms (target <= {TARGET_P50_MS}), worst |error| p99 {worst99:.3} ms (target <= {TARGET_P99_MS}), \
+         held {held} pkt/s at 100 ms with nothing bypassed (target >= {TARGET_PPS})"
+    );
+    let summary = json!({"version": 1, "baseline_p50_ms": base_p50, "probes": args.probes, "delays": results, "flood": floods,
+        "held_pps": held, "worst_error_p50_ms": worst50, "worst_error_p99_ms": worst99,
+        "peer": if backends.len() > 1 { "netem" } else { "none: netem not available on this kernel" }});
+    let path = out_dir.join("summary.json");
+    fs::write(&path, serde_json::to_vec_pretty(&summary)?)?;
+    println!("written to {}", path.display());
+    Ok(())
+}
