@@ -7,6 +7,7 @@
 
 pub mod aggregate;
 pub mod cmd;
+pub mod metrics;
 pub mod probes;
 pub mod target;
 
