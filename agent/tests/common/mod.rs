@@ -4,6 +4,8 @@
 //! Traffic only ever goes to loopback or to addresses inside namespaces made here.
 #![allow(dead_code)]
 
+pub mod prom;
+
 use std::{
     fs::File,
     io::{BufRead, BufReader, Read, Write},
@@ -404,6 +406,11 @@ impl Agent {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
+    }
+
+    /// What the agent has written to stderr so far.
+    pub fn stderr_so_far(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
     /// Sends SIGINT and collects the output.
