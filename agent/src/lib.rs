@@ -7,6 +7,7 @@
 
 pub mod aggregate;
 pub mod cmd;
+pub mod daemon;
 pub mod metrics;
 pub mod probes;
 pub mod target;
@@ -41,6 +42,9 @@ pub enum LogFormat {
 pub enum Command {
     /// Attach to a network namespace and print what its server does, once a second.
     Watch(cmd::watch::Args),
+    /// Follow Docker containers (by name or label), keep them measured across restarts, and
+    /// serve their metrics and an optional control endpoint.
+    Daemon(cmd::daemon::Args),
 }
 
 /// Parses `args` and runs the subcommand. Errors print one line; usage errors exit with 64.
@@ -64,6 +68,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     init_logging(cli.log_format);
     match cli.command {
         Command::Watch(args) => cmd::watch::run(args),
+        Command::Daemon(args) => cmd::daemon::run(args),
     }
 }
 
