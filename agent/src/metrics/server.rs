@@ -155,9 +155,13 @@ async fn handle<H>(mut conn: TcpStream, peer: SocketAddr, handler: &H) -> std::i
 where
     H: Fn(Request) -> Response,
 {
+    let mut unread = false;
     let resp = match tokio::time::timeout(READ_TIMEOUT, read_request(&mut conn, peer)).await {
         Err(_) => Response::text(408, "request not received within 10 s"),
-        Ok(Err(resp)) => resp,
+        Ok(Err(resp)) => {
+            unread = true;
+            resp
+        }
         Ok(Ok(req)) => {
             let head_only = req.method == "HEAD";
             let mut r = handler(req);
@@ -176,7 +180,23 @@ where
     );
     conn.write_all(head.as_bytes()).await?;
     conn.write_all(&resp.body).await?;
-    conn.shutdown().await
+    conn.shutdown().await?;
+    if unread {
+        // Closing a socket with unread input sends a reset, which can destroy the error response
+        // before the client reads it: read what the client is still sending (bounded) first.
+        let mut sink = [0u8; 8192];
+        let mut left = 1usize << 20;
+        let drain = async {
+            while left > 0 {
+                match conn.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+    }
+    Ok(())
 }
 
 /// Reads one request; a malformed one becomes the 4xx response to send.
