@@ -44,10 +44,15 @@ impl Drop for DockerThing {
 /// An image FROM the local base image that runs busybox httpd on port 8000 (busybox is copied
 /// in from the host's busybox-static: no registry, no network during the build).
 fn httpd_image() -> DockerThing {
-    let has_base = Command::new("docker").args(["image", "inspect", BASE_IMAGE]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    let has_base = Command::new("docker")
+        .args(["image", "inspect", BASE_IMAGE])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
     assert!(has_base.is_ok_and(|s| s.success()), "{BASE_IMAGE} is missing: run `cargo xtask base-image`");
     let ctx = TempDir::new("awl-img");
-    std::fs::copy("/bin/busybox", ctx.path().join("busybox")).expect("/bin/busybox (Debian busybox-static; cargo xtask setup installs it)");
+    std::fs::copy("/bin/busybox", ctx.path().join("busybox"))
+        .expect("/bin/busybox (Debian busybox-static; cargo xtask setup installs it)");
     std::fs::write(
         ctx.path().join("Dockerfile"),
         "ARG BASE=debian:bookworm-slim\nFROM ${BASE}\nCOPY busybox /bin/busybox\nRUN mkdir -p /www && echo ok > /www/index.html\nEXPOSE 8000\nCMD [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"8000\", \"-h\", \"/www\"]\n",
@@ -55,7 +60,15 @@ fn httpd_image() -> DockerThing {
     .unwrap();
     let name = format!("awl-httpd-{}:test", tag());
     let image = DockerThing { kind: "image", name: name.clone() };
-    docker(&["build", "-q", "--build-arg", &format!("BASE={BASE_IMAGE}"), "-t", &name, &ctx.path().display().to_string()]);
+    docker(&[
+        "build",
+        "-q",
+        "--build-arg",
+        &format!("BASE={BASE_IMAGE}"),
+        "-t",
+        &name,
+        &ctx.path().display().to_string(),
+    ]);
     image
 }
 
@@ -160,7 +173,11 @@ fn wait_for(d: &Daemon, what: &str, limit: Duration, mut f: impl FnMut() -> bool
         if f() {
             return t0.elapsed();
         }
-        assert!(t0.elapsed() < limit, "timed out after {limit:?} waiting for {what}; daemon said:\n{}", d.stderr_text());
+        assert!(
+            t0.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}; daemon said:\n{}",
+            d.stderr_text()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -201,11 +218,18 @@ fn a_container_is_followed_through_start_restart_and_stop() {
     // Started after the daemon: found through the events stream.
     let container = DockerThing { kind: "container", name: name.clone() };
     docker(&["run", "-d", "--name", &name, "--network", &net.name, "-p", "127.0.0.1::8000", &image.name]);
-    let published = || docker(&["port", &name, "8000/tcp"]).lines().next().unwrap().rsplit(':').next().unwrap().to_string();
+    let published =
+        || docker(&["port", &name, "8000/tcp"]).lines().next().unwrap().rsplit(':').next().unwrap().to_string();
     let port = published();
     let mut first = serde_json::Value::Null;
     wait_for(&daemon, "the daemon to attach", Duration::from_secs(15), || {
-        first = daemon.targets(&[])["targets"].as_array().unwrap().iter().find(|x| x["container"] == name.as_str()).cloned().unwrap_or_default();
+        first = daemon.targets(&[])["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["container"] == name.as_str())
+            .cloned()
+            .unwrap_or_default();
         !first.is_null()
     });
     let ids1 = program_ids(&first);
@@ -242,7 +266,13 @@ fn a_container_is_followed_through_start_restart_and_stop() {
         metric(m, "awaitlab_http_server_requests_total", &name) > before
     });
     eprintln!("metrics resumed {resumed:?} after the restart");
-    let second = daemon.targets(&[])["targets"].as_array().unwrap().iter().find(|x| x["container"] == name.as_str()).cloned().unwrap();
+    let second = daemon.targets(&[])["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["container"] == name.as_str())
+        .cloned()
+        .unwrap();
     assert_ne!(first["pid"], second["pid"], "a new process after the restart");
     let ids2 = program_ids(&second);
     assert!(ids2.iter().all(|i| !ids1.contains(i)), "new programs after the restart");
@@ -277,14 +307,39 @@ fn a_container_is_followed_through_start_restart_and_stop() {
 
     // Stop: detached, programs unloaded, the series say so.
     docker(&["stop", "-t", "1", &name]);
-    wait_for(&daemon, "the daemon to detach", Duration::from_secs(5), || daemon.targets(&[])["targets"].as_array().unwrap().is_empty());
+    wait_for(&daemon, "the daemon to detach", Duration::from_secs(5), || {
+        daemon.targets(&[])["targets"].as_array().unwrap().is_empty()
+    });
     assert_programs_gone(&ids2);
     assert_eq!(metric(m, "awaitlab_target_attached", &name), 0.0);
-    drop(container);
 
+    // Started again, then the daemon stops: its shutdown detaches everything.
+    docker(&["start", &name]);
+    let attached = |d: &Daemon| -> Vec<u32> {
+        let list = d.targets(&[])["targets"].as_array().unwrap().clone();
+        list.iter().find(|x| x["container"] == name.as_str()).map(program_ids).unwrap_or_default()
+    };
+    let mut ids3 = Vec::new();
+    wait_for(&daemon, "the daemon to attach after a start", Duration::from_secs(10), || {
+        ids3 = attached(&daemon);
+        !ids3.is_empty()
+    });
     let (code, err) = daemon.stop();
     assert_eq!(code, Some(0), "{err}");
     assert!(err.contains("daemon stopped (terminated)"), "{err}");
+    assert_programs_gone(&ids3);
+
+    // A daemon started while the container runs finds it by listing, and also cleans up.
+    let daemon = Daemon::start(&config, None, &[]);
+    let mut ids4 = Vec::new();
+    wait_for(&daemon, "a new daemon to attach to the running container", Duration::from_secs(10), || {
+        ids4 = attached(&daemon);
+        !ids4.is_empty()
+    });
+    let (code, err) = daemon.stop();
+    assert_eq!(code, Some(0), "{err}");
+    assert_programs_gone(&ids4);
+    drop(container);
 }
 
 #[test]
@@ -332,7 +387,8 @@ fn the_control_endpoint_beyond_loopback_requires_the_token() {
     // Bad requests: a 4xx with a message each, and the daemon keeps serving.
     let json_ct = ("Content-Type", "application/json");
     let with_json = [good[0], json_ct];
-    let cases: Vec<(&str, String, Vec<(&str, &str)>, Vec<u8>, u16)> = vec![
+    type Case<'a> = (&'a str, String, Vec<(&'a str, &'a str)>, Vec<u8>, u16);
+    let cases: Vec<Case> = vec![
         ("GET", "/nope".into(), good.to_vec(), vec![], 404),
         ("DELETE", "/v1/targets".into(), good.to_vec(), vec![], 405),
         ("GET", "/v1/targets/bad%20name/summary".into(), good.to_vec(), vec![], 400),
@@ -340,7 +396,13 @@ fn the_control_endpoint_beyond_loopback_requires_the_token() {
         ("PUT", "/v1/targets/nosuch/delay".into(), with_json.to_vec(), br#"{"delay_ms":1}"#.to_vec(), 404),
         ("POST", "/v1/load".into(), with_json.to_vec(), b"{oops".to_vec(), 400),
         ("POST", "/v1/load".into(), [good[0], ("Content-Type", "text/plain")].to_vec(), b"{}".to_vec(), 415),
-        ("POST", "/v1/load".into(), with_json.to_vec(), br#"{"target":"x","path":"/","users":1,"duration_s":5,"x":1}"#.to_vec(), 400),
+        (
+            "POST",
+            "/v1/load".into(),
+            with_json.to_vec(),
+            br#"{"target":"x","path":"/","users":1,"duration_s":5,"x":1}"#.to_vec(),
+            400,
+        ),
         ("POST", "/v1/load".into(), with_json.to_vec(), vec![b'{'; 70 * 1024], 413),
     ];
     for (method, path, headers, body, code) in cases {
@@ -350,7 +412,11 @@ fn the_control_endpoint_beyond_loopback_requires_the_token() {
         assert!(v["error"].as_str().is_some_and(|e| e.len() > 5), "{method} {path}: no message: {text}");
     }
     // Raw garbage on the socket.
-    for raw in [&b"\x16\x03\x01\x02\x00garbage\r\n\r\n"[..], b"GET /v1/targets\r\n\r\n", b"GET / HTTP/1.1\r\nbad header\r\n\r\n"] {
+    for raw in [
+        &b"\x16\x03\x01\x02\x00garbage\r\n\r\n"[..],
+        b"GET /v1/targets\r\n\r\n",
+        b"GET / HTTP/1.1\r\nbad header\r\n\r\n",
+    ] {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(ctl).unwrap();
         s.write_all(raw).unwrap();

@@ -56,7 +56,8 @@ fn promtool_check(exposition: &str) -> Result<(), String> {
 
 fn metrics_addr(agent: &Agent) -> SocketAddr {
     let err = agent.stderr_so_far();
-    let line = err.lines().find(|l| l.contains("metrics on http://")).unwrap_or_else(|| panic!("no metrics line: {err}"));
+    let line =
+        err.lines().find(|l| l.contains("metrics on http://")).unwrap_or_else(|| panic!("no metrics line: {err}"));
     let a = line.split("http://").nth(1).unwrap().trim_end_matches("/metrics");
     a.parse().unwrap()
 }
@@ -130,7 +131,7 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
                 while Instant::now() < until {
                     i += 1;
                     let t0 = Instant::now();
-                    if i % 10 == 0 {
+                    if i.is_multiple_of(10) {
                         let e = TcpStream::connect_timeout(&refused_addr, Duration::from_secs(2)).unwrap_err();
                         assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
                         load.observe_response(t0.elapsed(), Outcome::ConnectError);
@@ -166,7 +167,11 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
     );
     assert_eq!(sum_of(&prom, "sum(awaitlab_db_round_trips_total)", t), db.queries.load(Ordering::Relaxed) as f64);
     assert_eq!(sum_of(&prom, "sum(awaitlab_db_round_trips_total)", t), 2.0 * ok as f64, "2 round trips per /k2");
-    assert_eq!(sum_of(&prom, r#"sum(awaitlab_connections_opened_total{role="db"})"#, t), ok as f64, "a db connection per request");
+    assert_eq!(
+        sum_of(&prom, r#"sum(awaitlab_connections_opened_total{role="db"})"#, t),
+        ok as f64,
+        "a db connection per request"
+    );
     assert_eq!(sum_of(&prom, "sum(awaitlab_load_requests_total)", t), (ok + refused) as f64);
     assert_eq!(sum_of(&prom, r#"sum(awaitlab_load_failures_total{kind="connect"})"#, t), refused as f64);
     // The database answers after DB_DELAY, so no round trip is faster: the round-trip histogram
@@ -186,14 +191,22 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
             Err(err) => failed.push(format!("{file} / {title}: {e}: {err}")),
             Ok(r) if r.is_empty() => failed.push(format!("{file} / {title}: {e}: no data")),
             Ok(r) => {
-                let finite = r.iter().any(|s| s["value"][1].as_str().and_then(|v| v.parse::<f64>().ok()).is_some_and(f64::is_finite));
+                let finite = r
+                    .iter()
+                    .any(|s| s["value"][1].as_str().and_then(|v| v.parse::<f64>().ok()).is_some_and(f64::is_finite));
                 if !finite {
                     failed.push(format!("{file} / {title}: {e}: only NaN/Inf: {r:?}"));
                 }
             }
         }
     }
-    assert!(failed.is_empty(), "{} of {} dashboard queries failed:\n{}", failed.len(), queries.len(), failed.join("\n"));
+    assert!(
+        failed.is_empty(),
+        "{} of {} dashboard queries failed:\n{}",
+        failed.len(),
+        queries.len(),
+        failed.join("\n")
+    );
 
     // The exposition as Prometheus reads it passes promtool's checks.
     for addr in [agent_addr, driver.addr] {
@@ -218,7 +231,8 @@ fn dashboards_follow_the_rules() {
         assert!(d["uid"].as_str().is_some_and(|u| !u.is_empty()), "{file}: uid");
         assert!(d["title"].as_str().is_some_and(|u| !u.is_empty()), "{file}: title");
         let vars = d["templating"]["list"].as_array().unwrap_or_else(|| panic!("{file}: no templating"));
-        let ds = vars.iter().find(|v| v["type"] == "datasource").unwrap_or_else(|| panic!("{file}: no datasource variable"));
+        let ds =
+            vars.iter().find(|v| v["type"] == "datasource").unwrap_or_else(|| panic!("{file}: no datasource variable"));
         assert_eq!(ds["name"], "datasource", "{file}");
         assert_eq!(ds["query"], "prometheus", "{file}");
         assert_eq!(ds["current"]["value"], "awaitlab-prometheus", "{file}: defaults to the provisioned uid");
@@ -233,7 +247,10 @@ fn dashboards_follow_the_rules() {
             if p["type"] == "row" {
                 continue;
             }
-            assert!(p["description"].as_str().is_some_and(|s| s.len() > 10), "{file}: panel {title:?} has no description");
+            assert!(
+                p["description"].as_str().is_some_and(|s| s.len() > 10),
+                "{file}: panel {title:?} has no description"
+            );
             assert!(
                 p["fieldConfig"]["defaults"]["unit"].as_str().is_some_and(|s| !s.is_empty()),
                 "{file}: panel {title:?} has no unit"

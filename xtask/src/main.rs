@@ -7,6 +7,7 @@
 mod bench;
 mod bpfstats;
 mod cmd;
+mod dashboards;
 mod images;
 mod netns;
 mod setup;
@@ -38,6 +39,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Build the local Debian base image (debootstrap + docker import) if it is missing.
     BaseImage,
+    /// Check the Grafana dashboards, provisioning, Prometheus config and compose file.
+    Dashboards,
 }
 
 fn main() -> Result<()> {
@@ -46,5 +49,6 @@ fn main() -> Result<()> {
         Command::Test(args) | Command::Ci(args) => test::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::BaseImage => images::base_image(),
+        Command::Dashboards => dashboards::run(),
     }
 }

@@ -50,6 +50,8 @@ pub fn run(args: &TestArgs) -> Result<()> {
                 .args(HOST_EXCLUDE),
         ))
     })?;
+    // The daemon test builds its container image FROM the local base image (no registry here).
+    step("base image", crate::images::base_image)?;
     step("privileged tests", || {
         // One at a time: the tests share kernel-wide state (tracepoints, bpf stats, namespaces
         // with fixed names) and their timing assertions need the CPU to themselves.

@@ -135,14 +135,16 @@ impl DaemonConfig {
     pub fn load(path: &Path) -> Result<DaemonConfig, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-        let cfg = Self::parse(&text).map_err(|message| ConfigError::Parse { path: path.display().to_string(), message })?;
+        let cfg =
+            Self::parse(&text).map_err(|message| ConfigError::Parse { path: path.display().to_string(), message })?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// Parses without validating; the error is toml's message on one line.
     pub fn parse(text: &str) -> Result<DaemonConfig, String> {
-        toml::from_str(text).map_err(|e: toml::de::Error| e.message().replace('\n', " ").to_string() + &span_hint(text, e.span()))
+        toml::from_str(text)
+            .map_err(|e: toml::de::Error| e.message().replace('\n', " ").to_string() + &span_hint(text, e.span()))
     }
 
     /// Refuses configurations that cannot work or would be unsafe.
@@ -152,7 +154,10 @@ impl DaemonConfig {
             return bad(format!("interval_s must be between 0.05 and 3600, got {}", self.interval_s));
         }
         if self.watches.is_empty() {
-            return bad("no [[watch]] rule: say which containers to watch (container = \"NAME\" or label = \"KEY=VALUE\")".into());
+            return bad(
+                "no [[watch]] rule: say which containers to watch (container = \"NAME\" or label = \"KEY=VALUE\")"
+                    .into(),
+            );
         }
         for (i, w) in self.watches.iter().enumerate() {
             let n = i + 1;
@@ -199,7 +204,8 @@ impl DaemonConfig {
     pub fn control_token(&self) -> Result<Option<String>, ConfigError> {
         let Some(c) = &self.control else { return Ok(None) };
         if let Some(p) = &c.token_file {
-            let t = std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.display().to_string(), source })?;
+            let t = std::fs::read_to_string(p)
+                .map_err(|source| ConfigError::Read { path: p.display().to_string(), source })?;
             let t = t.trim().to_string();
             check_token(&t)?;
             return Ok(Some(t));
@@ -215,7 +221,9 @@ impl DaemonConfig {
 
 fn check_token(t: &str) -> Result<(), ConfigError> {
     if t.len() < 16 || !t.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(ConfigError::Invalid("[control] token must be at least 16 printable characters without spaces".into()));
+        return Err(ConfigError::Invalid(
+            "[control] token must be at least 16 printable characters without spaces".into(),
+        ));
     }
     Ok(())
 }

@@ -51,7 +51,8 @@ pub struct LoadRequest {
     pub duration_s: f64,
 }
 
-const ENDPOINTS: &str = "GET /v1/targets, GET /v1/targets/NAME/summary, PUT|DELETE /v1/targets/NAME/delay, POST /v1/load";
+const ENDPOINTS: &str =
+    "GET /v1/targets, GET /v1/targets/NAME/summary, PUT|DELETE /v1/targets/NAME/delay, POST /v1/load";
 
 impl Control {
     pub fn handle(&self, req: Request) -> Response {
@@ -100,7 +101,10 @@ impl Control {
                 if let Err(r) = check_name(&l.target).and_then(|_| self.known(&l.target)) {
                     return r;
                 }
-                if !l.path.starts_with('/') || l.path.len() > 1024 || l.path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                if !l.path.starts_with('/')
+                    || l.path.len() > 1024
+                    || l.path.chars().any(|c| c.is_whitespace() || c.is_control())
+                {
                     return Response::error(422, "path must start with / and hold no spaces (at most 1024 bytes)");
                 }
                 if !(1..=10_000).contains(&l.users) {
@@ -114,7 +118,10 @@ impl Control {
                 }
                 not_yet("starting a load run needs the load-generator module, which this build does not include yet")
             }
-            (_, ["v1", "targets"]) | (_, ["v1", "targets", _, "summary"]) | (_, ["v1", "targets", _, "delay"]) | (_, ["v1", "load"]) => {
+            (_, ["v1", "targets"])
+            | (_, ["v1", "targets", _, "summary"])
+            | (_, ["v1", "targets", _, "delay"])
+            | (_, ["v1", "load"]) => {
                 Response::error(405, format!("method {} not allowed here; endpoints: {ENDPOINTS}", req.method))
             }
             _ => Response::error(404, format!("no such endpoint {:?}; endpoints: {ENDPOINTS}", req.path)),

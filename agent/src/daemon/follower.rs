@@ -93,7 +93,9 @@ impl Follower {
             program_ids: status.iter().filter_map(|s| s.id).collect(),
             live: status.iter().filter(|s| s.live).map(|s| s.hook).collect(),
             skipped: status.iter().filter(|s| !s.live).map(|s| s.hook).collect(),
-            attached_at_unix_s: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
+            attached_at_unix_s: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
         };
         Ok(Follower { info, summary, stop, thread: Some(thread) })
     }

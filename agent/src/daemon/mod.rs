@@ -151,7 +151,8 @@ struct Daemon {
 
 impl Daemon {
     async fn attach_running(&self) -> Result<(), bollard::errors::Error> {
-        let list = self.docker.list_containers(Some(ListContainersOptions { all: false, ..Default::default() })).await?;
+        let list =
+            self.docker.list_containers(Some(ListContainersOptions { all: false, ..Default::default() })).await?;
         for c in list {
             if let Some(id) = c.id {
                 self.consider(&id).await;
@@ -186,7 +187,8 @@ impl Daemon {
         let view = config::ContainerView { name: &c.name, labels: &c.labels };
         let Some(rule) = self.cfg.rule_for(&view).cloned() else { return };
         let Some(pid) = c.pid else { return };
-        let same_life = self.state.lock().map(|s| s.followers.get(&c.id).is_some_and(|f| f.info.pid == pid)).unwrap_or(false);
+        let same_life =
+            self.state.lock().map(|s| s.followers.get(&c.id).is_some_and(|f| f.info.pid == pid)).unwrap_or(false);
         if same_life {
             return;
         }
@@ -208,7 +210,8 @@ impl Daemon {
         let interval = Duration::from_secs_f64(self.cfg.interval_s);
         // Loading the programs takes a moment; keep it off the event loop.
         let started =
-            tokio::task::spawn_blocking(move || Follower::start(&name, &cid, pid, target, spec, metrics, interval)).await;
+            tokio::task::spawn_blocking(move || Follower::start(&name, &cid, pid, target, spec, metrics, interval))
+                .await;
         match started {
             Ok(Ok(f)) => {
                 let i = &f.info;

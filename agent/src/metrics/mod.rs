@@ -40,8 +40,9 @@ pub enum MetricsError {
 pub const SERVER_BUCKETS: &[f64] =
     &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
 /// Database round-trip and connect buckets (seconds): 50 µs to 5 s; injected delays are 0-200 ms.
-pub const DB_BUCKETS: &[f64] =
-    &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.5, 1.0, 2.5, 5.0];
+pub const DB_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
 
 /// Status classes of server responses; `other` is "no status line seen".
 pub const STATUS_CLASSES: [&str; 5] = ["2xx", "3xx", "4xx", "5xx", "other"];
@@ -292,9 +293,8 @@ impl Outcome {
 
 /// Client latency buckets (seconds): the server buckets plus the long tail a client sees when
 /// requests queue (the study's client had no timeout).
-pub const CLIENT_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
-];
+pub const CLIENT_BUCKETS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
 
 /// The load generator's figures. Cheap to clone; every clone feeds the same series.
 ///
@@ -310,10 +310,16 @@ pub struct LoadMetrics {
 
 impl LoadMetrics {
     pub fn new(r: &Registry) -> Result<LoadMetrics, MetricsError> {
-        let failures = reg(r, IntCounterVec::new(
-            Opts::new("awaitlab_load_failures_total", "Generated requests that failed (HTTP status >= 400 or a connection error), by kind."),
-            &["kind"],
-        )?)?;
+        let failures = reg(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "awaitlab_load_failures_total",
+                    "Generated requests that failed (HTTP status >= 400 or a connection error), by kind.",
+                ),
+                &["kind"],
+            )?,
+        )?;
         for k in FAILURE_KINDS {
             failures.with_label_values(&[k]);
         }
@@ -353,11 +359,23 @@ pub struct DelayMetrics {
 impl DelayMetrics {
     pub fn new(r: &Registry) -> Result<DelayMetrics, MetricsError> {
         Ok(DelayMetrics {
-            requested: reg(r, GaugeVec::new(Opts::new("awaitlab_delay_requested_seconds", "Delay requested on the target's outgoing packets."), &["backend"])?)?,
-            achieved: reg(r, GaugeVec::new(
-                Opts::new("awaitlab_delay_achieved_seconds", "Delay the back end measured on delayed packets (median), when it measures it."),
-                &["backend"],
-            )?)?,
+            requested: reg(
+                r,
+                GaugeVec::new(
+                    Opts::new("awaitlab_delay_requested_seconds", "Delay requested on the target's outgoing packets."),
+                    &["backend"],
+                )?,
+            )?,
+            achieved: reg(
+                r,
+                GaugeVec::new(
+                    Opts::new(
+                        "awaitlab_delay_achieved_seconds",
+                        "Delay the back end measured on delayed packets (median), when it measures it.",
+                    ),
+                    &["backend"],
+                )?,
+            )?,
         })
     }
 
@@ -391,11 +409,17 @@ pub struct ExperimentMetrics {
 impl ExperimentMetrics {
     pub fn new(r: &Registry) -> Result<ExperimentMetrics, MetricsError> {
         Ok(ExperimentMetrics {
-            cell: reg(r, IntGaugeVec::new(
-                Opts::new("awaitlab_experiment_cell_info", "The experiment cell being run (1 while it runs)."),
-                &["setup", "route", "delay_ms"],
-            )?)?,
-            repetition: reg(r, Gauge::new("awaitlab_experiment_repetition", "Repetition number of the cell being run (1-based).")?)?,
+            cell: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new("awaitlab_experiment_cell_info", "The experiment cell being run (1 while it runs)."),
+                    &["setup", "route", "delay_ms"],
+                )?,
+            )?,
+            repetition: reg(
+                r,
+                Gauge::new("awaitlab_experiment_repetition", "Repetition number of the cell being run (1-based).")?,
+            )?,
         })
     }
 
@@ -470,7 +494,11 @@ mod tests {
         // A restart: a new attach whose kernel counters start again at zero adds on top.
         let mut o2 = m.observer("t");
         c[K::RingbufFull as usize] = 2;
-        o2.snapshot(&Snapshot { counters: &c, cpu: CpuTotals { on_ns: 500_000_000, off_ns: 0, threads: 1 }, malformed: 0 });
+        o2.snapshot(&Snapshot {
+            counters: &c,
+            cpu: CpuTotals { on_ns: 500_000_000, off_ns: 0, threads: 1 },
+            malformed: 0,
+        });
         assert_eq!(value(&r, "awaitlab_lost_events_total", &[("cause", "ringbuf_full")]), Some(6.0));
         assert_eq!(value(&r, "awaitlab_thread_time_seconds_total", &[("state", "on_cpu")]), Some(2.0));
         assert_eq!(value(&r, "awaitlab_connections_opened_total", &[("role", "db")]), Some(10.0));
@@ -517,7 +545,10 @@ mod tests {
         let text = String::from_utf8(encode(&r)).unwrap();
         // 100 ms falls in the 0.1 bucket (le is inclusive) and not in 0.05.
         assert!(text.contains("awaitlab_db_round_trip_duration_seconds_bucket{target=\"srv\",le=\"0.1\"} 1"), "{text}");
-        assert!(text.contains("awaitlab_db_round_trip_duration_seconds_bucket{target=\"srv\",le=\"0.05\"} 0"), "{text}");
+        assert!(
+            text.contains("awaitlab_db_round_trip_duration_seconds_bucket{target=\"srv\",le=\"0.05\"} 0"),
+            "{text}"
+        );
     }
 
     #[test]
