@@ -415,6 +415,41 @@ mod tests {
         assert_eq!(a.malformed, 1);
     }
 
+    /// Regression: observers see every decoded record (with its label) and every snapshot,
+    /// and nothing for undecodable bytes.
+    #[test]
+    fn observers_see_records_and_snapshots() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Default)]
+        struct Seen {
+            requests: Vec<(String, u64)>,
+            snapshots: Vec<(u64, u64)>,
+        }
+        struct Obs(Arc<Mutex<Seen>>);
+        impl Observer for Obs {
+            fn record(&mut self, rec: &Record, label: Option<usize>, labels: &http::LabelSet) {
+                if let (Record::Request(r), Some(l)) = (rec, label) {
+                    let (m, p) = labels.get(l);
+                    self.0.lock().unwrap().requests.push((format!("{m} {p}"), r.server_ns));
+                }
+            }
+            fn snapshot(&mut self, s: &Snapshot<'_>) {
+                self.0.lock().unwrap().snapshots.push((s.counters[Counter::RingbufFull as usize], s.malformed));
+            }
+        }
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let mut a = Aggregator::new();
+        a.add_observer(Box::new(Obs(seen.clone())));
+        a.push(&req_bytes(0, 7_000, 0, 0));
+        a.push(&[0xff; 3]);
+        let mut counters = [0u64; COUNTERS as usize];
+        counters[Counter::RingbufFull as usize] = 2;
+        a.snapshot(&counters, CpuTotals::default());
+        let s = seen.lock().unwrap();
+        assert_eq!(s.requests, vec![("GET /posts/io_read/".to_string(), 7_000)]);
+        assert_eq!(s.snapshots, vec![(2, 1)]);
+    }
+
     #[test]
     fn ratios_are_exact_totals() {
         let mut s = Stats::default();

@@ -448,7 +448,6 @@ pub fn encode(r: &Registry) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aggregate::Aggregator;
 
     /// The value of the first sample of `name` (a histogram's `_count`) carrying `labels`,
     /// read from the text exposition that Prometheus scrapes.
@@ -505,12 +504,11 @@ mod tests {
     }
 
     #[test]
-    fn records_reach_the_metrics_through_the_aggregator() {
+    fn records_update_the_families_in_seconds() {
         let r = Registry::new();
         let m = ProbeMetrics::new(&r).unwrap();
-        let mut a = Aggregator::new();
-        a.add_observer(Box::new(m.observer("srv")));
-        let label = a.labels.intern("GET", "/posts/io_read/".into());
+        let mut labels = LabelSet::new(8);
+        let label = labels.intern("GET", "/posts/io_read/".into());
         let rec = crate::aggregate::RequestRecord {
             kind: "request",
             pid: 1,
@@ -536,8 +534,8 @@ mod tests {
             remote_port: 1,
         };
         let mut o = m.observer("srv");
-        o.record(&Record::Request(rec), Some(label), &a.labels);
-        o.record(&Record::DbRoundTrip { dur_ns: 100_000_000, attributed: true }, None, &a.labels);
+        o.record(&Record::Request(rec), Some(label), &labels);
+        o.record(&Record::DbRoundTrip { dur_ns: 100_000_000, attributed: true }, None, &labels);
         let labels = [("target", "srv"), ("method", "GET"), ("route", "/posts/io_read/"), ("status_class", "5xx")];
         assert_eq!(value(&r, "awaitlab_http_server_requests_total", &labels), Some(1.0));
         assert_eq!(value(&r, "awaitlab_db_round_trips_total", &[("target", "srv")]), Some(1.0));
