@@ -428,3 +428,26 @@ fn the_control_endpoint_beyond_loopback_requires_the_token() {
     let (code, err) = daemon.stop();
     assert_eq!(code, Some(0), "{err}");
 }
+
+#[test]
+fn bad_configurations_are_usage_errors_in_one_line() {
+    let dir = TempDir::new("awl-cfg");
+    let cases = [
+        ("[[watch]]\ncontainer = \"x\"\nbogus = 1\n", "unknown field `bogus`"),
+        ("metrics_addr = \"not an address\"\n[[watch]]\ncontainer = \"x\"\n", "metrics_addr"),
+        ("", "no [[watch]] rule"),
+        ("[[watch]]\ncontainer = \"x\"\nlabel = \"y\"\n", "exactly one of container or label"),
+        ("[control]\naddr = \"127.0.0.1:1\"\ntoken = \"short\"\n[[watch]]\ncontainer = \"x\"\n", "at least 16"),
+    ];
+    for (i, (text, says)) in cases.iter().enumerate() {
+        let p = dir.path().join(format!("{i}.toml"));
+        std::fs::write(&p, text).unwrap();
+        let out = agent_once(&["daemon", "--config", p.to_str().unwrap()]);
+        assert_eq!(out.code, Some(64), "{text}: {}", out.stderr);
+        assert_eq!(out.stderr.lines().count(), 1, "{text}: {}", out.stderr);
+        assert!(out.stderr.contains(says), "{text}: {}", out.stderr);
+    }
+    let out = agent_once(&["daemon", "--config", "/nonexistent/agent.toml"]);
+    assert_eq!(out.code, Some(64), "{}", out.stderr);
+    assert!(out.stderr.contains("/nonexistent/agent.toml"), "{}", out.stderr);
+}

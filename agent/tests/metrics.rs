@@ -323,3 +323,18 @@ fn the_driver_exposition_passes_promtool() {
     promtool_check(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     assert!(text.contains("awaitlab_load_failures_total{kind=\"http_5xx\"} 1"), "{text}");
 }
+
+#[test]
+fn a_bad_or_busy_metrics_address_is_one_clear_error() {
+    let out = agent_once(&["watch", "--target", "1", "--metrics-addr", "nonsense"]);
+    assert_eq!(out.code, Some(64), "{}", out.stderr);
+    assert!(out.stderr.contains("--metrics-addr"), "{}", out.stderr);
+    // The server binds before the probes load: a busy port loads nothing.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let me = std::process::id().to_string();
+    let out = assert_loads_nothing(|| agent_once(&["watch", "--target", &me, "--metrics-addr", &addr]));
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+    assert!(out.stderr.contains(&format!("metrics server on {addr}")), "{}", out.stderr);
+}

@@ -228,10 +228,13 @@ fn check_token(t: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// " (line N: TEXT)" for the line an error points at, so that the message names the key.
 fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     let Some(s) = span else { return String::new() };
-    let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
-    format!(" (line {line})")
+    let start = s.start.min(text.len());
+    let line = text[..start].matches('\n').count() + 1;
+    let content: String = text.lines().nth(line - 1).unwrap_or("").trim().chars().take(80).collect();
+    format!(" (line {line}: {content})")
 }
 
 #[cfg(test)]
