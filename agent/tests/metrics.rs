@@ -208,6 +208,16 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
         failed.join("\n")
     );
 
+    // Every template variable offers at least one value (what the drop-down would list).
+    for (file, name, metric, label) in dashboard_variables() {
+        let r = prom.query(&format!("count by ({label}) ({metric})"), load_end - 1.0).unwrap();
+        let values: Vec<&str> = r.iter().filter_map(|s| s["metric"][label.as_str()].as_str()).collect();
+        if values.is_empty() {
+            failed.push(format!("{file}: variable {name}: label_values({metric}, {label}) is empty"));
+        }
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+
     // The exposition as Prometheus reads it passes promtool's checks.
     for addr in [agent_addr, driver.addr] {
         let (status, text) = http_get(addr, "/metrics");

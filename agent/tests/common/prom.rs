@@ -188,6 +188,28 @@ pub fn dashboard_queries() -> Vec<(String, String, String)> {
     out
 }
 
+/// (dashboard, variable name, metric, label) for every `label_values(METRIC, LABEL)` variable.
+pub fn dashboard_variables() -> Vec<(String, String, String, String)> {
+    let mut out = Vec::new();
+    for (file, d) in dashboards() {
+        for v in d["templating"]["list"].as_array().into_iter().flatten().filter(|v| v["type"] == "query") {
+            let def =
+                v["definition"].as_str().unwrap_or_else(|| panic!("{file}: variable {} has no definition", v["name"]));
+            let inner = def.strip_prefix("label_values(").and_then(|x| x.strip_suffix(')')).unwrap_or_else(|| {
+                panic!("{file}: variable {}: only label_values(METRIC, LABEL) is checked: {def}", v["name"])
+            });
+            let (metric, label) = inner.split_once(',').unwrap_or_else(|| panic!("{file}: {def}"));
+            out.push((
+                file.clone(),
+                v["name"].as_str().unwrap_or("?").to_string(),
+                metric.trim().to_string(),
+                label.trim().to_string(),
+            ));
+        }
+    }
+    out
+}
+
 /// Substitutes the Grafana variables the dashboards use: template variables match everything
 /// (`.*`, what "All" sends), `$__rate_interval` / `$__interval` / `$__range` get the given
 /// windows. Panics on a variable it does not know, so a new one is not silently left in.
