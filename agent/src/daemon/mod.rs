@@ -200,6 +200,15 @@ impl Daemon {
                 return;
             }
         };
+        // Containers can share a namespace (`--network container:NAME`); probes scope by
+        // namespace, so a second attach would count the same traffic twice under two names.
+        let shared = self.state.lock().ok().and_then(|s| {
+            s.followers.values().find(|f| f.info.netns_inum == target.netns_inum).map(|f| f.info.container.clone())
+        });
+        if let Some(other) = shared {
+            warn!(container = %c.name, "not attached: it shares its network namespace with {other}, which is measured already");
+            return;
+        }
         let spec = ProbeSpec {
             netns_inum: target.netns_inum,
             http_ports: dedup(&rule.http_ports),
