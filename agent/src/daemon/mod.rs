@@ -203,7 +203,7 @@ impl Daemon {
         // Containers can share a namespace (`--network container:NAME`); probes scope by
         // namespace, so a second attach would count the same traffic twice under two names.
         let shared = self.state.lock().ok().and_then(|s| {
-            s.followers.values().find(|f| f.info.netns_inum == target.netns_inum).map(|f| f.info.container.clone())
+            s.followers.values().find(|f| f.info.netns_inum == target.netns_inum && !f.finished()).map(|f| f.info.container.clone())
         });
         if let Some(other) = shared {
             warn!(container = %c.name, "not attached: it shares its network namespace with {other}, which is measured already");
