@@ -217,7 +217,20 @@ fn a_container_is_followed_through_start_restart_and_stop() {
 
     // Started after the daemon: found through the events stream.
     let container = DockerThing { kind: "container", name: name.clone() };
-    docker(&["run", "-d", "--name", &name, "--network", &net.name, "-p", "127.0.0.1::8000", &image.name]);
+    let label = format!("awaitlab.test={t}");
+    docker(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--label",
+        &label,
+        "--network",
+        &net.name,
+        "-p",
+        "127.0.0.1::8000",
+        &image.name,
+    ]);
     let published =
         || docker(&["port", &name, "8000/tcp"]).lines().next().unwrap().rsplit(':').next().unwrap().to_string();
     let port = published();
@@ -329,8 +342,11 @@ fn a_container_is_followed_through_start_restart_and_stop() {
     assert!(err.contains("daemon stopped (terminated)"), "{err}");
     assert_programs_gone(&ids3);
 
-    // A daemon started while the container runs finds it by listing, and also cleans up.
-    let daemon = Daemon::start(&config, None, &[]);
+    // A daemon started while the container runs finds it by listing (here by its label), and
+    // also cleans up.
+    let by_label =
+        format!("metrics_addr = \"127.0.0.1:0\"\n[control]\naddr = \"127.0.0.1:0\"\n[[watch]]\nlabel = \"{label}\"\n");
+    let daemon = Daemon::start(&by_label, None, &[]);
     let mut ids4 = Vec::new();
     wait_for(&daemon, "a new daemon to attach to the running container", Duration::from_secs(10), || {
         ids4 = attached(&daemon);
