@@ -9,7 +9,10 @@ pub mod aggregate;
 pub mod cmd;
 pub mod daemon;
 pub mod metrics;
+pub mod experiment;
 pub mod probes;
+pub mod report;
+pub mod results;
 pub mod target;
 
 use std::{ffi::OsString, process::ExitCode};
@@ -45,6 +48,8 @@ pub enum Command {
     /// Follow Docker containers (by name or label), keep them measured across restarts, and
     /// serve their metrics and an optional control endpoint.
     Daemon(cmd::daemon::Args),
+    /// Write report.md and report.html from a results directory.
+    Report(cmd::report::Args),
 }
 
 /// Parses `args` and runs the subcommand. Errors print one line; usage errors exit with 64.
@@ -69,6 +74,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     match cli.command {
         Command::Watch(args) => cmd::watch::run(args),
         Command::Daemon(args) => cmd::daemon::run(args),
+        Command::Report(args) => cmd::report::run(args),
     }
 }
 

@@ -29,6 +29,8 @@ const PACKAGES: &[&[&str]] = &[
     &["nginx-light", "nginx"],
     &["wrk"],
     &["debootstrap"],
+    // Headless browser for the HTML report check.
+    &["chromium"],
     &["procps"],
     &["util-linux"],
     &["psmisc"],

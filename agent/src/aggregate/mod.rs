@@ -14,7 +14,7 @@ use agent_common::{
     COUNTERS, REQ_END_CLOSE, REQ_EXCLUSIVE_THREAD, REQ_NO_HEAD, REQ_NO_RESPONSE,
 };
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Nanosecond histogram, 3 significant digits (<= 0.1 % relative error), 1 ns .. 1 h.
 pub fn new_hist() -> Histogram<u64> {
@@ -315,7 +315,7 @@ impl Aggregator {
 }
 
 /// Percentiles in milliseconds.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Quantiles {
     pub count: u64,
     pub p50_ms: f64,
@@ -340,7 +340,7 @@ impl Quantiles {
 }
 
 /// Ratios that do not need per-request attribution: exact over any server.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Ratios {
     pub db_round_trips_per_request: Option<f64>,
     pub db_wait_ms_per_request: Option<f64>,

@@ -2,7 +2,7 @@
 //! kernel counters and the CPU totals. `watch` prints it; results files will store it.
 
 use agent_common::{Counter, COUNTERS};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{CpuTotals, Quantiles, Ratios, Stats};
 use crate::probes::ProbeStatus;
@@ -10,10 +10,10 @@ use crate::probes::ProbeStatus;
 /// Bump when a field changes meaning or disappears (adding fields keeps the version).
 pub const SUMMARY_VERSION: u32 = 1;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     #[serde(rename = "type")]
-    pub kind: &'static str,
+    pub kind: String,
     pub version: u32,
     pub target: String,
     pub netns_inum: u32,
@@ -32,14 +32,14 @@ pub struct Summary {
     pub probes: Vec<ProbeStatus>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PathCount {
     pub method: String,
     pub path: String,
     pub count: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DbSummary {
     pub round_trips: u64,
     pub round_trip: Quantiles,
@@ -50,7 +50,7 @@ pub struct DbSummary {
     pub conns_closed: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CpuSummary {
     pub on_cpu_s: f64,
     pub off_cpu_s: f64,
@@ -59,7 +59,7 @@ pub struct CpuSummary {
 }
 
 /// Everything that was not measured, by cause. All zero in a clean run.
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct Lost {
     pub ringbuf_full: u64,
     pub conn_map_full: u64,
@@ -94,7 +94,7 @@ impl Summary {
         let on = i.cpu_end.on_ns.saturating_sub(i.cpu_start.on_ns);
         let off = i.cpu_end.off_ns.saturating_sub(i.cpu_start.off_ns);
         Summary {
-            kind: "summary",
+            kind: "summary".into(),
             version: SUMMARY_VERSION,
             target: i.target.to_string(),
             netns_inum: i.netns_inum,

@@ -1,3 +1,4 @@
 //! One module per subcommand; each holds its clap `Args` and a `run` returning the exit status.
 pub mod daemon;
+pub mod report;
 pub mod watch;

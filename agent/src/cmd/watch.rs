@@ -134,8 +134,8 @@ async fn watch(args: &Args, target: &Target) -> anyhow::Result<()> {
     // for as long as it is registered.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {}", e))?;
-    let live: Vec<&str> = probes.status().iter().filter(|s| s.live).map(|s| s.hook).collect();
-    let skipped: Vec<&str> = probes.status().iter().filter(|s| !s.live).map(|s| s.hook).collect();
+    let live: Vec<&str> = probes.status().iter().filter(|s| s.live).map(|s| s.hook.as_str()).collect();
+    let skipped: Vec<&str> = probes.status().iter().filter(|s| !s.live).map(|s| s.hook.as_str()).collect();
     let ids: Vec<String> = probes.status().iter().filter_map(|s| s.id).map(|i| i.to_string()).collect();
     eprintln!(
         "awaitlab: attached to network namespace {} ({}); http ports {:?}, db ports {:?}; live: {}{}; program ids {}",

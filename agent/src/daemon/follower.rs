@@ -40,8 +40,8 @@ pub struct FollowerInfo {
     pub db_ports: Vec<u16>,
     /// Kernel ids of the attached programs (`bpftool prog show id N`).
     pub program_ids: Vec<u32>,
-    pub live: Vec<&'static str>,
-    pub skipped: Vec<&'static str>,
+    pub live: Vec<String>,
+    pub skipped: Vec<String>,
     pub attached_at_unix_s: f64,
 }
 
@@ -91,8 +91,8 @@ impl Follower {
             http_ports,
             db_ports,
             program_ids: status.iter().filter_map(|s| s.id).collect(),
-            live: status.iter().filter(|s| s.live).map(|s| s.hook).collect(),
-            skipped: status.iter().filter(|s| !s.live).map(|s| s.hook).collect(),
+            live: status.iter().filter(|s| s.live).map(|s| s.hook.clone()).collect(),
+            skipped: status.iter().filter(|s| !s.live).map(|s| s.hook.clone()).collect(),
             attached_at_unix_s: SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64()),

@@ -157,7 +157,7 @@ impl ProbeMetrics {
     /// Publishes which programs are live and that the target is attached.
     pub fn set_attached(&self, target: &str, probes: &[ProbeStatus]) {
         for p in probes {
-            self.probe_live.with_label_values(&[target, p.program]).set(i64::from(p.live));
+            self.probe_live.with_label_values(&[target, p.program.as_str()]).set(i64::from(p.live));
         }
         self.attached.with_label_values(&[target]).set(1);
     }

@@ -7,6 +7,7 @@
 //! leaves nothing behind either.
 
 pub mod btf;
+pub mod session;
 
 use std::{os::fd::AsRawFd as _, path::Path};
 
@@ -34,6 +35,8 @@ pub enum ProbeError {
     NothingAttached(String),
     #[error("mounting tracefs at {path}: {source}")]
     Tracefs { path: &'static str, source: std::io::Error },
+    #[error("polling the ring buffer: {0}")]
+    Poll(std::io::Error),
     #[error("at most {max} {role} ports, got {got}")]
     TooManyPorts { role: &'static str, max: usize, got: usize },
 }
@@ -49,11 +52,11 @@ pub struct ProbeSpec {
 }
 
 /// One program: where it hooks, what it measures, and whether it is live.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ProbeStatus {
-    pub program: &'static str,
-    pub hook: &'static str,
-    pub measures: &'static str,
+    pub program: String,
+    pub hook: String,
+    pub measures: String,
     pub live: bool,
     pub reason: Option<String>,
     /// Kernel program id while attached (`bpftool prog show id N`).
@@ -114,7 +117,7 @@ impl Probes {
                     (false, Some(e), None)
                 }
             };
-            status.push(ProbeStatus { program, hook, measures, live, reason, id });
+            status.push(ProbeStatus { program: program.into(), hook: hook.into(), measures: measures.into(), live, reason, id });
         }
         if !status.iter().any(|s| s.live) {
             let why = status.iter().filter_map(|s| s.reason.clone()).collect::<Vec<_>>().join("; ");

@@ -1,0 +1,108 @@
+//! One attach of the probes with its ring buffer and aggregator, measured in intervals: the
+//! experiment runner marks the start of a cell and takes the cell's summary at its end, while the
+//! probes stay attached across cells.
+//!
+//! The session must be drained regularly (`drain`, or `pump` on a timer): the programs wake the
+//! agent only when half a megabyte of records waits.
+
+use std::time::{Duration, Instant};
+
+use agent_common::COUNTERS;
+use aya::maps::{MapData, RingBuf};
+use tokio::io::{unix::AsyncFd, Interest};
+
+use super::{ProbeError, ProbeSpec, Probes};
+use crate::aggregate::{
+    summary::{Summary, SummaryInput},
+    Aggregator, CpuTotals, Record, Stats,
+};
+
+pub struct ProbeSession {
+    probes: Probes,
+    ring: AsyncFd<RingBuf<MapData>>,
+    pub agg: Aggregator,
+    target: String,
+    netns_inum: u32,
+}
+
+/// The start of a measured interval.
+#[derive(Clone)]
+pub struct Mark {
+    at: Instant,
+    counters: [u64; COUNTERS as usize],
+    cpu: CpuTotals,
+}
+
+impl ProbeSession {
+    /// Attaches the probes; must run inside a tokio runtime (the ring buffer is polled by it).
+    pub fn attach(spec: &ProbeSpec, target: &str) -> Result<ProbeSession, ProbeError> {
+        let mut probes = Probes::attach(spec)?;
+        let ring = probes.take_events()?;
+        // SAFETY: the ring buffer owns its fd and AsyncFd owns the ring buffer, so the fd stays
+        // open for as long as it is registered.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+            .map_err(|e| ProbeError::Poll(e.into_parts().1))?;
+        Ok(ProbeSession { probes, ring, agg: Aggregator::new(), target: target.into(), netns_inum: spec.netns_inum })
+    }
+
+    pub fn probes(&self) -> &Probes {
+        &self.probes
+    }
+
+    /// Takes every record waiting in the ring buffer; calls `each` on the decoded ones.
+    pub fn drain(&mut self, mut each: impl FnMut(&Record)) -> usize {
+        let mut n = 0;
+        let ring = self.ring.get_mut();
+        while let Some(item) = ring.next() {
+            if let Some(r) = self.agg.push(&item) {
+                each(&r);
+            }
+            n += 1;
+        }
+        n
+    }
+
+    /// Waits until the kernel signals a batch, or `max` passes; then drains.
+    pub async fn pump(&mut self, max: Duration, each: impl FnMut(&Record)) -> usize {
+        if let Ok(Ok(mut guard)) = tokio::time::timeout(max, self.ring.readable_mut()).await {
+            guard.clear_ready();
+        }
+        self.drain(each)
+    }
+
+    fn cpu_now(&self, counters: &[u64; COUNTERS as usize]) -> Result<CpuTotals, ProbeError> {
+        Ok(CpuTotals::at(crate::cmd::watch::monotonic_ns(), &self.probes.threads()?, counters))
+    }
+
+    /// Starts a measured interval: drains, forgets what came before, remembers the counters.
+    pub fn mark(&mut self) -> Result<Mark, ProbeError> {
+        self.drain(|_| {});
+        self.agg.total = Stats::default();
+        let counters = self.probes.counters()?;
+        let cpu = self.cpu_now(&counters)?;
+        Ok(Mark { at: Instant::now(), counters, cpu })
+    }
+
+    /// The summary of everything since `mark`.
+    pub fn summary_since(&mut self, mark: &Mark) -> Result<Summary, ProbeError> {
+        self.drain(|_| {});
+        let now = self.probes.counters()?;
+        let cpu_end = self.cpu_now(&now)?;
+        let mut delta = [0u64; COUNTERS as usize];
+        for (i, d) in delta.iter_mut().enumerate() {
+            *d = now[i].saturating_sub(mark.counters[i]);
+        }
+        Ok(Summary::build(SummaryInput {
+            target: &self.target,
+            netns_inum: self.netns_inum,
+            duration_s: mark.at.elapsed().as_secs_f64(),
+            stats: &self.agg.total,
+            labels: &self.agg.labels,
+            counters: &delta,
+            cpu_start: mark.cpu,
+            cpu_end,
+            malformed: self.agg.malformed,
+            probes: self.probes.status(),
+        }))
+    }
+}

@@ -1,0 +1,59 @@
+//! The study's published results (one run each, an M1 laptop, Locust 2.13), as printed in its
+//! tables: successes and max sRPS per route, added delay and setup. Data, not code: the report
+//! puts our numbers beside these.
+
+/// (route, delay ms, setup, total successes, max sRPS)
+pub const PUBLISHED: &[(&str, u32, &str, u64, f64)] = &[
+    ("cpu", 0, "sync", 255, 1.5),
+    ("cpu", 0, "async-limited", 24, 0.1),
+    ("cpu", 0, "async-unlimited", 91, 3.3),
+    ("cpu", 100, "sync", 255, 1.5),
+    ("cpu", 100, "async-limited", 30, 0.2),
+    ("cpu", 100, "async-unlimited", 97, 1.3),
+    ("cpu", 200, "sync", 200, 1.5),
+    ("cpu", 200, "async-limited", 86, 0.5),
+    ("cpu", 200, "async-unlimited", 90, 2.7),
+    ("io_read", 0, "sync", 3927, 23.0),
+    ("io_read", 0, "async-limited", 3053, 28.3),
+    ("io_read", 0, "async-unlimited", 4680, 34.1),
+    ("io_read", 100, "sync", 200, 1.2),
+    ("io_read", 100, "async-limited", 4555, 28.6),
+    ("io_read", 100, "async-unlimited", 5313, 36.0),
+    ("io_read", 200, "sync", 105, 0.6),
+    ("io_read", 200, "async-limited", 4312, 28.4),
+    ("io_read", 200, "async-unlimited", 5123, 34.2),
+    ("io_create", 0, "sync", 24328, 143.6),
+    ("io_create", 0, "async-limited", 11325, 188.8),
+    ("io_create", 0, "async-unlimited", 20163, 187.5),
+    ("io_create", 100, "sync", 242, 1.4),
+    ("io_create", 100, "async-limited", 12963, 129.0),
+    ("io_create", 100, "async-unlimited", 26145, 171.4),
+    ("io_create", 200, "sync", 124, 0.7),
+    ("io_create", 200, "async-limited", 8644, 82.6),
+    ("io_create", 200, "async-unlimited", 23030, 185.0),
+];
+
+/// The study's (successes, max sRPS) for a cell, if it published one.
+pub fn published(route: &str, delay_ms: u32, setup: &str) -> Option<(u64, f64)> {
+    PUBLISHED
+        .iter()
+        .find(|(r, d, s, _, _)| *r == route && *d == delay_ms && *s == setup)
+        .map(|&(_, _, _, ok, srps)| (ok, srps))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_cell_of_the_three_tables_is_there_once() {
+        for route in ["cpu", "io_read", "io_create"] {
+            for delay in [0, 100, 200] {
+                for setup in ["sync", "async-limited", "async-unlimited"] {
+                    let n = super::PUBLISHED.iter().filter(|p| p.0 == route && p.1 == delay && p.2 == setup).count();
+                    assert_eq!(n, 1, "{route} {delay} {setup}");
+                }
+            }
+        }
+        assert_eq!(super::published("io_read", 100, "sync"), Some((200, 1.2)));
+        assert_eq!(super::published("io_read", 100, "async-pooled"), None);
+    }
+}
