@@ -97,7 +97,8 @@ impl Daemon {
         let mut d = Daemon { child: Some(child), stderr, metrics: None, control: None, _dir: dir };
         let t0 = Instant::now();
         let addr_after = |text: &str, marker: &str| -> Option<SocketAddr> {
-            let l = text.lines().find(|l| l.contains(marker))?;
+            // Only whole lines: stderr is unbuffered, so a line may be read half written.
+            let l = text.split_inclusive('\n').find(|l| l.ends_with('\n') && l.contains(marker))?;
             l.split("http://").nth(1)?.split('/').next()?.parse().ok()
         };
         loop {

@@ -56,9 +56,11 @@ fn promtool_check(exposition: &str) -> Result<(), String> {
 
 fn metrics_addr(agent: &Agent) -> SocketAddr {
     let err = agent.stderr_so_far();
-    let line =
-        err.lines().find(|l| l.contains("metrics on http://")).unwrap_or_else(|| panic!("no metrics line: {err}"));
-    let a = line.split("http://").nth(1).unwrap().trim_end_matches("/metrics");
+    let line = err
+        .split_inclusive('\n')
+        .find(|l| l.ends_with('\n') && l.contains("metrics on http://"))
+        .unwrap_or_else(|| panic!("no metrics line: {err}"));
+    let a = line.trim_end().split("http://").nth(1).unwrap().trim_end_matches("/metrics");
     a.parse().unwrap()
 }
 

@@ -391,7 +391,10 @@ impl Agent {
         let t0 = Instant::now();
         loop {
             let err = std::fs::read_to_string(&a.stderr).unwrap_or_default();
-            if let Some(line) = err.lines().find(|l| l.contains("attached to network namespace")) {
+            // Only a whole line: stderr is unbuffered, so the line may be read half written
+            // (its program ids missing).
+            let whole = err.split_inclusive('\n').find(|l| l.ends_with('\n') && l.contains("attached to network namespace"));
+            if let Some(line) = whole.map(str::trim_end) {
                 let ids = line.rsplit("program ids ").next().unwrap_or("");
                 a.program_ids = ids.split(',').filter_map(|i| i.trim().parse().ok()).collect();
                 return a;
