@@ -7,6 +7,8 @@
 
 pub mod aggregate;
 pub mod cmd;
+pub mod daemon;
+pub mod metrics;
 pub mod experiment;
 pub mod netem;
 pub mod probes;
@@ -44,6 +46,9 @@ pub enum LogFormat {
 pub enum Command {
     /// Attach to a network namespace and print what its server does, once a second.
     Watch(cmd::watch::Args),
+    /// Follow Docker containers (by name or label), keep them measured across restarts, and
+    /// serve their metrics and an optional control endpoint.
+    Daemon(cmd::daemon::Args),
     /// Write report.md and report.html from a results directory.
     Report(cmd::report::Args),
     /// Inject a network delay into a target's namespace (tc netem or an NFQUEUE delay line).
@@ -71,6 +76,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     init_logging(cli.log_format);
     match cli.command {
         Command::Watch(args) => cmd::watch::run(args),
+        Command::Daemon(args) => cmd::daemon::run(args),
         Command::Report(args) => cmd::report::run(args),
         Command::Delay(args) => cmd::delay::run(args),
     }

@@ -8,6 +8,7 @@ mod bench;
 mod bpfstats;
 mod cmd;
 mod delaybench;
+mod dashboards;
 mod images;
 mod netns;
 mod setup;
@@ -39,6 +40,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Build the local Debian base image (debootstrap + docker import) if it is missing.
     BaseImage,
+    /// Check the Grafana dashboards, provisioning, Prometheus config and compose file.
+    Dashboards,
 }
 
 fn main() -> Result<()> {
@@ -47,5 +50,6 @@ fn main() -> Result<()> {
         Command::Test(args) | Command::Ci(args) => test::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::BaseImage => images::base_image(),
+        Command::Dashboards => dashboards::run(),
     }
 }

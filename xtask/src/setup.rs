@@ -34,6 +34,12 @@ const PACKAGES: &[&[&str]] = &[
     &["procps"],
     &["util-linux"],
     &["psmisc"],
+    // Prometheus and promtool for the metrics tests (a real scraper, `promtool check metrics`).
+    &["prometheus"],
+    // A static busybox: the daemon test's container image runs its httpd.
+    &["busybox-static"],
+    // Validates dashboards/compose.yaml (`docker-compose config`) where `docker compose` is absent.
+    &["docker-compose"],
 ];
 
 /// Where the LLVM that bpf-linker links against is staged (symlinks into the nightly sysroot).

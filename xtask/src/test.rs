@@ -50,7 +50,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
                 .args(HOST_EXCLUDE),
         ))
     })?;
-    // The delay tests build a throwaway image on the local base image (no registry here).
+    // The delay and daemon tests build throwaway images FROM the local base image (no registry here).
     step("base image", crate::images::base_image)?;
     step("privileged tests", || {
         // One at a time: the tests share kernel-wide state (tracepoints, bpf stats, namespaces

@@ -234,6 +234,26 @@ impl CpuTotals {
     }
 }
 
+/// The kernel's cumulative figures at one instant, as handed to observers once an interval.
+#[derive(Debug, Clone, Copy)]
+pub struct Snapshot<'a> {
+    /// The kernel's counters (monotonic since attach), indexed by `agent_common::Counter`.
+    pub counters: &'a [u64; COUNTERS as usize],
+    /// CPU totals of the target's threads since attach.
+    pub cpu: CpuTotals,
+    /// Records the agent could not decode, since attach.
+    pub malformed: u64,
+}
+
+/// Receives what the aggregator decoded, as it decodes it (the Prometheus exporter is one).
+/// Observers convert units and export; they do not recompute what the aggregator computes.
+pub trait Observer: Send {
+    /// One decoded record; for requests, `label` is its (method, path) id in `labels`.
+    fn record(&mut self, rec: &Record, label: Option<usize>, labels: &http::LabelSet);
+    /// The cumulative kernel counters and CPU totals, once an interval.
+    fn snapshot(&mut self, snap: &Snapshot<'_>);
+}
+
 /// The running aggregation of one attach.
 pub struct Aggregator {
     pub labels: http::LabelSet,
@@ -241,6 +261,7 @@ pub struct Aggregator {
     pub window: Stats,
     /// Records the agent could not decode (should stay 0).
     pub malformed: u64,
+    observers: Vec<Box<dyn Observer>>,
 }
 
 impl Default for Aggregator {
@@ -251,7 +272,26 @@ impl Default for Aggregator {
 
 impl Aggregator {
     pub fn new() -> Self {
-        Aggregator { labels: http::LabelSet::new(64), total: Stats::default(), window: Stats::default(), malformed: 0 }
+        Aggregator {
+            labels: http::LabelSet::new(64),
+            total: Stats::default(),
+            window: Stats::default(),
+            malformed: 0,
+            observers: Vec::new(),
+        }
+    }
+
+    /// Adds an observer that sees every record from now on, and every snapshot.
+    pub fn add_observer(&mut self, o: Box<dyn Observer>) {
+        self.observers.push(o);
+    }
+
+    /// Hands the kernel's cumulative counters and the CPU totals to the observers.
+    pub fn snapshot(&mut self, counters: &[u64; COUNTERS as usize], cpu: CpuTotals) {
+        let snap = Snapshot { counters, cpu, malformed: self.malformed };
+        for o in &mut self.observers {
+            o.snapshot(&snap);
+        }
     }
 
     /// Accounts one raw record; returns it decoded.
@@ -262,6 +302,9 @@ impl Aggregator {
         };
         self.total.add(&rec, label);
         self.window.add(&rec, label);
+        for o in &mut self.observers {
+            o.record(&rec, label, &self.labels);
+        }
         Some(rec)
     }
 
@@ -370,6 +413,41 @@ mod tests {
         assert_eq!(a.total.requests, 1);
         assert!(a.push(&[1, 2, 3]).is_none());
         assert_eq!(a.malformed, 1);
+    }
+
+    /// Regression: observers see every decoded record (with its label) and every snapshot,
+    /// and nothing for undecodable bytes.
+    #[test]
+    fn observers_see_records_and_snapshots() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Default)]
+        struct Seen {
+            requests: Vec<(String, u64)>,
+            snapshots: Vec<(u64, u64)>,
+        }
+        struct Obs(Arc<Mutex<Seen>>);
+        impl Observer for Obs {
+            fn record(&mut self, rec: &Record, label: Option<usize>, labels: &http::LabelSet) {
+                if let (Record::Request(r), Some(l)) = (rec, label) {
+                    let (m, p) = labels.get(l);
+                    self.0.lock().unwrap().requests.push((format!("{m} {p}"), r.server_ns));
+                }
+            }
+            fn snapshot(&mut self, s: &Snapshot<'_>) {
+                self.0.lock().unwrap().snapshots.push((s.counters[Counter::RingbufFull as usize], s.malformed));
+            }
+        }
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let mut a = Aggregator::new();
+        a.add_observer(Box::new(Obs(seen.clone())));
+        a.push(&req_bytes(0, 7_000, 0, 0));
+        a.push(&[0xff; 3]);
+        let mut counters = [0u64; COUNTERS as usize];
+        counters[Counter::RingbufFull as usize] = 2;
+        a.snapshot(&counters, CpuTotals::default());
+        let s = seen.lock().unwrap();
+        assert_eq!(s.requests, vec![("GET /posts/io_read/".to_string(), 7_000)]);
+        assert_eq!(s.snapshots, vec![(2, 1)]);
     }
 
     #[test]

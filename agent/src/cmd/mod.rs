@@ -1,4 +1,5 @@
 //! One module per subcommand; each holds its clap `Args` and a `run` returning the exit status.
+pub mod daemon;
 pub mod report;
 pub mod delay;
 pub mod watch;

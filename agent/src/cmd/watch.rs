@@ -23,6 +23,7 @@ use crate::{
         Aggregator, CpuTotals, Quantiles, Record,
     },
     fail,
+    metrics::{server, ProbeMetrics},
     probes::{ProbeError, ProbeSpec, Probes},
     target::Target,
     EXIT_NOPERM, EXIT_USAGE,
@@ -53,6 +54,11 @@ pub struct Args {
     /// Do not copy request and response heads (no method, path or status).
     #[arg(long)]
     pub no_payload: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464; port 0 picks a
+    /// free port, printed on stderr). Off by default; bind a loopback address unless a scraper
+    /// elsewhere must reach it.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 fn parse_interval(s: &str) -> Result<f64, String> {
@@ -110,6 +116,18 @@ async fn watch(args: &Args, target: &Target) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
 
+    // One registry for this command, handed to the exporters and the server.
+    let registry = prometheus::Registry::new();
+    let probe_metrics = ProbeMetrics::new(&registry)?;
+    let _metrics_server = match args.metrics_addr {
+        Some(addr) => {
+            let s = server::serve_metrics(addr, registry.clone()).await?;
+            eprintln!("awaitlab: metrics on http://{}/metrics", s.addr);
+            Some(s)
+        }
+        None => None,
+    };
+
     let mut probes = Probes::attach(&spec)?;
     let ring = probes.take_events()?;
     // SAFETY: the ring buffer owns its fd and AsyncFd owns the ring buffer, so the fd stays open
@@ -131,6 +149,10 @@ async fn watch(args: &Args, target: &Target) -> anyhow::Result<()> {
     );
 
     let mut agg = Aggregator::new();
+    if args.metrics_addr.is_some() {
+        agg.add_observer(Box::new(probe_metrics.observer(&target.spec)));
+        probe_metrics.set_attached(&target.spec, probes.status());
+    }
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let started = Instant::now();
     let cpu_start = CpuTotals::at(monotonic_ns(), &probes.threads()?, &probes.counters()?);
@@ -156,6 +178,7 @@ async fn watch(args: &Args, target: &Target) -> anyhow::Result<()> {
                 out.flush().context("writing stdout")?;
                 let counters = probes.counters()?;
                 let cpu = CpuTotals::at(monotonic_ns(), &probes.threads()?, &counters);
+                agg.snapshot(&counters, cpu);
                 let line = window_line(started.elapsed().as_secs_f64(), args.interval, &mut agg, &cpu, &cpu_prev, &counters);
                 cpu_prev = cpu;
                 if args.json { eprintln!("{line}") } else { writeln!(out, "{line}")?; out.flush()?; }

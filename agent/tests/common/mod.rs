@@ -4,6 +4,8 @@
 //! Traffic only ever goes to loopback or to addresses inside namespaces made here.
 #![allow(dead_code)]
 
+pub mod prom;
+
 use std::{
     fs::File,
     io::{BufRead, BufReader, Read, Write},
@@ -445,7 +447,10 @@ impl Agent {
         let t0 = Instant::now();
         loop {
             let err = std::fs::read_to_string(&a.stderr).unwrap_or_default();
-            if let Some(line) = err.lines().find(|l| l.contains("attached to network namespace")) {
+            // Only a whole line: stderr is unbuffered, so the line may be read half written
+            // (its program ids missing).
+            let whole = err.split_inclusive('\n').find(|l| l.ends_with('\n') && l.contains("attached to network namespace"));
+            if let Some(line) = whole.map(str::trim_end) {
                 let ids = line.rsplit("program ids ").next().unwrap_or("");
                 a.program_ids = ids.split(',').filter_map(|i| i.trim().parse().ok()).collect();
                 return a;
@@ -460,6 +465,11 @@ impl Agent {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
+    }
+
+    /// What the agent has written to stderr so far.
+    pub fn stderr_so_far(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
     /// Sends SIGINT and collects the output.

@@ -1,0 +1,306 @@
+//! The daemon's configuration file (`agent.toml`): where to serve metrics and the control
+//! endpoint, how to reach Docker, and which containers to watch (by name or label) with which
+//! ports. `deploy/agent.toml` is the documented example; a test parses it.
+//!
+//! Parsing is strict (unknown keys are errors, so a typo is not silently ignored) and
+//! [`DaemonConfig::validate`] refuses what would be unsafe, such as a control endpoint reachable
+//! beyond loopback without a token.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The whole file. Every field has a default except the watch rules.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Where /metrics is served. Default 127.0.0.1:9464 (loopback only).
+    #[serde(default = "default_metrics_addr")]
+    pub metrics_addr: SocketAddr,
+    /// Seconds between counter snapshots (kernel counters, CPU totals, summaries). Default 1.
+    #[serde(default = "default_interval")]
+    pub interval_s: f64,
+    /// The Docker Engine socket. Default: `DOCKER_HOST` if it is a unix:// URL, else
+    /// /var/run/docker.sock.
+    #[serde(default)]
+    pub docker_socket: Option<PathBuf>,
+    /// The optional control endpoint.
+    #[serde(default)]
+    pub control: Option<ControlConfig>,
+    /// Which containers to watch. A container matching several rules uses the first.
+    #[serde(default, rename = "watch")]
+    pub watches: Vec<WatchRule>,
+}
+
+/// The control endpoint: list targets, show a target's summary, and (once merged) set/clear
+/// delay and start a load run.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Where to listen. Anything but a loopback address needs a token.
+    pub addr: SocketAddr,
+    /// Bearer token every request must carry (`Authorization: Bearer TOKEN`), at least 16
+    /// characters. Prefer `token_file`, which keeps it out of the config file.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// A file holding the token (surrounding whitespace is ignored).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+}
+
+/// One rule: containers it selects and how to measure them.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WatchRule {
+    /// Exact container name (as `docker ps` shows it).
+    #[serde(default)]
+    pub container: Option<String>,
+    /// A label the container carries: `key` (any value) or `key=value`.
+    #[serde(default)]
+    pub label: Option<String>,
+    /// Server ports inside the container whose accepted connections carry HTTP. Default [8000].
+    #[serde(default = "default_http_ports")]
+    pub http_ports: Vec<u16>,
+    /// Database ports the container connects to. Default [5432].
+    #[serde(default = "default_db_ports")]
+    pub db_ports: Vec<u16>,
+    /// Copy request and response heads (method, path, status). Default true.
+    #[serde(default = "default_true")]
+    pub capture_payload: bool,
+}
+
+fn default_metrics_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
+}
+fn default_interval() -> f64 {
+    1.0
+}
+fn default_http_ports() -> Vec<u16> {
+    vec![8000]
+}
+fn default_db_ports() -> Vec<u16> {
+    vec![5432]
+}
+fn default_true() -> bool {
+    true
+}
+
+impl Default for DaemonConfig {
+    /// Metrics on 127.0.0.1:9464, a snapshot a second, the default Docker socket, no control
+    /// endpoint, and no rules (which `validate` refuses: say what to watch).
+    fn default() -> Self {
+        DaemonConfig {
+            metrics_addr: default_metrics_addr(),
+            interval_s: default_interval(),
+            docker_socket: None,
+            control: None,
+            watches: Vec::new(),
+        }
+    }
+}
+
+/// A container as the rules see it.
+pub struct ContainerView<'a> {
+    pub name: &'a str,
+    pub labels: &'a std::collections::HashMap<String, String>,
+}
+
+impl WatchRule {
+    pub fn matches(&self, c: &ContainerView<'_>) -> bool {
+        if let Some(name) = &self.container {
+            return c.name.trim_start_matches('/') == name;
+        }
+        match self.label.as_deref().map(|l| (l, l.split_once('='))) {
+            Some((_, Some((k, v)))) => c.labels.get(k).is_some_and(|x| x == v),
+            Some((key, None)) => c.labels.contains_key(key),
+            None => false,
+        }
+    }
+}
+
+impl DaemonConfig {
+    pub fn load(path: &Path) -> Result<DaemonConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let cfg =
+            Self::parse(&text).map_err(|message| ConfigError::Parse { path: path.display().to_string(), message })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses without validating; the error is toml's message on one line.
+    pub fn parse(text: &str) -> Result<DaemonConfig, String> {
+        toml::from_str(text)
+            .map_err(|e: toml::de::Error| e.message().replace('\n', " ").to_string() + &span_hint(text, e.span()))
+    }
+
+    /// Refuses configurations that cannot work or would be unsafe.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if !(0.05..=3600.0).contains(&self.interval_s) {
+            return bad(format!("interval_s must be between 0.05 and 3600, got {}", self.interval_s));
+        }
+        if self.watches.is_empty() {
+            return bad(
+                "no [[watch]] rule: say which containers to watch (container = \"NAME\" or label = \"KEY=VALUE\")"
+                    .into(),
+            );
+        }
+        for (i, w) in self.watches.iter().enumerate() {
+            let n = i + 1;
+            match (&w.container, &w.label) {
+                (Some(_), Some(_)) | (None, None) => {
+                    return bad(format!("[[watch]] rule {n}: give exactly one of container or label"));
+                }
+                (Some(c), None) if c.is_empty() => return bad(format!("[[watch]] rule {n}: empty container name")),
+                (None, Some(l)) if l.is_empty() || l.starts_with('=') => {
+                    return bad(format!("[[watch]] rule {n}: label must be KEY or KEY=VALUE"))
+                }
+                _ => {}
+            }
+            for (role, ports) in [("http_ports", &w.http_ports), ("db_ports", &w.db_ports)] {
+                if ports.contains(&0) {
+                    return bad(format!("[[watch]] rule {n}: {role} must be 1-65535"));
+                }
+                if ports.len() > agent_common::MAX_PORTS {
+                    return bad(format!("[[watch]] rule {n}: at most {} {role}", agent_common::MAX_PORTS));
+                }
+            }
+            if w.http_ports.is_empty() {
+                return bad(format!("[[watch]] rule {n}: http_ports is empty"));
+            }
+        }
+        if let Some(c) = &self.control {
+            if c.token.is_some() && c.token_file.is_some() {
+                return bad("[control]: give token or token_file, not both".into());
+            }
+            if let Some(t) = &c.token {
+                check_token(t)?;
+            }
+            if !c.addr.ip().is_loopback() && c.token.is_none() && c.token_file.is_none() {
+                return bad(format!(
+                    "[control] addr {} is reachable beyond loopback: set token_file (or token) so that requests must authenticate, or bind 127.0.0.1",
+                    c.addr
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The control token, read from `token_file` when given.
+    pub fn control_token(&self) -> Result<Option<String>, ConfigError> {
+        let Some(c) = &self.control else { return Ok(None) };
+        if let Some(p) = &c.token_file {
+            let t = std::fs::read_to_string(p)
+                .map_err(|source| ConfigError::Read { path: p.display().to_string(), source })?;
+            let t = t.trim().to_string();
+            check_token(&t)?;
+            return Ok(Some(t));
+        }
+        Ok(c.token.clone())
+    }
+
+    /// The first rule that selects the container.
+    pub fn rule_for(&self, c: &ContainerView<'_>) -> Option<&WatchRule> {
+        self.watches.iter().find(|w| w.matches(c))
+    }
+}
+
+fn check_token(t: &str) -> Result<(), ConfigError> {
+    if t.len() < 16 || !t.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ConfigError::Invalid(
+            "[control] token must be at least 16 printable characters without spaces".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// " (line N: TEXT)" for the line an error points at, so that the message names the key.
+fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    let Some(s) = span else { return String::new() };
+    let start = s.start.min(text.len());
+    let line = text[..start].matches('\n').count() + 1;
+    let content: String = text.lines().nth(line - 1).unwrap_or("").trim().chars().take(80).collect();
+    format!(" (line {line}: {content})")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn cfg(extra: &str) -> Result<DaemonConfig, String> {
+        let c = DaemonConfig::parse(&format!("{extra}\n[[watch]]\ncontainer = \"web\"\n"))?;
+        c.validate().map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+
+    #[test]
+    fn the_checked_in_example_parses_and_validates() {
+        let c = DaemonConfig::parse(include_str!("../../../deploy/agent.toml")).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.metrics_addr, "127.0.0.1:9464".parse().unwrap());
+        assert_eq!(c.control.as_ref().unwrap().addr, "127.0.0.1:9465".parse().unwrap());
+        assert_eq!(c.watches.len(), 2);
+        assert_eq!(c.watches[1].label.as_deref(), Some("awaitlab.watch=true"));
+    }
+
+    #[test]
+    fn defaults_are_loopback_and_no_control() {
+        let c = cfg("").unwrap();
+        assert_eq!(c.metrics_addr, "127.0.0.1:9464".parse().unwrap());
+        assert_eq!(c.control, None);
+        assert_eq!(c.watches[0].http_ports, vec![8000]);
+        assert_eq!(c.watches[0].db_ports, vec![5432]);
+        assert!(c.watches[0].capture_payload);
+    }
+
+    #[test]
+    fn unknown_keys_and_unsafe_control_are_refused() {
+        let e = cfg("metrics_adr = \"127.0.0.1:1\"").unwrap_err();
+        assert!(e.contains("unknown field") && e.contains("metrics_adr"), "{e}");
+        let e = cfg("[control]\naddr = \"0.0.0.0:9465\"").unwrap_err();
+        assert!(e.contains("beyond loopback"), "{e}");
+        let e = cfg("[control]\naddr = \"0.0.0.0:9465\"\ntoken = \"short\"").unwrap_err();
+        assert!(e.contains("at least 16"), "{e}");
+        assert!(cfg("[control]\naddr = \"0.0.0.0:9465\"\ntoken = \"0123456789abcdef\"").is_ok());
+        assert!(cfg("[control]\naddr = \"127.0.0.1:9465\"").is_ok());
+        assert!(cfg("interval_s = 0").is_err());
+        let e = DaemonConfig::parse("[[watch]]\ncontainer = \"a\"\nlabel = \"b\"\n").unwrap().validate().unwrap_err();
+        assert!(e.to_string().contains("exactly one"), "{e}");
+        assert!(DaemonConfig::parse("").unwrap().validate().is_err(), "no rules");
+        assert!(DaemonConfig::parse("[[watch]]\ncontainer = \"a\"\nhttp_ports = [0]\n").unwrap().validate().is_err());
+        assert!(DaemonConfig::parse("[[watch]]\ncontainer = \"a\"\nhttp_ports = [70000]\n").is_err());
+    }
+
+    #[test]
+    fn rules_match_names_and_labels() {
+        let c = DaemonConfig::parse(
+            "[[watch]]\ncontainer = \"web\"\nhttp_ports = [8080]\n[[watch]]\nlabel = \"awaitlab.watch=true\"\n[[watch]]\nlabel = \"team\"\n",
+        )
+        .unwrap();
+        let none = HashMap::new();
+        let watch: HashMap<String, String> = [("awaitlab.watch".to_string(), "true".to_string())].into();
+        let wrong: HashMap<String, String> = [("awaitlab.watch".to_string(), "false".to_string())].into();
+        let team: HashMap<String, String> = [("team".to_string(), "x".to_string())].into();
+        let rule = |name, labels| c.rule_for(&ContainerView { name, labels }).map(|r| r.http_ports[0]);
+        assert_eq!(rule("/web", &none), Some(8080));
+        assert_eq!(rule("web2", &none), None);
+        assert_eq!(rule("db", &watch), Some(8000));
+        assert_eq!(rule("db", &wrong), None);
+        assert_eq!(rule("db", &team), Some(8000));
+    }
+}

@@ -1,0 +1,195 @@
+//! One attached container: a thread that owns that container's [`Probes`] (loaded for its
+//! network namespace), drains their ring buffer into an [`Aggregator`] whose observer feeds the
+//! Prometheus metrics, and keeps a current [`Summary`] for the control endpoint.
+//!
+//! Dropping a [`Follower`] stops the thread and drops the probes, which detaches and unloads
+//! them; the thread also ends by itself when the container's process (and so its namespace) is
+//! gone. It must never block the daemon's event loop: attach happens on the thread, and the
+//! caller waits only for its outcome.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc, Arc, Mutex,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant, SystemTime},
+};
+
+use serde::Serialize;
+
+use crate::{
+    aggregate::{
+        summary::{Summary, SummaryInput},
+        Aggregator, CpuTotals,
+    },
+    cmd::watch::monotonic_ns,
+    metrics::ProbeMetrics,
+    probes::{ProbeSpec, ProbeStatus, Probes},
+    target::Target,
+};
+
+/// What the control endpoint lists about an attached container.
+#[derive(Debug, Clone, Serialize)]
+pub struct FollowerInfo {
+    pub container: String,
+    pub id: String,
+    pub pid: u32,
+    pub netns_inum: u32,
+    pub http_ports: Vec<u16>,
+    pub db_ports: Vec<u16>,
+    /// Kernel ids of the attached programs (`bpftool prog show id N`).
+    pub program_ids: Vec<u32>,
+    pub live: Vec<String>,
+    pub skipped: Vec<String>,
+    pub attached_at_unix_s: f64,
+}
+
+pub struct Follower {
+    pub info: FollowerInfo,
+    pub summary: Arc<Mutex<Option<Summary>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Follower {
+    /// Attaches probes to `target` on a new thread and waits for the outcome.
+    pub fn start(
+        container: &str,
+        id: &str,
+        pid: u32,
+        target: Target,
+        spec: ProbeSpec,
+        metrics: ProbeMetrics,
+        interval: Duration,
+    ) -> Result<Follower, String> {
+        let (netns_inum, http_ports, db_ports) = (target.netns_inum, spec.http_ports.clone(), spec.db_ports.clone());
+        let stop = Arc::new(AtomicBool::new(false));
+        let summary = Arc::new(Mutex::new(None));
+        let (tx, rx) = mpsc::channel::<Result<Vec<ProbeStatus>, String>>();
+        let (name, s2, sum2) = (container.to_string(), stop.clone(), summary.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("awl-{}", &id[..id.len().min(12)]))
+            .spawn(move || run(name, target, spec, metrics, interval, s2, sum2, tx))
+            .map_err(|e| format!("starting the probe thread: {e}"))?;
+        let status = match rx.recv() {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err("the probe thread ended before attaching".into());
+            }
+        };
+        let info = FollowerInfo {
+            container: container.to_string(),
+            id: id.to_string(),
+            pid,
+            netns_inum,
+            http_ports,
+            db_ports,
+            program_ids: status.iter().filter_map(|s| s.id).collect(),
+            live: status.iter().filter(|s| s.live).map(|s| s.hook.clone()).collect(),
+            skipped: status.iter().filter(|s| !s.live).map(|s| s.hook.clone()).collect(),
+            attached_at_unix_s: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        };
+        Ok(Follower { info, summary, stop, thread: Some(thread) })
+    }
+
+    /// Whether the thread has ended by itself (the container's namespace is gone, or a map
+    /// read failed).
+    pub fn finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    name: String,
+    target: Target,
+    spec: ProbeSpec,
+    metrics: ProbeMetrics,
+    interval: Duration,
+    stop: Arc<AtomicBool>,
+    summary: Arc<Mutex<Option<Summary>>>,
+    tx: mpsc::Sender<Result<Vec<ProbeStatus>, String>>,
+) {
+    let mut probes = match Probes::attach(&spec) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = tx.send(Err(e.to_string()));
+            return;
+        }
+    };
+    let mut ring = match probes.take_events() {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = tx.send(Err(e.to_string()));
+            return;
+        }
+    };
+    let status = probes.status().to_vec();
+    let mut agg = Aggregator::new();
+    agg.add_observer(Box::new(metrics.observer(&name)));
+    metrics.set_attached(&name, &status);
+    let _ = tx.send(Ok(status.clone()));
+
+    let started = Instant::now();
+    let zero = [0u64; agent_common::COUNTERS as usize];
+    let cpu_start = match (probes.threads(), probes.counters()) {
+        (Ok(t), Ok(c)) => CpuTotals::at(monotonic_ns(), &t, &c),
+        _ => CpuTotals::at(monotonic_ns(), &[], &zero),
+    };
+    let mut next = Instant::now() + interval;
+    loop {
+        while let Some(item) = ring.next() {
+            agg.push(&item);
+        }
+        let stopping = stop.load(Ordering::Relaxed) || !target.alive();
+        if stopping || Instant::now() >= next {
+            next += interval;
+            let (Ok(counters), Ok(threads)) = (probes.counters(), probes.threads()) else {
+                tracing::warn!(container = %name, "reading the probe maps failed; detaching");
+                break;
+            };
+            let cpu = CpuTotals::at(monotonic_ns(), &threads, &counters);
+            agg.snapshot(&counters, cpu);
+            let s = Summary::build(SummaryInput {
+                target: &name,
+                netns_inum: target.netns_inum,
+                duration_s: started.elapsed().as_secs_f64(),
+                stats: &agg.total,
+                labels: &agg.labels,
+                counters: &counters,
+                cpu_start,
+                cpu_end: cpu,
+                malformed: agg.malformed,
+                probes: &status,
+            });
+            if let Ok(mut slot) = summary.lock() {
+                *slot = Some(s);
+            }
+        }
+        if stopping {
+            break;
+        }
+        // The programs wake user space only when much is waiting; a short timer collects the rest.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(ring);
+    drop(probes);
+    metrics.set_detached(&name);
+}

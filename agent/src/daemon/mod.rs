@@ -1,0 +1,277 @@
+//! `awaitlab daemon`: follows Docker containers and keeps them measured. It finds the containers
+//! that the configuration's rules select (by name or label) through the Docker Engine API
+//! (bollard, with API version negotiation), attaches one set of probes per container network
+//! namespace when a container starts, re-attaches after a restart, and detaches when it stops.
+//! Metrics for every container go to one registry (label `target` = container name), served on
+//! loopback by default; an optional control endpoint lists targets and their summaries.
+//!
+//! It must leave nothing attached: stopping the daemon (SIGINT/SIGTERM) drops every follower,
+//! which detaches and unloads its programs. Docker is only read, never changed.
+
+pub mod config;
+pub mod control;
+pub mod follower;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use bollard::{
+    query_parameters::{EventsOptions, ListContainersOptions},
+    Docker,
+};
+use futures_util::StreamExt as _;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{info, warn};
+
+use self::{config::DaemonConfig, follower::Follower};
+use crate::{
+    metrics::{server, ProbeMetrics},
+    probes::ProbeSpec,
+    target::Target,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("Docker Engine at {socket}: {source}")]
+    Docker { socket: String, source: bollard::errors::Error },
+}
+
+/// What the daemon has attached, by container id.
+#[derive(Default)]
+pub struct State {
+    pub followers: BTreeMap<String, Follower>,
+}
+
+/// A container as inspected: what the rules and the attach need.
+struct Seen {
+    id: String,
+    name: String,
+    labels: HashMap<String, String>,
+    pid: Option<u32>,
+}
+
+fn docker_socket(cfg: &DaemonConfig) -> String {
+    if let Some(p) = &cfg.docker_socket {
+        return p.display().to_string();
+    }
+    match std::env::var("DOCKER_HOST") {
+        Ok(h) if h.starts_with("unix://") => h,
+        _ => "/var/run/docker.sock".into(),
+    }
+}
+
+/// Runs until SIGINT/SIGTERM. `cfg` has been validated.
+pub async fn run(cfg: DaemonConfig, token: Option<String>) -> anyhow::Result<()> {
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let socket = docker_socket(&cfg);
+    let docker = Docker::connect_with_unix(&socket, 120, bollard::API_DEFAULT_VERSION)
+        .map_err(|source| DaemonError::Docker { socket: socket.clone(), source })?
+        .negotiate_version()
+        .await
+        .map_err(|source| DaemonError::Docker { socket: socket.clone(), source })?;
+
+    let registry = prometheus::Registry::new();
+    let metrics = ProbeMetrics::new(&registry)?;
+    let metrics_server = server::serve_metrics(cfg.metrics_addr, registry.clone()).await?;
+    eprintln!("awaitlab: metrics on http://{}/metrics", metrics_server.addr);
+
+    let state = Arc::new(Mutex::new(State::default()));
+    let _control_server = match &cfg.control {
+        Some(c) => {
+            let ctl = control::Control { token: token.clone(), state: state.clone() };
+            let s = server::bind(c.addr, move |req| ctl.handle(req)).await?;
+            eprintln!(
+                "awaitlab: control on http://{}/v1/targets ({})",
+                s.addr,
+                if token.is_some() { "token required" } else { "no token, loopback only" }
+            );
+            Some(s)
+        }
+        None => None,
+    };
+    let d = Daemon { cfg: Arc::new(cfg), docker, metrics, state: state.clone() };
+
+    let stop_reason = 'outer: loop {
+        // Subscribe first, then list: a container starting in between is seen by one or both.
+        let mut filters = HashMap::new();
+        filters.insert("type".to_string(), vec!["container".to_string()]);
+        filters.insert("event".to_string(), vec!["start".to_string(), "die".to_string()]);
+        let mut events = d.docker.events(Some(EventsOptions { filters: Some(filters), ..Default::default() }));
+        if let Err(e) = d.attach_running().await {
+            warn!("listing containers: {e}");
+        }
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                ev = events.next() => match ev {
+                    Some(Ok(ev)) => {
+                        let id = ev.actor.as_ref().and_then(|a| a.id.clone()).unwrap_or_default();
+                        match ev.action.as_deref() {
+                            Some("start") => d.consider(&id).await,
+                            Some("die") => d.detach(&id, "container stopped").await,
+                            _ => {}
+                        }
+                    }
+                    Some(Err(e)) => {
+                        warn!("Docker events stream: {e}; resubscribing");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue 'outer;
+                    }
+                    None => {
+                        warn!("Docker events stream ended; resubscribing");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue 'outer;
+                    }
+                },
+                _ = tick.tick() => d.reap().await,
+                _ = sigint.recv() => break 'outer "interrupted",
+                _ = sigterm.recv() => break 'outer "terminated",
+            }
+        }
+    };
+    let all: Vec<String> = state.lock().map(|s| s.followers.keys().cloned().collect()).unwrap_or_default();
+    for id in all {
+        d.detach(&id, stop_reason).await;
+    }
+    eprintln!("awaitlab: daemon stopped ({stop_reason})");
+    Ok(())
+}
+
+struct Daemon {
+    cfg: Arc<DaemonConfig>,
+    docker: Docker,
+    metrics: ProbeMetrics,
+    state: Arc<Mutex<State>>,
+}
+
+impl Daemon {
+    async fn attach_running(&self) -> Result<(), bollard::errors::Error> {
+        let list =
+            self.docker.list_containers(Some(ListContainersOptions { all: false, ..Default::default() })).await?;
+        for c in list {
+            if let Some(id) = c.id {
+                self.consider(&id).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn inspect(&self, id: &str) -> Option<Seen> {
+        let c = match self.docker.inspect_container(id, None).await {
+            Ok(c) => c,
+            // Gone already (a short-lived container): nothing to do.
+            Err(e) => {
+                tracing::debug!("inspecting {id}: {e}");
+                return None;
+            }
+        };
+        let state = c.state.as_ref();
+        let running = state.and_then(|s| s.running).unwrap_or(false);
+        let pid = state.and_then(|s| s.pid).filter(|&p| p > 0 && running).and_then(|p| u32::try_from(p).ok());
+        Some(Seen {
+            id: c.id.unwrap_or_else(|| id.to_string()),
+            name: c.name.unwrap_or_default().trim_start_matches('/').to_string(),
+            labels: c.config.and_then(|c| c.labels).unwrap_or_default(),
+            pid,
+        })
+    }
+
+    /// Attaches to a container if a rule selects it and it is not attached in its current life.
+    async fn consider(&self, id: &str) {
+        let Some(c) = self.inspect(id).await else { return };
+        let view = config::ContainerView { name: &c.name, labels: &c.labels };
+        let Some(rule) = self.cfg.rule_for(&view).cloned() else { return };
+        let Some(pid) = c.pid else { return };
+        let same_life =
+            self.state.lock().map(|s| s.followers.get(&c.id).is_some_and(|f| f.info.pid == pid)).unwrap_or(false);
+        if same_life {
+            return;
+        }
+        self.detach(&c.id, "container restarted").await;
+        let target = match Target::resolve(&format!("pid:{pid}")) {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(container = %c.name, "not attached: {e}");
+                return;
+            }
+        };
+        // Containers can share a namespace (`--network container:NAME`); probes scope by
+        // namespace, so a second attach would count the same traffic twice under two names.
+        let shared = self.state.lock().ok().and_then(|s| {
+            s.followers.values().find(|f| f.info.netns_inum == target.netns_inum && !f.finished()).map(|f| f.info.container.clone())
+        });
+        if let Some(other) = shared {
+            warn!(container = %c.name, "not attached: it shares its network namespace with {other}, which is measured already");
+            return;
+        }
+        let spec = ProbeSpec {
+            netns_inum: target.netns_inum,
+            http_ports: dedup(&rule.http_ports),
+            db_ports: dedup(&rule.db_ports),
+            capture_payload: rule.capture_payload,
+        };
+        let (name, cid, metrics) = (c.name.clone(), c.id.clone(), self.metrics.clone());
+        let interval = Duration::from_secs_f64(self.cfg.interval_s);
+        // Loading the programs takes a moment; keep it off the event loop.
+        let started =
+            tokio::task::spawn_blocking(move || Follower::start(&name, &cid, pid, target, spec, metrics, interval))
+                .await;
+        match started {
+            Ok(Ok(f)) => {
+                let i = &f.info;
+                eprintln!(
+                    "awaitlab: attached to container {} ({}) pid {} netns {}; http ports {:?}, db ports {:?}; live: {}{}; program ids {}",
+                    i.container,
+                    &i.id[..i.id.len().min(12)],
+                    i.pid,
+                    i.netns_inum,
+                    i.http_ports,
+                    i.db_ports,
+                    i.live.join(", "),
+                    if i.skipped.is_empty() { String::new() } else { format!("; skipped: {}", i.skipped.join(", ")) },
+                    i.program_ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+                );
+                if let Ok(mut s) = self.state.lock() {
+                    s.followers.insert(c.id.clone(), f);
+                }
+            }
+            Ok(Err(e)) => warn!(container = %c.name, "not attached: {e}"),
+            Err(e) => warn!(container = %c.name, "not attached: {e}"),
+        }
+    }
+
+    async fn detach(&self, id: &str, why: &str) {
+        let f = self.state.lock().ok().and_then(|mut s| s.followers.remove(id));
+        if let Some(f) = f {
+            let name = f.info.container.clone();
+            // Dropping joins the probe thread, which unloads the programs.
+            let _ = tokio::task::spawn_blocking(move || drop(f)).await;
+            eprintln!("awaitlab: detached from container {name} ({why})");
+            info!(container = %name, "detached: {why}");
+        }
+    }
+
+    /// Followers whose thread ended by itself (namespace gone before the event arrived).
+    async fn reap(&self) {
+        let done: Vec<String> = self
+            .state
+            .lock()
+            .map(|s| s.followers.iter().filter(|(_, f)| f.finished()).map(|(k, _)| k.clone()).collect())
+            .unwrap_or_default();
+        for id in done {
+            self.detach(&id, "container's namespace is gone").await;
+        }
+    }
+}
+
+fn dedup(v: &[u16]) -> Vec<u16> {
+    let mut v = v.to_vec();
+    v.sort_unstable();
+    v.dedup();
+    v
+}

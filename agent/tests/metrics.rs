@@ -1,0 +1,352 @@
+//! Metrics and dashboards: a real Prometheus (Debian's package) scrapes `awaitlab watch
+//! --metrics-addr` during a short load against a test server in a namespace, and every query of
+//! every Grafana dashboard panel, run through Prometheus's HTTP API, must return data; the
+//! exposition must pass `promtool check metrics`; the dashboard JSON must follow the checks
+//! below. Run as root (`cargo xtask test`).
+//!
+//! Until the load generator and the delay back ends are merged, their series come from a test
+//! driver: this test performs the requests itself with a std client and reports each outcome to
+//! `LoadMetrics` (and the delay in force, none, to `DelayMetrics`, and the cell to
+//! `ExperimentMetrics`) through their public API, served on its own /metrics endpoint.
+
+mod common;
+
+use std::{
+    collections::HashSet,
+    io::Write as _,
+    net::{SocketAddr, TcpStream},
+    process::{Command, Stdio},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use awaitlab::metrics::{server, DelayMetrics, ExperimentMetrics, LoadMetrics, Outcome};
+use common::{prom::*, *};
+
+const DB_DELAY: Duration = Duration::from_millis(5);
+const LOAD_FOR: Duration = Duration::from_secs(8);
+const SCRAPE: Duration = Duration::from_millis(500);
+
+fn sum_of(p: &Prometheus, expr: &str, t: f64) -> f64 {
+    let r = p.query(expr, t).unwrap_or_else(|e| panic!("{expr}: {e}"));
+    r.iter().map(|s| s["value"][1].as_str().unwrap().parse::<f64>().unwrap()).sum()
+}
+
+/// `promtool check metrics` on an exposition; returns its complaints on failure.
+fn promtool_check(exposition: &str) -> Result<(), String> {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; cargo xtask setup installs it)");
+    child.stdin.take().unwrap().write_all(exposition.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if out.status.success() && said.trim().is_empty() {
+        Ok(())
+    } else {
+        Err(said)
+    }
+}
+
+fn metrics_addr(agent: &Agent) -> SocketAddr {
+    let err = agent.stderr_so_far();
+    let line = err
+        .split_inclusive('\n')
+        .find(|l| l.ends_with('\n') && l.contains("metrics on http://"))
+        .unwrap_or_else(|| panic!("no metrics line: {err}"));
+    let a = line.trim_end().split("http://").nth(1).unwrap().trim_end_matches("/metrics");
+    a.parse().unwrap()
+}
+
+/// The test driver's registry, served on loopback: what the load generator and the delay
+/// back end will export once merged.
+struct Driver {
+    load: LoadMetrics,
+    delay: DelayMetrics,
+    cell: ExperimentMetrics,
+    addr: SocketAddr,
+    _server: server::Server,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Driver {
+    fn start() -> Driver {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let registry = prometheus::Registry::new();
+        let load = LoadMetrics::new(&registry).unwrap();
+        let delay = DelayMetrics::new(&registry).unwrap();
+        let cell = ExperimentMetrics::new(&registry).unwrap();
+        let server = rt.block_on(server::serve_metrics("127.0.0.1:0".parse().unwrap(), registry)).unwrap();
+        Driver { load, delay, cell, addr: server.addr, _server: server, _rt: rt }
+    }
+}
+
+#[test]
+fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
+    let srv_ns = Netns::new("ms");
+    let db_ns = Netns::new("md");
+    let link = Veth::new(Some(&srv_ns), &db_ns, "10.231.7");
+    let client_link = Veth::new(None, &srv_ns, "10.232.7");
+    let db_addr: SocketAddr = format!("{}:5432", link.right_ip).parse().unwrap();
+    let srv_addr: SocketAddr = format!("{}:8000", client_link.right_ip).parse().unwrap();
+    // Nothing listens here: connecting is refused, a real connect failure for the client.
+    let refused_addr: SocketAddr = format!("{}:8001", client_link.right_ip).parse().unwrap();
+    let db = FakeDb::start(Some(&db_ns), db_addr, DB_DELAY);
+    let server = SyncServer::start(Some(&srv_ns), "0.0.0.0:8000".parse().unwrap(), db_addr);
+
+    let agent = Agent::watch(&[
+        "--target",
+        &srv_ns.path(),
+        "--http-port",
+        "8000",
+        "--db-port",
+        "5432",
+        "--interval",
+        "0.25",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ]);
+    let agent_addr = metrics_addr(&agent);
+    let driver = Driver::start();
+    let prom = Prometheus::start(&[agent_addr, driver.addr], SCRAPE);
+    prom.wait_targets_up(2);
+
+    // The load: 4 closed-loop users; every 10th attempt goes to a closed port instead.
+    const USERS: u64 = 4;
+    driver.load.set_users(USERS);
+    driver.delay.clear("none");
+    driver.cell.set_cell("sync", "k2", 0, 1);
+    let ok = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let until = Instant::now() + LOAD_FOR;
+    let users: Vec<_> = (0..USERS)
+        .map(|_| {
+            let (load, ok, refused) = (driver.load.clone(), ok.clone(), refused.clone());
+            std::thread::spawn(move || {
+                let mut i = 0u64;
+                while Instant::now() < until {
+                    i += 1;
+                    let t0 = Instant::now();
+                    if i.is_multiple_of(10) {
+                        let e = TcpStream::connect_timeout(&refused_addr, Duration::from_secs(2)).unwrap_err();
+                        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+                        load.observe_response(t0.elapsed(), Outcome::ConnectError);
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    let mut c = TcpStream::connect(srv_addr).unwrap();
+                    let status = get(&mut c, "/k2", true);
+                    load.observe_response(t0.elapsed(), Outcome::Status(status));
+                    ok.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for u in users {
+        u.join().unwrap();
+    }
+    driver.load.set_users(0);
+    let load_end = now();
+    // Let the last closes reach the probes, the agent's 0.25 s snapshot run, and Prometheus
+    // scrape twice more.
+    std::thread::sleep(Duration::from_millis(300) + SCRAPE * 4);
+    let t = now();
+
+    let (ok, refused) = (ok.load(Ordering::Relaxed), refused.load(Ordering::Relaxed));
+    assert!(ok > 20 && refused > 0, "load too small: {ok} ok, {refused} refused");
+    // Counts against the other side's own counts, as Prometheus stored them.
+    assert_eq!(server.requests.load(Ordering::Relaxed), ok);
+    assert_eq!(sum_of(&prom, "sum(awaitlab_http_server_requests_total)", t), ok as f64, "server requests");
+    assert_eq!(
+        sum_of(&prom, r#"sum(awaitlab_http_server_requests_total{method="GET",route="/k2",status_class="2xx"})"#, t),
+        ok as f64
+    );
+    assert_eq!(sum_of(&prom, "sum(awaitlab_db_round_trips_total)", t), db.queries.load(Ordering::Relaxed) as f64);
+    assert_eq!(sum_of(&prom, "sum(awaitlab_db_round_trips_total)", t), 2.0 * ok as f64, "2 round trips per /k2");
+    assert_eq!(
+        sum_of(&prom, r#"sum(awaitlab_connections_opened_total{role="db"})"#, t),
+        ok as f64,
+        "a db connection per request"
+    );
+    assert_eq!(sum_of(&prom, "sum(awaitlab_load_requests_total)", t), (ok + refused) as f64);
+    assert_eq!(sum_of(&prom, r#"sum(awaitlab_load_failures_total{kind="connect"})"#, t), refused as f64);
+    // The database answers after DB_DELAY, so no round trip is faster: the round-trip histogram
+    // has nothing at or below 5 ms... except what falls in the 5 ms bucket's edge (le is
+    // inclusive, and a 5.0x ms round trip lands in the 0.01 bucket), so check the 0.0025 bucket.
+    assert_eq!(sum_of(&prom, r#"sum(awaitlab_db_round_trip_duration_seconds_bucket{le="0.0025"})"#, t), 0.0);
+    let lost = sum_of(&prom, r#"sum(awaitlab_lost_events_total{cause!="unknown_socket"})"#, t);
+    assert_eq!(lost, 0.0, "nothing lost");
+
+    // Every query of every panel returns data over the load. `$__rate_interval` is 4 scrape
+    // intervals (Grafana's rule: at least 4x the scrape interval), `$__range` covers the load.
+    let mut failed = Vec::new();
+    let queries = dashboard_queries();
+    for (file, title, expr) in &queries {
+        let e = substitute(expr, "2s", "10s");
+        match prom.query(&e, load_end - 1.0) {
+            Err(err) => failed.push(format!("{file} / {title}: {e}: {err}")),
+            Ok(r) if r.is_empty() => failed.push(format!("{file} / {title}: {e}: no data")),
+            Ok(r) => {
+                let finite = r
+                    .iter()
+                    .any(|s| s["value"][1].as_str().and_then(|v| v.parse::<f64>().ok()).is_some_and(f64::is_finite));
+                if !finite {
+                    failed.push(format!("{file} / {title}: {e}: only NaN/Inf: {r:?}"));
+                }
+            }
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {} dashboard queries failed:\n{}",
+        failed.len(),
+        queries.len(),
+        failed.join("\n")
+    );
+
+    // Every template variable offers at least one value (what the drop-down would list).
+    for (file, name, metric, label) in dashboard_variables() {
+        let r = prom.query(&format!("count by ({label}) ({metric})"), load_end - 1.0).unwrap();
+        let values: Vec<&str> = r.iter().filter_map(|s| s["metric"][label.as_str()].as_str()).collect();
+        if values.is_empty() {
+            failed.push(format!("{file}: variable {name}: label_values({metric}, {label}) is empty"));
+        }
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+
+    // The exposition as Prometheus reads it passes promtool's checks.
+    for addr in [agent_addr, driver.addr] {
+        let (status, text) = http_get(addr, "/metrics");
+        assert_eq!(status, 200);
+        if let Err(e) = promtool_check(&text) {
+            panic!("promtool check metrics on {addr}:\n{e}\n{text}");
+        }
+    }
+
+    drop(prom);
+    let out = agent.stop();
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    out.assert_detached();
+}
+
+#[test]
+fn dashboards_follow_the_rules() {
+    let ds_yaml = std::fs::read_to_string(dashboards_dir().join("provisioning/datasources/awaitlab.yaml")).unwrap();
+    assert!(ds_yaml.contains("uid: awaitlab-prometheus"), "the provisioned datasource has the fixed uid");
+    for (file, d) in dashboards() {
+        assert!(d["uid"].as_str().is_some_and(|u| !u.is_empty()), "{file}: uid");
+        assert!(d["title"].as_str().is_some_and(|u| !u.is_empty()), "{file}: title");
+        let vars = d["templating"]["list"].as_array().unwrap_or_else(|| panic!("{file}: no templating"));
+        let ds =
+            vars.iter().find(|v| v["type"] == "datasource").unwrap_or_else(|| panic!("{file}: no datasource variable"));
+        assert_eq!(ds["name"], "datasource", "{file}");
+        assert_eq!(ds["query"], "prometheus", "{file}");
+        assert_eq!(ds["current"]["value"], "awaitlab-prometheus", "{file}: defaults to the provisioned uid");
+        for v in vars.iter().filter(|v| v["type"] == "query") {
+            assert_eq!(v["datasource"]["uid"], "${datasource}", "{file}: variable {}", v["name"]);
+        }
+        let mut ids = HashSet::new();
+        for p in panels(&d) {
+            let title = p["title"].as_str().unwrap_or("?");
+            let id = p["id"].as_u64().unwrap_or_else(|| panic!("{file}: panel {title:?} has no id"));
+            assert!(ids.insert(id), "{file}: panel id {id} used twice");
+            if p["type"] == "row" {
+                continue;
+            }
+            assert!(
+                p["description"].as_str().is_some_and(|s| s.len() > 10),
+                "{file}: panel {title:?} has no description"
+            );
+            assert!(
+                p["fieldConfig"]["defaults"]["unit"].as_str().is_some_and(|s| !s.is_empty()),
+                "{file}: panel {title:?} has no unit"
+            );
+            assert_eq!(p["datasource"]["uid"], "${datasource}", "{file}: panel {title:?} datasource");
+            let targets = p["targets"].as_array().unwrap_or_else(|| panic!("{file}: panel {title:?} has no queries"));
+            assert!(!targets.is_empty(), "{file}: panel {title:?} has no queries");
+            for t in targets {
+                let e = t["expr"].as_str().unwrap_or_else(|| panic!("{file}: panel {title:?}: query without expr"));
+                if let Some(ds) = t.get("datasource") {
+                    assert_eq!(ds["uid"], "${datasource}", "{file}: panel {title:?} query datasource");
+                }
+                for banned in ["instance=", "instance!", "job=", "localhost", "127.0.0.1", ":9464"] {
+                    assert!(!e.contains(banned), "{file}: panel {title:?}: hard-coded {banned:?} in {e}");
+                }
+                // Every variable used is one substitute() knows (it panics otherwise).
+                let _ = substitute(e, "1m", "1h");
+            }
+        }
+        // No hard-coded datasource anywhere: every "uid" under a datasource is the variable.
+        let text = serde_json::to_string(&d).unwrap();
+        let fixed = text.matches("\"datasource\":{\"type\":\"prometheus\",\"uid\":\"").count();
+        let var = text.matches("\"datasource\":{\"type\":\"prometheus\",\"uid\":\"${datasource}\"}").count();
+        assert_eq!(fixed, var, "{file}: a datasource reference that is not ${{datasource}}");
+    }
+}
+
+#[test]
+fn prometheus_config_and_compose_file_are_valid() {
+    let out = Command::new("promtool")
+        .args(["check", "config"])
+        .arg(dashboards_dir().join("prometheus.yml"))
+        .output()
+        .expect("promtool");
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    // `config` validates against the Compose schema without pulling anything. Prefer v2, fall
+    // back to the old docker-compose: the file must satisfy both.
+    let compose = dashboards_dir().join("compose.yaml");
+    let mut checked = 0;
+    for cmd in [&["docker", "compose"][..], &["docker-compose"][..]] {
+        let present = Command::new(cmd[0]).args(&cmd[1..]).arg("version").output().is_ok_and(|o| o.status.success());
+        if !present {
+            continue;
+        }
+        let out = Command::new(cmd[0])
+            .args(&cmd[1..])
+            .arg("-f")
+            .arg(&compose)
+            .args(["--profile", "monitoring", "config", "-q"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{cmd:?} config: {}", String::from_utf8_lossy(&out.stderr));
+        checked += 1;
+    }
+    assert!(checked > 0, "neither `docker compose` nor docker-compose is installed");
+}
+
+#[test]
+fn the_driver_exposition_passes_promtool() {
+    // Every family, including the generator's and the delay's, with samples in each.
+    let d = Driver::start();
+    d.load.set_users(3);
+    for o in [Outcome::Status(200), Outcome::Status(503), Outcome::Reset, Outcome::Timeout] {
+        d.load.observe_response(Duration::from_millis(12), o);
+    }
+    d.delay.set(Duration::from_millis(100), Some(Duration::from_micros(100_300)), "netem");
+    d.cell.set_cell("async-limited", "io_read", 100, 2);
+    let (status, text) = http_get(d.addr, "/metrics");
+    assert_eq!(status, 200);
+    promtool_check(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert!(text.contains("awaitlab_load_failures_total{kind=\"http_5xx\"} 1"), "{text}");
+}
+
+#[test]
+fn a_bad_or_busy_metrics_address_is_one_clear_error() {
+    let out = agent_once(&["watch", "--target", "1", "--metrics-addr", "nonsense"]);
+    assert_eq!(out.code, Some(64), "{}", out.stderr);
+    assert!(out.stderr.contains("--metrics-addr"), "{}", out.stderr);
+    // The server binds before the probes load: a busy port loads nothing.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let me = std::process::id().to_string();
+    let out = assert_loads_nothing(|| agent_once(&["watch", "--target", &me, "--metrics-addr", &addr]));
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+    assert!(out.stderr.contains(&format!("metrics server on {addr}")), "{}", out.stderr);
+}
