@@ -42,7 +42,7 @@ pub enum Command {
     /// Attach to a network namespace and print what its server does, once a second.
     Watch(cmd::watch::Args),
     /// Load an HTTP server: the study's closed-loop ramp, stages, or an open model.
-    Load(cmd::load::Args),
+    Load(Box<cmd::load::Args>),
 }
 
 /// Parses `args` and runs the subcommand. Errors print one line; usage errors exit with 64.
@@ -66,7 +66,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     init_logging(cli.log_format);
     match cli.command {
         Command::Watch(args) => cmd::watch::run(args),
-        Command::Load(args) => cmd::load::run(args),
+        Command::Load(args) => cmd::load::run(*args),
     }
 }
 

@@ -8,6 +8,7 @@ mod bench;
 mod bpfstats;
 mod cmd;
 mod images;
+mod loadbench;
 mod netns;
 mod setup;
 mod test;

@@ -21,7 +21,8 @@ use crate::{
     load::{
         self,
         schedule::{parse_duration, parse_stages},
-        BodySpec, ClosedSchedule, LoadError, LoadReport, LoadSpec, Model, OpenSchedule, Progress, RequestSpec, Route, Wait,
+        BodySpec, ClosedSchedule, LoadError, LoadReport, LoadSpec, Model, OpenSchedule, Progress,
+        RequestSpec, Route, Wait,
     },
     EXIT_USAGE,
 };
@@ -110,7 +111,11 @@ fn usage(msg: impl std::fmt::Display) -> ExitCode {
 
 /// Flags to spec; every error here is a usage error.
 pub fn spec_from_args(a: &Args) -> Result<LoadSpec, String> {
-    let dur = |s: &str| parse_duration(s).map(|d| d.as_secs_f64()).map_err(|e| e.to_string());
+    let dur = |s: &str| {
+        parse_duration(s)
+            .map(|d| d.as_secs_f64())
+            .map_err(|e| e.to_string())
+    };
     let (url, mut request) = match a.route {
         Some(r) => (load::join_url(&a.url, r.path()), r.request()),
         None => (a.url.clone(), RequestSpec::default()),
@@ -119,13 +124,19 @@ pub fn spec_from_args(a: &Args) -> Result<LoadSpec, String> {
         request.method = m.clone();
     }
     for h in &a.headers {
-        let (k, v) = h.split_once(':').ok_or_else(|| format!("malformed header {h:?}: expected \"Name: value\""))?;
-        request.headers.push((k.trim().to_owned(), v.trim().to_owned()));
+        let (k, v) = h
+            .split_once(':')
+            .ok_or_else(|| format!("malformed header {h:?}: expected \"Name: value\""))?;
+        request
+            .headers
+            .push((k.trim().to_owned(), v.trim().to_owned()));
     }
     if !a.form.is_empty() {
         let mut fields = Vec::new();
         for f in &a.form {
-            let (k, v) = f.split_once('=').ok_or_else(|| format!("malformed form field {f:?}: expected k=v"))?;
+            let (k, v) = f
+                .split_once('=')
+                .ok_or_else(|| format!("malformed form field {f:?}: expected k=v"))?;
             fields.push((k.to_owned(), v.to_owned()));
         }
         request.body = BodySpec::Form(fields);
@@ -143,7 +154,10 @@ pub fn spec_from_args(a: &Args) -> Result<LoadSpec, String> {
         if a.wait.is_some() {
             return Err("--wait applies to the closed model only".into());
         }
-        Model::Open { schedule: OpenSchedule::ramp(rate, ramp, run_time).map_err(|e| e.to_string())?, max_in_flight: a.max_in_flight }
+        Model::Open {
+            schedule: OpenSchedule::ramp(rate, ramp, run_time).map_err(|e| e.to_string())?,
+            max_in_flight: a.max_in_flight,
+        }
     } else {
         let schedule = if let Some(p) = a.profile {
             if run_time.is_some() {
@@ -157,7 +171,8 @@ pub fn spec_from_args(a: &Args) -> Result<LoadSpec, String> {
             if run_time.is_some() {
                 return Err("--stages sets its own run time; leave out --run-time".into());
             }
-            ClosedSchedule::new(parse_stages(s).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?
+            ClosedSchedule::new(parse_stages(s).map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?
         } else if let Some(u) = a.users {
             if u <= 0 {
                 return Err(format!("--users must be greater than 0, not {u}"));
@@ -166,19 +181,45 @@ pub fn spec_from_args(a: &Args) -> Result<LoadSpec, String> {
             let run_time = run_time.ok_or("--users needs --run-time")?;
             let rate = a.spawn_rate.unwrap_or(f64::INFINITY);
             if rate.is_infinite() {
-                ClosedSchedule::new(vec![load::Stage { target: f64::from(u), duration_s: 0.0 }, load::Stage { target: f64::from(u), duration_s: run_time }])
-                    .map_err(|e| e.to_string())?
+                ClosedSchedule::new(vec![
+                    load::Stage {
+                        target: f64::from(u),
+                        duration_s: 0.0,
+                    },
+                    load::Stage {
+                        target: f64::from(u),
+                        duration_s: run_time,
+                    },
+                ])
+                .map_err(|e| e.to_string())?
             } else {
                 ClosedSchedule::ramp(u, rate, run_time).map_err(|e| e.to_string())?
             }
         } else {
             return Err("say how much load: --profile study|quick, --users N --run-time T, --stages S, or --rate R --run-time T".into());
         };
-        let wait = a.wait.as_deref().map(Wait::parse).transpose().map_err(|e| e.to_string())?.unwrap_or_default();
+        let wait = a
+            .wait
+            .as_deref()
+            .map(Wait::parse)
+            .transpose()
+            .map_err(|e| e.to_string())?
+            .unwrap_or_default();
         Model::Closed { schedule, wait }
     };
-    let timeout = a.timeout.as_deref().map(parse_duration).transpose().map_err(|e| e.to_string())?;
-    let spec = LoadSpec { url, request, model, timeout, keep_alive: !a.no_keepalive };
+    let timeout = a
+        .timeout
+        .as_deref()
+        .map(parse_duration)
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let spec = LoadSpec {
+        url,
+        request,
+        model,
+        timeout,
+        keep_alive: !a.no_keepalive,
+    };
     load::validate(&spec).map_err(|e| e.to_string())?;
     Ok(spec)
 }
@@ -210,7 +251,12 @@ pub fn run(args: Args) -> ExitCode {
         Err(e) => return usage(e),
     };
     raise_nofile_limit();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // The users run on the generator's own per-core threads; this runtime only runs the
+    // schedule, the collector and the signal handlers.
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => return fail(&anyhow::Error::new(e).context("starting the runtime"), 1),
     };
@@ -228,7 +274,10 @@ pub fn run(args: Args) -> ExitCode {
 
 /// Each user holds a socket: lift the soft descriptor limit to the hard one.
 fn raise_nofile_limit() {
-    let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: valid pointer to a local rlimit.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } == 0 && l.rlim_cur < l.rlim_max {
         l.rlim_cur = l.rlim_max;
@@ -241,10 +290,18 @@ async fn drive(args: &Args, spec: &LoadSpec) -> anyhow::Result<()> {
     if !args.no_check {
         let target = load::parse_url(&spec.url)?;
         let addr = load::resolve(&target).await?;
-        tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(addr))
-            .await
-            .map_err(|_| anyhow::anyhow!("cannot connect to {} ({addr}): timed out after 10 s", target.authority))?
-            .with_context(|| format!("cannot connect to {} ({addr})", target.authority))?;
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "cannot connect to {} ({addr}): timed out after 10 s",
+                target.authority
+            )
+        })?
+        .with_context(|| format!("cannot connect to {} ({addr})", target.authority))?;
     }
     let cancel = CancellationToken::new();
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -266,9 +323,17 @@ async fn drive(args: &Args, spec: &LoadSpec) -> anyhow::Result<()> {
     }
     let report = report?;
     if let Some(prefix) = &args.csv_prefix {
-        let dir = prefix.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-        let name = prefix.file_name().and_then(|n| n.to_str()).context("--csv-prefix must end in a file name")?;
-        report.write_locust_csv(dir, name).with_context(|| format!("writing the CSV files {}_*.csv", prefix.display()))?;
+        let dir = prefix
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        let name = prefix
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("--csv-prefix must end in a file name")?;
+        report
+            .write_locust_csv(dir, name)
+            .with_context(|| format!("writing the CSV files {}_*.csv", prefix.display()))?;
     }
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -281,7 +346,9 @@ async fn drive(args: &Args, spec: &LoadSpec) -> anyhow::Result<()> {
 }
 
 fn progress_line(p: &Progress, tty: bool) {
-    let p50 = p.p50_ms_last_s.map_or_else(|| "-".to_owned(), |v| format!("{v:.2} ms"));
+    let p50 = p
+        .p50_ms_last_s
+        .map_or_else(|| "-".to_owned(), |v| format!("{v:.2} ms"));
     let line = format!(
         "{:>6.1}/{:.0}s  users {:>5}  req/s {:>8}  failures {:>7} ({}/s)  p50 {}",
         p.elapsed.as_secs_f64(),
@@ -300,22 +367,63 @@ fn progress_line(p: &Progress, tty: bool) {
 }
 
 fn summary(out: &mut impl std::io::Write, r: &LoadReport) -> std::io::Result<()> {
-    writeln!(out, "{} {} ({} model, {:.1} s of {:.1} s planned{})", r.method, r.url, r.model, r.actual_duration_s, r.planned_duration_s, if r.stopped_early { ", stopped early" } else { "" })?;
-    writeln!(out, "requests {}  successes {}  failures {}  max users {}", r.requests, r.successes, r.failures, r.max_users)?;
-    writeln!(out, "total successes {}  max sRPS {:.2}", r.total_successes, r.max_srps)?;
+    writeln!(
+        out,
+        "{} {} ({} model, {:.1} s of {:.1} s planned{})",
+        r.method,
+        r.url,
+        r.model,
+        r.actual_duration_s,
+        r.planned_duration_s,
+        if r.stopped_early {
+            ", stopped early"
+        } else {
+            ""
+        }
+    )?;
+    writeln!(
+        out,
+        "requests {}  successes {}  failures {}  max users {}",
+        r.requests, r.successes, r.failures, r.max_users
+    )?;
+    writeln!(
+        out,
+        "total successes {}  max sRPS {:.2}",
+        r.total_successes, r.max_srps
+    )?;
     let q = &r.latency_ms;
-    writeln!(out, "latency ms  min {:.3}  p50 {:.3}  p95 {:.3}  p99 {:.3}  max {:.3}  mean {:.3}", q.min, q.p50, q.p95, q.p99, q.max, q.mean)?;
+    writeln!(
+        out,
+        "latency ms  min {:.3}  p50 {:.3}  p95 {:.3}  p99 {:.3}  max {:.3}  mean {:.3}",
+        q.min, q.p50, q.p95, q.p99, q.max, q.mean
+    )?;
     let c = &r.connect_ms;
-    writeln!(out, "connect ms  {} connections  p50 {:.3}  p99 {:.3}  max {:.3}", c.count, c.p50, c.p99, c.max)?;
+    writeln!(
+        out,
+        "connect ms  {} connections  p50 {:.3}  p99 {:.3}  max {:.3}",
+        c.count, c.p50, c.p99, c.max
+    )?;
     if r.model == "open" {
-        writeln!(out, "late starts {}  start lag p99 {:.3} ms", r.late_starts, r.start_lag_ms.p99)?;
+        writeln!(
+            out,
+            "late starts {}  start lag p99 {:.3} ms",
+            r.late_starts, r.start_lag_ms.p99
+        )?;
     }
     if !r.failures_by_kind.is_empty() {
-        let f: Vec<String> = r.failures_by_kind.iter().map(|f| format!("{} {}", f.kind, f.count)).collect();
+        let f: Vec<String> = r
+            .failures_by_kind
+            .iter()
+            .map(|f| format!("{} {}", f.kind, f.count))
+            .collect();
         writeln!(out, "failures by kind: {}", f.join(", "))?;
     }
     if r.in_flight_at_end > 0 {
-        writeln!(out, "in flight at the end (not counted): {}", r.in_flight_at_end)?;
+        writeln!(
+            out,
+            "in flight at the end (not counted): {}",
+            r.in_flight_at_end
+        )?;
     }
     Ok(())
 }

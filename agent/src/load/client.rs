@@ -32,7 +32,13 @@ type Io = TokioIo<TcpStream>;
 struct Conn {
     sender: SendRequest<Full<Bytes>>,
     conn: Connection<Io, Full<Bytes>>,
+    last_used: Instant,
 }
+
+/// A connection idle for longer than this is checked for a close by the server before reuse.
+/// Below it the check would cost a read syscall per request for nothing: servers close idle
+/// connections after seconds, not microseconds.
+const IDLE_CHECK: Duration = Duration::from_millis(20);
 
 /// A user's connection slot.
 #[derive(Default)]
@@ -49,12 +55,24 @@ pub struct Exchange {
 impl UserConn {
     /// Sends `req` on the user's connection, opening one if needed, and reads the whole
     /// response. Never panics, never retries.
-    pub async fn send(&mut self, addr: SocketAddr, keep_alive: bool, req: Request<Full<Bytes>>, rec: &Recorder) -> Exchange {
-        if let Some(c) = &mut self.conn {
+    pub async fn send(
+        &mut self,
+        addr: SocketAddr,
+        keep_alive: bool,
+        req: Request<Full<Bytes>>,
+        rec: &Recorder,
+    ) -> Exchange {
+        if let Some(c) = self
+            .conn
+            .as_mut()
+            .filter(|c| c.last_used.elapsed() >= IDLE_CHECK)
+        {
             // The server may have closed an idle connection since the last request: poll the
             // connection once without waiting, so that a FIN already received is seen now
             // rather than as a failure of the next request.
-            let closed = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut c.conn).poll(cx).is_ready())).await;
+            let closed =
+                std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut c.conn).poll(cx).is_ready()))
+                    .await;
             if closed || c.sender.is_closed() {
                 self.conn = None;
             }
@@ -62,15 +80,22 @@ impl UserConn {
         if self.conn.is_none() {
             match connect(addr, rec).await {
                 Ok(c) => self.conn = Some(c),
-                Err(kind) => return Exchange { outcome: Outcome::Error(kind), bytes: 0 },
+                Err(kind) => {
+                    return Exchange {
+                        outcome: Outcome::Error(kind),
+                        bytes: 0,
+                    }
+                }
             }
         }
         let mut req = req;
         if !keep_alive {
-            req.headers_mut().insert(CONNECTION, hyper::header::HeaderValue::from_static("close"));
+            req.headers_mut()
+                .insert(CONNECTION, hyper::header::HeaderValue::from_static("close"));
         }
         let c = self.conn.as_mut().expect("connection was just opened");
         let (result, conn_err) = exchange(c, req).await;
+        c.last_used = Instant::now();
         match result {
             Ok((status, bytes, close)) => {
                 if close || !keep_alive || conn_err.is_some() {
@@ -78,14 +103,24 @@ impl UserConn {
                     // to close after each response.
                     self.conn = None;
                 }
-                Exchange { outcome: Outcome::Status(status), bytes }
+                Exchange {
+                    outcome: Outcome::Status(status),
+                    bytes,
+                }
             }
             Err(e) => {
                 self.conn = None;
                 // The connection's own error (e.g. the reset it read) says more than the
                 // request's ("connection closed").
-                let kind = conn_err.as_ref().map(classify).filter(|k| *k != ErrorKind::Protocol).unwrap_or_else(|| classify(&e));
-                Exchange { outcome: Outcome::Error(kind), bytes: 0 }
+                let kind = conn_err
+                    .as_ref()
+                    .map(classify)
+                    .filter(|k| *k != ErrorKind::Protocol)
+                    .unwrap_or_else(|| classify(&e));
+                Exchange {
+                    outcome: Outcome::Error(kind),
+                    bytes: 0,
+                }
             }
         }
     }
@@ -98,12 +133,21 @@ impl UserConn {
 
 async fn connect(addr: SocketAddr, rec: &Recorder) -> Result<Conn, ErrorKind> {
     let t0 = Instant::now();
-    let stream = TcpStream::connect(addr).await.map_err(|e| classify_io(&e, true))?;
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| classify_io(&e, true))?;
     rec.connect(t0.elapsed());
     // Requests are small and written at once; Nagle would only delay them.
     let _ = stream.set_nodelay(true);
-    let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(|e| classify(&e))?;
-    Ok(Conn { sender, conn })
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| classify(&e))?;
+    Ok(Conn {
+        sender,
+        conn,
+        last_used: Instant::now(),
+    })
 }
 
 type Response = (u16, u64, bool);
@@ -111,8 +155,11 @@ type Response = (u16, u64, bool);
 /// Drives the request and the connection together until the response body has been read.
 /// Returns the response (status, body bytes, whether the server asked to close) or the
 /// request's error, and the connection's own error if it ended with one.
-async fn exchange(c: &mut Conn, req: Request<Full<Bytes>>) -> (Result<Response, hyper::Error>, Option<hyper::Error>) {
-    let Conn { sender, conn } = c;
+async fn exchange(
+    c: &mut Conn,
+    req: Request<Full<Bytes>>,
+) -> (Result<Response, hyper::Error>, Option<hyper::Error>) {
+    let Conn { sender, conn, .. } = c;
     let request = async {
         let resp = sender.send_request(req).await?;
         let status = resp.status().as_u16();
@@ -145,7 +192,9 @@ async fn exchange(c: &mut Conn, req: Request<Full<Bytes>>) -> (Result<Response, 
 fn wants_close(version: Version, headers: &hyper::HeaderMap) -> bool {
     let has = |token: &str| {
         headers.get_all(CONNECTION).iter().any(|v| {
-            v.to_str().map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))).unwrap_or(false)
+            v.to_str()
+                .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+                .unwrap_or(false)
         })
     };
     if version == Version::HTTP_10 {
@@ -187,7 +236,10 @@ pub fn classify(e: &hyper::Error) -> ErrorKind {
 
 /// Runs `f` with an optional deadline; on expiry the connection is dropped and the request is
 /// a timeout.
-pub async fn with_timeout<F: Future<Output = Exchange>>(timeout: Option<Duration>, f: F) -> Option<Exchange> {
+pub async fn with_timeout<F: Future<Output = Exchange>>(
+    timeout: Option<Duration>,
+    f: F,
+) -> Option<Exchange> {
     match timeout {
         None => Some(f.await),
         Some(t) => tokio::time::timeout(t, f).await.ok(),

@@ -16,7 +16,9 @@ use std::{
 
 use super::report::{LoadReport, Quantiles};
 
-const PCT_COLUMNS: [&str; 11] = ["50%", "66%", "75%", "80%", "90%", "95%", "98%", "99%", "99.9%", "99.99%", "100%"];
+const PCT_COLUMNS: [&str; 11] = [
+    "50%", "66%", "75%", "80%", "90%", "95%", "98%", "99%", "99.9%", "99.99%", "100%",
+];
 
 /// One CSV field (RFC 4180 quoting when needed, as Python's csv module does).
 fn field(s: &str) -> String {
@@ -55,7 +57,9 @@ fn error_text(kind: &str, r: &LoadReport) -> String {
     match kind {
         "refused" => "ConnectionRefusedError(111, 'Connection refused')".into(),
         "reset" => "ConnectionResetError(104, 'Connection reset by peer')".into(),
-        "closed_without_response" => "RemoteDisconnected('Remote end closed connection without response')".into(),
+        "closed_without_response" => {
+            "RemoteDisconnected('Remote end closed connection without response')".into()
+        }
         "timeout" => "Timeout('request timed out')".into(),
         "connect" => "ConnectError('could not connect')".into(),
         "protocol" => "ProtocolError('invalid HTTP response')".into(),
@@ -87,7 +91,11 @@ pub fn stats_csv(r: &LoadReport) -> String {
     header.extend(PCT_COLUMNS.iter().map(|s| s.to_string()));
     row(&mut out, &header);
     let dur = r.actual_duration_s.max(1e-9);
-    let avg_size = if r.requests > 0 { r.bytes_received as f64 / r.requests as f64 } else { 0.0 };
+    let avg_size = if r.requests > 0 {
+        r.bytes_received as f64 / r.requests as f64
+    } else {
+        0.0
+    };
     for (ty, name) in [(r.method.as_str(), r.name.as_str()), ("", "Aggregated")] {
         let q = &r.latency_ms;
         let mut cells = vec![
@@ -111,8 +119,17 @@ pub fn stats_csv(r: &LoadReport) -> String {
 
 pub fn stats_history_csv(r: &LoadReport) -> String {
     let mut out = String::new();
-    let mut header: Vec<String> =
-        ["Timestamp", "User Count", "Type", "Name", "Requests/s", "Failures/s"].iter().map(|s| s.to_string()).collect();
+    let mut header: Vec<String> = [
+        "Timestamp",
+        "User Count",
+        "Type",
+        "Name",
+        "Requests/s",
+        "Failures/s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     header.extend(PCT_COLUMNS.iter().map(|s| s.to_string()));
     header.extend(
         [
@@ -140,7 +157,11 @@ pub fn stats_history_csv(r: &LoadReport) -> String {
         ];
         cells.extend(pcts(&p.latency_ms));
         let t = &p.total_latency_ms;
-        let avg_size = if p.total_requests > 0 { p.total_bytes as f64 / p.total_requests as f64 } else { 0.0 };
+        let avg_size = if p.total_requests > 0 {
+            p.total_bytes as f64 / p.total_requests as f64
+        } else {
+            0.0
+        };
         cells.extend([
             p.total_requests.to_string(),
             p.total_failures.to_string(),
@@ -157,9 +178,25 @@ pub fn stats_history_csv(r: &LoadReport) -> String {
 
 pub fn failures_csv(r: &LoadReport) -> String {
     let mut out = String::new();
-    row(&mut out, &["Method".into(), "Name".into(), "Error".into(), "Occurrences".into()]);
+    row(
+        &mut out,
+        &[
+            "Method".into(),
+            "Name".into(),
+            "Error".into(),
+            "Occurrences".into(),
+        ],
+    );
     for f in &r.failures_by_kind {
-        row(&mut out, &[r.method.clone(), r.name.clone(), error_text(&f.kind, r), f.count.to_string()]);
+        row(
+            &mut out,
+            &[
+                r.method.clone(),
+                r.name.clone(),
+                error_text(&f.kind, r),
+                f.count.to_string(),
+            ],
+        );
     }
     out
 }
@@ -168,7 +205,11 @@ pub fn failures_csv(r: &LoadReport) -> String {
 /// and renamed, so that a reader never sees half a file. Returns the paths written.
 pub fn write(r: &LoadReport, dir: &Path, prefix: &str) -> std::io::Result<Vec<PathBuf>> {
     let mut written = Vec::new();
-    for (suffix, text) in [("stats", stats_csv(r)), ("stats_history", stats_history_csv(r)), ("failures", failures_csv(r))] {
+    for (suffix, text) in [
+        ("stats", stats_csv(r)),
+        ("stats_history", stats_history_csv(r)),
+        ("failures", failures_csv(r)),
+    ] {
         let path = dir.join(format!("{prefix}_{suffix}.csv"));
         let mut tmp_name = String::new();
         let _ = write!(tmp_name, ".{prefix}_{suffix}.csv.tmp");
@@ -188,7 +229,14 @@ mod tests {
     use crate::load::report::{FailureCount, SeriesPoint};
 
     fn report() -> LoadReport {
-        let q = Quantiles { count: 3, min: 1.0, mean: 2.0, p50: 2.0, max: 3.5, ..Quantiles::default() };
+        let q = Quantiles {
+            count: 3,
+            min: 1.0,
+            mean: 2.0,
+            p50: 2.0,
+            max: 3.5,
+            ..Quantiles::default()
+        };
         LoadReport {
             version: 1,
             url: "http://127.0.0.1:1/posts/io_read/".into(),
@@ -205,7 +253,10 @@ mod tests {
             failures: 1,
             total_successes: 2,
             max_srps: 1.0,
-            failures_by_kind: vec![FailureCount { kind: "http_500".into(), count: 1 }],
+            failures_by_kind: vec![FailureCount {
+                kind: "http_500".into(),
+                count: 1,
+            }],
             status_counts: Default::default(),
             bytes_received: 30,
             latency_ms: q.clone(),
@@ -216,7 +267,12 @@ mod tests {
             in_flight_at_end: 0,
             max_users: 1,
             series: vec![
-                SeriesPoint { second: 0, users: 1, requests: 0, ..SeriesPoint::default() },
+                SeriesPoint {
+                    second: 0,
+                    users: 1,
+                    requests: 0,
+                    ..SeriesPoint::default()
+                },
                 SeriesPoint {
                     second: 1,
                     users: 1,
@@ -243,7 +299,10 @@ mod tests {
             lines.next().unwrap(),
             "Type,Name,Request Count,Failure Count,Median Response Time,Average Response Time,Min Response Time,Max Response Time,Average Content Size,Requests/s,Failures/s,50%,66%,75%,80%,90%,95%,98%,99%,99.9%,99.99%,100%"
         );
-        assert!(lines.next().unwrap().starts_with("GET,/posts/io_read/,3,1,2,2,1,3.5,10,1.5,0.5,2,"));
+        assert!(lines
+            .next()
+            .unwrap()
+            .starts_with("GET,/posts/io_read/,3,1,2,2,1,3.5,10,1.5,0.5,2,"));
         assert!(lines.next().unwrap().starts_with(",Aggregated,3,1,"));
 
         let hist = stats_history_csv(&r);
@@ -253,12 +312,21 @@ mod tests {
             "Timestamp,User Count,Type,Name,Requests/s,Failures/s,50%,66%,75%,80%,90%,95%,98%,99%,99.9%,99.99%,100%,Total Request Count,Total Failure Count,Total Median Response Time,Total Average Response Time,Total Min Response Time,Total Max Response Time,Total Average Content Size"
         );
         let first = lines.next().unwrap();
-        assert!(first.starts_with("1700000001,1,,Aggregated,0.000000,0.000000,N/A,"), "{first}");
-        assert!(lines.next().unwrap().starts_with("1700000002,1,,Aggregated,3.000000,1.000000,2,"));
+        assert!(
+            first.starts_with("1700000001,1,,Aggregated,0.000000,0.000000,N/A,"),
+            "{first}"
+        );
+        assert!(lines
+            .next()
+            .unwrap()
+            .starts_with("1700000002,1,,Aggregated,3.000000,1.000000,2,"));
 
         let f = failures_csv(&r);
         assert_eq!(f.lines().next().unwrap(), "Method,Name,Error,Occurrences");
-        assert_eq!(f.lines().nth(1).unwrap(), "GET,/posts/io_read/,HTTPError('500 for url: /posts/io_read/'),1");
+        assert_eq!(
+            f.lines().nth(1).unwrap(),
+            "GET,/posts/io_read/,HTTPError('500 for url: /posts/io_read/'),1"
+        );
     }
 
     #[test]

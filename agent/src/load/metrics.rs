@@ -19,7 +19,8 @@ pub const SAMPLE_S: usize = 5;
 /// own length (`run_s`), so that a short test run still gets a figure.
 pub fn max_srps(per_second: &[(u64, u64)], run_s: f64) -> f64 {
     let whole = per_second.len() / SAMPLE_S;
-    let successes = |w: &[(u64, u64)]| w.iter().map(|(r, f)| r.saturating_sub(*f)).sum::<u64>() as f64;
+    let successes =
+        |w: &[(u64, u64)]| w.iter().map(|(r, f)| r.saturating_sub(*f)).sum::<u64>() as f64;
     if whole == 0 || run_s < SAMPLE_S as f64 {
         if run_s <= 0.0 {
             return 0.0;
@@ -70,7 +71,18 @@ mod tests {
     #[test]
     fn failures_are_subtracted_per_window() {
         // Window 1: 100 requests, 90 failures -> 2; window 2: 40 requests, 0 failures -> 8.
-        let s = vec![(20, 18), (20, 18), (20, 18), (20, 18), (20, 18), (8, 0), (8, 0), (8, 0), (8, 0), (8, 0)];
+        let s = vec![
+            (20, 18),
+            (20, 18),
+            (20, 18),
+            (20, 18),
+            (20, 18),
+            (8, 0),
+            (8, 0),
+            (8, 0),
+            (8, 0),
+            (8, 0),
+        ];
         assert_eq!(max_srps(&s, 10.0), 8.0);
         let req: u64 = s.iter().map(|x| x.0).sum();
         let fail: u64 = s.iter().map(|x| x.1).sum();

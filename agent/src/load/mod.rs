@@ -33,7 +33,6 @@ use std::{
 
 use hyper::Uri;
 use serde::{Deserialize, Serialize};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use record::{ErrorKind, Outcome};
@@ -52,24 +51,41 @@ pub enum Wait {
     /// Send the next request as soon as the previous one ends (the study).
     #[default]
     None,
-    Constant { seconds: f64 },
-    Uniform { min_s: f64, max_s: f64 },
+    Constant {
+        seconds: f64,
+    },
+    Uniform {
+        min_s: f64,
+        max_s: f64,
+    },
 }
 
 impl Wait {
     /// Parses `2`, `500ms`, `1s-3s` or `0.5-2` (seconds).
     pub fn parse(s: &str) -> Result<Wait, schedule::ScheduleError> {
-        let bad = || schedule::ScheduleError::Invalid(format!("malformed wait {s:?}: expected e.g. 1s or 0.5s-2s"));
+        let bad = || {
+            schedule::ScheduleError::Invalid(format!(
+                "malformed wait {s:?}: expected e.g. 1s or 0.5s-2s"
+            ))
+        };
         match s.split_once('-') {
             Some((a, b)) => {
-                let a = schedule::parse_duration(a).map_err(|_| bad())?.as_secs_f64();
-                let b = schedule::parse_duration(b).map_err(|_| bad())?.as_secs_f64();
+                let a = schedule::parse_duration(a)
+                    .map_err(|_| bad())?
+                    .as_secs_f64();
+                let b = schedule::parse_duration(b)
+                    .map_err(|_| bad())?
+                    .as_secs_f64();
                 if a > b {
                     return Err(bad());
                 }
                 Ok(Wait::Uniform { min_s: a, max_s: b })
             }
-            None => Ok(Wait::Constant { seconds: schedule::parse_duration(s).map_err(|_| bad())?.as_secs_f64() }),
+            None => Ok(Wait::Constant {
+                seconds: schedule::parse_duration(s)
+                    .map_err(|_| bad())?
+                    .as_secs_f64(),
+            }),
         }
     }
 
@@ -87,10 +103,16 @@ impl Wait {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Model {
-    Closed { schedule: ClosedSchedule, wait: Wait },
+    Closed {
+        schedule: ClosedSchedule,
+        wait: Wait,
+    },
     /// `max_in_flight` connections (workers) serve the arrivals; an arrival that finds none
     /// free starts late and is counted in `late_starts`.
-    Open { schedule: OpenSchedule, max_in_flight: u32 },
+    Open {
+        schedule: OpenSchedule,
+        max_in_flight: u32,
+    },
 }
 
 /// Everything a run needs; build it in code or from the CLI.
@@ -113,7 +135,10 @@ impl LoadSpec {
         LoadSpec {
             url: join_url(base, route.path()),
             request: route.request(),
-            model: Model::Closed { schedule: ClosedSchedule::study(), wait: Wait::None },
+            model: Model::Closed {
+                schedule: ClosedSchedule::study(),
+                wait: Wait::None,
+            },
             timeout: None,
             keep_alive: true,
         }
@@ -152,7 +177,10 @@ pub enum LoadError {
     #[error("{0}")]
     Invalid(String),
     #[error("cannot resolve {host}: {source}")]
-    Resolve { host: String, source: std::io::Error },
+    Resolve {
+        host: String,
+        source: std::io::Error,
+    },
     #[error("{host} resolves to no address")]
     NoAddress { host: String },
 }
@@ -160,7 +188,10 @@ pub enum LoadError {
 impl LoadError {
     /// Errors in what the caller asked for (exit 64), as opposed to the environment.
     pub fn is_usage(&self) -> bool {
-        !matches!(self, LoadError::Resolve { .. } | LoadError::NoAddress { .. })
+        !matches!(
+            self,
+            LoadError::Resolve { .. } | LoadError::NoAddress { .. }
+        )
     }
 }
 
@@ -190,8 +221,13 @@ pub struct Target {
 
 /// Checks the URL (scheme http, a host, a port that fits).
 pub fn parse_url(url: &str) -> Result<Target, LoadError> {
-    let bad = |why: &str| LoadError::Url { url: url.to_owned(), why: why.to_owned() };
-    let uri: Uri = url.parse().map_err(|e: hyper::http::uri::InvalidUri| bad(&e.to_string()))?;
+    let bad = |why: &str| LoadError::Url {
+        url: url.to_owned(),
+        why: why.to_owned(),
+    };
+    let uri: Uri = url
+        .parse()
+        .map_err(|e: hyper::http::uri::InvalidUri| bad(&e.to_string()))?;
     match uri.scheme_str() {
         Some("http") => {}
         Some(other) => return Err(LoadError::Scheme(other.to_owned())),
@@ -201,7 +237,11 @@ pub fn parse_url(url: &str) -> Result<Target, LoadError> {
     if auth.as_str().contains('@') {
         return Err(bad("user info is not supported"));
     }
-    let host = auth.host().trim_start_matches('[').trim_end_matches(']').to_owned();
+    let host = auth
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
     if host.is_empty() {
         return Err(bad("no host"));
     }
@@ -217,7 +257,12 @@ pub fn parse_url(url: &str) -> Result<Target, LoadError> {
     }
     let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let pq = if pq.is_empty() { "/" } else { pq };
-    Ok(Target { host, port, authority: auth.as_str().to_owned(), path_and_query: pq.to_owned() })
+    Ok(Target {
+        host,
+        port,
+        authority: auth.as_str().to_owned(),
+        path_and_query: pq.to_owned(),
+    })
 }
 
 /// Checks everything that does not need the network.
@@ -231,16 +276,28 @@ pub fn validate(spec: &LoadSpec) -> Result<(Target, Template), LoadError> {
                 Wait::Constant { seconds } if !(seconds.is_finite() && seconds >= 0.0) => {
                     return Err(LoadError::Invalid("wait must be >= 0".into()))
                 }
-                Wait::Uniform { min_s, max_s } if !(min_s.is_finite() && max_s.is_finite() && 0.0 <= min_s && min_s <= max_s) => {
-                    return Err(LoadError::Invalid("wait range must be 0 <= MIN <= MAX".into()))
+                Wait::Uniform { min_s, max_s }
+                    if !(min_s.is_finite()
+                        && max_s.is_finite()
+                        && 0.0 <= min_s
+                        && min_s <= max_s) =>
+                {
+                    return Err(LoadError::Invalid(
+                        "wait range must be 0 <= MIN <= MAX".into(),
+                    ))
                 }
                 _ => {}
             }
         }
-        Model::Open { schedule, max_in_flight } => {
+        Model::Open {
+            schedule,
+            max_in_flight,
+        } => {
             OpenSchedule::new(schedule.stages.clone())?;
             if *max_in_flight == 0 {
-                return Err(LoadError::Invalid("max in flight must be greater than 0".into()));
+                return Err(LoadError::Invalid(
+                    "max in flight must be greater than 0".into(),
+                ));
             }
         }
     }
@@ -256,14 +313,19 @@ pub fn validate(spec: &LoadSpec) -> Result<(Target, Template), LoadError> {
 pub async fn resolve(target: &Target) -> Result<SocketAddr, LoadError> {
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((target.host.as_str(), target.port))
         .await
-        .map_err(|source| LoadError::Resolve { host: target.host.clone(), source })?
+        .map_err(|source| LoadError::Resolve {
+            host: target.host.clone(),
+            source,
+        })?
         .collect();
     addrs
         .iter()
         .find(|a| a.is_ipv4())
         .or_else(|| addrs.first())
         .copied()
-        .ok_or_else(|| LoadError::NoAddress { host: target.host.clone() })
+        .ok_or_else(|| LoadError::NoAddress {
+            host: target.host.clone(),
+        })
 }
 
 /// What every user shares.
@@ -304,16 +366,31 @@ impl Drop for InFlight<'_> {
 }
 
 /// One request of a user: build, send (with the optional timeout), record.
-async fn one_request(sh: &Shared, conn: &mut client::UserConn, rng: &mut Rng, buf: &mut Vec<u8>, started: Instant) {
+async fn one_request(
+    sh: &Shared,
+    conn: &mut client::UserConn,
+    rng: &mut Rng,
+    buf: &mut Vec<u8>,
+    started: Instant,
+) {
     let mut guard = InFlight { sh, done: false };
     let req = sh.template.build(rng, buf);
-    let ex = client::with_timeout(sh.timeout, conn.send(sh.addr, sh.keep_alive, req, &sh.rec)).await;
+    let ex =
+        client::with_timeout(sh.timeout, conn.send(sh.addr, sh.keep_alive, req, &sh.rec)).await;
     let ex = ex.unwrap_or_else(|| {
         conn.reset();
-        client::Exchange { outcome: Outcome::Error(ErrorKind::Timeout), bytes: 0 }
+        client::Exchange {
+            outcome: Outcome::Error(ErrorKind::Timeout),
+            bytes: 0,
+        }
     });
     let done = Instant::now();
-    sh.rec.request(done, done.saturating_duration_since(started), ex.outcome, ex.bytes);
+    sh.rec.request(
+        done,
+        done.saturating_duration_since(started),
+        ex.outcome,
+        ex.bytes,
+    );
     guard.done = true;
 }
 
@@ -326,7 +403,10 @@ async fn closed_user(sh: Arc<Shared>, index: u32) {
         }
     }
     let _leave = Leave(&sh.active);
-    let mut rng = Rng::new(sh.seed.wrapping_add(u64::from(index).wrapping_mul(0x2545_F491_4F6C_DD1D)));
+    let mut rng = Rng::new(
+        sh.seed
+            .wrapping_add(u64::from(index).wrapping_mul(0x2545_F491_4F6C_DD1D)),
+    );
     let mut conn = client::UserConn::default();
     let mut buf = Vec::new();
     while index < sh.target_users.load(Ordering::Relaxed) {
@@ -339,7 +419,10 @@ async fn closed_user(sh: Arc<Shared>, index: u32) {
 
 async fn open_worker(sh: Arc<Shared>, index: u32) {
     let schedule = sh.open.as_ref().expect("open model");
-    let mut rng = Rng::new(sh.seed.wrapping_add(u64::from(index).wrapping_mul(0x2545_F491_4F6C_DD1D)));
+    let mut rng = Rng::new(
+        sh.seed
+            .wrapping_add(u64::from(index).wrapping_mul(0x2545_F491_4F6C_DD1D)),
+    );
     let mut conn = client::UserConn::default();
     let mut buf = Vec::new();
     loop {
@@ -357,11 +440,103 @@ async fn open_worker(sh: Arc<Shared>, index: u32) {
             tokio::time::sleep_until(due.into()).await;
         }
         sh.active.fetch_add(1, Ordering::Relaxed);
-        sh.rec.start_lag(Instant::now().saturating_duration_since(due), late);
+        sh.rec
+            .start_lag(Instant::now().saturating_duration_since(due), late);
         // Latency from the due time, not from when the request could start: no coordinated
         // omission.
         one_request(&sh, &mut conn, &mut rng, &mut buf, due).await;
         sh.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The threads that run the users: one current-thread runtime per core, users dealt round-robin.
+/// A user's request, its connection and its recording then never leave one thread (no work
+/// stealing, no cross-thread wakeups), as in wrk's design; the caller's runtime only runs the
+/// schedule and the collector.
+struct Lanes {
+    handles: Vec<tokio::runtime::Handle>,
+    stops: Vec<tokio::sync::oneshot::Sender<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    next: usize,
+}
+
+impl Lanes {
+    fn new() -> Result<Lanes, LoadError> {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut lanes = Lanes {
+            handles: Vec::new(),
+            stops: Vec::new(),
+            threads: Vec::new(),
+            tasks: Vec::new(),
+            next: 0,
+        };
+        for i in 0..n {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| LoadError::Invalid(format!("starting load thread {i}: {e}")))?;
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            lanes.handles.push(rt.handle().clone());
+            let th = std::thread::Builder::new()
+                .name(format!("awl-load-{i}"))
+                .spawn(move || {
+                    rt.block_on(async {
+                        let _ = rx.await;
+                    });
+                })
+                .map_err(|e| LoadError::Invalid(format!("starting load thread {i}: {e}")))?;
+            lanes.stops.push(tx);
+            lanes.threads.push(th);
+        }
+        Ok(lanes)
+    }
+
+    fn spawn(&mut self, f: impl std::future::Future<Output = ()> + Send + 'static) {
+        let h = &self.handles[self.next % self.handles.len()];
+        self.next += 1;
+        self.tasks.push(h.spawn(f));
+    }
+
+    /// Cuts every user off, waits until each has dropped its connection, stops the threads.
+    async fn shutdown(mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        let mut panic = None;
+        for t in self.tasks.drain(..) {
+            if let Err(e) = t.await {
+                if e.is_panic() && panic.is_none() {
+                    panic = Some(e.into_panic());
+                }
+            }
+        }
+        for s in self.stops.drain(..) {
+            let _ = s.send(());
+        }
+        let threads = std::mem::take(&mut self.threads);
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+        // A user task that panicked is a bug: surface it rather than report a short count.
+        if let Some(p) = panic {
+            std::panic::resume_unwind(p);
+        }
+    }
+}
+
+impl Drop for Lanes {
+    /// Reached only when `run` is dropped mid-way (its caller gave up): stop everything.
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        for s in self.stops.drain(..) {
+            let _ = s.send(());
+        }
     }
 }
 
@@ -377,9 +552,17 @@ pub async fn run(
     let planned = spec.planned();
     let (wait, open, stages, model_name) = match &spec.model {
         Model::Closed { schedule, wait } => (*wait, None, schedule.stages.clone(), "closed"),
-        Model::Open { schedule, .. } => (Wait::None, Some(schedule.clone()), schedule.stages.clone(), "open"),
+        Model::Open { schedule, .. } => (
+            Wait::None,
+            Some(schedule.clone()),
+            schedule.stages.clone(),
+            "open",
+        ),
     };
-    let started_unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let started_unix_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
     let start = Instant::now();
     let sh = Arc::new(Shared {
         addr,
@@ -398,7 +581,7 @@ pub async fn run(
         seed: started_unix_ms ^ u64::from(std::process::id()) << 32,
     });
 
-    let mut tasks = JoinSet::new();
+    let mut tasks = Lanes::new()?;
     let mut spawned: u32 = 0;
     let mut max_users: u32 = 0;
     if let Model::Open { max_in_flight, .. } = &spec.model {
@@ -436,14 +619,26 @@ pub async fn run(
                 let empty = record::Second::default();
                 let sd = secs.get(&s).unwrap_or(&empty);
                 series.push(s, sd, users);
-                last = (sd.requests, sd.failures, (sd.requests > 0).then(|| sd.latency.value_at_quantile(0.5) as f64 / 1e6));
+                last = (
+                    sd.requests,
+                    sd.failures,
+                    (sd.requests > 0).then(|| sd.latency.value_at_quantile(0.5) as f64 / 1e6),
+                );
             }
             // Stragglers of earlier seconds (a shard that stalled past the collector).
             for (s, sd) in secs.range(..next_second - 1) {
                 series.push(*s, sd, users);
             }
-            requests += last.0 + secs.range(..next_second - 1).map(|(_, s)| s.requests).sum::<u64>();
-            failures += last.1 + secs.range(..next_second - 1).map(|(_, s)| s.failures).sum::<u64>();
+            requests += last.0
+                + secs
+                    .range(..next_second - 1)
+                    .map(|(_, s)| s.requests)
+                    .sum::<u64>();
+            failures += last.1
+                + secs
+                    .range(..next_second - 1)
+                    .map(|(_, s)| s.failures)
+                    .sum::<u64>();
             observer(&Progress {
                 elapsed: now.saturating_duration_since(start),
                 planned,
@@ -472,25 +667,24 @@ pub async fn run(
                 break;
             }
             _ = tokio::time::sleep_until(wake.into()) => {}
-            // A user task that panicked is a bug; surface it rather than run on short-handed.
-            Some(Err(e)) = tasks.join_next(), if !tasks.is_empty() => {
-                if e.is_panic() {
-                    std::panic::resume_unwind(e.into_panic());
-                }
-            }
         }
     }
     let ended = Instant::now();
     // The run is over: requests still in flight are cut off (as Locust stops its users).
+    let users_at_end = sh.active.load(Ordering::Relaxed);
     tasks.shutdown().await;
     let actual = ended.saturating_duration_since(start);
     // Records of the final (partial) second.
     let rest = sh.rec.take_seconds(u64::MAX);
     for (s, sd) in &rest {
-        series.push(*s, sd, sh.active.load(Ordering::Relaxed));
+        series.push(*s, sd, users_at_end);
     }
     let totals = sh.rec.totals();
-    let per_second: Vec<(u64, u64)> = series.points.iter().map(|p| (p.requests, p.failures)).collect();
+    let per_second: Vec<(u64, u64)> = series
+        .points
+        .iter()
+        .map(|p| (p.requests, p.failures))
+        .collect();
     let report = LoadReport {
         version: REPORT_VERSION,
         url: spec.url.clone(),
@@ -508,7 +702,11 @@ pub async fn run(
         total_successes: metrics::total_successes(totals.requests, totals.failures),
         max_srps: metrics::max_srps(&per_second, actual.as_secs_f64()),
         failures_by_kind: report::failures_by_kind(&totals),
-        status_counts: totals.statuses.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        status_counts: totals
+            .statuses
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect(),
         bytes_received: totals.bytes,
         latency_ms: Quantiles::of(&totals.latency, Some(totals.latency_sum_ns)),
         success_latency_ms: Quantiles::of(&totals.latency_ok, None),
@@ -536,27 +734,60 @@ mod tests {
     #[test]
     fn urls() {
         let t = parse_url("http://127.0.0.1:8000/posts/cpu/?a=1").unwrap();
-        assert_eq!((t.host.as_str(), t.port, t.path_and_query.as_str()), ("127.0.0.1", 8000, "/posts/cpu/?a=1"));
-        assert_eq!(parse_url("http://example.test").unwrap().path_and_query, "/");
+        assert_eq!(
+            (t.host.as_str(), t.port, t.path_and_query.as_str()),
+            ("127.0.0.1", 8000, "/posts/cpu/?a=1")
+        );
+        assert_eq!(
+            parse_url("http://example.test").unwrap().path_and_query,
+            "/"
+        );
         assert_eq!(parse_url("http://example.test").unwrap().port, 80);
         assert!(matches!(parse_url("https://x/"), Err(LoadError::Scheme(_))));
         assert!(matches!(parse_url("ftp://x/"), Err(LoadError::Scheme(_))));
-        for bad in ["", "x", "http://", "http://:80/", "http://h:0/", "http://h:99999/", "http://a b/", "127.0.0.1:80"] {
+        for bad in [
+            "",
+            "x",
+            "http://",
+            "http://:80/",
+            "http://h:0/",
+            "http://h:99999/",
+            "http://a b/",
+            "127.0.0.1:80",
+        ] {
             assert!(parse_url(bad).is_err(), "{bad:?}");
         }
-        assert_eq!(join_url("http://h:1", "/posts/cpu/"), "http://h:1/posts/cpu/");
-        assert_eq!(join_url("http://h:1/x/y", "/posts/cpu/"), "http://h:1/posts/cpu/");
+        assert_eq!(
+            join_url("http://h:1", "/posts/cpu/"),
+            "http://h:1/posts/cpu/"
+        );
+        assert_eq!(
+            join_url("http://h:1/x/y", "/posts/cpu/"),
+            "http://h:1/posts/cpu/"
+        );
     }
 
     #[test]
     fn waits() {
         assert_eq!(Wait::parse("1s").unwrap(), Wait::Constant { seconds: 1.0 });
-        assert_eq!(Wait::parse("0.5-2").unwrap(), Wait::Uniform { min_s: 0.5, max_s: 2.0 });
+        assert_eq!(
+            Wait::parse("0.5-2").unwrap(),
+            Wait::Uniform {
+                min_s: 0.5,
+                max_s: 2.0
+            }
+        );
         assert!(Wait::parse("3-1").is_err());
         assert!(Wait::parse("x").is_err());
         let mut rng = Rng::new(3);
         for _ in 0..1000 {
-            let d = Wait::Uniform { min_s: 0.5, max_s: 2.0 }.sample(&mut rng).unwrap().as_secs_f64();
+            let d = Wait::Uniform {
+                min_s: 0.5,
+                max_s: 2.0,
+            }
+            .sample(&mut rng)
+            .unwrap()
+            .as_secs_f64();
             assert!((0.5..2.0).contains(&d));
         }
     }

@@ -154,7 +154,13 @@ pub struct Second {
 
 impl Default for Second {
     fn default() -> Self {
-        Second { requests: 0, failures: 0, bytes: 0, latency: new_hist(), latency_sum_ns: 0 }
+        Second {
+            requests: 0,
+            failures: 0,
+            bytes: 0,
+            latency: new_hist(),
+            latency_sum_ns: 0,
+        }
     }
 }
 
@@ -195,7 +201,11 @@ pub struct Recorder {
 
 impl Recorder {
     pub fn new(start: Instant) -> Recorder {
-        Recorder { id: NEXT_RUN.fetch_add(1, Ordering::Relaxed), start, shards: Mutex::new(Vec::new()) }
+        Recorder {
+            id: NEXT_RUN.fetch_add(1, Ordering::Relaxed),
+            start,
+            shards: Mutex::new(Vec::new()),
+        }
     }
 
     /// Runs `f` on this thread's shard, creating and registering it on first use.
@@ -208,7 +218,10 @@ impl Recorder {
                     // Drop shards of finished runs (only this thread still holds them).
                     local.retain(|(_, s)| Arc::strong_count(s) > 1);
                     let s = Arc::new(Mutex::new(Shard::default()));
-                    self.shards.lock().unwrap_or_else(|e| e.into_inner()).push(s.clone());
+                    self.shards
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(s.clone());
                     local.push((self.id, s.clone()));
                     s
                 }
@@ -271,7 +284,11 @@ impl Recorder {
     /// Removes and merges every second before `before` from all shards.
     pub fn take_seconds(&self, before: u64) -> BTreeMap<u64, Second> {
         let mut out: BTreeMap<u64, Second> = BTreeMap::new();
-        let shards = self.shards.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let shards = self
+            .shards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         for sh in shards {
             let taken = {
                 let mut g = sh.lock().unwrap_or_else(|e| e.into_inner());
@@ -293,7 +310,11 @@ impl Recorder {
     /// Whole-run totals of all shards so far.
     pub fn totals(&self) -> Totals {
         let mut t = Totals::default();
-        let shards = self.shards.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let shards = self
+            .shards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         for sh in shards {
             t.merge(&sh.lock().unwrap_or_else(|e| e.into_inner()).totals);
         }
@@ -314,10 +335,24 @@ mod tests {
                 let rec = rec.clone();
                 std::thread::spawn(move || {
                     for j in 0..1000u64 {
-                        let outcome = if j % 10 == 0 { Outcome::Status(500) } else { Outcome::Status(200) };
-                        rec.request(start + Duration::from_millis(j), Duration::from_micros(100 * (i + 1)), outcome, 10);
+                        let outcome = if j % 10 == 0 {
+                            Outcome::Status(500)
+                        } else {
+                            Outcome::Status(200)
+                        };
+                        rec.request(
+                            start + Duration::from_millis(j),
+                            Duration::from_micros(100 * (i + 1)),
+                            outcome,
+                            10,
+                        );
                     }
-                    rec.request(start, Duration::from_millis(1), Outcome::Error(ErrorKind::Reset), 0);
+                    rec.request(
+                        start,
+                        Duration::from_millis(1),
+                        Outcome::Error(ErrorKind::Reset),
+                        0,
+                    );
                 })
             })
             .collect();
@@ -347,9 +382,24 @@ mod tests {
     fn seconds_are_split_by_completion_time() {
         let start = Instant::now();
         let rec = Recorder::new(start);
-        rec.request(start + Duration::from_millis(999), Duration::from_millis(1), Outcome::Status(200), 0);
-        rec.request(start + Duration::from_millis(1000), Duration::from_millis(1), Outcome::Status(200), 0);
-        rec.request(start + Duration::from_millis(2500), Duration::from_millis(1), Outcome::Status(404), 0);
+        rec.request(
+            start + Duration::from_millis(999),
+            Duration::from_millis(1),
+            Outcome::Status(200),
+            0,
+        );
+        rec.request(
+            start + Duration::from_millis(1000),
+            Duration::from_millis(1),
+            Outcome::Status(200),
+            0,
+        );
+        rec.request(
+            start + Duration::from_millis(2500),
+            Duration::from_millis(1),
+            Outcome::Status(404),
+            0,
+        );
         let first = rec.take_seconds(2);
         assert_eq!(first.keys().copied().collect::<Vec<_>>(), vec![0, 1]);
         let rest = rec.take_seconds(10);

@@ -15,7 +15,9 @@ use super::schedule::Stage;
 pub const REPORT_VERSION: u32 = 1;
 
 /// Locust's reported percentiles (its `PERCENTILES_TO_REPORT`), as fractions.
-pub const LOCUST_PERCENTILES: [f64; 11] = [0.50, 0.66, 0.75, 0.80, 0.90, 0.95, 0.98, 0.99, 0.999, 0.9999, 1.0];
+pub const LOCUST_PERCENTILES: [f64; 11] = [
+    0.50, 0.66, 0.75, 0.80, 0.90, 0.95, 0.98, 0.99, 0.999, 0.9999, 1.0,
+];
 
 /// Latency figures in milliseconds (from HDR histograms, <= 0.1 % relative error).
 /// All zero when `count` is 0.
@@ -72,7 +74,10 @@ impl Quantiles {
 
     /// The values in `LOCUST_PERCENTILES` order.
     pub fn locust(&self) -> [f64; 11] {
-        [self.p50, self.p66, self.p75, self.p80, self.p90, self.p95, self.p98, self.p99, self.p999, self.p9999, self.max]
+        [
+            self.p50, self.p66, self.p75, self.p80, self.p90, self.p95, self.p98, self.p99,
+            self.p999, self.p9999, self.max,
+        ]
     }
 }
 
@@ -155,7 +160,10 @@ pub struct LoadReport {
 
 impl LoadReport {
     pub fn failure_count(&self, kind: &str) -> u64 {
-        self.failures_by_kind.iter().find(|f| f.kind == kind).map_or(0, |f| f.count)
+        self.failures_by_kind
+            .iter()
+            .find(|f| f.kind == kind)
+            .map_or(0, |f| f.count)
     }
 }
 
@@ -165,27 +173,28 @@ pub fn failures_by_kind(t: &Totals) -> Vec<FailureCount> {
         .statuses
         .iter()
         .filter(|(s, n)| **s >= 400 && **n > 0)
-        .map(|(s, n)| FailureCount { kind: format!("http_{s}"), count: *n })
+        .map(|(s, n)| FailureCount {
+            kind: format!("http_{s}"),
+            count: *n,
+        })
         .collect();
     for k in ErrorKind::ALL {
         let n = t.error_count(k);
         if n > 0 {
-            v.push(FailureCount { kind: k.name().to_owned(), count: n });
+            v.push(FailureCount {
+                kind: k.name().to_owned(),
+                count: n,
+            });
         }
     }
     v
 }
 
 /// Running state that turns collected seconds into series points.
+#[derive(Default)]
 pub struct SeriesBuilder {
     pub points: Vec<SeriesPoint>,
     cumulative: Second,
-}
-
-impl Default for SeriesBuilder {
-    fn default() -> Self {
-        SeriesBuilder { points: Vec::new(), cumulative: Second::default() }
-    }
 }
 
 impl SeriesBuilder {

@@ -71,21 +71,33 @@ fn value_at(stages: &[Stage], t: f64) -> f64 {
 
 fn check(stages: &[Stage], what: &str) -> Result<(), ScheduleError> {
     if stages.is_empty() {
-        return Err(ScheduleError::Invalid(format!("the {what} schedule has no stage")));
+        return Err(ScheduleError::Invalid(format!(
+            "the {what} schedule has no stage"
+        )));
     }
     for s in stages {
         if !s.target.is_finite() || s.target < 0.0 {
-            return Err(ScheduleError::Invalid(format!("{what} must be a number >= 0, not {}", s.target)));
+            return Err(ScheduleError::Invalid(format!(
+                "{what} must be a number >= 0, not {}",
+                s.target
+            )));
         }
         if !s.duration_s.is_finite() || s.duration_s < 0.0 {
-            return Err(ScheduleError::Invalid(format!("stage durations must be >= 0, not {}", s.duration_s)));
+            return Err(ScheduleError::Invalid(format!(
+                "stage durations must be >= 0, not {}",
+                s.duration_s
+            )));
         }
     }
     if total(stages) <= 0.0 {
-        return Err(ScheduleError::Invalid("the run must last longer than 0 s".into()));
+        return Err(ScheduleError::Invalid(
+            "the run must last longer than 0 s".into(),
+        ));
     }
     if stages.iter().all(|s| s.target <= 0.0) {
-        return Err(ScheduleError::Invalid(format!("{what} must be greater than 0 in at least one stage")));
+        return Err(ScheduleError::Invalid(format!(
+            "{what} must be greater than 0 in at least one stage"
+        )));
     }
     Ok(())
 }
@@ -95,7 +107,10 @@ impl ClosedSchedule {
     pub fn new(stages: Vec<Stage>) -> Result<Self, ScheduleError> {
         check(&stages, "users")?;
         if let Some(s) = stages.iter().find(|s| s.target.fract() != 0.0) {
-            return Err(ScheduleError::Invalid(format!("users must be a whole number, not {}", s.target)));
+            return Err(ScheduleError::Invalid(format!(
+                "users must be a whole number, not {}",
+                s.target
+            )));
         }
         Ok(Self { stages })
     }
@@ -114,22 +129,37 @@ impl ClosedSchedule {
     /// users/s, then hold until `run_time_s` (the ramp is cut short if the run ends first).
     pub fn ramp(users: u32, spawn_rate: f64, run_time_s: f64) -> Result<Self, ScheduleError> {
         if users == 0 {
-            return Err(ScheduleError::Invalid("users must be greater than 0".into()));
+            return Err(ScheduleError::Invalid(
+                "users must be greater than 0".into(),
+            ));
         }
         if !(spawn_rate.is_finite() && spawn_rate > 0.0) {
-            return Err(ScheduleError::Invalid(format!("spawn rate must be greater than 0, not {spawn_rate}")));
+            return Err(ScheduleError::Invalid(format!(
+                "spawn rate must be greater than 0, not {spawn_rate}"
+            )));
         }
         if !(run_time_s.is_finite() && run_time_s > 0.0) {
-            return Err(ScheduleError::Invalid(format!("run time must be greater than 0, not {run_time_s}")));
+            return Err(ScheduleError::Invalid(format!(
+                "run time must be greater than 0, not {run_time_s}"
+            )));
         }
         let ramp = f64::from(users) / spawn_rate;
         let stages = if ramp >= run_time_s {
             // The run ends during the ramp: one partial ramp at the same slope.
-            vec![Stage { target: spawn_rate * run_time_s, duration_s: run_time_s }]
+            vec![Stage {
+                target: spawn_rate * run_time_s,
+                duration_s: run_time_s,
+            }]
         } else {
             vec![
-                Stage { target: f64::from(users), duration_s: ramp },
-                Stage { target: f64::from(users), duration_s: run_time_s - ramp },
+                Stage {
+                    target: f64::from(users),
+                    duration_s: ramp,
+                },
+                Stage {
+                    target: f64::from(users),
+                    duration_s: run_time_s - ramp,
+                },
             ]
         };
         // The partial-ramp target may be fractional; users are counted with floor() anyway.
@@ -144,7 +174,11 @@ impl ClosedSchedule {
 
     /// The highest user count the schedule reaches.
     pub fn max_users(&self) -> u32 {
-        self.stages.iter().map(|s| s.target.floor() as u32).max().unwrap_or(0)
+        self.stages
+            .iter()
+            .map(|s| s.target.floor() as u32)
+            .max()
+            .unwrap_or(0)
     }
 
     /// Users that should be running `t` seconds after the start. Ramps add users one at a
@@ -155,7 +189,11 @@ impl ClosedSchedule {
         // A hair of tolerance so that a user due exactly at t (in binary floating point,
         // e.g. 0.2 * 5) counts at t.
         let rising = self.rising_at(t);
-        let n = if rising { (v + 1e-9).floor() } else { (v - 1e-9).ceil() };
+        let n = if rising {
+            (v + 1e-9).floor()
+        } else {
+            (v - 1e-9).ceil()
+        };
         n.max(0.0) as u32
     }
 
@@ -216,17 +254,29 @@ impl OpenSchedule {
     /// `--rate R [--ramp T] --run-time D`: from 0 to R over T, then R until D.
     pub fn ramp(rate: f64, ramp_s: f64, run_time_s: f64) -> Result<Self, ScheduleError> {
         if !(rate.is_finite() && rate > 0.0) {
-            return Err(ScheduleError::Invalid(format!("rate must be greater than 0, not {rate}")));
+            return Err(ScheduleError::Invalid(format!(
+                "rate must be greater than 0, not {rate}"
+            )));
         }
         if !(run_time_s.is_finite() && run_time_s > 0.0) {
-            return Err(ScheduleError::Invalid(format!("run time must be greater than 0, not {run_time_s}")));
+            return Err(ScheduleError::Invalid(format!(
+                "run time must be greater than 0, not {run_time_s}"
+            )));
         }
         if !(ramp_s.is_finite() && ramp_s >= 0.0 && ramp_s <= run_time_s) {
-            return Err(ScheduleError::Invalid(format!("the ramp must last 0 s to the run time, not {ramp_s} s")));
+            return Err(ScheduleError::Invalid(format!(
+                "the ramp must last 0 s to the run time, not {ramp_s} s"
+            )));
         }
-        let mut stages = vec![Stage { target: rate, duration_s: ramp_s }];
+        let mut stages = vec![Stage {
+            target: rate,
+            duration_s: ramp_s,
+        }];
         if run_time_s > ramp_s {
-            stages.push(Stage { target: rate, duration_s: run_time_s - ramp_s });
+            stages.push(Stage {
+                target: rate,
+                duration_s: run_time_s - ramp_s,
+            });
         }
         Self::new(stages)
     }
@@ -264,9 +314,17 @@ impl OpenSchedule {
             if n < area + seg || (n == area && from > 0.0) {
                 let m = n - area;
                 // m = from*x + (target-from)/(2d) * x^2, solved for x in [0, d].
-                let k = if d > 0.0 { (s.target - from) / (2.0 * d) } else { 0.0 };
+                let k = if d > 0.0 {
+                    (s.target - from) / (2.0 * d)
+                } else {
+                    0.0
+                };
                 let x = if k.abs() < 1e-12 {
-                    if from > 0.0 { m / from } else { 0.0 }
+                    if from > 0.0 {
+                        m / from
+                    } else {
+                        0.0
+                    }
                 } else {
                     let disc = (from * from + 4.0 * k * m).max(0.0);
                     (-from + disc.sqrt()) / (2.0 * k)
@@ -286,12 +344,19 @@ pub fn parse_stages(text: &str) -> Result<Vec<Stage>, ScheduleError> {
     let mut out = Vec::new();
     for part in text.split(',') {
         let part = part.trim();
-        let (target, dur) = part.split_once('@').ok_or_else(|| ScheduleError::Stage(part.to_owned()))?;
-        let target: f64 = target.trim().parse().map_err(|_| ScheduleError::Stage(part.to_owned()))?;
+        let (target, dur) = part
+            .split_once('@')
+            .ok_or_else(|| ScheduleError::Stage(part.to_owned()))?;
+        let target: f64 = target
+            .trim()
+            .parse()
+            .map_err(|_| ScheduleError::Stage(part.to_owned()))?;
         if !target.is_finite() || target < 0.0 {
             return Err(ScheduleError::Stage(part.to_owned()));
         }
-        let duration_s = parse_duration(dur.trim()).map_err(|_| ScheduleError::Stage(part.to_owned()))?.as_secs_f64();
+        let duration_s = parse_duration(dur.trim())
+            .map_err(|_| ScheduleError::Stage(part.to_owned()))?
+            .as_secs_f64();
         out.push(Stage { target, duration_s });
     }
     Ok(out)
@@ -305,18 +370,26 @@ pub fn parse_duration(text: &str) -> Result<Duration, ScheduleError> {
         return Err(bad());
     }
     if let Ok(v) = t.parse::<f64>() {
-        return if v.is_finite() && v >= 0.0 { Ok(Duration::from_secs_f64(v)) } else { Err(bad()) };
+        return if v.is_finite() && v >= 0.0 {
+            Ok(Duration::from_secs_f64(v))
+        } else {
+            Err(bad())
+        };
     }
     let mut secs = 0.0f64;
     let mut rest = t;
     while !rest.is_empty() {
-        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
         if num_end == 0 {
             return Err(bad());
         }
         let v: f64 = rest[..num_end].parse().map_err(|_| bad())?;
         rest = &rest[num_end..];
-        let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
         let scale = match &rest[..unit_end] {
             "ms" => 1e-3,
             "s" => 1.0,

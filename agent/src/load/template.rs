@@ -38,7 +38,10 @@ impl Route {
     /// The request the study's locustfile sent on this route.
     pub fn request(self) -> RequestSpec {
         match self {
-            Route::Cpu | Route::IoRead => RequestSpec { method: "GET".into(), ..RequestSpec::default() },
+            Route::Cpu | Route::IoRead => RequestSpec {
+                method: "GET".into(),
+                ..RequestSpec::default()
+            },
             Route::IoCreate => RequestSpec {
                 method: "POST".into(),
                 headers: Vec::new(),
@@ -63,7 +66,11 @@ pub struct RequestSpec {
 
 impl Default for RequestSpec {
     fn default() -> Self {
-        RequestSpec { method: "GET".into(), headers: Vec::new(), body: BodySpec::None }
+        RequestSpec {
+            method: "GET".into(),
+            headers: Vec::new(),
+            body: BodySpec::None,
+        }
     }
 }
 
@@ -111,8 +118,12 @@ impl Text {
                 pieces.push(Piece::Lit(Bytes::from(encode(&rest[..i]))));
             }
             let after = &rest[i + 6..];
-            let end = after.find('}').ok_or_else(|| TemplateError::Placeholder(s.to_owned()))?;
-            let n: usize = after[..end].parse().map_err(|_| TemplateError::Placeholder(s.to_owned()))?;
+            let end = after
+                .find('}')
+                .ok_or_else(|| TemplateError::Placeholder(s.to_owned()))?;
+            let n: usize = after[..end]
+                .parse()
+                .map_err(|_| TemplateError::Placeholder(s.to_owned()))?;
             if n == 0 || n > 65536 {
                 return Err(TemplateError::Placeholder(s.to_owned()));
             }
@@ -170,7 +181,9 @@ fn form_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'*' => out.push(b as char),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'*' => {
+                out.push(b as char)
+            }
             b' ' => out.push('+'),
             _ => out.push_str(&format!("%{b:02X}")),
         }
@@ -203,29 +216,48 @@ pub struct Template {
 
 impl Template {
     /// `path_and_query` is the request target (origin form), `host` the Host header.
-    pub fn new(spec: &RequestSpec, path_and_query: &str, host: &str) -> Result<Template, TemplateError> {
+    pub fn new(
+        spec: &RequestSpec,
+        path_and_query: &str,
+        host: &str,
+    ) -> Result<Template, TemplateError> {
         let method = Method::from_bytes(spec.method.to_ascii_uppercase().as_bytes())
             .map_err(|_| TemplateError::Method(spec.method.clone()))?;
-        let uri: Uri = path_and_query.parse().map_err(|_| TemplateError::Header(path_and_query.to_owned()))?;
-        let host = HeaderValue::from_str(host).map_err(|_| TemplateError::Header(host.to_owned()))?;
+        let uri: Uri = path_and_query
+            .parse()
+            .map_err(|_| TemplateError::Header(path_and_query.to_owned()))?;
+        let host =
+            HeaderValue::from_str(host).map_err(|_| TemplateError::Header(host.to_owned()))?;
         let mut headers = Vec::new();
         let content_type = match &spec.body {
             BodySpec::Form(_) => Some("application/x-www-form-urlencoded"),
             BodySpec::Json(_) => Some("application/json"),
             _ => None,
         };
-        let user_sets_type = spec.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
+        let user_sets_type = spec
+            .headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
         if let (Some(ct), false) = (content_type, user_sets_type) {
-            headers.push((CONTENT_TYPE, HeaderVal::Static(HeaderValue::from_static(ct))));
+            headers.push((
+                CONTENT_TYPE,
+                HeaderVal::Static(HeaderValue::from_static(ct)),
+            ));
         }
         for (k, v) in &spec.headers {
-            let name = HeaderName::from_bytes(k.trim().as_bytes()).map_err(|_| TemplateError::Header(format!("{k}: {v}")))?;
+            let name = HeaderName::from_bytes(k.trim().as_bytes())
+                .map_err(|_| TemplateError::Header(format!("{k}: {v}")))?;
             if name == HOST {
-                return Err(TemplateError::Header(format!("{k}: {v} (the Host header comes from the URL)")));
+                return Err(TemplateError::Header(format!(
+                    "{k}: {v} (the Host header comes from the URL)"
+                )));
             }
             let text = Text::parse(v.trim(), verbatim)?;
             let val = if text.is_static() {
-                HeaderVal::Static(HeaderValue::from_str(v.trim()).map_err(|_| TemplateError::Header(format!("{k}: {v}")))?)
+                HeaderVal::Static(
+                    HeaderValue::from_str(v.trim())
+                        .map_err(|_| TemplateError::Header(format!("{k}: {v}")))?,
+                )
             } else {
                 if HeaderValue::from_str(v.trim()).is_err() {
                     return Err(TemplateError::Header(format!("{k}: {v}")));
@@ -253,7 +285,13 @@ impl Template {
             Some(t) if t.is_static() => Body::Static(t.static_bytes()),
             Some(t) => Body::Dynamic(t),
         };
-        Ok(Template { method, uri, host, headers, body })
+        Ok(Template {
+            method,
+            uri,
+            host,
+            headers,
+            body,
+        })
     }
 
     pub fn method(&self) -> &Method {
@@ -328,28 +366,41 @@ mod tests {
     use http_body_util::BodyExt;
 
     fn body_of(req: Request<Full<Bytes>>) -> String {
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         let b = rt.block_on(req.into_body().collect()).unwrap().to_bytes();
         String::from_utf8(b.to_vec()).unwrap()
     }
 
     #[test]
     fn io_create_posts_the_study_form() {
-        let t = Template::new(&Route::IoCreate.request(), Route::IoCreate.path(), "127.0.0.1:8000").unwrap();
+        let t = Template::new(
+            &Route::IoCreate.request(),
+            Route::IoCreate.path(),
+            "127.0.0.1:8000",
+        )
+        .unwrap();
         let mut rng = Rng::new(1);
         let mut buf = Vec::new();
         let a = t.build(&mut rng, &mut buf);
         assert_eq!(a.method(), Method::POST);
         assert_eq!(a.uri().path(), "/posts/io_create/");
         assert_eq!(a.headers()[HOST], "127.0.0.1:8000");
-        assert_eq!(a.headers()[CONTENT_TYPE], "application/x-www-form-urlencoded");
+        assert_eq!(
+            a.headers()[CONTENT_TYPE],
+            "application/x-www-form-urlencoded"
+        );
         let body = body_of(a);
         let (title, content) = body.split_once('&').unwrap();
         let title = title.strip_prefix("title=Post+").unwrap();
         let content = content.strip_prefix("content=Content+").unwrap();
         assert_eq!(title.len(), 10);
         assert_eq!(content.len(), 100);
-        assert!(title.bytes().chain(content.bytes()).all(|c| c.is_ascii_alphabetic()));
+        assert!(title
+            .bytes()
+            .chain(content.bytes())
+            .all(|c| c.is_ascii_alphabetic()));
         // Fresh letters for every request.
         let b = body_of(t.build(&mut rng, &mut buf));
         assert_ne!(body, b);
@@ -368,10 +419,16 @@ mod tests {
         assert_eq!(r.headers()["x-id"].len(), 6);
         assert_eq!(body_of(r), "a+b=x%26y%3Dz");
         for bad in ["{rand:}", "{rand:0}", "{rand:x}", "{rand:3"] {
-            let spec = RequestSpec { body: BodySpec::Raw(bad.into()), ..RequestSpec::default() };
+            let spec = RequestSpec {
+                body: BodySpec::Raw(bad.into()),
+                ..RequestSpec::default()
+            };
             assert!(Template::new(&spec, "/", "h").is_err(), "{bad}");
         }
-        let spec = RequestSpec { method: "GE T".into(), ..RequestSpec::default() };
+        let spec = RequestSpec {
+            method: "GE T".into(),
+            ..RequestSpec::default()
+        };
         assert!(Template::new(&spec, "/", "h").is_err());
     }
 }
