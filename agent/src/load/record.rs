@@ -212,22 +212,20 @@ impl Recorder {
     fn with<R>(&self, f: impl FnOnce(&mut Shard) -> R) -> R {
         LOCAL.with(|cell| {
             let mut local = cell.borrow_mut();
-            let shard = match local.iter().find(|(id, _)| *id == self.id) {
-                Some((_, s)) => s.clone(),
+            let i = match local.iter().position(|(id, _)| *id == self.id) {
+                Some(i) => i,
                 None => {
                     // Drop shards of finished runs (only this thread still holds them).
                     local.retain(|(_, s)| Arc::strong_count(s) > 1);
                     let s = Arc::new(Mutex::new(Shard::default()));
-                    self.shards
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push(s.clone());
-                    local.push((self.id, s.clone()));
-                    s
+                    self.shards.lock().unwrap_or_else(|e| e.into_inner()).push(s.clone());
+                    local.push((self.id, s));
+                    local.len() - 1
                 }
             };
-            drop(local);
-            let mut g = shard.lock().unwrap_or_else(|e| e.into_inner());
+            // Locked through the thread-local's own reference: no reference-count traffic per
+            // request. `f` never records again, so the RefCell is not borrowed twice.
+            let mut g = local[i].1.lock().unwrap_or_else(|e| e.into_inner());
             f(&mut g)
         })
     }
