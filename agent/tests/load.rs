@@ -45,6 +45,8 @@ struct Server {
     addr: SocketAddr,
     connections: Arc<AtomicU64>,
     requests: Arc<AtomicU64>,
+    /// Most requests the server was handling at one time (parsed, response not yet written).
+    max_busy: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -56,7 +58,15 @@ impl Server {
         let connections = Arc::new(AtomicU64::new(0));
         let requests = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (c, r, s) = (connections.clone(), requests.clone(), stop.clone());
+        let busy = Arc::new(AtomicU64::new(0));
+        let max_busy = Arc::new(AtomicU64::new(0));
+        let (c, r, s, bz, mb) = (
+            connections.clone(),
+            requests.clone(),
+            stop.clone(),
+            busy,
+            max_busy.clone(),
+        );
         let thread = std::thread::spawn(move || {
             let mut handlers = Vec::new();
             for conn in l.incoming() {
@@ -65,8 +75,10 @@ impl Server {
                 }
                 let Ok(conn) = conn else { continue };
                 c.fetch_add(1, Ordering::SeqCst);
-                let (r, s) = (r.clone(), s.clone());
-                handlers.push(std::thread::spawn(move || handle(conn, b, &r, &s)));
+                let (r, s, bz, mb) = (r.clone(), s.clone(), bz.clone(), mb.clone());
+                handlers.push(std::thread::spawn(move || {
+                    handle(conn, b, &r, &s, &bz, &mb)
+                }));
             }
             for h in handlers {
                 let _ = h.join();
@@ -76,6 +88,7 @@ impl Server {
             addr,
             connections,
             requests,
+            max_busy,
             stop,
             thread: Some(thread),
         }
@@ -129,7 +142,14 @@ fn read_request(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<()> {
     }
 }
 
-fn handle(mut conn: TcpStream, b: Behaviour, requests: &AtomicU64, stop: &AtomicBool) {
+fn handle(
+    mut conn: TcpStream,
+    b: Behaviour,
+    requests: &AtomicU64,
+    stop: &AtomicBool,
+    busy: &AtomicU64,
+    max_busy: &AtomicU64,
+) {
     let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
     let mut buf = Vec::new();
     loop {
@@ -169,7 +189,10 @@ fn handle(mut conn: TcpStream, b: Behaviour, requests: &AtomicU64, stop: &Atomic
                 }
             }
             Behaviour::Delay(d) => {
+                let now = busy.fetch_add(1, Ordering::SeqCst) + 1;
+                max_busy.fetch_max(now, Ordering::SeqCst);
                 std::thread::sleep(d);
+                busy.fetch_sub(1, Ordering::SeqCst);
                 if conn.write_all(ok).is_err() {
                     return;
                 }
@@ -363,6 +386,54 @@ fn latency_matches_a_server_that_waits_a_known_time() {
 }
 
 #[test]
+fn users_leaving_and_coming_back_never_exceed_the_target() {
+    // Regression: a user told to leave while its request was still running, and the user
+    // that replaced it when the target rose again, must not both go on sending.
+    let s = Server::start(Behaviour::Delay(Duration::from_millis(200)));
+    let stages = [
+        (4.0, 0.0),
+        (4.0, 0.3),
+        (0.0, 0.0),
+        (0.0, 0.05),
+        (4.0, 0.0),
+        (4.0, 0.6),
+        (0.0, 0.0),
+        (0.0, 0.5),
+    ];
+    let spec = LoadSpec {
+        url: s.url("/u"),
+        request: RequestSpec::default(),
+        model: Model::Closed {
+            schedule: ClosedSchedule::new(
+                stages
+                    .iter()
+                    .map(|&(target, duration_s)| Stage { target, duration_s })
+                    .collect(),
+            )
+            .unwrap(),
+            wait: Wait::None,
+        },
+        timeout: None,
+        keep_alive: true,
+    };
+    let r = run(&spec);
+    assert_eq!(r.failures, 0);
+    assert_eq!(r.requests, s.requests());
+    // Every request takes at least the server's 200 ms, so a user can start at most
+    // floor(span / 200 ms) + 1 requests in a span. Per index: the first user within [0, 0.3 s]
+    // (2), its replacement within [0.35 s, 0.95 s) (4): at most 24 in all. Had the first users
+    // gone on beside their replacements, they would have added up to 12 more.
+    assert!(r.requests <= 24, "{} requests", r.requests);
+    // At most the leaving user's last request and its replacement's, per index.
+    assert!(
+        s.max_busy.load(Ordering::SeqCst) <= 8,
+        "{} at once",
+        s.max_busy.load(Ordering::SeqCst)
+    );
+    assert!(s.max_busy.load(Ordering::SeqCst) >= 1);
+}
+
+#[test]
 fn http_500_is_a_failure_of_kind_http_500() {
     let s = Server::start(Behaviour::Status500);
     let r = run(&closed(s.url("/e"), 2, 1.0));
@@ -526,7 +597,11 @@ fn cancel_stops_early_and_reports() {
     // The study ramp adds 5 users/s: by the time it stopped (at least 1.5 s in) it had started
     // at least 7, and never more than the schedule allows at the moment it stopped.
     let allowed = ClosedSchedule::study().users_at(r.actual_duration_s);
-    assert!(r.max_users >= 7 && r.max_users <= allowed, "{} users, {allowed} allowed", r.max_users);
+    assert!(
+        r.max_users >= 7 && r.max_users <= allowed,
+        "{} users, {allowed} allowed",
+        r.max_users
+    );
     assert!(s.requests() >= r.requests);
 }
 

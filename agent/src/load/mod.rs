@@ -338,6 +338,10 @@ struct Shared {
     wait: Wait,
     /// Closed model: users with an index at or above this stop after their current request.
     target_users: AtomicU32,
+    /// Closed model: the generation of the user holding each index. When the target falls and
+    /// rises again, a new user takes over the index and the old one, should it still be
+    /// finishing a request, leaves instead of continuing beside it.
+    slots: Vec<AtomicU32>,
     /// Users running (closed) or requests in flight (open).
     active: AtomicU32,
     /// Requests cut off by the end of the run.
@@ -394,7 +398,7 @@ async fn one_request(
     guard.done = true;
 }
 
-async fn closed_user(sh: Arc<Shared>, index: u32) {
+async fn closed_user(sh: Arc<Shared>, index: u32, generation: u32) {
     sh.active.fetch_add(1, Ordering::Relaxed);
     struct Leave<'a>(&'a AtomicU32);
     impl Drop for Leave<'_> {
@@ -409,7 +413,9 @@ async fn closed_user(sh: Arc<Shared>, index: u32) {
     );
     let mut conn = client::UserConn::default();
     let mut buf = Vec::new();
-    while index < sh.target_users.load(Ordering::Relaxed) {
+    while index < sh.target_users.load(Ordering::Relaxed)
+        && sh.slots[index as usize].load(Ordering::Relaxed) == generation
+    {
         one_request(&sh, &mut conn, &mut rng, &mut buf, Instant::now()).await;
         if let Some(w) = sh.wait.sample(&mut rng) {
             tokio::time::sleep(w).await;
@@ -572,6 +578,12 @@ pub async fn run(
         keep_alive: spec.keep_alive,
         wait,
         target_users: AtomicU32::new(0),
+        slots: match &spec.model {
+            Model::Closed { schedule, .. } => (0..schedule.max_users())
+                .map(|_| AtomicU32::new(0))
+                .collect(),
+            Model::Open { .. } => Vec::new(),
+        },
         active: AtomicU32::new(0),
         aborted: AtomicU64::new(0),
         next_ticket: AtomicU64::new(0),
@@ -599,10 +611,11 @@ pub async fn run(
         let now = Instant::now();
         let t = now.saturating_duration_since(start).as_secs_f64();
         if let Model::Closed { schedule, .. } = &spec.model {
-            let want = schedule.users_at(t);
+            let want = schedule.users_at(t).min(sh.slots.len() as u32);
             sh.target_users.store(want, Ordering::Relaxed);
             while spawned < want {
-                tasks.spawn(closed_user(sh.clone(), spawned));
+                let generation = sh.slots[spawned as usize].fetch_add(1, Ordering::Relaxed) + 1;
+                tasks.spawn(closed_user(sh.clone(), spawned, generation));
                 spawned += 1;
             }
             // Users above the target leave after their request; their indices are reused.
@@ -614,31 +627,23 @@ pub async fn run(
         if now >= collect_at {
             let users = sh.active.load(Ordering::Relaxed);
             let secs = sh.rec.take_seconds(next_second);
-            let mut last = (0u64, 0u64, None);
-            for s in next_second - 1..next_second {
-                let empty = record::Second::default();
-                let sd = secs.get(&s).unwrap_or(&empty);
-                series.push(s, sd, users);
-                last = (
-                    sd.requests,
-                    sd.failures,
-                    (sd.requests > 0).then(|| sd.latency.value_at_quantile(0.5) as f64 / 1e6),
-                );
-            }
-            // Stragglers of earlier seconds (a shard that stalled past the collector).
-            for (s, sd) in secs.range(..next_second - 1) {
+            // Stragglers of earlier seconds first (a shard that stalled past the collector),
+            // then the second that just ended.
+            for (s, sd) in &secs {
                 series.push(*s, sd, users);
+                requests += sd.requests;
+                failures += sd.failures;
             }
-            requests += last.0
-                + secs
-                    .range(..next_second - 1)
-                    .map(|(_, s)| s.requests)
-                    .sum::<u64>();
-            failures += last.1
-                + secs
-                    .range(..next_second - 1)
-                    .map(|(_, s)| s.failures)
-                    .sum::<u64>();
+            let empty = record::Second::default();
+            let last = secs.get(&(next_second - 1)).unwrap_or(&empty);
+            if !secs.contains_key(&(next_second - 1)) {
+                series.push(next_second - 1, last, users);
+            }
+            let last = (
+                last.requests,
+                last.failures,
+                (last.requests > 0).then(|| last.latency.value_at_quantile(0.5) as f64 / 1e6),
+            );
             observer(&Progress {
                 elapsed: now.saturating_duration_since(start),
                 planned,

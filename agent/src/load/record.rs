@@ -218,7 +218,10 @@ impl Recorder {
                     // Drop shards of finished runs (only this thread still holds them).
                     local.retain(|(_, s)| Arc::strong_count(s) > 1);
                     let s = Arc::new(Mutex::new(Shard::default()));
-                    self.shards.lock().unwrap_or_else(|e| e.into_inner()).push(s.clone());
+                    self.shards
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(s.clone());
                     local.push((self.id, s));
                     local.len() - 1
                 }
