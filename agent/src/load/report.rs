@@ -22,7 +22,6 @@ pub const LOCUST_PERCENTILES: [f64; 11] = [
 /// Latency figures in milliseconds (from HDR histograms, <= 0.1 % relative error).
 /// All zero when `count` is 0.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Quantiles {
     pub count: u64,
     pub min: f64,
@@ -83,7 +82,6 @@ impl Quantiles {
 
 /// One second of the run: what completed in [second, second + 1).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SeriesPoint {
     /// Seconds since the start.
     pub second: u32,
@@ -105,15 +103,14 @@ pub struct SeriesPoint {
 /// Count of one failure kind: `http_NNN` for an HTTP status >= 400, otherwise an `ErrorKind`
 /// name (`refused`, `reset`, `closed_without_response`, `timeout`, `connect`, `protocol`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct FailureCount {
     pub kind: String,
     pub count: u64,
 }
 
-/// The summary of one run.
+/// The summary of one run. Readers should accept fields they do not know (newer minor
+/// additions); `version` changes when a field changes meaning or disappears.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct LoadReport {
     pub version: u32,
     pub url: String,
