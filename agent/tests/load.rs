@@ -510,7 +510,7 @@ fn open_model_sends_exactly_the_planned_arrivals() {
         request: RequestSpec::default(),
         model: Model::Open {
             schedule: OpenSchedule::ramp(200.0, 0.0, 2.0).unwrap(),
-            max_in_flight: 50,
+            max_in_flight: 1000,
         },
         timeout: None,
         keep_alive: true,
@@ -521,6 +521,11 @@ fn open_model_sends_exactly_the_planned_arrivals() {
     assert_eq!(r.requests + r.in_flight_at_end, 400);
     assert!(s.requests() >= r.requests && s.requests() <= 400);
     assert_eq!(r.failures, 0);
+    // Workers start only when no free one is waiting for the next arrival, so connections are
+    // reused: a server that answers at once needs a handful, not one per arrival (400) or one
+    // per allowed worker (1000).
+    assert!(s.connections() <= u64::from(r.max_users));
+    assert!(s.connections() < 200, "{} connections", s.connections());
 }
 
 #[test]

@@ -348,6 +348,16 @@ struct Shared {
     aborted: AtomicU64,
     /// Open model: next arrival to serve.
     next_ticket: AtomicU64,
+    /// Open model: the free worker holding the gate is the one that takes the next arrival
+    /// (when it is due); the other free workers queue behind it.
+    gate: tokio::sync::Mutex<()>,
+    /// Open model: free workers queued at the gate.
+    waiting: AtomicU32,
+    /// Open model: workers started so far (at most `max_in_flight`).
+    workers: AtomicU32,
+    max_in_flight: u32,
+    /// The user threads' runtimes (workers start more workers on them).
+    lanes: Vec<tokio::runtime::Handle>,
     open: Option<OpenSchedule>,
     start: Instant,
     planned_s: f64,
@@ -423,6 +433,18 @@ async fn closed_user(sh: Arc<Shared>, index: u32, generation: u32) {
     }
 }
 
+/// Starts open-model worker `index` on the next user thread.
+fn spawn_open_worker(sh: &Arc<Shared>, index: u32) {
+    let lane = &sh.lanes[index as usize % sh.lanes.len()];
+    // Not tracked by `Lanes`: the end of the run drops these with their thread's runtime.
+    drop(lane.spawn(open_worker(sh.clone(), index)));
+}
+
+/// One connection serving arrivals. Workers start on demand: when a worker takes an arrival
+/// and no other free worker is queued for the next one, it starts one more (up to
+/// `max_in_flight`). So there are about as many workers, and connections, as requests in
+/// flight, and each connection is reused; an arrival that finds every worker busy and the
+/// limit reached starts late.
 async fn open_worker(sh: Arc<Shared>, index: u32) {
     let schedule = sh.open.as_ref().expect("open model");
     let mut rng = Rng::new(
@@ -432,6 +454,9 @@ async fn open_worker(sh: Arc<Shared>, index: u32) {
     let mut conn = client::UserConn::default();
     let mut buf = Vec::new();
     loop {
+        sh.waiting.fetch_add(1, Ordering::SeqCst);
+        let gate = sh.gate.lock().await;
+        sh.waiting.fetch_sub(1, Ordering::SeqCst);
         let i = sh.next_ticket.fetch_add(1, Ordering::Relaxed);
         let Some(t) = schedule.arrival(i) else { break };
         if t >= sh.planned_s {
@@ -444,6 +469,15 @@ async fn open_worker(sh: Arc<Shared>, index: u32) {
         let late = now > due + Duration::from_millis(1);
         if now < due {
             tokio::time::sleep_until(due.into()).await;
+        }
+        drop(gate);
+        if sh.waiting.load(Ordering::SeqCst) == 0 {
+            let n = sh.workers.fetch_add(1, Ordering::SeqCst);
+            if n < sh.max_in_flight {
+                spawn_open_worker(&sh, n);
+            } else {
+                sh.workers.fetch_sub(1, Ordering::SeqCst);
+            }
         }
         sh.active.fetch_add(1, Ordering::Relaxed);
         sh.rec
@@ -569,6 +603,7 @@ pub async fn run(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
+    let mut tasks = Lanes::new()?;
     let start = Instant::now();
     let sh = Arc::new(Shared {
         addr,
@@ -587,20 +622,25 @@ pub async fn run(
         active: AtomicU32::new(0),
         aborted: AtomicU64::new(0),
         next_ticket: AtomicU64::new(0),
+        gate: tokio::sync::Mutex::new(()),
+        waiting: AtomicU32::new(0),
+        workers: AtomicU32::new(0),
+        max_in_flight: match &spec.model {
+            Model::Open { max_in_flight, .. } => *max_in_flight,
+            Model::Closed { .. } => 0,
+        },
+        lanes: tasks.handles.clone(),
         open,
         start,
         planned_s: planned.as_secs_f64(),
         seed: started_unix_ms ^ u64::from(std::process::id()) << 32,
     });
 
-    let mut tasks = Lanes::new()?;
     let mut spawned: u32 = 0;
     let mut max_users: u32 = 0;
-    if let Model::Open { max_in_flight, .. } = &spec.model {
-        for i in 0..*max_in_flight {
-            tasks.spawn(open_worker(sh.clone(), i));
-        }
-        max_users = *max_in_flight;
+    if let Model::Open { .. } = &spec.model {
+        sh.workers.store(1, Ordering::SeqCst);
+        spawn_open_worker(&sh, 0);
     }
     let end = start + planned;
     let mut series = SeriesBuilder::default();
@@ -677,6 +717,9 @@ pub async fn run(
     let ended = Instant::now();
     // The run is over: requests still in flight are cut off (as Locust stops its users).
     let users_at_end = sh.active.load(Ordering::Relaxed);
+    if sh.open.is_some() {
+        max_users = sh.workers.load(Ordering::SeqCst);
+    }
     tasks.shutdown().await;
     let actual = ended.saturating_duration_since(start);
     // Records of the final (partial) second.

@@ -151,6 +151,7 @@ pub struct LoadReport {
     pub start_lag_ms: Quantiles,
     /// Requests still in flight when the run ended (not counted above).
     pub in_flight_at_end: u64,
+    /// Most users (closed model), or workers started, each with its connection (open model).
     pub max_users: u32,
     pub series: Vec<SeriesPoint>,
 }
