@@ -355,6 +355,9 @@ struct Shared {
     waiting: AtomicU32,
     /// Open model: workers started so far (at most `max_in_flight`).
     workers: AtomicU32,
+    /// Open model: the last arrival left no free worker queued and none could be started, so
+    /// the next one waits for a busy worker.
+    starved: AtomicBool,
     max_in_flight: u32,
     /// The user threads' runtimes (workers start more workers on them).
     lanes: Vec<tokio::runtime::Handle>,
@@ -464,9 +467,9 @@ async fn open_worker(sh: Arc<Shared>, index: u32) {
         }
         let due = sh.start + Duration::from_secs_f64(t);
         let now = Instant::now();
-        // Taken after its due time: every worker was busy. A millisecond of slack covers the
-        // timer wheel's resolution, so only real queueing counts as late.
-        let late = now > due + Duration::from_millis(1);
+        // Late: no worker was free for it and it is past its due time. (Being a timer tick
+        // past due with a worker ready is not late; the latency counts that lag either way.)
+        let late = sh.starved.swap(false, Ordering::SeqCst) && now > due;
         if now < due {
             tokio::time::sleep_until(due.into()).await;
         }
@@ -477,6 +480,7 @@ async fn open_worker(sh: Arc<Shared>, index: u32) {
                 spawn_open_worker(&sh, n);
             } else {
                 sh.workers.fetch_sub(1, Ordering::SeqCst);
+                sh.starved.store(true, Ordering::SeqCst);
             }
         }
         sh.active.fetch_add(1, Ordering::Relaxed);
@@ -625,6 +629,7 @@ pub async fn run(
         gate: tokio::sync::Mutex::new(()),
         waiting: AtomicU32::new(0),
         workers: AtomicU32::new(0),
+        starved: AtomicBool::new(false),
         max_in_flight: match &spec.model {
             Model::Open { max_in_flight, .. } => *max_in_flight,
             Model::Closed { .. } => 0,

@@ -21,8 +21,10 @@ pub enum Route {
     /// GET /posts/cpu/
     Cpu,
     /// GET /posts/io_read/
+    #[value(name = "io_read")]
     IoRead,
     /// POST /posts/io_create/ with title="Post "+10 letters, content="Content "+100 letters
+    #[value(name = "io_create")]
     IoCreate,
 }
 
