@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod metrics;
 pub mod experiment;
 pub mod netem;
+pub mod load;
 pub mod probes;
 pub mod report;
 pub mod results;
@@ -53,6 +54,8 @@ pub enum Command {
     Report(cmd::report::Args),
     /// Inject a network delay into a target's namespace (tc netem or an NFQUEUE delay line).
     Delay(cmd::delay::Args),
+    /// Load an HTTP server: the study's closed-loop ramp, stages, or an open model.
+    Load(Box<cmd::load::Args>),
 }
 
 /// Parses `args` and runs the subcommand. Errors print one line; usage errors exit with 64.
@@ -79,6 +82,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         Command::Daemon(args) => cmd::daemon::run(args),
         Command::Report(args) => cmd::report::run(args),
         Command::Delay(args) => cmd::delay::run(args),
+        Command::Load(args) => cmd::load::run(*args),
     }
 }
 

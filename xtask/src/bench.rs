@@ -37,6 +37,8 @@ enum Bench {
     Probes(ProbesArgs),
     /// Accuracy, packet rate and CPU of `awaitlab delay` (needs root).
     Delay(crate::delaybench::DelayArgs),
+    /// `awaitlab load` against wrk, oha and Locust on one loopback nginx; peak memory at 10k users.
+    Load(crate::loadbench::LoadArgs),
 }
 
 #[derive(Args)]
@@ -60,10 +62,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     match &args.bench {
         Bench::Probes(a) => probes(a),
         Bench::Delay(a) => crate::delaybench::run(a),
+        Bench::Load(a) => crate::loadbench::run(a),
     }
 }
 
-const NGINX: &str = "/usr/sbin/nginx";
+pub(crate) const NGINX: &str = "/usr/sbin/nginx";
 const HTTP_PORT: u16 = 8080;
 /// Long enough for the agent to load and attach all programs on a slow CI host.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(60);
@@ -82,7 +85,7 @@ extern "C" fn on_interrupt(_: libc::c_int) {
 /// Ctrl-C would otherwise kill the xtask before its guards run and leave the namespace behind.
 /// With this handler the current step returns (the children get the same SIGINT from the
 /// terminal), `check_interrupted` turns that into an error, and the guards clean up.
-fn catch_interrupts() {
+pub(crate) fn catch_interrupts() {
     let handler = on_interrupt as extern "C" fn(libc::c_int);
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
@@ -90,7 +93,7 @@ fn catch_interrupts() {
     }
 }
 
-fn check_interrupted() -> Result<()> {
+pub(crate) fn check_interrupted() -> Result<()> {
     if INTERRUPTED.load(Ordering::SeqCst) {
         bail!("interrupted");
     }
@@ -260,7 +263,7 @@ impl Drop for TempDir {
 
 /// nginx modules whose temp-path directive must be set (so nginx never writes to
 /// /var/lib/nginx), unless this build left the module out (`nginx -V` says `--without-...`).
-const TEMP_PATHS: [(&str, &str); 5] = [
+pub(crate) const TEMP_PATHS: [(&str, &str); 5] = [
     ("client_body_temp_path", ""),
     ("proxy_temp_path", "http_proxy_module"),
     ("fastcgi_temp_path", "http_fastcgi_module"),
@@ -347,7 +350,7 @@ fn start_nginx(ns: &BenchNetns, tmp: &Path) -> Result<ChildGuard> {
 }
 
 /// A one-shot HTTP/1.0 GET without a client tool; returns the status code.
-fn http_get_status(addr: SocketAddr) -> Result<u16> {
+pub(crate) fn http_get_status(addr: SocketAddr) -> Result<u16> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).context("connect")?;
     s.set_read_timeout(Some(Duration::from_secs(2)))
         .context("set_read_timeout")?;
@@ -499,7 +502,7 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok(total as f64 / hz as f64)
 }
 
-fn tail(path: &Path) -> String {
+pub(crate) fn tail(path: &Path) -> String {
     match fs::read_to_string(path) {
         Ok(text) => {
             let lines: Vec<&str> = text.lines().collect();
@@ -561,7 +564,7 @@ fn print_round(round: u32, without: &WrkResult, with: Option<&WithProbes>) {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }

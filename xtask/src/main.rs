@@ -10,6 +10,7 @@ mod cmd;
 mod delaybench;
 mod dashboards;
 mod images;
+mod loadbench;
 mod netns;
 mod setup;
 mod test;

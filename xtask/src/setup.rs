@@ -50,6 +50,8 @@ pub fn run() -> Result<()> {
     debian_packages().context("installing Debian packages")?;
     nightly_rust_src().context("preparing the nightly toolchain")?;
     bpf_linker().context("installing bpf-linker")?;
+    locust().context("installing Locust (for `cargo xtask bench load`)")?;
+    oha().context("installing oha (for `cargo xtask bench load`)")?;
     println!("setup done in {}", secs(start.elapsed()));
     Ok(())
 }
@@ -293,6 +295,56 @@ fn symlink_force(target: &Path, link: &Path) -> Result<()> {
     }
     std::os::unix::fs::symlink(target, link)
         .with_context(|| format!("linking {} -> {}", link.display(), target.display()))
+}
+
+/// Locust's own virtualenv (the load benchmark's Python peer), under $HOME.
+const LOCUST_VENV_DIR: &str = ".local/awaitlab-locust";
+
+/// The `locust` executable of that virtualenv.
+pub fn locust_bin() -> Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    Ok(PathBuf::from(home).join(LOCUST_VENV_DIR).join("bin/locust"))
+}
+
+fn locust() -> Result<()> {
+    let bin = locust_bin()?;
+    if cmd::succeeds(Command::new(&bin).arg("--version")) {
+        report("locust", "ok");
+        return Ok(());
+    }
+    let venv = bin
+        .parent()
+        .and_then(Path::parent)
+        .context("locust path has no venv")?
+        .to_path_buf();
+    // A half-made venv from an interrupted run would make `venv` keep a broken pip.
+    if venv.exists() {
+        fs::remove_dir_all(&venv).with_context(|| format!("removing {}", venv.display()))?;
+    }
+    cmd::run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    cmd::run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", "locust"]))?;
+    report("locust", "installed");
+    Ok(())
+}
+
+/// `oha` (a Rust HTTP load generator), from crates.io.
+pub fn oha_bin() -> PathBuf {
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"));
+    cargo_home.join("bin/oha")
+}
+
+fn oha() -> Result<()> {
+    if cmd::succeeds(Command::new(oha_bin()).arg("--version")) {
+        report("oha", "ok");
+        return Ok(());
+    }
+    // A few minutes on two cores; only the first setup pays it.
+    cmd::run(cmd::cargo().args(["install", "--locked", "oha"]))?;
+    report("oha", "installed");
+    Ok(())
 }
 
 #[cfg(test)]

@@ -2,4 +2,5 @@
 pub mod daemon;
 pub mod report;
 pub mod delay;
+pub mod load;
 pub mod watch;

@@ -1,0 +1,152 @@
+//! `awaitlab run`: the study's matrix in one command, then the report. Flags override the
+//! configuration file; the whole configuration is checked before anything starts.
+
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use crate::{
+    experiment::{
+        config::{parse_delays, Backend, DelayBackend, ProfileName, RunConfig, Stack},
+        run::{run as run_matrix, Stop},
+    },
+    fail, EXIT_USAGE,
+};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// TOML configuration (see study.toml); flags below override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// System under test: processes in namespaces (no Docker) or Docker containers.
+    #[arg(long, value_enum)]
+    pub backend: Option<Backend>,
+    /// Python stack of the Django server.
+    #[arg(long, value_enum)]
+    pub stack: Option<Stack>,
+    /// Load profile: the study's 180 s, or the same shape in 30 s.
+    #[arg(long, value_enum)]
+    pub profile: Option<ProfileName>,
+    /// Setups, comma-separated (sync, async-limited, async-unlimited, async-pooled).
+    #[arg(long, value_delimiter = ',')]
+    pub setups: Option<Vec<String>>,
+    /// Routes, comma-separated (cpu, io_read, io_create).
+    #[arg(long, value_delimiter = ',')]
+    pub routes: Option<Vec<String>>,
+    /// Added delays in milliseconds, comma-separated (e.g. 0,100,200).
+    #[arg(long, value_parser = parse_delays)]
+    pub delays: Option<Vec<u32>>,
+    /// Repetitions of every cell (3 or more give confidence intervals).
+    #[arg(long)]
+    pub repeat: Option<u32>,
+    /// Delay mechanism.
+    #[arg(long, value_enum)]
+    pub delay_backend: Option<DelayBackend>,
+    /// Parent directory of run directories.
+    #[arg(long)]
+    pub results: Option<PathBuf>,
+    /// Continue an interrupted run in this directory (its finished cells are kept).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Do not attach the eBPF probes (no explanation in the report).
+    #[arg(long)]
+    pub no_probes: bool,
+}
+
+static SIGNALLED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    SIGNALLED.store(true, Ordering::SeqCst);
+}
+
+fn configure(args: &Args) -> anyhow::Result<RunConfig> {
+    let mut cfg = match &args.config {
+        Some(p) => RunConfig::from_file(p)?,
+        None => RunConfig::default(),
+    };
+    if let Some(v) = args.backend {
+        cfg.backend = v;
+    }
+    if let Some(v) = args.stack {
+        cfg.stack = v;
+    }
+    if let Some(v) = args.profile {
+        cfg.profile = v;
+    }
+    if let Some(v) = &args.setups {
+        cfg.setups = v.clone();
+    }
+    if let Some(v) = &args.routes {
+        cfg.routes = v.clone();
+    }
+    if let Some(v) = &args.delays {
+        cfg.delays_ms = v.clone();
+    }
+    if let Some(v) = args.repeat {
+        cfg.repeat = v;
+    }
+    if let Some(v) = args.delay_backend {
+        cfg.delay_backend = v;
+    }
+    if let Some(v) = &args.results {
+        cfg.results_dir = v.clone();
+    }
+    if args.no_probes {
+        cfg.probes = false;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+pub fn run(args: Args) -> ExitCode {
+    let cfg = match configure(&args) {
+        Ok(c) => c,
+        Err(e) => return fail(&e, EXIT_USAGE),
+    };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return fail(&anyhow::anyhow!("awaitlab run needs root (namespaces, delay rules, eBPF probes)"), crate::EXIT_NOPERM);
+    }
+    if let Some(r) = &args.resume {
+        if !r.join("index.json").is_file() {
+            return fail(&anyhow::anyhow!("--resume {}: not a results directory (no index.json)", r.display()), EXIT_USAGE);
+        }
+    }
+    let stop = Stop::new();
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let watcher_stop = stop.clone();
+    std::thread::spawn(move || loop {
+        if SIGNALLED.load(Ordering::SeqCst) {
+            eprintln!("\nawaitlab: stopping: the cell in progress is dropped, the delay cleared, the system under test torn down");
+            watcher_stop.request();
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    });
+    let outcome = match run_matrix(&cfg, args.resume.as_deref(), &stop) {
+        Ok(o) => o,
+        Err(e) => return fail(&e, 1),
+    };
+    eprintln!(
+        "awaitlab: {} cells run, {} already done, in {}",
+        outcome.done,
+        outcome.skipped,
+        outcome.dir.display()
+    );
+    match crate::report::write(&outcome.dir) {
+        Ok((md, html)) => println!("{}\n{}", md.display(), html.display()),
+        Err(e) => return fail(&anyhow::Error::new(e).context("writing the report"), 1),
+    }
+    if outcome.interrupted {
+        eprintln!("awaitlab: interrupted; continue with --resume {}", outcome.dir.display());
+        return ExitCode::from(130);
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,370 @@
+//! Runs the matrix: for each setup, bring the system under test up (seeded once), attach the
+//! probes to the server's namespace, and for each cell reset the database, wait for the server to
+//! drain, set the delay, run the load profile, take the probes' summary of the cell, clear the
+//! delay, and write the cell's files atomically.
+//!
+//! It must always clear the delay (the guard does, also on error or Ctrl-C), never write a cell
+//! that did not finish, and leave nothing running: the system under test is torn down by its
+//! guard, and leftovers of a killed run are removed when the next run starts.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{anyhow, bail, Context as _};
+use clap::ValueEnum as _;
+use tokio_util::sync::CancellationToken;
+
+use super::config::{Backend, DelayBackend, ProfileName, RunConfig, Stack};
+use crate::{
+    load::{self, LoadSpec},
+    netem,
+    probes::{session::ProbeSession, ProbeSpec},
+    results::{CellKey, CellResult, DelayOutcome, Index, LoadOutcome, ResultsDir, Second, RESULTS_VERSION},
+    sut::{self, Sut},
+    target::Target,
+};
+
+/// Set by the SIGINT/SIGTERM handler: finish nothing new, clean up, exit.
+#[derive(Clone, Default)]
+pub struct Stop {
+    flag: Arc<AtomicBool>,
+    token: CancellationToken,
+}
+
+impl Stop {
+    pub fn new() -> Stop {
+        Stop::default()
+    }
+    pub fn request(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        self.token.cancel();
+    }
+    pub fn requested(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+}
+
+/// What the caller learns at the end.
+pub struct Outcome {
+    pub dir: PathBuf,
+    pub done: usize,
+    pub skipped: usize,
+    pub interrupted: bool,
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// A new run directory `results_dir/YYYYmmdd-HHMMSS` (UTC), or the one being resumed.
+pub fn run_dir(cfg: &RunConfig, resume: Option<&Path>) -> PathBuf {
+    if let Some(r) = resume {
+        return r.to_path_buf();
+    }
+    let secs = unix_now() as i64;
+    let (d, s) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = d + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    cfg.results_dir.join(format!("{year:04}{month:02}{day:02}-{:02}{:02}{:02}", s / 3600, s / 60 % 60, s % 60))
+}
+
+fn sut_backend(b: Backend) -> sut::BackendKind {
+    match b {
+        Backend::Netns => sut::BackendKind::Netns,
+        Backend::Docker => sut::BackendKind::Docker,
+    }
+}
+
+fn sut_stack(s: Stack) -> sut::Stack {
+    match s {
+        Stack::Study => sut::Stack::Study,
+        Stack::Current => sut::Stack::Current,
+    }
+}
+
+fn delay_choice(d: DelayBackend) -> netem::BackendChoice {
+    match d {
+        DelayBackend::Auto => netem::BackendChoice::Auto,
+        DelayBackend::Netem => netem::BackendChoice::Netem,
+        DelayBackend::Nfqueue => netem::BackendChoice::Nfqueue,
+    }
+}
+
+fn route(r: &str) -> anyhow::Result<load::Route> {
+    load::Route::from_str(r, true).map_err(|e| anyhow!("route {r}: {e}"))
+}
+
+/// The load of one cell.
+fn load_spec(cfg: &RunConfig, base: &str, route_name: &str) -> anyhow::Result<LoadSpec> {
+    let mut spec = LoadSpec::study(base, route(route_name)?);
+    if cfg.profile == ProfileName::Quick {
+        spec.model = load::Model::Closed { schedule: load::ClosedSchedule::quick(), wait: load::Wait::None };
+    }
+    Ok(spec)
+}
+
+fn load_outcome(r: &load::LoadReport) -> LoadOutcome {
+    LoadOutcome {
+        planned_s: r.planned_duration_s,
+        actual_s: r.actual_duration_s,
+        requests: r.requests,
+        failures: r.failures,
+        total_successes: r.total_successes,
+        max_srps: r.max_srps,
+        failures_by_kind: r.failures_by_kind.iter().map(|f| (f.kind.clone(), f.count)).collect(),
+        latency: crate::aggregate::Quantiles {
+            count: r.latency_ms.count,
+            p50_ms: r.latency_ms.p50,
+            p90_ms: r.latency_ms.p90,
+            p99_ms: r.latency_ms.p99,
+            max_ms: r.latency_ms.max,
+            mean_ms: r.latency_ms.mean,
+        },
+        series: r
+            .series
+            .iter()
+            .map(|s| Second {
+                t_s: f64::from(s.second) + 1.0,
+                users: u64::from(s.users),
+                requests: s.requests,
+                successes: s.successes,
+                failures: s.failures,
+                p50_ms: (s.latency_ms.count > 0).then_some(s.latency_ms.p50),
+                p95_ms: (s.latency_ms.count > 0).then_some(s.latency_ms.p95),
+            })
+            .collect(),
+    }
+}
+
+/// Waits until PostgreSQL has no client connection but ours and the server has been quiet for a
+/// second: a closed-loop run leaves requests queued in the server when the load stops, and they
+/// would pollute the next cell.
+fn drain(sut: &Sut, session: Option<&mut ProbeSession>, timeout: Duration) -> anyhow::Result<Option<String>> {
+    let t0 = Instant::now();
+    let mut session = session;
+    let mut quiet_since: Option<Instant> = None;
+    loop {
+        let conns: u64 = sut
+            .psql(&["SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"])?
+            .trim()
+            .parse()
+            .unwrap_or(u64::MAX);
+        let finished_now = session.as_deref_mut().map_or(0, |s| {
+            let before = s.agg.total.requests;
+            s.drain(|_| {});
+            s.agg.total.requests - before
+        });
+        if conns == 0 && finished_now == 0 {
+            let q = *quiet_since.get_or_insert_with(Instant::now);
+            if q.elapsed() >= Duration::from_secs(1) {
+                return Ok(None);
+            }
+        } else {
+            quiet_since = None;
+        }
+        if t0.elapsed() > timeout {
+            return Ok(Some(format!(
+                "the server had not drained after {} s ({conns} database connections left); the cell started anyway",
+                timeout.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// One line of progress on stderr.
+fn progress(done: usize, total: usize, started: Instant, cell: &CellKey, p: &load::Progress) {
+    let per_cell = if done > 0 { started.elapsed().as_secs_f64() / done as f64 } else { p.planned.as_secs_f64() + 20.0 };
+    let left = per_cell * (total - done) as f64 - p.elapsed.as_secs_f64();
+    eprint!(
+        "\r\x1b[2K[{}/{}] {} {} {} ms r{}: {:>4.0}/{:.0} s, {} users, {:.0} req/s, {} failures; about {:.0} min left",
+        done + 1,
+        total,
+        cell.setup,
+        cell.route,
+        cell.delay_ms,
+        cell.rep,
+        p.elapsed.as_secs_f64(),
+        p.planned.as_secs_f64(),
+        p.users,
+        p.requests_last_s as f64,
+        p.failures,
+        left.max(0.0) / 60.0
+    );
+}
+
+/// Runs (or resumes) the experiment described by `cfg`.
+pub fn run(cfg: &RunConfig, resume: Option<&Path>, stop: &Stop) -> anyhow::Result<Outcome> {
+    cfg.validate()?;
+    let dir_path = run_dir(cfg, resume);
+    let planned = cfg.cells();
+    let index = Index {
+        version: RESULTS_VERSION,
+        created_unix_s: unix_now(),
+        config: serde_json::to_value(cfg).context("serialising the configuration")?,
+        planned: planned.clone(),
+    };
+    let dir = match resume {
+        Some(r) => {
+            let d = ResultsDir::open(r)?;
+            let old = d.index()?;
+            if old.planned != planned {
+                bail!("{} was run with another matrix; resume with the same configuration", r.display());
+            }
+            d
+        }
+        None => ResultsDir::create(&dir_path, &index)?,
+    };
+    // A killed earlier run may have left a delay rule or a system under test behind.
+    for removed in netem::cleanup_leftovers() {
+        eprintln!("awaitlab: removed a leftover delay: {removed}");
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    let started = Instant::now();
+    let total = planned.len();
+    let mut done = 0usize;
+    let mut skipped = 0usize;
+    let setups: Vec<String> = {
+        let mut v: Vec<String> = Vec::new();
+        for c in &planned {
+            if !v.contains(&c.setup) {
+                v.push(c.setup.clone());
+            }
+        }
+        v
+    };
+    for setup_name in setups {
+        let cells: Vec<&CellKey> = planned.iter().filter(|c| c.setup == setup_name && !dir.is_done(c)).collect();
+        skipped += planned.iter().filter(|c| c.setup == setup_name).count() - cells.len();
+        if cells.is_empty() || stop.requested() {
+            continue;
+        }
+        let setup = sut::Setup::from_str(&setup_name, true).map_err(|e| anyhow!("setup {setup_name}: {e}"))?;
+        eprintln!("\nawaitlab: bringing up {setup_name} ({:?} back end, {:?} stack)", cfg.backend, cfg.stack);
+        let opts = sut::Options::new(setup, sut_stack(cfg.stack), "awlrun");
+        let system = Sut::up(sut_backend(cfg.backend), &opts).with_context(|| format!("bringing up {setup_name}"))?;
+        let seed = system.seed().context("seeding the database")?;
+        if seed.seeded {
+            eprintln!("awaitlab: seeded {} posts in {:.1} s", seed.rows, seed.seconds);
+        }
+        let target = Target::resolve(system.netns()).with_context(|| format!("the server's namespace {}", system.netns()))?;
+        let mut session = if cfg.probes {
+            let _enter = rt.enter();
+            let spec = ProbeSpec {
+                netns_inum: target.netns_inum,
+                http_ports: vec![sut::SERVER_PORT],
+                db_ports: vec![system.db_port()],
+                capture_payload: true,
+            };
+            Some(ProbeSession::attach(&spec, system.netns()).context("attaching the probes")?)
+        } else {
+            None
+        };
+
+        for key in cells {
+            if stop.requested() {
+                break;
+            }
+            let mut notes = Vec::new();
+            system.reset().context("resetting the database to the seed")?;
+            if let Some(n) = drain(&system, session.as_mut(), Duration::from_secs(cfg.drain_timeout_s))? {
+                notes.push(n);
+            }
+            let mark = match session.as_mut() {
+                Some(s) => Some(s.mark()?),
+                None => None,
+            };
+            let guard = if key.delay_ms > 0 {
+                let spec = netem::DelaySpec { delay: Duration::from_millis(u64::from(key.delay_ms)), jitter: Duration::ZERO, devs: Vec::new() };
+                Some(netem::set(&target, &spec, delay_choice(cfg.delay_backend)).with_context(|| format!("setting {} ms of delay", key.delay_ms))?)
+            } else {
+                None
+            };
+            let spec = load_spec(cfg, system.url(), &key.route)?;
+            let started_unix_s = unix_now();
+            let token = stop.token.clone();
+            let report = rt.block_on(async {
+                let finished = CancellationToken::new();
+                let pump = async {
+                    if let Some(s) = session.as_mut() {
+                        while !finished.is_cancelled() {
+                            s.pump(Duration::from_millis(50), |_| {}).await;
+                        }
+                    }
+                };
+                let load = async {
+                    let mut observer = |p: &load::Progress| progress(done, total, started, key, p);
+                    let r = load::run(&spec, &mut observer, token).await;
+                    finished.cancel();
+                    r
+                };
+                let (r, ()) = tokio::join!(load, pump);
+                r
+            });
+            eprintln!();
+            let delay = match guard {
+                Some(g) => {
+                    let a = g.achieved();
+                    let backend = format!("{:?}", g.backend()).to_lowercase();
+                    g.remove();
+                    DelayOutcome { requested_ms: f64::from(key.delay_ms), achieved_ms: a.achieved_ms(), backend }
+                }
+                None => DelayOutcome { requested_ms: 0.0, achieved_ms: Some(0.0), backend: "none".into() },
+            };
+            let report = report.with_context(|| format!("load of cell {}", key.stem()))?;
+            if report.stopped_early || stop.requested() {
+                break;
+            }
+            let probes = match (session.as_mut(), mark) {
+                (Some(s), Some(m)) => Some(s.summary_since(&m)?),
+                _ => None,
+            };
+            if report.in_flight_at_end > 0 {
+                notes.push(format!("{} requests were still in flight when the load ended (not counted)", report.in_flight_at_end));
+            }
+            let cell = CellResult {
+                version: RESULTS_VERSION,
+                key: key.clone(),
+                started_unix_s,
+                backend: sut_backend(cfg.backend).name().into(),
+                stack: sut_stack(cfg.stack).name().into(),
+                profile: format!("{:?}", cfg.profile).to_lowercase(),
+                delay,
+                load: load_outcome(&report),
+                probes,
+                notes,
+            };
+            report
+                .write_locust_csv(&dir.root.join("cells"), &key.stem())
+                .with_context(|| format!("writing the Locust CSVs of {}", key.stem()))?;
+            dir.write_cell(&cell)?;
+            done += 1;
+            eprintln!(
+                "awaitlab: {} done: {} successes, max sRPS {:.1}, {} failures",
+                key.stem(),
+                cell.load.total_successes,
+                cell.load.max_srps,
+                cell.load.failures
+            );
+        }
+        drop(session);
+        system.down().context("tearing down the system under test")?;
+    }
+    let interrupted = stop.requested();
+    Ok(Outcome { dir: dir.root.clone(), done, skipped, interrupted })
+}

@@ -1,0 +1,243 @@
+//! The versioned summary of one load run (`LoadReport`), built from the recorder's totals and
+//! the per-second series. It is the one source for every output: the JSON summary, the Locust
+//! CSV files and the experiment runner's results. It must not recompute what `metrics` and
+//! `record` define.
+
+use std::collections::BTreeMap;
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+use super::record::{ErrorKind, Second, Totals};
+use super::schedule::Stage;
+
+/// Bumped whenever a field changes meaning or disappears.
+pub const REPORT_VERSION: u32 = 1;
+
+/// Locust's reported percentiles (its `PERCENTILES_TO_REPORT`), as fractions.
+pub const LOCUST_PERCENTILES: [f64; 11] = [
+    0.50, 0.66, 0.75, 0.80, 0.90, 0.95, 0.98, 0.99, 0.999, 0.9999, 1.0,
+];
+
+/// Latency figures in milliseconds (from HDR histograms, <= 0.1 % relative error).
+/// All zero when `count` is 0.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Quantiles {
+    pub count: u64,
+    pub min: f64,
+    pub mean: f64,
+    pub p50: f64,
+    pub p66: f64,
+    pub p75: f64,
+    pub p80: f64,
+    pub p90: f64,
+    pub p95: f64,
+    pub p98: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub p9999: f64,
+    pub max: f64,
+}
+
+fn ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
+}
+
+impl Quantiles {
+    /// `sum_ns`, when known, gives the exact mean (the histogram's is within 0.1 %).
+    pub fn of(h: &Histogram<u64>, sum_ns: Option<u128>) -> Quantiles {
+        if h.is_empty() {
+            return Quantiles::default();
+        }
+        let q = |p: f64| ms(h.value_at_quantile(p));
+        Quantiles {
+            count: h.len(),
+            min: ms(h.min()),
+            mean: match sum_ns {
+                Some(s) => s as f64 / h.len() as f64 / 1e6,
+                None => h.mean() / 1e6,
+            },
+            p50: q(0.50),
+            p66: q(0.66),
+            p75: q(0.75),
+            p80: q(0.80),
+            p90: q(0.90),
+            p95: q(0.95),
+            p98: q(0.98),
+            p99: q(0.99),
+            p999: q(0.999),
+            p9999: q(0.9999),
+            max: ms(h.max()),
+        }
+    }
+
+    /// The values in `LOCUST_PERCENTILES` order.
+    pub fn locust(&self) -> [f64; 11] {
+        [
+            self.p50, self.p66, self.p75, self.p80, self.p90, self.p95, self.p98, self.p99,
+            self.p999, self.p9999, self.max,
+        ]
+    }
+}
+
+/// One second of the run: what completed in [second, second + 1).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SeriesPoint {
+    /// Seconds since the start.
+    pub second: u32,
+    /// Users running at the end of the second (closed model), requests in flight (open model).
+    pub users: u32,
+    pub requests: u64,
+    pub successes: u64,
+    pub failures: u64,
+    pub bytes: u64,
+    /// Latency of this second's requests (all of them, like Locust), milliseconds.
+    pub latency_ms: Quantiles,
+    /// Running totals at the end of this second.
+    pub total_requests: u64,
+    pub total_failures: u64,
+    pub total_latency_ms: Quantiles,
+    pub total_bytes: u64,
+}
+
+/// Count of one failure kind: `http_NNN` for an HTTP status >= 400, otherwise an `ErrorKind`
+/// name (`refused`, `reset`, `closed_without_response`, `timeout`, `connect`, `protocol`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FailureCount {
+    pub kind: String,
+    pub count: u64,
+}
+
+/// The summary of one run. Readers should accept fields they do not know (newer minor
+/// additions); `version` changes when a field changes meaning or disappears.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoadReport {
+    pub version: u32,
+    pub url: String,
+    pub method: String,
+    /// The request path (Locust's "Name").
+    pub name: String,
+    /// "closed" or "open".
+    pub model: String,
+    /// Users (closed) or requests/s (open) per stage.
+    pub stages: Vec<Stage>,
+    /// Unix time of the start, milliseconds.
+    pub started_unix_ms: u64,
+    pub planned_duration_s: f64,
+    pub actual_duration_s: f64,
+    /// Cancelled before the planned end.
+    pub stopped_early: bool,
+    pub requests: u64,
+    pub successes: u64,
+    pub failures: u64,
+    /// The study's Total successes (requests - failures).
+    pub total_successes: u64,
+    /// The study's Max sRPS (5-second samples).
+    pub max_srps: f64,
+    pub failures_by_kind: Vec<FailureCount>,
+    /// Responses by HTTP status (successes and failures).
+    pub status_counts: BTreeMap<String, u64>,
+    pub bytes_received: u64,
+    /// Every completed request, from its start (its due time in the open model) to its last
+    /// response byte or its failure; includes connect time when it opened a connection.
+    pub latency_ms: Quantiles,
+    /// Successful requests only.
+    pub success_latency_ms: Quantiles,
+    /// TCP connect time of each connection opened; `count` is the number of connections.
+    pub connect_ms: Quantiles,
+    /// Open model: requests that could not start at their due time (no connection free).
+    pub late_starts: u64,
+    /// Open model: start minus due time.
+    pub start_lag_ms: Quantiles,
+    /// Requests still in flight when the run ended (not counted above).
+    pub in_flight_at_end: u64,
+    /// Most users (closed model), or workers started, each with its connection (open model).
+    pub max_users: u32,
+    pub series: Vec<SeriesPoint>,
+}
+
+impl LoadReport {
+    pub fn failure_count(&self, kind: &str) -> u64 {
+        self.failures_by_kind
+            .iter()
+            .find(|f| f.kind == kind)
+            .map_or(0, |f| f.count)
+    }
+}
+
+/// Failure counts in a stable order: HTTP statuses ascending, then error kinds.
+pub fn failures_by_kind(t: &Totals) -> Vec<FailureCount> {
+    let mut v: Vec<FailureCount> = t
+        .statuses
+        .iter()
+        .filter(|(s, n)| **s >= 400 && **n > 0)
+        .map(|(s, n)| FailureCount {
+            kind: format!("http_{s}"),
+            count: *n,
+        })
+        .collect();
+    for k in ErrorKind::ALL {
+        let n = t.error_count(k);
+        if n > 0 {
+            v.push(FailureCount {
+                kind: k.name().to_owned(),
+                count: n,
+            });
+        }
+    }
+    v
+}
+
+/// Running state that turns collected seconds into series points.
+#[derive(Default)]
+pub struct SeriesBuilder {
+    pub points: Vec<SeriesPoint>,
+    cumulative: Second,
+}
+
+impl SeriesBuilder {
+    /// Adds second `sec` (seconds must come in order; a late one is merged into its point).
+    pub fn push(&mut self, sec: u64, s: &Second, users: u32) {
+        self.cumulative.merge(s);
+        let cum = &self.cumulative;
+        let sec32 = u32::try_from(sec).unwrap_or(u32::MAX);
+        // Fill seconds in which nothing completed, so that the series has one point a second.
+        while self.points.last().map_or(0, |p| p.second + 1) < sec32 {
+            let next = self.points.last().map_or(0, |p| p.second + 1);
+            let prev = self.points.last().cloned().unwrap_or_default();
+            self.points.push(SeriesPoint {
+                second: next,
+                users: prev.users,
+                total_requests: prev.total_requests,
+                total_failures: prev.total_failures,
+                total_latency_ms: prev.total_latency_ms.clone(),
+                total_bytes: prev.total_bytes,
+                ..SeriesPoint::default()
+            });
+        }
+        let point = SeriesPoint {
+            second: sec32,
+            users,
+            requests: s.requests,
+            successes: s.requests - s.failures,
+            failures: s.failures,
+            bytes: s.bytes,
+            latency_ms: Quantiles::of(&s.latency, Some(s.latency_sum_ns)),
+            total_requests: cum.requests,
+            total_failures: cum.failures,
+            total_latency_ms: Quantiles::of(&cum.latency, Some(cum.latency_sum_ns)),
+            total_bytes: cum.bytes,
+        };
+        match self.points.iter_mut().find(|p| p.second == sec32) {
+            // A shard that stalled past the collector: keep its counts (the quantiles of that
+            // second stay as first computed).
+            Some(p) => {
+                p.requests += s.requests;
+                p.successes += s.requests - s.failures;
+                p.failures += s.failures;
+                p.bytes += s.bytes;
+            }
+            None => self.points.push(point),
+        }
+    }
+}

@@ -1,0 +1,482 @@
+//! `cargo xtask bench load`: how fast `awaitlab load` drives a server compared with wrk, oha and
+//! Locust (FastHttpUser, one process), all measured in the same run against the same loopback
+//! nginx (one worker, a small static file, keep-alive) with the same number of connections; and
+//! `awaitlab load`'s peak memory with 10,000 users.
+//!
+//! Rounds alternate the tools (in a rotating order) so that noise from a shared host spreads
+//! over all of them; medians are compared. Traffic goes only to 127.0.0.1, to the nginx this
+//! command starts on a port the kernel picked. nginx, every tool process and the temporary
+//! directory are removed by guards, also on error or Ctrl-C. This module reports and never
+//! fails a run for missing a target ratio.
+
+use std::fs;
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::Args;
+use serde_json::json;
+
+use crate::bench::{
+    catch_interrupts, check_interrupted, http_get_status, median, tail, NGINX, TEMP_PATHS,
+};
+use crate::cmd::{self, ChildGuard};
+use crate::setup;
+
+#[derive(Args)]
+pub struct LoadArgs {
+    /// Rounds; each runs every tool once.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
+    /// Seconds of load per tool run.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    duration: u32,
+    /// Connections (users) for every tool.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+    connections: u32,
+    /// Users for the memory measurement.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    memory_users: u32,
+    /// Leave Locust out (e.g. on a host without Python).
+    #[arg(long)]
+    no_locust: bool,
+}
+
+/// Targets the issue sets: ours / peer.
+const TARGETS: [(&str, f64); 3] = [("wrk", 0.9), ("oha", 1.0), ("locust", 10.0)];
+
+/// The static file: small, as the issue asks, so that the server's work per request is minimal.
+const BODY: &str = "awaitlab load benchmark: a small static file served by nginx.\n";
+
+struct Dir(PathBuf);
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn free_port() -> Result<u16> {
+    // The kernel picks a free ephemeral port; nginx binds it a moment later.
+    let l = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn nginx_config(dir: &Path, port: u16, nginx_v: &str) -> String {
+    let t = dir.display();
+    let mut temp_paths = String::new();
+    for (directive, module) in TEMP_PATHS {
+        if module.is_empty() || !nginx_v.contains(&format!("--without-{module}")) {
+            temp_paths.push_str(&format!("    {directive} {t}/{directive};\n"));
+        }
+    }
+    // One worker: the load generator gets the other core of a 2-core host. Enough descriptors
+    // and a deep accept queue for the 10,000-user memory run.
+    format!(
+        "daemon off;
+master_process off;
+worker_processes 1;
+worker_rlimit_nofile 30000;
+pid {t}/nginx.pid;
+error_log {t}/error.log;
+events {{ worker_connections 25000; }}
+http {{
+    access_log off;
+    keepalive_requests 100000000;
+    keepalive_timeout 120s;
+{temp_paths}    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        root {t}/www;
+        location / {{ }}
+    }}
+}}
+"
+    )
+}
+
+fn start_nginx(dir: &Path) -> Result<(ChildGuard, SocketAddr)> {
+    fs::create_dir_all(dir.join("www"))?;
+    fs::write(dir.join("www/index.html"), BODY)?;
+    let v = Command::new(NGINX)
+        .arg("-V")
+        .output()
+        .context("running nginx -V")?;
+    let port = free_port()?;
+    let conf = dir.join("nginx.conf");
+    fs::write(
+        &conf,
+        nginx_config(dir, port, &String::from_utf8_lossy(&v.stderr)),
+    )?;
+    let prefix = format!("{}/", dir.display());
+    let error_log = dir.join("error.log");
+    let mut nginx = ChildGuard::spawn(
+        "nginx",
+        Command::new(NGINX)
+            .args(["-p", &prefix, "-e"])
+            .arg(&error_log)
+            .arg("-c")
+            .arg(&conf),
+        libc::SIGTERM,
+        Duration::from_secs(5),
+    )?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        check_interrupted()?;
+        if let Some(status) = nginx.try_wait()? {
+            bail!(
+                "nginx exited ({status}) before serving:\n{}",
+                tail(&error_log)
+            );
+        }
+        match http_get_status(addr) {
+            Ok(200) => break,
+            Ok(code) => bail!("nginx answered {code} instead of 200"),
+            Err(e) if Instant::now() > deadline => {
+                return Err(e).context(format!("nginx not ready at {addr}:\n{}", tail(&error_log)))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+    eprintln!("nginx ready at {addr}");
+    Ok((nginx, addr))
+}
+
+/// Runs a tool to completion under a guard (so Ctrl-C or an error still stops it); returns
+/// stdout, and the peak resident memory in KiB from wait4's rusage.
+fn run_tool(name: &str, cmd: &mut Command, limit: Duration) -> Result<(String, u64)> {
+    let dir = std::env::temp_dir().join(format!("awl-loadbench-{}-{name}", std::process::id()));
+    let out_path = dir.with_extension("out");
+    let err_path = dir.with_extension("err");
+    cmd.stdout(fs::File::create(&out_path)?)
+        .stderr(fs::File::create(&err_path)?)
+        .stdin(Stdio::null());
+    let line = cmd::display(cmd);
+    eprintln!("$ {line}");
+    let child = cmd.spawn().with_context(|| format!("starting `{line}`"))?;
+    let pid = child.id() as libc::pid_t;
+    // Owned by the guard from here on; wait4 reaps it below, after which the guard's kill finds
+    // nothing (ESRCH is not an error).
+    let mut guard = KillOnDrop(Some(child));
+    let t0 = Instant::now();
+    let (status, maxrss_kib) = loop {
+        let mut st: libc::c_int = 0;
+        // SAFETY: zeroed rusage is a valid value for the out parameter.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: pid is our own child, not yet reaped; pointers are to locals.
+        let r = unsafe { libc::wait4(pid, &mut st, libc::WNOHANG, &mut ru) };
+        if r == pid {
+            if let Some(c) = guard.0.take() {
+                std::mem::forget(c);
+            }
+            break (std::process::ExitStatus::from_raw(st), ru.ru_maxrss as u64);
+        }
+        ensure!(r == 0, "wait4 {name}: {}", std::io::Error::last_os_error());
+        if check_interrupted().is_err() || t0.elapsed() > limit {
+            drop(guard);
+            bail!("{name} interrupted or did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = fs::read_to_string(&out_path).unwrap_or_default();
+    let err = fs::read_to_string(&err_path).unwrap_or_default();
+    let _ = fs::remove_file(&out_path);
+    let _ = fs::remove_file(&err_path);
+    ensure!(
+        status.success(),
+        "`{line}` failed ({status}): {}",
+        err.trim()
+    );
+    Ok((out, maxrss_kib))
+}
+
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn number_after(text: &str, label: &str) -> Result<f64> {
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with(label))
+        .with_context(|| format!("no {label:?} line in:\n{text}"))?;
+    let v = line[label.len()..].split_whitespace().next().unwrap_or("");
+    v.parse::<f64>()
+        .with_context(|| format!("number in {line:?}"))
+}
+
+struct Tools {
+    awaitlab: PathBuf,
+    oha: PathBuf,
+    locust: Option<PathBuf>,
+    locustfile: PathBuf,
+    csv_dir: PathBuf,
+}
+
+fn measure(tool: &str, t: &Tools, url: &str, a: &LoadArgs) -> Result<f64> {
+    let d = a.duration;
+    let c = a.connections.to_string();
+    let limit = Duration::from_secs(u64::from(d) + 60);
+    match tool {
+        "wrk" => {
+            let threads = std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(a.connections as usize)
+                .to_string();
+            let (out, _) = run_tool(
+                "wrk",
+                Command::new("wrk").args([
+                    format!("-t{threads}"),
+                    format!("-c{c}"),
+                    format!("-d{d}s"),
+                    url.to_owned(),
+                ]),
+                limit,
+            )?;
+            number_after(&out, "Requests/sec:")
+        }
+        "oha" => {
+            let (out, _) = run_tool(
+                "oha",
+                Command::new(&t.oha).args(["--no-tui", "-c", &c, "-z", &format!("{d}s"), url]),
+                limit,
+            )?;
+            number_after(&out, "Requests/sec:")
+        }
+        "locust" => {
+            let bin = t.locust.as_ref().context("locust disabled")?;
+            let prefix = t.csv_dir.join("locust");
+            run_tool(
+                "locust",
+                Command::new(bin)
+                    .args(["-f"])
+                    .arg(&t.locustfile)
+                    .args([
+                        "--headless",
+                        "--only-summary",
+                        "--loglevel",
+                        "WARNING",
+                        "-u",
+                        &c,
+                        "-r",
+                        &c,
+                        "-t",
+                        &format!("{d}s"),
+                        "--host",
+                        url.trim_end_matches("/index.html"),
+                        "--csv",
+                    ])
+                    .arg(&prefix),
+                limit,
+            )?;
+            let stats = fs::read_to_string(t.csv_dir.join("locust_stats.csv"))
+                .context("reading Locust's stats CSV")?;
+            let agg = stats
+                .lines()
+                .find(|l| l.contains(",Aggregated,"))
+                .context("no Aggregated row in Locust's CSV")?;
+            agg.split(',')
+                .nth(9)
+                .context("no Requests/s column")?
+                .parse::<f64>()
+                .context("Locust's Requests/s")
+        }
+        "awaitlab" => {
+            let (out, _) = run_tool(
+                "awaitlab",
+                Command::new(&t.awaitlab).args([
+                    "load",
+                    url,
+                    "--users",
+                    &c,
+                    "--run-time",
+                    &format!("{d}s"),
+                    "--json",
+                ]),
+                limit,
+            )?;
+            let v: serde_json::Value =
+                serde_json::from_str(out.trim()).context("awaitlab's JSON report")?;
+            let req = v["requests"].as_f64().context("requests")?;
+            let fails = v["failures"].as_u64().unwrap_or(0);
+            ensure!(fails == 0, "awaitlab saw {fails} failures against nginx");
+            Ok(req
+                / v["actual_duration_s"]
+                    .as_f64()
+                    .context("actual_duration_s")?)
+        }
+        other => bail!("unknown tool {other}"),
+    }
+}
+
+pub fn run(a: &LoadArgs) -> Result<()> {
+    for tool in [NGINX, "wrk"] {
+        ensure!(
+            cmd::succeeds(Command::new("sh").args(["-c", "command -v \"$1\"", "sh", tool])),
+            "{tool} not found; run `cargo xtask setup`"
+        );
+    }
+    let oha = setup::oha_bin();
+    ensure!(
+        cmd::succeeds(Command::new(&oha).arg("--version")),
+        "oha not found at {}; run `cargo xtask setup`",
+        oha.display()
+    );
+    let locust = if a.no_locust {
+        None
+    } else {
+        let l = setup::locust_bin()?;
+        ensure!(
+            cmd::succeeds(Command::new(&l).arg("--version")),
+            "locust not found at {}; run `cargo xtask setup`",
+            l.display()
+        );
+        Some(l)
+    };
+    cmd::run(cmd::cargo().args(["build", "--release", "-p", "agent"]))
+        .context("building awaitlab")?;
+    let awaitlab = cmd::target_dir().join("release/awaitlab");
+    ensure!(
+        awaitlab.is_file(),
+        "{} is missing after the build",
+        awaitlab.display()
+    );
+
+    catch_interrupts();
+    let dir = Dir(std::env::temp_dir().join(format!("awl-loadbench-{}", std::process::id())));
+    if dir.0.exists() {
+        fs::remove_dir_all(&dir.0)?;
+    }
+    fs::create_dir_all(&dir.0)?;
+    let locustfile = dir.0.join("locustfile.py");
+    fs::write(
+        &locustfile,
+        "from locust import FastHttpUser, task\n\n\nclass Get(FastHttpUser):\n    @task\n    def index(self):\n        self.client.get(\"/index.html\")\n",
+    )?;
+    let (_nginx, addr) = start_nginx(&dir.0)?;
+    let url = format!("http://{addr}/index.html");
+    let tools = Tools {
+        awaitlab,
+        oha,
+        locust,
+        locustfile,
+        csv_dir: dir.0.clone(),
+    };
+
+    let mut names = vec!["wrk", "oha", "awaitlab"];
+    if tools.locust.is_some() {
+        names.insert(2, "locust");
+    }
+    // Warm-up: page cache, nginx's open-file cache, the tools' binaries.
+    measure("wrk", &tools, &url, &LoadArgs { duration: 1, ..*a })?;
+    let mut results: Vec<(&str, Vec<f64>)> = names.iter().map(|n| (*n, Vec::new())).collect();
+    for round in 0..a.runs {
+        for k in 0..names.len() {
+            check_interrupted()?;
+            let i = (k + round as usize) % names.len();
+            let rps = measure(names[i], &tools, &url, a)?;
+            eprintln!("round {}: {:<9} {:>10.0} req/s", round + 1, names[i], rps);
+            results[i].1.push(rps);
+        }
+    }
+
+    // Peak memory with many users: all connect at once and hold for a few seconds.
+    check_interrupted()?;
+    let mem_secs = 5;
+    let (out, maxrss_kib) = run_tool(
+        "awaitlab-memory",
+        Command::new(&tools.awaitlab).args([
+            "load",
+            &url,
+            "--users",
+            &a.memory_users.to_string(),
+            "--run-time",
+            &format!("{mem_secs}s"),
+            "--json",
+        ]),
+        Duration::from_secs(120),
+    )?;
+    let mem: serde_json::Value =
+        serde_json::from_str(out.trim()).context("awaitlab's JSON report (memory run)")?;
+
+    let med: Vec<(&str, f64)> = results
+        .iter()
+        .map(|(n, v)| (*n, median(v.clone())))
+        .collect();
+    let ours = med
+        .iter()
+        .find(|(n, _)| *n == "awaitlab")
+        .map_or(f64::NAN, |x| x.1);
+    println!("\nload generators against one nginx worker on 127.0.0.1, {} connections, {} x {} s, medians:", a.connections, a.runs, a.duration);
+    for (n, v) in &med {
+        println!("  {n:<9} {v:>10.0} req/s");
+    }
+    let mut ratios = serde_json::Map::new();
+    for (peer, target) in TARGETS {
+        let Some((_, p)) = med.iter().find(|(n, _)| *n == peer) else {
+            continue;
+        };
+        let r = ours / p;
+        println!(
+            "  awaitlab / {peer:<6} {r:>6.2}  (target >= {target}: {})",
+            if r >= target { "met" } else { "NOT met" }
+        );
+        ratios.insert(
+            peer.to_owned(),
+            json!({ "ratio": r, "target": target, "met": r >= target }),
+        );
+    }
+    println!(
+        "  peak memory of awaitlab load with {} users: {:.1} MiB ({} requests, {} failures, {} connections in {} s)",
+        a.memory_users,
+        maxrss_kib as f64 / 1024.0,
+        mem["requests"],
+        mem["failures"],
+        mem["connect_ms"]["count"],
+        mem_secs
+    );
+    let out_dir = cmd::target_dir().join("bench/load");
+    fs::create_dir_all(&out_dir)?;
+    let summary = json!({
+        "version": 1,
+        "connections": a.connections,
+        "runs": a.runs,
+        "duration_s": a.duration,
+        "requests_per_sec": results.iter().map(|(n, v)| (n.to_string(), json!({"median": median(v.clone()), "runs": v}))).collect::<serde_json::Map<_, _>>(),
+        "ratios": ratios,
+        "memory": { "users": a.memory_users, "peak_rss_mib": maxrss_kib as f64 / 1024.0, "requests": mem["requests"], "failures": mem["failures"] },
+    });
+    let path = out_dir.join("summary.json");
+    fs::write(&path, serde_json::to_string_pretty(&summary)?)?;
+    println!("  written to {}", path.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_rates() {
+        assert_eq!(
+            number_after("x\nRequests/sec:  60689.12\n", "Requests/sec:").unwrap(),
+            60689.12
+        );
+        // oha's summary line: a tab between label and number.
+        assert_eq!(
+            number_after("Summary:\n  Requests/sec:\t12345.6789\n", "Requests/sec:").unwrap(),
+            12345.6789
+        );
+        assert!(number_after("nothing", "Requests/sec:").is_err());
+    }
+}
