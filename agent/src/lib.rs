@@ -8,6 +8,7 @@
 pub mod aggregate;
 pub mod cmd;
 pub mod probes;
+pub mod sut;
 pub mod target;
 
 use std::{ffi::OsString, process::ExitCode};
@@ -40,6 +41,8 @@ pub enum LogFormat {
 pub enum Command {
     /// Attach to a network namespace and print what its server does, once a second.
     Watch(cmd::watch::Args),
+    /// Bring the study's system under test (PostgreSQL + one Django server) up or down.
+    Sut(cmd::sut::Args),
 }
 
 /// Parses `args` and runs the subcommand. Errors print one line; usage errors exit with 64.
@@ -63,6 +66,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     init_logging(cli.log_format);
     match cli.command {
         Command::Watch(args) => cmd::watch::run(args),
+        Command::Sut(args) => cmd::sut::run(args),
     }
 }
 

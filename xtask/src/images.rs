@@ -19,10 +19,15 @@ pub fn base_image() -> Result<()> {
         return Ok(());
     }
     let t0 = Instant::now();
-    let root = Scratch(std::env::temp_dir().join(format!("awaitlab-rootfs-{}", std::process::id())));
+    let root =
+        Scratch(std::env::temp_dir().join(format!("awaitlab-rootfs-{}", std::process::id())));
     std::fs::create_dir_all(&root.0).with_context(|| format!("creating {}", root.0.display()))?;
-    cmd::run(Command::new("debootstrap").args(["--variant=minbase", "bookworm"]).arg(&root.0))
-        .context("debootstrap (cargo xtask setup installs it)")?;
+    cmd::run(
+        Command::new("debootstrap")
+            .args(["--variant=minbase", "bookworm"])
+            .arg(&root.0),
+    )
+    .context("debootstrap (cargo xtask setup installs it)")?;
     cmd::run(Command::new("sh").arg("-c").arg(format!(
         "tar -C '{}' -c . | docker import - {BASE_IMAGE}",
         root.0.display()
@@ -38,8 +43,68 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         // debootstrap leaves bind mounts (proc, sys) behind when it fails half way.
         for m in ["proc", "sys", "dev/pts", "dev"] {
-            let _ = Command::new("umount").arg("-l").arg(self.0.join(m)).stderr(std::process::Stdio::null()).status();
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(self.0.join(m))
+                .stderr(std::process::Stdio::null())
+                .status();
         }
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Images of the system under test, as `(tag, dockerfile, stack)`; the tags are the ones the
+/// agent's docker back end looks for (`agent/src/sut/docker.rs`).
+const SUT_IMAGES: &[(&str, &str, Option<&str>)] = &[
+    ("awaitlab/postgres:15", "Dockerfile.postgres", None),
+    ("awaitlab/server:study", "Dockerfile.server", Some("study")),
+    (
+        "awaitlab/server:current",
+        "Dockerfile.server",
+        Some("current"),
+    ),
+];
+
+/// `cargo xtask images`: the base image (if missing), then PostgreSQL and the two server stacks
+/// built on it. `docker build` fetches Debian packages and PyPI wheels from inside the build;
+/// its layer cache makes a second run take seconds.
+pub fn images() -> Result<()> {
+    base_image()?;
+    let context = cmd::workspace_root().join("docker");
+    // Builds on this kind of host cannot verify PyPI's certificate from inside a container (the
+    // host's trust store is not the image's), so the wheels are fetched by the host's pip, with
+    // the host's configuration, and installed offline in the build.
+    crate::setup::sut_venvs()?;
+    for stack in ["study", "current"] {
+        let dest = context.join("wheels").join(stack);
+        cmd::output(
+            Command::new(crate::setup::venv_base().join(format!("venv-{stack}/bin/pip")))
+                .args([
+                    "download",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    "--only-binary=:all:",
+                    "-r",
+                ])
+                .arg(context.join(format!("app/requirements-{stack}.txt")))
+                .arg("-d")
+                .arg(&dest),
+        )
+        .with_context(|| format!("downloading the {stack} stack's wheels"))?;
+    }
+    for (tag, dockerfile, stack) in SUT_IMAGES {
+        let t0 = Instant::now();
+        let mut c = Command::new("docker");
+        c.args(["build", "-q", "-f"])
+            .arg(context.join(dockerfile))
+            .args(["--build-arg", &format!("BASE={BASE_IMAGE}")])
+            .args(["-t", tag]);
+        if let Some(stack) = stack {
+            c.args(["--build-arg", &format!("STACK={stack}")]);
+        }
+        c.arg(&context);
+        cmd::output(&mut c).with_context(|| format!("building {tag}"))?;
+        println!("{tag:<40} built in {}", cmd::secs(t0.elapsed()));
+    }
+    Ok(())
 }

@@ -38,6 +38,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Build the local Debian base image (debootstrap + docker import) if it is missing.
     BaseImage,
+    /// Build the system-under-test images (PostgreSQL, the study and current Django servers)
+    /// on the local base image, building that first if it is missing.
+    Images,
 }
 
 fn main() -> Result<()> {
@@ -46,5 +49,6 @@ fn main() -> Result<()> {
         Command::Test(args) | Command::Ci(args) => test::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::BaseImage => images::base_image(),
+        Command::Images => images::images(),
     }
 }

@@ -32,6 +32,8 @@ const PACKAGES: &[&[&str]] = &[
     &["procps"],
     &["util-linux"],
     &["psmisc"],
+    // The netns system under test: Debian's Python 3.11 with venv for the Django servers.
+    &["python3-venv"],
 ];
 
 /// Where the LLVM that bpf-linker links against is staged (symlinks into the nightly sysroot).
@@ -42,6 +44,7 @@ pub fn run() -> Result<()> {
     debian_packages().context("installing Debian packages")?;
     nightly_rust_src().context("preparing the nightly toolchain")?;
     bpf_linker().context("installing bpf-linker")?;
+    sut_venvs().context("making the Python environments of the system under test")?;
     println!("setup done in {}", secs(start.elapsed()));
     Ok(())
 }
@@ -285,6 +288,49 @@ fn symlink_force(target: &Path, link: &Path) -> Result<()> {
     }
     std::os::unix::fs::symlink(target, link)
         .with_context(|| format!("linking {} -> {}", link.display(), target.display()))
+}
+
+/// Where the netns system under test finds its Python environments (`venv-study`,
+/// `venv-current`); `AWAITLAB_VENV_DIR` overrides it. Must match `agent/src/sut/netns.rs`.
+const VENV_DIR: &str = "/var/lib/awaitlab";
+
+pub fn venv_base() -> PathBuf {
+    std::env::var_os("AWAITLAB_VENV_DIR").map_or_else(|| PathBuf::from(VENV_DIR), PathBuf::from)
+}
+
+/// One virtual environment per stack, made with Debian's Python 3.11 (not a pyenv shim) from
+/// `docker/app/requirements-STACK.txt`. Idempotent: a copy of the requirements inside the venv
+/// says what it holds; it is rebuilt only when the file changed.
+pub fn sut_venvs() -> Result<()> {
+    let base = venv_base();
+    for stack in ["study", "current"] {
+        let item = format!("venv-{stack}");
+        let req_path = cmd::workspace_root().join(format!("docker/app/requirements-{stack}.txt"));
+        let wanted = fs::read_to_string(&req_path).with_context(|| format!("reading {}", req_path.display()))?;
+        let venv = base.join(&item);
+        let stamp = venv.join("awaitlab-requirements.txt");
+        if fs::read_to_string(&stamp).is_ok_and(|have| have == wanted) {
+            report(&item, "ok");
+            continue;
+        }
+        if !cmd::is_root() && !base.exists() {
+            bail!("{} is missing; run `cargo xtask setup` as root", venv.display());
+        }
+        let t0 = Instant::now();
+        if venv.exists() {
+            fs::remove_dir_all(&venv).with_context(|| format!("removing {}", venv.display()))?;
+        }
+        fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
+        cmd::run(Command::new("/usr/bin/python3").args(["-m", "venv"]).arg(&venv))?;
+        cmd::run(
+            Command::new(venv.join("bin/pip"))
+                .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
+                .arg(&req_path),
+        )?;
+        fs::write(&stamp, &wanted).with_context(|| format!("writing {}", stamp.display()))?;
+        report(&item, &format!("installed in {}", secs(t0.elapsed())));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
