@@ -1,5 +1,6 @@
 //! `cargo xtask base-image`: the Debian base image that the project's Dockerfiles build on when
 //! no registry is reachable (`debootstrap --variant=minbase bookworm`, then `docker import`).
+//! `cargo xtask images`: the system under test's images (docker/), built on that base.
 //!
 //! Idempotent: an existing image is kept. It must never pull from a registry, and it removes its
 //! scratch root filesystem also on failure.
@@ -19,15 +20,10 @@ pub fn base_image() -> Result<()> {
         return Ok(());
     }
     let t0 = Instant::now();
-    let root =
-        Scratch(std::env::temp_dir().join(format!("awaitlab-rootfs-{}", std::process::id())));
+    let root = Scratch(std::env::temp_dir().join(format!("awaitlab-rootfs-{}", std::process::id())));
     std::fs::create_dir_all(&root.0).with_context(|| format!("creating {}", root.0.display()))?;
-    cmd::run(
-        Command::new("debootstrap")
-            .args(["--variant=minbase", "bookworm"])
-            .arg(&root.0),
-    )
-    .context("debootstrap (cargo xtask setup installs it)")?;
+    cmd::run(Command::new("debootstrap").args(["--variant=minbase", "bookworm"]).arg(&root.0))
+        .context("debootstrap (cargo xtask setup installs it)")?;
     cmd::run(Command::new("sh").arg("-c").arg(format!(
         "tar -C '{}' -c . | docker import - {BASE_IMAGE}",
         root.0.display()
@@ -43,11 +39,7 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         // debootstrap leaves bind mounts (proc, sys) behind when it fails half way.
         for m in ["proc", "sys", "dev/pts", "dev"] {
-            let _ = Command::new("umount")
-                .arg("-l")
-                .arg(self.0.join(m))
-                .stderr(std::process::Stdio::null())
-                .status();
+            let _ = Command::new("umount").arg("-l").arg(self.0.join(m)).stderr(std::process::Stdio::null()).status();
         }
         let _ = std::fs::remove_dir_all(&self.0);
     }
@@ -66,8 +58,8 @@ const SUT_IMAGES: &[(&str, &str, Option<&str>)] = &[
 ];
 
 /// `cargo xtask images`: the base image (if missing), then PostgreSQL and the two server stacks
-/// built on it. `docker build` fetches Debian packages and PyPI wheels from inside the build;
-/// its layer cache makes a second run take seconds.
+/// built on it. `docker build` fetches Debian packages from inside the build; the Python wheels
+/// come from the host's pip (see below). The layer cache makes a second run take seconds.
 pub fn images() -> Result<()> {
     base_image()?;
     let context = cmd::workspace_root().join("docker");

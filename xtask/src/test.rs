@@ -50,6 +50,8 @@ pub fn run(args: &TestArgs) -> Result<()> {
                 .args(HOST_EXCLUDE),
         ))
     })?;
+    // The system-under-test tests (agent/tests/sut.rs) run the images; cached builds take seconds.
+    step("images", crate::images::images)?;
     step("privileged tests", || {
         // One at a time: the tests share kernel-wide state (tracepoints, bpf stats, namespaces
         // with fixed names) and their timing assertions need the CPU to themselves.

@@ -31,6 +31,8 @@ use super::{
 pub const POSTGRES_IMAGE: &str = "awaitlab/postgres:15";
 pub const LABEL: &str = "awaitlab.sut";
 const START_LIMIT: Duration = Duration::from_secs(90);
+/// PostgreSQL's /dev/shm in its container (1 GiB, as the postgres image's documentation advises).
+const DB_SHM_BYTES: i64 = 1 << 30;
 
 pub fn server_image(stack: super::Stack) -> String {
     format!("awaitlab/server:{}", stack.name())
@@ -196,6 +198,10 @@ async fn up_async(opts: &Options) -> Result<State, SutError> {
             labels: Some(labels.clone()),
             host_config: Some(HostConfig {
                 network_mode: Some(net.clone()),
+                // Docker's default /dev/shm is 64 MiB; parallel `count(*)` scans take dynamic
+                // shared memory there, and 300 of them at once ran out of it ("could not resize
+                // shared memory segment"), failing requests for a reason the study is not about.
+                shm_size: Some(DB_SHM_BYTES),
                 ..Default::default()
             }),
             networking_config: Some(on_net("db")),
