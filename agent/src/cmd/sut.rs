@@ -142,7 +142,11 @@ fn cleanup_on_signal(kind: BackendKind, name: String) {
             tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
         });
         eprintln!("awaitlab: interrupted: taking down {name}");
-        let _ = kind.backend().down(&name);
+        if let Err(e) = kind.backend().down(&name) {
+            eprintln!(
+                "awaitlab: error: taking down {name}: {e} (run `awaitlab sut down --name {name}`)"
+            );
+        }
         std::process::exit(130);
     });
 }

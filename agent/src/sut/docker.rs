@@ -421,6 +421,7 @@ impl Backend for Docker {
     }
 
     fn down(&self, name: &str) -> Result<bool, SutError> {
+        let _one_at_a_time = super::down_lock();
         block(down_async(name))
     }
 }

@@ -571,6 +571,14 @@ pub(crate) fn wait_http(
     }
 }
 
+/// Serialises `down` within the process: the CLI's signal handler and a handle's `Drop` may both
+/// take the same system down at once, and the second must wait for the first, not race it (a
+/// process that exits mid-way would leave half a system behind).
+pub(crate) fn down_lock() -> std::sync::MutexGuard<'static, ()> {
+    static DOWN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    DOWN.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Where the CLI records running systems.
 pub fn state_path(name: &str) -> PathBuf {
     PathBuf::from(format!("/run/awaitlab/sut-{name}.json"))

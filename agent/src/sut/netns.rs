@@ -534,6 +534,7 @@ impl Backend for Netns {
     }
 
     fn down(&self, name: &str) -> Result<bool, SutError> {
+        let _one_at_a_time = super::down_lock();
         let mut found = false;
         let listed = ip(&["netns", "list"])?;
         let exists = |ns: &str| {
@@ -547,7 +548,12 @@ impl Backend for Netns {
             if exists(&ns) {
                 found = true;
                 stop_all_in(&ns, libc::SIGINT, Duration::from_secs(5));
-                ip(&["netns", "del", &ns])?;
+                if let Err(e) = ip(&["netns", "del", &ns]) {
+                    // Gone meanwhile (another process's down) is what we wanted.
+                    if Path::new("/run/netns").join(&ns).exists() {
+                        return Err(e);
+                    }
+                }
             }
         }
         // The host end normally goes with the server namespace; a half-made run may have left it.
@@ -559,8 +565,20 @@ impl Backend for Netns {
         let dir = run_dir(name);
         if dir.exists() {
             found = true;
-            fs::remove_dir_all(&dir)
-                .map_err(SutError::io(format!("removing {}", dir.display())))?;
+            // A PostgreSQL backend that is still exiting (or a concurrent down) can add a file
+            // while the tree is removed ("directory not empty"): try again briefly.
+            let mut tries = 0;
+            loop {
+                match fs::remove_dir_all(&dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(_) if tries < 20 => {
+                        tries += 1;
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    Err(e) => return Err(SutError::io(format!("removing {}", dir.display()))(e)),
+                }
+            }
         }
         Ok(found)
     }
