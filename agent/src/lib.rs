@@ -15,6 +15,7 @@ pub mod load;
 pub mod probes;
 pub mod report;
 pub mod results;
+pub mod sut;
 pub mod target;
 
 use std::{ffi::OsString, process::ExitCode};
@@ -56,6 +57,8 @@ pub enum Command {
     Delay(cmd::delay::Args),
     /// Load an HTTP server: the study's closed-loop ramp, stages, or an open model.
     Load(Box<cmd::load::Args>),
+    /// Bring the study's system under test (PostgreSQL + one Django server) up or down.
+    Sut(cmd::sut::Args),
 }
 
 /// Parses `args` and runs the subcommand. Errors print one line; usage errors exit with 64.
@@ -83,6 +86,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         Command::Report(args) => cmd::report::run(args),
         Command::Delay(args) => cmd::delay::run(args),
         Command::Load(args) => cmd::load::run(*args),
+        Command::Sut(args) => cmd::sut::run(args),
     }
 }
 

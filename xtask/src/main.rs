@@ -43,6 +43,9 @@ enum Command {
     BaseImage,
     /// Check the Grafana dashboards, provisioning, Prometheus config and compose file.
     Dashboards,
+    /// Build the system-under-test images (PostgreSQL, the study and current Django servers)
+    /// on the local base image, building that first if it is missing.
+    Images,
 }
 
 fn main() -> Result<()> {
@@ -52,5 +55,6 @@ fn main() -> Result<()> {
         Command::Bench(args) => bench::run(&args),
         Command::BaseImage => images::base_image(),
         Command::Dashboards => dashboards::run(),
+        Command::Images => images::images(),
     }
 }

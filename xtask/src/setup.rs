@@ -40,6 +40,8 @@ const PACKAGES: &[&[&str]] = &[
     &["busybox-static"],
     // Validates dashboards/compose.yaml (`docker-compose config`) where `docker compose` is absent.
     &["docker-compose"],
+    // The netns system under test: Debian's Python 3.11 with venv for the Django servers.
+    &["python3-venv"],
 ];
 
 /// Where the LLVM that bpf-linker links against is staged (symlinks into the nightly sysroot).
@@ -52,6 +54,7 @@ pub fn run() -> Result<()> {
     bpf_linker().context("installing bpf-linker")?;
     locust().context("installing Locust (for `cargo xtask bench load`)")?;
     oha().context("installing oha (for `cargo xtask bench load`)")?;
+    sut_venvs().context("making the Python environments of the system under test")?;
     println!("setup done in {}", secs(start.elapsed()));
     Ok(())
 }
@@ -344,6 +347,49 @@ fn oha() -> Result<()> {
     // A few minutes on two cores; only the first setup pays it.
     cmd::run(cmd::cargo().args(["install", "--locked", "oha"]))?;
     report("oha", "installed");
+    Ok(())
+}
+
+/// Where the netns system under test finds its Python environments (`venv-study`,
+/// `venv-current`); `AWAITLAB_VENV_DIR` overrides it. Must match `agent/src/sut/netns.rs`.
+const VENV_DIR: &str = "/var/lib/awaitlab";
+
+pub fn venv_base() -> PathBuf {
+    std::env::var_os("AWAITLAB_VENV_DIR").map_or_else(|| PathBuf::from(VENV_DIR), PathBuf::from)
+}
+
+/// One virtual environment per stack, made with Debian's Python 3.11 (not a pyenv shim) from
+/// `docker/app/requirements-STACK.txt`. Idempotent: a copy of the requirements inside the venv
+/// says what it holds; it is rebuilt only when the file changed.
+pub fn sut_venvs() -> Result<()> {
+    let base = venv_base();
+    for stack in ["study", "current"] {
+        let item = format!("venv-{stack}");
+        let req_path = cmd::workspace_root().join(format!("docker/app/requirements-{stack}.txt"));
+        let wanted = fs::read_to_string(&req_path).with_context(|| format!("reading {}", req_path.display()))?;
+        let venv = base.join(&item);
+        let stamp = venv.join("awaitlab-requirements.txt");
+        if fs::read_to_string(&stamp).is_ok_and(|have| have == wanted) {
+            report(&item, "ok");
+            continue;
+        }
+        if !cmd::is_root() && !base.exists() {
+            bail!("{} is missing; run `cargo xtask setup` as root", venv.display());
+        }
+        let t0 = Instant::now();
+        if venv.exists() {
+            fs::remove_dir_all(&venv).with_context(|| format!("removing {}", venv.display()))?;
+        }
+        fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
+        cmd::run(Command::new("/usr/bin/python3").args(["-m", "venv"]).arg(&venv))?;
+        cmd::run(
+            Command::new(venv.join("bin/pip"))
+                .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
+                .arg(&req_path),
+        )?;
+        fs::write(&stamp, &wanted).with_context(|| format!("writing {}", stamp.display()))?;
+        report(&item, &format!("installed in {}", secs(t0.elapsed())));
+    }
     Ok(())
 }
 

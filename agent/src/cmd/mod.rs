@@ -3,4 +3,5 @@ pub mod daemon;
 pub mod report;
 pub mod delay;
 pub mod load;
+pub mod sut;
 pub mod watch;

@@ -144,13 +144,19 @@ impl Drop for Veth {
         if let Some(n) = &self.left_ns {
             c.args(["-n", n]);
         }
-        let _ = c.args(["link", "del", &self.left]).stderr(Stdio::null()).status();
+        let _ = c
+            .args(["link", "del", &self.left])
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
 /// Runs `f` on a new thread that has entered network namespace `ns` (threads it spawns inherit
 /// the namespace; sockets it creates belong to it).
-pub fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
+pub fn in_netns<T: Send + 'static>(
+    ns: &Netns,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<T> {
     let path = ns.path();
     std::thread::spawn(move || {
         let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
@@ -175,7 +181,9 @@ pub fn serve(
                 let h = handler.clone();
                 std::thread::spawn(move || h(s));
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(2)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
             Err(e) => panic!("accept: {e}"),
         }
     }
@@ -255,7 +263,12 @@ impl SyncServer {
         Self::start_with(ns, addr, db, true)
     }
 
-    fn start_with(ns: Option<&Netns>, addr: SocketAddr, db: SocketAddr, pooled: bool) -> SyncServer {
+    fn start_with(
+        ns: Option<&Netns>,
+        addr: SocketAddr,
+        db: SocketAddr,
+        pooled: bool,
+    ) -> SyncServer {
         let requests = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (n, s) = (requests.clone(), stop.clone());
@@ -285,7 +298,10 @@ impl SyncServer {
                         head.push_str(&line);
                     }
                     let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
-                    let k: u32 = path.strip_prefix("/k").and_then(|x| x.parse().ok()).unwrap_or(0);
+                    let k: u32 = path
+                        .strip_prefix("/k")
+                        .and_then(|x| x.parse().ok())
+                        .unwrap_or(0);
                     let mut pooled_conn = pool.lock().unwrap();
                     if let (true, Some((dr, dw))) = (k > 0, pooled_conn.as_mut()) {
                         let mut reply = String::new();
@@ -353,7 +369,11 @@ pub fn get(conn: &mut TcpStream, path: &str, close: bool) -> u16 {
     let mut chunk = [0u8; 512];
     while !(buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.ends_with(b"ok")) {
         let n = conn.read(&mut chunk).unwrap();
-        assert!(n > 0, "server closed early: {:?}", String::from_utf8_lossy(&buf));
+        assert!(
+            n > 0,
+            "server closed early: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
         buf.extend_from_slice(&chunk[..n]);
     }
     std::str::from_utf8(&buf[9..12]).unwrap().parse().unwrap()
@@ -452,13 +472,19 @@ impl Agent {
             let whole = err.split_inclusive('\n').find(|l| l.ends_with('\n') && l.contains("attached to network namespace"));
             if let Some(line) = whole.map(str::trim_end) {
                 let ids = line.rsplit("program ids ").next().unwrap_or("");
-                a.program_ids = ids.split(',').filter_map(|i| i.trim().parse().ok()).collect();
+                a.program_ids = ids
+                    .split(',')
+                    .filter_map(|i| i.trim().parse().ok())
+                    .collect();
                 return a;
             }
             if let Some(status) = a.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("awaitlab exited ({status}) before attaching: {err}");
             }
-            assert!(t0.elapsed() < Duration::from_secs(60), "awaitlab did not attach: {err}");
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "awaitlab did not attach: {err}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -517,7 +543,10 @@ impl Drop for Agent {
 
 /// Runs the agent to completion with `args` (no --json added).
 pub fn agent_once(args: &[&str]) -> Finished {
-    let out = Command::new(agent_bin()).args(args).output().expect("run awaitlab");
+    let out = Command::new(agent_bin())
+        .args(args)
+        .output()
+        .expect("run awaitlab");
     Finished {
         program_ids: Vec::new(),
         code: out.status.code(),
@@ -550,7 +579,10 @@ pub fn assert_programs_gone(ids: &[u32]) {
     assert!(!ids.is_empty(), "no program ids to check");
     let t0 = Instant::now();
     loop {
-        let left: Vec<u32> = our_bpf_programs().into_iter().filter(|i| ids.contains(i)).collect();
+        let left: Vec<u32> = our_bpf_programs()
+            .into_iter()
+            .filter(|i| ids.contains(i))
+            .collect();
         if left.is_empty() {
             return;
         }
@@ -566,7 +598,10 @@ pub fn assert_programs_gone(ids: &[u32]) {
 pub fn assert_loads_nothing<T>(f: impl FnOnce() -> T) -> T {
     let before = our_bpf_programs();
     let out = f();
-    let new: Vec<u32> = our_bpf_programs().into_iter().filter(|i| !before.contains(i)).collect();
+    let new: Vec<u32> = our_bpf_programs()
+        .into_iter()
+        .filter(|i| !before.contains(i))
+        .collect();
     assert!(new.is_empty(), "BPF programs left behind: {new:?}");
     out
 }

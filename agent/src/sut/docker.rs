@@ -1,0 +1,427 @@
+//! The `docker` back end: PostgreSQL and the Django server as containers on a private bridge
+//! network, through the engine's API (bollard, API version negotiated, so that an older engine
+//! such as Debian's 20.10 works). The server's port is published on 127.0.0.1 only. Images are
+//! checked, not built: `cargo xtask images` builds `awaitlab/postgres:15` and
+//! `awaitlab/server:{study,current}`.
+//!
+//! Every object carries the label `awaitlab.sut=NAME` and the name prefix `NAME-`; `down` removes
+//! the containers (with their anonymous volumes) and the network found by that label, so it also
+//! clears what a killed run left. It never removes images or anything without that label.
+
+use std::{collections::HashMap, future::Future, time::Duration};
+
+use bollard::{
+    exec::{CreateExecOptions, StartExecResults},
+    models::{
+        ContainerCreateBody, EndpointSettings, HostConfig, NetworkCreateRequest, NetworkingConfig,
+        PortBinding,
+    },
+    query_parameters::{
+        CreateContainerOptionsBuilder, InspectContainerOptions, ListContainersOptionsBuilder,
+        ListNetworksOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    },
+};
+use futures_util::StreamExt as _;
+
+use super::{
+    children, tail, wait_http, Backend, BackendKind, Options, State, SutError, DB_PORT,
+    SERVER_PORT, STATE_VERSION,
+};
+
+pub const POSTGRES_IMAGE: &str = "awaitlab/postgres:15";
+pub const LABEL: &str = "awaitlab.sut";
+const START_LIMIT: Duration = Duration::from_secs(90);
+/// PostgreSQL's /dev/shm in its container (1 GiB, as the postgres image's documentation advises).
+const DB_SHM_BYTES: i64 = 1 << 30;
+
+pub fn server_image(stack: super::Stack) -> String {
+    format!("awaitlab/server:{}", stack.name())
+}
+
+pub struct Docker;
+
+/// Runs a future to completion on a runtime of its own. On a fresh thread when the caller is
+/// already inside a tokio runtime (block_on would panic there), e.g. a `Drop` in async code.
+fn block<F>(f: F) -> F::Output
+where
+    F: Future + Send,
+    F::Output: Send,
+{
+    let go = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a current-thread runtime")
+            .block_on(f)
+    };
+    if tokio::runtime::Handle::try_current().is_ok() {
+        std::thread::scope(|s| s.spawn(go).join().expect("docker call panicked"))
+    } else {
+        go()
+    }
+}
+
+async fn connect() -> Result<bollard::Docker, SutError> {
+    Ok(bollard::Docker::connect_with_local_defaults()?
+        .negotiate_version()
+        .await?)
+}
+
+fn is_404(e: &bollard::errors::Error) -> bool {
+    matches!(
+        e,
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+async fn logs_of(d: &bollard::Docker, container: &str, lines: usize) -> String {
+    let opts = LogsOptionsBuilder::default()
+        .stdout(true)
+        .stderr(true)
+        .tail(&lines.to_string())
+        .build();
+    let mut s = d.logs(container, Some(opts));
+    let mut out = String::new();
+    while let Some(Ok(chunk)) = s.next().await {
+        out.push_str(&chunk.to_string());
+    }
+    out
+}
+
+async fn running(d: &bollard::Docker, container: &str) -> Option<(bool, Option<String>, i64)> {
+    let i = d
+        .inspect_container(container, None::<InspectContainerOptions>)
+        .await
+        .ok()?;
+    let st = i.state?;
+    let health = st.health.and_then(|h| h.status).map(|s| s.to_string());
+    Some((st.running.unwrap_or(false), health, st.pid.unwrap_or(0)))
+}
+
+async fn start_error(d: &bollard::Docker, what: &str, container: &str, reason: String) -> SutError {
+    SutError::Start {
+        what: what.into(),
+        reason,
+        log: tail(&logs_of(d, container, 20).await, 10),
+    }
+}
+
+async fn down_async(name: &str) -> Result<bool, SutError> {
+    let d = connect().await?;
+    let filter = HashMap::from([("label".to_string(), vec![format!("{LABEL}={name}")])]);
+    let mut found = false;
+    let list = ListContainersOptionsBuilder::default()
+        .all(true)
+        .filters(&filter)
+        .build();
+    for c in d.list_containers(Some(list)).await? {
+        if let Some(id) = c.id {
+            found = true;
+            let rm = RemoveContainerOptionsBuilder::default()
+                .force(true)
+                .v(true)
+                .build();
+            match d.remove_container(&id, Some(rm)).await {
+                Ok(()) => {}
+                Err(e) if is_404(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    let nets = ListNetworksOptionsBuilder::default()
+        .filters(&filter)
+        .build();
+    for n in d.list_networks(Some(nets)).await? {
+        if let Some(id) = n.id {
+            found = true;
+            match d.remove_network(&id).await {
+                Ok(()) => {}
+                Err(e) if is_404(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(found)
+}
+
+async fn up_async(opts: &Options) -> Result<State, SutError> {
+    let d = connect().await?;
+    let name = &opts.name;
+    let server_image = opts
+        .server_image
+        .clone()
+        .unwrap_or_else(|| server_image(opts.stack));
+    for image in [POSTGRES_IMAGE, server_image.as_str()] {
+        match d.inspect_image(image).await {
+            Ok(_) => {}
+            Err(e) if is_404(&e) => return Err(SutError::ImageMissing(image.into())),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let labels = HashMap::from([(LABEL.to_string(), name.clone())]);
+    let net = format!("{name}-net");
+    d.create_network(NetworkCreateRequest {
+        name: net.clone(),
+        driver: Some("bridge".into()),
+        labels: Some(labels.clone()),
+        ..Default::default()
+    })
+    .await?;
+    let on_net = |alias: &str| NetworkingConfig {
+        endpoints_config: Some(HashMap::from([(
+            net.clone(),
+            EndpointSettings {
+                aliases: Some(vec![alias.to_string()]),
+                ..Default::default()
+            },
+        )])),
+    };
+
+    // PostgreSQL: its image's entrypoint passes extra arguments on to postgres.
+    let db = format!("{name}-db");
+    let mut db_args = Vec::new();
+    for kv in &opts.postgres_args {
+        db_args.extend(["-c".to_string(), kv.clone()]);
+    }
+    d.create_container(
+        Some(CreateContainerOptionsBuilder::default().name(&db).build()),
+        ContainerCreateBody {
+            image: Some(POSTGRES_IMAGE.into()),
+            env: Some(vec![format!(
+                "MAX_CONNECTIONS={}",
+                opts.setup.max_connections()
+            )]),
+            cmd: Some(db_args),
+            labels: Some(labels.clone()),
+            host_config: Some(HostConfig {
+                network_mode: Some(net.clone()),
+                // Docker's default /dev/shm is 64 MiB; parallel `count(*)` scans take dynamic
+                // shared memory there, and 300 of them at once ran out of it ("could not resize
+                // shared memory segment"), failing requests for a reason the study is not about.
+                shm_size: Some(DB_SHM_BYTES),
+                ..Default::default()
+            }),
+            networking_config: Some(on_net("db")),
+            ..Default::default()
+        },
+    )
+    .await?;
+    d.start_container(&db, None).await?;
+    let t0 = std::time::Instant::now();
+    let db_pid = loop {
+        match running(&d, &db).await {
+            Some((true, Some(h), pid)) if h == "healthy" => break pid,
+            Some((true, _, _)) if t0.elapsed() < START_LIMIT => {}
+            Some((true, _, _)) => {
+                return Err(start_error(
+                    &d,
+                    "PostgreSQL",
+                    &db,
+                    format!("not healthy within {START_LIMIT:?}"),
+                )
+                .await)
+            }
+            _ => {
+                return Err(start_error(&d, "PostgreSQL", &db, "its container exited".into()).await)
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+
+    // The server, published on 127.0.0.1 only.
+    let server = format!("{name}-server");
+    let port_key = format!("{SERVER_PORT}/tcp");
+    let binding = PortBinding {
+        host_ip: Some("127.0.0.1".into()),
+        host_port: Some(opts.host_port.map(|p| p.to_string()).unwrap_or_default()),
+    };
+    d.create_container(
+        Some(
+            CreateContainerOptionsBuilder::default()
+                .name(&server)
+                .build(),
+        ),
+        ContainerCreateBody {
+            image: Some(server_image.clone()),
+            env: Some(vec![
+                format!("AWL_VIEWS={}", opts.setup.views()),
+                "AWL_DB_HOST=db".into(),
+                format!("AWL_DB_PORT={DB_PORT}"),
+                format!("AWL_DB_POOL={}", opts.setup.pool_size()),
+            ]),
+            exposed_ports: Some(vec![port_key.clone()]),
+            labels: Some(labels.clone()),
+            host_config: Some(HostConfig {
+                network_mode: Some(net.clone()),
+                port_bindings: Some(HashMap::from([(port_key.clone(), Some(vec![binding]))])),
+                ..Default::default()
+            }),
+            networking_config: Some(on_net("server")),
+            ..Default::default()
+        },
+    )
+    .await?;
+    if let Err(e) = d.start_container(&server, None).await {
+        // A taken host port fails here; the engine's message names it.
+        return Err(SutError::Start {
+            what: "the Django server".into(),
+            reason: e.to_string(),
+            log: String::new(),
+        });
+    }
+    let inspect = d
+        .inspect_container(&server, None::<InspectContainerOptions>)
+        .await?;
+    let host_port = inspect
+        .network_settings
+        .and_then(|n| n.ports)
+        .and_then(|p| p.get(&port_key).cloned().flatten())
+        .and_then(|b| b.into_iter().find_map(|b| b.host_port))
+        .and_then(|p| p.parse::<u16>().ok())
+        .ok_or_else(|| SutError::Other(format!("{server}: no published port for {port_key}")))?;
+    let server_pid = inspect.state.and_then(|s| s.pid).unwrap_or(0) as u32;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], host_port));
+    // wait_http blocks; the engine is asked on this thread's own runtime in between.
+    let check = tokio::task::block_in_place(|| {
+        wait_http(addr, START_LIMIT, || {
+            tokio::runtime::Handle::current()
+                .block_on(running(&d, &server))
+                .is_some_and(|(r, _, _)| r)
+        })
+    });
+    if let Err(reason) = check {
+        return Err(start_error(&d, "the Django server", &server, reason).await);
+    }
+    let mut server_pids = vec![server_pid];
+    server_pids.extend(children(server_pid));
+    Ok(State {
+        version: STATE_VERSION,
+        backend: BackendKind::Docker,
+        setup: opts.setup,
+        stack: opts.stack,
+        name: name.clone(),
+        url: format!("http://{addr}"),
+        db_port: DB_PORT,
+        netns: format!("/proc/{server_pid}/ns/net"),
+        server_pids,
+        db_pid: db_pid as u32,
+    })
+}
+
+async fn psql_async(name: &str, statements: &[&str]) -> Result<String, SutError> {
+    let d = connect().await?;
+    let mut cmd: Vec<String> = [
+        "psql",
+        "-X",
+        "-q",
+        "-At",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-h",
+        "127.0.0.1",
+        "-U",
+        "postgres",
+        "-d",
+        "study",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for s in statements {
+        cmd.extend(["-c".to_string(), s.to_string()]);
+    }
+    let exec = d
+        .create_exec(
+            &format!("{name}-db"),
+            CreateExecOptions {
+                cmd: Some(cmd),
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let (mut out, mut err) = (String::new(), String::new());
+    if let StartExecResults::Attached { mut output, .. } = d.start_exec(&exec.id, None).await? {
+        while let Some(chunk) = output.next().await {
+            match chunk? {
+                bollard::container::LogOutput::StdErr { message } => {
+                    err.push_str(&String::from_utf8_lossy(&message))
+                }
+                other => out.push_str(&other.to_string()),
+            }
+        }
+    }
+    let code = d.inspect_exec(&exec.id).await?.exit_code.unwrap_or(-1);
+    if code != 0 {
+        return Err(SutError::Other(format!(
+            "psql exited with {code}: {}",
+            tail(&err, 5)
+        )));
+    }
+    Ok(out)
+}
+
+impl Backend for Docker {
+    fn up(&self, opts: &Options) -> Result<State, SutError> {
+        self.down(&opts.name)?;
+        // A multi-thread runtime: the readiness wait blocks in place while asking the engine.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(SutError::io("starting a runtime"))?;
+        let result = if tokio::runtime::Handle::try_current().is_ok() {
+            std::thread::scope(|s| {
+                s.spawn(|| rt.block_on(up_async(opts)))
+                    .join()
+                    .expect("docker up panicked")
+            })
+        } else {
+            rt.block_on(up_async(opts))
+        };
+        result.inspect_err(|_| {
+            let _ = self.down(&opts.name);
+        })
+    }
+
+    fn psql(&self, state: &State, statements: &[&str]) -> Result<String, SutError> {
+        block(psql_async(&state.name, statements))
+    }
+
+    fn logs(&self, state: &State, lines: usize) -> String {
+        let name = state.name.clone();
+        block(async move {
+            let Ok(d) = connect().await else {
+                return "(docker unreachable)".into();
+            };
+            format!(
+                "server: {}\npostgres: {}",
+                tail(&logs_of(&d, &format!("{name}-server"), lines).await, lines),
+                tail(&logs_of(&d, &format!("{name}-db"), lines).await, lines)
+            )
+        })
+    }
+
+    fn alive(&self, state: &State) -> bool {
+        let name = state.name.clone();
+        block(async move {
+            let Ok(d) = connect().await else { return false };
+            let server = running(&d, &format!("{name}-server"))
+                .await
+                .is_some_and(|(r, _, _)| r);
+            let db = running(&d, &format!("{name}-db"))
+                .await
+                .is_some_and(|(r, _, _)| r);
+            server && db
+        })
+    }
+
+    fn down(&self, name: &str) -> Result<bool, SutError> {
+        let _one_at_a_time = super::down_lock();
+        block(down_async(name))
+    }
+}

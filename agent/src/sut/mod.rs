@@ -1,0 +1,662 @@
+//! The system under test: PostgreSQL with the study's 1,000,000 posts and one Django server in
+//! one of the study's setups, brought up and torn down by the agent. One interface (`Sut`), two
+//! back ends behind the `Backend` trait: `docker` (containers on a private network, through the
+//! engine's API) and `netns` (Debian's PostgreSQL and a Python virtual environment, each in its
+//! own network namespace). Both hand the rest of the agent the same things: a server URL that the
+//! host can reach, the database port, and the server's network namespace for probes and delay.
+//!
+//! It must not leave anything behind: every object is named after the system's name (prefix
+//! `awl`), `down` removes all of them, also those of a killed earlier run, and a `Sut` that is
+//! dropped without `keep()` takes itself down. It never touches objects of another name.
+
+pub mod docker;
+pub mod netns;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream, ToSocketAddrs as _},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+
+/// The Django project, SQL scripts and requirements, embedded so that the binary needs no
+/// checkout: the netns back end writes them out, and the SQL runs through psql on both.
+pub(crate) mod assets {
+    pub const APP_FILES: &[(&str, &str)] = &[
+        ("manage.py", include_str!("../../../docker/app/manage.py")),
+        ("serve.sh", include_str!("../../../docker/app/serve.sh")),
+        (
+            "studysite/__init__.py",
+            include_str!("../../../docker/app/studysite/__init__.py"),
+        ),
+        (
+            "studysite/settings.py",
+            include_str!("../../../docker/app/studysite/settings.py"),
+        ),
+        (
+            "studysite/urls.py",
+            include_str!("../../../docker/app/studysite/urls.py"),
+        ),
+        (
+            "studysite/wsgi.py",
+            include_str!("../../../docker/app/studysite/wsgi.py"),
+        ),
+        (
+            "studysite/asgi.py",
+            include_str!("../../../docker/app/studysite/asgi.py"),
+        ),
+        (
+            "posts/__init__.py",
+            include_str!("../../../docker/app/posts/__init__.py"),
+        ),
+        (
+            "posts/apps.py",
+            include_str!("../../../docker/app/posts/apps.py"),
+        ),
+        (
+            "posts/models.py",
+            include_str!("../../../docker/app/posts/models.py"),
+        ),
+        (
+            "posts/urls.py",
+            include_str!("../../../docker/app/posts/urls.py"),
+        ),
+        (
+            "posts/views_sync.py",
+            include_str!("../../../docker/app/posts/views_sync.py"),
+        ),
+        (
+            "posts/views_async.py",
+            include_str!("../../../docker/app/posts/views_async.py"),
+        ),
+        (
+            "posts/migrations/__init__.py",
+            include_str!("../../../docker/app/posts/migrations/__init__.py"),
+        ),
+        (
+            "posts/migrations/0001_initial.py",
+            include_str!("../../../docker/app/posts/migrations/0001_initial.py"),
+        ),
+    ];
+    pub const SEED_SQL: &str = include_str!("../../../docker/app/sql/seed.sql");
+    pub const RESET_SQL: &str = include_str!("../../../docker/app/sql/reset.sql");
+    pub const REQUIREMENTS_STUDY: &str = include_str!("../../../docker/app/requirements-study.txt");
+    pub const REQUIREMENTS_CURRENT: &str =
+        include_str!("../../../docker/app/requirements-current.txt");
+}
+
+/// Rows the seed writes; `reset` restores exactly this many.
+pub const SEED_ROWS: u64 = 1_000_000;
+/// The port the server listens on inside its namespace or container.
+pub const SERVER_PORT: u16 = 8000;
+/// The port PostgreSQL listens on (as the server sees it).
+pub const DB_PORT: u16 = 5432;
+/// The name the CLI uses when none is given.
+pub const DEFAULT_NAME: &str = "awlsut";
+/// Version of the state file and of `status --json`.
+pub const STATE_VERSION: u32 = 1;
+
+/// The study's setups, plus a pooled variant of the async server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Setup {
+    /// gunicorn, one sync worker, one thread; PostgreSQL max_connections=100.
+    Sync,
+    /// gunicorn with one uvicorn worker; PostgreSQL max_connections=100.
+    AsyncLimited,
+    /// The same server; PostgreSQL max_connections=1000.
+    AsyncUnlimited,
+    /// The async server with Django's psycopg 3 pool (20 connections); current stack only.
+    AsyncPooled,
+}
+
+impl Setup {
+    pub const ALL: [Setup; 4] = [
+        Setup::Sync,
+        Setup::AsyncLimited,
+        Setup::AsyncUnlimited,
+        Setup::AsyncPooled,
+    ];
+
+    /// `AWL_VIEWS`: which views and which server kind.
+    pub fn views(self) -> &'static str {
+        match self {
+            Setup::Sync => "sync",
+            _ => "async",
+        }
+    }
+
+    /// PostgreSQL's `max_connections` (100 is PostgreSQL's default, as in the study).
+    pub fn max_connections(self) -> u32 {
+        match self {
+            Setup::AsyncUnlimited => 1000,
+            _ => 100,
+        }
+    }
+
+    /// `AWL_DB_POOL`: 0 means a new connection per request (`CONN_MAX_AGE = 0`).
+    pub fn pool_size(self) -> u32 {
+        match self {
+            Setup::AsyncPooled => 20,
+            _ => 0,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Setup::Sync => "sync",
+            Setup::AsyncLimited => "async-limited",
+            Setup::AsyncUnlimited => "async-unlimited",
+            Setup::AsyncPooled => "async-pooled",
+        }
+    }
+}
+
+/// Pinned Python stacks (docker/app/requirements-STACK.txt).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Stack {
+    /// The study's: Django 4.1.3, psycopg2 2.9.5, gunicorn 20.1.0, uvicorn 0.20.0.
+    Study,
+    /// Django 5.2 LTS, psycopg 3 (with pool), current gunicorn, uvicorn and uvicorn-worker.
+    Current,
+}
+
+impl Stack {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stack::Study => "study",
+            Stack::Current => "current",
+        }
+    }
+
+    pub(crate) fn requirements(self) -> &'static str {
+        match self {
+            Stack::Study => assets::REQUIREMENTS_STUDY,
+            Stack::Current => assets::REQUIREMENTS_CURRENT,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendKind {
+    /// Containers through the Docker engine's API (images from `cargo xtask images`).
+    Docker,
+    /// Processes in network namespaces (venvs from `cargo xtask setup`); no Docker needed.
+    Netns,
+}
+
+impl BackendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Docker => "docker",
+            BackendKind::Netns => "netns",
+        }
+    }
+
+    pub fn backend(self) -> Box<dyn Backend> {
+        match self {
+            BackendKind::Docker => Box::new(docker::Docker),
+            BackendKind::Netns => Box::new(netns::Netns),
+        }
+    }
+}
+
+/// What to bring up.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub setup: Setup,
+    pub stack: Stack,
+    /// Prefix of every object's name; must start with `awl` and be at most 10 characters
+    /// (interface names are limited to 15 bytes).
+    pub name: String,
+    /// docker: the host port on 127.0.0.1 (None: an ephemeral port).
+    pub host_port: Option<u16>,
+    /// Extra PostgreSQL settings (`-c key=value` arguments).
+    pub postgres_args: Vec<String>,
+    /// docker: use this server image instead of `awaitlab/server:STACK`.
+    pub server_image: Option<String>,
+}
+
+impl Options {
+    pub fn new(setup: Setup, stack: Stack, name: &str) -> Options {
+        Options {
+            setup,
+            stack,
+            name: name.into(),
+            host_port: None,
+            postgres_args: Vec::new(),
+            server_image: None,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), SutError> {
+        if self.setup == Setup::AsyncPooled && self.stack != Stack::Current {
+            return Err(SutError::Usage(
+                "setup async-pooled needs --stack current (Django's connection pool came in Django 5.1)".into(),
+            ));
+        }
+        let ok = self.name.starts_with("awl")
+            && self.name.len() <= 10
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        if !ok {
+            return Err(SutError::Usage(format!(
+                "name {:?}: expected `awl` followed by up to 7 lowercase letters or digits",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Everything needed to find, use and remove a running system; also the CLI's state file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct State {
+    pub version: u32,
+    pub backend: BackendKind,
+    pub setup: Setup,
+    pub stack: Stack,
+    pub name: String,
+    /// Base URL of the server, reachable from the host (`http://ADDR:PORT`).
+    pub url: String,
+    /// The port PostgreSQL listens on, as the server connects to it.
+    pub db_port: u16,
+    /// The server's network namespace as a path for `target::Target::resolve`.
+    pub netns: String,
+    /// The server's processes: gunicorn's master first, then its workers.
+    pub server_pids: Vec<u32>,
+    /// PostgreSQL's postmaster.
+    pub db_pid: u32,
+}
+
+impl State {
+    pub fn server_addr(&self) -> Result<SocketAddr, SutError> {
+        let hostport = self.url.trim_start_matches("http://");
+        hostport
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| SutError::Other(format!("bad server URL {}", self.url)))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SutError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("docker: {0}")]
+    Docker(#[from] bollard::errors::Error),
+    #[error("image {0} is missing; build it with `cargo xtask images`")]
+    ImageMissing(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("`{cmd}` failed: {detail}")]
+    Command { cmd: String, detail: String },
+    /// A part that did not come up, with the last lines of its log.
+    #[error("{what} did not start: {reason}; its log ends: {log}")]
+    Start {
+        what: String,
+        reason: String,
+        log: String,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl SutError {
+    pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SutError {
+        let what = what.into();
+        move |source| SutError::Io { what, source }
+    }
+
+    pub fn is_usage(&self) -> bool {
+        matches!(self, SutError::Usage(_))
+    }
+}
+
+/// The last `n` non-empty lines of a log, joined with " | " so an error stays one line.
+pub(crate) fn tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let start = lines.len().saturating_sub(n);
+    if lines.is_empty() {
+        return "(empty)".into();
+    }
+    lines[start..].join(" | ")
+}
+
+/// What a back end does; `Sut` adds seeding and the safety net on top.
+pub trait Backend: Send + Sync {
+    /// Removes leftovers of `opts.name`, then brings up PostgreSQL and the server (migrated,
+    /// answering HTTP), not yet seeded. On error, removes what it made.
+    fn up(&self, opts: &Options) -> Result<State, SutError>;
+    /// Runs SQL statements through psql in the database (`-At`, one `-c` each, each in its
+    /// own transaction) and returns psql's output.
+    fn psql(&self, state: &State, statements: &[&str]) -> Result<String, SutError>;
+    /// The last lines of the server's and the database's logs.
+    fn logs(&self, state: &State, lines: usize) -> String;
+    /// Whether the server and database processes are still there.
+    fn alive(&self, state: &State) -> bool;
+    /// Removes everything named `name` made by this back end; true when something was there.
+    fn down(&self, name: &str) -> Result<bool, SutError>;
+}
+
+/// What `seed` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct SeedReport {
+    /// False when the database was already seeded (nothing was written).
+    pub seeded: bool,
+    pub rows: u64,
+    pub seconds: f64,
+}
+
+/// A running system under test. Dropped without `keep()`, it takes itself down.
+pub struct Sut {
+    state: State,
+    backend: Box<dyn Backend>,
+    armed: bool,
+}
+
+impl Sut {
+    /// Brings up `opts` on `kind` (not seeded: call `seed`).
+    pub fn up(kind: BackendKind, opts: &Options) -> Result<Sut, SutError> {
+        opts.validate()?;
+        let backend = kind.backend();
+        let state = backend.up(opts)?;
+        Ok(Sut {
+            state,
+            backend,
+            armed: true,
+        })
+    }
+
+    /// Takes over a system recorded in a state file (not armed: dropping it leaves it running).
+    pub fn attach(state: State) -> Sut {
+        let backend = state.backend.backend();
+        Sut {
+            state,
+            backend,
+            armed: false,
+        }
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+    pub fn url(&self) -> &str {
+        &self.state.url
+    }
+    pub fn netns(&self) -> &str {
+        &self.state.netns
+    }
+    pub fn db_port(&self) -> u16 {
+        self.state.db_port
+    }
+    pub fn server_pids(&self) -> &[u32] {
+        &self.state.server_pids
+    }
+
+    /// Seeds 1,000,000 posts unless the database already has them (docker/app/sql/seed.sql),
+    /// then `VACUUM ANALYZE` so the first runs do not pay for hint bits and statistics.
+    pub fn seed(&self) -> Result<SeedReport, SutError> {
+        let t0 = Instant::now();
+        if self.seeded()? {
+            return Ok(SeedReport {
+                seeded: false,
+                rows: self.count()?,
+                seconds: t0.elapsed().as_secs_f64(),
+            });
+        }
+        self.backend.psql(&self.state, &[assets::SEED_SQL])?;
+        self.backend
+            .psql(&self.state, &["VACUUM ANALYZE posts_post"])?;
+        Ok(SeedReport {
+            seeded: true,
+            rows: self.count()?,
+            seconds: t0.elapsed().as_secs_f64(),
+        })
+    }
+
+    fn seeded(&self) -> Result<bool, SutError> {
+        // Two questions: a query on a missing table would fail as a whole.
+        let exists = self.backend.psql(
+            &self.state,
+            &["SELECT to_regclass('awaitlab_seed') IS NOT NULL"],
+        )?;
+        if exists.trim() != "t" {
+            return Ok(false);
+        }
+        let n = self
+            .backend
+            .psql(&self.state, &["SELECT count(*) FROM awaitlab_seed"])?;
+        Ok(n.trim() != "0")
+    }
+
+    /// Deletes the posts created after the seed (docker/app/sql/reset.sql), so the table holds
+    /// exactly 1,000,000 rows again; vacuums when it deleted any. Returns the rows deleted.
+    pub fn reset(&self) -> Result<u64, SutError> {
+        let before = self.count()?;
+        self.backend.psql(&self.state, &[assets::RESET_SQL])?;
+        let deleted = before.saturating_sub(SEED_ROWS);
+        if deleted > 0 {
+            self.backend
+                .psql(&self.state, &["VACUUM ANALYZE posts_post"])?;
+        }
+        Ok(deleted)
+    }
+
+    /// Rows in posts_post, counted by PostgreSQL.
+    pub fn count(&self) -> Result<u64, SutError> {
+        let out = self
+            .backend
+            .psql(&self.state, &["SELECT count(*) FROM posts_post"])?;
+        out.trim()
+            .parse()
+            .map_err(|_| SutError::Other(format!("unexpected count {out:?}")))
+    }
+
+    /// Runs SQL statements in the database (see `Backend::psql`).
+    pub fn psql(&self, statements: &[&str]) -> Result<String, SutError> {
+        self.backend.psql(&self.state, statements)
+    }
+
+    pub fn logs(&self, lines: usize) -> String {
+        self.backend.logs(&self.state, lines)
+    }
+
+    pub fn alive(&self) -> bool {
+        self.backend.alive(&self.state)
+    }
+
+    /// Leaves the system running when this value goes away (the CLI's `up`).
+    pub fn keep(mut self) -> State {
+        self.armed = false;
+        self.state.clone()
+    }
+
+    /// Removes everything.
+    pub fn down(mut self) -> Result<(), SutError> {
+        self.armed = false;
+        self.backend.down(&self.state.name).map(|_| ())
+    }
+}
+
+impl Drop for Sut {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Err(e) = self.backend.down(&self.state.name) {
+                tracing::warn!("taking down {}: {e}", self.state.name);
+            }
+        }
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`; returns the status and the body. For the
+/// readiness checks here and for tests; not a load generator.
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    form: Option<&str>,
+    timeout: Duration,
+) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let body = form.unwrap_or("");
+    let extra = if form.is_some() {
+        format!(
+            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
+            body.len()
+        )
+    } else {
+        String::new()
+    };
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}\r\n{body}"
+    )?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf);
+    let status = text
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("not an HTTP response: {:?}", tail(&text, 2)),
+            )
+        })?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Waits until the server answers any HTTP request (`GET /` is a 404 that touches no
+/// database), while `alive` says its process is still there.
+pub(crate) fn wait_http(
+    addr: SocketAddr,
+    limit: Duration,
+    mut alive: impl FnMut() -> bool,
+) -> Result<(), String> {
+    let t0 = Instant::now();
+    loop {
+        match http(addr, "GET", "/", None, Duration::from_secs(2)) {
+            Ok(_) => return Ok(()),
+            Err(e) if t0.elapsed() > limit => {
+                return Err(format!("no HTTP answer from {addr} within {limit:?}: {e}"))
+            }
+            Err(_) => {}
+        }
+        if !alive() {
+            return Err("the server exited".into());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Serialises `down` within the process: the CLI's signal handler and a handle's `Drop` may both
+/// take the same system down at once, and the second must wait for the first, not race it (a
+/// process that exits mid-way would leave half a system behind).
+pub(crate) fn down_lock() -> std::sync::MutexGuard<'static, ()> {
+    static DOWN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    DOWN.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Where the CLI records running systems.
+pub fn state_path(name: &str) -> PathBuf {
+    PathBuf::from(format!("/run/awaitlab/sut-{name}.json"))
+}
+
+/// The workers of a process (its children), for `server_pids`.
+pub(crate) fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn setups_match_the_study() {
+        assert_eq!(Setup::Sync.max_connections(), 100);
+        assert_eq!(Setup::AsyncLimited.max_connections(), 100);
+        assert_eq!(Setup::AsyncUnlimited.max_connections(), 1000);
+        assert_eq!(Setup::Sync.views(), "sync");
+        assert!(Setup::ALL[1..].iter().all(|s| s.views() == "async"));
+        assert_eq!(Setup::AsyncPooled.pool_size(), 20);
+    }
+
+    #[test]
+    fn pooled_needs_the_current_stack_and_names_are_checked() {
+        let mut o = Options::new(Setup::AsyncPooled, Stack::Study, "awlx");
+        assert!(o.validate().unwrap_err().is_usage());
+        o.stack = Stack::Current;
+        o.validate().unwrap();
+        for bad in ["x", "awl-1", "awlABC", "awl12345678"] {
+            o.name = bad.into();
+            assert!(o.validate().unwrap_err().is_usage(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn state_round_trips_and_rejects_unknown_fields() {
+        let s = State {
+            version: STATE_VERSION,
+            backend: BackendKind::Netns,
+            setup: Setup::AsyncLimited,
+            stack: Stack::Study,
+            name: "awlx".into(),
+            url: "http://10.231.0.2:8000".into(),
+            db_port: 5432,
+            netns: "/run/netns/awlxs".into(),
+            server_pids: vec![1, 2],
+            db_pid: 3,
+        };
+        let j = serde_json::to_string(&s).unwrap();
+        assert!(j.contains("\"setup\":\"async-limited\""), "{j}");
+        assert_eq!(serde_json::from_str::<State>(&j).unwrap(), s);
+        let extra = j.replacen('{', "{\"x\":1,", 1);
+        assert!(serde_json::from_str::<State>(&extra).is_err());
+        assert_eq!(s.server_addr().unwrap().port(), 8000);
+    }
+
+    #[test]
+    fn tail_keeps_the_last_lines_on_one_line() {
+        assert_eq!(tail("a\n\nb\nc\n", 2), "b | c");
+        assert_eq!(tail("", 3), "(empty)");
+    }
+
+    #[test]
+    fn embedded_requirements_pin_the_study_versions() {
+        for pin in [
+            "Django==4.1.3",
+            "psycopg2-binary==2.9.5",
+            "gunicorn==20.1.0",
+            "uvicorn==0.20.0",
+        ] {
+            assert!(assets::REQUIREMENTS_STUDY.contains(pin), "{pin}");
+        }
+        assert!(!assets::REQUIREMENTS_CURRENT.contains("uvicorn[standard]"));
+    }
+}

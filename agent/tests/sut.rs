@@ -1,0 +1,444 @@
+//! Privileged tests of the system under test (`awaitlab::sut`, `awaitlab sut`): both back ends,
+//! every setup, both stacks, the study's connection-limit failure, failed starts and bad input.
+//! Every system is named `awl` + a unique tag, and each test checks afterwards that no container,
+//! network, namespace, veth, process or file of that name is left. The docker tests need the
+//! images from `cargo xtask images` (`cargo xtask test` builds them first).
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    net::{SocketAddr, TcpListener},
+    path::Path,
+    process::Command,
+    sync::{Arc, Barrier},
+    time::Duration,
+};
+
+use awaitlab::sut::{http, BackendKind, Options, Setup, Stack, Sut, SutError, SEED_ROWS};
+
+fn name() -> String {
+    format!("awl{}", common::tag())
+}
+
+/// The study's CPU route: the sum of i*i for i below 10**7, computed here independently.
+fn cpu_expected() -> u128 {
+    (0..10u128.pow(7)).map(|i| i * i).sum()
+}
+
+/// The digits after `"ct": ` in a JSON body (the CPU value exceeds f64's exact range, so it is
+/// compared as text, not through a float).
+fn ct_digits(body: &str) -> String {
+    let rest = body
+        .split_once("\"ct\":")
+        .map(|(_, r)| r.trim_start())
+        .unwrap_or("");
+    rest.chars().take_while(char::is_ascii_digit).collect()
+}
+
+const T: Duration = Duration::from_secs(60);
+
+/// Names of everything of `name` still on the host; empty when `down` removed it all.
+fn leftovers(name: &str, pids: &[u32]) -> Vec<String> {
+    let mut left = Vec::new();
+    let label = format!("label=awaitlab.sut={name}");
+    for (what, args) in [
+        ("container", vec!["ps", "-aq", "--filter", &label]),
+        ("network", vec!["network", "ls", "-q", "--filter", &label]),
+    ] {
+        if let Ok(out) = Command::new("docker").args(&args).output() {
+            for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                left.push(format!("{what} {id}"));
+            }
+        }
+    }
+    for l in common::sh("ip", &["netns", "list"]).lines() {
+        if l.starts_with(name) {
+            left.push(format!("netns {l}"));
+        }
+    }
+    for l in common::sh("ip", &["-o", "link", "show"]).lines() {
+        if l.split(':')
+            .nth(1)
+            .is_some_and(|n| n.trim().starts_with(name))
+        {
+            left.push(format!("link {l}"));
+        }
+    }
+    for &pid in pids {
+        // A zombie is gone for every purpose; its parent (this test) just has not reaped it.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, r)| !r.starts_with('Z'))
+        {
+            left.push(format!("process {pid}: {stat}"));
+        }
+    }
+    let out = Command::new("pgrep")
+        .args(["-f", &format!("/var/lib/awaitlab/sut/{name}/")])
+        .output()
+        .unwrap();
+    for p in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+        left.push(format!("process {p} (pgrep)"));
+    }
+    if Path::new("/var/lib/awaitlab/sut").join(name).exists() {
+        left.push(format!("directory /var/lib/awaitlab/sut/{name}"));
+    }
+    left
+}
+
+fn assert_clean(name: &str, pids: &[u32]) {
+    // Processes in a deleted namespace or container may take a moment to be reaped.
+    for _ in 0..50 {
+        if leftovers(name, pids).is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let left = leftovers(name, pids);
+    assert!(left.is_empty(), "left behind: {left:#?}");
+}
+
+/// The three routes against the study's expectations, with PostgreSQL's own count as truth.
+fn check_routes(sut: &Sut) {
+    let addr = sut.state().server_addr().unwrap();
+    let (status, body) = http(addr, "GET", "/posts/io_read/", None, T).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["posts"].as_array().map(Vec::len), Some(25), "{body}");
+    assert!(v["ct"].as_u64().unwrap() >= SEED_ROWS, "{body}");
+    assert!(
+        v["posts"][0]["id"]
+            .as_str()
+            .is_some_and(|id| id.len() == 36),
+        "{body}"
+    );
+
+    let before = sut.count().unwrap();
+    let title = format!("t{}", common::tag());
+    let (status, body) = http(
+        addr,
+        "POST",
+        "/posts/io_create/",
+        Some(&format!("title={title}&content=hello")),
+        T,
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["title"], title.as_str());
+    assert_eq!(
+        sut.count().unwrap(),
+        before + 1,
+        "PostgreSQL counts the new row"
+    );
+    let q =
+        format!("SELECT count(*) FROM posts_post WHERE title = '{title}' AND content = 'hello'");
+    assert_eq!(sut.psql(&[&q]).unwrap().trim(), "1");
+
+    let (status, body) = http(addr, "GET", "/posts/cpu/", None, T).unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(ct_digits(&body), cpu_expected().to_string(), "{body}");
+
+    // reset removes exactly what io_create added.
+    assert_eq!(sut.reset().unwrap(), before + 1 - SEED_ROWS);
+    assert_eq!(sut.count().unwrap(), SEED_ROWS);
+}
+
+/// `n` io_read requests released at once, each on its own connection; status -> count
+/// (0 = no HTTP answer).
+fn burst(addr: SocketAddr, n: usize) -> BTreeMap<u16, usize> {
+    let gate = Arc::new(Barrier::new(n));
+    let threads: Vec<_> = (0..n)
+        .map(|_| {
+            let gate = gate.clone();
+            std::thread::spawn(move || {
+                gate.wait();
+                http(
+                    addr,
+                    "GET",
+                    "/posts/io_read/",
+                    None,
+                    Duration::from_secs(150),
+                )
+                .map_or(0, |(s, _)| s)
+            })
+        })
+        .collect();
+    let mut counts = BTreeMap::new();
+    for t in threads {
+        *counts.entry(t.join().unwrap()).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Up, seed, the routes, (optionally) the 300-request burst, down, nothing left.
+fn check_setup(kind: BackendKind, setup: Setup, stack: Stack) {
+    let name = name();
+    let t0 = std::time::Instant::now();
+    let sut =
+        Sut::up(kind, &Options::new(setup, stack, &name)).unwrap_or_else(|e| panic!("up: {e}"));
+    let up_s = t0.elapsed().as_secs_f64();
+    let seeded = sut.seed().unwrap();
+    assert!(seeded.seeded);
+    assert_eq!(seeded.rows, SEED_ROWS);
+    // Seeding is idempotent: a second call writes nothing.
+    assert!(!sut.seed().unwrap().seeded);
+    assert_eq!(sut.count().unwrap(), SEED_ROWS);
+    assert!(
+        awaitlab::target::Target::resolve(sut.netns()).is_ok(),
+        "{}",
+        sut.netns()
+    );
+    assert!(!sut.server_pids().is_empty());
+    check_routes(&sut);
+
+    let addr = sut.state().server_addr().unwrap();
+    match setup {
+        // The study's finding: async opens one connection per in-flight request, so 300 at once
+        // exceed max_connections=100 and PostgreSQL refuses the rest (HTTP 500).
+        Setup::AsyncLimited => {
+            let counts = burst(addr, 300);
+            eprintln!("{kind:?} {setup:?} {stack:?}: 300 io_read at once: {counts:?}");
+            let logs = sut.logs(400);
+            assert!(
+                counts.get(&500).copied().unwrap_or(0) > 0,
+                "no HTTP 500: {counts:?}"
+            );
+            assert!(
+                counts.get(&200).copied().unwrap_or(0) > 0,
+                "nothing succeeded: {counts:?}"
+            );
+            assert!(
+                logs.contains("too many clients") || logs.contains("remaining connection slots"),
+                "500s not from the connection limit: {logs}"
+            );
+        }
+        // The same load with max_connections=1000: every request succeeds.
+        Setup::AsyncUnlimited => {
+            let counts = burst(addr, 300);
+            eprintln!("{kind:?} {setup:?} {stack:?}: 300 io_read at once: {counts:?}");
+            assert_eq!(
+                counts.get(&200).copied(),
+                Some(300),
+                "{counts:?}: {}",
+                sut.logs(30)
+            );
+        }
+        _ => {}
+    }
+    let mut pids = sut.server_pids().to_vec();
+    pids.push(sut.state().db_pid);
+    let docker_pids = kind == BackendKind::Docker;
+    let t1 = std::time::Instant::now();
+    sut.down().unwrap();
+    eprintln!(
+        "{kind:?} {setup:?} {stack:?}: up {up_s:.1}s, seed {:.1}s, down {:.1}s",
+        seeded.seconds,
+        t1.elapsed().as_secs_f64()
+    );
+    // Container pids live in the engine's care; they are checked through the containers.
+    assert_clean(&name, if docker_pids { &[] } else { &pids });
+}
+
+#[test]
+fn netns_sync_current() {
+    check_setup(BackendKind::Netns, Setup::Sync, Stack::Current);
+}
+#[test]
+fn netns_async_limited_current_fails_at_the_connection_limit() {
+    check_setup(BackendKind::Netns, Setup::AsyncLimited, Stack::Current);
+}
+#[test]
+fn netns_async_unlimited_current_serves_the_same_load() {
+    check_setup(BackendKind::Netns, Setup::AsyncUnlimited, Stack::Current);
+}
+#[test]
+fn netns_async_pooled_current() {
+    check_setup(BackendKind::Netns, Setup::AsyncPooled, Stack::Current);
+}
+#[test]
+fn netns_sync_study() {
+    check_setup(BackendKind::Netns, Setup::Sync, Stack::Study);
+}
+#[test]
+fn netns_async_limited_study_fails_at_the_connection_limit() {
+    check_setup(BackendKind::Netns, Setup::AsyncLimited, Stack::Study);
+}
+#[test]
+fn netns_async_unlimited_study_serves_the_same_load() {
+    check_setup(BackendKind::Netns, Setup::AsyncUnlimited, Stack::Study);
+}
+
+#[test]
+fn docker_sync_current() {
+    check_setup(BackendKind::Docker, Setup::Sync, Stack::Current);
+}
+#[test]
+fn docker_async_limited_current_fails_at_the_connection_limit() {
+    check_setup(BackendKind::Docker, Setup::AsyncLimited, Stack::Current);
+}
+#[test]
+fn docker_async_unlimited_current_serves_the_same_load() {
+    check_setup(BackendKind::Docker, Setup::AsyncUnlimited, Stack::Current);
+}
+#[test]
+fn docker_async_pooled_current() {
+    check_setup(BackendKind::Docker, Setup::AsyncPooled, Stack::Current);
+}
+#[test]
+fn docker_sync_study() {
+    check_setup(BackendKind::Docker, Setup::Sync, Stack::Study);
+}
+#[test]
+fn docker_async_limited_study() {
+    check_setup(BackendKind::Docker, Setup::AsyncLimited, Stack::Study);
+}
+
+#[test]
+fn docker_up_fails_on_a_taken_port_and_cleans_up() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let name = name();
+    let mut o = Options::new(Setup::Sync, Stack::Current, &name);
+    o.host_port = Some(taken.local_addr().unwrap().port());
+    let e = Sut::up(BackendKind::Docker, &o)
+        .err()
+        .expect("up must fail on a taken port");
+    let text = e.to_string();
+    assert!(
+        text.contains("address already in use") || text.contains("already allocated"),
+        "{text}"
+    );
+    assert_clean(&name, &[]);
+}
+
+#[test]
+fn docker_up_fails_on_a_missing_image_and_cleans_up() {
+    let name = name();
+    let mut o = Options::new(Setup::Sync, Stack::Current, &name);
+    o.server_image = Some("awaitlab/server:no-such-tag".into());
+    let e = Sut::up(BackendKind::Docker, &o)
+        .err()
+        .expect("up must fail without its image");
+    assert!(
+        matches!(e, SutError::ImageMissing(ref i) if i == "awaitlab/server:no-such-tag"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("cargo xtask images"), "{e}");
+    assert_clean(&name, &[]);
+}
+
+#[test]
+fn postgres_that_does_not_start_is_reported_with_its_log_on_both_back_ends() {
+    for kind in [BackendKind::Netns, BackendKind::Docker] {
+        let name = name();
+        let mut o = Options::new(Setup::Sync, Stack::Current, &name);
+        o.postgres_args = vec!["shared_buffers=nonsense".into()];
+        let e = Sut::up(kind, &o)
+            .err()
+            .expect("up must fail when PostgreSQL cannot start");
+        // PostgreSQL's own log line names the parameter it refused.
+        assert!(
+            matches!(e, SutError::Start { ref what, ref log, .. } if what == "PostgreSQL" && log.contains("shared_buffers")),
+            "{kind:?}: {e}"
+        );
+        assert_clean(&name, &[]);
+    }
+}
+
+#[test]
+fn a_dropped_sut_takes_itself_down_and_cli_down_clears_a_killed_runs_leftovers() {
+    // Safety net: an armed handle that goes away removes everything.
+    let name1 = name();
+    let sut = Sut::up(
+        BackendKind::Netns,
+        &Options::new(Setup::Sync, Stack::Current, &name1),
+    )
+    .unwrap();
+    let pids = sut.server_pids().to_vec();
+    drop(sut);
+    assert_clean(&name1, &pids);
+
+    // A run that was killed: the system stays, no state file; `awaitlab sut down` finds it by name.
+    let name2 = name();
+    let sut = Sut::up(
+        BackendKind::Netns,
+        &Options::new(Setup::Sync, Stack::Current, &name2),
+    )
+    .unwrap();
+    let state = sut.keep();
+    let out = common::agent_once(&["sut", "down", "--name", &name2]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(out.stdout.contains("removed"), "{}", out.stdout);
+    let mut pids = state.server_pids.clone();
+    pids.push(state.db_pid);
+    assert_clean(&name2, &pids);
+}
+
+#[test]
+fn cli_up_status_down() {
+    let name = name();
+    let up = common::agent_once(&[
+        "sut",
+        "up",
+        "--backend",
+        "netns",
+        "--setup",
+        "async-limited",
+        "--stack",
+        "study",
+        "--name",
+        &name,
+        "--json",
+    ]);
+    assert_eq!(up.code, Some(0), "{}", up.stderr);
+    let state: awaitlab::sut::State = serde_json::from_str(up.stdout.trim()).unwrap();
+    assert_eq!(state.setup, Setup::AsyncLimited);
+    let (status, body) = http(
+        state.server_addr().unwrap(),
+        "GET",
+        "/posts/io_read/",
+        None,
+        T,
+    )
+    .unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("\"ct\": 1000000"), "the CLI seeded: {body}");
+
+    let st = common::agent_once(&["sut", "status", "--name", &name, "--json"]);
+    assert_eq!(st.code, Some(0), "{}", st.stderr);
+    let v: serde_json::Value = serde_json::from_str(st.stdout.trim()).unwrap();
+    assert_eq!(v["version"], 1);
+    assert_eq!(v["up"], true);
+
+    let down = common::agent_once(&["sut", "down", "--name", &name]);
+    assert_eq!(down.code, Some(0), "{}", down.stderr);
+    let st = common::agent_once(&["sut", "status", "--name", &name]);
+    assert_eq!(st.code, Some(1), "{}", st.stdout);
+    let mut pids = state.server_pids.clone();
+    pids.push(state.db_pid);
+    assert_clean(&name, &pids);
+    assert!(!awaitlab::sut::state_path(&name).exists());
+}
+
+#[test]
+fn bad_input_is_one_line_and_exit_64() {
+    for args in [
+        &["sut", "up", "--setup", "async-maybe"][..],
+        &["sut", "up", "--setup", "sync", "--backend", "podman"],
+        &["sut", "up", "--setup", "sync", "--stack", "ancient"],
+        &["sut", "up", "--setup", "async-pooled", "--stack", "study"],
+        &["sut", "up", "--setup", "sync", "--name", "not-awl"],
+    ] {
+        let out = common::agent_once(args);
+        assert_eq!(out.code, Some(64), "{args:?}: {}", out.stderr);
+        assert_eq!(
+            out.stderr.trim().lines().count(),
+            1,
+            "{args:?}: {}",
+            out.stderr
+        );
+        assert!(out.stderr.starts_with("awaitlab: error:"), "{}", out.stderr);
+    }
+}
