@@ -51,6 +51,8 @@ pub enum Command {
     /// Follow Docker containers (by name or label), keep them measured across restarts, and
     /// serve their metrics and an optional control endpoint.
     Daemon(cmd::daemon::Args),
+    /// Run the study's matrix (setup x route x added delay x repetition) and write the report.
+    Run(Box<cmd::run::Args>),
     /// Write report.md and report.html from a results directory.
     Report(cmd::report::Args),
     /// Inject a network delay into a target's namespace (tc netem or an NFQUEUE delay line).
@@ -83,6 +85,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     match cli.command {
         Command::Watch(args) => cmd::watch::run(args),
         Command::Daemon(args) => cmd::daemon::run(args),
+        Command::Run(args) => cmd::run::run(*args),
         Command::Report(args) => cmd::report::run(args),
         Command::Delay(args) => cmd::delay::run(args),
         Command::Load(args) => cmd::load::run(*args),

@@ -10,7 +10,7 @@ use std::{
 
 use crate::{
     experiment::{
-        config::{parse_delays, Backend, DelayBackend, ProfileName, RunConfig, Stack},
+        config::{parse_delay, Backend, DelayBackend, ProfileName, RunConfig, Stack},
         run::{run as run_matrix, Stop},
     },
     fail, EXIT_USAGE,
@@ -37,7 +37,7 @@ pub struct Args {
     #[arg(long, value_delimiter = ',')]
     pub routes: Option<Vec<String>>,
     /// Added delays in milliseconds, comma-separated (e.g. 0,100,200).
-    #[arg(long, value_parser = parse_delays)]
+    #[arg(long, value_delimiter = ',', value_parser = parse_delay)]
     pub delays: Option<Vec<u32>>,
     /// Repetitions of every cell (3 or more give confidence intervals).
     #[arg(long)]

@@ -181,20 +181,20 @@ impl RunConfig {
     }
 }
 
-/// Parses a comma-separated list of delays ("0,100,200"); negatives and non-numbers are errors.
-pub fn parse_delays(s: &str) -> Result<Vec<u32>, String> {
-    s.split(',')
-        .map(|x| {
-            let x = x.trim();
-            x.parse::<u32>().map_err(|_| {
-                if x.starts_with('-') {
-                    format!("delay {x:?} is negative")
-                } else {
-                    format!("delay {x:?} is not a whole number of milliseconds")
-                }
-            })
-        })
-        .collect()
+/// Parses one delay in milliseconds; negatives, non-numbers and delays over the limit are errors.
+pub fn parse_delay(s: &str) -> Result<u32, String> {
+    let x = s.trim();
+    let v = x.parse::<u32>().map_err(|_| {
+        if x.starts_with('-') {
+            format!("delay {x:?} is negative")
+        } else {
+            format!("delay {x:?} is not a whole number of milliseconds")
+        }
+    })?;
+    if v > MAX_DELAY_MS {
+        return Err(format!("delay {v} ms is over the limit of {MAX_DELAY_MS} ms"));
+    }
+    Ok(v)
 }
 
 #[cfg(test)]
@@ -227,9 +227,10 @@ mod tests {
         assert!(matches!(c.validate(), Err(ConfigError::DelayTooLarge(_))));
         let c = RunConfig { setups: vec!["async-pooled".into()], stack: Stack::Study, ..RunConfig::default() };
         assert!(matches!(c.validate(), Err(ConfigError::PooledNeedsCurrent)));
-        assert_eq!(parse_delays("0, 100,200").unwrap(), vec![0, 100, 200]);
-        assert!(parse_delays("0,-5").unwrap_err().contains("negative"));
-        assert!(parse_delays("fast").is_err());
+        assert_eq!(parse_delay(" 100").unwrap(), 100);
+        assert!(parse_delay("-5").unwrap_err().contains("negative"));
+        assert!(parse_delay("fast").is_err());
+        assert!(parse_delay("60001").is_err());
     }
 
     #[test]

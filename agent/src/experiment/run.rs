@@ -319,10 +319,21 @@ pub fn run(cfg: &RunConfig, resume: Option<&Path>, stop: &Stop) -> anyhow::Resul
             eprintln!();
             let delay = match guard {
                 Some(g) => {
-                    let a = g.achieved();
-                    let backend = format!("{:?}", g.backend()).to_lowercase();
-                    g.remove();
-                    DelayOutcome { requested_ms: f64::from(key.delay_ms), achieved_ms: a.achieved_ms(), backend }
+                    let a = g.remove();
+                    let backend = format!("{:?}", a.backend).to_lowercase();
+                    if a.bypassed > 0 {
+                        notes.push(format!("{} packets passed the delay line undelayed (queue overflow)", a.bypassed));
+                    }
+                    // The delay line's own hold times where it ran; otherwise (netem) the growth
+                    // of the server's TCP round-trip times.
+                    let achieved = a.hold.as_ref().filter(|h| h.packets > 0).map(|h| h.p50_us / 1000.0).or_else(|| {
+                        match (a.socket_rtt_before.median_ms, a.socket_rtt_now.median_ms) {
+                            (Some(b), Some(n)) => Some(n - b),
+                            (None, Some(n)) => Some(n),
+                            _ => None,
+                        }
+                    });
+                    DelayOutcome { requested_ms: f64::from(key.delay_ms), achieved_ms: achieved, backend }
                 }
                 None => DelayOutcome { requested_ms: 0.0, achieved_ms: Some(0.0), backend: "none".into() },
             };
