@@ -63,6 +63,8 @@ pub enum ProfileName {
     Study,
     /// The same shape in 30 s (0 -> 500 at 30 users/s, then hold).
     Quick,
+    /// A smoke test: 0 -> 100 users at 20 users/s, then hold; 15 s.
+    Smoke,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]

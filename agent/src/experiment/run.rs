@@ -30,6 +30,9 @@ use crate::{
     target::Target,
 };
 
+/// Name of the system under test a run brings up (one run at a time per host).
+pub const RUN_NAME: &str = "awlrun";
+
 /// Set by the SIGINT/SIGTERM handler: finish nothing new, clean up, exit.
 #[derive(Clone, Default)]
 pub struct Stop {
@@ -111,9 +114,12 @@ fn route(r: &str) -> anyhow::Result<load::Route> {
 /// The load of one cell.
 fn load_spec(cfg: &RunConfig, base: &str, route_name: &str) -> anyhow::Result<LoadSpec> {
     let mut spec = LoadSpec::study(base, route(route_name)?);
-    if cfg.profile == ProfileName::Quick {
-        spec.model = load::Model::Closed { schedule: load::ClosedSchedule::quick(), wait: load::Wait::None };
-    }
+    let schedule = match cfg.profile {
+        ProfileName::Study => return Ok(spec),
+        ProfileName::Quick => load::ClosedSchedule::quick(),
+        ProfileName::Smoke => load::ClosedSchedule::ramp(100, 20.0, 15.0)?,
+    };
+    spec.model = load::Model::Closed { schedule, wait: load::Wait::None };
     Ok(spec)
 }
 
@@ -188,10 +194,17 @@ fn drain(sut: &Sut, session: Option<&mut ProbeSession>, timeout: Duration) -> an
 
 /// One line of progress on stderr.
 fn progress(done: usize, total: usize, started: Instant, cell: &CellKey, p: &load::Progress) {
+    // SAFETY: isatty has no preconditions.
+    let tty = unsafe { libc::isatty(2) } == 1;
+    // Not a terminal (CI, a log file): one line every 10 s instead of a redrawn one.
+    if !tty && p.elapsed.as_secs() % 10 != 0 {
+        return;
+    }
     let per_cell = if done > 0 { started.elapsed().as_secs_f64() / done as f64 } else { p.planned.as_secs_f64() + 20.0 };
     let left = per_cell * (total - done) as f64 - p.elapsed.as_secs_f64();
     eprint!(
-        "\r\x1b[2K[{}/{}] {} {} {} ms r{}: {:>4.0}/{:.0} s, {} users, {:.0} req/s, {} failures; about {:.0} min left",
+        "{}[{}/{}] {} {} {} ms r{}: {:>4.0}/{:.0} s, {} users, {:.0} req/s, {} failures; about {:.0} min left{}",
+        if tty { "\r\x1b[2K" } else { "" },
         done + 1,
         total,
         cell.setup,
@@ -203,7 +216,8 @@ fn progress(done: usize, total: usize, started: Instant, cell: &CellKey, p: &loa
         p.users,
         p.requests_last_s as f64,
         p.failures,
-        left.max(0.0) / 60.0
+        left.max(0.0) / 60.0,
+        if tty { "" } else { "\n" }
     );
 }
 
@@ -233,6 +247,9 @@ pub fn run(cfg: &RunConfig, resume: Option<&Path>, stop: &Stop) -> anyhow::Resul
     for removed in netem::cleanup_leftovers() {
         eprintln!("awaitlab: removed a leftover delay: {removed}");
     }
+    if let Ok(true) = sut_backend(cfg.backend).backend().down(RUN_NAME) {
+        eprintln!("awaitlab: removed a system under test left by an earlier run");
+    }
 
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     let started = Instant::now();
@@ -256,7 +273,7 @@ pub fn run(cfg: &RunConfig, resume: Option<&Path>, stop: &Stop) -> anyhow::Resul
         }
         let setup = sut::Setup::from_str(&setup_name, true).map_err(|e| anyhow!("setup {setup_name}: {e}"))?;
         eprintln!("\nawaitlab: bringing up {setup_name} ({:?} back end, {:?} stack)", cfg.backend, cfg.stack);
-        let opts = sut::Options::new(setup, sut_stack(cfg.stack), "awlrun");
+        let opts = sut::Options::new(setup, sut_stack(cfg.stack), RUN_NAME);
         let system = Sut::up(sut_backend(cfg.backend), &opts).with_context(|| format!("bringing up {setup_name}"))?;
         let seed = system.seed().context("seeding the database")?;
         if seed.seeded {

@@ -4,6 +4,7 @@
 //! Traffic only ever goes to loopback or to addresses inside namespaces made here.
 #![allow(dead_code)]
 
+pub mod chromium;
 pub mod prom;
 
 use std::{
