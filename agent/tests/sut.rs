@@ -406,11 +406,33 @@ fn cli_up_status_down() {
     assert_eq!(v["version"], 1);
     assert_eq!(v["up"], true);
 
+    // switch: another setup on the same data; the state file follows.
+    let sw = common::agent_once(&[
+        "sut", "switch", "--name", &name, "--setup", "sync", "--stack", "current",
+    ]);
+    assert_eq!(sw.code, Some(0), "{}", sw.stderr);
+    let st = common::agent_once(&["sut", "status", "--name", &name, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(st.stdout.trim()).unwrap();
+    assert_eq!(v["up"], true, "{}", st.stdout);
+    assert_eq!(v["state"]["setup"], "sync");
+    let switched: awaitlab::sut::State = serde_json::from_value(v["state"].clone()).unwrap();
+    let (status, body) = http(
+        switched.server_addr().unwrap(),
+        "GET",
+        "/posts/io_read/",
+        None,
+        T,
+    )
+    .unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("\"ct\": 1000000"), "still seeded: {body}");
+
     let down = common::agent_once(&["sut", "down", "--name", &name]);
     assert_eq!(down.code, Some(0), "{}", down.stderr);
     let st = common::agent_once(&["sut", "status", "--name", &name]);
     assert_eq!(st.code, Some(1), "{}", st.stdout);
     let mut pids = state.server_pids.clone();
+    pids.extend_from_slice(&switched.server_pids);
     pids.push(state.db_pid);
     assert_clean(&name, &pids);
     assert!(!awaitlab::sut::state_path(&name).exists());

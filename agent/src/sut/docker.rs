@@ -4,9 +4,13 @@
 //! checked, not built: `cargo xtask images` builds `awaitlab/postgres:15` and
 //! `awaitlab/server:{study,current}`.
 //!
+//! PostgreSQL's data lives in the named volume `NAME-pgdata`, so `switch` can recreate the
+//! database container with another `max_connections` and keep the seed.
+//!
 //! Every object carries the label `awaitlab.sut=NAME` and the name prefix `NAME-`; `down` removes
-//! the containers (with their anonymous volumes) and the network found by that label, so it also
-//! clears what a killed run left. It never removes images or anything without that label.
+//! the containers (with their anonymous volumes), the data volume and the network found by that
+//! label, so it also clears what a killed run left. It never removes images or anything without
+//! that label.
 
 use std::{collections::HashMap, future::Future, time::Duration};
 
