@@ -1,5 +1,5 @@
 //! Privileged tests of the system under test (`awaitlab::sut`, `awaitlab sut`): both back ends,
-//! every setup, both stacks, the study's connection-limit failure, failed starts and bad input.
+//! every setup, both stacks (one seed per back end, switching setups), the study's connection-limit failure, failed starts and bad input.
 //! Every system is named `awl` + a unique tag, and each test checks afterwards that no container,
 //! network, namespace, veth, process or file of that name is left. The docker tests need the
 //! images from `cargo xtask images` (`cargo xtask test` builds them first).
@@ -45,6 +45,7 @@ fn leftovers(name: &str, pids: &[u32]) -> Vec<String> {
     for (what, args) in [
         ("container", vec!["ps", "-aq", "--filter", &label]),
         ("network", vec!["network", "ls", "-q", "--filter", &label]),
+        ("volume", vec!["volume", "ls", "-q", "--filter", &label]),
     ] {
         if let Ok(out) = Command::new("docker").args(&args).output() {
             for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
@@ -173,12 +174,54 @@ fn burst(addr: SocketAddr, n: usize) -> BTreeMap<u16, usize> {
     counts
 }
 
-/// Up, seed, the routes, (optionally) the 300-request burst, down, nothing left.
-fn check_setup(kind: BackendKind, setup: Setup, stack: Stack) {
+/// The 300-request burst where the setup has a claim about it.
+fn check_load(sut: &Sut) {
+    let s = sut.state();
+    let addr = s.server_addr().unwrap();
+    let what = format!("{:?} {:?} {:?}", s.backend, s.setup, s.stack);
+    match s.setup {
+        // The study's finding: async opens one connection per in-flight request, so 300 at once
+        // exceed max_connections=100 and PostgreSQL refuses the rest (HTTP 500).
+        Setup::AsyncLimited => {
+            let counts = burst(addr, 300);
+            eprintln!("{what}: 300 io_read at once: {counts:?}");
+            let logs = sut.logs(400);
+            assert!(
+                counts.get(&500).copied().unwrap_or(0) > 0,
+                "{what}: no HTTP 500: {counts:?}"
+            );
+            assert!(
+                counts.get(&200).copied().unwrap_or(0) > 0,
+                "{what}: nothing succeeded: {counts:?}"
+            );
+            assert!(
+                logs.contains("too many clients") || logs.contains("remaining connection slots"),
+                "{what}: 500s not from the connection limit: {logs}"
+            );
+        }
+        // The same load with max_connections=1000: every request succeeds.
+        Setup::AsyncUnlimited => {
+            let counts = burst(addr, 300);
+            eprintln!("{what}: 300 io_read at once: {counts:?}");
+            assert_eq!(
+                counts.get(&200).copied(),
+                Some(300),
+                "{what}: {counts:?}: {}",
+                sut.logs(30)
+            );
+        }
+        _ => {}
+    }
+}
+
+/// One seed per back end: up (sync, current), seed, then every other setup and stack by
+/// switching the server (PostgreSQL keeps the data), each checked on the routes and, where the
+/// study makes a claim, under load; then down, and nothing may be left.
+fn every_setup(kind: BackendKind) {
     let name = name();
     let t0 = std::time::Instant::now();
-    let sut =
-        Sut::up(kind, &Options::new(setup, stack, &name)).unwrap_or_else(|e| panic!("up: {e}"));
+    let mut sut = Sut::up(kind, &Options::new(Setup::Sync, Stack::Current, &name))
+        .unwrap_or_else(|e| panic!("up: {e}"));
     let up_s = t0.elapsed().as_secs_f64();
     let seeded = sut.seed().unwrap();
     assert!(seeded.seeded);
@@ -186,114 +229,65 @@ fn check_setup(kind: BackendKind, setup: Setup, stack: Stack) {
     // Seeding is idempotent: a second call writes nothing.
     assert!(!sut.seed().unwrap().seeded);
     assert_eq!(sut.count().unwrap(), SEED_ROWS);
-    assert!(
-        awaitlab::target::Target::resolve(sut.netns()).is_ok(),
-        "{}",
-        sut.netns()
-    );
-    assert!(!sut.server_pids().is_empty());
-    check_routes(&sut);
+    eprintln!("{kind:?}: up {up_s:.1}s, seed {:.1}s", seeded.seconds);
 
-    let addr = sut.state().server_addr().unwrap();
-    match setup {
-        // The study's finding: async opens one connection per in-flight request, so 300 at once
-        // exceed max_connections=100 and PostgreSQL refuses the rest (HTTP 500).
-        Setup::AsyncLimited => {
-            let counts = burst(addr, 300);
-            eprintln!("{kind:?} {setup:?} {stack:?}: 300 io_read at once: {counts:?}");
-            let logs = sut.logs(400);
-            assert!(
-                counts.get(&500).copied().unwrap_or(0) > 0,
-                "no HTTP 500: {counts:?}"
-            );
-            assert!(
-                counts.get(&200).copied().unwrap_or(0) > 0,
-                "nothing succeeded: {counts:?}"
-            );
-            assert!(
-                logs.contains("too many clients") || logs.contains("remaining connection slots"),
-                "500s not from the connection limit: {logs}"
-            );
-        }
-        // The same load with max_connections=1000: every request succeeds.
-        Setup::AsyncUnlimited => {
-            let counts = burst(addr, 300);
-            eprintln!("{kind:?} {setup:?} {stack:?}: 300 io_read at once: {counts:?}");
-            assert_eq!(
-                counts.get(&200).copied(),
-                Some(300),
-                "{counts:?}: {}",
-                sut.logs(30)
+    let mut pids = Vec::new();
+    let steps = [
+        (Setup::Sync, Stack::Current),
+        (Setup::AsyncLimited, Stack::Current),
+        (Setup::AsyncUnlimited, Stack::Current),
+        (Setup::AsyncPooled, Stack::Current),
+        (Setup::Sync, Stack::Study),
+        (Setup::AsyncLimited, Stack::Study),
+        (Setup::AsyncUnlimited, Stack::Study),
+    ];
+    for (i, (setup, stack)) in steps.into_iter().enumerate() {
+        if i > 0 {
+            let t = std::time::Instant::now();
+            sut.switch(setup, stack)
+                .unwrap_or_else(|e| panic!("switch to {setup:?} {stack:?}: {e}"));
+            eprintln!(
+                "{kind:?}: switched to {setup:?} {stack:?} in {:.1}s",
+                t.elapsed().as_secs_f64()
             );
         }
-        _ => {}
+        assert_eq!(sut.state().setup, setup);
+        // PostgreSQL itself says which limit it runs with.
+        let max = sut.psql(&["SHOW max_connections"]).unwrap();
+        assert_eq!(max.trim(), setup.max_connections().to_string());
+        assert!(
+            awaitlab::target::Target::resolve(sut.netns()).is_ok(),
+            "{}",
+            sut.netns()
+        );
+        assert!(!sut.server_pids().is_empty());
+        pids.extend_from_slice(sut.server_pids());
+        pids.push(sut.state().db_pid);
+        check_routes(&sut);
+        check_load(&sut);
     }
-    let mut pids = sut.server_pids().to_vec();
-    pids.push(sut.state().db_pid);
-    let docker_pids = kind == BackendKind::Docker;
     let t1 = std::time::Instant::now();
     sut.down().unwrap();
-    eprintln!(
-        "{kind:?} {setup:?} {stack:?}: up {up_s:.1}s, seed {:.1}s, down {:.1}s",
-        seeded.seconds,
-        t1.elapsed().as_secs_f64()
+    eprintln!("{kind:?}: down {:.1}s", t1.elapsed().as_secs_f64());
+    // Container pids are the engine's to reap; containers are checked instead.
+    assert_clean(
+        &name,
+        if kind == BackendKind::Docker {
+            &[]
+        } else {
+            &pids
+        },
     );
-    // Container pids live in the engine's care; they are checked through the containers.
-    assert_clean(&name, if docker_pids { &[] } else { &pids });
 }
 
 #[test]
-fn netns_sync_current() {
-    check_setup(BackendKind::Netns, Setup::Sync, Stack::Current);
-}
-#[test]
-fn netns_async_limited_current_fails_at_the_connection_limit() {
-    check_setup(BackendKind::Netns, Setup::AsyncLimited, Stack::Current);
-}
-#[test]
-fn netns_async_unlimited_current_serves_the_same_load() {
-    check_setup(BackendKind::Netns, Setup::AsyncUnlimited, Stack::Current);
-}
-#[test]
-fn netns_async_pooled_current() {
-    check_setup(BackendKind::Netns, Setup::AsyncPooled, Stack::Current);
-}
-#[test]
-fn netns_sync_study() {
-    check_setup(BackendKind::Netns, Setup::Sync, Stack::Study);
-}
-#[test]
-fn netns_async_limited_study_fails_at_the_connection_limit() {
-    check_setup(BackendKind::Netns, Setup::AsyncLimited, Stack::Study);
-}
-#[test]
-fn netns_async_unlimited_study_serves_the_same_load() {
-    check_setup(BackendKind::Netns, Setup::AsyncUnlimited, Stack::Study);
+fn netns_every_setup_and_stack() {
+    every_setup(BackendKind::Netns);
 }
 
 #[test]
-fn docker_sync_current() {
-    check_setup(BackendKind::Docker, Setup::Sync, Stack::Current);
-}
-#[test]
-fn docker_async_limited_current_fails_at_the_connection_limit() {
-    check_setup(BackendKind::Docker, Setup::AsyncLimited, Stack::Current);
-}
-#[test]
-fn docker_async_unlimited_current_serves_the_same_load() {
-    check_setup(BackendKind::Docker, Setup::AsyncUnlimited, Stack::Current);
-}
-#[test]
-fn docker_async_pooled_current() {
-    check_setup(BackendKind::Docker, Setup::AsyncPooled, Stack::Current);
-}
-#[test]
-fn docker_sync_study() {
-    check_setup(BackendKind::Docker, Setup::Sync, Stack::Study);
-}
-#[test]
-fn docker_async_limited_study() {
-    check_setup(BackendKind::Docker, Setup::AsyncLimited, Stack::Study);
+fn docker_every_setup_and_stack() {
+    every_setup(BackendKind::Docker);
 }
 
 #[test]
@@ -412,11 +406,33 @@ fn cli_up_status_down() {
     assert_eq!(v["version"], 1);
     assert_eq!(v["up"], true);
 
+    // switch: another setup on the same data; the state file follows.
+    let sw = common::agent_once(&[
+        "sut", "switch", "--name", &name, "--setup", "sync", "--stack", "current",
+    ]);
+    assert_eq!(sw.code, Some(0), "{}", sw.stderr);
+    let st = common::agent_once(&["sut", "status", "--name", &name, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(st.stdout.trim()).unwrap();
+    assert_eq!(v["up"], true, "{}", st.stdout);
+    assert_eq!(v["state"]["setup"], "sync");
+    let switched: awaitlab::sut::State = serde_json::from_value(v["state"].clone()).unwrap();
+    let (status, body) = http(
+        switched.server_addr().unwrap(),
+        "GET",
+        "/posts/io_read/",
+        None,
+        T,
+    )
+    .unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("\"ct\": 1000000"), "still seeded: {body}");
+
     let down = common::agent_once(&["sut", "down", "--name", &name]);
     assert_eq!(down.code, Some(0), "{}", down.stderr);
     let st = common::agent_once(&["sut", "status", "--name", &name]);
     assert_eq!(st.code, Some(1), "{}", st.stdout);
     let mut pids = state.server_pids.clone();
+    pids.extend_from_slice(&switched.server_pids);
     pids.push(state.db_pid);
     assert_clean(&name, &pids);
     assert!(!awaitlab::sut::state_path(&name).exists());

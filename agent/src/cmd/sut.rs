@@ -1,4 +1,4 @@
-//! `awaitlab sut up|down|status|reset`: the system under test from the command line. `up` brings
+//! `awaitlab sut up|down|status|reset|switch`: the system under test from the command line. `up` brings
 //! it up, seeds it and leaves it running, recording it in `/run/awaitlab/sut-NAME.json`, which
 //! `status`, `reset` and `down` read. Ctrl-C or SIGTERM during `up` takes down what was made.
 //!
@@ -33,6 +33,20 @@ pub enum SutCommand {
     Status(StatusArgs),
     /// Delete the posts created since seeding: back to exactly 1,000,000 rows.
     Reset(NameArgs),
+    /// Replace the server with another setup or stack; the database and its posts stay.
+    Switch(SwitchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SwitchArgs {
+    /// The study's setup.
+    #[arg(long, value_enum)]
+    pub setup: Setup,
+    /// Python stack.
+    #[arg(long, value_enum, default_value_t = Stack::Current)]
+    pub stack: Stack,
+    #[command(flatten)]
+    pub name: NameArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -88,6 +102,7 @@ pub fn run(args: Args) -> ExitCode {
         SutCommand::Down(a) => down(&a.name),
         SutCommand::Status(a) => status(a),
         SutCommand::Reset(a) => reset(&a.name),
+        SutCommand::Switch(a) => switch(a),
     };
     match result {
         Ok(code) => code,
@@ -278,5 +293,21 @@ fn reset(name: &str) -> anyhow::Result<ExitCode> {
     let sut = Sut::attach(state);
     let deleted = sut.reset().context("resetting")?;
     println!("{name}: deleted {deleted} posts; {} rows", sut.count()?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn switch(a: SwitchArgs) -> anyhow::Result<ExitCode> {
+    let name = a.name.name;
+    let state = read_state(&name)?.with_context(|| format!("{name} is not up"))?;
+    let mut sut = Sut::attach(state);
+    let t0 = Instant::now();
+    // On failure the state file keeps the old server, now gone: `status` says so and `down`
+    // still removes everything.
+    sut.switch(a.setup, a.stack)
+        .with_context(|| format!("switching {name} to {}", a.setup.name()))?;
+    write_state(sut.state())?;
+    eprintln!("  switched in {:.1}s", t0.elapsed().as_secs_f64());
+    println!("url         {}", sut.url());
+    println!("netns       {}", sut.netns());
     Ok(ExitCode::SUCCESS)
 }

@@ -4,9 +4,13 @@
 //! checked, not built: `cargo xtask images` builds `awaitlab/postgres:15` and
 //! `awaitlab/server:{study,current}`.
 //!
+//! PostgreSQL's data lives in the named volume `NAME-pgdata`, so `switch` can recreate the
+//! database container with another `max_connections` and keep the seed.
+//!
 //! Every object carries the label `awaitlab.sut=NAME` and the name prefix `NAME-`; `down` removes
-//! the containers (with their anonymous volumes) and the network found by that label, so it also
-//! clears what a killed run left. It never removes images or anything without that label.
+//! the containers (with their anonymous volumes), the data volume and the network found by that
+//! label, so it also clears what a killed run left. It never removes images or anything without
+//! that label.
 
 use std::{collections::HashMap, future::Future, time::Duration};
 
@@ -14,11 +18,12 @@ use bollard::{
     exec::{CreateExecOptions, StartExecResults},
     models::{
         ContainerCreateBody, EndpointSettings, HostConfig, NetworkCreateRequest, NetworkingConfig,
-        PortBinding,
+        PortBinding, VolumeCreateRequest,
     },
     query_parameters::{
         CreateContainerOptionsBuilder, InspectContainerOptions, ListContainersOptionsBuilder,
-        ListNetworksOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+        ListNetworksOptionsBuilder, ListVolumesOptionsBuilder, LogsOptionsBuilder,
+        RemoveContainerOptionsBuilder, RemoveVolumeOptions,
     },
 };
 use futures_util::StreamExt as _;
@@ -131,6 +136,22 @@ async fn down_async(name: &str) -> Result<bool, SutError> {
             }
         }
     }
+    let vols = ListVolumesOptionsBuilder::default()
+        .filters(&filter)
+        .build();
+    for v in d
+        .list_volumes(Some(vols))
+        .await?
+        .volumes
+        .unwrap_or_default()
+    {
+        found = true;
+        match d.remove_volume(&v.name, None::<RemoveVolumeOptions>).await {
+            Ok(()) => {}
+            Err(e) if is_404(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     let nets = ListNetworksOptionsBuilder::default()
         .filters(&filter)
         .build();
@@ -147,9 +168,7 @@ async fn down_async(name: &str) -> Result<bool, SutError> {
     Ok(found)
 }
 
-async fn up_async(opts: &Options) -> Result<State, SutError> {
-    let d = connect().await?;
-    let name = &opts.name;
+async fn check_images(d: &bollard::Docker, opts: &Options) -> Result<String, SutError> {
     let server_image = opts
         .server_image
         .clone()
@@ -161,25 +180,51 @@ async fn up_async(opts: &Options) -> Result<State, SutError> {
             Err(e) => return Err(e.into()),
         }
     }
-    let labels = HashMap::from([(LABEL.to_string(), name.clone())]);
-    let net = format!("{name}-net");
-    d.create_network(NetworkCreateRequest {
-        name: net.clone(),
-        driver: Some("bridge".into()),
-        labels: Some(labels.clone()),
-        ..Default::default()
-    })
-    .await?;
-    let on_net = |alias: &str| NetworkingConfig {
+    Ok(server_image)
+}
+
+fn labels(name: &str) -> HashMap<String, String> {
+    HashMap::from([(LABEL.to_string(), name.to_string())])
+}
+
+fn on_net(name: &str, alias: &str) -> NetworkingConfig {
+    NetworkingConfig {
         endpoints_config: Some(HashMap::from([(
-            net.clone(),
+            format!("{name}-net"),
             EndpointSettings {
                 aliases: Some(vec![alias.to_string()]),
                 ..Default::default()
             },
         )])),
-    };
+    }
+}
 
+async fn up_async(opts: &Options) -> Result<State, SutError> {
+    let d = connect().await?;
+    let name = &opts.name;
+    let server_image = check_images(&d, opts).await?;
+    d.create_network(NetworkCreateRequest {
+        name: format!("{name}-net"),
+        driver: Some("bridge".into()),
+        labels: Some(labels(name)),
+        ..Default::default()
+    })
+    .await?;
+    // The data lives in a named volume, so PostgreSQL can be restarted with other settings
+    // (`switch`) without seeding again.
+    d.create_volume(VolumeCreateRequest {
+        name: Some(format!("{name}-pgdata")),
+        labels: Some(labels(name)),
+        ..Default::default()
+    })
+    .await?;
+    let db_pid = start_db(&d, opts).await?;
+    start_server(&d, opts, &server_image, db_pid).await
+}
+
+/// Creates and starts `NAME-db` and waits until it is healthy; returns its pid.
+async fn start_db(d: &bollard::Docker, opts: &Options) -> Result<i64, SutError> {
+    let name = &opts.name;
     // PostgreSQL: its image's entrypoint passes extra arguments on to postgres.
     let db = format!("{name}-db");
     let mut db_args = Vec::new();
@@ -195,29 +240,30 @@ async fn up_async(opts: &Options) -> Result<State, SutError> {
                 opts.setup.max_connections()
             )]),
             cmd: Some(db_args),
-            labels: Some(labels.clone()),
+            labels: Some(labels(name)),
             host_config: Some(HostConfig {
-                network_mode: Some(net.clone()),
+                network_mode: Some(format!("{name}-net")),
+                binds: Some(vec![format!("{name}-pgdata:/var/lib/postgresql/data")]),
                 // Docker's default /dev/shm is 64 MiB; parallel `count(*)` scans take dynamic
                 // shared memory there, and 300 of them at once ran out of it ("could not resize
                 // shared memory segment"), failing requests for a reason the study is not about.
                 shm_size: Some(DB_SHM_BYTES),
                 ..Default::default()
             }),
-            networking_config: Some(on_net("db")),
+            networking_config: Some(on_net(name, "db")),
             ..Default::default()
         },
     )
     .await?;
     d.start_container(&db, None).await?;
     let t0 = std::time::Instant::now();
-    let db_pid = loop {
-        match running(&d, &db).await {
-            Some((true, Some(h), pid)) if h == "healthy" => break pid,
+    loop {
+        match running(d, &db).await {
+            Some((true, Some(h), pid)) if h == "healthy" => return Ok(pid),
             Some((true, _, _)) if t0.elapsed() < START_LIMIT => {}
             Some((true, _, _)) => {
                 return Err(start_error(
-                    &d,
+                    d,
                     "PostgreSQL",
                     &db,
                     format!("not healthy within {START_LIMIT:?}"),
@@ -225,13 +271,21 @@ async fn up_async(opts: &Options) -> Result<State, SutError> {
                 .await)
             }
             _ => {
-                return Err(start_error(&d, "PostgreSQL", &db, "its container exited".into()).await)
+                return Err(start_error(d, "PostgreSQL", &db, "its container exited".into()).await)
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    }
+}
 
-    // The server, published on 127.0.0.1 only.
+/// Creates and starts `NAME-server`, published on 127.0.0.1 only, and waits until it answers.
+async fn start_server(
+    d: &bollard::Docker,
+    opts: &Options,
+    server_image: &str,
+    db_pid: i64,
+) -> Result<State, SutError> {
+    let name = &opts.name;
     let server = format!("{name}-server");
     let port_key = format!("{SERVER_PORT}/tcp");
     let binding = PortBinding {
@@ -245,7 +299,7 @@ async fn up_async(opts: &Options) -> Result<State, SutError> {
                 .build(),
         ),
         ContainerCreateBody {
-            image: Some(server_image.clone()),
+            image: Some(server_image.to_string()),
             env: Some(vec![
                 format!("AWL_VIEWS={}", opts.setup.views()),
                 "AWL_DB_HOST=db".into(),
@@ -253,13 +307,13 @@ async fn up_async(opts: &Options) -> Result<State, SutError> {
                 format!("AWL_DB_POOL={}", opts.setup.pool_size()),
             ]),
             exposed_ports: Some(vec![port_key.clone()]),
-            labels: Some(labels.clone()),
+            labels: Some(labels(name)),
             host_config: Some(HostConfig {
-                network_mode: Some(net.clone()),
+                network_mode: Some(format!("{name}-net")),
                 port_bindings: Some(HashMap::from([(port_key.clone(), Some(vec![binding]))])),
                 ..Default::default()
             }),
-            networking_config: Some(on_net("server")),
+            networking_config: Some(on_net(name, "server")),
             ..Default::default()
         },
     )
@@ -288,12 +342,12 @@ async fn up_async(opts: &Options) -> Result<State, SutError> {
     let check = tokio::task::block_in_place(|| {
         wait_http(addr, START_LIMIT, || {
             tokio::runtime::Handle::current()
-                .block_on(running(&d, &server))
+                .block_on(running(d, &server))
                 .is_some_and(|(r, _, _)| r)
         })
     });
     if let Err(reason) = check {
-        return Err(start_error(&d, "the Django server", &server, reason).await);
+        return Err(start_error(d, "the Django server", &server, reason).await);
     }
     let mut server_pids = vec![server_pid];
     server_pids.extend(children(server_pid));
@@ -309,6 +363,28 @@ async fn up_async(opts: &Options) -> Result<State, SutError> {
         server_pids,
         db_pid: db_pid as u32,
     })
+}
+
+async fn remove(d: &bollard::Docker, container: &str) -> Result<(), SutError> {
+    let rm = RemoveContainerOptionsBuilder::default().force(true).build();
+    match d.remove_container(container, Some(rm)).await {
+        Ok(()) => Ok(()),
+        Err(e) if is_404(&e) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn switch_async(state: &State, opts: &Options) -> Result<State, SutError> {
+    let d = connect().await?;
+    let server_image = check_images(&d, opts).await?;
+    remove(&d, &format!("{}-server", opts.name)).await?;
+    let db_pid = if state.setup.max_connections() != opts.setup.max_connections() {
+        remove(&d, &format!("{}-db", opts.name)).await?;
+        start_db(&d, opts).await?
+    } else {
+        i64::from(state.db_pid)
+    };
+    start_server(&d, opts, &server_image, db_pid).await
 }
 
 async fn psql_async(name: &str, statements: &[&str]) -> Result<String, SutError> {
@@ -365,27 +441,37 @@ async fn psql_async(name: &str, statements: &[&str]) -> Result<String, SutError>
     Ok(out)
 }
 
+/// Runs `f` on a multi-thread runtime (the readiness wait blocks in place while it asks the
+/// engine), on a fresh thread when the caller is itself inside a runtime.
+fn block_multi<T: Send>(
+    f: impl Future<Output = Result<T, SutError>> + Send,
+) -> Result<T, SutError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(SutError::io("starting a runtime"))?;
+    if tokio::runtime::Handle::try_current().is_ok() {
+        std::thread::scope(|s| {
+            s.spawn(|| rt.block_on(f))
+                .join()
+                .expect("docker call panicked")
+        })
+    } else {
+        rt.block_on(f)
+    }
+}
+
 impl Backend for Docker {
     fn up(&self, opts: &Options) -> Result<State, SutError> {
         self.down(&opts.name)?;
-        // A multi-thread runtime: the readiness wait blocks in place while asking the engine.
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .map_err(SutError::io("starting a runtime"))?;
-        let result = if tokio::runtime::Handle::try_current().is_ok() {
-            std::thread::scope(|s| {
-                s.spawn(|| rt.block_on(up_async(opts)))
-                    .join()
-                    .expect("docker up panicked")
-            })
-        } else {
-            rt.block_on(up_async(opts))
-        };
-        result.inspect_err(|_| {
+        block_multi(up_async(opts)).inspect_err(|_| {
             let _ = self.down(&opts.name);
         })
+    }
+
+    fn switch(&self, state: &State, opts: &Options) -> Result<State, SutError> {
+        block_multi(switch_async(state, opts))
     }
 
     fn psql(&self, state: &State, statements: &[&str]) -> Result<String, SutError> {

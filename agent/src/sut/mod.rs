@@ -343,6 +343,9 @@ pub trait Backend: Send + Sync {
     /// Removes leftovers of `opts.name`, then brings up PostgreSQL and the server (migrated,
     /// answering HTTP), not yet seeded. On error, removes what it made.
     fn up(&self, opts: &Options) -> Result<State, SutError>;
+    /// Replaces the server with one for `opts` (setup and stack), keeping the database and its
+    /// data; PostgreSQL is restarted only when `max_connections` changes.
+    fn switch(&self, state: &State, opts: &Options) -> Result<State, SutError>;
     /// Runs SQL statements through psql in the database (`-At`, one `-c` each, each in its
     /// own transaction) and returns psql's output.
     fn psql(&self, state: &State, statements: &[&str]) -> Result<String, SutError>;
@@ -407,6 +410,20 @@ impl Sut {
     }
     pub fn server_pids(&self) -> &[u32] {
         &self.state.server_pids
+    }
+
+    /// Switches to another setup or stack without seeding again: the server is replaced,
+    /// PostgreSQL keeps its data (and is restarted only when `max_connections` changes). On
+    /// error the system is left as far as it got; `down` still removes all of it.
+    pub fn switch(&mut self, setup: Setup, stack: Stack) -> Result<(), SutError> {
+        let mut opts = Options::new(setup, stack, &self.state.name);
+        opts.validate()?;
+        if self.state.backend == BackendKind::Docker {
+            // Keep the published port where the callers already send their load.
+            opts.host_port = self.state.server_addr().ok().map(|a| a.port());
+        }
+        self.state = self.backend.switch(&self.state, &opts)?;
+        Ok(())
     }
 
     /// Seeds 1,000,000 posts unless the database already has them (docker/app/sql/seed.sql),

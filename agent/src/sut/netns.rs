@@ -209,19 +209,7 @@ fn read_log(path: &Path) -> String {
 impl Netns {
     fn up_inner(&self, opts: &Options) -> Result<State, SutError> {
         let name = &opts.name;
-        let venv = venv_dir(opts.stack);
-        let stamp = venv.join("awaitlab-requirements.txt");
-        if fs::read_to_string(&stamp).ok().as_deref() != Some(opts.stack.requirements()) {
-            return Err(SutError::Other(format!(
-                "{} is missing or out of date; make it with `cargo xtask setup`",
-                venv.display()
-            )));
-        }
-        if !Path::new(PG_BIN).join("postgres").exists() {
-            return Err(SutError::Other(format!(
-                "{PG_BIN}/postgres is missing; install postgresql-15 (`cargo xtask setup`)"
-            )));
-        }
+        check_prerequisites(opts)?;
         let pg = user("postgres")?;
         let nobody = user("nobody")?;
 
@@ -232,9 +220,15 @@ impl Netns {
         let sock = dir.join("sock");
         for (rel, text) in assets::APP_FILES {
             let p = app.join(rel);
-            fs::create_dir_all(p.parent().expect("app files have a parent"))
+            let parent = p.parent().expect("app files have a parent");
+            fs::create_dir_all(parent)
                 .map_err(SutError::io(format!("creating {}", app.display())))?;
             fs::write(&p, text).map_err(SutError::io(format!("writing {}", p.display())))?;
+            // Readable by the server's user whatever our umask is.
+            for (path, mode) in [(parent, 0o755), (p.as_path(), 0o644)] {
+                fs::set_permissions(path, fs::Permissions::from_mode(mode))
+                    .map_err(SutError::io(format!("chmod {}", path.display())))?;
+            }
         }
         for d in [&pgdata, &sock] {
             fs::create_dir_all(d).map_err(SutError::io(format!("creating {}", d.display())))?;
@@ -243,19 +237,24 @@ impl Netns {
             fs::set_permissions(d, fs::Permissions::from_mode(0o700))
                 .map_err(SutError::io(format!("chmod {}", d.display())))?;
         }
-        // Every directory above the app and data must be traversable by postgres and nobody.
+        // postgres and nobody must be able to reach the app and the data directory: our own
+        // directories are opened up, the host's are only checked (never chmod'ed).
+        for d in [&dir, &app] {
+            fs::set_permissions(d, fs::Permissions::from_mode(0o755))
+                .map_err(SutError::io(format!("chmod {}", d.display())))?;
+        }
         let mut p = dir.clone();
-        while p != Path::new("/") {
-            if let Ok(m) = fs::metadata(&p) {
-                if m.permissions().mode() & 0o005 != 0o005 {
-                    let _ = fs::set_permissions(
-                        &p,
-                        fs::Permissions::from_mode(m.permissions().mode() | 0o005),
-                    );
-                }
-            }
-            if !p.pop() {
-                break;
+        while p.pop() {
+            let mode = fs::metadata(&p)
+                .map(|m| m.permissions().mode())
+                .unwrap_or(0);
+            if mode & 0o001 == 0 {
+                return Err(SutError::Other(format!(
+                    "{} is not searchable by other users; postgres and nobody cannot reach {} \
+                     (set AWAITLAB_SUT_DIR elsewhere)",
+                    p.display(),
+                    dir.display()
+                )));
             }
         }
 
@@ -312,7 +311,6 @@ impl Netns {
         ip(&["-n", &sns, "link", "set", &vc, "up"])?;
 
         // PostgreSQL: initdb, database `study`, trust from the server's link only.
-        let pg_log = dir.join("postgres.log");
         let initdb = Command::new(Path::new(PG_BIN).join("initdb"))
             .arg("-D")
             .arg(&pgdata)
@@ -371,101 +369,145 @@ impl Netns {
             });
         }
 
-        let mut pg_cmd = Command::new(Path::new(PG_BIN).join("postgres"));
-        pg_cmd
-            .arg("-D")
-            .arg(&pgdata)
-            .args([
-                "-c",
-                &format!("listen_addresses={DB_IP}"),
-                "-c",
-                &format!("port={DB_PORT}"),
-            ])
-            .args([
-                "-c",
-                &format!("max_connections={}", opts.setup.max_connections()),
-            ])
-            .arg("-c")
-            .arg(format!("unix_socket_directories={}", sock.display()))
-            .current_dir(&dir)
-            .env_clear()
-            .env("LANG", "C.UTF-8");
-        for kv in &opts.postgres_args {
-            pg_cmd.args(["-c", kv]);
-        }
-        let db_pid = spawn_in(&format!("/run/netns/{dns}"), &pg, &mut pg_cmd, &pg_log)?;
-        let t0 = Instant::now();
-        loop {
-            let ready = Command::new(Path::new(PG_BIN).join("pg_isready"))
-                .arg("-h")
-                .arg(&sock)
-                .args(["-p", &DB_PORT.to_string(), "-q"])
-                .status()
-                .is_ok_and(|s| s.success());
-            if ready {
-                break;
-            }
-            if !alive(db_pid) || t0.elapsed() > START_LIMIT {
-                let reason = if alive(db_pid) {
-                    format!("not ready within {START_LIMIT:?}")
-                } else {
-                    "postgres exited".into()
-                };
-                return Err(SutError::Start {
-                    what: "PostgreSQL".into(),
-                    reason,
-                    log: tail(&read_log(&pg_log), 8),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let db_pid = start_postgres(opts, &pg)?;
+        start_server(opts, &nobody, &server_ip, db_pid)
+    }
+}
 
-        // The server: serve.sh migrates, then execs gunicorn (so its pid is gunicorn's master).
-        let srv_log = dir.join("server.log");
-        let mut srv = Command::new("/bin/sh");
-        srv.arg(app.join("serve.sh"))
-            .current_dir(&app)
-            .env_clear()
-            .env(
-                "PATH",
-                format!("{}:/usr/bin:/bin", venv.join("bin").display()),
-            )
-            .env("HOME", "/nonexistent")
-            .env("LANG", "C.UTF-8")
-            .env("PYTHONUNBUFFERED", "1")
-            .env("PYTHONDONTWRITEBYTECODE", "1")
-            .env("DJANGO_SETTINGS_MODULE", "studysite.settings")
-            .env("AWL_VIEWS", opts.setup.views())
-            .env("AWL_DB_HOST", DB_IP)
-            .env("AWL_DB_PORT", DB_PORT.to_string())
-            .env("AWL_DB_POOL", opts.setup.pool_size().to_string())
-            .env("AWL_BIND", format!("0.0.0.0:{SERVER_PORT}"));
-        let server_pid = spawn_in(&format!("/run/netns/{sns}"), &nobody, &mut srv, &srv_log)?;
-        let addr = format!("{server_ip}:{SERVER_PORT}")
-            .parse()
-            .expect("an address we formatted");
-        if let Err(reason) = wait_http(addr, START_LIMIT, || alive(server_pid)) {
+fn check_prerequisites(opts: &Options) -> Result<(), SutError> {
+    let venv = venv_dir(opts.stack);
+    let stamp = venv.join("awaitlab-requirements.txt");
+    if fs::read_to_string(&stamp).ok().as_deref() != Some(opts.stack.requirements()) {
+        return Err(SutError::Other(format!(
+            "{} is missing or out of date; make it with `cargo xtask setup`",
+            venv.display()
+        )));
+    }
+    if !Path::new(PG_BIN).join("postgres").exists() {
+        return Err(SutError::Other(format!(
+            "{PG_BIN}/postgres is missing; install postgresql-15 (`cargo xtask setup`)"
+        )));
+    }
+    Ok(())
+}
+
+/// Starts the postmaster on the initialised data directory and waits until it accepts
+/// connections; returns its pid.
+fn start_postgres(opts: &Options, pg: &User) -> Result<u32, SutError> {
+    let dir = run_dir(&opts.name);
+    let (pgdata, sock, pg_log) = (
+        dir.join("pgdata"),
+        dir.join("sock"),
+        dir.join("postgres.log"),
+    );
+    let mut pg_cmd = Command::new(Path::new(PG_BIN).join("postgres"));
+    pg_cmd
+        .arg("-D")
+        .arg(&pgdata)
+        .args([
+            "-c",
+            &format!("listen_addresses={DB_IP}"),
+            "-c",
+            &format!("port={DB_PORT}"),
+        ])
+        .args([
+            "-c",
+            &format!("max_connections={}", opts.setup.max_connections()),
+        ])
+        .arg("-c")
+        .arg(format!("unix_socket_directories={}", sock.display()))
+        .current_dir(&dir)
+        .env_clear()
+        .env("LANG", "C.UTF-8");
+    for kv in &opts.postgres_args {
+        pg_cmd.args(["-c", kv]);
+    }
+    let ns = format!("/run/netns/{}", db_ns(&opts.name));
+    let db_pid = spawn_in(&ns, pg, &mut pg_cmd, &pg_log)?;
+    let t0 = Instant::now();
+    loop {
+        let ready = Command::new(Path::new(PG_BIN).join("pg_isready"))
+            .arg("-h")
+            .arg(&sock)
+            .args(["-p", &DB_PORT.to_string(), "-q"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if ready {
+            return Ok(db_pid);
+        }
+        if !alive(db_pid) || t0.elapsed() > START_LIMIT {
+            let reason = if alive(db_pid) {
+                format!("not ready within {START_LIMIT:?}")
+            } else {
+                "postgres exited".into()
+            };
             return Err(SutError::Start {
-                what: "the Django server".into(),
+                what: "PostgreSQL".into(),
                 reason,
-                log: tail(&read_log(&srv_log), 12),
+                log: tail(&read_log(&pg_log), 8),
             });
         }
-        let mut server_pids = vec![server_pid];
-        server_pids.extend(children(server_pid));
-        Ok(State {
-            version: STATE_VERSION,
-            backend: super::BackendKind::Netns,
-            setup: opts.setup,
-            stack: opts.stack,
-            name: name.clone(),
-            url: format!("http://{addr}"),
-            db_port: DB_PORT,
-            netns: format!("/run/netns/{sns}"),
-            server_pids,
-            db_pid,
-        })
+        std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Starts the Django server and waits until it answers HTTP. serve.sh migrates, then execs
+/// gunicorn, so the pid is gunicorn's master.
+fn start_server(
+    opts: &Options,
+    nobody: &User,
+    server_ip: &str,
+    db_pid: u32,
+) -> Result<State, SutError> {
+    let name = &opts.name;
+    let dir = run_dir(name);
+    let app = dir.join("app");
+    let venv = venv_dir(opts.stack);
+    let srv_log = dir.join("server.log");
+    let mut srv = Command::new("/bin/sh");
+    srv.arg(app.join("serve.sh"))
+        .current_dir(&app)
+        .env_clear()
+        .env(
+            "PATH",
+            format!("{}:/usr/bin:/bin", venv.join("bin").display()),
+        )
+        .env("HOME", "/nonexistent")
+        .env("LANG", "C.UTF-8")
+        .env("PYTHONUNBUFFERED", "1")
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("DJANGO_SETTINGS_MODULE", "studysite.settings")
+        .env("AWL_VIEWS", opts.setup.views())
+        .env("AWL_DB_HOST", DB_IP)
+        .env("AWL_DB_PORT", DB_PORT.to_string())
+        .env("AWL_DB_POOL", opts.setup.pool_size().to_string())
+        .env("AWL_BIND", format!("0.0.0.0:{SERVER_PORT}"));
+    let sns = srv_ns(name);
+    let server_pid = spawn_in(&format!("/run/netns/{sns}"), nobody, &mut srv, &srv_log)?;
+    let addr = format!("{server_ip}:{SERVER_PORT}")
+        .parse()
+        .map_err(|_| SutError::Other(format!("bad server address {server_ip}")))?;
+    if let Err(reason) = wait_http(addr, START_LIMIT, || alive(server_pid)) {
+        return Err(SutError::Start {
+            what: "the Django server".into(),
+            reason,
+            log: tail(&read_log(&srv_log), 12),
+        });
+    }
+    let mut server_pids = vec![server_pid];
+    server_pids.extend(children(server_pid));
+    Ok(State {
+        version: STATE_VERSION,
+        backend: super::BackendKind::Netns,
+        setup: opts.setup,
+        stack: opts.stack,
+        name: name.clone(),
+        url: format!("http://{addr}"),
+        db_port: DB_PORT,
+        netns: format!("/run/netns/{sns}"),
+        server_pids,
+        db_pid,
+    })
 }
 
 /// Stops every process inside namespace `ns`: `sig` first, SIGKILL after `grace`.
@@ -507,6 +549,20 @@ impl Backend for Netns {
         self.up_inner(opts).inspect_err(|_| {
             let _ = self.down(&opts.name);
         })
+    }
+
+    fn switch(&self, state: &State, opts: &Options) -> Result<State, SutError> {
+        check_prerequisites(opts)?;
+        let server_ip = state.server_addr()?.ip().to_string();
+        stop_all_in(&srv_ns(&opts.name), libc::SIGINT, Duration::from_secs(5));
+        let db_pid = if state.setup.max_connections() != opts.setup.max_connections() {
+            // SIGINT: PostgreSQL's fast shutdown; the data directory (and the seed) stays.
+            stop_all_in(&db_ns(&opts.name), libc::SIGINT, Duration::from_secs(30));
+            start_postgres(opts, &user("postgres")?)?
+        } else {
+            state.db_pid
+        };
+        start_server(opts, &user("nobody")?, &server_ip, db_pid)
     }
 
     fn psql(&self, state: &State, statements: &[&str]) -> Result<String, SutError> {
