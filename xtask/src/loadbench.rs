@@ -28,8 +28,9 @@ use crate::setup;
 
 #[derive(Args)]
 pub struct LoadArgs {
-    /// Rounds; each runs every tool once.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Rounds; each runs every tool once. Medians over 5 keep one disturbed run (a shared
+    /// 2-core host) from deciding a ratio.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     runs: u32,
     /// Seconds of load per tool run.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
