@@ -183,6 +183,11 @@ pub enum LoadError {
     },
     #[error("{host} resolves to no address")]
     NoAddress { host: String },
+    #[error("starting load thread {index}: {source}")]
+    Thread {
+        index: usize,
+        source: std::io::Error,
+    },
 }
 
 impl LoadError {
@@ -519,7 +524,7 @@ impl Lanes {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .map_err(|e| LoadError::Invalid(format!("starting load thread {i}: {e}")))?;
+                .map_err(|source| LoadError::Thread { index: i, source })?;
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
             lanes.handles.push(rt.handle().clone());
             let th = std::thread::Builder::new()
@@ -529,7 +534,7 @@ impl Lanes {
                         let _ = rx.await;
                     });
                 })
-                .map_err(|e| LoadError::Invalid(format!("starting load thread {i}: {e}")))?;
+                .map_err(|source| LoadError::Thread { index: i, source })?;
             lanes.stops.push(tx);
             lanes.threads.push(th);
         }
