@@ -93,7 +93,7 @@ pub struct RunConfig {
     /// Attach the eBPF probes to the server (the explanation needs them).
     pub probes: bool,
     /// How long to wait, between cells, for the server to go idle and the database connections
-    /// to close.
+    /// to close; after that the server is restarted (a closed-loop run leaves requests queued).
     pub drain_timeout_s: u64,
 }
 
@@ -110,7 +110,7 @@ impl Default for RunConfig {
             delay_backend: DelayBackend::Auto,
             results_dir: PathBuf::from("results"),
             probes: true,
-            drain_timeout_s: 120,
+            drain_timeout_s: 30,
         }
     }
 }

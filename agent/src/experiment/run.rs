@@ -183,13 +183,27 @@ fn drain(sut: &Sut, session: Option<&mut ProbeSession>, timeout: Duration) -> an
             quiet_since = None;
         }
         if t0.elapsed() > timeout {
-            return Ok(Some(format!(
-                "the server had not drained after {} s ({conns} database connections left); the cell started anyway",
-                timeout.as_secs()
-            )));
+            return Ok(Some(format!("the server had not drained after {} s ({conns} database connections left)", timeout.as_secs())));
         }
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+/// Resolves the server's namespace and attaches the probes to it (None when probes are off).
+fn attach(cfg: &RunConfig, rt: &tokio::runtime::Runtime, system: &Sut) -> anyhow::Result<(Target, Option<ProbeSession>)> {
+    let target = Target::resolve(system.netns()).with_context(|| format!("the server's namespace {}", system.netns()))?;
+    if !cfg.probes {
+        return Ok((target, None));
+    }
+    let _enter = rt.enter();
+    let spec = ProbeSpec {
+        netns_inum: target.netns_inum,
+        http_ports: vec![sut::SERVER_PORT],
+        db_ports: vec![system.db_port()],
+        capture_payload: true,
+    };
+    let session = ProbeSession::attach(&spec, system.netns()).context("attaching the probes")?;
+    Ok((target, Some(session)))
 }
 
 /// One line of progress on stderr.
@@ -197,7 +211,7 @@ fn progress(done: usize, total: usize, started: Instant, cell: &CellKey, p: &loa
     // SAFETY: isatty has no preconditions.
     let tty = unsafe { libc::isatty(2) } == 1;
     // Not a terminal (CI, a log file): one line every 10 s instead of a redrawn one.
-    if !tty && p.elapsed.as_secs() % 10 != 0 {
+    if !tty && !p.elapsed.as_secs().is_multiple_of(10) {
         return;
     }
     let per_cell = if done > 0 { started.elapsed().as_secs_f64() / done as f64 } else { p.planned.as_secs_f64() + 20.0 };
@@ -265,6 +279,7 @@ pub fn run(cfg: &RunConfig, resume: Option<&Path>, stop: &Stop) -> anyhow::Resul
         }
         v
     };
+    let mut system: Option<Sut> = None;
     for setup_name in setups {
         let cells: Vec<&CellKey> = planned.iter().filter(|c| c.setup == setup_name && !dir.is_done(c)).collect();
         skipped += planned.iter().filter(|c| c.setup == setup_name).count() - cells.len();
@@ -273,25 +288,22 @@ pub fn run(cfg: &RunConfig, resume: Option<&Path>, stop: &Stop) -> anyhow::Resul
         }
         let setup = sut::Setup::from_str(&setup_name, true).map_err(|e| anyhow!("setup {setup_name}: {e}"))?;
         eprintln!("\nawaitlab: bringing up {setup_name} ({:?} back end, {:?} stack)", cfg.backend, cfg.stack);
-        let opts = sut::Options::new(setup, sut_stack(cfg.stack), RUN_NAME);
-        let system = Sut::up(sut_backend(cfg.backend), &opts).with_context(|| format!("bringing up {setup_name}"))?;
-        let seed = system.seed().context("seeding the database")?;
-        if seed.seeded {
-            eprintln!("awaitlab: seeded {} posts in {:.1} s", seed.rows, seed.seconds);
+        // One database for the whole run, seeded once: later setups only replace the server
+        // (and restart PostgreSQL when max_connections changes).
+        match system.as_mut() {
+            None => {
+                let opts = sut::Options::new(setup, sut_stack(cfg.stack), RUN_NAME);
+                let s = Sut::up(sut_backend(cfg.backend), &opts).with_context(|| format!("bringing up {setup_name}"))?;
+                let seed = s.seed().context("seeding the database")?;
+                if seed.seeded {
+                    eprintln!("awaitlab: seeded {} posts in {:.1} s", seed.rows, seed.seconds);
+                }
+                system = Some(s);
+            }
+            Some(s) => s.switch(setup, sut_stack(cfg.stack)).with_context(|| format!("switching to {setup_name}"))?,
         }
-        let target = Target::resolve(system.netns()).with_context(|| format!("the server's namespace {}", system.netns()))?;
-        let mut session = if cfg.probes {
-            let _enter = rt.enter();
-            let spec = ProbeSpec {
-                netns_inum: target.netns_inum,
-                http_ports: vec![sut::SERVER_PORT],
-                db_ports: vec![system.db_port()],
-                capture_payload: true,
-            };
-            Some(ProbeSession::attach(&spec, system.netns()).context("attaching the probes")?)
-        } else {
-            None
-        };
+        let system = system.as_mut().expect("brought up above");
+        let (mut target, mut session) = attach(cfg, &rt, system)?;
 
         for key in cells {
             if stop.requested() {
@@ -299,8 +311,12 @@ pub fn run(cfg: &RunConfig, resume: Option<&Path>, stop: &Stop) -> anyhow::Resul
             }
             let mut notes = Vec::new();
             system.reset().context("resetting the database to the seed")?;
-            if let Some(n) = drain(&system, session.as_mut(), Duration::from_secs(cfg.drain_timeout_s))? {
-                notes.push(n);
+            if let Some(n) = drain(system, session.as_mut(), Duration::from_secs(cfg.drain_timeout_s))? {
+                // Requests queued by the last cell would pollute this one: start a fresh server.
+                drop(session.take());
+                system.switch(setup, sut_stack(cfg.stack)).context("restarting the server")?;
+                (target, session) = attach(cfg, &rt, system)?;
+                notes.push(format!("{n}; the server was restarted before the cell"));
             }
             let mark = match session.as_mut() {
                 Some(s) => Some(s.mark()?),
@@ -343,13 +359,12 @@ pub fn run(cfg: &RunConfig, resume: Option<&Path>, stop: &Stop) -> anyhow::Resul
                     }
                     // The delay line's own hold times where it ran; otherwise (netem) the growth
                     // of the server's TCP round-trip times.
-                    let achieved = a.hold.as_ref().filter(|h| h.packets > 0).map(|h| h.p50_us / 1000.0).or_else(|| {
-                        match (a.socket_rtt_before.median_ms, a.socket_rtt_now.median_ms) {
-                            (Some(b), Some(n)) => Some(n - b),
-                            (None, Some(n)) => Some(n),
-                            _ => None,
-                        }
-                    });
+                    let from_sockets = match (a.socket_rtt_before.median_ms, a.socket_rtt_now.median_ms) {
+                        (Some(b), Some(n)) => Some(n - b),
+                        (None, Some(n)) => Some(n),
+                        _ => None,
+                    };
+                    let achieved = a.hold.as_ref().filter(|h| h.packets > 0).map(|h| h.p50_us / 1000.0).or(from_sockets);
                     DelayOutcome { requested_ms: f64::from(key.delay_ms), achieved_ms: achieved, backend }
                 }
                 None => DelayOutcome { requested_ms: 0.0, achieved_ms: Some(0.0), backend: "none".into() },
@@ -391,7 +406,9 @@ pub fn run(cfg: &RunConfig, resume: Option<&Path>, stop: &Stop) -> anyhow::Resul
             );
         }
         drop(session);
-        system.down().context("tearing down the system under test")?;
+    }
+    if let Some(s) = system {
+        s.down().context("tearing down the system under test")?;
     }
     let interrupted = stop.requested();
     Ok(Outcome { dir: dir.root.clone(), done, skipped, interrupted })

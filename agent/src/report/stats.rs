@@ -41,6 +41,7 @@ pub struct Interaction {
 
 /// Balanced three-way ANOVA on `data[(a, b, c)] = replicate values`; returns the test of the
 /// A x B x C interaction, or why it cannot be computed.
+#[allow(clippy::needless_range_loop)] // the (a, b, c) indices are the design's own notation
 pub fn three_way_interaction(data: &BTreeMap<(usize, usize, usize), Vec<f64>>) -> Result<Interaction, String> {
     let la = data.keys().map(|k| k.0).max().map_or(0, |m| m + 1);
     let lb = data.keys().map(|k| k.1).max().map_or(0, |m| m + 1);
