@@ -50,9 +50,7 @@ fn tick_step(span: f64, target: f64) -> f64 {
 }
 
 fn fmt_tick(v: f64) -> String {
-    if v.abs() >= 1000.0 {
-        format!("{:.0}", v)
-    } else if v.fract().abs() < 1e-9 {
+    if v.abs() >= 1000.0 || v.fract().abs() < 1e-9 {
         format!("{:.0}", v)
     } else {
         format!("{:.2}", v).trim_end_matches('0').trim_end_matches('.').to_string()
