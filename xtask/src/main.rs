@@ -13,6 +13,7 @@ mod images;
 mod loadbench;
 mod netns;
 mod setup;
+mod study;
 mod test;
 mod wrk;
 
@@ -39,6 +40,8 @@ enum Command {
     Ci(test::TestArgs),
     /// Benchmarks.
     Bench(bench::BenchArgs),
+    /// The README's run command: setup, release build, then the quick study (`awaitlab run`).
+    Study(study::StudyArgs),
     /// Build the local Debian base image (debootstrap + docker import) if it is missing.
     BaseImage,
     /// Check the Grafana dashboards, provisioning, Prometheus config and compose file.
@@ -53,6 +56,7 @@ fn main() -> Result<()> {
         Command::Setup => setup::run(),
         Command::Test(args) | Command::Ci(args) => test::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Study(args) => study::run(&args),
         Command::BaseImage => images::base_image(),
         Command::Dashboards => dashboards::run(),
         Command::Images => images::images(),

@@ -31,8 +31,8 @@ use crate::{
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// What to watch: pid:PID, PID, netns:NAME, or a namespace path (/proc/PID/ns/net,
-    /// /run/netns/NAME).
+    /// What to watch: docker:NAME_OR_ID, pid:PID, PID, netns:NAME, or a namespace path
+    /// (/proc/PID/ns/net, /run/netns/NAME).
     #[arg(long)]
     pub target: String,
     /// Server port whose accepted connections carry HTTP requests (repeat for several).
