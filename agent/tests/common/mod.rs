@@ -23,18 +23,11 @@ static NEXT: AtomicU64 = AtomicU64::new(0);
 
 /// A short unique tag for names (interface names are limited to 15 bytes).
 pub fn tag() -> String {
-    format!(
-        "{:x}{}",
-        std::process::id() % 0xfffff,
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("{:x}{}", std::process::id() % 0xfffff, NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 pub fn sh(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
     assert!(
         out.status.success(),
         "{cmd} {args:?} failed: {}",
@@ -71,10 +64,7 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stderr(Stdio::null())
-            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).stderr(Stdio::null()).status();
     }
 }
 
@@ -91,21 +81,7 @@ impl Veth {
     pub fn new(left: Option<&Netns>, right: &Netns, subnet: &str) -> Veth {
         let t = tag();
         let (l, r) = (format!("awl{t}l"), format!("awl{t}r"));
-        sh(
-            "ip",
-            &[
-                "link",
-                "add",
-                &l,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &r,
-                "netns",
-                &right.name,
-            ],
-        );
+        sh("ip", &["link", "add", &l, "type", "veth", "peer", "name", &r, "netns", &right.name]);
         if let Some(ns) = left {
             sh("ip", &["link", "set", &l, "netns", &ns.name]);
         }
@@ -122,17 +98,9 @@ impl Veth {
         let lns = left.map(|n| n.name.as_str());
         ip_in(lns, &["addr", "add", &format!("{left_ip}/30"), "dev", &l]);
         ip_in(lns, &["link", "set", &l, "up"]);
-        ip_in(
-            Some(&right.name),
-            &["addr", "add", &format!("{right_ip}/30"), "dev", &r],
-        );
+        ip_in(Some(&right.name), &["addr", "add", &format!("{right_ip}/30"), "dev", &r]);
         ip_in(Some(&right.name), &["link", "set", &r, "up"]);
-        Veth {
-            left_ip,
-            right_ip,
-            left: l,
-            left_ns: left.map(|n| n.name.clone()),
-        }
+        Veth { left_ip, right_ip, left: l, left_ns: left.map(|n| n.name.clone()) }
     }
 }
 
@@ -160,11 +128,7 @@ pub fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 's
 }
 
 /// Accept loop that stops when `stop` is set; each connection gets its own thread.
-pub fn serve(
-    listener: TcpListener,
-    stop: Arc<AtomicBool>,
-    handler: impl Fn(TcpStream) + Send + Sync + Clone + 'static,
-) {
+pub fn serve(listener: TcpListener, stop: Arc<AtomicBool>, handler: impl Fn(TcpStream) + Send + Sync + Clone + 'static) {
     listener.set_nonblocking(true).unwrap();
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
@@ -213,14 +177,8 @@ impl FakeDb {
             Some(ns) => in_netns(ns, body),
             None => std::thread::spawn(body),
         };
-        ready_rx
-            .recv_timeout(Duration::from_secs(5))
-            .expect("fake db did not start");
-        FakeDb {
-            queries,
-            stop,
-            thread: Some(thread),
-        }
+        ready_rx.recv_timeout(Duration::from_secs(5)).expect("fake db did not start");
+        FakeDb { queries, stop, thread: Some(thread) }
     }
 }
 
@@ -320,14 +278,8 @@ impl SyncServer {
             Some(ns) => in_netns(ns, body),
             None => std::thread::spawn(body),
         };
-        ready_rx
-            .recv_timeout(Duration::from_secs(5))
-            .expect("server did not start");
-        SyncServer {
-            requests,
-            stop,
-            thread: Some(thread),
-        }
+        ready_rx.recv_timeout(Duration::from_secs(5)).expect("server did not start");
+        SyncServer { requests, stop, thread: Some(thread) }
     }
 }
 
@@ -415,9 +367,7 @@ impl Finished {
     }
 
     pub fn summary(&self) -> serde_json::Value {
-        self.records("summary")
-            .pop()
-            .unwrap_or_else(|| panic!("no summary; stderr: {}", self.stderr))
+        self.records("summary").pop().unwrap_or_else(|| panic!("no summary; stderr: {}", self.stderr))
     }
 }
 
@@ -435,13 +385,7 @@ impl Agent {
             .stderr(File::create(&stderr).unwrap())
             .spawn()
             .expect("start awaitlab");
-        let mut a = Agent {
-            program_ids: Vec::new(),
-            child: Some(child),
-            stdout,
-            stderr,
-            _dir: dir,
-        };
+        let mut a = Agent { program_ids: Vec::new(), child: Some(child), stdout, stderr, _dir: dir };
         let t0 = Instant::now();
         loop {
             let err = std::fs::read_to_string(&a.stderr).unwrap_or_default();
@@ -480,10 +424,7 @@ impl Agent {
             }
             if t0.elapsed() > limit {
                 let _ = child.kill();
-                panic!(
-                    "awaitlab did not exit within {limit:?}: {}",
-                    std::fs::read_to_string(&self.stderr).unwrap_or_default()
-                );
+                panic!("awaitlab did not exit within {limit:?}: {}", std::fs::read_to_string(&self.stderr).unwrap_or_default());
             }
             std::thread::sleep(Duration::from_millis(20));
         };
@@ -518,10 +459,7 @@ pub fn agent_once(args: &[&str]) -> Finished {
 
 /// Ids of loaded BPF programs named `awl_*` (awaitlab's).
 pub fn our_bpf_programs() -> Vec<u32> {
-    let out = Command::new("bpftool")
-        .args(["prog", "show", "--json"])
-        .output()
-        .expect("bpftool (cargo xtask setup installs it)");
+    let out = Command::new("bpftool").args(["prog", "show", "--json"]).output().expect("bpftool (cargo xtask setup installs it)");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
     v.as_array()
         .map(|a| {
@@ -544,10 +482,7 @@ pub fn assert_programs_gone(ids: &[u32]) {
         if left.is_empty() {
             return;
         }
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "BPF programs left behind: {left:?}"
-        );
+        assert!(t0.elapsed() < Duration::from_secs(5), "BPF programs left behind: {left:?}");
         std::thread::sleep(Duration::from_millis(100));
     }
 }
