@@ -801,3 +801,44 @@ fn docker_target_gets_a_delay_set_and_cleared_from_the_host() {
     assert!(after < base + 2.0, "base {base:.3} ms, after clear {after:.3} ms");
     assert!(Path::new(&ns).exists());
 }
+
+/// The library API the experiment runner uses: the guard installs the delay, reports what it
+/// achieved, and removes its rule when its owner panics.
+#[test]
+fn the_library_guard_removes_its_delay_when_the_owner_panics() {
+    use awaitlab::netem::{self, Backend, BackendChoice, DelaySpec};
+    let p = Pair::new("10.211.7");
+    let target = awaitlab::target::Target::resolve(&p.spec()).unwrap();
+    let spec = DelaySpec {
+        delay: Duration::from_millis(30),
+        ..Default::default()
+    };
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let guard = netem::set(&target, &spec, BackendChoice::Nfqueue).expect("set");
+        assert_eq!(guard.backend(), Backend::Nfqueue);
+        assert_eq!(awaitlab_rules(&p.target.path()).len(), 1);
+        let rtt = echo_rtt_ms(Some(&p.client), p.echo(), 10);
+        // As in the 50 ms test: never early, at most 3 ms late at the median.
+        assert!(
+            (30.0 - 0.3..33.0).contains(&rtt),
+            "rtt {rtt:.3} ms through a 30 ms delay"
+        );
+        let a = guard.achieved();
+        // Each of the 10 requests is a packet into the target; the iptables counter agrees.
+        assert!(a.packets_seen >= 10 && a.bypassed == 0 && a.rule_packets >= 10, "{a:?}");
+        panic!("owner fails");
+    }));
+    let msg = outcome
+        .expect_err("the closure panics")
+        .downcast::<&str>()
+        .map(|m| *m)
+        .unwrap_or("another panic");
+    assert_eq!(msg, "owner fails", "a check inside failed first");
+    assert!(awaitlab_rules(&p.target.path()).is_empty(), "rule left after the panic");
+    assert!(
+        state_files_of(std::process::id()).is_empty(),
+        "state file left after the panic"
+    );
+    let after = echo_rtt_ms(Some(&p.client), p.echo(), 10);
+    assert!(after < 2.0, "rtt {after:.3} ms after the guard was dropped");
+}
