@@ -59,6 +59,7 @@ impl Servers {
                         let buf = vec![0u8; 256 * 1024];
                         while c.write_all(&buf).is_ok() {}
                     } else {
+                        realtime();
                         let mut b = [0u8; 1];
                         while c.read_exact(&mut b).is_ok() && c.write_all(&b).is_ok() {}
                     }
@@ -79,6 +80,15 @@ impl Drop for Servers {
     }
 }
 
+/// SCHED_FIFO for a measuring thread (echo handler, jitter client): other builds and tests on a
+/// shared 2-core host would otherwise add their scheduling delays to single samples. The tests
+/// measure the delay line, not the host's scheduler. Both threads block on I/O, never spin.
+fn realtime() {
+    let p = libc::sched_param { sched_priority: 5 };
+    // SAFETY: sched_setscheduler on the calling thread with a valid parameter; best effort.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &p) };
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -88,6 +98,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// the root namespace), 10 ms apart so that each is an independent request.
 fn echo_rtt_ms(client_ns: Option<&Netns>, server: SocketAddr, n: usize) -> f64 {
     let body = move || {
+        realtime();
         let mut c = TcpStream::connect_timeout(&server, Duration::from_secs(5)).expect("connect echo");
         c.set_nodelay(true).unwrap();
         c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -104,7 +115,7 @@ fn echo_rtt_ms(client_ns: Option<&Netns>, server: SocketAddr, n: usize) -> f64 {
     };
     match client_ns {
         Some(ns) => in_netns(ns, body).join().unwrap(),
-        None => body(),
+        None => std::thread::spawn(body).join().unwrap(),
     }
 }
 
@@ -414,6 +425,59 @@ fn nfqueue_adds_the_delay_to_round_trips_and_clear_restores_the_baseline() {
     let after = echo_rtt_ms(Some(&p.client), p.echo(), 40);
     // Undelayed again: well under the 50 ms; 2 ms leaves room for a busy host, not for a hold.
     assert!(after < base + 2.0, "base {base:.3} ms, after clear {after:.3} ms");
+}
+
+/// Jitter: each round trip grows by 20 ms ± 5 ms (uniform), so they spread over that range.
+#[test]
+fn nfqueue_jitter_spreads_round_trips_over_the_requested_range() {
+    let p = Pair::new("10.211.6");
+    let base = echo_rtt_ms(Some(&p.client), p.echo(), 20);
+    let set = DelaySet::start(&p.spec(), &["--ms", "20", "--jitter-ms", "5", "--backend", "nfqueue"]);
+    let samples = in_netns(&p.client, {
+        let echo = p.echo();
+        move || {
+            realtime();
+            let mut c = TcpStream::connect(echo).unwrap();
+            c.set_nodelay(true).unwrap();
+            let mut b = [1u8; 1];
+            (0..80)
+                .map(|_| {
+                    let t = Instant::now();
+                    c.write_all(&b).unwrap();
+                    c.read_exact(&mut b).unwrap();
+                    let ms = t.elapsed().as_secs_f64() * 1e3;
+                    // Longer than the widest hold, so no packet waits behind another (which
+                    // the line's no-reordering rule would otherwise allow).
+                    std::thread::sleep(Duration::from_millis(30));
+                    ms
+                })
+                .collect::<Vec<f64>>()
+        }
+    })
+    .join()
+    .unwrap();
+    let r = set.wait(Some(libc::SIGTERM));
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let mut added: Vec<f64> = samples.iter().map(|s| s - base).collect();
+    added.sort_by(f64::total_cmp);
+    let q = |f: f64| added[((added.len() - 1) as f64 * f) as usize];
+    // Never released early (absolute timer): even the smallest is at least 15 ms minus the
+    // baseline's spread. Late by at most the 3 ms scheduling allowance of the 50 ms test, for
+    // all but the slowest 5 % (the client thread itself is not real-time on a shared host).
+    assert!(
+        q(0.0) >= 15.0 - 0.3 && q(0.95) <= 25.0 + 3.0,
+        "added delay: min {:.3}, p95 {:.3} ms",
+        q(0.0),
+        q(0.95)
+    );
+    // Uniform over 10 ms, p10 to p90 spans 8 ms; 5 ms leaves room for sampling error with 80
+    // draws. A line that ignored jitter would spread by well under 1 ms.
+    assert!(
+        q(0.9) - q(0.1) >= 5.0,
+        "added delay p10 {:.3}, p90 {:.3} ms: no jitter",
+        q(0.1),
+        q(0.9)
+    );
 }
 
 /// A bulk transfer through the delay keeps the rate its window allows: held packets are ingress
@@ -736,4 +800,45 @@ fn docker_target_gets_a_delay_set_and_cleared_from_the_host() {
     let after = echo_rtt_ms(None, echo, 30);
     assert!(after < base + 2.0, "base {base:.3} ms, after clear {after:.3} ms");
     assert!(Path::new(&ns).exists());
+}
+
+/// The library API the experiment runner uses: the guard installs the delay, reports what it
+/// achieved, and removes its rule when its owner panics.
+#[test]
+fn the_library_guard_removes_its_delay_when_the_owner_panics() {
+    use awaitlab::netem::{self, Backend, BackendChoice, DelaySpec};
+    let p = Pair::new("10.211.7");
+    let target = awaitlab::target::Target::resolve(&p.spec()).unwrap();
+    let spec = DelaySpec {
+        delay: Duration::from_millis(30),
+        ..Default::default()
+    };
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let guard = netem::set(&target, &spec, BackendChoice::Nfqueue).expect("set");
+        assert_eq!(guard.backend(), Backend::Nfqueue);
+        assert_eq!(awaitlab_rules(&p.target.path()).len(), 1);
+        let rtt = echo_rtt_ms(Some(&p.client), p.echo(), 10);
+        // As in the 50 ms test: never early, at most 3 ms late at the median.
+        assert!(
+            (30.0 - 0.3..33.0).contains(&rtt),
+            "rtt {rtt:.3} ms through a 30 ms delay"
+        );
+        let a = guard.achieved();
+        // Each of the 10 requests is a packet into the target; the iptables counter agrees.
+        assert!(a.packets_seen >= 10 && a.bypassed == 0 && a.rule_packets >= 10, "{a:?}");
+        panic!("owner fails");
+    }));
+    let msg = outcome
+        .expect_err("the closure panics")
+        .downcast::<&str>()
+        .map(|m| *m)
+        .unwrap_or("another panic");
+    assert_eq!(msg, "owner fails", "a check inside failed first");
+    assert!(awaitlab_rules(&p.target.path()).is_empty(), "rule left after the panic");
+    assert!(
+        state_files_of(std::process::id()).is_empty(),
+        "state file left after the panic"
+    );
+    let after = echo_rtt_ms(Some(&p.client), p.echo(), 10);
+    assert!(after < 2.0, "rtt {after:.3} ms after the guard was dropped");
 }

@@ -49,7 +49,8 @@ pub struct SetArgs {
     /// Stop after this many seconds (default: until Ctrl-C or SIGTERM).
     #[arg(long, value_parser = parse_secs)]
     pub duration: Option<f64>,
-    /// Print the per-second lines and the final figures as JSON (one object per line).
+    /// Print the per-second lines as JSON on stderr (the final summary is always one JSON line on
+    /// stdout).
     #[arg(long)]
     pub json: bool,
 }
@@ -130,11 +131,13 @@ fn block_signals() {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }
 
-/// Waits up to `d` for SIGINT/SIGTERM; true when one arrived.
+/// Waits up to `d` for SIGINT/SIGTERM/SIGHUP (a closed terminal too must remove the delay);
+/// true when one arrived.
 fn wait_signal(d: Duration) -> bool {
     // SAFETY: as above; sigtimedwait with a valid set and timeout.
     unsafe {
@@ -142,6 +145,7 @@ fn wait_signal(d: Duration) -> bool {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         let ts = libc::timespec {
             tv_sec: d.as_secs() as _,
             tv_nsec: d.subsec_nanos() as _,
