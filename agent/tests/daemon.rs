@@ -468,3 +468,92 @@ fn bad_configurations_are_usage_errors_in_one_line() {
     assert_eq!(out.code, Some(64), "{}", out.stderr);
     assert!(out.stderr.contains("/nonexistent/agent.toml"), "{}", out.stderr);
 }
+
+/// Milliseconds of one HTTP/1.0 GET (a new connection each) to the published port.
+fn timed_hit(port: &str) -> f64 {
+    let t0 = Instant::now();
+    assert!(hit(port), "the container's server did not answer");
+    t0.elapsed().as_secs_f64() * 1e3
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The control endpoint sets a delay on a followed container (seen in its namespace and in the
+/// round trips into it), clears it, and runs a load whose count the probes confirm.
+#[test]
+fn the_control_endpoint_sets_and_clears_a_delay_and_runs_a_load() {
+    let image = httpd_image();
+    let t = tag();
+    let net = DockerThing { kind: "network", name: format!("awl{t}n") };
+    docker(&["network", "create", &net.name]);
+    let name = format!("awl{t}k");
+    let _container = DockerThing { kind: "container", name: name.clone() };
+    docker(&["run", "-d", "--name", &name, "--network", &net.name, "-p", "127.0.0.1::8000", &image.name]);
+    let port = docker(&["port", &name, "8000/tcp"]).lines().next().unwrap().rsplit(':').next().unwrap().to_string();
+    let config = format!(
+        "metrics_addr = \"127.0.0.1:0\"\ninterval_s = 0.25\n[control]\naddr = \"127.0.0.1:0\"\n[[watch]]\ncontainer = \"{name}\"\nhttp_ports = [8000]\n"
+    );
+    let daemon = Daemon::start(&config, None, &[]);
+    let (ctl, m) = (daemon.control.unwrap(), daemon.metrics.unwrap());
+    let mut pid = 0;
+    wait_for(&daemon, "the daemon to attach", Duration::from_secs(15), || {
+        let t = daemon.targets(&[]);
+        pid = t["targets"].as_array().unwrap().iter().find(|x| x["container"] == name.as_str()).and_then(|x| x["pid"].as_u64()).unwrap_or(0);
+        pid != 0
+    });
+    wait_for(&daemon, "the server to answer", Duration::from_secs(10), || hit(&port));
+    let rule_in_container = || {
+        let out = Command::new("nsenter").args(["-t", &pid.to_string(), "-n", "iptables-save"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("awaitlab:")
+    };
+    let base = median((0..9).map(|_| timed_hit(&port)).collect());
+
+    let json = [("content-type", "application/json")];
+    let (status, body) = http(ctl, "PUT", &format!("/v1/targets/{name}/delay"), &json, b"{\"delay_ms\": 50}");
+    assert_eq!(status, 200, "{body}");
+    assert!(rule_in_container(), "no delay rule in the container's namespace");
+    // Every packet the container receives waits 50 ms: the SYN and the request at least, so one
+    // GET on a new connection takes 50 ms more at the very least and about 100 ms more in all;
+    // 250 ms above the baseline would mean the delay line is far off.
+    let delayed = median((0..9).map(|_| timed_hit(&port)).collect());
+    assert!(delayed >= base + 50.0 && delayed <= base + 250.0, "baseline {base:.1} ms, with 50 ms delay {delayed:.1} ms");
+
+    let (status, body) = http(ctl, "DELETE", &format!("/v1/targets/{name}/delay"), &[], b"");
+    assert_eq!(status, 200, "{body}");
+    assert!(!rule_in_container(), "the delay rule is still there after DELETE");
+    let after = median((0..9).map(|_| timed_hit(&port)).collect());
+    // Back to the baseline: well under the 50 ms a remaining delay would add.
+    assert!(after < base + 25.0, "baseline {base:.1} ms, after clearing {after:.1} ms");
+    let (status, _) = http(ctl, "DELETE", &format!("/v1/targets/{name}/delay"), &[], b"");
+    assert_eq!(status, 404, "nothing left to clear");
+
+    std::thread::sleep(Duration::from_millis(600));
+    let served_before = metric(m, "awaitlab_http_server_requests_total", &name);
+    let req = format!("{{\"url\": \"http://127.0.0.1:{port}/index.html\", \"users\": 2, \"duration_s\": 2}}");
+    let (status, body) = http(ctl, "POST", "/v1/load", &json, req.as_bytes());
+    assert_eq!(status, 202, "{body}");
+    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"].as_u64().unwrap();
+    let mut job = serde_json::Value::Null;
+    wait_for(&daemon, "the load run to finish", Duration::from_secs(30), || {
+        let (_, body) = http(ctl, "GET", &format!("/v1/load/{id}"), &[], b"");
+        job = serde_json::from_str::<serde_json::Value>(&body).unwrap()["load"].clone();
+        job["state"] != "running"
+    });
+    assert_eq!(job["state"], "done", "{job}");
+    let report = &job["report"];
+    let (requests, in_flight) = (report["requests"].as_u64().unwrap(), report["in_flight_at_end"].as_u64().unwrap());
+    assert!(requests > 0 && report["failures"] == 0, "{report}");
+    // The probes count what the server answered: every request the client finished, plus at most
+    // the ones still in flight when the run ended.
+    let mut served = 0.0;
+    wait_for(&daemon, "the probes to count the load", Duration::from_secs(5), || {
+        served = metric(m, "awaitlab_http_server_requests_total", &name) - served_before;
+        served >= requests as f64
+    });
+    assert!(served <= (requests + in_flight) as f64, "probes {served} vs client {requests} (+{in_flight} in flight)");
+    let (code, stderr) = daemon.stop();
+    assert_eq!(code, Some(0), "{stderr}");
+}

@@ -1,19 +1,27 @@
 //! The daemon's control endpoint (JSON over HTTP): list the attached targets, show one target's
-//! current summary, and — once delay injection and the load generator are merged — set or clear
-//! a delay and start a load run. Those two actions validate their requests fully and then answer
-//! 501 with a message saying they are not in this build.
+//! current summary, set or clear a delay on a target (the delay stays until cleared or the daemon
+//! stops, which removes it), and start a load run and read its report.
 //!
 //! With a token configured every request must carry `Authorization: Bearer TOKEN` (compared in
 //! constant time); the daemon refuses to start a control endpoint beyond loopback without one.
 //! Bad requests get a 4xx and `{"error": "..."}`; nothing here may panic on input.
 
-use std::sync::{Arc, Mutex};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use serde::Deserialize;
 use serde_json::json;
 
 use super::State;
-use crate::metrics::server::{Request, Response};
+use crate::{
+    load,
+    metrics::server::{Request, Response},
+    netem,
+    target::Target,
+};
 
 /// Version of the control API's JSON documents.
 pub const CONTROL_VERSION: u32 = 1;
@@ -21,6 +29,21 @@ pub const CONTROL_VERSION: u32 = 1;
 pub struct Control {
     pub token: Option<String>,
     pub state: Arc<Mutex<State>>,
+    /// Delays set through this endpoint, by container name; dropping one removes it.
+    delays: Mutex<HashMap<String, netem::DelayGuard>>,
+    /// Load runs started through this endpoint, by id (1-based index).
+    loads: Arc<Mutex<Vec<LoadJob>>>,
+}
+
+/// A load run started by `POST /v1/load`.
+#[derive(Clone, serde::Serialize)]
+struct LoadJob {
+    id: usize,
+    url: String,
+    /// "running", "done" or "failed".
+    state: &'static str,
+    error: Option<String>,
+    report: Option<load::LoadReport>,
 }
 
 /// `PUT /v1/targets/NAME/delay`.
@@ -38,10 +61,9 @@ pub struct DelayRequest {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoadRequest {
-    /// An attached target (container name) whose server to load.
-    pub target: String,
-    /// Path on the target's server, e.g. `/posts/io_read/`.
-    pub path: String,
+    /// The server to load, `http://HOST:PORT/PATH` (for a container: its published port on
+    /// 127.0.0.1, or its address on a network you made).
+    pub url: String,
     /// Closed-loop users at the end of the ramp (1-10000).
     pub users: u32,
     /// Users added per second (default: all at once).
@@ -51,10 +73,13 @@ pub struct LoadRequest {
     pub duration_s: f64,
 }
 
-const ENDPOINTS: &str =
-    "GET /v1/targets, GET /v1/targets/NAME/summary, PUT|DELETE /v1/targets/NAME/delay, POST /v1/load";
+const ENDPOINTS: &str = "GET /v1/targets, GET /v1/targets/NAME/summary, PUT|DELETE /v1/targets/NAME/delay, POST /v1/load, GET /v1/load/ID";
 
 impl Control {
+    pub fn new(token: Option<String>, state: Arc<Mutex<State>>) -> Control {
+        Control { token, state, delays: Mutex::default(), loads: Arc::default() }
+    }
+
     pub fn handle(&self, req: Request) -> Response {
         if let Some(token) = &self.token {
             let given = req.header("authorization").and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
@@ -80,32 +105,28 @@ impl Control {
                 if d.delay_ms > 10_000 {
                     return Response::error(422, format!("delay_ms must be 0-10000, got {}", d.delay_ms));
                 }
-                if let Some(b) = &d.backend {
-                    if !["auto", "netem", "nfqueue"].contains(&b.as_str()) {
-                        return Response::error(422, format!("backend must be auto, netem or nfqueue, got {b:?}"));
-                    }
-                }
-                not_yet("setting a delay needs the delay-injection module (netem/NFQUEUE), which this build does not include yet")
+                let choice = match d.backend.as_deref().unwrap_or("auto") {
+                    "auto" => netem::BackendChoice::Auto,
+                    "netem" => netem::BackendChoice::Netem,
+                    "nfqueue" => netem::BackendChoice::Nfqueue,
+                    b => return Response::error(422, format!("backend must be auto, netem or nfqueue, got {b:?}")),
+                };
+                self.set_delay(name, d.delay_ms, choice)
             }
             ("DELETE", ["v1", "targets", name, "delay"]) => {
-                if let Err(r) = check_name(name).and_then(|_| self.known(name)) {
+                if let Err(r) = check_name(name) {
                     return r;
                 }
-                not_yet("clearing a delay needs the delay-injection module (netem/NFQUEUE), which this build does not include yet")
+                self.clear_delay(name)
             }
+            ("GET", ["v1", "load", id]) => self.load_status(id),
             ("POST", ["v1", "load"]) => {
                 let l: LoadRequest = match parse_json(&req) {
                     Ok(l) => l,
                     Err(r) => return r,
                 };
-                if let Err(r) = check_name(&l.target).and_then(|_| self.known(&l.target)) {
-                    return r;
-                }
-                if !l.path.starts_with('/')
-                    || l.path.len() > 1024
-                    || l.path.chars().any(|c| c.is_whitespace() || c.is_control())
-                {
-                    return Response::error(422, "path must start with / and hold no spaces (at most 1024 bytes)");
+                if let Err(e) = load::parse_url(&l.url) {
+                    return Response::error(422, e.to_string());
                 }
                 if !(1..=10_000).contains(&l.users) {
                     return Response::error(422, format!("users must be 1-10000, got {}", l.users));
@@ -116,12 +137,13 @@ impl Control {
                 if l.spawn_rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
                     return Response::error(422, "spawn_rate must be a positive number");
                 }
-                not_yet("starting a load run needs the load-generator module, which this build does not include yet")
+                self.start_load(l)
             }
             (_, ["v1", "targets"])
             | (_, ["v1", "targets", _, "summary"])
             | (_, ["v1", "targets", _, "delay"])
-            | (_, ["v1", "load"]) => {
+            | (_, ["v1", "load"])
+            | (_, ["v1", "load", _]) => {
                 Response::error(405, format!("method {} not allowed here; endpoints: {ENDPOINTS}", req.method))
             }
             _ => Response::error(404, format!("no such endpoint {:?}; endpoints: {ENDPOINTS}", req.path)),
@@ -146,6 +168,109 @@ impl Control {
         }
     }
 
+    fn pid_of(&self, name: &str) -> Result<u32, Response> {
+        let Ok(state) = self.state.lock() else { return Err(Response::error(500, "daemon state unavailable")) };
+        state
+            .followers
+            .values()
+            .find(|f| f.info.container == name)
+            .map(|f| f.info.pid)
+            .ok_or_else(|| Response::error(404, format!("no attached target named {name:?}")))
+    }
+
+    fn set_delay(&self, name: &str, delay_ms: u32, choice: netem::BackendChoice) -> Response {
+        let pid = match self.pid_of(name) {
+            Ok(p) => p,
+            Err(r) => return r,
+        };
+        let Ok(mut delays) = self.delays.lock() else { return Response::error(500, "daemon state unavailable") };
+        // A new delay replaces the old one; 0 ms is a clear.
+        if let Some(old) = delays.remove(name) {
+            old.remove();
+        }
+        if delay_ms == 0 {
+            return Response::json(200, &json!({ "version": CONTROL_VERSION, "target": name, "delay_ms": 0 }));
+        }
+        let target = match Target::resolve(&format!("pid:{pid}")) {
+            Ok(t) => t,
+            Err(e) => return Response::error(409, format!("{name}: {e}")),
+        };
+        let spec = netem::DelaySpec { delay: Duration::from_millis(u64::from(delay_ms)), jitter: Duration::ZERO, devs: Vec::new() };
+        match netem::set(&target, &spec, choice) {
+            Ok(g) => {
+                let body = json!({
+                    "version": CONTROL_VERSION,
+                    "target": name,
+                    "delay_ms": delay_ms,
+                    "backend": format!("{:?}", g.backend()).to_lowercase(),
+                    "devs": g.devs(),
+                });
+                delays.insert(name.to_string(), g);
+                Response::json(200, &body)
+            }
+            Err(e) if e.is_usage() => Response::error(422, e.to_string()),
+            Err(e) => Response::error(500, e.to_string()),
+        }
+    }
+
+    fn clear_delay(&self, name: &str) -> Response {
+        let Ok(mut delays) = self.delays.lock() else { return Response::error(500, "daemon state unavailable") };
+        match delays.remove(name) {
+            Some(g) => {
+                let achieved = g.remove();
+                Response::json(200, &json!({ "version": CONTROL_VERSION, "target": name, "achieved": achieved }))
+            }
+            None => Response::error(404, format!("no delay set on {name:?} through this daemon")),
+        }
+    }
+
+    fn start_load(&self, l: LoadRequest) -> Response {
+        let users = l.users;
+        let rate = l.spawn_rate.unwrap_or(f64::from(users) * 1000.0);
+        let schedule = match load::ClosedSchedule::ramp(users, rate, l.duration_s) {
+            Ok(s) => s,
+            Err(e) => return Response::error(422, e.to_string()),
+        };
+        let spec = load::LoadSpec {
+            url: l.url.clone(),
+            request: load::RequestSpec::default(),
+            model: load::Model::Closed { schedule, wait: load::Wait::None },
+            timeout: None,
+            keep_alive: true,
+        };
+        let Ok(mut jobs) = self.loads.lock() else { return Response::error(500, "daemon state unavailable") };
+        let id = jobs.len() + 1;
+        jobs.push(LoadJob { id, url: l.url, state: "running", error: None, report: None });
+        drop(jobs);
+        let jobs = self.loads.clone();
+        tokio::spawn(async move {
+            let result = load::run(&spec, &mut |_| {}, tokio_util::sync::CancellationToken::new()).await;
+            if let Ok(mut jobs) = jobs.lock() {
+                let job = &mut jobs[id - 1];
+                match result {
+                    Ok(r) => {
+                        job.state = "done";
+                        job.report = Some(r);
+                    }
+                    Err(e) => {
+                        job.state = "failed";
+                        job.error = Some(e.to_string());
+                    }
+                }
+            }
+        });
+        Response::json(202, &json!({ "version": CONTROL_VERSION, "id": id, "status": format!("/v1/load/{id}") }))
+    }
+
+    fn load_status(&self, id: &str) -> Response {
+        let Ok(id) = id.parse::<usize>() else { return Response::error(400, "a load id is a number") };
+        let Ok(jobs) = self.loads.lock() else { return Response::error(500, "daemon state unavailable") };
+        match id.checked_sub(1).and_then(|i| jobs.get(i)) {
+            Some(job) => Response::json(200, &json!({ "version": CONTROL_VERSION, "load": job })),
+            None => Response::error(404, format!("no load run {id}")),
+        }
+    }
+
     fn known(&self, name: &str) -> Result<(), Response> {
         let Ok(state) = self.state.lock() else { return Err(Response::error(500, "daemon state unavailable")) };
         if state.followers.values().any(|f| f.info.container == name) {
@@ -154,10 +279,6 @@ impl Control {
             Err(Response::error(404, format!("no attached target named {name:?}")))
         }
     }
-}
-
-fn not_yet(what: &str) -> Response {
-    Response::error(501, format!("not implemented: {what}; the request itself was valid"))
 }
 
 /// Container names: Docker's own rule (`[a-zA-Z0-9][a-zA-Z0-9_.-]*`), at most 128 bytes.
@@ -218,7 +339,7 @@ mod tests {
 
     #[test]
     fn token_is_required_when_configured() {
-        let c = Control { token: Some("0123456789abcdef".into()), state: Default::default() };
+        let c = Control::new(Some("0123456789abcdef".into()), Default::default());
         for auth in [None, Some("Bearer wrong"), Some("0123456789abcdef"), Some("Bearer 0123456789abcdeX")] {
             let r = c.handle(req("GET", "/v1/targets", auth, ""));
             assert_eq!(r.status, 401, "{auth:?}");
@@ -232,7 +353,7 @@ mod tests {
 
     #[test]
     fn bad_requests_get_4xx_with_a_message() {
-        let c = Control { token: None, state: Default::default() };
+        let c = Control::new(None, Default::default());
         let cases = [
             ("GET", "/nope", "", 404),
             ("POST", "/v1/targets", "", 405),
@@ -241,8 +362,13 @@ mod tests {
             ("PUT", "/v1/targets/web/delay", "{\"delay_ms\": 100}", 404),
             ("POST", "/v1/load", "", 400),
             ("POST", "/v1/load", "{not json", 400),
-            ("POST", "/v1/load", "{\"target\":\"web\",\"path\":\"/\",\"users\":1,\"duration_s\":5,\"extra\":1}", 400),
-            ("POST", "/v1/load", "{\"target\":\"web\",\"path\":\"/\",\"users\":1,\"duration_s\":5}", 404),
+            ("POST", "/v1/load", "{\"url\":\"http://127.0.0.1:1/\",\"users\":1,\"duration_s\":5,\"extra\":1}", 400),
+            ("POST", "/v1/load", "{\"url\":\"ftp://127.0.0.1/\",\"users\":1,\"duration_s\":5}", 422),
+            ("POST", "/v1/load", "{\"url\":\"http://127.0.0.1:1/\",\"users\":0,\"duration_s\":5}", 422),
+            ("DELETE", "/v1/targets/web/delay", "", 404),
+            ("PUT", "/v1/targets/web/delay", "{\"delay_ms\": 100, \"backend\": \"warp\"}", 404),
+            ("GET", "/v1/load/7", "", 404),
+            ("GET", "/v1/load/x", "", 400),
         ];
         for (m, p, b, code) in cases {
             let r = c.handle(req(m, p, None, b));

@@ -83,7 +83,7 @@ pub async fn run(cfg: DaemonConfig, token: Option<String>) -> anyhow::Result<()>
     let state = Arc::new(Mutex::new(State::default()));
     let _control_server = match &cfg.control {
         Some(c) => {
-            let ctl = control::Control { token: token.clone(), state: state.clone() };
+            let ctl = control::Control::new(token.clone(), state.clone());
             let s = server::bind(c.addr, move |req| ctl.handle(req)).await?;
             eprintln!(
                 "awaitlab: control on http://{}/v1/targets ({})",
