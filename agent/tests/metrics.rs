@@ -4,23 +4,21 @@
 //! exposition must pass `promtool check metrics`; the dashboard JSON must follow the checks
 //! below. Run as root (`cargo xtask test`).
 //!
-//! Until the load generator and the delay back ends are merged, their series come from a test
-//! driver: this test performs the requests itself with a std client and reports each outcome to
-//! `LoadMetrics` (and the delay in force, none, to `DelayMetrics`, and the cell to
-//! `ExperimentMetrics`) through their public API, served on its own /metrics endpoint.
+//! The load comes from the real generator, `awaitlab load --metrics-addr` (one run against the
+//! server, one against a closed port for connect failures). The injected delay and the experiment
+//! cell are exported together only by `awaitlab run`, which needs the whole system under test;
+//! here a test driver sets them (none, and one cell) through `DelayMetrics` and
+//! `ExperimentMetrics`, served on its own /metrics endpoint.
 
 mod common;
 
 use std::{
     collections::HashSet,
     io::Write as _,
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     process::{Command, Stdio},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
-    time::{Duration, Instant},
+    sync::atomic::Ordering,
+    time::Duration,
 };
 
 use awaitlab::metrics::{server, DelayMetrics, ExperimentMetrics, LoadMetrics, Outcome};
@@ -64,10 +62,9 @@ fn metrics_addr(agent: &Agent) -> SocketAddr {
     a.parse().unwrap()
 }
 
-/// The test driver's registry, served on loopback: what the load generator and the delay
-/// back end will export once merged.
+/// The test driver's registry, served on loopback: the delay and the cell, as `awaitlab run`
+/// exports them.
 struct Driver {
-    load: LoadMetrics,
     delay: DelayMetrics,
     cell: ExperimentMetrics,
     addr: SocketAddr,
@@ -79,11 +76,10 @@ impl Driver {
     fn start() -> Driver {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let registry = prometheus::Registry::new();
-        let load = LoadMetrics::new(&registry).unwrap();
         let delay = DelayMetrics::new(&registry).unwrap();
         let cell = ExperimentMetrics::new(&registry).unwrap();
         let server = rt.block_on(server::serve_metrics("127.0.0.1:0".parse().unwrap(), registry)).unwrap();
-        Driver { load, delay, cell, addr: server.addr, _server: server, _rt: rt }
+        Driver { delay, cell, addr: server.addr, _server: server, _rt: rt }
     }
 }
 
@@ -114,51 +110,43 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
     ]);
     let agent_addr = metrics_addr(&agent);
     let driver = Driver::start();
-    let prom = Prometheus::start(&[agent_addr, driver.addr], SCRAPE);
+    let free_port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (load_addr, refused_load_addr) = (free_port(), free_port());
+    let prom = Prometheus::start(&[agent_addr, driver.addr, load_addr, refused_load_addr], SCRAPE);
     prom.wait_targets_up(2);
-
-    // The load: 4 closed-loop users; every 10th attempt goes to a closed port instead.
-    const USERS: u64 = 4;
-    driver.load.set_users(USERS);
     driver.delay.clear("none");
     driver.cell.set_cell("sync", "k2", 0, 1);
-    let ok = Arc::new(AtomicU64::new(0));
-    let refused = Arc::new(AtomicU64::new(0));
-    let until = Instant::now() + LOAD_FOR;
-    let users: Vec<_> = (0..USERS)
-        .map(|_| {
-            let (load, ok, refused) = (driver.load.clone(), ok.clone(), refused.clone());
-            std::thread::spawn(move || {
-                let mut i = 0u64;
-                while Instant::now() < until {
-                    i += 1;
-                    let t0 = Instant::now();
-                    if i.is_multiple_of(10) {
-                        let e = TcpStream::connect_timeout(&refused_addr, Duration::from_secs(2)).unwrap_err();
-                        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
-                        load.observe_response(t0.elapsed(), Outcome::ConnectError);
-                        refused.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    let mut c = TcpStream::connect(srv_addr).unwrap();
-                    let status = get(&mut c, "/k2", true);
-                    load.observe_response(t0.elapsed(), Outcome::Status(status));
-                    ok.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        })
-        .collect();
-    for u in users {
-        u.join().unwrap();
-    }
-    driver.load.set_users(0);
-    let load_end = now();
-    // Let the last closes reach the probes, the agent's 0.25 s snapshot run, and Prometheus
-    // scrape twice more.
-    std::thread::sleep(Duration::from_millis(300) + SCRAPE * 4);
-    let t = now();
 
-    let (ok, refused) = (ok.load(Ordering::Relaxed), refused.load(Ordering::Relaxed));
+    // The load: 4 closed-loop users on /k2 for 8 s, then 0 users for 4 s so that Prometheus
+    // scrapes the final counts before the generator exits; the same shape with one user against
+    // a closed port gives real connect failures.
+    let stages = "4@0s,4@8s,0@0s,0@4s";
+    let load = |url: String, metrics: SocketAddr, stages: &str| {
+        Command::new(agent_bin())
+            .args(["load", &url, "--stages", stages, "--json", "--no-check", "--metrics-addr"])
+            .arg(metrics.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let load_start = now();
+    let ok_run = load(format!("http://{srv_addr}/k2"), load_addr, stages);
+    let refused_run = load(format!("http://{refused_addr}/"), refused_load_addr, "1@0s,1@8s,0@0s,0@4s");
+    let report = |c: std::process::Child| -> serde_json::Value {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "awaitlab load: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let (ok_report, refused_report) = (report(ok_run), report(refused_run));
+    let load_end = load_start + LOAD_FOR.as_secs_f64();
+    // Inside the quiet 4 s after the load: counts are final and the generators still served.
+    let t = load_end + 2.5;
+    let ok = ok_report["successes"].as_u64().unwrap();
+    let refused = refused_report["failures"].as_u64().unwrap();
+    assert_eq!(ok_report["failures"], 0, "{ok_report}");
+    assert_eq!(refused_report["successes"], 0, "{refused_report}");
+    assert_eq!(refused_report["failures_by_kind"][0]["kind"], "refused", "{refused_report}");
     assert!(ok > 20 && refused > 0, "load too small: {ok} ok, {refused} refused");
     // Counts against the other side's own counts, as Prometheus stored them.
     assert_eq!(server.requests.load(Ordering::Relaxed), ok);
@@ -174,7 +162,7 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
         ok as f64,
         "a db connection per request"
     );
-    assert_eq!(sum_of(&prom, "sum(awaitlab_load_requests_total)", t), (ok + refused) as f64);
+    assert_eq!(sum_of(&prom, "sum(awaitlab_load_requests_total)", t), (ok + refused) as f64, "load requests");
     assert_eq!(sum_of(&prom, r#"sum(awaitlab_load_failures_total{kind="connect"})"#, t), refused as f64);
     // The database answers after DB_DELAY, so no round trip is faster: the round-trip histogram
     // has nothing at or below 5 ms... except what falls in the 5 ms bucket's edge (le is
@@ -324,14 +312,19 @@ fn prometheus_config_and_compose_file_are_valid() {
 fn the_driver_exposition_passes_promtool() {
     // Every family, including the generator's and the delay's, with samples in each.
     let d = Driver::start();
-    d.load.set_users(3);
-    for o in [Outcome::Status(200), Outcome::Status(503), Outcome::Reset, Outcome::Timeout] {
-        d.load.observe_response(Duration::from_millis(12), o);
-    }
     d.delay.set(Duration::from_millis(100), Some(Duration::from_micros(100_300)), "netem");
     d.cell.set_cell("async-limited", "io_read", 100, 2);
     let (status, text) = http_get(d.addr, "/metrics");
     assert_eq!(status, 200);
+    promtool_check(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    // The generator's families with a sample of every outcome kind.
+    let registry = prometheus::Registry::new();
+    let load = LoadMetrics::new(&registry).unwrap();
+    load.set_users(3);
+    for o in [Outcome::Status(200), Outcome::Status(503), Outcome::Reset, Outcome::Timeout] {
+        load.observe_response(Duration::from_millis(12), o);
+    }
+    let text = String::from_utf8(awaitlab::metrics::encode(&registry)).unwrap();
     promtool_check(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     assert!(text.contains("awaitlab_load_failures_total{kind=\"http_5xx\"} 1"), "{text}");
 }

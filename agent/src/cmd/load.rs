@@ -103,6 +103,10 @@ pub struct Args {
     /// Do not check that the server accepts a connection before starting.
     #[arg(long)]
     pub no_check: bool,
+    /// Serve Prometheus metrics (users, requests, failures by kind, client latency) at
+    /// http://ADDR/metrics while the load runs (e.g. 127.0.0.1:9465; port 0 picks a free one).
+    #[arg(long)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 fn usage(msg: impl std::fmt::Display) -> ExitCode {
@@ -303,6 +307,16 @@ async fn drive(args: &Args, spec: &LoadSpec) -> anyhow::Result<()> {
         })?
         .with_context(|| format!("cannot connect to {} ({addr})", target.authority))?;
     }
+    let registry = prometheus::Registry::new();
+    let metrics = crate::metrics::LoadMetrics::new(&registry)?;
+    let _metrics_server = match args.metrics_addr {
+        Some(addr) => {
+            let s = crate::metrics::server::serve_metrics(addr, registry.clone()).await?;
+            eprintln!("awaitlab: metrics on http://{}/metrics", s.addr);
+            Some(s)
+        }
+        None => None,
+    };
     let cancel = CancellationToken::new();
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -316,7 +330,7 @@ async fn drive(args: &Args, spec: &LoadSpec) -> anyhow::Result<()> {
     });
     let tty = std::io::stderr().is_terminal();
     let mut observer = |p: &Progress| progress_line(p, tty);
-    let report = load::run(spec, &mut observer, cancel).await;
+    let report = load::run_with_metrics(spec, &mut observer, cancel, args.metrics_addr.map(|_| metrics)).await;
     signals.abort();
     if tty {
         eprintln!();

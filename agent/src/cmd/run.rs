@@ -54,6 +54,10 @@ pub struct Args {
     /// Do not attach the eBPF probes (no explanation in the report).
     #[arg(long)]
     pub no_probes: bool,
+    /// Serve Prometheus metrics (probes, load, delay, the current cell) at http://ADDR/metrics
+    /// while the run lasts (e.g. 127.0.0.1:9464; port 0 picks a free one).
+    #[arg(long)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 static SIGNALLED: AtomicBool = AtomicBool::new(false);
@@ -130,7 +134,7 @@ pub fn run(args: Args) -> ExitCode {
         }
         std::thread::sleep(Duration::from_millis(100));
     });
-    let outcome = match run_matrix(&cfg, args.resume.as_deref(), &stop) {
+    let outcome = match run_matrix(&cfg, args.resume.as_deref(), &stop, args.metrics_addr) {
         Ok(o) => o,
         Err(e) => return fail(&e, 1),
     };

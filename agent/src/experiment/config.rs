@@ -110,7 +110,7 @@ impl Default for RunConfig {
             delay_backend: DelayBackend::Auto,
             results_dir: PathBuf::from("results"),
             probes: true,
-            drain_timeout_s: 30,
+            drain_timeout_s: 10,
         }
     }
 }

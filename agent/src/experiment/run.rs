@@ -53,6 +53,25 @@ impl Stop {
     }
 }
 
+/// The run's Prometheus series (`--metrics-addr`): the probes, the load, the delay and the cell.
+pub struct RunMetrics {
+    pub probes: crate::metrics::ProbeMetrics,
+    pub load: crate::metrics::LoadMetrics,
+    pub delay: crate::metrics::DelayMetrics,
+    pub cell: crate::metrics::ExperimentMetrics,
+}
+
+impl RunMetrics {
+    pub fn new(r: &prometheus::Registry) -> anyhow::Result<RunMetrics> {
+        Ok(RunMetrics {
+            probes: crate::metrics::ProbeMetrics::new(r)?,
+            load: crate::metrics::LoadMetrics::new(r)?,
+            delay: crate::metrics::DelayMetrics::new(r)?,
+            cell: crate::metrics::ExperimentMetrics::new(r)?,
+        })
+    }
+}
+
 /// What the caller learns at the end.
 pub struct Outcome {
     pub dir: PathBuf,
@@ -190,7 +209,7 @@ fn drain(sut: &Sut, session: Option<&mut ProbeSession>, timeout: Duration) -> an
 }
 
 /// Resolves the server's namespace and attaches the probes to it (None when probes are off).
-fn attach(cfg: &RunConfig, rt: &tokio::runtime::Runtime, system: &Sut) -> anyhow::Result<(Target, Option<ProbeSession>)> {
+fn attach(cfg: &RunConfig, rt: &tokio::runtime::Runtime, system: &Sut, metrics: Option<&RunMetrics>) -> anyhow::Result<(Target, Option<ProbeSession>)> {
     let target = Target::resolve(system.netns()).with_context(|| format!("the server's namespace {}", system.netns()))?;
     if !cfg.probes {
         return Ok((target, None));
@@ -202,7 +221,12 @@ fn attach(cfg: &RunConfig, rt: &tokio::runtime::Runtime, system: &Sut) -> anyhow
         db_ports: vec![system.db_port()],
         capture_payload: true,
     };
-    let session = ProbeSession::attach(&spec, system.netns()).context("attaching the probes")?;
+    let mut session = ProbeSession::attach(&spec, system.netns()).context("attaching the probes")?;
+    if let Some(m) = metrics {
+        // One series per run ("server"), whichever setup and namespace serve it now.
+        session.agg.add_observer(Box::new(m.probes.observer("server")));
+        m.probes.set_attached("server", session.probes().status());
+    }
     Ok((target, Some(session)))
 }
 
@@ -236,7 +260,7 @@ fn progress(done: usize, total: usize, started: Instant, cell: &CellKey, p: &loa
 }
 
 /// Runs (or resumes) the experiment described by `cfg`.
-pub fn run(cfg: &RunConfig, resume: Option<&Path>, stop: &Stop) -> anyhow::Result<Outcome> {
+pub fn run(cfg: &RunConfig, resume: Option<&Path>, stop: &Stop, metrics_addr: Option<std::net::SocketAddr>) -> anyhow::Result<Outcome> {
     cfg.validate()?;
     let dir_path = run_dir(cfg, resume);
     let planned = cfg.cells();
@@ -266,6 +290,17 @@ pub fn run(cfg: &RunConfig, resume: Option<&Path>, stop: &Stop) -> anyhow::Resul
     }
 
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    let registry = prometheus::Registry::new();
+    let metrics = match metrics_addr {
+        Some(addr) => {
+            let m = RunMetrics::new(&registry)?;
+            let server = rt.block_on(crate::metrics::server::serve_metrics(addr, registry.clone()))?;
+            eprintln!("awaitlab: metrics on http://{}/metrics", server.addr);
+            Some((m, server))
+        }
+        None => None,
+    };
+    let metrics = metrics.as_ref().map(|(m, _)| m);
     let started = Instant::now();
     let total = planned.len();
     let mut done = 0usize;
@@ -303,7 +338,7 @@ pub fn run(cfg: &RunConfig, resume: Option<&Path>, stop: &Stop) -> anyhow::Resul
             Some(s) => s.switch(setup, sut_stack(cfg.stack)).with_context(|| format!("switching to {setup_name}"))?,
         }
         let system = system.as_mut().expect("brought up above");
-        let (mut target, mut session) = attach(cfg, &rt, system)?;
+        let (mut target, mut session) = attach(cfg, &rt, system, metrics)?;
 
         for key in cells {
             if stop.requested() {
@@ -315,16 +350,23 @@ pub fn run(cfg: &RunConfig, resume: Option<&Path>, stop: &Stop) -> anyhow::Resul
                 // Requests queued by the last cell would pollute this one: start a fresh server.
                 drop(session.take());
                 system.switch(setup, sut_stack(cfg.stack)).context("restarting the server")?;
-                (target, session) = attach(cfg, &rt, system)?;
+                (target, session) = attach(cfg, &rt, system, metrics)?;
                 notes.push(format!("{n}; the server was restarted before the cell"));
             }
             let mark = match session.as_mut() {
                 Some(s) => Some(s.mark()?),
                 None => None,
             };
+            if let Some(m) = metrics {
+                m.cell.set_cell(&key.setup, &key.route, u64::from(key.delay_ms), key.rep);
+            }
             let guard = if key.delay_ms > 0 {
                 let spec = netem::DelaySpec { delay: Duration::from_millis(u64::from(key.delay_ms)), jitter: Duration::ZERO, devs: Vec::new() };
-                Some(netem::set(&target, &spec, delay_choice(cfg.delay_backend)).with_context(|| format!("setting {} ms of delay", key.delay_ms))?)
+                let g = netem::set(&target, &spec, delay_choice(cfg.delay_backend)).with_context(|| format!("setting {} ms of delay", key.delay_ms))?;
+                if let Some(m) = metrics {
+                    m.delay.set(spec.delay, None, &format!("{:?}", g.backend()).to_lowercase());
+                }
+                Some(g)
             } else {
                 None
             };
@@ -335,14 +377,19 @@ pub fn run(cfg: &RunConfig, resume: Option<&Path>, stop: &Stop) -> anyhow::Resul
                 let finished = CancellationToken::new();
                 let pump = async {
                     if let Some(s) = session.as_mut() {
+                        let mut last = Instant::now();
                         while !finished.is_cancelled() {
                             s.pump(Duration::from_millis(50), |_| {}).await;
+                            if metrics.is_some() && last.elapsed() >= Duration::from_secs(1) {
+                                last = Instant::now();
+                                let _ = s.snapshot();
+                            }
                         }
                     }
                 };
                 let load = async {
                     let mut observer = |p: &load::Progress| progress(done, total, started, key, p);
-                    let r = load::run(&spec, &mut observer, token).await;
+                    let r = load::run_with_metrics(&spec, &mut observer, token, metrics.map(|m| m.load.clone())).await;
                     finished.cancel();
                     r
                 };
@@ -354,6 +401,9 @@ pub fn run(cfg: &RunConfig, resume: Option<&Path>, stop: &Stop) -> anyhow::Resul
                 Some(g) => {
                     let a = g.remove();
                     let backend = format!("{:?}", a.backend).to_lowercase();
+                    if let Some(m) = metrics {
+                        m.delay.clear(&backend);
+                    }
                     if a.bypassed > 0 {
                         notes.push(format!("{} packets passed the delay line undelayed (queue overflow)", a.bypassed));
                     }

@@ -596,6 +596,23 @@ pub async fn run(
     observer: &mut (dyn FnMut(&Progress) + Send),
     cancel: CancellationToken,
 ) -> Result<LoadReport, LoadError> {
+    run_with_metrics(spec, observer, cancel, None).await
+}
+
+/// [`run`], also feeding `metrics` (Prometheus) with every request and the user count.
+pub async fn run_with_metrics(
+    spec: &LoadSpec,
+    observer: &mut (dyn FnMut(&Progress) + Send),
+    cancel: CancellationToken,
+    metrics: Option<crate::metrics::LoadMetrics>,
+) -> Result<LoadReport, LoadError> {
+    let users_gauge = metrics.clone();
+    let observer = &mut |p: &Progress| {
+        if let Some(m) = &users_gauge {
+            m.set_users(u64::from(p.users));
+        }
+        observer(p)
+    };
     let (target, template) = validate(spec)?;
     let addr = resolve(&target).await?;
     let planned = spec.planned();
@@ -617,7 +634,7 @@ pub async fn run(
     let sh = Arc::new(Shared {
         addr,
         template,
-        rec: Recorder::new(start),
+        rec: Recorder::new(start).with_metrics(metrics),
         timeout: spec.timeout,
         keep_alive: spec.keep_alive,
         wait,

@@ -197,6 +197,8 @@ pub struct Recorder {
     id: u64,
     start: Instant,
     shards: Mutex<Vec<Arc<Mutex<Shard>>>>,
+    /// Prometheus series fed alongside the histograms (`--metrics-addr`), if any.
+    metrics: Option<crate::metrics::LoadMetrics>,
 }
 
 impl Recorder {
@@ -205,7 +207,14 @@ impl Recorder {
             id: NEXT_RUN.fetch_add(1, Ordering::Relaxed),
             start,
             shards: Mutex::new(Vec::new()),
+            metrics: None,
         }
+    }
+
+    /// Also counts every request into `m` (atomic counters and one histogram observation).
+    pub fn with_metrics(mut self, m: Option<crate::metrics::LoadMetrics>) -> Recorder {
+        self.metrics = m;
+        self
     }
 
     /// Runs `f` on this thread's shard, creating and registering it on first use.
@@ -236,6 +245,20 @@ impl Recorder {
     /// One completed request: `done` is when its last byte arrived (or it failed), `latency`
     /// runs from its start (the due time in the open model).
     pub fn request(&self, done: Instant, latency: Duration, outcome: Outcome, bytes: u64) {
+        if let Some(m) = &self.metrics {
+            use crate::metrics::Outcome as M;
+            m.observe_response(
+                latency,
+                match outcome {
+                    Outcome::Status(code) => M::Status(code),
+                    Outcome::Error(ErrorKind::Refused | ErrorKind::Connect) => M::ConnectError,
+                    Outcome::Error(ErrorKind::Reset) => M::Reset,
+                    Outcome::Error(ErrorKind::ClosedWithoutResponse) => M::ClosedWithoutResponse,
+                    Outcome::Error(ErrorKind::Timeout) => M::Timeout,
+                    Outcome::Error(ErrorKind::Protocol) => M::OtherError,
+                },
+            );
+        }
         let sec = done.saturating_duration_since(self.start).as_secs();
         let lat = ns(latency);
         let fail = outcome.is_failure();

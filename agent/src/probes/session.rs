@@ -74,6 +74,14 @@ impl ProbeSession {
         Ok(CpuTotals::at(crate::cmd::watch::monotonic_ns(), &self.probes.threads()?, counters))
     }
 
+    /// Hands the kernel counters and CPU totals to the aggregator's observers (metrics).
+    pub fn snapshot(&mut self) -> Result<(), ProbeError> {
+        let counters = self.probes.counters()?;
+        let cpu = self.cpu_now(&counters)?;
+        self.agg.snapshot(&counters, cpu);
+        Ok(())
+    }
+
     /// Starts a measured interval: drains, forgets what came before, remembers the counters.
     pub fn mark(&mut self) -> Result<Mark, ProbeError> {
         self.drain(|_| {});
