@@ -263,7 +263,7 @@ impl Drop for TempDir {
 
 /// nginx modules whose temp-path directive must be set (so nginx never writes to
 /// /var/lib/nginx), unless this build left the module out (`nginx -V` says `--without-...`).
-pub(crate) const TEMP_PATHS: [(&str, &str); 5] = [
+const TEMP_PATHS: [(&str, &str); 5] = [
     ("client_body_temp_path", ""),
     ("proxy_temp_path", "http_proxy_module"),
     ("fastcgi_temp_path", "http_fastcgi_module"),
@@ -271,14 +271,22 @@ pub(crate) const TEMP_PATHS: [(&str, &str); 5] = [
     ("scgi_temp_path", "http_scgi_module"),
 ];
 
-fn nginx_config(tmp: &Path, nginx_v: &str) -> String {
-    let t = tmp.display();
+/// nginx's temp path directives pointed into `dir` (so that it runs as root without touching
+/// /var/lib/nginx), leaving out the modules this nginx was built without.
+pub(crate) fn temp_path_directives(dir: &Path, nginx_v: &str) -> String {
+    let t = dir.display();
     let mut temp_paths = String::new();
     for (directive, module) in TEMP_PATHS {
         if module.is_empty() || !nginx_v.contains(&format!("--without-{module}")) {
             temp_paths.push_str(&format!("    {directive} {t}/{directive};\n"));
         }
     }
+    temp_paths
+}
+
+fn nginx_config(tmp: &Path, nginx_v: &str) -> String {
+    let t = tmp.display();
+    let temp_paths = temp_path_directives(tmp, nginx_v);
     // One worker process in the foreground: a single pid to own, signal and account for.
     format!(
         "daemon off;

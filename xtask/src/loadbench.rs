@@ -21,7 +21,7 @@ use clap::Args;
 use serde_json::json;
 
 use crate::bench::{
-    catch_interrupts, check_interrupted, http_get_status, median, tail, NGINX, TEMP_PATHS,
+    catch_interrupts, check_interrupted, http_get_status, median, tail, NGINX,
 };
 use crate::cmd::{self, ChildGuard};
 use crate::setup;
@@ -68,12 +68,7 @@ fn free_port() -> Result<u16> {
 
 fn nginx_config(dir: &Path, port: u16, nginx_v: &str) -> String {
     let t = dir.display();
-    let mut temp_paths = String::new();
-    for (directive, module) in TEMP_PATHS {
-        if module.is_empty() || !nginx_v.contains(&format!("--without-{module}")) {
-            temp_paths.push_str(&format!("    {directive} {t}/{directive};\n"));
-        }
-    }
+    let temp_paths = crate::bench::temp_path_directives(dir, nginx_v);
     // One worker: the load generator gets the other core of a 2-core host. Enough descriptors
     // and a deep accept queue for the 10,000-user memory run.
     format!(
