@@ -124,28 +124,32 @@ pub fn run(args: Args) -> ExitCode {
     }
 }
 
-fn block_signals() {
-    // SAFETY: sigset manipulation on a local set; pthread_sigmask on the calling thread.
+/// SIGINT, SIGTERM and SIGHUP: the signals that end `delay set` (a closed terminal too must
+/// remove the delay).
+fn stop_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local, zero-initialised set.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGHUP);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
     }
+}
+
+fn block_signals() {
+    let set = stop_signals();
+    // SAFETY: pthread_sigmask on the calling thread with a valid set.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
 }
 
 /// Waits up to `d` for SIGINT/SIGTERM/SIGHUP (a closed terminal too must remove the delay);
 /// true when one arrived.
 fn wait_signal(d: Duration) -> bool {
     // SAFETY: as above; sigtimedwait with a valid set and timeout.
+    let set = stop_signals();
     unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGHUP);
         let ts = libc::timespec {
             tv_sec: d.as_secs() as _,
             tv_nsec: d.subsec_nanos() as _,
