@@ -147,8 +147,8 @@ fn block_signals() {
 /// Waits up to `d` for SIGINT/SIGTERM/SIGHUP (a closed terminal too must remove the delay);
 /// true when one arrived.
 fn wait_signal(d: Duration) -> bool {
-    // SAFETY: as above; sigtimedwait with a valid set and timeout.
     let set = stop_signals();
+    // SAFETY: sigtimedwait with a valid set and timeout.
     unsafe {
         let ts = libc::timespec {
             tv_sec: d.as_secs() as _,
