@@ -345,7 +345,6 @@ pub fn run(cfg: &RunConfig, resume: Option<&Path>, stop: &Stop, metrics_addr: Op
                 break;
             }
             let mut notes = Vec::new();
-            system.reset().context("resetting the database to the seed")?;
             if let Some(n) = drain(system, session.as_mut(), Duration::from_secs(cfg.drain_timeout_s))? {
                 // Requests queued by the last cell would pollute this one: start a fresh server.
                 drop(session.take());
@@ -353,6 +352,8 @@ pub fn run(cfg: &RunConfig, resume: Option<&Path>, stop: &Stop, metrics_addr: Op
                 (target, session) = attach(cfg, &rt, system, metrics)?;
                 notes.push(format!("{n}; the server was restarted before the cell"));
             }
+            // Only once the server is idle: a queued io_create would add rows after the reset.
+            system.reset().context("resetting the database to the seed")?;
             let mark = match session.as_mut() {
                 Some(s) => Some(s.mark()?),
                 None => None,
