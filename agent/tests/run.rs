@@ -165,3 +165,18 @@ fn bad_configurations_are_one_line_usage_errors_and_start_nothing() {
     }
     assert!(leftovers().is_empty());
 }
+
+/// Regression: the database was reset before the server drained, so io_create requests still
+/// queued from the last cell added rows after the reset and the next cell failed.
+#[test]
+fn io_create_cells_in_a_row_start_from_exactly_the_seed() {
+    let results = TempDir::new("awl-create");
+    let out = run_cmd(results.path(), &["--setups", "sync", "--routes", "io_create", "--delays", "0", "--repeat", "2"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dir = only_run_dir(results.path());
+    for rep in 1..=2 {
+        let c = cell(&dir, &format!("sync__io_create__0ms__r{rep}"));
+        assert!(c["load"]["total_successes"].as_u64().unwrap() > 0, "{c}");
+    }
+    assert!(leftovers().is_empty(), "left behind: {:?}", leftovers());
+}

@@ -178,11 +178,45 @@ fn load_outcome(r: &load::LoadReport) -> LoadOutcome {
 /// Waits until PostgreSQL has no client connection but ours and the server has been quiet for a
 /// second: a closed-loop run leaves requests queued in the server when the load stops, and they
 /// would pollute the next cell.
-fn drain(sut: &Sut, session: Option<&mut ProbeSession>, timeout: Duration) -> anyhow::Result<Option<String>> {
+/// CPU clock ticks (user + system) used so far by every process in network namespace `inum`:
+/// the server's workers, however the back end started them.
+fn netns_cpu_ticks(inum: u32) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(procs) = std::fs::read_dir("/proc") else { return 0 };
+    let mut ticks = 0;
+    for e in procs.flatten() {
+        let path = e.path();
+        if !e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        if std::fs::metadata(path.join("ns/net")).map(|m| m.ino() as u32).ok() != Some(inum) {
+            continue;
+        }
+        // Fields 14 and 15 (utime, stime) follow the parenthesised command name.
+        if let Ok(stat) = std::fs::read_to_string(path.join("stat")) {
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            ticks += f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            ticks += f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    ticks
+}
+
+/// Idle means: no database client, no request finished, and (almost) no CPU used by the
+/// server's namespace for a whole second. The CPU test catches the cpu route, whose queued
+/// requests use no database and finish only every ~0.8 s.
+fn drain(sut: &Sut, netns_inum: u32, session: Option<&mut ProbeSession>, timeout: Duration) -> anyhow::Result<Option<String>> {
     let t0 = Instant::now();
     let mut session = session;
     let mut quiet_since: Option<Instant> = None;
+    let mut ticks = netns_cpu_ticks(netns_inum);
     loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let now_ticks = netns_cpu_ticks(netns_inum);
+        // 2 ticks (20 ms at the usual 100 Hz) in 250 ms: housekeeping, not a request.
+        let busy = now_ticks.saturating_sub(ticks) > 2;
+        ticks = now_ticks;
         let conns: u64 = sut
             .psql(&["SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"])?
             .trim()
@@ -193,7 +227,7 @@ fn drain(sut: &Sut, session: Option<&mut ProbeSession>, timeout: Duration) -> an
             s.drain(|_| {});
             s.agg.total.requests - before
         });
-        if conns == 0 && finished_now == 0 {
+        if conns == 0 && finished_now == 0 && !busy {
             let q = *quiet_since.get_or_insert_with(Instant::now);
             if q.elapsed() >= Duration::from_secs(1) {
                 return Ok(None);
@@ -202,9 +236,12 @@ fn drain(sut: &Sut, session: Option<&mut ProbeSession>, timeout: Duration) -> an
             quiet_since = None;
         }
         if t0.elapsed() > timeout {
-            return Ok(Some(format!("the server had not drained after {} s ({conns} database connections left)", timeout.as_secs())));
+            return Ok(Some(format!(
+                "the server had not drained after {} s ({conns} database connections left{})",
+                timeout.as_secs(),
+                if busy { ", still using CPU" } else { "" }
+            )));
         }
-        std::thread::sleep(Duration::from_millis(250));
     }
 }
 
@@ -345,7 +382,7 @@ pub fn run(cfg: &RunConfig, resume: Option<&Path>, stop: &Stop, metrics_addr: Op
                 break;
             }
             let mut notes = Vec::new();
-            if let Some(n) = drain(system, session.as_mut(), Duration::from_secs(cfg.drain_timeout_s))? {
+            if let Some(n) = drain(system, target.netns_inum, session.as_mut(), Duration::from_secs(cfg.drain_timeout_s))? {
                 // Requests queued by the last cell would pollute this one: start a fresh server.
                 drop(session.take());
                 system.switch(setup, sut_stack(cfg.stack)).context("restarting the server")?;
