@@ -270,7 +270,8 @@ fn attach(cfg: &RunConfig, rt: &tokio::runtime::Runtime, system: &Sut, metrics: 
 }
 
 /// One line of progress on stderr.
-fn progress(done: usize, total: usize, started: Instant, cell: &CellKey, p: &load::Progress) {
+/// `done` cells ran in this process, `skipped` were finished before (a resumed run).
+fn progress(done: usize, skipped: usize, total: usize, started: Instant, cell: &CellKey, p: &load::Progress) {
     // SAFETY: isatty has no preconditions.
     let tty = unsafe { libc::isatty(2) } == 1;
     // Not a terminal (CI, a log file): one line every 10 s instead of a redrawn one.
@@ -278,11 +279,11 @@ fn progress(done: usize, total: usize, started: Instant, cell: &CellKey, p: &loa
         return;
     }
     let per_cell = if done > 0 { started.elapsed().as_secs_f64() / done as f64 } else { p.planned.as_secs_f64() + 20.0 };
-    let left = per_cell * (total - done) as f64 - p.elapsed.as_secs_f64();
+    let left = per_cell * total.saturating_sub(done + skipped) as f64 - p.elapsed.as_secs_f64();
     eprint!(
         "{}[{}/{}] {} {} {} ms r{}: {:>4.0}/{:.0} s, {} users, {:.0} req/s, {} failures; about {:.0} min left{}",
         if tty { "\r\x1b[2K" } else { "" },
-        done + 1,
+        done + skipped + 1,
         total,
         cell.setup,
         cell.route,
@@ -428,7 +429,7 @@ pub fn run(cfg: &RunConfig, resume: Option<&Path>, stop: &Stop, metrics_addr: Op
                     }
                 };
                 let load = async {
-                    let mut observer = |p: &load::Progress| progress(done, total, started, key, p);
+                    let mut observer = |p: &load::Progress| progress(done, skipped, total, started, key, p);
                     let r = load::run_with_metrics(&spec, &mut observer, token, metrics.map(|m| m.load.clone())).await;
                     finished.cancel();
                     r
