@@ -45,8 +45,8 @@ pub struct DaemonConfig {
     pub watches: Vec<WatchRule>,
 }
 
-/// The control endpoint: list targets, show a target's summary, and (once merged) set/clear
-/// delay and start a load run.
+/// The control endpoint: list targets, show a target's summary, set or clear a delay, and start
+/// a load run.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ControlConfig {
