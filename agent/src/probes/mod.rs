@@ -92,7 +92,9 @@ impl Probes {
         }
         ensure_tracefs()?;
         raise_memlock();
-        let config = build_config(spec)?;
+        // One parse of /sys/kernel/btf/vmlinux (several MB) serves the offsets and the checks.
+        let own = btf::Btf::from_sys_fs()?;
+        let config = build_config(spec, &own)?;
         let kernel_btf = aya::Btf::from_sys_fs().map_err(|e| ProbeError::Load(e.into()))?;
         let mut ebpf = Ebpf::load(OBJECT)?;
         {
@@ -102,7 +104,6 @@ impl Probes {
             .map_err(|source| ProbeError::Map { name: "CONFIG", source })?;
             cfg.set(0, config, 0).map_err(|source| ProbeError::Map { name: "CONFIG", source })?;
         }
-        let own = btf::Btf::from_sys_fs()?;
         let mut status = Vec::new();
         for &(program, hook, measures) in PROGRAMS {
             let result = if own.has_tracepoint(hook) {
@@ -196,7 +197,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn build_config(spec: &ProbeSpec) -> Result<Config, ProbeError> {
+fn build_config(spec: &ProbeSpec, btf: &btf::Btf) -> Result<Config, ProbeError> {
     let ports = |v: &[u16], role: &'static str| -> Result<[u16; MAX_PORTS], ProbeError> {
         if v.len() > MAX_PORTS {
             return Err(ProbeError::TooManyPorts { role, max: MAX_PORTS, got: v.len() });
@@ -205,7 +206,6 @@ fn build_config(spec: &ProbeSpec) -> Result<Config, ProbeError> {
         out[..v.len()].copy_from_slice(v);
         Ok(out)
     };
-    let btf = btf::Btf::from_sys_fs()?;
     let mut offsets = btf.offsets()?;
     let mut flags = 0;
     if spec.capture_payload {
