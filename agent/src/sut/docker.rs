@@ -464,10 +464,7 @@ fn block_multi<T: Send>(
 
 impl Backend for Docker {
     fn up(&self, opts: &Options) -> Result<State, SutError> {
-        self.down(&opts.name)?;
-        block_multi(up_async(opts)).inspect_err(|_| {
-            let _ = self.down(&opts.name);
-        })
+        block_multi(up_async(opts))
     }
 
     fn switch(&self, state: &State, opts: &Options) -> Result<State, SutError> {

@@ -340,8 +340,8 @@ pub(crate) fn tail(log: &str, n: usize) -> String {
 
 /// What a back end does; `Sut` adds seeding and the safety net on top.
 pub trait Backend: Send + Sync {
-    /// Removes leftovers of `opts.name`, then brings up PostgreSQL and the server (migrated,
-    /// answering HTTP), not yet seeded. On error, removes what it made.
+    /// Brings up PostgreSQL and the server (migrated, answering HTTP), not yet seeded, where
+    /// nothing named `opts.name` exists. `Sut::up` removes leftovers first and cleans up on error.
     fn up(&self, opts: &Options) -> Result<State, SutError>;
     /// Replaces the server with one for `opts` (setup and stack), keeping the database and its
     /// data; PostgreSQL is restarted only when `max_connections` changes.
@@ -378,7 +378,11 @@ impl Sut {
     pub fn up(kind: BackendKind, opts: &Options) -> Result<Sut, SutError> {
         opts.validate()?;
         let backend = kind.backend();
-        let state = backend.up(opts)?;
+        // Leftovers of a killed run go first; a failed start leaves nothing either.
+        backend.down(&opts.name)?;
+        let state = backend.up(opts).inspect_err(|_| {
+            let _ = backend.down(&opts.name);
+        })?;
         Ok(Sut {
             state,
             backend,

@@ -545,10 +545,7 @@ fn stop_all_in(ns: &str, sig: libc::c_int, grace: Duration) -> bool {
 
 impl Backend for Netns {
     fn up(&self, opts: &Options) -> Result<State, SutError> {
-        self.down(&opts.name)?;
-        self.up_inner(opts).inspect_err(|_| {
-            let _ = self.down(&opts.name);
-        })
+        self.up_inner(opts)
     }
 
     fn switch(&self, state: &State, opts: &Options) -> Result<State, SutError> {
