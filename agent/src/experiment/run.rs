@@ -481,6 +481,7 @@ pub fn run(cfg: &RunConfig, resume: Option<&Path>, stop: &Stop, metrics_addr: Op
                 delay,
                 load: load_outcome(&report),
                 probes,
+                db_refusals: None,
                 notes,
             };
             report

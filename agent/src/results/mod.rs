@@ -105,6 +105,10 @@ pub struct CellResult {
     pub load: LoadOutcome,
     /// The eBPF view of the server during the load (None when probes were off).
     pub probes: Option<Summary>,
+    /// Connections PostgreSQL refused during the cell for want of a slot ("too many clients",
+    /// "remaining connection slots are reserved"), counted in its log; None when not measured.
+    #[serde(default)]
+    pub db_refusals: Option<u64>,
     /// Anything worth knowing when reading the numbers (drain timeouts, restarts, ...).
     pub notes: Vec<String>,
 }
@@ -260,6 +264,7 @@ pub(crate) mod tests {
                     .collect(),
             },
             probes: None,
+            db_refusals: None,
             notes: vec![],
         }
     }
