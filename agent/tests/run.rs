@@ -108,7 +108,10 @@ fn delay_rule_present() -> bool {
 fn an_interrupted_or_killed_run_keeps_its_cells_clears_the_delay_and_resumes() {
     for signal in [libc::SIGINT, libc::SIGKILL] {
         let results = TempDir::new("awl-resume");
-        let mut child = run_cmd(results.path(), &["--setups", "sync", "--routes", "io_read", "--delays", "0,100"])
+        // The fixed order, so that the cell interrupted is the one with a delay; the resumed run
+        // is not told the order and must take it from index.json (a random plan of the same
+        // cells would be refused as another matrix half of the time).
+        let mut child = run_cmd(results.path(), &["--setups", "sync", "--routes", "io_read", "--delays", "0,100", "--order", "fixed"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -166,17 +169,61 @@ fn bad_configurations_are_one_line_usage_errors_and_start_nothing() {
     assert!(leftovers().is_empty());
 }
 
+/// The design: every cell on a fresh server (also when the setup does not change), after a
+/// warm-up that counts nowhere, in an order the recorded seed names.
 /// Regression: the database was reset before the server drained, so io_create requests still
 /// queued from the last cell added rows after the reset and the next cell failed.
 #[test]
-fn io_create_cells_in_a_row_start_from_exactly_the_seed() {
+fn every_cell_gets_a_fresh_server_and_an_uncounted_warmup_and_starts_from_the_seed() {
     let results = TempDir::new("awl-create");
     let out = run_cmd(results.path(), &["--setups", "sync", "--routes", "io_create", "--delays", "0", "--repeat", "2"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let dir = only_run_dir(results.path());
-    for rep in 1..=2 {
-        let c = cell(&dir, &format!("sync__io_create__0ms__r{rep}"));
-        assert!(c["load"]["total_successes"].as_u64().unwrap() > 0, "{c}");
+
+    // The recorded seed names the recorded order.
+    let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("index.json")).unwrap()).unwrap();
+    let cfg: awaitlab::experiment::config::RunConfig = serde_json::from_value(index["config"].clone()).unwrap();
+    assert_eq!(cfg.order, awaitlab::experiment::config::Order::Random);
+    let seed = cfg.seed.expect("a random order records its seed");
+    let planned: Vec<awaitlab::results::CellKey> = serde_json::from_value(index["planned"].clone()).unwrap();
+    assert_eq!(cfg.plan(seed), planned);
+
+    let mut previous: Option<Vec<u32>> = None;
+    for key in &planned {
+        let c = cell(&dir, &key.stem());
+        let successes = c["load"]["total_successes"].as_u64().unwrap();
+        assert!(successes > 0, "{c}");
+        let pids: Vec<u32> = serde_json::from_value(c["server_pids"].clone()).unwrap();
+        // gunicorn's master and its one sync worker.
+        assert_eq!(pids.len(), 2, "{c}");
+        // A fresh server: none of the last cell's processes, though the setup is the same.
+        if let Some(p) = &previous {
+            assert!(pids.iter().all(|x| !p.contains(x)), "cell {} kept a server process: {pids:?} after {p:?}", key.stem());
+        }
+        // ... and the probes saw this server serve the cell: every request came from its worker.
+        let by_pid: std::collections::BTreeMap<u32, u64> = serde_json::from_value(c["probes"]["requests_by_pid"].clone()).unwrap();
+        assert_eq!(by_pid.keys().copied().collect::<Vec<_>>(), [pids[1]], "{}: requests by pid {by_pid:?}, server {pids:?}", key.stem());
+        previous = Some(pids);
+
+        // The warm-up ran on this server and counts nowhere. The probes count what the server
+        // finished after the mark: every request the generator completed, plus at most the
+        // requests the generator cut off at the end (the server may still answer them). The
+        // warm-up's requests are more than that slack, so counting them would break the bound.
+        let w = &c["warmup"];
+        let (w_requests, w_failures) = (w["requests"].as_u64().unwrap(), w["failures"].as_u64().unwrap());
+        let (requests, cut) = (c["load"]["requests"].as_u64().unwrap(), c["load"]["in_flight_at_end"].as_u64().unwrap());
+        let seen = c["probes"]["requests"].as_u64().unwrap();
+        assert!(w_requests - w_failures > cut, "the warm-up ({w_requests} requests) must outnumber the requests cut off ({cut}) for the bound to tell");
+        assert!(seen <= requests + cut, "{}: probes saw {seen} requests, the generator completed {requests} and cut off {cut}", key.stem());
+        // Lower bound: each of the 100 users' last request may be recorded by the probes just
+        // after the summary (the record is emitted when the server closes the connection).
+        assert!(seen + 100 >= requests, "{}: probes saw {seen} requests, the generator completed {requests}", key.stem());
+        // The reset after the warm-up removed the warm-up's posts: at least its successes, at
+        // most those plus the requests it cut off. The reset itself fails unless exactly the
+        // seed is left, so the cell started from the seed.
+        let removed = w["posts_removed"].as_u64().unwrap();
+        let w_cut = w["in_flight_at_end"].as_u64().unwrap();
+        assert!((w_requests - w_failures..=w_requests - w_failures + w_cut).contains(&removed), "{}: warm-up {w}", key.stem());
     }
     assert!(leftovers().is_empty(), "left behind: {:?}", leftovers());
 }

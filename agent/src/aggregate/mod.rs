@@ -74,6 +74,8 @@ pub struct Stats {
     pub responded: u64,
     pub by_status: BTreeMap<u16, u64>,
     pub by_label: BTreeMap<usize, u64>,
+    /// Requests by serving process (tgid): a handful of server processes per interval.
+    pub by_pid: BTreeMap<u32, u64>,
     pub server: Histogram<u64>,
     pub db_rtt: Histogram<u64>,
     pub db_connect: Histogram<u64>,
@@ -94,6 +96,7 @@ impl Default for Stats {
             responded: 0,
             by_status: BTreeMap::new(),
             by_label: BTreeMap::new(),
+            by_pid: BTreeMap::new(),
             server: new_hist(),
             db_rtt: new_hist(),
             db_connect: new_hist(),
@@ -120,6 +123,7 @@ impl Stats {
                 if let Some(l) = label {
                     *self.by_label.entry(l).or_default() += 1;
                 }
+                *self.by_pid.entry(q.pid).or_default() += 1;
                 self.server.saturating_record(q.server_ns.max(1));
                 self.server_ns_sum += q.server_ns;
                 if q.exclusive_thread {

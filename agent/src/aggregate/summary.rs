@@ -22,6 +22,9 @@ pub struct Summary {
     pub requests_per_s: f64,
     pub status: std::collections::BTreeMap<String, u64>,
     pub paths: Vec<PathCount>,
+    /// Requests by the process that served them (pid): which server served the interval.
+    #[serde(default)]
+    pub requests_by_pid: std::collections::BTreeMap<u32, u64>,
     pub server_time: Quantiles,
     pub db: DbSummary,
     pub ratios: Ratios,
@@ -110,6 +113,7 @@ impl Summary {
                     PathCount { method: m.to_string(), path: p.to_string(), count }
                 })
                 .collect(),
+            requests_by_pid: s.by_pid.clone(),
             server_time: Quantiles::of(&s.server),
             db: DbSummary {
                 round_trips: s.db_round_trips,

@@ -10,7 +10,7 @@ use std::{
 
 use crate::{
     experiment::{
-        config::{parse_delay, Backend, DelayBackend, ProfileName, RunConfig, Stack},
+        config::{parse_delay, Backend, DelayBackend, Order, ProfileName, RunConfig, Stack},
         run::{run as run_matrix, Stop},
     },
     fail, EXIT_USAGE,
@@ -48,7 +48,18 @@ pub struct Args {
     /// Parent directory of run directories.
     #[arg(long)]
     pub results: Option<PathBuf>,
-    /// Continue an interrupted run in this directory (its finished cells are kept).
+    /// Cell order: randomised blocks (each repetition runs every cell in a fresh random order)
+    /// or the fixed setup-major order.
+    #[arg(long, value_enum)]
+    pub order: Option<Order>,
+    /// Seed of the random order (default: a random one, printed and recorded in index.json).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Seconds of unmeasured warm-up on every cell's fresh server (0: none; default 5).
+    #[arg(long, value_name = "SECONDS")]
+    pub warmup: Option<f64>,
+    /// Continue an interrupted run in this directory (its finished cells are kept; the order,
+    /// seed and warm-up are the recorded ones).
     #[arg(long)]
     pub resume: Option<PathBuf>,
     /// Do not attach the eBPF probes (no explanation in the report).
@@ -100,6 +111,15 @@ fn configure(args: &Args) -> anyhow::Result<RunConfig> {
     }
     if args.no_probes {
         cfg.probes = false;
+    }
+    if let Some(v) = args.order {
+        cfg.order = v;
+    }
+    if let Some(v) = args.seed {
+        cfg.seed = Some(v);
+    }
+    if let Some(v) = args.warmup {
+        cfg.warmup_s = v;
     }
     cfg.validate()?;
     Ok(cfg)

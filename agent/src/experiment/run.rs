@@ -1,7 +1,11 @@
-//! Runs the matrix: for each setup, bring the system under test up (seeded once), attach the
-//! probes to the server's namespace, and for each cell reset the database, wait for the server to
-//! drain, set the delay, run the load profile, take the probes' summary of the cell, clear the
-//! delay, and write the cell's files atomically.
+//! Runs the matrix in its planned order (randomised blocks by default: see `RunConfig::plan`).
+//! Before every cell it starts a fresh server for the cell's setup (the first cell brings the
+//! system up and seeds the database once; PostgreSQL restarts only when max_connections
+//! changes), attaches the probes to the server's namespace when it moved, waits until PostgreSQL
+//! has no client left, resets the database, runs the same short unmeasured warm-up (no added
+//! delay), waits for the server to go idle and resets the database again; then it marks the
+//! probes, sets the delay, runs the load profile, takes the probes' summary of the cell, clears
+//! the delay, and writes the cell's files atomically.
 //!
 //! It must always clear the delay (the guard does, also on error or Ctrl-C), never write a cell
 //! that did not finish, and leave nothing running: the system under test is torn down by its
@@ -20,12 +24,12 @@ use anyhow::{anyhow, bail, Context as _};
 use clap::ValueEnum as _;
 use tokio_util::sync::CancellationToken;
 
-use super::config::{Backend, DelayBackend, ProfileName, RunConfig, Stack};
+use super::config::{random_seed, Backend, DelayBackend, Order, ProfileName, RunConfig, Stack};
 use crate::{
     load::{self, LoadSpec},
     netem,
     probes::{session::ProbeSession, ProbeSpec},
-    results::{CellKey, CellResult, DelayOutcome, Index, LoadOutcome, ResultsDir, Second, RESULTS_VERSION},
+    results::{CellKey, CellResult, DelayOutcome, Index, LoadOutcome, ResultsDir, Second, Warmup, RESULTS_VERSION},
     sut::{self, Sut},
     target::Target,
 };
@@ -172,12 +176,10 @@ fn load_outcome(r: &load::LoadReport) -> LoadOutcome {
                 p95_ms: (s.latency_ms.count > 0).then_some(s.latency_ms.p95),
             })
             .collect(),
+        in_flight_at_end: r.in_flight_at_end,
     }
 }
 
-/// Waits until PostgreSQL has no client connection but ours and the server has been quiet for a
-/// second: a closed-loop run leaves requests queued in the server when the load stops, and they
-/// would pollute the next cell.
 /// CPU clock ticks (user + system) used so far by every process in network namespace `inum`:
 /// the server's workers, however the back end started them.
 fn netns_cpu_ticks(inum: u32) -> u64 {
@@ -203,10 +205,25 @@ fn netns_cpu_ticks(inum: u32) -> u64 {
     ticks
 }
 
+/// The server's database sessions, as a `pg_stat_activity` condition: every client session but
+/// our own; with a connection pool (async-pooled, once the warm-up has opened it) only the busy
+/// ones, as the pool keeps its idle connections by design.
+fn server_sessions(sut: &Sut) -> &'static str {
+    if sut.state().setup.pool_size() > 0 {
+        "backend_type = 'client backend' AND pid <> pg_backend_pid() AND state IS DISTINCT FROM 'idle'"
+    } else {
+        "backend_type = 'client backend' AND pid <> pg_backend_pid()"
+    }
+}
+
+/// Waits until PostgreSQL has no client connection but ours and the server has been quiet for a
+/// second: a closed-loop run (the warm-up too) leaves requests queued in the server when the load
+/// stops, and a killed server's database sessions end only once their statement does.
 /// Idle means: no database client, no request finished, and (almost) no CPU used by the
 /// server's namespace for a whole second. The CPU test catches the cpu route, whose queued
 /// requests use no database and finish only every ~0.8 s.
 fn drain(sut: &Sut, netns_inum: u32, session: Option<&mut ProbeSession>, timeout: Duration) -> anyhow::Result<Option<String>> {
+    let sessions = format!("SELECT count(*) FROM pg_stat_activity WHERE {}", server_sessions(sut));
     let t0 = Instant::now();
     let mut session = session;
     let mut quiet_since: Option<Instant> = None;
@@ -219,7 +236,7 @@ fn drain(sut: &Sut, netns_inum: u32, session: Option<&mut ProbeSession>, timeout
         ticks = now_ticks;
         // A full server ("too many clients already", even for the superuser) is a busy one.
         let conns: u64 = sut
-            .psql(&["SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"])
+            .psql(&[&sessions])
             .ok()
             .and_then(|out| out.trim().parse().ok())
             .unwrap_or(u64::MAX);
@@ -269,11 +286,16 @@ fn attach(cfg: &RunConfig, rt: &tokio::runtime::Runtime, system: &Sut, metrics: 
     Ok((target, Some(session)))
 }
 
+/// Progress lines are redrawn on a terminal, and printed every 10 s otherwise (CI, a log file).
+fn stderr_is_tty() -> bool {
+    // SAFETY: isatty has no preconditions.
+    unsafe { libc::isatty(2) == 1 }
+}
+
 /// One line of progress on stderr.
 /// `done` cells ran in this process, `skipped` were finished before (a resumed run).
 fn progress(done: usize, skipped: usize, total: usize, started: Instant, cell: &CellKey, p: &load::Progress) {
-    // SAFETY: isatty has no preconditions.
-    let tty = unsafe { libc::isatty(2) } == 1;
+    let tty = stderr_is_tty();
     // Not a terminal (CI, a log file): one line every 10 s instead of a redrawn one.
     if !tty && !p.elapsed.as_secs().is_multiple_of(10) {
         return;
@@ -299,28 +321,335 @@ fn progress(done: usize, skipped: usize, total: usize, started: Instant, cell: &
     );
 }
 
+/// What happens before a cell's load starts (its progress line follows).
+fn announce(t: &Tally, key: &CellKey) {
+    let tty = stderr_is_tty();
+    eprint!(
+        "{}[{}/{}] {}: a fresh server and its warm-up{}",
+        if tty { "\r\x1b[2K" } else { "" },
+        t.done + t.skipped + 1,
+        t.total,
+        key.stem(),
+        if tty { "" } else { "\n" }
+    );
+}
+
+/// Users of the warm-up: more than one, so that an async server serves requests side by side
+/// (its threads and several database connections start), and few, so that the warm-up leaves
+/// little queued behind its end on any route.
+const WARMUP_USERS: u32 = 4;
+
+/// What every step of a cell needs.
+struct Ctx<'a> {
+    cfg: &'a RunConfig,
+    rt: &'a tokio::runtime::Runtime,
+    stop: &'a Stop,
+    metrics: Option<&'a RunMetrics>,
+}
+
+/// The server of the current cell and the probes on its namespace.
+struct Server {
+    system: Sut,
+    target: Target,
+    session: Option<ProbeSession>,
+}
+
+/// A fresh server for `setup` before every cell, so that no cell starts warm or busy because of
+/// the one before it. The first cell brings the system up and seeds the database once; later
+/// cells replace the server (PostgreSQL restarts only when max_connections changes). The probes
+/// are attached again when the new server lives in another namespace (a new container); in the
+/// same namespace they keep watching it.
+fn fresh_server(cx: &Ctx<'_>, current: &mut Option<Server>, setup: sut::Setup) -> anyhow::Result<()> {
+    let cfg = cx.cfg;
+    match current.as_mut() {
+        None => {
+            eprintln!("\nawaitlab: bringing up {} ({:?} back end, {:?} stack)", setup.name(), cfg.backend, cfg.stack);
+            let opts = sut::Options::new(setup, sut_stack(cfg.stack), RUN_NAME);
+            let system = Sut::up(sut_backend(cfg.backend), &opts).with_context(|| format!("bringing up {}", setup.name()))?;
+            let seed = system.seed().context("seeding the database")?;
+            if seed.seeded {
+                eprintln!("awaitlab: seeded {} posts in {:.1} s", seed.rows, seed.seconds);
+            }
+            let (target, session) = attach(cfg, cx.rt, &system, cx.metrics)?;
+            *current = Some(Server { system, target, session });
+        }
+        Some(s) => {
+            s.system.switch(setup, sut_stack(cfg.stack)).with_context(|| format!("starting a fresh {} server", setup.name()))?;
+            let target = Target::resolve(s.system.netns()).with_context(|| format!("the server's namespace {}", s.system.netns()))?;
+            if target.netns_inum == s.target.netns_inum {
+                // The probes select by namespace number: they already watch the new server.
+                // The target is new all the same (the delay enters the namespace through it).
+                s.target = target;
+            } else {
+                // Detach first: the old namespace is gone, and one attach at a time is enough.
+                drop(s.session.take());
+                (s.target, s.session) = attach(cfg, cx.rt, &s.system, cx.metrics)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Waits for the server to go idle (`drain`). If it does not within the drain timeout, the
+/// database sessions still open are terminated so that the cell starts with none, and the cell's
+/// notes say so.
+fn settle(cx: &Ctx<'_>, s: &mut Server, when: &str, notes: &mut Vec<String>) -> anyhow::Result<()> {
+    let timeout = Duration::from_secs(cx.cfg.drain_timeout_s);
+    if let Some(n) = drain(&s.system, s.target.netns_inum, s.session.as_mut(), timeout)? {
+        let cut = s
+            .system
+            .psql(&[&format!("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE {}", server_sessions(&s.system))])
+            .context("terminating the database sessions left")?;
+        notes.push(format!("{when}: {n}; {} database sessions were terminated", cut.trim()));
+    }
+    Ok(())
+}
+
+/// The load of the warm-up: `WARMUP_USERS` closed-loop users on the cell's route for `seconds`.
+fn warmup_spec(base: &str, route_name: &str, seconds: f64) -> anyhow::Result<LoadSpec> {
+    let mut spec = LoadSpec::study(base, route(route_name)?);
+    let users = f64::from(WARMUP_USERS);
+    let schedule = load::ClosedSchedule::new(vec![load::Stage { target: users, duration_s: 0.0 }, load::Stage { target: users, duration_s: seconds }])?;
+    spec.model = load::Model::Closed { schedule, wait: load::Wait::None };
+    Ok(spec)
+}
+
+/// Runs `spec` while pumping the probes' ring buffer (so that it never fills and the drain
+/// checks see what finished); `observer` sees the progress once a second.
+fn run_load(
+    cx: &Ctx<'_>,
+    session: &mut Option<ProbeSession>,
+    spec: &LoadSpec,
+    observer: &mut (dyn FnMut(&load::Progress) + Send),
+    load_metrics: Option<crate::metrics::LoadMetrics>,
+) -> Result<load::LoadReport, load::LoadError> {
+    let token = cx.stop.token.clone();
+    let snapshots = cx.metrics.is_some();
+    cx.rt.block_on(async {
+        let finished = CancellationToken::new();
+        let pump = async {
+            if let Some(s) = session.as_mut() {
+                let mut last = Instant::now();
+                while !finished.is_cancelled() {
+                    s.pump(Duration::from_millis(50), |_| {}).await;
+                    if snapshots && last.elapsed() >= Duration::from_secs(1) {
+                        last = Instant::now();
+                        let _ = s.snapshot();
+                    }
+                }
+            }
+        };
+        let load = async {
+            let r = load::run_with_metrics(spec, observer, token, load_metrics).await;
+            finished.cancel();
+            r
+        };
+        let (r, ()) = tokio::join!(load, pump);
+        r
+    })
+}
+
+/// The unmeasured warm-up of a cell on its fresh server: the cell's route, no added delay (so
+/// that every cell's warm-up does the same work whatever its delay), then the server drains and
+/// the database is reset, so the cell starts from exactly the seed. None when `warmup_s` is 0 or
+/// the run was stopped.
+fn warm_up(cx: &Ctx<'_>, s: &mut Server, key: &CellKey, notes: &mut Vec<String>) -> anyhow::Result<Option<Warmup>> {
+    let seconds = cx.cfg.warmup_s;
+    if seconds <= 0.0 {
+        return Ok(None);
+    }
+    let spec = warmup_spec(s.system.url(), &key.route, seconds)?;
+    // Not the run's load metrics: the warm-up counts in no load figure.
+    let report = run_load(cx, &mut s.session, &spec, &mut |_| {}, None).with_context(|| format!("warm-up of {}", key.stem()))?;
+    if report.stopped_early || cx.stop.requested() {
+        return Ok(None);
+    }
+    if report.total_successes == 0 {
+        notes.push(format!("the warm-up had no successful request ({} failures)", report.failures));
+    }
+    settle(cx, s, "after the warm-up", notes)?;
+    let posts_removed = s.system.reset().context("resetting the database after the warm-up")?;
+    Ok(Some(Warmup {
+        planned_s: seconds,
+        users: WARMUP_USERS,
+        requests: report.requests,
+        failures: report.failures,
+        in_flight_at_end: report.in_flight_at_end,
+        posts_removed,
+    }))
+}
+
+/// Counts of a run in progress, for the progress line.
+struct Tally {
+    done: usize,
+    skipped: usize,
+    total: usize,
+    started: Instant,
+}
+
+/// The measured part of a cell: mark the probes, set the delay, run the load, clear the delay,
+/// take the probes' summary. None when the run was stopped meanwhile.
+fn measure(cx: &Ctx<'_>, s: &mut Server, key: &CellKey, tally: &Tally, warmup: Option<Warmup>, mut notes: Vec<String>) -> anyhow::Result<Option<(CellResult, load::LoadReport)>> {
+    let (cfg, metrics) = (cx.cfg, cx.metrics);
+    let mark = match s.session.as_mut() {
+        Some(p) => Some(p.mark()?),
+        None => None,
+    };
+    if let Some(m) = metrics {
+        m.cell.set_cell(&key.setup, &key.route, u64::from(key.delay_ms), key.rep);
+    }
+    let guard = if key.delay_ms > 0 {
+        let spec = netem::DelaySpec { delay: Duration::from_millis(u64::from(key.delay_ms)), jitter: Duration::ZERO, devs: Vec::new() };
+        let g = netem::set(&s.target, &spec, delay_choice(cfg.delay_backend)).with_context(|| format!("setting {} ms of delay", key.delay_ms))?;
+        if let Some(m) = metrics {
+            m.delay.set(spec.delay, None, &format!("{:?}", g.backend()).to_lowercase());
+        }
+        Some(g)
+    } else {
+        None
+    };
+    let spec = load_spec(cfg, s.system.url(), &key.route)?;
+    let started_unix_s = unix_now();
+    let mut observer = |p: &load::Progress| progress(tally.done, tally.skipped, tally.total, tally.started, key, p);
+    let report = run_load(cx, &mut s.session, &spec, &mut observer, metrics.map(|m| m.load.clone()));
+    eprintln!();
+    let delay = match guard {
+        Some(g) => {
+            let a = g.remove();
+            let backend = format!("{:?}", a.backend).to_lowercase();
+            if let Some(m) = metrics {
+                m.delay.clear(&backend);
+            }
+            if a.bypassed > 0 {
+                notes.push(format!("{} packets passed the delay line undelayed (queue overflow)", a.bypassed));
+            }
+            // The delay line's own hold times where it ran; otherwise (netem) the growth
+            // of the server's TCP round-trip times.
+            let from_sockets = match (a.socket_rtt_before.median_ms, a.socket_rtt_now.median_ms) {
+                (Some(b), Some(n)) => Some(n - b),
+                (None, Some(n)) => Some(n),
+                _ => None,
+            };
+            let achieved = a.hold.as_ref().filter(|h| h.packets > 0).map(|h| h.p50_us / 1000.0).or(from_sockets);
+            DelayOutcome { requested_ms: f64::from(key.delay_ms), achieved_ms: achieved, backend }
+        }
+        None => DelayOutcome { requested_ms: 0.0, achieved_ms: Some(0.0), backend: "none".into() },
+    };
+    let report = report.with_context(|| format!("load of cell {}", key.stem()))?;
+    if report.stopped_early || cx.stop.requested() {
+        return Ok(None);
+    }
+    let probes = match (s.session.as_mut(), mark) {
+        (Some(p), Some(m)) => Some(p.summary_since(&m)?),
+        _ => None,
+    };
+    if report.in_flight_at_end > 0 {
+        notes.push(format!("{} requests were still in flight when the load ended (not counted)", report.in_flight_at_end));
+    }
+    let cell = CellResult {
+        version: RESULTS_VERSION,
+        key: key.clone(),
+        started_unix_s,
+        server_pids: s.system.server_pids().to_vec(),
+        warmup,
+        backend: sut_backend(cfg.backend).name().into(),
+        stack: sut_stack(cfg.stack).name().into(),
+        profile: format!("{:?}", cfg.profile).to_lowercase(),
+        delay,
+        load: load_outcome(&report),
+        probes,
+        db_refusals: None,
+        notes,
+    };
+    Ok(Some((cell, report)))
+}
+
+/// Writes a finished cell: its Locust CSVs, then its record (the record last: it marks the cell
+/// done for `--resume`).
+fn write_cell(dir: &ResultsDir, cell: &CellResult, report: &load::LoadReport) -> anyhow::Result<()> {
+    let key = &cell.key;
+    report
+        .write_locust_csv(&dir.root.join("cells"), &key.stem())
+        .with_context(|| format!("writing the Locust CSVs of {}", key.stem()))?;
+    dir.write_cell(cell)?;
+    eprintln!(
+        "awaitlab: {} done: {} successes, max sRPS {:.1}, {} failures",
+        key.stem(),
+        cell.load.total_successes,
+        cell.load.max_srps,
+        cell.load.failures
+    );
+    Ok(())
+}
+
+/// The run's configuration with its seed drawn (random order), and its plan. A resumed run
+/// keeps the design recorded in its index.json (order, seed, warm-up; runs from before
+/// randomised blocks ran in the fixed order without warm-up), refuses another `--seed`, and must
+/// plan the same cells.
+fn design(cfg: &RunConfig, resumed: Option<&Index>) -> anyhow::Result<(RunConfig, Vec<CellKey>)> {
+    let mut cfg = cfg.clone();
+    match resumed {
+        None => {
+            if cfg.order == Order::Random && cfg.seed.is_none() {
+                cfg.seed = Some(random_seed());
+            }
+        }
+        Some(old) => {
+            let rec = &old.config;
+            let recorded_seed = rec.get("seed").and_then(serde_json::Value::as_u64);
+            if let (Some(given), Some(recorded)) = (cfg.seed, recorded_seed) {
+                if given != recorded {
+                    bail!("the run to resume was planned with seed {recorded}, not {given}");
+                }
+            }
+            cfg.seed = recorded_seed;
+            cfg.order = match rec.get("order") {
+                Some(v) => serde_json::from_value(v.clone()).context("the recorded order")?,
+                None => Order::Fixed,
+            };
+            cfg.warmup_s = rec.get("warmup_s").and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+        }
+    }
+    let planned = cfg.plan(cfg.seed.unwrap_or(0));
+    if let Some(old) = resumed {
+        if old.planned != planned {
+            bail!("the run to resume was run with another matrix; resume with the same configuration");
+        }
+    }
+    Ok((cfg, planned))
+}
+
 /// Runs (or resumes) the experiment described by `cfg`.
 pub fn run(cfg: &RunConfig, resume: Option<&Path>, stop: &Stop, metrics_addr: Option<std::net::SocketAddr>) -> anyhow::Result<Outcome> {
     cfg.validate()?;
-    let dir_path = run_dir(cfg, resume);
-    let planned = cfg.cells();
-    let index = Index {
-        version: RESULTS_VERSION,
-        created_unix_s: unix_now(),
-        config: serde_json::to_value(cfg).context("serialising the configuration")?,
-        planned: planned.clone(),
-    };
-    let dir = match resume {
+    let resumed = match resume {
         Some(r) => {
             let d = ResultsDir::open(r)?;
             let old = d.index()?;
-            if old.planned != planned {
-                bail!("{} was run with another matrix; resume with the same configuration", r.display());
-            }
-            d
+            Some((d, old))
         }
-        None => ResultsDir::create(&dir_path, &index)?,
+        None => None,
     };
+    let (cfg, planned) = design(cfg, resumed.as_ref().map(|(_, i)| i)).with_context(|| match resume {
+        Some(r) => format!("resuming {}", r.display()),
+        None => "planning the run".into(),
+    })?;
+    let cfg = &cfg;
+    let dir = match resumed {
+        Some((d, _)) => d,
+        None => {
+            let index = Index {
+                version: RESULTS_VERSION,
+                created_unix_s: unix_now(),
+                config: serde_json::to_value(cfg).context("serialising the configuration")?,
+                planned: planned.clone(),
+            };
+            ResultsDir::create(&run_dir(cfg, None), &index)?
+        }
+    };
+    if let Some(seed) = cfg.seed.filter(|_| cfg.order == Order::Random) {
+        eprintln!("awaitlab: {} blocks in random order, seed {seed} (--seed {seed} plans the same order)", cfg.repeat);
+    }
     // A killed earlier run may have left a delay rule or a system under test behind.
     for removed in netem::cleanup_leftovers() {
         eprintln!("awaitlab: removed a leftover delay: {removed}");
@@ -340,168 +669,93 @@ pub fn run(cfg: &RunConfig, resume: Option<&Path>, stop: &Stop, metrics_addr: Op
         }
         None => None,
     };
-    let metrics = metrics.as_ref().map(|(m, _)| m);
-    let started = Instant::now();
-    let total = planned.len();
-    let mut done = 0usize;
-    let mut skipped = 0usize;
-    let setups: Vec<String> = {
-        let mut v: Vec<String> = Vec::new();
-        for c in &planned {
-            if !v.contains(&c.setup) {
-                v.push(c.setup.clone());
-            }
+    let cx = Ctx { cfg, rt: &rt, stop, metrics: metrics.as_ref().map(|(m, _)| m) };
+    let todo: Vec<&CellKey> = planned.iter().filter(|c| !dir.is_done(c)).collect();
+    let mut tally = Tally { done: 0, skipped: planned.len() - todo.len(), total: planned.len(), started: Instant::now() };
+    let mut current: Option<Server> = None;
+    for key in todo {
+        if stop.requested() {
+            break;
         }
-        v
-    };
-    let mut system: Option<Sut> = None;
-    for setup_name in setups {
-        let cells: Vec<&CellKey> = planned.iter().filter(|c| c.setup == setup_name && !dir.is_done(c)).collect();
-        skipped += planned.iter().filter(|c| c.setup == setup_name).count() - cells.len();
-        if cells.is_empty() || stop.requested() {
-            continue;
+        let setup = sut::Setup::from_str(&key.setup, true).map_err(|e| anyhow!("setup {}: {e}", key.setup))?;
+        announce(&tally, key);
+        fresh_server(&cx, &mut current, setup)?;
+        let s = current.as_mut().expect("started above");
+        let mut notes = Vec::new();
+        // The last cell's server is gone, but its database sessions end only once their statement
+        // does; a queued io_create could add a row after the reset.
+        settle(&cx, s, "before the cell", &mut notes)?;
+        s.system.reset().context("resetting the database to the seed")?;
+        let warmup = warm_up(&cx, s, key, &mut notes)?;
+        if stop.requested() {
+            break;
         }
-        let setup = sut::Setup::from_str(&setup_name, true).map_err(|e| anyhow!("setup {setup_name}: {e}"))?;
-        eprintln!("\nawaitlab: bringing up {setup_name} ({:?} back end, {:?} stack)", cfg.backend, cfg.stack);
-        // One database for the whole run, seeded once: later setups only replace the server
-        // (and restart PostgreSQL when max_connections changes).
-        match system.as_mut() {
-            None => {
-                let opts = sut::Options::new(setup, sut_stack(cfg.stack), RUN_NAME);
-                let s = Sut::up(sut_backend(cfg.backend), &opts).with_context(|| format!("bringing up {setup_name}"))?;
-                let seed = s.seed().context("seeding the database")?;
-                if seed.seeded {
-                    eprintln!("awaitlab: seeded {} posts in {:.1} s", seed.rows, seed.seconds);
-                }
-                system = Some(s);
-            }
-            Some(s) => s.switch(setup, sut_stack(cfg.stack)).with_context(|| format!("switching to {setup_name}"))?,
-        }
-        let system = system.as_mut().expect("brought up above");
-        let (mut target, mut session) = attach(cfg, &rt, system, metrics)?;
-
-        for key in cells {
-            if stop.requested() {
-                break;
-            }
-            let mut notes = Vec::new();
-            if let Some(n) = drain(system, target.netns_inum, session.as_mut(), Duration::from_secs(cfg.drain_timeout_s))? {
-                // Requests queued by the last cell would pollute this one: start a fresh server.
-                drop(session.take());
-                system.switch(setup, sut_stack(cfg.stack)).context("restarting the server")?;
-                (target, session) = attach(cfg, &rt, system, metrics)?;
-                notes.push(format!("{n}; the server was restarted before the cell"));
-            }
-            // Only once the server is idle: a queued io_create would add rows after the reset.
-            system.reset().context("resetting the database to the seed")?;
-            let mark = match session.as_mut() {
-                Some(s) => Some(s.mark()?),
-                None => None,
-            };
-            if let Some(m) = metrics {
-                m.cell.set_cell(&key.setup, &key.route, u64::from(key.delay_ms), key.rep);
-            }
-            let guard = if key.delay_ms > 0 {
-                let spec = netem::DelaySpec { delay: Duration::from_millis(u64::from(key.delay_ms)), jitter: Duration::ZERO, devs: Vec::new() };
-                let g = netem::set(&target, &spec, delay_choice(cfg.delay_backend)).with_context(|| format!("setting {} ms of delay", key.delay_ms))?;
-                if let Some(m) = metrics {
-                    m.delay.set(spec.delay, None, &format!("{:?}", g.backend()).to_lowercase());
-                }
-                Some(g)
-            } else {
-                None
-            };
-            let spec = load_spec(cfg, system.url(), &key.route)?;
-            let started_unix_s = unix_now();
-            let token = stop.token.clone();
-            let report = rt.block_on(async {
-                let finished = CancellationToken::new();
-                let pump = async {
-                    if let Some(s) = session.as_mut() {
-                        let mut last = Instant::now();
-                        while !finished.is_cancelled() {
-                            s.pump(Duration::from_millis(50), |_| {}).await;
-                            if metrics.is_some() && last.elapsed() >= Duration::from_secs(1) {
-                                last = Instant::now();
-                                let _ = s.snapshot();
-                            }
-                        }
-                    }
-                };
-                let load = async {
-                    let mut observer = |p: &load::Progress| progress(done, skipped, total, started, key, p);
-                    let r = load::run_with_metrics(&spec, &mut observer, token, metrics.map(|m| m.load.clone())).await;
-                    finished.cancel();
-                    r
-                };
-                let (r, ()) = tokio::join!(load, pump);
-                r
-            });
-            eprintln!();
-            let delay = match guard {
-                Some(g) => {
-                    let a = g.remove();
-                    let backend = format!("{:?}", a.backend).to_lowercase();
-                    if let Some(m) = metrics {
-                        m.delay.clear(&backend);
-                    }
-                    if a.bypassed > 0 {
-                        notes.push(format!("{} packets passed the delay line undelayed (queue overflow)", a.bypassed));
-                    }
-                    // The delay line's own hold times where it ran; otherwise (netem) the growth
-                    // of the server's TCP round-trip times.
-                    let from_sockets = match (a.socket_rtt_before.median_ms, a.socket_rtt_now.median_ms) {
-                        (Some(b), Some(n)) => Some(n - b),
-                        (None, Some(n)) => Some(n),
-                        _ => None,
-                    };
-                    let achieved = a.hold.as_ref().filter(|h| h.packets > 0).map(|h| h.p50_us / 1000.0).or(from_sockets);
-                    DelayOutcome { requested_ms: f64::from(key.delay_ms), achieved_ms: achieved, backend }
-                }
-                None => DelayOutcome { requested_ms: 0.0, achieved_ms: Some(0.0), backend: "none".into() },
-            };
-            let report = report.with_context(|| format!("load of cell {}", key.stem()))?;
-            if report.stopped_early || stop.requested() {
-                break;
-            }
-            let probes = match (session.as_mut(), mark) {
-                (Some(s), Some(m)) => Some(s.summary_since(&m)?),
-                _ => None,
-            };
-            if report.in_flight_at_end > 0 {
-                notes.push(format!("{} requests were still in flight when the load ended (not counted)", report.in_flight_at_end));
-            }
-            let cell = CellResult {
-                version: RESULTS_VERSION,
-                key: key.clone(),
-                started_unix_s,
-                backend: sut_backend(cfg.backend).name().into(),
-                stack: sut_stack(cfg.stack).name().into(),
-                profile: format!("{:?}", cfg.profile).to_lowercase(),
-                delay,
-                load: load_outcome(&report),
-                probes,
-                db_refusals: None,
-                notes,
-            };
-            report
-                .write_locust_csv(&dir.root.join("cells"), &key.stem())
-                .with_context(|| format!("writing the Locust CSVs of {}", key.stem()))?;
-            dir.write_cell(&cell)?;
-            done += 1;
-            eprintln!(
-                "awaitlab: {} done: {} successes, max sRPS {:.1}, {} failures",
-                key.stem(),
-                cell.load.total_successes,
-                cell.load.max_srps,
-                cell.load.failures
-            );
-        }
-        drop(session);
+        let Some((cell, report)) = measure(&cx, s, key, &tally, warmup, notes)? else { break };
+        write_cell(&dir, &cell, &report)?;
+        tally.done += 1;
     }
-    if let Some(s) = system {
-        s.down().context("tearing down the system under test")?;
+    if let Some(s) = current {
+        drop(s.session);
+        s.system.down().context("tearing down the system under test")?;
     }
     let interrupted = stop.requested();
-    Ok(Outcome { dir: dir.root.clone(), done, skipped, interrupted })
+    Ok(Outcome { dir: dir.root.clone(), done: tally.done, skipped: tally.skipped, interrupted })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn index_of(cfg: &RunConfig, planned: Vec<CellKey>) -> Index {
+        Index { version: RESULTS_VERSION, created_unix_s: 0.0, config: serde_json::to_value(cfg).unwrap(), planned }
+    }
+
+    #[test]
+    fn a_new_run_draws_and_records_a_seed_and_a_resumed_one_keeps_its_design() {
+        let cfg = RunConfig { repeat: 2, ..RunConfig::default() };
+        let (first, planned) = design(&cfg, None).unwrap();
+        let seed = first.seed.expect("a random order draws a seed");
+        assert_eq!(planned, cfg.plan(seed));
+        let old = index_of(&first, planned.clone());
+        // Resumed without a seed, or with the same one, or with another order or warm-up
+        // asked for: the recorded design.
+        for given in [
+            cfg.clone(),
+            RunConfig { seed: Some(seed), ..cfg.clone() },
+            RunConfig { order: Order::Fixed, warmup_s: 1.0, ..cfg.clone() },
+        ] {
+            let (again, p) = design(&given, Some(&old)).unwrap();
+            assert_eq!((again.seed, again.order, again.warmup_s, &p), (Some(seed), Order::Random, first.warmup_s, &planned));
+        }
+        let e = design(&RunConfig { seed: Some(seed + 1), ..cfg.clone() }, Some(&old)).unwrap_err().to_string();
+        assert!(e.contains(&format!("seed {seed}")), "{e}");
+        let e = design(&RunConfig { delays_ms: vec![0, 100], ..cfg.clone() }, Some(&old)).unwrap_err().to_string();
+        assert!(e.contains("another matrix"), "{e}");
+    }
+
+    #[test]
+    fn a_run_from_before_the_design_resumes_in_the_fixed_order_without_warmup() {
+        let cfg = RunConfig::default();
+        let mut config = serde_json::to_value(&cfg).unwrap();
+        for k in ["order", "seed", "warmup_s"] {
+            config.as_object_mut().unwrap().remove(k);
+        }
+        let old = Index { version: RESULTS_VERSION, created_unix_s: 0.0, config, planned: cfg.cells() };
+        let (again, p) = design(&cfg, Some(&old)).unwrap();
+        assert_eq!((again.order, again.seed, again.warmup_s), (Order::Fixed, None, 0.0));
+        assert_eq!(p, cfg.cells());
+        // A fixed run draws no seed: it would name no order.
+        let (fixed, _) = design(&RunConfig { order: Order::Fixed, ..cfg }, None).unwrap();
+        assert_eq!(fixed.seed, None);
+    }
+
+    #[test]
+    fn the_warmup_is_a_few_users_held_from_the_start() {
+        let spec = warmup_spec("http://10.0.0.2:8000", "io_create", 5.0).unwrap();
+        let load::Model::Closed { schedule, .. } = &spec.model else { panic!("{spec:?}") };
+        assert_eq!(schedule.duration(), Duration::from_secs(5));
+        assert_eq!(schedule.max_users(), WARMUP_USERS);
+        assert_eq!(schedule.users_at(0.0), WARMUP_USERS, "all users from the first instant");
+        assert!(spec.url.ends_with("/posts/io_create/"), "{}", spec.url);
+    }
 }

@@ -88,6 +88,25 @@ pub struct LoadOutcome {
     pub failures_by_kind: BTreeMap<String, u64>,
     pub latency: Quantiles,
     pub series: Vec<Second>,
+    /// Requests cut off by the end of the load (not counted above; the server may still have
+    /// served them).
+    #[serde(default)]
+    pub in_flight_at_end: u64,
+}
+
+/// The unmeasured warm-up before a cell: its fresh server's first requests, on the cell's route
+/// with no added delay. Counted in no figure of the cell.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Warmup {
+    pub planned_s: f64,
+    pub users: u32,
+    /// Requests the warm-up completed, and those of them that failed.
+    pub requests: u64,
+    pub failures: u64,
+    /// Requests cut off by the warm-up's end (the server may still have served them).
+    pub in_flight_at_end: u64,
+    /// Posts the reset after the warm-up deleted: the rows the warm-up added (io_create).
+    pub posts_removed: u64,
 }
 
 /// One finished cell, as stored in `cells/<stem>.json`.
@@ -97,6 +116,13 @@ pub struct CellResult {
     pub key: CellKey,
     /// Unix time the load started.
     pub started_unix_s: f64,
+    /// The fresh server's processes that served the cell (gunicorn's master first, then its
+    /// workers); empty in runs from before a server was started for every cell.
+    #[serde(default)]
+    pub server_pids: Vec<u32>,
+    /// The warm-up before the cell; None when there was none.
+    #[serde(default)]
+    pub warmup: Option<Warmup>,
     /// System-under-test back end ("netns", "docker") and stack ("study", "current").
     pub backend: String,
     pub stack: String,
@@ -118,9 +144,12 @@ pub struct CellResult {
 pub struct Index {
     pub version: u32,
     pub created_unix_s: f64,
-    /// The effective configuration of the run, as given (for the report's header).
+    /// The effective configuration of the run, as given (for the report's header), with the
+    /// design: `order`, the `seed` the random order was drawn from (also when none was given),
+    /// and `warmup_s`.
     pub config: serde_json::Value,
-    /// Cells in the order the run executes them.
+    /// Cells in the order the run executes them (with a random order, block `rep` after block
+    /// `rep - 1`).
     pub planned: Vec<CellKey>,
 }
 
@@ -238,6 +267,8 @@ pub(crate) mod tests {
             version: RESULTS_VERSION,
             key: CellKey { setup: setup.into(), route: route.into(), delay_ms, rep },
             started_unix_s: 0.0,
+            server_pids: vec![],
+            warmup: None,
             backend: "netns".into(),
             stack: "current".into(),
             profile: "quick".into(),
@@ -262,6 +293,7 @@ pub(crate) mod tests {
                         p95_ms: Some(20.0),
                     })
                     .collect(),
+                in_flight_at_end: 0,
             },
             probes: None,
             db_refusals: None,
