@@ -358,7 +358,7 @@ struct Server {
 /// the one before it. The first cell brings the system up and seeds the database once; later
 /// cells replace the server (PostgreSQL restarts only when max_connections changes). The probes
 /// are attached again when the new server lives in another namespace (a new container); in the
-/// same namespace they keep watching it.
+/// same namespace (the netns back end) they keep watching it.
 fn fresh_server(cx: &Ctx<'_>, current: &mut Option<Server>, setup: sut::Setup) -> anyhow::Result<()> {
     let cfg = cx.cfg;
     match current.as_mut() {
@@ -374,10 +374,10 @@ fn fresh_server(cx: &Ctx<'_>, current: &mut Option<Server>, setup: sut::Setup) -
             *current = Some(Server { system, target, session });
         }
         Some(s) => {
+            let netns_before = s.system.netns().to_string();
             s.system.switch(setup, sut_stack(cfg.stack)).with_context(|| format!("starting a fresh {} server", setup.name()))?;
             let target = Target::resolve(s.system.netns()).with_context(|| format!("the server's namespace {}", s.system.netns()))?;
-            if target.netns_inum == s.target.netns_inum {
-                // The probes select by namespace number: they already watch the new server.
+            if same_namespace((&netns_before, s.target.netns_inum), (s.system.netns(), target.netns_inum)) {
                 // The target is new all the same (the delay enters the namespace through it).
                 s.target = target;
             } else {
@@ -388,6 +388,15 @@ fn fresh_server(cx: &Ctx<'_>, current: &mut Option<Server>, setup: sut::Setup) -
         }
     }
     Ok(())
+}
+
+/// Whether a server's namespace, given as (path, inode number) before and after a restart, is
+/// still the same one. The same path (netns: a named namespace that outlives its servers) is the
+/// same namespace. A new path (docker: /proc/PID/ns/net of a new container) is a new one, even
+/// when the kernel hands it the old one's inode number, as it did here: the probes learn the
+/// namespace's address from its first socket and would not see the new one.
+fn same_namespace(before: (&str, u32), after: (&str, u32)) -> bool {
+    before == after
 }
 
 /// Waits for the server to go idle (`drain`). If it does not within the drain timeout, the
@@ -747,6 +756,15 @@ mod tests {
         // A fixed run draws no seed: it would name no order.
         let (fixed, _) = design(&RunConfig { order: Order::Fixed, ..cfg }, None).unwrap();
         assert_eq!(fixed.seed, None);
+    }
+
+    /// Regression: a new container whose namespace had the old one's inode number kept the
+    /// probes of the old namespace, which saw no request of the cell.
+    #[test]
+    fn a_new_namespace_path_is_a_new_namespace_whatever_its_number() {
+        assert!(same_namespace(("/run/netns/awlruns", 7), ("/run/netns/awlruns", 7)));
+        assert!(!same_namespace(("/proc/10/ns/net", 7), ("/proc/20/ns/net", 7)));
+        assert!(!same_namespace(("/run/netns/awlruns", 7), ("/run/netns/awlruns", 8)));
     }
 
     #[test]
