@@ -8,6 +8,7 @@
 pub mod published;
 pub mod stats;
 pub mod svg;
+mod verdict;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -428,36 +429,16 @@ fn route_findings<'a>(route: &str, setups: &[&str], delays: &BTreeSet<u32>, g: &
     out
 }
 
+/// The verdict on the study's hypothesis (a pre-specified one-sided contrast) and the secondary
+/// directionless interaction test; see `verdict`.
 fn statistics(cells: &[CellResult], setups: &[&str], routes: &[&str], delays: &BTreeSet<u32>) -> Vec<String> {
     let reps = cells.iter().map(|c| c.key.rep).max().unwrap_or(0);
     let mut out = vec![format!("Repetitions per cell: up to {reps}.")];
     if reps < 3 {
-        out.push("With fewer than three repetitions no confidence intervals or interaction test are computed (use --repeat 3 or more).".into());
-        return out;
+        out.push("With fewer than three repetitions the tables show no confidence intervals and the tests below have little or no power (use --repeat 3 or more).".into());
     }
-    let delays: Vec<u32> = delays.iter().copied().collect();
-    let mut data: BTreeMap<(usize, usize, usize), Vec<f64>> = BTreeMap::new();
-    for c in cells {
-        let (Some(a), Some(b), Some(k)) = (
-            setups.iter().position(|s| *s == c.key.setup),
-            routes.iter().position(|r| *r == c.key.route),
-            delays.iter().position(|d| *d == c.key.delay_ms),
-        ) else {
-            continue;
-        };
-        // Successes span orders of magnitude across cells: test on the log scale.
-        data.entry((a, b, k)).or_default().push((c.load.total_successes as f64 + 1.0).ln());
-    }
-    match stats::three_way_interaction(&data) {
-        Ok(i) => {
-            let verdict = if i.p < 0.05 { "supported" } else { "not supported" };
-            out.push(format!(
-                "Three-way interaction setup x route x added latency on ln(successes + 1): F({:.0}, {:.0}) = {:.2}, p = {:.4}. The study's hypothesis is {verdict} at the 5 % level.",
-                i.df_effect, i.df_error, i.f, i.p
-            ));
-        }
-        Err(why) => out.push(format!("Three-way interaction not computed: {why}.")),
-    }
+    out.push(verdict::verdict_line(cells));
+    out.push(verdict::omnibus_line(cells, setups, routes, delays));
     out
 }
 
@@ -553,8 +534,12 @@ mod tests {
         let (root, dir) = results(3);
         let r = Report::build(&dir).unwrap();
         let s = r.statistics.join("\n");
-        assert!(s.contains("F(1, 16)"), "{s}");
-        assert!(s.contains("supported at the 5 % level") && !s.contains("not supported"), "{s}");
+        // 2 setups x 2 routes x 2 delays, 3 repetitions as blocks: F(1, (8 - 1) x (3 - 1) = 14).
+        assert!(s.contains("F(1, 14)") && s.contains("the repetition as a block"), "{s}");
+        // Regression: a significant F test without direction was printed as "supported". This run
+        // has no 200 ms cell, which the pre-specified contrast needs (verdict.rs tests the rest).
+        assert!(s.contains("Verdict: cannot be computed: no cell ran at 200 ms"), "{s}");
+        assert!(!s.contains("supported"), "{s}");
         assert!(r.study_tables[1].rows[1][1].contains('±'));
         std::fs::remove_dir_all(root).unwrap();
     }
