@@ -144,6 +144,13 @@ impl Report {
 
             let mut head = vec!["added latency".to_string(), "setup".into(), "successes (ours)".into(), "successes (study)".into(), "max sRPS (ours)".into(), "max sRPS (study)".into(), "successes vs Sync (ours)".into(), "successes vs Sync (study)".into()];
             head.truncate(8);
+            // A quick run's totals and peaks are not the study's 180 s ones; its ratios are.
+            let not_comparable = published::not_comparable(cells.iter().filter(|c| c.key.route == route));
+            let study_abs = |p: Option<(u64, f64)>, f: fn((u64, f64)) -> String| match (p, &not_comparable) {
+                (None, _) => "-".to_string(),
+                (Some(_), Some(why)) => why.clone(),
+                (Some(p), None) => f(p),
+            };
             let mut rows = Vec::new();
             for &d in &delays {
                 let sync_ours = g("sync", route, d).and_then(|g| g.mean(successes));
@@ -160,15 +167,19 @@ impl Report {
                         format!("{d} ms"),
                         setup_name(s).into(),
                         gr.fmt(successes, 0),
-                        pubd.map_or("-".into(), |p| p.0.to_string()),
+                        study_abs(pubd, |p| p.0.to_string()),
                         gr.fmt(max_srps, 1),
-                        pubd.map_or("-".into(), |p| format!("{:.1}", p.1)),
+                        study_abs(pubd, |p| format!("{:.1}", p.1)),
                         ratio(ours, sync_ours),
                         ratio(pubd.map(|p| p.0 as f64), sync_pub),
                     ]);
                 }
             }
-            beside.push(Table { caption: format!("{route}: ours beside the study's published numbers (ratios: async / sync successes)"), head, rows });
+            let caption = match &not_comparable {
+                None => format!("{route}: ours beside the study's published numbers (ratios: async / sync successes)"),
+                Some(why) => format!("{route}: ours beside the study's published numbers (ratios: async / sync successes; absolute numbers {why}: only the ratios compare)"),
+            };
+            beside.push(Table { caption, head, rows });
 
             let head = [
                 "setup", "added latency", "server time p50 (ms)", "db round trips / request", "db connects / request",
@@ -518,8 +529,12 @@ mod tests {
         assert_eq!(t.rows[1], vec!["100 ms", "103 / 5.2", "2003 / 100.2"]);
         let b = &r.beside[1];
         let row = b.rows.iter().find(|r| r[0] == "100 ms" && r[1] == "Async Unlimited").unwrap();
-        assert_eq!(row[3], "5313", "the study's published successes");
+        // Quick cells (30 s): the study's absolute numbers are labelled, its ratio still shown.
+        assert_eq!(row[3], "not comparable (30 s vs 180 s)");
+        assert_eq!(row[5], "not comparable (30 s vs 180 s)");
         assert_eq!(row[6], "19.45x");
+        assert_eq!(row[7], "26.57x", "the study's 5313 / 200");
+        assert!(b.caption.contains("only the ratios compare"), "{}", b.caption);
         let md = r.markdown();
         assert!(md.contains("Table 1: cpu") && md.contains("Table 2: io_read"));
         assert!(md.contains("not computed") || md.contains("fewer than three"));
@@ -527,6 +542,25 @@ mod tests {
         assert_eq!(html.matches("<svg").count(), 2 + 1 + 8 * 3, "across-cell and per-cell figures");
         assert!(!html.contains("http://") || html.matches("http://").count() == html.matches("http://www.w3.org/2000/svg").count(), "no external resources");
         std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn cells_of_the_studys_profile_sit_beside_its_published_numbers() {
+        let root = std::env::temp_dir().join(format!("awl-report-{}-study-profile", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let index = Index { version: RESULTS_VERSION, created_unix_s: 0.0, config: serde_json::json!({}), planned: vec![] };
+        let dir = ResultsDir::create(&root, &index).unwrap();
+        for setup in ["sync", "async-unlimited"] {
+            let mut c = cell(setup, "io_read", 100, 1, 1000);
+            c.profile = "study".into();
+            c.load.planned_s = 180.0;
+            dir.write_cell(&c).unwrap();
+        }
+        let r = Report::build(&dir).unwrap();
+        let row = r.beside[0].rows.iter().find(|r| r[1] == "Async Unlimited").unwrap().clone();
+        std::fs::remove_dir_all(&root).unwrap();
+        assert_eq!((row[3].as_str(), row[5].as_str()), ("5313", "36.0"), "{row:?}");
+        assert!(!r.beside[0].caption.contains("not comparable"), "{}", r.beside[0].caption);
     }
 
     #[test]
