@@ -1,15 +1,15 @@
 //! The study's figures, computed exactly as the study read them, from one place:
 //!
 //! - **Max sRPS** (`max_srps`): the largest point of Locust 2.13's report chart of
-//!   (requests/s - failures/s). Locust adds a chart point every 5 s from its start
+//!   (requests/s - failures/s). Locust adds a chart point every 5 s after its start
 //!   (`stats_history`, `HISTORY_STATS_INTERVAL_SEC`); each point is `current_rps -
 //!   current_fail_per_sec` (locust/stats.py, `StatsEntry`): the mean of the per-second counts
 //!   over the unix seconds `[int(t_last) - 12, int(t_last) - 2)`, clipped at the start, where
 //!   `t_last` is when the last request so far completed. So a point lags 2-12 s behind, averages
 //!   10 s, and stays where it was while nothing completes;
 //! - **Max sRPS over 5 s windows** (`max_srps_5s_window`): the best fixed 5-second window of
-//!   (requests - failures) / 5. Not the study's figure (it reads higher on bursty routes, up to
-//!   2x), kept because it counts every completion and does not lag;
+//!   (requests - failures) / 5. Not the study's figure (it reads higher on bursty routes), kept
+//!   because it counts every completion and does not lag;
 //! - **Total successes**: requests - failures over the run.
 //!
 //! Both rates take the run's whole wall-clock (unix) seconds, as Locust keys its counts by
@@ -66,15 +66,14 @@ pub fn current_rates(secs: &[Tally], t: f64) -> (f64, f64) {
 }
 
 /// The report chart's points of (requests/s - failures/s): one every `CHART_INTERVAL_S` after
-/// the start (`start_s` into second 0) up to the end (`duration_s` later). Locust's first point
-/// is taken at the start, before anything completes (always 0), and is left out.
+/// the start (`start_s` into second 0), before the end (`duration_s` later).
 pub fn chart(secs: &[Tally], start_s: f64, duration_s: f64) -> Vec<f64> {
     let mut points = Vec::new();
     let mut k = 1.0;
-    // A point exactly at the end is kept: Locust's headless run quits after its run time and
-    // its sampler wakes every 5 s from (just before) the same moment, so the last point at
-    // the end is usually taken; it only differs from its predecessor by 5 more seconds.
-    while k * CHART_INTERVAL_S <= duration_s + 1e-9 {
+    // As Locust 2.13.0's headless runs here: `-t 15s` gives points at 5 and 10 s only. Its
+    // sampler wakes 5 s after each sample ends, so it drifts late, and the run-time timer, set
+    // at the start too, quits first; the run has no point at 0 s either.
+    while k * CHART_INTERVAL_S < duration_s - 1e-9 {
         let (rps, fps) = current_rates(secs, start_s + k * CHART_INTERVAL_S);
         points.push(rps - fps);
         k += 1.0;
@@ -82,8 +81,8 @@ pub fn chart(secs: &[Tally], start_s: f64, duration_s: f64) -> Vec<f64> {
     points
 }
 
-/// Max sRPS: the largest point of Locust's report chart (0 for a run shorter than 5 s, which
-/// has no point but the one at its start).
+/// Max sRPS: the largest point of Locust's report chart (0 for a run of 5 s or less, which has
+/// no point).
 pub fn max_srps(secs: &[Tally], start_s: f64, duration_s: f64) -> f64 {
     chart(secs, start_s, duration_s)
         .into_iter()
@@ -135,12 +134,12 @@ mod tests {
     fn chart_of_a_steady_run() {
         // Started 0.5 s into second 0; 20 responses a second, 2 of them failures, each second's
         // first at 50 ms; seconds 0 and 30 are half seconds (10 and 1). 30 s: points at 5.5,
-        // 10.5, ..., 30.5, each with int(t_last) = its own second.
+        // 10.5, ..., 25.5 (none at the end), each with int(t_last) = its own second.
         let mut s = vec![tally(20, 2, 50); 31];
         s[0] = tally(10, 1, 550);
         s[30] = tally(10, 1, 50);
         let c = chart(&s, 0.5, 30.0);
-        assert_eq!(c.len(), 6);
+        assert_eq!(c.len(), 5);
         // 5.5: t_last in 5, seconds [0, 3) clipped at the start: (10 + 20 + 20) / 3 requests/s
         // and (1 + 2 + 2) / 3 failures/s: 45 / 3 = 15.
         assert!(close(c[0], 15.0), "{c:?}");
@@ -159,18 +158,20 @@ mod tests {
     #[test]
     fn chart_of_a_bursty_run() {
         // A slow route: 30 responses at 6.2 s, 30 at 8.2 s, then none until 10 at 20.5 s.
-        // Started at 0.0, 30 s: points at 5, 10, ..., 30.
+        // Started at 0.0, 31 s: points at 5, 10, ..., 30.
         let mut s = vec![Tally::default(); 31];
         s[6] = tally(30, 0, 200);
         s[8] = tally(30, 0, 200);
         s[20] = tally(10, 0, 500);
-        let c = chart(&s, 0.0, 30.0);
+        let c = chart(&s, 0.0, 31.0);
         // 5: nothing yet. 10 and 15: t_last = 8.2, seconds [0, 6) hold nothing: 0 (Locust's
         // point stays put while nothing completes). 20: the burst of second 20 comes at 20.5,
         // after the point, so t_last is still 8.2: 0. 25 and 30: t_last = 20.5, seconds
         // [8, 18): 30 / 10 = 3.
         assert_eq!(c, vec![0.0, 0.0, 0.0, 0.0, 3.0, 3.0]);
-        assert_eq!(max_srps(&s, 0.0, 30.0), 3.0);
+        assert_eq!(max_srps(&s, 0.0, 31.0), 3.0);
+        // Ending at 30 s exactly leaves the last point out.
+        assert_eq!(chart(&s, 0.0, 30.0).len(), 5);
         // The best fixed window, [5, 10), holds both bursts: 60 / 5 = 12, four times the chart.
         let per: Vec<(u64, u64)> = s.iter().map(|t| (t.requests, t.failures)).collect();
         assert_eq!(max_srps_5s_window(&per, 30.0), 12.0);
@@ -188,8 +189,9 @@ mod tests {
         assert_eq!(current_rates(&[], 2.5), (0.0, 0.0));
         // Past the last recorded second: t_last stays in the last second with a completion.
         assert_eq!(current_rates(&s, 40.0), (4.0, 1.0));
-        // A run shorter than 5 s has no chart point.
+        // A run of 5 s or less has no chart point.
         assert_eq!(max_srps(&s[..4], 0.0, 4.9), 0.0);
+        assert_eq!(chart(&s, 0.0, 5.0), Vec::<f64>::new());
     }
 
     #[test]
