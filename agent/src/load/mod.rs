@@ -782,10 +782,12 @@ pub async fn run_with_metrics(
         successes: totals.requests - totals.failures,
         failures: totals.failures,
         total_successes: metrics::total_successes(totals.requests, totals.failures),
+        // Up to the planned end, which the run overshoots by a moment: Locust's run-time timer
+        // quits before its chart's point at that end.
         max_srps: metrics::max_srps(
             &tallies,
             into_second.as_secs_f64(),
-            actual.as_secs_f64(),
+            actual.min(planned).as_secs_f64(),
         ),
         max_srps_5s_window: metrics::max_srps_5s_window(&per_second, actual.as_secs_f64()),
         failures_by_kind: report::failures_by_kind(&totals),
