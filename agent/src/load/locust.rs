@@ -286,8 +286,9 @@ mod tests {
                     total_failures: 1,
                     total_latency_ms: q,
                     total_bytes: 30,
-                    current_rps: 3.0,
-                    current_fail_per_sec: 1.0,
+                    // Locust's smoothed rates, not the second's counts (3 and 1).
+                    current_rps: 2.5,
+                    current_fail_per_sec: 0.5,
                     ..SeriesPoint::default()
                 },
             ],
@@ -323,7 +324,7 @@ mod tests {
         assert!(lines
             .next()
             .unwrap()
-            .starts_with("1700000002,1,,Aggregated,3.000000,1.000000,2,"));
+            .starts_with("1700000002,1,,Aggregated,2.500000,0.500000,2,"));
 
         let f = failures_csv(&r);
         assert_eq!(f.lines().next().unwrap(), "Method,Name,Error,Occurrences");
