@@ -65,8 +65,9 @@ class _Timed(list):
 _first = {}
 
 
-@events.init.add_listener
-def _init(environment, **_kw):
+# After Locust's own reset at the start (`clear_all`, which also sets the start time).
+@events.test_start.add_listener
+def _start(environment, **_kw):
     environment.stats.history = _Timed()
 
 
@@ -135,7 +136,9 @@ fn run_locust(dir: &Path, base: &str) -> LocustRun {
         "{} is missing: run `cargo xtask setup`",
         bin.display()
     );
-    let child = Command::new(&bin)
+    let child = Command::new("nice")
+        .args(["-n", NICE])
+        .arg(&bin)
         .arg("-f")
         .arg(&file)
         .args(["--headless", "--only-summary", "--loglevel", "WARNING"])
@@ -208,19 +211,37 @@ fn run_locust(dir: &Path, base: &str) -> LocustRun {
 }
 
 fn run_awaitlab(url: &str) -> LoadReport {
-    let out = common::agent_once(&[
-        "load",
-        url,
-        "--users",
-        &USERS.to_string(),
-        "--spawn-rate",
-        &USERS.to_string(),
-        "--run-time",
-        &format!("{RUN_S}s"),
-        "--json",
-    ]);
-    assert_eq!(out.code, Some(0), "{}", out.stderr);
-    serde_json::from_str(out.stdout.trim()).unwrap()
+    let out = Command::new("nice")
+        .args(["-n", NICE])
+        .arg(common::agent_bin())
+        .args(["load", url, "--users", &USERS.to_string(), "--spawn-rate"])
+        .arg(USERS.to_string())
+        .args(["--run-time", &format!("{RUN_S}s"), "--json"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "awaitlab load: {stderr}");
+    serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap()
+}
+
+/// Priority of the server, PostgreSQL and both clients over other work on the host. On the
+/// shared 2-core host here, other processes moved one client's figures against the other's by
+/// up to 19 % (a server that waits 20 ms per request, 10 users, 10 s: Locust 387 and 414
+/// requests, awaitlab 461 and 474); with the server and the clients at nice -15, six such runs
+/// agreed within 7 %. It gives what is measured the CPU, and changes nothing in it.
+const NICE: &str = "-15";
+
+/// Gives the running server and PostgreSQL (the connections' backends it forks inherit it)
+/// the clients' priority.
+fn prioritise(sut: &Sut) {
+    for pid in sut.server_pids().iter().chain([&sut.state().db_pid]) {
+        let ok = Command::new("renice")
+            .args(["-n", NICE, "-p", &pid.to_string()])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "renice {pid}");
+    }
 }
 
 /// A closed-loop run leaves requests queued in the one sync worker when it stops (up to USERS
@@ -228,6 +249,8 @@ fn run_awaitlab(url: &str) -> LoadReport {
 fn settle() {
     std::thread::sleep(Duration::from_secs(3));
 }
+
+const TOLERANCE: f64 = 0.15;
 
 fn within(ours: f64, theirs: f64, tol: f64) -> bool {
     theirs > 0.0 && (ours / theirs - 1.0).abs() <= tol
@@ -248,6 +271,7 @@ fn awaitlab_load_and_locust_2_13_agree_on_the_system_under_test() {
         if stack != sut.state().stack {
             sut.switch(Setup::Sync, stack).unwrap();
         }
+        prioritise(&sut);
         let base = sut.url().trim_end_matches('/').to_owned();
         let url = format!("{base}/posts/io_read/");
         // Alternate which tool goes first, so that a drift of the host over the test does not
@@ -289,15 +313,17 @@ fn awaitlab_load_and_locust_2_13_agree_on_the_system_under_test() {
         // The study's io_read never fails at this load; a failure would mean a broken system.
         assert_eq!(locust.failures, 0, "{stack:?}: Locust saw failures");
         assert_eq!(ours.failures, 0, "{stack:?}: awaitlab saw failures");
-        // Tolerances: TODO from the measured run-to-run noise.
-        if !within(ours.total_successes as f64, locust.successes() as f64, 0.15) {
+        // 15 %: consecutive runs of the two clients at this priority differed by up to 7 % in
+        // successes, and by 3 % in Max sRPS over 40 s, here (docs/load.md); the gap the issue
+        // reported (awaitlab 1.19x to 1.32x Locust's successes) must fail.
+        if !within(ours.total_successes as f64, locust.successes() as f64, TOLERANCE) {
             failed.push(format!(
                 "{stack:?}: total successes {} vs Locust's {}",
                 ours.total_successes,
                 locust.successes()
             ));
         }
-        if !within(ours.max_srps, locust.max_srps(), 0.15) {
+        if !within(ours.max_srps, locust.max_srps(), TOLERANCE) {
             failed.push(format!(
                 "{stack:?}: max sRPS {:.2} vs Locust's {:.2}",
                 ours.max_srps,
