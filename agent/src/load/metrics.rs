@@ -72,7 +72,8 @@ pub fn chart(secs: &[Tally], start_s: f64, duration_s: f64) -> Vec<f64> {
     let mut k = 1.0;
     // As Locust 2.13.0's headless runs here: `-t 15s` gives points at 5 and 10 s only. Its
     // sampler wakes 5 s after each sample ends, so it drifts late, and the run-time timer, set
-    // at the start too, quits first; the run has no point at 0 s either.
+    // at the start too, quits first. Its point at 0 s is taken just before the start resets the
+    // statistics (`clear_all`, which empties the history), and is lost.
     while k * CHART_INTERVAL_S < duration_s - 1e-9 {
         let (rps, fps) = current_rates(secs, start_s + k * CHART_INTERVAL_S);
         points.push(rps - fps);
