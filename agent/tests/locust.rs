@@ -166,7 +166,8 @@ fn run_locust(dir: &Path, base: &str) -> LocustRun {
     }
     assert!(status.success(), "Locust failed ({status}): {err}");
     let v: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&dump).unwrap_or_else(|e| panic!("{}: {e}; {err}", dump.display())),
+        &std::fs::read_to_string(&dump)
+            .unwrap_or_else(|e| panic!("{}: {e}; {err}", dump.display())),
     )
     .unwrap();
     let history = v["history"].as_array().unwrap();
@@ -316,7 +317,11 @@ fn awaitlab_load_and_locust_2_13_agree_on_the_system_under_test() {
         // 15 %: consecutive runs of the two clients at this priority differed by up to 7 % in
         // successes, and by 3 % in Max sRPS over 40 s, here (docs/load.md); the gap the issue
         // reported (awaitlab 1.19x to 1.32x Locust's successes) must fail.
-        if !within(ours.total_successes as f64, locust.successes() as f64, TOLERANCE) {
+        if !within(
+            ours.total_successes as f64,
+            locust.successes() as f64,
+            TOLERANCE,
+        ) {
             failed.push(format!(
                 "{stack:?}: total successes {} vs Locust's {}",
                 ours.total_successes,
