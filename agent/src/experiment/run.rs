@@ -150,6 +150,7 @@ fn load_outcome(r: &load::LoadReport) -> LoadOutcome {
         failures: r.failures,
         total_successes: r.total_successes,
         max_srps: r.max_srps,
+        max_srps_5s_window: r.max_srps_5s_window,
         failures_by_kind: r.failures_by_kind.iter().map(|f| (f.kind.clone(), f.count)).collect(),
         latency: crate::aggregate::Quantiles {
             count: r.latency_ms.count,

@@ -82,8 +82,13 @@ pub struct LoadOutcome {
     pub failures: u64,
     /// The study's "Total successes": requests - failures.
     pub total_successes: u64,
-    /// The study's "Max sRPS": max over 5 s samples of (requests/s - failures/s).
+    /// The study's "Max sRPS": the largest point of Locust 2.13's report chart of
+    /// (requests/s - failures/s) (`load::metrics::max_srps`).
     pub max_srps: f64,
+    /// The best fixed 5-second window of (requests - failures) / 5 (not the study's figure;
+    /// absent from cells recorded before it existed).
+    #[serde(default)]
+    pub max_srps_5s_window: f64,
     /// Failure counts by kind ("http_500", "reset", "refused", "closed", "timeout", ...).
     pub failures_by_kind: BTreeMap<String, u64>,
     pub latency: Quantiles,
@@ -249,6 +254,7 @@ pub(crate) mod tests {
                 failures: 2,
                 total_successes: successes,
                 max_srps: successes as f64 / 20.0,
+                max_srps_5s_window: successes as f64 / 20.0,
                 failures_by_kind: [("http_500".to_string(), 2u64)].into_iter().collect(),
                 latency: quantiles(10.0),
                 series: (0..30)
