@@ -190,6 +190,23 @@ fn cpu_matches_the_kernel(kind: BackendKind) {
     eprintln!("{kind:?}: namespace CPU: probes {on:.3} s, kernel {truth:.3} s (server {server_truth:.3} s + spawned {spawned_cpu_s:.3} s)");
     assert!(on <= truth * 1.15 + 0.050, "{kind:?}: probes count {on} s on CPU, the kernel {truth} s: dead threads counted as running?");
     assert!(on >= server_truth * 0.5, "{kind:?}: probes {on} s, server alone {server_truth} s");
+    // The database's share of server time: the kernel's in-server counters against the request
+    // records. The load stopped seconds before the agent, so no request was in flight at either
+    // end and the integral must equal the records' time to the first response byte (1 %: the
+    // health checks' connections and float rounding).
+    let reqs = out.records("request");
+    let to_first_byte: f64 = reqs
+        .iter()
+        .map(|r| {
+            let fb = r["first_byte_ns"].as_f64().unwrap();
+            if fb > 0.0 { fb } else { r["server_ns"].as_f64().unwrap() }
+        })
+        .sum();
+    let db_wait_ns: f64 = s["ratios"]["db_wait_ms_per_request"].as_f64().unwrap() * 1e6 * s["requests"].as_f64().unwrap();
+    let share = s["ratios"]["db_wait_share_of_server_time"].as_f64().unwrap();
+    let want = db_wait_ns / to_first_byte;
+    eprintln!("{kind:?}: db wait share {share:.4}, from the records {want:.4}");
+    assert!(share <= 1.0 && (share - want).abs() <= 0.01 * want, "{kind:?}: share {share} vs records {want}");
     let cpus = std::thread::available_parallelism().unwrap().get() as f64;
     assert!(on <= cpus * wall, "{kind:?}: {on} s on CPU in {wall} s on {cpus} CPUs");
     assert!(s["cpu"]["cpu_s_per_wall_s"].as_f64().unwrap() <= cpus);
