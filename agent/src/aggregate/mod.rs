@@ -562,10 +562,13 @@ mod tests {
         }
     }
 
+    /// A request: start, end, and its round trips (start, end).
+    type Req = (u64, u64, Vec<(u64, u64)>);
+
     /// Requests (start, end, round trips inside) replayed in time order against the kernel's
     /// counters and the records user space would see; returns (old share, new share) over the
     /// window [m, e]: the old one divided by the server time of the records finished in it.
-    fn shares(reqs: &[(u64, u64, Vec<(u64, u64)>)], m: u64, e: u64) -> (Option<f64>, Option<f64>) {
+    fn shares(reqs: &[Req], m: u64, e: u64) -> (Option<f64>, Option<f64>) {
         let mut k = InServer { slots: [[0; COUNTERS as usize]; 2] };
         let mut events: Vec<(u64, usize, bool)> = Vec::new();
         for (i, (s, f, _)) in reqs.iter().enumerate() {
@@ -629,7 +632,7 @@ mod tests {
             m in 0u64..1_000_000,
             len in 1u64..1_000_000,
         ) {
-            let reqs: Vec<(u64, u64, Vec<(u64, u64)>)> = raw
+            let reqs: Vec<Req> = raw
                 .iter()
                 .map(|(s, d, parts)| {
                     // Round trips back to back inside [s, s + d], sized by the given weights.

@@ -237,22 +237,8 @@ impl Report {
         for t in &self.explain {
             md_table(&mut s, t);
         }
-        s.push_str("## Findings\n\n");
-        for (route, lines) in &self.findings {
-            let _ = writeln!(s, "### {route}\n");
-            for l in lines {
-                let _ = writeln!(s, "- {l}");
-            }
-            s.push('\n');
-        }
-        s.push_str("## The study's open questions\n\n");
-        for (q, lines) in &self.questions {
-            let _ = writeln!(s, "### {q}\n");
-            for l in lines {
-                let _ = writeln!(s, "- {l}");
-            }
-            s.push('\n');
-        }
+        md_lists(&mut s, "Findings", &self.findings);
+        md_lists(&mut s, "The study's open questions", &self.questions);
         s.push_str("## Statistics\n\n");
         for l in &self.statistics {
             let _ = writeln!(s, "- {l}");
@@ -284,22 +270,8 @@ impl Report {
         for t in &self.explain {
             html_table(&mut s, t);
         }
-        s.push_str("<h2>Findings</h2>");
-        for (route, lines) in &self.findings {
-            let _ = write!(s, "<h3>{}</h3><ul>", esc(route));
-            for l in lines {
-                let _ = write!(s, "<li>{}</li>", esc(l));
-            }
-            s.push_str("</ul>");
-        }
-        s.push_str("<h2>The study's open questions</h2>");
-        for (q, lines) in &self.questions {
-            let _ = write!(s, "<h3>{}</h3><ul>", esc(q));
-            for l in lines {
-                let _ = write!(s, "<li>{}</li>", esc(l));
-            }
-            s.push_str("</ul>");
-        }
+        html_lists(&mut s, "Findings", &self.findings);
+        html_lists(&mut s, "The study's open questions", &self.questions);
         s.push_str("<h2>Statistics</h2><ul>");
         for l in &self.statistics {
             let _ = write!(s, "<li>{}</li>", esc(l));
@@ -681,6 +653,29 @@ fn md_table(s: &mut String, t: &Table) {
         let _ = writeln!(s, "| {} |", r.join(" | "));
     }
     s.push('\n');
+}
+
+/// A section of headed lists (the findings per route, the answers per question).
+fn md_lists(s: &mut String, title: &str, lists: &[(String, Vec<String>)]) {
+    let _ = writeln!(s, "## {title}\n");
+    for (head, lines) in lists {
+        let _ = writeln!(s, "### {head}\n");
+        for l in lines {
+            let _ = writeln!(s, "- {l}");
+        }
+        s.push('\n');
+    }
+}
+
+fn html_lists(s: &mut String, title: &str, lists: &[(String, Vec<String>)]) {
+    let _ = write!(s, "<h2>{}</h2>", esc(title));
+    for (head, lines) in lists {
+        let _ = write!(s, "<h3>{}</h3><ul>", esc(head));
+        for l in lines {
+            let _ = write!(s, "<li>{}</li>", esc(l));
+        }
+        s.push_str("</ul>");
+    }
 }
 
 fn html_table(s: &mut String, t: &Table) {
