@@ -532,7 +532,7 @@ fn open_questions<'a>(delays: &BTreeSet<u32>, g: &dyn Fn(&str, &str, u32) -> Opt
         let cpu = |gr: &Group| gr.fmt(probe(|p| p.cpu.cpu_s_per_wall_s), 2);
         let per_req = |gr: &Group| gr.fmt(probe(|p| per_request(p, p.cpu.on_cpu_s * 1000.0)), 0);
         if u.mean(probe(|p| p.cpu.cpu_s_per_wall_s)).is_some() && l.mean(probe(|p| p.cpu.cpu_s_per_wall_s)).is_some() {
-            let _ = write!(line, "; server CPU s per wall s {} vs {}; server CPU ms per request {} vs {}", cpu(u), cpu(l), per_req(u), per_req(l));
+            let _ = write!(line, "; server CPU s per wall s {} vs {}; server CPU ms per finished request {} vs {}", cpu(u), cpu(l), per_req(u), per_req(l));
         }
         line.push('.');
         if uc.is_some_and(|c| c < 0.01) && lc.is_some_and(|c| c < 0.01) {
