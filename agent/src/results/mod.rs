@@ -109,6 +109,9 @@ pub struct CellResult {
     /// "remaining connection slots are reserved"), counted in its log; None when not measured.
     #[serde(default)]
     pub db_refusals: Option<u64>,
+    /// What the system under test ran with, measured after its last start (None: not recorded).
+    #[serde(default)]
+    pub system: Option<crate::sut::SystemRecord>,
     /// Anything worth knowing when reading the numbers (drain timeouts, restarts, ...).
     pub notes: Vec<String>,
 }
@@ -265,6 +268,7 @@ pub(crate) mod tests {
             },
             probes: None,
             db_refusals: None,
+            system: None,
             notes: vec![],
         }
     }
