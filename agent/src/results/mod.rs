@@ -105,8 +105,10 @@ pub struct CellResult {
     pub load: LoadOutcome,
     /// The eBPF view of the server during the load (None when probes were off).
     pub probes: Option<Summary>,
-    /// Connections PostgreSQL refused during the cell for want of a slot ("too many clients",
-    /// "remaining connection slots are reserved"), counted in its log; None when not measured.
+    /// Connections PostgreSQL refused the server during the cell for want of a slot ("too many
+    /// clients", "remaining connection slots are reserved"), counted in its log (refusals of the
+    /// database host's own clients, the health check and the agent's psql, left out); None when
+    /// not measured.
     #[serde(default)]
     pub db_refusals: Option<u64>,
     /// What the system under test ran with, measured after its last start (None: not recorded).

@@ -232,7 +232,10 @@ async fn start_db(d: &bollard::Docker, opts: &Options) -> Result<i64, SutError> 
     let name = &opts.name;
     // PostgreSQL: its image's entrypoint passes extra arguments on to postgres.
     let db = format!("{name}-db");
-    let mut db_args = Vec::new();
+    let mut db_args = vec![
+        "-c".to_string(),
+        format!("log_line_prefix={}", super::LOG_LINE_PREFIX),
+    ];
     for kv in &opts.postgres_args {
         db_args.extend(["-c".to_string(), kv.clone()]);
     }

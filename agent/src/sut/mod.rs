@@ -404,6 +404,10 @@ pub(crate) fn server_env(setup: Setup, stack: Stack, db_host: &str) -> Vec<(&'st
     ]
 }
 
+/// PostgreSQL's log line prefix on both back ends: its default (`%m [%p] `) plus the client's
+/// host, so that a refusal names whom it refused.
+pub(crate) const LOG_LINE_PREFIX: &str = "%m [%p] %h ";
+
 /// PostgreSQL's log messages when it refuses a connection for want of a slot: every slot taken
 /// (checked before authentication), or only the superusers' reserved ones left (checked after).
 /// PostgreSQL 16 ends the second differently ("...reserved for roles with the SUPERUSER
@@ -413,10 +417,21 @@ const REFUSALS: [&str; 2] = [
     "remaining connection slots are reserved",
 ];
 
-/// Connections refused for want of a slot in a PostgreSQL log: one FATAL line each.
+/// Clients on the database's own host: the agent's psql (local socket or loopback) and the
+/// docker back end's health check. Their refusals are not the server's.
+const DB_HOST_CLIENTS: [&str; 3] = ["[local]", "127.0.0.1", "::1"];
+
+/// Connections refused for want of a slot in a PostgreSQL log (one FATAL line each), those of
+/// clients on the database's own host left out (the host follows the pid, `LOG_LINE_PREFIX`).
 pub fn count_refusals(log: &str) -> u64 {
     log.lines()
         .filter(|l| l.contains("FATAL:") && REFUSALS.iter().any(|r| l.contains(r)))
+        .filter(|l| {
+            let host = l
+                .split_once("] ")
+                .and_then(|(_, rest)| rest.split_whitespace().next());
+            !host.is_some_and(|h| DB_HOST_CLIENTS.contains(&h))
+        })
         .count() as u64
 }
 
@@ -624,8 +639,8 @@ impl Sut {
         Ok(r)
     }
 
-    /// Connections PostgreSQL has refused for want of a slot since it last started, counted in
-    /// its log (`count_refusals`). A caller measuring an interval takes the difference.
+    /// Connections PostgreSQL has refused the server for want of a slot since it last started,
+    /// counted in its log (`count_refusals`). A caller measuring an interval takes the difference.
     pub fn db_refusals(&self) -> Result<u64, SutError> {
         Ok(count_refusals(&self.backend.db_log(&self.state)?))
     }
@@ -866,15 +881,25 @@ mod tests {
 
     #[test]
     fn refusals_are_the_fatal_lines_for_want_of_a_slot() {
-        // PostgreSQL 15's lines (default log_line_prefix); the first two are refusals.
+        // PostgreSQL's lines with LOG_LINE_PREFIX: the first three are refusals of the server;
+        // the health check's and the agent's psql's (on the database's host) are not.
         let log = "\
-2026-12-02 02:30:01.100 UTC [411] FATAL:  sorry, too many clients already
-2026-12-02 02:30:01.200 UTC [412] FATAL:  remaining connection slots are reserved for non-replication superuser connections
-2026-12-02 02:30:02.000 UTC [413] FATAL:  remaining connection slots are reserved for roles with the SUPERUSER attribute
-2026-12-02 02:30:03.000 UTC [414] FATAL:  password authentication failed for user \"postgres\"
-2026-12-02 02:30:04.000 UTC [415] LOG:  statement: SELECT 'sorry, too many clients already'
+2026-12-02 02:30:01.100 UTC [411] 10.77.0.2 FATAL:  sorry, too many clients already
+2026-12-02 02:30:01.200 UTC [412] 172.26.0.3 FATAL:  remaining connection slots are reserved for non-replication superuser connections
+2026-12-02 02:30:02.000 UTC [413] 10.77.0.2 FATAL:  remaining connection slots are reserved for roles with the SUPERUSER attribute
+2026-12-02 02:30:02.100 UTC [416] 127.0.0.1 FATAL:  sorry, too many clients already
+2026-12-02 02:30:02.200 UTC [417] [local] FATAL:  sorry, too many clients already
+2026-12-02 02:30:03.000 UTC [414] 10.77.0.2 FATAL:  password authentication failed for user \"postgres\"
+2026-12-02 02:30:04.000 UTC [415] [local] LOG:  statement: SELECT 'sorry, too many clients already'
 ";
         assert_eq!(count_refusals(log), 3);
+        // A log without the host in its prefix counts every refusal.
+        assert_eq!(
+            count_refusals(
+                "2026-12-02 02:30:01.100 UTC [411] FATAL:  sorry, too many clients already"
+            ),
+            1
+        );
         assert_eq!(count_refusals(""), 0);
     }
 

@@ -438,6 +438,8 @@ fn start_postgres(opts: &Options, pg: &User) -> Result<u32, SutError> {
             &format!("max_connections={}", opts.setup.max_connections()),
             "-c",
             PASSWORD_ENCRYPTION,
+            "-c",
+            &format!("log_line_prefix={}", super::LOG_LINE_PREFIX),
         ])
         .arg("-c")
         .arg(format!("unix_socket_directories={}", sock.display()))
