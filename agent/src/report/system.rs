@@ -135,10 +135,12 @@ pub fn header_lines(cells: &[CellResult]) -> Vec<String> {
     for d in records.iter().map(|r| describe(r)).collect::<BTreeSet<_>>() {
         out.push(d);
     }
-    let mut servers: BTreeMap<(&str, &str), BTreeSet<String>> = BTreeMap::new();
+    // In the study's column order.
+    let order = |setup: &str| super::SETUPS.iter().position(|(k, _)| *k == setup).unwrap_or(usize::MAX);
+    let mut servers: BTreeMap<(&str, usize, &str), BTreeSet<String>> = BTreeMap::new();
     for r in &records {
         servers
-            .entry((r.stack.as_str(), r.setup.as_str()))
+            .entry((r.stack.as_str(), order(&r.setup), r.setup.as_str()))
             .or_default()
             .insert(format!(
                 "`{}` ({} worker{}){}, max_connections {}",
@@ -149,7 +151,7 @@ pub fn header_lines(cells: &[CellResult]) -> Vec<String> {
                 r.max_connections
             ));
     }
-    for ((stack, setup), v) in &servers {
+    for ((stack, _, setup), v) in &servers {
         out.push(format!("{} ({stack} stack): {}.", super::setup_name(setup), v.iter().cloned().collect::<Vec<_>>().join("; ")));
     }
 
@@ -173,6 +175,8 @@ pub fn header_lines(cells: &[CellResult]) -> Vec<String> {
                 if *setups == every {
                     d.clone()
                 } else {
+                    let mut setups: Vec<&str> = setups.iter().copied().collect();
+                    setups.sort_by_key(|s| order(s));
                     format!("{d} [{}]", setups.iter().map(|s| super::setup_name(s)).collect::<Vec<_>>().join(", "))
                 }
             })
@@ -297,5 +301,9 @@ mod tests {
         assert!(h.iter().any(|l| l == "1 of 3 cells carry no record of the system under test: what they ran with is not known."), "{h:#?}");
         assert!(h.iter().any(|l| l.starts_with("study stack: Python 3.11.2, Django 4.1.3, psycopg2 2.9.5, gunicorn 20.1.0;")), "{h:#?}");
         assert!(h.iter().any(|l| l.starts_with("Sync (study stack): `/venv/bin/python")), "{h:#?}");
+        // Setups in the study's column order.
+        assert!(dev.contains("DEBUG off (the study: on) [Sync, Async Limited]"), "{dev}");
+        let sync_line = h.iter().position(|l| l.starts_with("Sync (")).unwrap();
+        assert!(h[sync_line + 1].starts_with("Async Limited ("), "{h:#?}");
     }
 }
