@@ -413,6 +413,8 @@ pub fn run(cfg: &RunConfig, resume: Option<&Path>, stop: &Stop, metrics_addr: Op
                 None
             };
             let spec = load_spec(cfg, system.url(), &key.route)?;
+            // PostgreSQL's refusals for want of a slot during the load: its log's count before and after.
+            let refusals_before = system.db_refusals();
             let started_unix_s = unix_now();
             let token = stop.token.clone();
             let report = rt.block_on(async {
@@ -465,6 +467,20 @@ pub fn run(cfg: &RunConfig, resume: Option<&Path>, stop: &Stop, metrics_addr: Op
             if report.stopped_early || stop.requested() {
                 break;
             }
+            let db_refusals = match (refusals_before, system.db_refusals()) {
+                (Ok(b), Ok(a)) => Some(a.saturating_sub(b)),
+                (Err(e), _) | (_, Err(e)) => {
+                    notes.push(format!("PostgreSQL's refusals were not counted: {e}"));
+                    None
+                }
+            };
+            let system_record = match system.system() {
+                Ok(r) => Some(r.clone()),
+                Err(e) => {
+                    notes.push(format!("the system under test was not recorded: {e}"));
+                    None
+                }
+            };
             let probes = match (session.as_mut(), mark) {
                 (Some(s), Some(m)) => Some(s.summary_since(&m)?),
                 _ => None,
@@ -482,7 +498,8 @@ pub fn run(cfg: &RunConfig, resume: Option<&Path>, stop: &Stop, metrics_addr: Op
                 delay,
                 load: load_outcome(&report),
                 probes,
-                db_refusals: None,
+                db_refusals,
+                system: system_record,
                 notes,
             };
             report

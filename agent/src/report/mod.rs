@@ -8,6 +8,7 @@
 pub mod published;
 pub mod stats;
 pub mod svg;
+pub mod system;
 mod verdict;
 
 use std::{
@@ -95,7 +96,7 @@ impl Report {
         )];
         let backends: BTreeSet<String> = cells.iter().map(|c| format!("{} back end, {} stack, {} profile", c.backend, c.stack, c.profile)).collect();
         header.extend(backends.into_iter().map(|b| format!("System under test: {b}.")));
-        header.push("Django runs with DEBUG off (the study had it on), CONN_MAX_AGE = 0, one worker with one thread, as in the study.".into());
+        header.extend(system::header_lines(&cells));
         let delays: BTreeSet<u32> = cells.iter().map(|c| c.key.delay_ms).collect();
         let achieved: Vec<String> = delays
             .iter()

@@ -1,6 +1,7 @@
 //! The study's published results (one run each, an M1 laptop, Locust 2.13), as printed in its
-//! tables: successes and max sRPS per route, added delay and setup. Data, not code: the report
-//! puts our numbers beside these, and says when they cannot sit beside each other.
+//! tables: successes and max sRPS per route, added delay and setup, and the system it ran them
+//! on. Data, not code: the report puts our numbers and our system beside these, and says when
+//! they cannot sit beside each other.
 
 use crate::results::CellResult;
 
@@ -37,6 +38,54 @@ pub const PUBLISHED: &[(&str, u32, &str, u64, f64)] = &[
     ("io_create", 200, "async-limited", 8644, 82.6),
     ("io_create", 200, "async-unlimited", 23030, 185.0),
 ];
+
+/// The system the study ran, as its repository and documents give it, for the report's list of
+/// deviations (`report::system`). `max_connections` per setup is `sut::Setup::max_connections`.
+pub struct StudySystem {
+    pub django: &'static str,
+    pub db_driver: &'static str,
+    pub gunicorn: &'static str,
+    /// The async setups' worker.
+    pub uvicorn: &'static str,
+    pub debug: bool,
+    /// Django's default middleware minus CsrfViewMiddleware.
+    pub middleware: &'static [&'static str],
+    pub conn_max_age: u64,
+    pub root_log_level: &'static str,
+    pub sql_logged: bool,
+    pub postgres_major: u32,
+    pub password_encryption: &'static str,
+    /// How PostgreSQL authenticated the server's connections (the official image with
+    /// POSTGRES_PASSWORD, PostgreSQL >= 14).
+    pub db_auth_method: &'static str,
+    /// Arguments of both servers' gunicorn command lines.
+    pub server_args: &'static [&'static str],
+    pub server_workers: u32,
+}
+
+pub const STUDY_SYSTEM: StudySystem = StudySystem {
+    django: "4.1.3",
+    db_driver: "psycopg2 2.9.5",
+    gunicorn: "20.1.0",
+    uvicorn: "0.20.0",
+    debug: true,
+    middleware: &[
+        "django.middleware.security.SecurityMiddleware",
+        "django.contrib.sessions.middleware.SessionMiddleware",
+        "django.middleware.common.CommonMiddleware",
+        "django.contrib.auth.middleware.AuthenticationMiddleware",
+        "django.contrib.messages.middleware.MessageMiddleware",
+        "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    ],
+    conn_max_age: 0,
+    root_log_level: "DEBUG",
+    sql_logged: true,
+    postgres_major: 15,
+    password_encryption: "scram-sha-256",
+    db_auth_method: "scram-sha-256",
+    server_args: &["--workers 1", "--threads 1", "--timeout 180"],
+    server_workers: 1,
+};
 
 /// The study's (successes, max sRPS) for a cell, if it published one.
 pub fn published(route: &str, delay_ms: u32, setup: &str) -> Option<(u64, f64)> {

@@ -110,10 +110,15 @@ pub struct CellResult {
     pub load: LoadOutcome,
     /// The eBPF view of the server during the load (None when probes were off).
     pub probes: Option<Summary>,
-    /// Connections PostgreSQL refused during the cell for want of a slot ("too many clients",
-    /// "remaining connection slots are reserved"), counted in its log; None when not measured.
+    /// Connections PostgreSQL refused the server during the cell for want of a slot ("too many
+    /// clients", "remaining connection slots are reserved"), counted in its log (refusals of the
+    /// database host's own clients, the health check and the agent's psql, left out); None when
+    /// not measured.
     #[serde(default)]
     pub db_refusals: Option<u64>,
+    /// What the system under test ran with, measured after its last start (None: not recorded).
+    #[serde(default)]
+    pub system: Option<crate::sut::SystemRecord>,
     /// Anything worth knowing when reading the numbers (drain timeouts, restarts, ...).
     pub notes: Vec<String>,
 }
@@ -271,6 +276,7 @@ pub(crate) mod tests {
             },
             probes: None,
             db_refusals: None,
+            system: None,
             notes: vec![],
         }
     }
