@@ -8,13 +8,8 @@
 # then runs postgres in the foreground with max_connections=$MAX_CONNECTIONS (100: sync and
 # async-limited, 1000: async-unlimited) and any extra arguments (e.g. -c shared_buffers=256MB).
 # Authentication is chosen when the data directory is made; later starts keep it.
-# Given neither variable (a caller from before this image took a password), it trusts other
-# hosts and says so, instead of refusing to start as the official image would.
+# Given neither variable it refuses to start, as the official image does.
 set -e
-if [ -z "$POSTGRES_PASSWORD" ] && [ -z "$POSTGRES_HOST_AUTH_METHOD" ]; then
-    echo "awaitlab: no POSTGRES_PASSWORD: other hosts are trusted (no authentication)" >&2
-    POSTGRES_HOST_AUTH_METHOD=trust
-fi
 auth="${POSTGRES_HOST_AUTH_METHOD:-scram-sha-256}"
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
     if [ "$auth" != trust ] && [ -z "$POSTGRES_PASSWORD" ]; then
