@@ -42,8 +42,14 @@ pub struct Offsets {
     pub regs_arg1: u32,
     /// Size of `struct pt_regs`, 0 when the payload capture is disabled.
     pub regs_size: u32,
+    /// `task_struct.flags` (`PF_*` bits)
+    pub task_flags: u32,
 }
-const _: () = assert!(core::mem::size_of::<Offsets>() == 48);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 52);
+
+/// `PF_EXITING` in `task_struct.flags` (include/linux/sched.h, unchanged since 2.6): set by
+/// `exit_signals()` at the start of `do_exit()`, before the `sched_process_exit` tracepoint.
+pub const PF_EXITING: u32 = 0x0000_0004;
 
 /// Syscall numbers of the running architecture whose second argument is a user buffer or iovec.
 #[repr(C)]
@@ -75,7 +81,7 @@ pub struct Config {
     pub offsets: Offsets,
     pub syscalls: SyscallNrs,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 120);
+const _: () = assert!(core::mem::size_of::<Config>() == 124);
 
 /// Copy the first bytes of requests and responses (method, path, status).
 pub const CONFIG_CAPTURE_PAYLOAD: u32 = 1;
@@ -225,9 +231,18 @@ pub enum Counter {
     ExitedOffCpuNs = 14,
     /// Round trips added to a request's figures.
     DbRoundTripsAttributed = 15,
+    /// Requests in the server now: read, no response byte written yet. Per-CPU slots go up on
+    /// one CPU and down on another, so they wrap: only their wrapping sum is meaningful.
+    RequestsInServer = 16,
+    /// Sum of the start times (first request byte, CLOCK_MONOTONIC ns) of the requests in the
+    /// server now (wrapping, as above).
+    RequestsInServerStartNs = 17,
+    /// Nanoseconds requests spent in the server (first request byte to first response byte, or
+    /// to the end of a request never answered), summed as they leave it.
+    RequestsLeftServerNs = 18,
 }
 /// Number of slots in `COUNTERS`.
-pub const COUNTERS: u32 = 16;
+pub const COUNTERS: u32 = 19;
 
 #[cfg(feature = "user")]
 mod user {

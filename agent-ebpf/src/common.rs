@@ -76,6 +76,25 @@ pub fn add(c: Counter, n: u64) {
     }
 }
 
+/// Subtracts from a counter that goes up and down (wrapping: another CPU's slot may hold the
+/// matching addition; user space sums the slots with wrapping arithmetic).
+#[inline(always)]
+pub fn sub_wrapping(c: Counter, n: u64) {
+    if let Some(p) = COUNTERS_MAP.get_ptr_mut(c as u32) {
+        // SAFETY: per-CPU slot, no other writer on this CPU while the program runs.
+        unsafe { *p = (*p).wrapping_sub(n) };
+    }
+}
+
+/// Adds to a counter that goes up and down (see [`sub_wrapping`]).
+#[inline(always)]
+pub fn add_wrapping(c: Counter, n: u64) {
+    if let Some(p) = COUNTERS_MAP.get_ptr_mut(c as u32) {
+        // SAFETY: as above.
+        unsafe { *p = (*p).wrapping_add(n) };
+    }
+}
+
 #[inline(always)]
 pub fn now() -> u64 {
     // SAFETY: no arguments, always allowed.

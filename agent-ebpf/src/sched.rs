@@ -2,8 +2,16 @@
 //!
 //! A thread belongs to the target while its `nsproxy->net_ns` is the target namespace, so threads
 //! started before the agent attached, and workers respawned later, are counted alike.
+//!
+//! An exiting thread must not get a new entry: `sched_process_exit` moves its totals to the
+//! "exited" counters and removes its entry, but the thread keeps its namespaces until
+//! `exit_task_namespaces()` later in `do_exit()` (kernel/exit.c), and is often switched out and
+//! in again meanwhile (unmapping its memory, closing its files). An entry made then would keep
+//! `last_in` or `last_out` set forever, and every reader would count a dead thread as running
+//! (or waiting) until the agent detached. Slices of such a thread go straight to the "exited"
+//! on-CPU counter instead.
 
-use agent_common::{Counter, ThreadCpu};
+use agent_common::{Config, Counter, ThreadCpu, PF_EXITING};
 use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 
 use crate::common::{add, config, count, now, read, task_netns, LAST_SWITCH, THREADS};
@@ -28,17 +36,23 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Option<()> {
     let slice_start = unsafe { core::mem::replace(&mut *slice, t) };
     if task_netns(c, prev) == Some(c.netns_inum) {
         let tid: u32 = read(prev, c.offsets.task_pid)?;
-        switch_out(tid, read(prev, c.offsets.task_tgid).unwrap_or(0), t, slice_start);
+        switch_out(tid, read(prev, c.offsets.task_tgid).unwrap_or(0), t, slice_start, exiting(c, prev));
     }
     if task_netns(c, next) == Some(c.netns_inum) {
         let tid: u32 = read(next, c.offsets.task_pid)?;
-        switch_in(tid, read(next, c.offsets.task_tgid).unwrap_or(0), t);
+        switch_in(tid, read(next, c.offsets.task_tgid).unwrap_or(0), t, exiting(c, next));
     }
     Some(())
 }
 
+/// Whether a task is in `do_exit()` (see the module doc).
 #[inline(always)]
-fn switch_out(tid: u32, tgid: u32, t: u64, slice_start: u64) {
+fn exiting(c: &Config, task: u64) -> bool {
+    read::<u32>(task, c.offsets.task_flags).is_some_and(|f| f & PF_EXITING != 0)
+}
+
+#[inline(always)]
+fn switch_out(tid: u32, tgid: u32, t: u64, slice_start: u64, exiting: bool) {
     // The slice that ends now began at the previous switch on this CPU; that also covers a
     // thread first seen here (already running when we attached, or just moved into the target).
     let slice = if slice_start != 0 && t > slice_start { t - slice_start } else { 0 };
@@ -50,6 +64,9 @@ fn switch_out(tid: u32, tgid: u32, t: u64, slice_start: u64) {
             th.last_in = 0;
             th.last_out = t;
         }
+        // Past its exit tracepoint (or never seen before it began to exit): count the slice as
+        // an exited thread's, make no entry.
+        None if exiting => add(Counter::ExitedOnCpuNs, slice),
         None => {
             let th = ThreadCpu { tgid, on_ns: slice, last_out: t, ..ThreadCpu::default() };
             if THREADS.insert(tid, th, 0).is_err() {
@@ -60,7 +77,7 @@ fn switch_out(tid: u32, tgid: u32, t: u64, slice_start: u64) {
 }
 
 #[inline(always)]
-fn switch_in(tid: u32, tgid: u32, t: u64) {
+fn switch_in(tid: u32, tgid: u32, t: u64, exiting: bool) {
     match THREADS.get_ptr_mut(tid) {
         Some(p) => {
             // SAFETY: as above.
@@ -71,6 +88,8 @@ fn switch_in(tid: u32, tgid: u32, t: u64) {
             th.last_out = 0;
             th.last_in = t;
         }
+        // Its slice is counted when it leaves the CPU (switch_out, from LAST_SWITCH).
+        None if exiting => {}
         None => {
             let th = ThreadCpu { tgid, last_in: t, ..ThreadCpu::default() };
             if THREADS.insert(tid, th, 0).is_err() {

@@ -23,7 +23,9 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 
-use crate::common::{config, count, now, port_in, read, sk_in_target, submit_flags, thread_on_cpu, EVENTS};
+use crate::common::{
+    add, add_wrapping, config, count, now, port_in, read, sk_in_target, sub_wrapping, submit_flags, thread_on_cpu, EVENTS,
+};
 
 const ROLE_HTTP: u32 = 1;
 const ROLE_DB: u32 = 2;
@@ -221,6 +223,7 @@ fn http_recv(c: &agent_common::Config, sk: u64, conn: &mut Conn, n: u64, t: u64)
     let id = bpf_get_current_pid_tgid();
     let tid = id as u32;
     conn.state = H_RECV;
+    enter_server(t);
     conn.seq += 1;
     conn.flags = 0;
     conn.tid = tid;
@@ -275,6 +278,7 @@ fn http_send(c: &agent_common::Config, conn: &mut Conn, n: u64, t: u64) {
     }
     if conn.state == H_RECV {
         conn.state = H_RESP;
+        leave_server(conn.start_ns, t);
         conn.first_send_ns = t;
         if c.flags & CONFIG_CAPTURE_PAYLOAD != 0 {
             let mut status = [0u8; STATUS_LEN];
@@ -294,12 +298,32 @@ fn http_send(c: &agent_common::Config, conn: &mut Conn, n: u64, t: u64) {
     }
 }
 
+/// A request is in the server from its first byte read to its first response byte written (or
+/// its end, unanswered). These counters let user space integrate the time requests spent in the
+/// server over any interval, the ones still in it at the interval's end included: the honest
+/// denominator of the database's share (a request's round trips all fall inside that time).
+#[inline(always)]
+fn enter_server(t: u64) {
+    add_wrapping(Counter::RequestsInServer, 1);
+    add_wrapping(Counter::RequestsInServerStartNs, t);
+}
+
+#[inline(always)]
+fn leave_server(start: u64, t: u64) {
+    sub_wrapping(Counter::RequestsInServer, 1);
+    sub_wrapping(Counter::RequestsInServerStartNs, start);
+    add(Counter::RequestsLeftServerNs, t.saturating_sub(start));
+}
+
 /// Emits the request record and returns the connection to idle.
 #[inline(always)]
 fn finalize(sk: u64, conn: &mut Conn, extra_flags: u32, t: u64) {
     let mut flags = conn.flags | extra_flags;
     if conn.state != H_RESP {
         flags |= REQ_NO_RESPONSE;
+        if conn.state == H_RECV {
+            leave_server(conn.start_ns, t);
+        }
     }
     if let Some(tr) = THREAD_REQ.get_ptr(conn.tid) {
         // SAFETY: map value pointer valid for this program run.

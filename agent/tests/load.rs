@@ -797,7 +797,7 @@ fn cli_json_and_locust_csv() {
     assert_eq!(f.code, Some(0), "{}", f.stderr);
     let v: serde_json::Value =
         serde_json::from_str(f.stdout.trim()).expect("one JSON document on stdout");
-    assert_eq!(v["version"], 1);
+    assert_eq!(v["version"], 2);
     let r: LoadReport = serde_json::from_value(v).expect("the report reads back");
     // The preflight check opened one extra connection but sent no request.
     assert_eq!(r.requests, s.requests());

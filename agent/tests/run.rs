@@ -64,6 +64,12 @@ fn a_reduced_study_reproduces_the_effect_and_writes_the_report() {
     // The probes saw the delay on the database round trips: every one crosses the delayed link.
     let rtt = cell(&dir, "sync__io_read__100ms__r1")["probes"]["db"]["round_trip"]["p50_ms"].as_f64().unwrap();
     assert!(rtt >= 100.0, "database round-trip p50 at 100 ms added delay: {rtt} ms");
+    // Each cell records what the system ran with (the current stack, SCRAM as in the study) and
+    // PostgreSQL's refusals: none at 100 users with max_connections=1000 (async-unlimited).
+    let c = cell(&dir, "async-unlimited__io_read__100ms__r1");
+    assert_eq!(c["system"]["db_auth_rule"]["method"], "scram-sha-256", "{c}");
+    assert_eq!(c["system"]["max_connections"], 1000, "{c}");
+    assert_eq!(c["db_refusals"], 0, "{c}");
     let achieved = cell(&dir, "sync__io_read__100ms__r1")["delay"]["achieved_ms"].as_f64().unwrap();
     assert!((99.0..=105.0).contains(&achieved), "achieved delay {achieved} ms");
 
@@ -73,6 +79,8 @@ fn a_reduced_study_reproduces_the_effect_and_writes_the_report() {
     assert!(md.contains("ours beside the study's published numbers"), "{md}");
     assert!(md.contains("| 100 ms | Async Unlimited |") && md.contains("| 5313 |"), "the study's numbers are beside ours: {md}");
     assert!(md.contains("Sync io_read at 100 ms is bound by round trips"), "{md}");
+    // The header lists the current stack's deviations from the study, from the records.
+    assert!(md.contains("Deviations from the study's system:") && md.contains("DEBUG off (the study: on)"), "{md}");
 
     // The HTML report as a reader opens it: every figure there, nothing fetched.
     let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("report.png");

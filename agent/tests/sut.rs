@@ -1,5 +1,7 @@
 //! Privileged tests of the system under test (`awaitlab::sut`, `awaitlab sut`): both back ends,
-//! every setup, both stacks (one seed per back end, switching setups), the study's connection-limit failure, failed starts and bad input.
+//! every setup, both stacks (one seed per back end, switching setups), the study's connection-limit failure, failed starts and bad input,
+//! the study's database authentication (SCRAM, seen by the probes against a `trust` control), the
+//! record of what the system runs with, and PostgreSQL's refusals counted from its log.
 //! Every system is named `awl` + a unique tag, and each test checks afterwards that no container,
 //! network, namespace, veth, process or file of that name is left. The docker tests need the
 //! images from `cargo xtask images` (`cargo xtask test` builds them first).
@@ -15,7 +17,9 @@ use std::{
     time::Duration,
 };
 
-use awaitlab::sut::{http, BackendKind, Options, Setup, Stack, Sut, SutError, SEED_ROWS};
+use awaitlab::sut::{
+    http, BackendKind, DbAuth, Options, Setup, Stack, Sut, SutError, SEED_ROWS, SERVER_PORT,
+};
 
 fn name() -> String {
     format!("awl{}", common::tag())
@@ -150,6 +154,12 @@ fn check_routes(sut: &Sut) {
 /// `n` io_read requests released at once, each on its own connection; status -> count
 /// (0 = no HTTP answer).
 fn burst(addr: SocketAddr, n: usize) -> BTreeMap<u16, usize> {
+    burst_statuses(&burst_bodies(addr, n))
+}
+
+/// `n` io_read requests released at once, each on its own connection: each one's status and
+/// body (0 and an empty body = no HTTP answer).
+fn burst_bodies(addr: SocketAddr, n: usize) -> Vec<(u16, String)> {
     let gate = Arc::new(Barrier::new(n));
     let threads: Vec<_> = (0..n)
         .map(|_| {
@@ -163,15 +173,11 @@ fn burst(addr: SocketAddr, n: usize) -> BTreeMap<u16, usize> {
                     None,
                     Duration::from_secs(150),
                 )
-                .map_or(0, |(s, _)| s)
+                .unwrap_or_default()
             })
         })
         .collect();
-    let mut counts = BTreeMap::new();
-    for t in threads {
-        *counts.entry(t.join().unwrap()).or_insert(0) += 1;
-    }
-    counts
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
 }
 
 /// The 300-request burst where the setup has a claim about it.
@@ -457,4 +463,188 @@ fn bad_input_is_one_line_and_exit_64() {
         );
         assert!(out.stderr.starts_with("awaitlab: error:"), "{}", out.stderr);
     }
+}
+
+/// Sync io_read requests one after another, with the probes on the server's namespace: the
+/// probes' summary of those requests only (one request before the mark warms the server up).
+fn probed_io_reads(sut: &Sut, n: u64) -> awaitlab::aggregate::summary::Summary {
+    use awaitlab::probes::{session::ProbeSession, ProbeSpec};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _enter = rt.enter();
+    let target = awaitlab::target::Target::resolve(sut.netns()).unwrap();
+    let spec = ProbeSpec {
+        netns_inum: target.netns_inum,
+        http_ports: vec![SERVER_PORT],
+        db_ports: vec![sut.db_port()],
+        capture_payload: true,
+    };
+    let mut session = ProbeSession::attach(&spec, sut.netns()).unwrap();
+    let addr = sut.state().server_addr().unwrap();
+    let get = || {
+        let (status, body) = http(addr, "GET", "/posts/io_read/", None, T).unwrap();
+        assert_eq!(status, 200, "{body}");
+    };
+    get();
+    let mark = session.mark().unwrap();
+    for _ in 0..n {
+        get();
+    }
+    // The server's close of each connection ends its request record before our read sees EOF;
+    // the pause only lets the last records reach the ring buffer's reader.
+    std::thread::sleep(Duration::from_millis(200));
+    session.summary_since(&mark).unwrap()
+}
+
+/// The study's database authentication, against the real PostgreSQL of a back end: the same
+/// Sync io_read requests with SCRAM-SHA-256 and with the `trust` control, the probes counting
+/// the round trips the server makes to the database.
+///
+/// What the difference must be, from the protocol (PostgreSQL's "Message Flow" and "SASL
+/// Authentication" documentation) and the probes' definition of a round trip (agent-ebpf
+/// sock.rs: a send, or several, on a database socket followed by a receive; a receive that
+/// follows a receive adds none). Both modes first make the same exchanges (libpq's SSLRequest
+/// answered `N`, then the queries). The startup differs:
+///   trust: StartupMessage -> AuthenticationOk, ParameterStatus..., ReadyForQuery: 1 round trip;
+///   SCRAM: StartupMessage -> AuthenticationSASL; SASLInitialResponse -> AuthenticationSASLContinue;
+///          SASLResponse -> AuthenticationSASLFinal, AuthenticationOk, ..., ReadyForQuery: 3.
+/// So SCRAM adds exactly 2 round trips per new connection, and a Sync request (CONN_MAX_AGE = 0)
+/// opens exactly one connection.
+fn scram_adds_two_round_trips_per_connection(kind: BackendKind) {
+    const N: u64 = 20;
+    let mut per_mode = Vec::new();
+    for auth in [DbAuth::Scram, DbAuth::Trust] {
+        let name = name();
+        let mut o = Options::new(Setup::Sync, Stack::Study, &name);
+        o.db_auth = auth;
+        let sut = Sut::up(kind, &o).unwrap_or_else(|e| panic!("{kind:?} {auth:?}: up: {e}"));
+        let r = sut
+            .system()
+            .unwrap_or_else(|e| panic!("{kind:?} {auth:?}: no record: {e}"))
+            .clone();
+        eprintln!("{kind:?} {auth:?}: {r:?}");
+        // PostgreSQL's own view of the server's connections, and libpq's.
+        assert_eq!(r.db_auth_method(), Some(auth.hba_method()), "{r:?}");
+        assert_eq!(r.db_used_password, Some(auth == DbAuth::Scram), "{r:?}");
+        assert_eq!(r.password_encryption, "scram-sha-256");
+        assert_eq!(r.db_password_stored_as.as_deref(), Some("SCRAM-SHA-256"));
+        // The study's stack runs the study's settings.
+        assert!(
+            r.debug && r.sql_logged && r.root_log_level == "DEBUG",
+            "{r:?}"
+        );
+        assert_eq!(r.middleware.len(), 6, "{r:?}");
+        assert_eq!(r.django, "4.1.3");
+        assert!(
+            r.server_command
+                .contains("--workers 1 --threads 1 --timeout 180"),
+            "{r:?}"
+        );
+        assert_eq!(r.server_workers, 1);
+
+        let s = probed_io_reads(&sut, N);
+        let rt = s.db.round_trips as f64 / s.requests as f64;
+        eprintln!(
+            "{kind:?} {auth:?}: {} requests, {} connects, {} round trips ({rt:.2} per request)",
+            s.requests, s.db.connects, s.db.round_trips
+        );
+        // The client's count is the truth for requests; CONN_MAX_AGE = 0 means one connect each.
+        assert_eq!(s.requests, N, "{s:?}");
+        assert_eq!(s.db.connects, N, "{s:?}");
+        per_mode.push(rt);
+        sut.down().unwrap();
+        assert_clean(&name, &[]);
+    }
+    let extra = per_mode[0] - per_mode[1];
+    // Every request makes the same exchanges, so the difference is exact up to a round trip the
+    // probes might split or miss: 0.1 per request is 2 such events in 20 requests.
+    assert!(
+        (extra - 2.0).abs() <= 0.1,
+        "{kind:?}: SCRAM added {extra:.2} round trips per request, the protocol says 2 ({per_mode:?})"
+    );
+}
+
+#[test]
+fn netns_scram_adds_two_round_trips_per_connection() {
+    scram_adds_two_round_trips_per_connection(BackendKind::Netns);
+}
+
+#[test]
+fn docker_scram_adds_two_round_trips_per_connection() {
+    scram_adds_two_round_trips_per_connection(BackendKind::Docker);
+}
+
+/// PostgreSQL's refusals for want of a slot, counted in its log (`Sut::db_refusals`), equal the
+/// refusals its clients saw: the async server opens a connection per request in flight, so a
+/// burst beyond a small max_connections is refused in part, and each refused request is an
+/// HTTP 500. The production-like settings (current stack) are used on purpose: with DEBUG on, the
+/// error page prints the QuerySet in the traceback, which can open another connection (seen
+/// here as one more refusal from the server than 500s on the docker back end), so a failed
+/// request would not be exactly one connection attempt.
+fn refusals_are_counted(kind: BackendKind) {
+    let name = name();
+    let mut o = Options::new(Setup::AsyncLimited, Stack::Current, &name);
+    // After the setup's own -c max_connections, so it wins. 8 slots, all usable by the server's
+    // superuser role: "sorry, too many clients already" for the 9th connection at once.
+    o.postgres_args = vec!["max_connections=8".into()];
+    let sut = Sut::up(kind, &o).unwrap_or_else(|e| panic!("{kind:?}: up: {e}"));
+    assert_eq!(sut.psql(&["SHOW max_connections"]).unwrap().trim(), "8");
+    let before = sut.db_refusals().unwrap();
+    let answers = burst_bodies(sut.state().server_addr().unwrap(), 60);
+    let statuses = burst_statuses(&answers);
+    let refused = statuses.get(&500).copied().unwrap_or(0) as u64;
+    // PostgreSQL writes its FATAL line before it closes the refused connection, so the log has
+    // it by the time the client got its error; the log is read once the burst is over.
+    let counted = sut.db_refusals().unwrap() - before;
+    eprintln!("{kind:?}: 60 io_read at once: {statuses:?}; {counted} refusals in PostgreSQL's log");
+    assert!(refused > 0, "{kind:?}: no refusal: {statuses:?}");
+    // Every answer is a success or a refusal (no other failure), and the server's log names
+    // the refusal as the cause of its errors.
+    assert_eq!(
+        statuses.get(&200).copied().unwrap_or(0) as u64 + refused,
+        60,
+        "{kind:?}: {statuses:?}"
+    );
+    let logs = sut.logs(400);
+    assert!(
+        logs.contains("too many clients already"),
+        "{kind:?}: {logs}"
+    );
+    if counted != refused {
+        // PostgreSQL's FATAL lines, to see whose connections they were.
+        let log = match kind {
+            BackendKind::Docker => {
+                let out = Command::new("docker")
+                    .args(["logs", &format!("{name}-db")])
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&out.stderr).into_owned()
+            }
+            BackendKind::Netns => {
+                std::fs::read_to_string(format!("/var/lib/awaitlab/sut/{name}/postgres.log"))
+                    .unwrap_or_default()
+            }
+        };
+        let fatal: Vec<&str> = log.lines().filter(|l| l.contains("FATAL")).collect();
+        panic!("{kind:?}: {counted} refusals in the log, {refused} HTTP 500s: {fatal:#?}");
+    }
+    sut.down().unwrap();
+    assert_clean(&name, &[]);
+}
+
+fn burst_statuses(answers: &[(u16, String)]) -> BTreeMap<u16, usize> {
+    let mut counts = BTreeMap::new();
+    for (status, _) in answers {
+        *counts.entry(*status).or_insert(0) += 1;
+    }
+    counts
+}
+
+#[test]
+fn netns_refusals_are_counted() {
+    refusals_are_counted(BackendKind::Netns);
+}
+
+#[test]
+fn docker_refusals_are_counted() {
+    refusals_are_counted(BackendKind::Docker);
 }

@@ -55,6 +55,8 @@ pub fn run() -> Result<()> {
     locust().context("installing Locust (for `cargo xtask bench load`)")?;
     oha().context("installing oha (for `cargo xtask bench load`)")?;
     sut_venvs().context("making the Python environments of the system under test")?;
+    requirements_venv(STUDY_LOCUST_VENV, &cmd::workspace_root().join(STUDY_LOCUST_REQUIREMENTS))
+        .context("installing Locust 2.13.0 (the study's client, for agent/tests/locust.rs)")?;
     println!("setup done in {}", secs(start.elapsed()));
     Ok(())
 }
@@ -359,37 +361,48 @@ pub fn venv_base() -> PathBuf {
 }
 
 /// One virtual environment per stack, made with Debian's Python 3.11 (not a pyenv shim) from
-/// `docker/app/requirements-STACK.txt`. Idempotent: a copy of the requirements inside the venv
-/// says what it holds; it is rebuilt only when the file changed.
+/// `docker/app/requirements-STACK.txt`.
 pub fn sut_venvs() -> Result<()> {
-    let base = venv_base();
     for stack in ["study", "current"] {
-        let item = format!("venv-{stack}");
         let req_path = cmd::workspace_root().join(format!("docker/app/requirements-{stack}.txt"));
-        let wanted = fs::read_to_string(&req_path).with_context(|| format!("reading {}", req_path.display()))?;
-        let venv = base.join(&item);
-        let stamp = venv.join("awaitlab-requirements.txt");
-        if fs::read_to_string(&stamp).is_ok_and(|have| have == wanted) {
-            report(&item, "ok");
-            continue;
-        }
-        if !cmd::is_root() && !base.exists() {
-            bail!("{} is missing; run `cargo xtask setup` as root", venv.display());
-        }
-        let t0 = Instant::now();
-        if venv.exists() {
-            fs::remove_dir_all(&venv).with_context(|| format!("removing {}", venv.display()))?;
-        }
-        fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
-        cmd::run(Command::new("/usr/bin/python3").args(["-m", "venv"]).arg(&venv))?;
-        cmd::run(
-            Command::new(venv.join("bin/pip"))
-                .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
-                .arg(&req_path),
-        )?;
-        fs::write(&stamp, &wanted).with_context(|| format!("writing {}", stamp.display()))?;
-        report(&item, &format!("installed in {}", secs(t0.elapsed())));
+        requirements_venv(&format!("venv-{stack}"), &req_path)?;
     }
+    Ok(())
+}
+
+/// The study's Locust, pinned, in its own venv beside the stacks' (the benchmark's Locust, in
+/// `LOCUST_VENV_DIR`, is another one and stays as it is). Must match `agent/tests/locust.rs`.
+const STUDY_LOCUST_VENV: &str = "venv-locust-2.13";
+const STUDY_LOCUST_REQUIREMENTS: &str = "xtask/requirements-locust-2.13.txt";
+
+/// The venv `venv_base()/ITEM`, made with Debian's Python 3.11 from the requirements file at
+/// `req_path`. Idempotent: a copy of the requirements inside the venv says what it holds; it is
+/// rebuilt only when the file changed.
+fn requirements_venv(item: &str, req_path: &Path) -> Result<()> {
+    let base = venv_base();
+    let wanted = fs::read_to_string(req_path).with_context(|| format!("reading {}", req_path.display()))?;
+    let venv = base.join(item);
+    let stamp = venv.join("awaitlab-requirements.txt");
+    if fs::read_to_string(&stamp).is_ok_and(|have| have == wanted) {
+        report(item, "ok");
+        return Ok(());
+    }
+    if !cmd::is_root() && !base.exists() {
+        bail!("{} is missing; run `cargo xtask setup` as root", venv.display());
+    }
+    let t0 = Instant::now();
+    if venv.exists() {
+        fs::remove_dir_all(&venv).with_context(|| format!("removing {}", venv.display()))?;
+    }
+    fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
+    cmd::run(Command::new("/usr/bin/python3").args(["-m", "venv"]).arg(&venv))?;
+    cmd::run(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
+            .arg(req_path),
+    )?;
+    fs::write(&stamp, &wanted).with_context(|| format!("writing {}", stamp.display()))?;
+    report(item, &format!("installed in {}", secs(t0.elapsed())));
     Ok(())
 }
 

@@ -7,7 +7,7 @@
 pub mod http;
 pub mod summary;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use agent_common::{
     Counter, DbConnectEvent, DbRoundTripEvent, EventHeader, EventKind, RequestEvent, ThreadCpu,
@@ -63,7 +63,7 @@ pub struct RequestRecord {
 #[derive(Debug, Clone)]
 pub enum Record {
     Request(RequestRecord),
-    DbRoundTrip { dur_ns: u64, attributed: bool },
+    DbRoundTrip { start_ns: u64, dur_ns: u64, attributed: bool },
     DbConnect { dur_ns: u64 },
 }
 
@@ -87,7 +87,16 @@ pub struct Stats {
     pub db_round_trips_attributed: u64,
     pub exclusive_requests: u64,
     pub server_ns_sum: u64,
+    /// Threads that read at least one request (at most [`MAX_SERVING_THREADS`]).
+    pub serving_tids: BTreeSet<u32>,
+    /// Start of the interval (CLOCK_MONOTONIC ns): `db_wait_ns` counts round trips from here
+    /// on, so one that began before it adds only its part inside.
+    pub since_ns: u64,
 }
+
+/// Bound of [`Stats::serving_tids`]: a server has a handful of such threads; more means the
+/// target is not one server, and the serving-thread figures stop growing rather than memory.
+pub const MAX_SERVING_THREADS: usize = 1024;
 
 impl Default for Stats {
     fn default() -> Self {
@@ -107,6 +116,8 @@ impl Default for Stats {
             db_round_trips_attributed: 0,
             exclusive_requests: 0,
             server_ns_sum: 0,
+            serving_tids: BTreeSet::new(),
+            since_ns: 0,
         }
     }
 }
@@ -129,10 +140,13 @@ impl Stats {
                 if q.exclusive_thread {
                     self.exclusive_requests += 1;
                 }
+                if self.serving_tids.len() < MAX_SERVING_THREADS {
+                    self.serving_tids.insert(q.tid);
+                }
             }
-            Record::DbRoundTrip { dur_ns, attributed } => {
+            Record::DbRoundTrip { start_ns, dur_ns, attributed } => {
                 self.db_round_trips += 1;
-                self.db_wait_ns += dur_ns;
+                self.db_wait_ns += if *start_ns < self.since_ns { (start_ns + dur_ns).saturating_sub(self.since_ns) } else { *dur_ns };
                 self.db_rtt.saturating_record((*dur_ns).max(1));
                 if *attributed {
                     self.db_round_trips_attributed += 1;
@@ -190,7 +204,7 @@ pub fn decode(bytes: &[u8], labels: &mut http::LabelSet) -> Option<(Record, Opti
         }
         k if k == EventKind::DbRoundTrip as u32 => {
             let e = DbRoundTripEvent::from_bytes(bytes)?;
-            Some((Record::DbRoundTrip { dur_ns: e.dur_ns, attributed: e.attributed != 0 }, None))
+            Some((Record::DbRoundTrip { start_ns: e.start_ns, dur_ns: e.dur_ns, attributed: e.attributed != 0 }, None))
         }
         k if k == EventKind::DbConnect as u32 => {
             let e = DbConnectEvent::from_bytes(bytes)?;
@@ -208,6 +222,19 @@ pub struct CpuTotals {
     pub threads: u64,
 }
 
+/// One thread's (on-CPU, off-CPU) nanoseconds at `now`, counting the slice in progress.
+fn thread_at(now: u64, th: &ThreadCpu) -> (u64, u64) {
+    let mut on = th.on_ns;
+    let mut off = th.off_ns;
+    if th.last_in != 0 && now > th.last_in {
+        on += now - th.last_in;
+    }
+    if th.last_out != 0 && now > th.last_out {
+        off += now - th.last_out;
+    }
+    (on, off)
+}
+
 impl CpuTotals {
     /// Totals at `now` (CLOCK_MONOTONIC ns), counting the slices in progress.
     pub fn at(now: u64, threads: &[(u32, ThreadCpu)], counters: &[u64; COUNTERS as usize]) -> CpuTotals {
@@ -217,14 +244,9 @@ impl CpuTotals {
             threads: threads.len() as u64,
         };
         for (_, th) in threads {
-            t.on_ns += th.on_ns;
-            t.off_ns += th.off_ns;
-            if th.last_in != 0 && now > th.last_in {
-                t.on_ns += now - th.last_in;
-            }
-            if th.last_out != 0 && now > th.last_out {
-                t.off_ns += now - th.last_out;
-            }
+            let (on, off) = thread_at(now, th);
+            t.on_ns += on;
+            t.off_ns += off;
         }
         t
     }
@@ -235,6 +257,36 @@ impl CpuTotals {
         let off = self.off_ns.saturating_sub(earlier.off_ns);
         let all = on + off;
         (all > 0).then(|| off as f64 / all as f64)
+    }
+}
+
+/// What the kernel's maps say at one instant; a summary is the difference of two readings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reading {
+    /// CLOCK_MONOTONIC nanoseconds of the reading.
+    pub at_ns: u64,
+    pub cpu: CpuTotals,
+    /// Per thread id: (on-CPU, off-CPU) nanoseconds since the thread was first seen.
+    pub threads: BTreeMap<u32, (u64, u64)>,
+    /// Time requests spent in the server (first request byte read to first response byte
+    /// written), integrated up to this instant: requests that left it, plus the time so far of
+    /// those still in it. The difference of two readings is the request time inside the
+    /// interval, cut exactly at both ends.
+    pub in_server_ns: u64,
+}
+
+impl Reading {
+    pub fn at(now: u64, threads: &[(u32, ThreadCpu)], counters: &[u64; COUNTERS as usize]) -> Reading {
+        let c = |k: Counter| counters[k as usize];
+        // The two in-server counters are wrapping sums (see agent_common::Counter): n requests
+        // in the server whose starts sum to S have spent n * now - S so far.
+        let inside = c(Counter::RequestsInServer).wrapping_mul(now).wrapping_sub(c(Counter::RequestsInServerStartNs));
+        Reading {
+            at_ns: now,
+            cpu: CpuTotals::at(now, threads, counters),
+            threads: threads.iter().map(|(tid, th)| (*tid, thread_at(now, th))).collect(),
+            in_server_ns: c(Counter::RequestsLeftServerNs).wrapping_add(inside),
+        }
     }
 }
 
@@ -348,19 +400,32 @@ impl Quantiles {
 pub struct Ratios {
     pub db_round_trips_per_request: Option<f64>,
     pub db_wait_ms_per_request: Option<f64>,
+    /// Database wait over the time requests spent in the server (first request byte to first
+    /// response byte), both within the interval, requests still in the server at its end
+    /// included.
     pub db_wait_share_of_server_time: Option<f64>,
     /// Share of round trips that the kernel pinned to one request (1.0 on sync servers).
     pub attributed_share: Option<f64>,
 }
 
 impl Stats {
-    pub fn ratios(&self) -> Ratios {
+    /// `in_server_ns`: the request time in the server over the same interval (the difference of
+    /// two [`Reading`]s), without which the database's share is not computed.
+    pub fn ratios(&self, in_server_ns: Option<u64>) -> Ratios {
         let per_req = |x: f64| (self.requests > 0).then(|| x / self.requests as f64);
         Ratios {
             db_round_trips_per_request: per_req(self.db_round_trips as f64),
             db_wait_ms_per_request: per_req(self.db_wait_ns as f64 / 1e6),
-            db_wait_share_of_server_time: (self.server_ns_sum > 0)
-                .then(|| self.db_wait_ns as f64 / self.server_ns_sum as f64),
+            // Not db_wait / server_ns_sum: the round trips of requests still in the server when
+            // the interval ends are in the numerator while those requests are in no record, so
+            // that ratio read 1.06 on a closed-loop cell with hundreds of requests in flight.
+            // Every round trip of a request lies within its time in the server (read, database
+            // work, response) and one request's round trips do not overlap, so over the same
+            // interval this share cannot exceed 1 (up to requests already in flight when the
+            // probes attached, whose start the kernel never saw).
+            db_wait_share_of_server_time: in_server_ns
+                .filter(|&n| n > 0)
+                .map(|n| self.db_wait_ns as f64 / n as f64),
             attributed_share: (self.db_round_trips > 0)
                 .then(|| self.db_round_trips_attributed as f64 / self.db_round_trips as f64),
         }
@@ -464,13 +529,128 @@ mod tests {
             }), None);
         }
         for attributed in [true, true, false, true, true, true] {
-            s.add(&Record::DbRoundTrip { dur_ns: 2_000_000, attributed }, None);
+            s.add(&Record::DbRoundTrip { start_ns: 0, dur_ns: 2_000_000, attributed }, None);
         }
-        let r = s.ratios();
+        let r = s.ratios(Some(30_000_000));
         assert_eq!(r.db_round_trips_per_request, Some(2.0));
         assert_eq!(r.db_wait_ms_per_request, Some(4.0));
         assert_eq!(r.db_wait_share_of_server_time, Some(0.4));
         assert_eq!(r.attributed_share, Some(5.0 / 6.0));
+        assert_eq!(s.ratios(None).db_wait_share_of_server_time, None);
+    }
+
+    /// The kernel's in-server counters, as sock.rs keeps them: per-CPU slots that a request
+    /// enters on one CPU and may leave on another, summed with wrapping arithmetic.
+    struct InServer {
+        slots: [[u64; COUNTERS as usize]; 2],
+    }
+
+    impl InServer {
+        fn enter(&mut self, cpu: usize, t: u64) {
+            let s = &mut self.slots[cpu];
+            s[Counter::RequestsInServer as usize] = s[Counter::RequestsInServer as usize].wrapping_add(1);
+            s[Counter::RequestsInServerStartNs as usize] = s[Counter::RequestsInServerStartNs as usize].wrapping_add(t);
+        }
+        fn leave(&mut self, cpu: usize, start: u64, t: u64) {
+            let s = &mut self.slots[cpu];
+            s[Counter::RequestsInServer as usize] = s[Counter::RequestsInServer as usize].wrapping_sub(1);
+            s[Counter::RequestsInServerStartNs as usize] = s[Counter::RequestsInServerStartNs as usize].wrapping_sub(start);
+            s[Counter::RequestsLeftServerNs as usize] += t - start;
+        }
+        fn summed(&self) -> [u64; COUNTERS as usize] {
+            let mut out = [0u64; COUNTERS as usize];
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = self.slots[0][i].wrapping_add(self.slots[1][i]);
+            }
+            out
+        }
+    }
+
+    /// A request: start, end, and its round trips (start, end).
+    type Req = (u64, u64, Vec<(u64, u64)>);
+
+    /// Requests (start, end, round trips inside) replayed in time order against the kernel's
+    /// counters and the records user space would see; returns (old share, new share) over the
+    /// window [m, e]: the old one divided by the server time of the records finished in it.
+    fn shares(reqs: &[Req], m: u64, e: u64) -> (Option<f64>, Option<f64>) {
+        let mut k = InServer { slots: [[0; COUNTERS as usize]; 2] };
+        let mut events: Vec<(u64, usize, bool)> = Vec::new();
+        for (i, (s, f, _)) in reqs.iter().enumerate() {
+            events.push((*s, i, true));
+            events.push((*f, i, false));
+        }
+        events.sort();
+        let mut at_m = None;
+        let mut at_e = None;
+        for &(t, i, enter) in &events {
+            if at_m.is_none() && t > m {
+                at_m = Some(Reading::at(m, &[], &k.summed()));
+            }
+            if at_e.is_none() && t > e {
+                at_e = Some(Reading::at(e, &[], &k.summed()));
+            }
+            // Enter on CPU i % 2, leave on the other one: the per-CPU slots wrap.
+            if enter { k.enter(i % 2, t) } else { k.leave((i + 1) % 2, reqs[i].0, t) }
+        }
+        let at_m = at_m.unwrap_or_else(|| Reading::at(m, &[], &k.summed()));
+        let at_e = at_e.unwrap_or_else(|| Reading::at(e, &[], &k.summed()));
+        let mut st = Stats { since_ns: m, ..Stats::default() };
+        for (s, f, rts) in reqs {
+            if *f > m && *f <= e {
+                st.requests += 1;
+                st.server_ns_sum += f - s;
+            }
+            for &(a, b) in rts {
+                if b > m && b <= e {
+                    st.add(&Record::DbRoundTrip { start_ns: a, dur_ns: b - a, attributed: false }, None);
+                }
+            }
+        }
+        let old = (st.server_ns_sum > 0).then(|| st.db_wait_ns as f64 / st.server_ns_sum as f64);
+        (old, st.ratios(Some(at_e.in_server_ns.wrapping_sub(at_m.in_server_ns))).db_wait_share_of_server_time)
+    }
+
+    /// Regression: a cell cut while many requests waited on the database read a database share
+    /// of server time of 1.06 (their round trips counted, their server time not).
+    #[test]
+    fn db_share_stays_below_one_when_the_window_cuts_requests() {
+        // One request finished in the window (10 of 100 ms waiting), ten cut at its end after
+        // 90 ms of round trips each.
+        let mut reqs = vec![(1_000, 101_000, vec![(10_000, 20_000)])];
+        for _ in 0..10 {
+            reqs.push((100_000, 1_000_000, vec![(100_000, 190_000)]));
+        }
+        let (old, new) = shares(&reqs, 0, 200_000);
+        assert!(old.unwrap() > 1.0, "the old definition exceeded 1 here: {old:?}");
+        // Truth by hand: wait 10 + 10 x 90 us; time in server 100 + 10 x 100 us.
+        let want = (10_000.0 + 10.0 * 90_000.0) / (100_000.0 + 10.0 * 100_000.0);
+        assert!((new.unwrap() - want).abs() < 1e-12, "{new:?} vs {want}");
+    }
+
+    proptest::proptest! {
+        /// Whatever the requests and the window, round trips inside their requests give a share
+        /// of at most 1 (1e-9: float rounding).
+        #[test]
+        fn db_share_never_exceeds_one(
+            raw in proptest::collection::vec((0u64..1_000_000, 1u64..500_000, proptest::collection::vec(1u64..100, 0..5)), 1..40),
+            m in 0u64..1_000_000,
+            len in 1u64..1_000_000,
+        ) {
+            let reqs: Vec<Req> = raw
+                .iter()
+                .map(|(s, d, parts)| {
+                    // Round trips back to back inside [s, s + d], sized by the given weights.
+                    let total: u64 = parts.iter().sum::<u64>().max(1);
+                    let mut t = *s;
+                    let rts = parts.iter().map(|w| { let a = t; t += d * w / total; (a, t) }).filter(|(a, b)| b > a).collect();
+                    (*s, s + d, rts)
+                })
+                .collect();
+            let (_, new) = shares(&reqs, m, m + len);
+            if let Some(x) = new {
+                proptest::prop_assert!(x <= 1.0 + 1e-9, "share {x}");
+            }
+        }
     }
 
     #[test]

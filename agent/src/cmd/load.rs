@@ -402,8 +402,8 @@ fn summary(out: &mut impl std::io::Write, r: &LoadReport) -> std::io::Result<()>
     )?;
     writeln!(
         out,
-        "total successes {}  max sRPS {:.2}",
-        r.total_successes, r.max_srps
+        "total successes {}  max sRPS {:.2} (Locust's chart; best 5 s window {:.2})",
+        r.total_successes, r.max_srps, r.max_srps_5s_window
     )?;
     let q = &r.latency_ms;
     writeln!(

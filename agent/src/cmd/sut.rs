@@ -12,7 +12,8 @@ use anyhow::Context as _;
 use crate::{
     fail,
     sut::{
-        state_path, BackendKind, Options, Setup, Stack, State, Sut, DEFAULT_NAME, STATE_VERSION,
+        state_path, BackendKind, DbAuth, Options, Setup, Stack, State, Sut, DEFAULT_NAME,
+        STATE_VERSION,
     },
     EXIT_NOPERM, EXIT_USAGE,
 };
@@ -63,6 +64,10 @@ pub struct UpArgs {
     /// docker: host port on 127.0.0.1 for the server (default: an ephemeral port).
     #[arg(long)]
     pub port: Option<u16>,
+    /// How PostgreSQL authenticates the server: SCRAM-SHA-256 with a password as in the study,
+    /// or trust (the control without authentication).
+    #[arg(long, value_enum, default_value_t = DbAuth::Scram)]
+    pub db_auth: DbAuth,
     /// Do not seed (the table stays empty).
     #[arg(long)]
     pub no_seed: bool,
@@ -170,6 +175,7 @@ fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
     let name = a.name.name;
     let mut opts = Options::new(a.setup, a.stack, &name);
     opts.host_port = a.port;
+    opts.db_auth = a.db_auth;
     opts.validate()?;
     if let Some(old) = read_state(&name)? {
         if Sut::attach(old.clone()).alive() {
@@ -201,6 +207,7 @@ fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
             r.seconds
         );
     }
+    let sut_record = sut.system().ok().cloned();
     let state = sut.keep();
     write_state(&state)?;
     if a.json {
@@ -211,6 +218,16 @@ fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
         println!("db port     {}", state.db_port);
         let pids: Vec<String> = state.server_pids.iter().map(u32::to_string).collect();
         println!("server pids {}", pids.join(","));
+        if let Some(r) = sut_record {
+            println!(
+                "runs        Django {} (DEBUG {}), {}, PostgreSQL {} ({} authentication)",
+                r.django,
+                if r.debug { "on" } else { "off" },
+                r.db_driver,
+                r.postgres_version,
+                r.db_auth_method().unwrap_or("unknown")
+            );
+        }
         println!("state       {}", state_path(&name).display());
     }
     Ok(ExitCode::SUCCESS)

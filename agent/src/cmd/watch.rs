@@ -20,7 +20,7 @@ use tokio::{
 use crate::{
     aggregate::{
         summary::{Summary, SummaryInput},
-        Aggregator, CpuTotals, Quantiles, Record,
+        Aggregator, CpuTotals, Quantiles, Reading, Record,
     },
     fail,
     metrics::{server, ProbeMetrics},
@@ -155,8 +155,8 @@ async fn watch(args: &Args, target: &Target) -> anyhow::Result<()> {
     }
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let started = Instant::now();
-    let cpu_start = CpuTotals::at(monotonic_ns(), &probes.threads()?, &probes.counters()?);
-    let mut cpu_prev = cpu_start;
+    let start = Reading::at(monotonic_ns(), &probes.threads()?, &probes.counters()?);
+    let mut cpu_prev = start.cpu;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(args.interval));
     tick.tick().await;
     let deadline = args.duration.map(|d| started + Duration::from_secs_f64(d.max(0.0)));
@@ -197,7 +197,7 @@ async fn watch(args: &Args, target: &Target) -> anyhow::Result<()> {
     // The kernel may have finished records after the last wakeup: take them all before detaching.
     drain(ring.get_mut(), &mut agg, args.json, &mut out)?;
     let counters = probes.counters()?;
-    let cpu_end = CpuTotals::at(monotonic_ns(), &probes.threads()?, &counters);
+    let end = Reading::at(monotonic_ns(), &probes.threads()?, &counters);
     let status = probes.status().to_vec();
     drop(ring);
     drop(probes);
@@ -208,8 +208,8 @@ async fn watch(args: &Args, target: &Target) -> anyhow::Result<()> {
         stats: &agg.total,
         labels: &agg.labels,
         counters: &counters,
-        cpu_start,
-        cpu_end,
+        start: &start,
+        end: &end,
         malformed: agg.malformed,
         probes: &status,
     });
@@ -261,7 +261,7 @@ fn window_line(
     let ms = |q: &Quantiles, f: fn(&Quantiles) -> f64| if q.count > 0 { format!("{:.2}", f(q)) } else { "-".into() };
     let server = Quantiles::of(&w.server);
     let rtt = Quantiles::of(&w.db_rtt);
-    let r = w.ratios();
+    let r = w.ratios(None);
     let lost = counters[C::RingbufFull as usize] + counters[C::ConnMapFull as usize] + counters[C::ThreadMapFull as usize] + agg.malformed;
     format!(
         "{:>6.1}s  req/s {:>8.1}  server p50 {:>7} p99 {:>7} ms  db rtt p50 {:>7} p99 {:>7} ms  rt/req {:>5}  off-cpu {:>5}  lost {}  unknown {}",
@@ -299,11 +299,17 @@ fn print_summary(out: &mut impl std::io::Write, s: &Summary) -> std::io::Result<
     )?;
     writeln!(
         out,
-        "  cpu               on {:.3} s  off {:.3} s  off-cpu share {}  threads {}",
+        "  cpu               on {:.3} s  off {:.3} s  off-cpu share {}  threads {}  cpu s per wall s {}",
         s.cpu.on_cpu_s,
         s.cpu.off_cpu_s,
         opt(s.cpu.off_cpu_share),
-        s.cpu.threads_seen
+        s.cpu.threads_seen,
+        opt(s.cpu.cpu_s_per_wall_s)
+    )?;
+    writeln!(
+        out,
+        "  serving threads   {}  on {:.3} s  off {:.3} s",
+        s.cpu.serving_threads, s.cpu.serving_on_cpu_s, s.cpu.serving_off_cpu_s
     )?;
     writeln!(out, "  lost              {:?}", s.lost)?;
     Ok(())

@@ -21,7 +21,7 @@ use serde::Serialize;
 use crate::{
     aggregate::{
         summary::{Summary, SummaryInput},
-        Aggregator, CpuTotals,
+        Aggregator, Reading,
     },
     cmd::watch::monotonic_ns,
     metrics::ProbeMetrics,
@@ -149,9 +149,9 @@ fn run(
 
     let started = Instant::now();
     let zero = [0u64; agent_common::COUNTERS as usize];
-    let cpu_start = match (probes.threads(), probes.counters()) {
-        (Ok(t), Ok(c)) => CpuTotals::at(monotonic_ns(), &t, &c),
-        _ => CpuTotals::at(monotonic_ns(), &[], &zero),
+    let start = match (probes.threads(), probes.counters()) {
+        (Ok(t), Ok(c)) => Reading::at(monotonic_ns(), &t, &c),
+        _ => Reading::at(monotonic_ns(), &[], &zero),
     };
     let mut next = Instant::now() + interval;
     loop {
@@ -165,8 +165,8 @@ fn run(
                 tracing::warn!(container = %name, "reading the probe maps failed; detaching");
                 break;
             };
-            let cpu = CpuTotals::at(monotonic_ns(), &threads, &counters);
-            agg.snapshot(&counters, cpu);
+            let end = Reading::at(monotonic_ns(), &threads, &counters);
+            agg.snapshot(&counters, end.cpu);
             let s = Summary::build(SummaryInput {
                 target: &name,
                 netns_inum: target.netns_inum,
@@ -174,8 +174,8 @@ fn run(
                 stats: &agg.total,
                 labels: &agg.labels,
                 counters: &counters,
-                cpu_start,
-                cpu_end: cpu,
+                start: &start,
+                end: &end,
                 malformed: agg.malformed,
                 probes: &status,
             });

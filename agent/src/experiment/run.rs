@@ -154,6 +154,7 @@ fn load_outcome(r: &load::LoadReport) -> LoadOutcome {
         failures: r.failures,
         total_successes: r.total_successes,
         max_srps: r.max_srps,
+        max_srps_5s_window: r.max_srps_5s_window,
         failures_by_kind: r.failures_by_kind.iter().map(|f| (f.kind.clone(), f.count)).collect(),
         latency: crate::aggregate::Quantiles {
             count: r.latency_ms.count,
@@ -518,6 +519,8 @@ fn measure(cx: &Ctx<'_>, s: &mut Server, key: &CellKey, tally: &Tally, warmup: O
         None
     };
     let spec = load_spec(cfg, s.system.url(), &key.route)?;
+    // PostgreSQL's refusals for want of a slot during the load: its log's count before and after.
+    let refusals_before = s.system.db_refusals();
     let started_unix_s = unix_now();
     let mut observer = |p: &load::Progress| progress(tally.done, tally.skipped, tally.total, tally.started, key, p);
     let report = run_load(cx, &mut s.session, &spec, &mut observer, metrics.map(|m| m.load.clone()));
@@ -548,6 +551,20 @@ fn measure(cx: &Ctx<'_>, s: &mut Server, key: &CellKey, tally: &Tally, warmup: O
     if report.stopped_early || cx.stop.requested() {
         return Ok(None);
     }
+    let db_refusals = match (refusals_before, s.system.db_refusals()) {
+        (Ok(b), Ok(a)) => Some(a.saturating_sub(b)),
+        (Err(e), _) | (_, Err(e)) => {
+            notes.push(format!("PostgreSQL's refusals were not counted: {e}"));
+            None
+        }
+    };
+    let system_record = match s.system.system() {
+        Ok(r) => Some(r.clone()),
+        Err(e) => {
+            notes.push(format!("the system under test was not recorded: {e}"));
+            None
+        }
+    };
     let probes = match (s.session.as_mut(), mark) {
         (Some(p), Some(m)) => Some(p.summary_since(&m)?),
         _ => None,
@@ -567,7 +584,8 @@ fn measure(cx: &Ctx<'_>, s: &mut Server, key: &CellKey, tally: &Tally, warmup: O
         delay,
         load: load_outcome(&report),
         probes,
-        db_refusals: None,
+        db_refusals,
+        system: system_record,
         notes,
     };
     Ok(Some((cell, report)))

@@ -4,9 +4,10 @@
 //!
 //! Differences, on purpose: times are milliseconds with up to three decimals (Locust rounds
 //! them to whole or two-digit milliseconds); the history's percentiles are those of each second
-//! (what Locust writes with `--csv-full-history`), not of the whole run so far; "Requests/s" in
-//! the history is the count of that second, not Locust's smoothed "current RPS".
-//! Everything is read from `LoadReport`; nothing is recomputed here.
+//! (what Locust writes with `--csv-full-history`), not of the whole run so far. As in Locust,
+//! "Requests/s" and "Failures/s" in the history are its `current_rps` and
+//! `current_fail_per_sec` (10-second averages that lag 2 s), each taken at the end of the
+//! row's second. Everything is read from `LoadReport`; nothing is recomputed here.
 
 use std::{
     fmt::Write as _,
@@ -152,8 +153,8 @@ pub fn stats_history_csv(r: &LoadReport) -> String {
             p.users.to_string(),
             String::new(),
             "Aggregated".into(),
-            format!("{:.6}", p.requests as f64),
-            format!("{:.6}", p.failures as f64),
+            format!("{:.6}", p.current_rps),
+            format!("{:.6}", p.current_fail_per_sec),
         ];
         cells.extend(pcts(&p.latency_ms));
         let t = &p.total_latency_ms;
@@ -253,6 +254,7 @@ mod tests {
             failures: 1,
             total_successes: 2,
             max_srps: 1.0,
+            max_srps_5s_window: 0.4,
             failures_by_kind: vec![FailureCount {
                 kind: "http_500".into(),
                 count: 1,
@@ -284,6 +286,9 @@ mod tests {
                     total_failures: 1,
                     total_latency_ms: q,
                     total_bytes: 30,
+                    // Locust's smoothed rates, not the second's counts (3 and 1).
+                    current_rps: 2.5,
+                    current_fail_per_sec: 0.5,
                     ..SeriesPoint::default()
                 },
             ],
@@ -319,7 +324,7 @@ mod tests {
         assert!(lines
             .next()
             .unwrap()
-            .starts_with("1700000002,1,,Aggregated,3.000000,1.000000,2,"));
+            .starts_with("1700000002,1,,Aggregated,2.500000,0.500000,2,"));
 
         let f = failures_csv(&r);
         assert_eq!(f.lines().next().unwrap(), "Method,Name,Error,Occurrences");

@@ -625,16 +625,22 @@ pub async fn run_with_metrics(
             "open",
         ),
     };
-    let started_unix_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
     let mut tasks = Lanes::new()?;
     let start = Instant::now();
+    let wall = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let started_unix_ms = wall.as_millis() as u64;
+    // Seconds are counted from the start of the unix second the run started in, not from the
+    // start: Locust counts completions per `int(time.time())` and averages its chart over those
+    // seconds, so run-relative seconds would shift every average by the start's fraction of a
+    // second and Max sRPS would not be Locust's.
+    let into_second = Duration::from_nanos(u64::from(wall.subsec_nanos()));
+    let origin = start.checked_sub(into_second).unwrap_or(start);
     let sh = Arc::new(Shared {
         addr,
         template,
-        rec: Recorder::new(start).with_metrics(metrics),
+        rec: Recorder::new(origin).with_metrics(metrics),
         timeout: spec.timeout,
         keep_alive: spec.keep_alive,
         wait,
@@ -690,7 +696,7 @@ pub async fn run_with_metrics(
             max_users = max_users.max(want);
         }
         // Collect each second once it is over (plus a little slack for records being written).
-        let collect_at = start + Duration::from_secs(next_second) + Duration::from_millis(20);
+        let collect_at = origin + Duration::from_secs(next_second) + Duration::from_millis(20);
         if now >= collect_at {
             let users = sh.active.load(Ordering::Relaxed);
             let secs = sh.rec.take_seconds(next_second);
@@ -755,11 +761,12 @@ pub async fn run_with_metrics(
         series.push(*s, sd, users_at_end);
     }
     let totals = sh.rec.totals();
-    let per_second: Vec<(u64, u64)> = series
-        .points
-        .iter()
-        .map(|p| (p.requests, p.failures))
-        .collect();
+    let mut points = series.points;
+    let tallies: Vec<metrics::Tally> = points.iter().map(SeriesPoint::tally).collect();
+    for (i, p) in points.iter_mut().enumerate() {
+        (p.current_rps, p.current_fail_per_sec) = metrics::current_rates(&tallies, i as f64 + 1.0);
+    }
+    let per_second: Vec<(u64, u64)> = points.iter().map(|p| (p.requests, p.failures)).collect();
     let report = LoadReport {
         version: REPORT_VERSION,
         url: spec.url.clone(),
@@ -775,7 +782,14 @@ pub async fn run_with_metrics(
         successes: totals.requests - totals.failures,
         failures: totals.failures,
         total_successes: metrics::total_successes(totals.requests, totals.failures),
-        max_srps: metrics::max_srps(&per_second, actual.as_secs_f64()),
+        // Up to the planned end, which the run overshoots by a moment: Locust's run-time timer
+        // quits before its chart's point at that end.
+        max_srps: metrics::max_srps(
+            &tallies,
+            into_second.as_secs_f64(),
+            actual.min(planned).as_secs_f64(),
+        ),
+        max_srps_5s_window: metrics::max_srps_5s_window(&per_second, actual.as_secs_f64()),
         failures_by_kind: report::failures_by_kind(&totals),
         status_counts: totals
             .statuses
@@ -790,7 +804,7 @@ pub async fn run_with_metrics(
         start_lag_ms: Quantiles::of(&totals.start_lag, None),
         in_flight_at_end: sh.aborted.load(Ordering::Relaxed),
         max_users,
-        series: series.points,
+        series: points,
     };
     Ok(report)
 }

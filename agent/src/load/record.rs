@@ -5,8 +5,10 @@
 //! series and, at the end, their totals into the report.
 //!
 //! Histograms are in nanoseconds, 1 ns .. 1 h, 3 significant digits (<= 0.1 % relative
-//! error). A request is counted in the second in which it completed. This module must not
-//! allocate per request: maps grow only when a new status code or a new second first appears.
+//! error). A request is counted in the second in which it completed, seconds counted from the
+//! origin the run gives (the start of the unix second it started in, so that they are Locust's
+//! whole wall-clock seconds). This module must not allocate per request: maps grow only when a
+//! new status code or a new second first appears.
 
 use std::{
     cell::RefCell,
@@ -150,6 +152,9 @@ pub struct Second {
     pub bytes: u64,
     pub latency: Histogram<u64>,
     pub latency_sum_ns: u128,
+    /// When the first request of the second completed, nanoseconds into it (`u32::MAX` while
+    /// none has): Locust's chart needs it (`metrics::Tally`).
+    pub first_done_ns: u32,
 }
 
 impl Default for Second {
@@ -160,6 +165,7 @@ impl Default for Second {
             bytes: 0,
             latency: new_hist(),
             latency_sum_ns: 0,
+            first_done_ns: u32::MAX,
         }
     }
 }
@@ -171,6 +177,7 @@ impl Second {
         self.bytes += o.bytes;
         let _ = self.latency.add(&o.latency);
         self.latency_sum_ns += o.latency_sum_ns;
+        self.first_done_ns = self.first_done_ns.min(o.first_done_ns);
     }
 }
 
@@ -195,17 +202,19 @@ thread_local! {
 /// The per-run registry of shards.
 pub struct Recorder {
     id: u64,
-    start: Instant,
+    /// Second 0 starts here.
+    origin: Instant,
     shards: Mutex<Vec<Arc<Mutex<Shard>>>>,
     /// Prometheus series fed alongside the histograms (`--metrics-addr`), if any.
     metrics: Option<crate::metrics::LoadMetrics>,
 }
 
 impl Recorder {
-    pub fn new(start: Instant) -> Recorder {
+    /// Seconds are counted from `origin`.
+    pub fn new(origin: Instant) -> Recorder {
         Recorder {
             id: NEXT_RUN.fetch_add(1, Ordering::Relaxed),
-            start,
+            origin,
             shards: Mutex::new(Vec::new()),
             metrics: None,
         }
@@ -259,7 +268,8 @@ impl Recorder {
                 },
             );
         }
-        let sec = done.saturating_duration_since(self.start).as_secs();
+        let since = done.saturating_duration_since(self.origin);
+        let (sec, into) = (since.as_secs(), since.subsec_nanos());
         let lat = ns(latency);
         let fail = outcome.is_failure();
         self.with(|s| {
@@ -285,6 +295,7 @@ impl Recorder {
             if fail {
                 sl.failures += 1;
             }
+            sl.first_done_ns = sl.first_done_ns.min(into);
         })
     }
 
@@ -426,7 +437,10 @@ mod tests {
         );
         let first = rec.take_seconds(2);
         assert_eq!(first.keys().copied().collect::<Vec<_>>(), vec![0, 1]);
+        assert_eq!(first[&0].first_done_ns, 999_000_000);
+        assert_eq!(first[&1].first_done_ns, 0);
         let rest = rec.take_seconds(10);
         assert_eq!(rest[&2].failures, 1);
+        assert_eq!(rest[&2].first_done_ns, 500_000_000);
     }
 }

@@ -11,8 +11,9 @@ use serde::{Deserialize, Serialize};
 use super::record::{ErrorKind, Second, Totals};
 use super::schedule::Stage;
 
-/// Bumped whenever a field changes meaning or disappears.
-pub const REPORT_VERSION: u32 = 1;
+/// Bumped whenever a field changes meaning or disappears. 2: `max_srps` is Locust's chart
+/// figure (the fixed-window one is `max_srps_5s_window`), and series seconds are unix seconds.
+pub const REPORT_VERSION: u32 = 2;
 
 /// Locust's reported percentiles (its `PERCENTILES_TO_REPORT`), as fractions.
 pub const LOCUST_PERCENTILES: [f64; 11] = [
@@ -83,7 +84,8 @@ impl Quantiles {
 /// One second of the run: what completed in [second, second + 1).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SeriesPoint {
-    /// Seconds since the start.
+    /// Whole wall-clock seconds since the one the run started in: this point is unix second
+    /// `started_unix_ms / 1000 + second`, as Locust counts, so the first point is partial.
     pub second: u32,
     /// Users running at the end of the second (closed model), requests in flight (open model).
     pub users: u32,
@@ -98,6 +100,26 @@ pub struct SeriesPoint {
     pub total_failures: u64,
     pub total_latency_ms: Quantiles,
     pub total_bytes: u64,
+    /// When the first request of this second completed, milliseconds into it (none if none).
+    #[serde(default)]
+    pub first_done_ms: Option<f64>,
+    /// Locust's `current_rps` and `current_fail_per_sec` at the end of this second (what its
+    /// stats history CSV writes each second; `metrics::current_rates`).
+    #[serde(default)]
+    pub current_rps: f64,
+    #[serde(default)]
+    pub current_fail_per_sec: f64,
+}
+
+impl SeriesPoint {
+    /// The counts Locust's figures are computed from.
+    pub fn tally(&self) -> super::metrics::Tally {
+        super::metrics::Tally {
+            requests: self.requests,
+            failures: self.failures,
+            first_done_ns: self.first_done_ms.map_or(0, |ms| (ms * 1e6).round() as u32),
+        }
+    }
 }
 
 /// Count of one failure kind: `http_NNN` for an HTTP status >= 400, otherwise an `ErrorKind`
@@ -132,8 +154,12 @@ pub struct LoadReport {
     pub failures: u64,
     /// The study's Total successes (requests - failures).
     pub total_successes: u64,
-    /// The study's Max sRPS (5-second samples).
+    /// The study's Max sRPS: the largest point of Locust 2.13's report chart of
+    /// (requests/s - failures/s) (`metrics::max_srps`).
     pub max_srps: f64,
+    /// The best fixed 5-second window of (requests - failures) / 5 (not the study's figure).
+    #[serde(default)]
+    pub max_srps_5s_window: f64,
     pub failures_by_kind: Vec<FailureCount>,
     /// Responses by HTTP status (successes and failures).
     pub status_counts: BTreeMap<String, u64>,
@@ -227,6 +253,8 @@ impl SeriesBuilder {
             total_failures: cum.failures,
             total_latency_ms: Quantiles::of(&cum.latency, Some(cum.latency_sum_ns)),
             total_bytes: cum.bytes,
+            first_done_ms: (s.requests > 0).then(|| f64::from(s.first_done_ns) / 1e6),
+            ..SeriesPoint::default()
         };
         match self.points.iter_mut().find(|p| p.second == sec32) {
             // A shard that stalled past the collector: keep its counts (the quantiles of that
@@ -236,6 +264,10 @@ impl SeriesBuilder {
                 p.successes += s.requests - s.failures;
                 p.failures += s.failures;
                 p.bytes += s.bytes;
+                if s.requests > 0 {
+                    let first = f64::from(s.first_done_ns) / 1e6;
+                    p.first_done_ms = Some(p.first_done_ms.map_or(first, |f| f.min(first)));
+                }
             }
             None => self.points.push(point),
         }

@@ -535,7 +535,7 @@ mod tests {
         };
         let mut o = m.observer("srv");
         o.record(&Record::Request(rec), Some(label), &labels);
-        o.record(&Record::DbRoundTrip { dur_ns: 100_000_000, attributed: true }, None, &labels);
+        o.record(&Record::DbRoundTrip { start_ns: 0, dur_ns: 100_000_000, attributed: true }, None, &labels);
         let labels = [("target", "srv"), ("method", "GET"), ("route", "/posts/io_read/"), ("status_class", "5xx")];
         assert_eq!(value(&r, "awaitlab_http_server_requests_total", &labels), Some(1.0));
         assert_eq!(value(&r, "awaitlab_db_round_trips_total", &[("target", "srv")]), Some(1.0));

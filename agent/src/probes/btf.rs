@@ -262,6 +262,8 @@ impl Btf {
             regs_nr,
             regs_arg1,
             regs_size: self.struct_size("pt_regs")?,
+            // `unsigned int flags` in every kernel the agent supports.
+            task_flags: self.member_sized("task_struct", "flags", 4)?,
         })
     }
 

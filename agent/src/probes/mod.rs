@@ -141,7 +141,7 @@ impl Probes {
         RingBuf::try_from(map).map_err(|source| ProbeError::Map { name: "EVENTS", source })
     }
 
-    /// Sums of the per-CPU counters, indexed by `agent_common::Counter`.
+    /// Sums of the per-CPU counters, indexed by `agent_common::Counter` (wrapping sums).
     pub fn counters(&self) -> Result<[u64; COUNTERS as usize], ProbeError> {
         let map = self.ebpf.map("COUNTERS_MAP").ok_or(ProbeError::Map {
             name: "COUNTERS_MAP",
@@ -152,7 +152,8 @@ impl Probes {
         let mut out = [0u64; COUNTERS as usize];
         for (i, slot) in out.iter_mut().enumerate() {
             let v = arr.get(&(i as u32), 0).map_err(|source| ProbeError::Map { name: "COUNTERS_MAP", source })?;
-            *slot = v.iter().sum();
+            // Wrapping: the in-server counters go up on one CPU and down on another.
+            *slot = v.iter().fold(0u64, |a, x| a.wrapping_add(*x));
         }
         Ok(out)
     }

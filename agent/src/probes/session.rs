@@ -14,7 +14,7 @@ use tokio::io::{unix::AsyncFd, Interest};
 use super::{ProbeError, ProbeSpec, Probes};
 use crate::aggregate::{
     summary::{Summary, SummaryInput},
-    Aggregator, CpuTotals, Record, Stats,
+    Aggregator, CpuTotals, Reading, Record, Stats,
 };
 
 pub struct ProbeSession {
@@ -30,7 +30,7 @@ pub struct ProbeSession {
 pub struct Mark {
     at: Instant,
     counters: [u64; COUNTERS as usize],
-    cpu: CpuTotals,
+    reading: Reading,
 }
 
 impl ProbeSession {
@@ -74,6 +74,10 @@ impl ProbeSession {
         Ok(CpuTotals::at(crate::cmd::watch::monotonic_ns(), &self.probes.threads()?, counters))
     }
 
+    fn read_now(&self, counters: &[u64; COUNTERS as usize]) -> Result<Reading, ProbeError> {
+        Ok(Reading::at(crate::cmd::watch::monotonic_ns(), &self.probes.threads()?, counters))
+    }
+
     /// Hands the kernel counters and CPU totals to the aggregator's observers (metrics).
     pub fn snapshot(&mut self) -> Result<(), ProbeError> {
         let counters = self.probes.counters()?;
@@ -85,17 +89,17 @@ impl ProbeSession {
     /// Starts a measured interval: drains, forgets what came before, remembers the counters.
     pub fn mark(&mut self) -> Result<Mark, ProbeError> {
         self.drain(|_| {});
-        self.agg.total = Stats::default();
         let counters = self.probes.counters()?;
-        let cpu = self.cpu_now(&counters)?;
-        Ok(Mark { at: Instant::now(), counters, cpu })
+        let reading = self.read_now(&counters)?;
+        self.agg.total = Stats { since_ns: reading.at_ns, ..Stats::default() };
+        Ok(Mark { at: Instant::now(), counters, reading })
     }
 
     /// The summary of everything since `mark`.
     pub fn summary_since(&mut self, mark: &Mark) -> Result<Summary, ProbeError> {
         self.drain(|_| {});
         let now = self.probes.counters()?;
-        let cpu_end = self.cpu_now(&now)?;
+        let end = self.read_now(&now)?;
         let mut delta = [0u64; COUNTERS as usize];
         for (i, d) in delta.iter_mut().enumerate() {
             *d = now[i].saturating_sub(mark.counters[i]);
@@ -107,8 +111,8 @@ impl ProbeSession {
             stats: &self.agg.total,
             labels: &self.agg.labels,
             counters: &delta,
-            cpu_start: mark.cpu,
-            cpu_end,
+            start: &mark.reading,
+            end: &end,
             malformed: self.agg.malformed,
             probes: self.probes.status(),
         }))

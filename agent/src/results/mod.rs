@@ -82,8 +82,13 @@ pub struct LoadOutcome {
     pub failures: u64,
     /// The study's "Total successes": requests - failures.
     pub total_successes: u64,
-    /// The study's "Max sRPS": max over 5 s samples of (requests/s - failures/s).
+    /// The study's "Max sRPS": the largest point of Locust 2.13's report chart of
+    /// (requests/s - failures/s) (`load::metrics::max_srps`).
     pub max_srps: f64,
+    /// The best fixed 5-second window of (requests - failures) / 5 (not the study's figure;
+    /// absent from cells recorded before it existed).
+    #[serde(default)]
+    pub max_srps_5s_window: f64,
     /// Failure counts by kind ("http_500", "reset", "refused", "closed", "timeout", ...).
     pub failures_by_kind: BTreeMap<String, u64>,
     pub latency: Quantiles,
@@ -131,10 +136,15 @@ pub struct CellResult {
     pub load: LoadOutcome,
     /// The eBPF view of the server during the load (None when probes were off).
     pub probes: Option<Summary>,
-    /// Connections PostgreSQL refused during the cell for want of a slot ("too many clients",
-    /// "remaining connection slots are reserved"), counted in its log; None when not measured.
+    /// Connections PostgreSQL refused the server during the cell for want of a slot ("too many
+    /// clients", "remaining connection slots are reserved"), counted in its log (refusals of the
+    /// database host's own clients, the health check and the agent's psql, left out); None when
+    /// not measured.
     #[serde(default)]
     pub db_refusals: Option<u64>,
+    /// What the system under test ran with, measured after its last start (None: not recorded).
+    #[serde(default)]
+    pub system: Option<crate::sut::SystemRecord>,
     /// Anything worth knowing when reading the numbers (drain timeouts, restarts, ...).
     pub notes: Vec<String>,
 }
@@ -280,6 +290,7 @@ pub(crate) mod tests {
                 failures: 2,
                 total_successes: successes,
                 max_srps: successes as f64 / 20.0,
+                max_srps_5s_window: successes as f64 / 20.0,
                 failures_by_kind: [("http_500".to_string(), 2u64)].into_iter().collect(),
                 latency: quantiles(10.0),
                 series: (0..30)
@@ -297,6 +308,7 @@ pub(crate) mod tests {
             },
             probes: None,
             db_refusals: None,
+            system: None,
             notes: vec![],
         }
     }

@@ -5,7 +5,9 @@
 //! `awaitlab/server:{study,current}`.
 //!
 //! PostgreSQL's data lives in the named volume `NAME-pgdata`, so `switch` can recreate the
-//! database container with another `max_connections` and keep the seed.
+//! database container with another `max_connections` and keep the seed. As in the study's
+//! official image, other hosts (the server) authenticate with SCRAM-SHA-256 and a password (or
+//! `trust`, `Options::db_auth`) and the container's own loopback, where psql runs, is trusted.
 //!
 //! Every object carries the label `awaitlab.sut=NAME` and the name prefix `NAME-`; `down` removes
 //! the containers (with their anonymous volumes), the data volume and the network found by that
@@ -17,8 +19,8 @@ use std::{collections::HashMap, future::Future, time::Duration};
 use bollard::{
     exec::{CreateExecOptions, StartExecResults},
     models::{
-        ContainerCreateBody, EndpointSettings, HostConfig, NetworkCreateRequest, NetworkingConfig,
-        PortBinding, VolumeCreateRequest,
+        ContainerCreateBody, EndpointSettings, HostConfig, HostConfigLogConfig,
+        NetworkCreateRequest, NetworkingConfig, PortBinding, VolumeCreateRequest,
     },
     query_parameters::{
         CreateContainerOptionsBuilder, InspectContainerOptions, ListContainersOptionsBuilder,
@@ -29,8 +31,8 @@ use bollard::{
 use futures_util::StreamExt as _;
 
 use super::{
-    children, tail, wait_http, Backend, BackendKind, Options, State, SutError, DB_PORT,
-    SERVER_PORT, STATE_VERSION,
+    children, tail, wait_http, Backend, BackendKind, Options, State, SutError, DB_PASSWORD,
+    DB_PORT, SERVER_PORT, STATE_VERSION,
 };
 
 pub const POSTGRES_IMAGE: &str = "awaitlab/postgres:15";
@@ -38,6 +40,8 @@ pub const LABEL: &str = "awaitlab.sut";
 const START_LIMIT: Duration = Duration::from_secs(90);
 /// PostgreSQL's /dev/shm in its container (1 GiB, as the postgres image's documentation advises).
 const DB_SHM_BYTES: i64 = 1 << 30;
+/// Size at which the server's log file is rotated (two files are kept).
+const SERVER_LOG_MAX: &str = "20m";
 
 pub fn server_image(stack: super::Stack) -> String {
     format!("awaitlab/server:{}", stack.name())
@@ -82,11 +86,12 @@ fn is_404(e: &bollard::errors::Error) -> bool {
     )
 }
 
-async fn logs_of(d: &bollard::Docker, container: &str, lines: usize) -> String {
+/// The last `lines` lines of a container's output (None: all of it).
+async fn logs_of(d: &bollard::Docker, container: &str, lines: Option<usize>) -> String {
     let opts = LogsOptionsBuilder::default()
         .stdout(true)
         .stderr(true)
-        .tail(&lines.to_string())
+        .tail(&lines.map_or("all".to_string(), |n| n.to_string()))
         .build();
     let mut s = d.logs(container, Some(opts));
     let mut out = String::new();
@@ -110,7 +115,7 @@ async fn start_error(d: &bollard::Docker, what: &str, container: &str, reason: S
     SutError::Start {
         what: what.into(),
         reason,
-        log: tail(&logs_of(d, container, 20).await, 10),
+        log: tail(&logs_of(d, container, Some(20)).await, 10),
     }
 }
 
@@ -227,7 +232,10 @@ async fn start_db(d: &bollard::Docker, opts: &Options) -> Result<i64, SutError> 
     let name = &opts.name;
     // PostgreSQL: its image's entrypoint passes extra arguments on to postgres.
     let db = format!("{name}-db");
-    let mut db_args = Vec::new();
+    let mut db_args = vec![
+        "-c".to_string(),
+        format!("log_line_prefix={}", super::LOG_LINE_PREFIX),
+    ];
     for kv in &opts.postgres_args {
         db_args.extend(["-c".to_string(), kv.clone()]);
     }
@@ -235,10 +243,13 @@ async fn start_db(d: &bollard::Docker, opts: &Options) -> Result<i64, SutError> 
         Some(CreateContainerOptionsBuilder::default().name(&db).build()),
         ContainerCreateBody {
             image: Some(POSTGRES_IMAGE.into()),
-            env: Some(vec![format!(
-                "MAX_CONNECTIONS={}",
-                opts.setup.max_connections()
-            )]),
+            // The official image's variables: a password, and how other hosts authenticate
+            // (both read only when the data volume is new; `switch` keeps the database's).
+            env: Some(vec![
+                format!("MAX_CONNECTIONS={}", opts.setup.max_connections()),
+                format!("POSTGRES_PASSWORD={DB_PASSWORD}"),
+                format!("POSTGRES_HOST_AUTH_METHOD={}", opts.db_auth.hba_method()),
+            ]),
             cmd: Some(db_args),
             labels: Some(labels(name)),
             host_config: Some(HostConfig {
@@ -300,17 +311,26 @@ async fn start_server(
         ),
         ContainerCreateBody {
             image: Some(server_image.to_string()),
-            env: Some(vec![
-                format!("AWL_VIEWS={}", opts.setup.views()),
-                "AWL_DB_HOST=db".into(),
-                format!("AWL_DB_PORT={DB_PORT}"),
-                format!("AWL_DB_POOL={}", opts.setup.pool_size()),
-            ]),
+            env: Some(
+                super::server_env(opts.setup, opts.stack, "db")
+                    .into_iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect(),
+            ),
             exposed_ports: Some(vec![port_key.clone()]),
             labels: Some(labels(name)),
             host_config: Some(HostConfig {
                 network_mode: Some(format!("{name}-net")),
                 port_bindings: Some(HashMap::from([(port_key.clone(), Some(vec![binding]))])),
+                // The study's settings print every SQL statement: the engine's default json-file
+                // log would grow without bound under load, so it is rotated.
+                log_config: Some(HostConfigLogConfig {
+                    typ: Some("json-file".into()),
+                    config: Some(HashMap::from([
+                        ("max-size".to_string(), SERVER_LOG_MAX.to_string()),
+                        ("max-file".to_string(), "2".to_string()),
+                    ])),
+                }),
                 ..Default::default()
             }),
             networking_config: Some(on_net(name, "server")),
@@ -387,33 +407,15 @@ async fn switch_async(state: &State, opts: &Options) -> Result<State, SutError> 
     start_server(&d, opts, &server_image, db_pid).await
 }
 
-async fn psql_async(name: &str, statements: &[&str]) -> Result<String, SutError> {
+/// Runs `cmd` in `container` and returns its stdout; an error with its stderr's last lines when
+/// it exits non-zero.
+async fn exec_async(container: &str, cmd: Vec<String>) -> Result<String, SutError> {
     let d = connect().await?;
-    let mut cmd: Vec<String> = [
-        "psql",
-        "-X",
-        "-q",
-        "-At",
-        "-v",
-        "ON_ERROR_STOP=1",
-        "-h",
-        "127.0.0.1",
-        "-U",
-        "postgres",
-        "-d",
-        "study",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    for s in statements {
-        cmd.extend(["-c".to_string(), s.to_string()]);
-    }
     let exec = d
         .create_exec(
-            &format!("{name}-db"),
+            container,
             CreateExecOptions {
-                cmd: Some(cmd),
+                cmd: Some(cmd.clone()),
                 attach_stdout: Some(true),
                 attach_stderr: Some(true),
                 ..Default::default()
@@ -434,11 +436,36 @@ async fn psql_async(name: &str, statements: &[&str]) -> Result<String, SutError>
     let code = d.inspect_exec(&exec.id).await?.exit_code.unwrap_or(-1);
     if code != 0 {
         return Err(SutError::Other(format!(
-            "psql exited with {code}: {}",
+            "{} exited with {code}: {}",
+            cmd.first().map_or("", String::as_str),
             tail(&err, 5)
         )));
     }
     Ok(out)
+}
+
+async fn psql_async(name: &str, statements: &[&str]) -> Result<String, SutError> {
+    let mut cmd: Vec<String> = [
+        "psql",
+        "-X",
+        "-q",
+        "-At",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-h",
+        "127.0.0.1",
+        "-U",
+        "postgres",
+        "-d",
+        "study",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for s in statements {
+        cmd.extend(["-c".to_string(), s.to_string()]);
+    }
+    exec_async(&format!("{name}-db"), cmd).await
 }
 
 /// Runs `f` on a multi-thread runtime (the readiness wait blocks in place while it asks the
@@ -483,8 +510,14 @@ impl Backend for Docker {
             };
             format!(
                 "server: {}\npostgres: {}",
-                tail(&logs_of(&d, &format!("{name}-server"), lines).await, lines),
-                tail(&logs_of(&d, &format!("{name}-db"), lines).await, lines)
+                tail(
+                    &logs_of(&d, &format!("{name}-server"), Some(lines)).await,
+                    lines
+                ),
+                tail(
+                    &logs_of(&d, &format!("{name}-db"), Some(lines)).await,
+                    lines
+                )
             )
         })
     }
@@ -500,6 +533,23 @@ impl Backend for Docker {
                 .await
                 .is_some_and(|(r, _, _)| r);
             server && db
+        })
+    }
+
+    fn manage(&self, state: &State, args: &[&str]) -> Result<String, SutError> {
+        // The image's WORKDIR is the app and its environment the server's.
+        let mut cmd = vec!["python".to_string(), "manage.py".to_string()];
+        cmd.extend(args.iter().map(|a| a.to_string()));
+        block(exec_async(&format!("{}-server", state.name), cmd))
+    }
+
+    fn db_log(&self, state: &State) -> Result<String, SutError> {
+        // PostgreSQL logs to the container's output, kept whole (not rotated) since the container
+        // started: `switch` makes a new container when PostgreSQL restarts.
+        let name = state.name.clone();
+        block(async move {
+            let d = connect().await?;
+            Ok::<_, SutError>(logs_of(&d, &format!("{name}-db"), None).await)
         })
     }
 

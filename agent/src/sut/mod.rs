@@ -79,6 +79,18 @@ pub(crate) mod assets {
             "posts/migrations/0001_initial.py",
             include_str!("../../../docker/app/posts/migrations/0001_initial.py"),
         ),
+        (
+            "posts/management/__init__.py",
+            include_str!("../../../docker/app/posts/management/__init__.py"),
+        ),
+        (
+            "posts/management/commands/__init__.py",
+            include_str!("../../../docker/app/posts/management/commands/__init__.py"),
+        ),
+        (
+            "posts/management/commands/system_record.py",
+            include_str!("../../../docker/app/posts/management/commands/system_record.py"),
+        ),
     ];
     pub const SEED_SQL: &str = include_str!("../../../docker/app/sql/seed.sql");
     pub const RESET_SQL: &str = include_str!("../../../docker/app/sql/reset.sql");
@@ -97,6 +109,34 @@ pub const DB_PORT: u16 = 5432;
 pub const DEFAULT_NAME: &str = "awlsut";
 /// Version of the state file and of `status --json`.
 pub const STATE_VERSION: u32 = 1;
+/// The database superuser's password, which the server sends when PostgreSQL asks for it (the
+/// study's image had `POSTGRES_PASSWORD`). Not a secret: the database is reachable only on the
+/// system's private link, and what matters is that PostgreSQL authenticates as the study's did.
+pub const DB_PASSWORD: &str = "awaitlab-study";
+
+/// How PostgreSQL authenticates the server's connections (its pg_hba.conf rule for them). Chosen
+/// when the database is made (`up`); `switch` keeps it. The runner's own psql connects over the
+/// local socket or the loopback, which are trusted either way (as in the study's image).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DbAuth {
+    /// SCRAM-SHA-256 with a password, as the study's postgres image (PostgreSQL >= 14) did:
+    /// each new connection pays two more round trips than `trust`.
+    #[default]
+    Scram,
+    /// No authentication: the control that shows what SCRAM costs.
+    Trust,
+}
+
+impl DbAuth {
+    /// The pg_hba.conf method.
+    pub fn hba_method(self) -> &'static str {
+        match self {
+            DbAuth::Scram => "scram-sha-256",
+            DbAuth::Trust => "trust",
+        }
+    }
+}
 
 /// The study's setups, plus a pooled variant of the async server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -172,6 +212,16 @@ impl Stack {
         }
     }
 
+    /// `AWL_SETTINGS` (docker/app/studysite/settings.py): the study's stack runs the study's
+    /// Django settings (DEBUG on, default middleware minus CSRF, every SQL statement logged),
+    /// the current stack production-like ones.
+    pub fn django_settings(self) -> &'static str {
+        match self {
+            Stack::Study => "study",
+            Stack::Current => "production",
+        }
+    }
+
     pub(crate) fn requirements(self) -> &'static str {
         match self {
             Stack::Study => assets::REQUIREMENTS_STUDY,
@@ -219,6 +269,8 @@ pub struct Options {
     pub postgres_args: Vec<String>,
     /// docker: use this server image instead of `awaitlab/server:STACK`.
     pub server_image: Option<String>,
+    /// How PostgreSQL authenticates the server (default: SCRAM, as in the study).
+    pub db_auth: DbAuth,
 }
 
 impl Options {
@@ -230,6 +282,7 @@ impl Options {
             host_port: None,
             postgres_args: Vec::new(),
             server_image: None,
+            db_auth: DbAuth::default(),
         }
     }
 
@@ -338,6 +391,108 @@ pub(crate) fn tail(log: &str, n: usize) -> String {
     lines[start..].join(" | ")
 }
 
+/// The server's environment as both back ends set it (docker/app/studysite/settings.py reads
+/// it); `db_host` is where the server finds PostgreSQL. The netns back end adds its paths.
+pub(crate) fn server_env(setup: Setup, stack: Stack, db_host: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("AWL_SETTINGS", stack.django_settings().into()),
+        ("AWL_VIEWS", setup.views().into()),
+        ("AWL_DB_HOST", db_host.into()),
+        ("AWL_DB_PORT", DB_PORT.to_string()),
+        ("AWL_DB_POOL", setup.pool_size().to_string()),
+        ("AWL_DB_PASSWORD", DB_PASSWORD.into()),
+    ]
+}
+
+/// PostgreSQL's log line prefix on both back ends: its default (`%m [%p] `) plus the client's
+/// host, so that a refusal names whom it refused.
+pub(crate) const LOG_LINE_PREFIX: &str = "%m [%p] %h ";
+
+/// PostgreSQL's log messages when it refuses a connection for want of a slot: every slot taken
+/// (checked before authentication), or only the superusers' reserved ones left (checked after).
+/// PostgreSQL 16 ends the second differently ("...reserved for roles with the SUPERUSER
+/// attribute"); the common beginning matches both.
+const REFUSALS: [&str; 2] = [
+    "sorry, too many clients already",
+    "remaining connection slots are reserved",
+];
+
+/// Clients on the database's own host: the agent's psql (local socket or loopback) and the
+/// docker back end's health check. Their refusals are not the server's.
+const DB_HOST_CLIENTS: [&str; 3] = ["[local]", "127.0.0.1", "::1"];
+
+/// Connections refused for want of a slot in a PostgreSQL log (one FATAL line each), those of
+/// clients on the database's own host left out (the host follows the pid, `LOG_LINE_PREFIX`).
+pub fn count_refusals(log: &str) -> u64 {
+    log.lines()
+        .filter(|l| l.contains("FATAL:") && REFUSALS.iter().any(|r| l.contains(r)))
+        .filter(|l| {
+            let host = l
+                .split_once("] ")
+                .and_then(|(_, rest)| rest.split_whitespace().next());
+            !host.is_some_and(|h| DB_HOST_CLIENTS.contains(&h))
+        })
+        .count() as u64
+}
+
+/// The pg_hba.conf rule PostgreSQL applies to the server's connections.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HbaRule {
+    pub line: u32,
+    /// "scram-sha-256", "md5", "trust", ...
+    pub method: String,
+}
+
+/// What the system under test ran with, measured from it after every start (`Sut::up`,
+/// `switch`): versions and settings from the server's own environment (`manage.py
+/// system_record`, docker/app/posts/management/commands/system_record.py), PostgreSQL's answers
+/// over a connection the server's way, and the server's command line from /proc. Stored with
+/// every cell; the report lists where it differs from the study.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SystemRecord {
+    pub backend: String,
+    pub setup: String,
+    pub stack: String,
+    pub python: String,
+    pub django: String,
+    /// The database driver and its version ("psycopg2 2.9.5").
+    pub db_driver: String,
+    pub gunicorn: Option<String>,
+    pub uvicorn: Option<String>,
+    pub debug: bool,
+    pub middleware: Vec<String>,
+    pub installed_apps: Vec<String>,
+    /// Seconds a database connection is kept; None: forever (Django's `CONN_MAX_AGE = None`).
+    pub conn_max_age: Option<u64>,
+    pub db_pool: bool,
+    /// The root logger's level ("DEBUG", "WARNING").
+    pub root_log_level: String,
+    /// Whether Django prints every SQL statement (DEBUG on and django.db.backends at DEBUG).
+    pub sql_logged: bool,
+    pub postgres_version: String,
+    pub max_connections: u32,
+    pub password_encryption: String,
+    /// The pg_hba.conf rule that authenticates the server's connections (None: none matched).
+    pub db_auth_rule: Option<HbaRule>,
+    /// How the role's password is stored ("SCRAM-SHA-256", "md5"; None: no password).
+    pub db_password_stored_as: Option<String>,
+    /// libpq's word on the record's own connection: the server asked it for the password.
+    pub db_used_password: Option<bool>,
+    pub db_ssl: bool,
+    /// gunicorn's master command line (/proc/PID/cmdline).
+    pub server_command: String,
+    /// gunicorn's worker processes.
+    pub server_workers: u32,
+}
+
+impl SystemRecord {
+    /// The authentication method of the server's connections, as PostgreSQL's rules give it.
+    pub fn db_auth_method(&self) -> Option<&str> {
+        self.db_auth_rule.as_ref().map(|r| r.method.as_str())
+    }
+}
+
 /// What a back end does; `Sut` adds seeding and the safety net on top.
 pub trait Backend: Send + Sync {
     /// Brings up PostgreSQL and the server (migrated, answering HTTP), not yet seeded, where
@@ -353,6 +508,11 @@ pub trait Backend: Send + Sync {
     fn logs(&self, state: &State, lines: usize) -> String;
     /// Whether the server and database processes are still there.
     fn alive(&self, state: &State) -> bool;
+    /// Runs `python manage.py ARGS` in the server's environment (its venv or container, its
+    /// settings, its network) and returns what it printed on stdout.
+    fn manage(&self, state: &State, args: &[&str]) -> Result<String, SutError>;
+    /// PostgreSQL's whole log since it last started.
+    fn db_log(&self, state: &State) -> Result<String, SutError>;
     /// Removes everything named `name` made by this back end; true when something was there.
     fn down(&self, name: &str) -> Result<bool, SutError>;
 }
@@ -371,6 +531,8 @@ pub struct Sut {
     state: State,
     backend: Box<dyn Backend>,
     armed: bool,
+    /// Taken after the last start; the error says why not.
+    record: Result<SystemRecord, String>,
 }
 
 impl Sut {
@@ -383,11 +545,14 @@ impl Sut {
         let state = backend.up(opts).inspect_err(|_| {
             let _ = backend.down(&opts.name);
         })?;
-        Ok(Sut {
+        let mut sut = Sut {
             state,
             backend,
             armed: true,
-        })
+            record: Err(String::new()),
+        };
+        sut.record = sut.take_record();
+        Ok(sut)
     }
 
     /// Takes over a system recorded in a state file (not armed: dropping it leaves it running).
@@ -397,6 +562,7 @@ impl Sut {
             state,
             backend,
             armed: false,
+            record: Err("not recorded: attached to a running system".into()),
         }
     }
 
@@ -427,7 +593,56 @@ impl Sut {
             opts.host_port = self.state.server_addr().ok().map(|a| a.port());
         }
         self.state = self.backend.switch(&self.state, &opts)?;
+        self.record = self.take_record();
         Ok(())
+    }
+
+    /// What the system runs with, as recorded after its last start (`up`, `switch`); the error
+    /// says why it could not be recorded.
+    pub fn system(&self) -> Result<&SystemRecord, &str> {
+        self.record.as_ref().map_err(String::as_str)
+    }
+
+    fn take_record(&self) -> Result<SystemRecord, String> {
+        self.record_system().map_err(|e| {
+            tracing::warn!("recording the system under test: {e}");
+            e.to_string()
+        })
+    }
+
+    /// Measures what the system runs with now (see `SystemRecord`).
+    pub fn record_system(&self) -> Result<SystemRecord, SutError> {
+        let out = self.backend.manage(&self.state, &["system_record"])?;
+        let json = out.lines().rev().find(|l| l.starts_with('{')).unwrap_or("");
+        let mut r: SystemRecord = serde_json::from_str(json).map_err(|e| {
+            SutError::Other(format!(
+                "manage.py system_record printed {:?}: {e}",
+                tail(&out, 2)
+            ))
+        })?;
+        r.backend = self.state.backend.name().into();
+        r.setup = self.state.setup.name().into();
+        r.stack = self.state.stack.name().into();
+        if let Some(&master) = self.state.server_pids.first() {
+            // The command line's arguments are NUL-separated (proc(5)).
+            r.server_command = std::fs::read(format!("/proc/{master}/cmdline"))
+                .map(|b| {
+                    String::from_utf8_lossy(&b)
+                        .split('\0')
+                        .filter(|a| !a.is_empty())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .unwrap_or_default();
+            r.server_workers = children(master).len() as u32;
+        }
+        Ok(r)
+    }
+
+    /// Connections PostgreSQL has refused the server for want of a slot since it last started,
+    /// counted in its log (`count_refusals`). A caller measuring an interval takes the difference.
+    pub fn db_refusals(&self) -> Result<u64, SutError> {
+        Ok(count_refusals(&self.backend.db_log(&self.state)?))
     }
 
     /// Seeds 1,000,000 posts unless the database already has them (docker/app/sql/seed.sql),
@@ -616,6 +831,8 @@ pub(crate) fn children(pid: u32) -> Vec<u32> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     #[test]
@@ -660,6 +877,76 @@ mod tests {
         let extra = j.replacen('{', "{\"x\":1,", 1);
         assert!(serde_json::from_str::<State>(&extra).is_err());
         assert_eq!(s.server_addr().unwrap().port(), 8000);
+    }
+
+    #[test]
+    fn refusals_are_the_fatal_lines_for_want_of_a_slot() {
+        // PostgreSQL's lines with LOG_LINE_PREFIX: the first three are refusals of the server;
+        // the health check's and the agent's psql's (on the database's host) are not.
+        let log = "\
+2026-12-02 02:30:01.100 UTC [411] 10.77.0.2 FATAL:  sorry, too many clients already
+2026-12-02 02:30:01.200 UTC [412] 172.26.0.3 FATAL:  remaining connection slots are reserved for non-replication superuser connections
+2026-12-02 02:30:02.000 UTC [413] 10.77.0.2 FATAL:  remaining connection slots are reserved for roles with the SUPERUSER attribute
+2026-12-02 02:30:02.100 UTC [416] 127.0.0.1 FATAL:  sorry, too many clients already
+2026-12-02 02:30:02.200 UTC [417] [local] FATAL:  sorry, too many clients already
+2026-12-02 02:30:03.000 UTC [414] 10.77.0.2 FATAL:  password authentication failed for user \"postgres\"
+2026-12-02 02:30:04.000 UTC [415] [local] LOG:  statement: SELECT 'sorry, too many clients already'
+";
+        assert_eq!(count_refusals(log), 3);
+        // A log without the host in its prefix counts every refusal.
+        assert_eq!(
+            count_refusals(
+                "2026-12-02 02:30:01.100 UTC [411] FATAL:  sorry, too many clients already"
+            ),
+            1
+        );
+        assert_eq!(count_refusals(""), 0);
+    }
+
+    #[test]
+    fn both_back_ends_give_the_server_the_password_and_the_stacks_settings() {
+        let env: BTreeMap<_, _> = server_env(Setup::AsyncPooled, Stack::Study, "db")
+            .into_iter()
+            .collect();
+        assert_eq!(env["AWL_DB_PASSWORD"], DB_PASSWORD);
+        assert_eq!(env["AWL_SETTINGS"], "study");
+        assert_eq!(env["AWL_VIEWS"], "async");
+        assert_eq!(env["AWL_DB_POOL"], "20");
+        assert_eq!(Stack::Current.django_settings(), "production");
+        // The settings file knows both profiles by these names.
+        let settings = assets::APP_FILES
+            .iter()
+            .find(|(p, _)| *p == "studysite/settings.py")
+            .unwrap()
+            .1;
+        for name in [
+            "\"study\"",
+            "\"production\"",
+            "AWL_DB_PASSWORD",
+            "AWL_SETTINGS",
+        ] {
+            assert!(settings.contains(name), "{name}");
+        }
+        assert_eq!(DbAuth::default(), DbAuth::Scram);
+        assert_eq!(DbAuth::Scram.hba_method(), "scram-sha-256");
+        assert_eq!(
+            Options::new(Setup::Sync, Stack::Study, "awlx").db_auth,
+            DbAuth::Scram
+        );
+    }
+
+    #[test]
+    fn the_record_reads_what_manage_py_system_record_prints() {
+        // A line as docker/app/posts/management/commands/system_record.py prints it.
+        let line = r#"{"postgres_version": "15.14 (Debian 15.14-0+deb12u1)", "max_connections": 100, "password_encryption": "scram-sha-256", "db_auth_rule": {"line": 100, "method": "scram-sha-256"}, "db_password_stored_as": "SCRAM-SHA-256", "db_ssl": false, "python": "3.11.2", "django": "4.1.3", "db_driver": "psycopg2 2.9.5", "gunicorn": "20.1.0", "uvicorn": "0.20.0", "debug": true, "middleware": ["django.middleware.security.SecurityMiddleware"], "installed_apps": ["posts"], "conn_max_age": 0, "db_pool": false, "root_log_level": "DEBUG", "sql_logged": true, "db_used_password": true}"#;
+        let r: SystemRecord = serde_json::from_str(line).unwrap();
+        assert_eq!(r.db_auth_method(), Some("scram-sha-256"));
+        assert_eq!(r.conn_max_age, Some(0));
+        assert_eq!(r.db_used_password, Some(true));
+        assert_eq!(r.max_connections, 100);
+        let none: SystemRecord =
+            serde_json::from_str(r#"{"conn_max_age": null, "db_auth_rule": null}"#).unwrap();
+        assert_eq!((none.conn_max_age, none.db_auth_method()), (None, None));
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! `cargo xtask setup` made (`/var/lib/awaitlab/venv-STACK`, or `$AWAITLAB_VENV_DIR`), runs as
 //! `nobody` in namespace `NAMEs`. A veth pair joins them (10.77.0.1 = database, 10.77.0.2 =
 //! server), and a second one joins the host to the server (a free /30 in 10.231.0.0/16), so the
-//! load generator on the host reaches the server and nothing else.
+//! load generator on the host reaches the server and nothing else. The server's link
+//! authenticates with SCRAM-SHA-256 and a password (or `trust`, `Options::db_auth`); the local
+//! socket, which the agent's psql uses, is trusted.
 //!
 //! Files live in `/var/lib/awaitlab/sut/NAME` (data directory, sockets, logs, the app). It must
 //! only ever signal processes found inside its own namespaces, and `down` removes namespaces,
@@ -24,7 +26,7 @@ use std::{
 };
 
 use super::{
-    assets, children, tail, wait_http, Backend, Options, Stack, State, SutError, DB_PORT,
+    assets, children, tail, wait_http, Backend, Options, Setup, Stack, State, SutError, DB_PORT,
     SERVER_PORT, STATE_VERSION,
 };
 
@@ -32,6 +34,9 @@ use super::{
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 const DB_IP: &str = "10.77.0.1";
 const SERVER_INNER_IP: &str = "10.77.0.2";
+/// Passwords are stored as SCRAM-SHA-256 verifiers (PostgreSQL >= 14's default, said outright so
+/// that `SHOW password_encryption` records it).
+const PASSWORD_ENCRYPTION: &str = "password_encryption=scram-sha-256";
 /// How long PostgreSQL and the server may take to come up (migrate included).
 const START_LIMIT: Duration = Duration::from_secs(90);
 
@@ -120,23 +125,17 @@ fn alive(pid: u32) -> bool {
     }
 }
 
-/// Starts `cmd` inside the namespace at `ns_path`, as `user`, in a new session (so that it
-/// outlives a CLI that exits, and a terminal's Ctrl-C does not reach it), output to `log`.
-fn spawn_in(ns_path: &str, user: &User, cmd: &mut Command, log: &Path) -> Result<u32, SutError> {
-    let ns = File::open(ns_path).map_err(SutError::io(format!("opening {ns_path}")))?;
-    let out = File::create(log).map_err(SutError::io(format!("creating {}", log.display())))?;
-    let err = out
-        .try_clone()
-        .map_err(SutError::io(format!("opening {}", log.display())))?;
+/// Makes `cmd` enter the namespace open as `ns` and run as `user` (in a new session when
+/// `detach`); `ns` must stay open until the command is spawned.
+fn enter(cmd: &mut Command, ns: &File, user: &User, detach: bool) {
     let fd = ns.as_raw_fd();
     let (uid, gid) = (user.uid, user.gid);
-    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-    // SAFETY: only async-signal-safe calls between fork and exec; `ns` outlives the spawn.
+    // SAFETY: only async-signal-safe calls between fork and exec; the caller keeps `ns` open.
     unsafe {
         cmd.pre_exec(move || {
             // setns before dropping root: it needs CAP_SYS_ADMIN.
             if libc::setns(fd, libc::CLONE_NEWNET) != 0
-                || libc::setsid() < 0
+                || (detach && libc::setsid() < 0)
                 || libc::setgroups(0, std::ptr::null()) != 0
                 || libc::setgid(gid) != 0
                 || libc::setuid(uid) != 0
@@ -146,6 +145,18 @@ fn spawn_in(ns_path: &str, user: &User, cmd: &mut Command, log: &Path) -> Result
             Ok(())
         });
     }
+}
+
+/// Starts `cmd` inside the namespace at `ns_path`, as `user`, in a new session (so that it
+/// outlives a CLI that exits, and a terminal's Ctrl-C does not reach it), output to `log`.
+fn spawn_in(ns_path: &str, user: &User, cmd: &mut Command, log: &Path) -> Result<u32, SutError> {
+    let ns = File::open(ns_path).map_err(SutError::io(format!("opening {ns_path}")))?;
+    let out = File::create(log).map_err(SutError::io(format!("creating {}", log.display())))?;
+    let err = out
+        .try_clone()
+        .map_err(SutError::io(format!("opening {}", log.display())))?;
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    enter(cmd, &ns, user, true);
     let child = cmd
         .spawn()
         .map_err(SutError::io(format!("starting {:?}", cmd.get_program())))?;
@@ -334,15 +345,20 @@ impl Netns {
                 log: tail(&String::from_utf8_lossy(&initdb.stderr), 8),
             });
         }
+        // The server's link authenticates as chosen (SCRAM by default, as in the study's image);
+        // the local socket, which the runner's psql uses, stays trusted as initdb made it.
         let hba = pgdata.join("pg_hba.conf");
         fs::OpenOptions::new()
             .append(true)
             .open(&hba)
-            .and_then(|mut f| writeln!(f, "host all all 10.77.0.0/30 trust"))
+            .and_then(|mut f| {
+                writeln!(f, "host all all 10.77.0.0/30 {}", opts.db_auth.hba_method())
+            })
             .map_err(SutError::io(format!("writing {}", hba.display())))?;
         let mut single = Command::new(Path::new(PG_BIN).join("postgres"))
             .args(["--single", "-D"])
             .arg(&pgdata)
+            .args(["-c", PASSWORD_ENCRYPTION])
             .arg("postgres")
             .current_dir(&dir)
             .uid(pg.uid)
@@ -356,7 +372,14 @@ impl Netns {
             .stdin
             .take()
             .expect("piped")
-            .write_all(b"CREATE DATABASE study;\n")
+            // One statement per line in single-user mode.
+            .write_all(
+                format!(
+                    "CREATE DATABASE study\nALTER ROLE postgres PASSWORD '{}'\n",
+                    super::DB_PASSWORD.replace('\'', "''")
+                )
+                .as_bytes(),
+            )
             .map_err(SutError::io("postgres --single"))?;
         let out = single
             .wait_with_output()
@@ -364,7 +387,7 @@ impl Netns {
         if !out.status.success() {
             return Err(SutError::Start {
                 what: "PostgreSQL".into(),
-                reason: "CREATE DATABASE study failed".into(),
+                reason: "creating database study and the password failed".into(),
                 log: tail(&String::from_utf8_lossy(&out.stderr), 8),
             });
         }
@@ -413,6 +436,10 @@ fn start_postgres(opts: &Options, pg: &User) -> Result<u32, SutError> {
         .args([
             "-c",
             &format!("max_connections={}", opts.setup.max_connections()),
+            "-c",
+            PASSWORD_ENCRYPTION,
+            "-c",
+            &format!("log_line_prefix={}", super::LOG_LINE_PREFIX),
         ])
         .arg("-c")
         .arg(format!("unix_socket_directories={}", sock.display()))
@@ -462,26 +489,13 @@ fn start_server(
     let name = &opts.name;
     let dir = run_dir(name);
     let app = dir.join("app");
-    let venv = venv_dir(opts.stack);
+    // A fresh log with every server: the study's settings print every SQL statement, so this
+    // file grows with the load, and a server (re)started for each cell bounds it by one cell.
     let srv_log = dir.join("server.log");
     let mut srv = Command::new("/bin/sh");
-    srv.arg(app.join("serve.sh"))
-        .current_dir(&app)
-        .env_clear()
-        .env(
-            "PATH",
-            format!("{}:/usr/bin:/bin", venv.join("bin").display()),
-        )
-        .env("HOME", "/nonexistent")
-        .env("LANG", "C.UTF-8")
-        .env("PYTHONUNBUFFERED", "1")
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .env("DJANGO_SETTINGS_MODULE", "studysite.settings")
-        .env("AWL_VIEWS", opts.setup.views())
-        .env("AWL_DB_HOST", DB_IP)
-        .env("AWL_DB_PORT", DB_PORT.to_string())
-        .env("AWL_DB_POOL", opts.setup.pool_size().to_string())
-        .env("AWL_BIND", format!("0.0.0.0:{SERVER_PORT}"));
+    srv.arg(app.join("serve.sh"));
+    server_env(&mut srv, opts.setup, opts.stack, &app);
+    srv.env("AWL_BIND", format!("0.0.0.0:{SERVER_PORT}"));
     let sns = srv_ns(name);
     let server_pid = spawn_in(&format!("/run/netns/{sns}"), nobody, &mut srv, &srv_log)?;
     let addr = format!("{server_ip}:{SERVER_PORT}")
@@ -508,6 +522,23 @@ fn start_server(
         server_pids,
         db_pid,
     })
+}
+
+/// The server's environment (its venv first on PATH, `super::server_env`), in the app directory.
+fn server_env(cmd: &mut Command, setup: Setup, stack: Stack, app: &Path) {
+    let venv = venv_dir(stack);
+    cmd.current_dir(app)
+        .env_clear()
+        .env(
+            "PATH",
+            format!("{}:/usr/bin:/bin", venv.join("bin").display()),
+        )
+        .env("HOME", "/nonexistent")
+        .env("LANG", "C.UTF-8")
+        .env("PYTHONUNBUFFERED", "1")
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("DJANGO_SETTINGS_MODULE", "studysite.settings")
+        .envs(super::server_env(setup, stack, DB_IP));
 }
 
 /// Stops every process inside namespace `ns`: `sig` first, SIGKILL after `grace`.
@@ -584,6 +615,23 @@ impl Backend for Netns {
 
     fn alive(&self, state: &State) -> bool {
         alive(state.db_pid) && state.server_pids.first().is_some_and(|&p| alive(p))
+    }
+
+    fn manage(&self, state: &State, args: &[&str]) -> Result<String, SutError> {
+        let app = run_dir(&state.name).join("app");
+        let ns_path = format!("/run/netns/{}", srv_ns(&state.name));
+        let ns = File::open(&ns_path).map_err(SutError::io(format!("opening {ns_path}")))?;
+        // The venv's interpreter by path: Command looks a bare name up in our PATH, not the child's.
+        let mut cmd = Command::new(venv_dir(state.stack).join("bin").join("python"));
+        cmd.arg("manage.py").args(args);
+        server_env(&mut cmd, state.setup, state.stack, &app);
+        enter(&mut cmd, &ns, &user("nobody")?, false);
+        run(&mut cmd)
+    }
+
+    fn db_log(&self, state: &State) -> Result<String, SutError> {
+        let path = run_dir(&state.name).join("postgres.log");
+        fs::read_to_string(&path).map_err(SutError::io(format!("reading {}", path.display())))
     }
 
     fn down(&self, name: &str) -> Result<bool, SutError> {

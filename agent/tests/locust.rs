@@ -1,0 +1,341 @@
+//! Privileged test: `awaitlab load` and Locust 2.13.0, the study's own client (`HttpUser`, one
+//! task, no wait time), at the same closed-loop load against the system under test itself
+//! (netns back end, Sync setup, io_read, both stacks), one after the other. They must find the
+//! same Max sRPS, Locust's read off its own report chart (the points of its stats history),
+//! and the same total successes.
+//!
+//! Needs Locust 2.13.0 in `/var/lib/awaitlab/venv-locust-2.13` (`cargo xtask setup`, from
+//! `xtask/requirements-locust-2.13.txt`). Traffic goes only to the server in the namespace the
+//! system under test made; the system, Locust and the temporary files are removed by guards,
+//! also on failure.
+
+mod common;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use awaitlab::{
+    load::{
+        metrics::{self, Tally},
+        LoadReport,
+    },
+    sut::{BackendKind, Options, Setup, Stack, Sut},
+};
+
+/// Users, all started within the first second by both tools, and the run time. 20 users keep
+/// the one sync worker always busy (it serves one request at a time in about 50 ms, and each
+/// user's next request is queued while it serves the others); 30 s gives the chart 6 points,
+/// the last 4 over ten whole seconds of steady load.
+const USERS: u32 = 20;
+const RUN_S: u32 = 30;
+
+/// Must match `xtask/src/setup.rs` (`STUDY_LOCUST_VENV`).
+fn locust_bin() -> PathBuf {
+    std::env::var_os("AWAITLAB_VENV_DIR")
+        .map_or_else(|| PathBuf::from("/var/lib/awaitlab"), PathBuf::from)
+        .join("venv-locust-2.13/bin/locust")
+}
+
+/// The study's locustfile (an `HttpUser` with one task and Locust's default wait time of 0),
+/// plus listeners that change nothing in the load: they note when each chart point was taken
+/// (the chart keeps only HH:MM:SS) and when the first request of each second completed, and
+/// write Locust's own chart, per-second counts and totals when it quits.
+const LOCUSTFILE: &str = r#"
+import json
+import os
+import time
+
+from locust import HttpUser, events, task
+
+
+class Study(HttpUser):
+    @task
+    def io_read(self):
+        self.client.get("/posts/io_read/")
+
+
+class _Timed(list):
+    def append(self, point):
+        super().append(dict(point, unix=time.time()))
+
+
+_first = {}
+
+
+# After Locust's own reset at the start (`clear_all`, which also sets the start time).
+@events.test_start.add_listener
+def _start(environment, **_kw):
+    environment.stats.history = _Timed()
+
+
+@events.request.add_listener
+def _request(**_kw):
+    now = time.time()
+    _first.setdefault(int(now), now)
+
+
+@events.quitting.add_listener
+def _dump(environment, **_kw):
+    total = environment.stats.total
+    with open(os.environ["AWL_LOCUST_DUMP"], "w") as f:
+        json.dump(
+            {
+                "history": environment.stats.history,
+                "start_time": total.start_time,
+                "requests": total.num_requests,
+                "failures": total.num_failures,
+                "per_second": total.num_reqs_per_sec,
+                "fail_per_second": total.num_fail_per_sec,
+                "first_done": _first,
+            },
+            f,
+        )
+"#;
+
+/// Kills Locust if the test ends while it runs.
+struct Kill(Option<Child>);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+struct LocustRun {
+    requests: u64,
+    failures: u64,
+    /// The report chart: current_rps - current_fail_per_sec at each point.
+    chart: Vec<f64>,
+    /// The same points computed by `awaitlab::load::metrics` from Locust's own per-second
+    /// counts at the times Locust took them.
+    recomputed: Vec<f64>,
+}
+
+impl LocustRun {
+    fn successes(&self) -> u64 {
+        self.requests - self.failures
+    }
+    fn max_srps(&self) -> f64 {
+        self.chart.iter().copied().fold(0.0, f64::max)
+    }
+}
+
+fn run_locust(dir: &Path, base: &str) -> LocustRun {
+    let file = dir.join("locustfile.py");
+    std::fs::write(&file, LOCUSTFILE).unwrap();
+    let dump = dir.join("locust.json");
+    let bin = locust_bin();
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo xtask setup`",
+        bin.display()
+    );
+    let child = Command::new("nice")
+        .args(["-n", NICE])
+        .arg(&bin)
+        .arg("-f")
+        .arg(&file)
+        .args(["--headless", "--only-summary", "--loglevel", "WARNING"])
+        .args(["-u", &USERS.to_string(), "-r", &USERS.to_string()])
+        .args(["-t", &format!("{RUN_S}s"), "--host", base, "--csv"])
+        .arg(dir.join("locust"))
+        .env("AWL_LOCUST_DUMP", &dump)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
+    let mut guard = Kill(Some(child));
+    let deadline = Instant::now() + Duration::from_secs(u64::from(RUN_S) + 60);
+    let status = loop {
+        if let Some(s) = guard.0.as_mut().unwrap().try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "Locust did not finish");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = guard.0.take().and_then(|mut c| c.stderr.take()) {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut err);
+    }
+    assert!(status.success(), "Locust failed ({status}): {err}");
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&dump)
+            .unwrap_or_else(|e| panic!("{}: {e}; {err}", dump.display())),
+    )
+    .unwrap();
+    let history = v["history"].as_array().unwrap();
+    let chart = history
+        .iter()
+        .map(|p| p["current_rps"].as_f64().unwrap() - p["current_fail_per_sec"].as_f64().unwrap())
+        .collect();
+    // Locust's per-second counts as awaitlab's tallies: second 0 is int(start_time), the
+    // second Locust clips its averages at.
+    let origin = v["start_time"].as_f64().unwrap().floor() as u64;
+    let count = |key: &str, s: u64| v[key][s.to_string()].as_u64().unwrap_or(0);
+    let last = v["per_second"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.parse::<u64>().unwrap())
+        .max()
+        .unwrap_or(origin);
+    let tallies: Vec<Tally> = (origin..=last)
+        .map(|s| Tally {
+            requests: count("per_second", s),
+            failures: count("fail_per_second", s),
+            first_done_ns: v["first_done"][s.to_string()]
+                .as_f64()
+                .map_or(0, |t| ((t - s as f64) * 1e9) as u32),
+        })
+        .collect();
+    let recomputed = history
+        .iter()
+        .map(|p| {
+            let t = p["unix"].as_f64().unwrap() - origin as f64;
+            let (rps, fps) = metrics::current_rates(&tallies, t);
+            rps - fps
+        })
+        .collect();
+    LocustRun {
+        requests: v["requests"].as_u64().unwrap(),
+        failures: v["failures"].as_u64().unwrap(),
+        chart,
+        recomputed,
+    }
+}
+
+fn run_awaitlab(url: &str) -> LoadReport {
+    let out = Command::new("nice")
+        .args(["-n", NICE])
+        .arg(common::agent_bin())
+        .args(["load", url, "--users", &USERS.to_string(), "--spawn-rate"])
+        .arg(USERS.to_string())
+        .args(["--run-time", &format!("{RUN_S}s"), "--json"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "awaitlab load: {stderr}");
+    serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap()
+}
+
+/// Priority of the server, PostgreSQL and both clients over other work on the host. On the
+/// shared 2-core host here, other processes moved one client's figures against the other's by
+/// up to 19 % (a server that waits 20 ms per request, 10 users, 10 s: Locust 387 and 414
+/// requests, awaitlab 461 and 474); with the server and the clients at nice -15, six such runs
+/// agreed within 7 %. It gives what is measured the CPU, and changes nothing in it.
+const NICE: &str = "-15";
+
+/// Gives the running server and PostgreSQL (the connections' backends it forks inherit it)
+/// the clients' priority.
+fn prioritise(sut: &Sut) {
+    for pid in sut.server_pids().iter().chain([&sut.state().db_pid]) {
+        let ok = Command::new("renice")
+            .args(["-n", NICE, "-p", &pid.to_string()])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "renice {pid}");
+    }
+}
+
+/// A closed-loop run leaves requests queued in the one sync worker when it stops (up to USERS
+/// x 50 ms): let them finish, so that the next run starts on an idle server.
+fn settle() {
+    std::thread::sleep(Duration::from_secs(3));
+}
+
+const TOLERANCE: f64 = 0.15;
+
+fn within(ours: f64, theirs: f64, tol: f64) -> bool {
+    theirs > 0.0 && (ours / theirs - 1.0).abs() <= tol
+}
+
+#[test]
+fn awaitlab_load_and_locust_2_13_agree_on_the_system_under_test() {
+    let name = format!("awl{}", common::tag());
+    let mut sut = Sut::up(
+        BackendKind::Netns,
+        &Options::new(Setup::Sync, Stack::Current, &name),
+    )
+    .unwrap_or_else(|e| panic!("up: {e}"));
+    sut.seed().unwrap();
+    let dir = common::tempdir::TempDir::new("awl-locust");
+    let mut failed = Vec::new();
+    for (i, stack) in [Stack::Current, Stack::Study].into_iter().enumerate() {
+        if stack != sut.state().stack {
+            sut.switch(Setup::Sync, stack).unwrap();
+        }
+        prioritise(&sut);
+        let base = sut.url().trim_end_matches('/').to_owned();
+        let url = format!("{base}/posts/io_read/");
+        // Alternate which tool goes first, so that a drift of the host over the test does not
+        // always favour the same one.
+        let (locust, ours) = if i % 2 == 0 {
+            let l = run_locust(dir.path(), &base);
+            settle();
+            let o = run_awaitlab(&url);
+            (l, o)
+        } else {
+            let o = run_awaitlab(&url);
+            settle();
+            let l = run_locust(dir.path(), &base);
+            (l, o)
+        };
+        settle();
+        eprintln!(
+            "{stack:?}: Locust {} successes ({} failures), max sRPS {:.2} (chart {:?}); awaitlab {} successes ({} failures), max sRPS {:.2} (best 5 s window {:.2})",
+            locust.successes(),
+            locust.failures,
+            locust.max_srps(),
+            locust.chart,
+            ours.total_successes,
+            ours.failures,
+            ours.max_srps,
+            ours.max_srps_5s_window
+        );
+        // awaitlab's arithmetic is Locust's: on Locust's own counts, at the moments Locust took
+        // its points, it gives Locust's chart (the same float operations: equal to rounding).
+        assert_eq!(locust.chart.len(), locust.recomputed.len());
+        for (a, b) in locust.chart.iter().zip(&locust.recomputed) {
+            assert!(
+                (a - b).abs() < 1e-9,
+                "{stack:?}: Locust's chart {:?}, recomputed {:?}",
+                locust.chart,
+                locust.recomputed
+            );
+        }
+        // The study's io_read never fails at this load; a failure would mean a broken system.
+        assert_eq!(locust.failures, 0, "{stack:?}: Locust saw failures");
+        assert_eq!(ours.failures, 0, "{stack:?}: awaitlab saw failures");
+        // 15 %: consecutive runs of the two clients at this priority differed by up to 7 % in
+        // successes, and by 3 % in Max sRPS over 40 s, here (docs/load.md); the gap the issue
+        // reported (awaitlab 1.19x to 1.32x Locust's successes) must fail.
+        if !within(
+            ours.total_successes as f64,
+            locust.successes() as f64,
+            TOLERANCE,
+        ) {
+            failed.push(format!(
+                "{stack:?}: total successes {} vs Locust's {}",
+                ours.total_successes,
+                locust.successes()
+            ));
+        }
+        if !within(ours.max_srps, locust.max_srps(), TOLERANCE) {
+            failed.push(format!(
+                "{stack:?}: max sRPS {:.2} vs Locust's {:.2}",
+                ours.max_srps,
+                locust.max_srps()
+            ));
+        }
+    }
+    sut.down().unwrap();
+    assert!(failed.is_empty(), "{failed:#?}");
+}
