@@ -17,8 +17,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::aggregate::{summary::Summary, Quantiles};
 
-/// Bump when a field changes meaning or disappears.
-pub const RESULTS_VERSION: u32 = 1;
+/// Bump when a field changes meaning or disappears. 2: `load.max_srps` is Locust's chart figure
+/// (it was the best fixed 5 s window, now `load.max_srps_5s_window`).
+pub const RESULTS_VERSION: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResultsError {
