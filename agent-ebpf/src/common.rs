@@ -68,29 +68,13 @@ pub fn count(c: Counter) {
     add(c, 1);
 }
 
+/// Adds `n` to a per-CPU counter, wrapping: a counter that goes up and down subtracts by adding
+/// `n.wrapping_neg()`, and another CPU's slot may hold the matching addition (user space sums
+/// the slots with wrapping arithmetic).
 #[inline(always)]
 pub fn add(c: Counter, n: u64) {
     if let Some(p) = COUNTERS_MAP.get_ptr_mut(c as u32) {
         // SAFETY: per-CPU slot, no other writer on this CPU while the program runs.
-        unsafe { *p += n };
-    }
-}
-
-/// Subtracts from a counter that goes up and down (wrapping: another CPU's slot may hold the
-/// matching addition; user space sums the slots with wrapping arithmetic).
-#[inline(always)]
-pub fn sub_wrapping(c: Counter, n: u64) {
-    if let Some(p) = COUNTERS_MAP.get_ptr_mut(c as u32) {
-        // SAFETY: per-CPU slot, no other writer on this CPU while the program runs.
-        unsafe { *p = (*p).wrapping_sub(n) };
-    }
-}
-
-/// Adds to a counter that goes up and down (see [`sub_wrapping`]).
-#[inline(always)]
-pub fn add_wrapping(c: Counter, n: u64) {
-    if let Some(p) = COUNTERS_MAP.get_ptr_mut(c as u32) {
-        // SAFETY: as above.
         unsafe { *p = (*p).wrapping_add(n) };
     }
 }

@@ -24,7 +24,7 @@ use aya_ebpf::{
 };
 
 use crate::common::{
-    add, add_wrapping, config, count, now, port_in, read, sk_in_target, sub_wrapping, submit_flags, thread_on_cpu, EVENTS,
+    add, config, count, now, port_in, read, sk_in_target, submit_flags, thread_on_cpu, EVENTS,
 };
 
 const ROLE_HTTP: u32 = 1;
@@ -304,14 +304,14 @@ fn http_send(c: &agent_common::Config, conn: &mut Conn, n: u64, t: u64) {
 /// denominator of the database's share (a request's round trips all fall inside that time).
 #[inline(always)]
 fn enter_server(t: u64) {
-    add_wrapping(Counter::RequestsInServer, 1);
-    add_wrapping(Counter::RequestsInServerStartNs, t);
+    add(Counter::RequestsInServer, 1);
+    add(Counter::RequestsInServerStartNs, t);
 }
 
 #[inline(always)]
 fn leave_server(start: u64, t: u64) {
-    sub_wrapping(Counter::RequestsInServer, 1);
-    sub_wrapping(Counter::RequestsInServerStartNs, start);
+    add(Counter::RequestsInServer, 1u64.wrapping_neg());
+    add(Counter::RequestsInServerStartNs, start.wrapping_neg());
     add(Counter::RequestsLeftServerNs, t.saturating_sub(start));
 }
 
