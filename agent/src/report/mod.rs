@@ -201,15 +201,13 @@ impl Report {
                 for &d in &delays {
                     let Some(gr) = g(s, route, d) else { continue };
                     let p = |f: fn(&crate::aggregate::summary::Summary) -> Option<f64>| move |c: &CellResult| c.probes.as_ref().and_then(f);
-                    let per_req_connects = |x: &crate::aggregate::summary::Summary| (x.requests > 0).then(|| x.db.connects as f64 / x.requests as f64);
-                    let kinds = failure_kinds(gr);
-                    let kinds = if kinds.is_empty() { "none".to_string() } else { kinds.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", ") };
+                    let kinds = kinds_text(gr);
                     rows.push(vec![
                         setup_name(s).into(),
                         format!("{d} ms"),
                         gr.fmt(p(|x| (x.server_time.count > 0).then_some(x.server_time.p50_ms)), 1),
                         gr.fmt(p(|x| x.ratios.db_round_trips_per_request), 2),
-                        gr.fmt(p(per_req_connects), 2),
+                        gr.fmt(probe(|x| per_request(x, x.db.connects as f64)), 2),
                         format!(
                             "{} / {}",
                             gr.fmt(p(|x| (x.db.round_trip.count > 0).then_some(x.db.round_trip.p50_ms)), 1),
