@@ -137,10 +137,7 @@ struct Round {
 }
 
 fn probes(args: &ProbesArgs) -> Result<()> {
-    ensure!(
-        cmd::is_root(),
-        "the probes benchmark creates a network namespace and loads eBPF: run it as root"
-    );
+    cmd::become_root("the probes benchmark creates a network namespace and loads eBPF, and needs root")?;
     for tool in [NGINX, "wrk", "bpftool", "ip"] {
         ensure!(
             cmd::succeeds(Command::new("sh").args(["-c", "command -v \"$1\"", "sh", tool])),

@@ -115,6 +115,38 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Returns when the xtask runs as root. Otherwise runs this same xtask again, with the same
+/// arguments, under `sudo -E env PATH=...` (so that rustup's cargo and the environment that
+/// cargo gave it stay as they are) and never returns; without `sudo` it fails and says why.
+/// `why` names what needs root, for both messages.
+pub fn become_root(why: &str) -> Result<()> {
+    if is_root() {
+        return Ok(());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let sudo = std::env::split_paths(&path)
+        .map(|dir| dir.join("sudo"))
+        .find(|p| p.is_file())
+        .with_context(|| format!("{why}: run it as root (sudo is not installed to do that for you)"))?;
+    let exe = std::env::current_exe().context("finding the xtask's own executable")?;
+    eprintln!("==> {why}: running again as root with {}", sudo.display());
+    let mut c = Command::new(sudo);
+    c.args(["-E", "env"])
+        .arg(sudo_path_arg(&path))
+        .arg(exe)
+        .args(std::env::args_os().skip(1));
+    use std::os::unix::process::CommandExt;
+    // exec only returns on failure.
+    Err(c.exec()).context("running sudo")
+}
+
+/// `PATH=<path>` as one argument of `env`, so root finds the same cargo, rustup and tools.
+fn sudo_path_arg(path: &OsStr) -> std::ffi::OsString {
+    let mut arg = std::ffi::OsString::from("PATH=");
+    arg.push(path);
+    arg
+}
+
 /// Seconds with one decimal, for progress lines.
 pub fn secs(d: Duration) -> String {
     format!("{:.1}s", d.as_secs_f64())

@@ -366,10 +366,7 @@ fn netem_available() -> bool {
 }
 
 pub fn run(args: &DelayArgs) -> Result<()> {
-    ensure!(
-        cmd::is_root(),
-        "the delay benchmark creates namespaces and iptables rules: run it as root"
-    );
+    cmd::become_root("the delay benchmark creates namespaces and iptables rules, and needs root")?;
     cmd::run(cmd::cargo().args(["build", "--release", "-p", "agent"]))
         .context("building the agent")?;
     let agent = cmd::target_dir().join("release/awaitlab");

@@ -93,10 +93,10 @@ fn debian_packages() -> Result<()> {
     }
     if !cmd::is_root() {
         let names: Vec<String> = missing.iter().map(|a| a.join("|")).collect();
-        bail!(
-            "missing Debian packages {}; run `cargo xtask setup` as root to install them",
+        cmd::become_root(&format!(
+            "installing the missing Debian packages {} needs root",
             names.join(", ")
-        );
+        ))?;
     }
 
     // Once, and only now: package lists may be empty on a fresh image, and candidates for the
@@ -388,7 +388,7 @@ fn requirements_venv(item: &str, req_path: &Path) -> Result<()> {
         return Ok(());
     }
     if !cmd::is_root() && !base.exists() {
-        bail!("{} is missing; run `cargo xtask setup` as root", venv.display());
+        cmd::become_root(&format!("making {} needs root", venv.display()))?;
     }
     let t0 = Instant::now();
     if venv.exists() {

@@ -20,9 +20,7 @@ pub struct StudyArgs {
 }
 
 pub fn run(args: &StudyArgs) -> Result<()> {
-    if !cmd::is_root() {
-        bail!("the study needs root (network namespaces, delay rules, eBPF probes); run `sudo -E env PATH=\"$PATH\" cargo xtask study`");
-    }
+    cmd::become_root("the study needs root (network namespaces, delay rules, eBPF probes)")?;
     setup::run()?;
     cmd::run(cmd::cargo().args(["build", "--release", "-p", "agent"]))?;
     let bin = cmd::target_dir().join("release/awaitlab");

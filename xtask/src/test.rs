@@ -26,13 +26,11 @@ pub struct TestArgs {
 const HOST_EXCLUDE: [&str; 2] = ["--exclude", "agent-ebpf"];
 
 pub fn run(args: &TestArgs) -> Result<()> {
-    // Checked first so that a non-root run fails in a second, not after minutes of building.
-    if !cmd::is_root() {
-        bail!(
-            "`cargo xtask test` runs privileged eBPF and network-namespace tests and must run as root \
-             (e.g. `sudo -E env PATH=\"$PATH\" cargo xtask test`)"
-        );
-    }
+    // First, so that a run without root goes to sudo (or fails) in a second, not after minutes
+    // of building.
+    cmd::become_root(
+        "`cargo xtask test` runs privileged eBPF and network-namespace tests and needs root",
+    )?;
     let start = Instant::now();
 
     step("setup", setup::run)?;
