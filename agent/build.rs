@@ -13,8 +13,14 @@ fn main() -> anyhow::Result<()> {
         .into_iter()
         .find(|cargo_metadata::Package { name, .. }| name.as_str() == "agent-ebpf")
         .ok_or_else(|| anyhow!("agent-ebpf package not found"))?;
-    let cargo_metadata::Package { name, manifest_path, .. } = ebpf_package;
-    let root_dir = manifest_path.parent().ok_or_else(|| anyhow!("no parent for {manifest_path}"))?;
+    let cargo_metadata::Package {
+        name,
+        manifest_path,
+        ..
+    } = ebpf_package;
+    let root_dir = manifest_path
+        .parent()
+        .ok_or_else(|| anyhow!("no parent for {manifest_path}"))?;
     let skip = std::env::var_os("AYA_BUILD_SKIP").is_some_and(|v| v == "1" || v == "true");
     if skip {
         // Leave an empty object so include_bytes_aligned! compiles; the loader reports it.
@@ -22,7 +28,11 @@ fn main() -> anyhow::Result<()> {
         std::fs::write(out.join("awaitlab"), b"")?;
     }
     aya_build::build_ebpf(
-        [aya_build::Package { name: name.as_str(), root_dir: root_dir.as_str(), ..Default::default() }],
+        [aya_build::Package {
+            name: name.as_str(),
+            root_dir: root_dir.as_str(),
+            ..Default::default()
+        }],
         Toolchain::default(),
     )
 }

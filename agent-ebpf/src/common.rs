@@ -104,8 +104,12 @@ pub static TARGET_NET: Array<u64> = Array::with_max_entries(1, 0);
 /// Whether a `struct sock *` belongs to the target namespace.
 #[inline(always)]
 pub fn sk_in_target(c: &Config, sk: u64) -> bool {
-    let Some(net) = read::<u64>(sk, c.offsets.sk_net) else { return false };
-    let Some(cached) = TARGET_NET.get_ptr_mut(0) else { return false };
+    let Some(net) = read::<u64>(sk, c.offsets.sk_net) else {
+        return false;
+    };
+    let Some(cached) = TARGET_NET.get_ptr_mut(0) else {
+        return false;
+    };
     // SAFETY: array value pointer valid for this program run.
     let known = unsafe { *cached };
     if known != 0 {
@@ -148,13 +152,21 @@ pub fn thread_on_cpu(tid: u32, tgid: u32, t: u64) -> u64 {
     if let Some(p) = THREADS.get_ptr_mut(tid) {
         // SAFETY: map value pointer valid for this program run.
         let th = unsafe { &*p };
-        let running = if th.last_in != 0 && t > th.last_in { t - th.last_in } else { 0 };
+        let running = if th.last_in != 0 && t > th.last_in {
+            t - th.last_in
+        } else {
+            0
+        };
         return th.on_ns + running;
     }
     // First sight of a running thread: its clock starts with the slice it is running.
     let start = slice_start();
     let last_in = if start != 0 && start <= t { start } else { t };
-    let th = ThreadCpu { tgid, last_in, ..ThreadCpu::default() };
+    let th = ThreadCpu {
+        tgid,
+        last_in,
+        ..ThreadCpu::default()
+    };
     if THREADS.insert(tid, th, 0).is_err() {
         count(Counter::ThreadMapFull);
     }

@@ -36,11 +36,22 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Option<()> {
     let slice_start = unsafe { core::mem::replace(&mut *slice, t) };
     if task_netns(c, prev) == Some(c.netns_inum) {
         let tid: u32 = read(prev, c.offsets.task_pid)?;
-        switch_out(tid, read(prev, c.offsets.task_tgid).unwrap_or(0), t, slice_start, exiting(c, prev));
+        switch_out(
+            tid,
+            read(prev, c.offsets.task_tgid).unwrap_or(0),
+            t,
+            slice_start,
+            exiting(c, prev),
+        );
     }
     if task_netns(c, next) == Some(c.netns_inum) {
         let tid: u32 = read(next, c.offsets.task_pid)?;
-        switch_in(tid, read(next, c.offsets.task_tgid).unwrap_or(0), t, exiting(c, next));
+        switch_in(
+            tid,
+            read(next, c.offsets.task_tgid).unwrap_or(0),
+            t,
+            exiting(c, next),
+        );
     }
     Some(())
 }
@@ -55,7 +66,11 @@ fn exiting(c: &Config, task: u64) -> bool {
 fn switch_out(tid: u32, tgid: u32, t: u64, slice_start: u64, exiting: bool) {
     // The slice that ends now began at the previous switch on this CPU; that also covers a
     // thread first seen here (already running when we attached, or just moved into the target).
-    let slice = if slice_start != 0 && t > slice_start { t - slice_start } else { 0 };
+    let slice = if slice_start != 0 && t > slice_start {
+        t - slice_start
+    } else {
+        0
+    };
     match THREADS.get_ptr_mut(tid) {
         Some(p) => {
             // SAFETY: map value pointer valid for this program run.
@@ -68,7 +83,12 @@ fn switch_out(tid: u32, tgid: u32, t: u64, slice_start: u64, exiting: bool) {
         // an exited thread's, make no entry.
         None if exiting => add(Counter::ExitedOnCpuNs, slice),
         None => {
-            let th = ThreadCpu { tgid, on_ns: slice, last_out: t, ..ThreadCpu::default() };
+            let th = ThreadCpu {
+                tgid,
+                on_ns: slice,
+                last_out: t,
+                ..ThreadCpu::default()
+            };
             if THREADS.insert(tid, th, 0).is_err() {
                 count(Counter::ThreadMapFull);
             }
@@ -91,7 +111,11 @@ fn switch_in(tid: u32, tgid: u32, t: u64, exiting: bool) {
         // Its slice is counted when it leaves the CPU (switch_out, from LAST_SWITCH).
         None if exiting => {}
         None => {
-            let th = ThreadCpu { tgid, last_in: t, ..ThreadCpu::default() };
+            let th = ThreadCpu {
+                tgid,
+                last_in: t,
+                ..ThreadCpu::default()
+            };
             if THREADS.insert(tid, th, 0).is_err() {
                 count(Counter::ThreadMapFull);
             }

@@ -16,7 +16,9 @@ use agent_common::{
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid,
-        generated::{bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs},
+        generated::{
+            bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
+        },
     },
     macros::{btf_tracepoint, map},
     maps::HashMap,
@@ -264,7 +266,18 @@ fn http_recv(c: &agent_common::Config, sk: u64, conn: &mut Conn, n: u64, t: u64)
         }
         prev.sock = sk;
         prev.seq = conn.seq;
-    } else if THREAD_REQ.insert(tid, ThreadReq { sock: sk, seq: conn.seq, multiplexed: 0 }, 0).is_err() {
+    } else if THREAD_REQ
+        .insert(
+            tid,
+            ThreadReq {
+                sock: sk,
+                seq: conn.seq,
+                multiplexed: 0,
+            },
+            0,
+        )
+        .is_err()
+    {
         count(Counter::ThreadMapFull);
     }
 }
@@ -337,7 +350,11 @@ fn finalize(sk: u64, conn: &mut Conn, extra_flags: u32, t: u64) {
         count(Counter::RingbufFull);
         return;
     };
-    let end = if conn.last_send_ns != 0 { conn.last_send_ns } else { t };
+    let end = if conn.last_send_ns != 0 {
+        conn.last_send_ns
+    } else {
+        t
+    };
     let ev = RequestEvent {
         hdr: EventHeader {
             kind: EventKind::Request as u32,
@@ -486,7 +503,11 @@ fn read_user(addr: u64) -> Option<u64> {
 #[inline(always)]
 fn copy_user_head(c: &agent_common::Config, dst: &mut [u8; HEAD_LEN], n: u64) -> Option<u16> {
     let buf = user_buf(c)?;
-    let len = if n < HEAD_LEN as u64 { n as u32 } else { HEAD_LEN as u32 };
+    let len = if n < HEAD_LEN as u64 {
+        n as u32
+    } else {
+        HEAD_LEN as u32
+    };
     // Bound for the verifier: len is in 1..=HEAD_LEN.
     let len = len & (2 * HEAD_LEN as u32 - 1);
     if len == 0 || len > HEAD_LEN as u32 {
@@ -504,7 +525,11 @@ fn copy_user_head(c: &agent_common::Config, dst: &mut [u8; HEAD_LEN], n: u64) ->
 #[inline(always)]
 fn copy_user_status(c: &agent_common::Config, dst: &mut [u8; STATUS_LEN], n: u64) -> Option<u16> {
     let buf = user_buf(c)?;
-    let len = if n < STATUS_LEN as u64 { n as u32 } else { STATUS_LEN as u32 };
+    let len = if n < STATUS_LEN as u64 {
+        n as u32
+    } else {
+        STATUS_LEN as u32
+    };
     let len = len & (2 * STATUS_LEN as u32 - 1);
     if len == 0 || len > STATUS_LEN as u32 {
         return None;
@@ -548,7 +573,11 @@ fn try_state(ctx: &BtfTracePointContext) -> Option<()> {
             }
         }
         if new == TCP_CLOSE {
-            count(if conn.role == ROLE_HTTP { Counter::HttpConnsClosed } else { Counter::DbConnsClosed });
+            count(if conn.role == ROLE_HTTP {
+                Counter::HttpConnsClosed
+            } else {
+                Counter::DbConnsClosed
+            });
             let _ = CONNS.remove(sk);
         }
         // Connecting sockets are never in CONNS before ESTABLISHED.

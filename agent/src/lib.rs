@@ -8,10 +8,10 @@
 pub mod aggregate;
 pub mod cmd;
 pub mod daemon;
-pub mod metrics;
 pub mod experiment;
-pub mod netem;
 pub mod load;
+pub mod metrics;
+pub mod netem;
 pub mod probes;
 pub mod report;
 pub mod results;
@@ -69,9 +69,20 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind;
-            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
                 let _ = e.print();
-                return ExitCode::from(if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand { EXIT_USAGE } else { 0 });
+                return ExitCode::from(
+                    if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                        EXIT_USAGE
+                    } else {
+                        0
+                    },
+                );
             }
             // One line: clap's first line without its "error: " prefix, and where to look next.
             let text = e.render().to_string();
@@ -96,7 +107,9 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("AWAITLAB_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,awaitlab=info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Plain => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),

@@ -37,7 +37,11 @@ impl Drop for DockerThing {
             "network" => vec!["network", "rm", &self.name],
             _ => vec!["rm", "-f", &self.name],
         };
-        let _ = Command::new("docker").args(args).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        let _ = Command::new("docker")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -49,7 +53,10 @@ fn httpd_image() -> DockerThing {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
-    assert!(has_base.is_ok_and(|s| s.success()), "{BASE_IMAGE} is missing: run `cargo xtask base-image`");
+    assert!(
+        has_base.is_ok_and(|s| s.success()),
+        "{BASE_IMAGE} is missing: run `cargo xtask base-image`"
+    );
     let ctx = TempDir::new("awl-img");
     std::fs::copy("/bin/busybox", ctx.path().join("busybox"))
         .expect("/bin/busybox (Debian busybox-static; cargo xtask setup installs it)");
@@ -59,7 +66,10 @@ fn httpd_image() -> DockerThing {
     )
     .unwrap();
     let name = format!("awl-httpd-{}:test", tag());
-    let image = DockerThing { kind: "image", name: name.clone() };
+    let image = DockerThing {
+        kind: "image",
+        name: name.clone(),
+    };
     docker(&[
         "build",
         "-q",
@@ -93,12 +103,24 @@ impl Daemon {
             None => Command::new(agent_bin()),
         };
         cmd.arg("daemon").arg("--config").arg(&cfg).args(extra);
-        let child = cmd.stdout(Stdio::null()).stderr(File::create(&stderr).unwrap()).spawn().unwrap();
-        let mut d = Daemon { child: Some(child), stderr, metrics: None, control: None, _dir: dir };
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        let mut d = Daemon {
+            child: Some(child),
+            stderr,
+            metrics: None,
+            control: None,
+            _dir: dir,
+        };
         let t0 = Instant::now();
         let addr_after = |text: &str, marker: &str| -> Option<SocketAddr> {
             // Only whole lines: stderr is unbuffered, so a line may be read half written.
-            let l = text.split_inclusive('\n').find(|l| l.ends_with('\n') && l.contains(marker))?;
+            let l = text
+                .split_inclusive('\n')
+                .find(|l| l.ends_with('\n') && l.contains(marker))?;
             l.split("http://").nth(1)?.split('/').next()?.parse().ok()
         };
         loop {
@@ -112,7 +134,10 @@ impl Daemon {
             if let Some(s) = d.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("daemon exited ({s}) before serving: {text}");
             }
-            assert!(t0.elapsed() < Duration::from_secs(30), "daemon did not start: {text}");
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "daemon did not start: {text}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -188,9 +213,13 @@ fn wait_for(d: &Daemon, what: &str, limit: Duration, mut f: impl FnMut() -> bool
 fn hit(port: &str) -> bool {
     use std::io::{Read, Write};
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else { return false };
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+        return false;
+    };
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    if s.write_all(b"GET /index.html HTTP/1.0\r\nHost: t\r\n\r\n").is_err() {
+    if s.write_all(b"GET /index.html HTTP/1.0\r\nHost: t\r\n\r\n")
+        .is_err()
+    {
         return false;
     }
     let mut out = Vec::new();
@@ -199,14 +228,22 @@ fn hit(port: &str) -> bool {
 }
 
 fn program_ids(t: &serde_json::Value) -> Vec<u32> {
-    t["program_ids"].as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect()
+    t["program_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_u64().unwrap() as u32)
+        .collect()
 }
 
 #[test]
 fn a_container_is_followed_through_start_restart_and_stop() {
     let image = httpd_image();
     let t = tag();
-    let net = DockerThing { kind: "network", name: format!("awl{t}n") };
+    let net = DockerThing {
+        kind: "network",
+        name: format!("awl{t}n"),
+    };
     docker(&["network", "create", &net.name]);
     let name = format!("awl{t}c");
 
@@ -217,7 +254,10 @@ fn a_container_is_followed_through_start_restart_and_stop() {
     let m = daemon.metrics.unwrap();
 
     // Started after the daemon: found through the events stream.
-    let container = DockerThing { kind: "container", name: name.clone() };
+    let container = DockerThing {
+        kind: "container",
+        name: name.clone(),
+    };
     let label = format!("awaitlab.test={t}");
     docker(&[
         "run",
@@ -232,42 +272,69 @@ fn a_container_is_followed_through_start_restart_and_stop() {
         "127.0.0.1::8000",
         &image.name,
     ]);
-    let published =
-        || docker(&["port", &name, "8000/tcp"]).lines().next().unwrap().rsplit(':').next().unwrap().to_string();
+    let published = || {
+        docker(&["port", &name, "8000/tcp"])
+            .lines()
+            .next()
+            .unwrap()
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .to_string()
+    };
     let port = published();
     let mut first = serde_json::Value::Null;
-    wait_for(&daemon, "the daemon to attach", Duration::from_secs(15), || {
-        first = daemon.targets(&[])["targets"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|x| x["container"] == name.as_str())
-            .cloned()
-            .unwrap_or_default();
-        !first.is_null()
-    });
+    wait_for(
+        &daemon,
+        "the daemon to attach",
+        Duration::from_secs(15),
+        || {
+            first = daemon.targets(&[])["targets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["container"] == name.as_str())
+                .cloned()
+                .unwrap_or_default();
+            !first.is_null()
+        },
+    );
     let ids1 = program_ids(&first);
     let loaded = our_bpf_programs();
-    assert!(!ids1.is_empty() && ids1.iter().all(|i| loaded.contains(i)), "{ids1:?} not in {loaded:?}");
+    assert!(
+        !ids1.is_empty() && ids1.iter().all(|i| loaded.contains(i)),
+        "{ids1:?} not in {loaded:?}"
+    );
     assert_eq!(metric(m, "awaitlab_target_attached", &name), 1.0);
 
     // The container's server answers only what the client sent: the counter must say exactly that.
     // Only requests that got an answer reach the server's handler; count those.
     let mut warmup = 0.0;
-    wait_for(&daemon, "the server to answer", Duration::from_secs(10), || {
-        let ok = hit(&port);
-        warmup += f64::from(u8::from(ok));
-        ok
-    });
-    wait_for(&daemon, "the first request in the metrics", Duration::from_secs(5), || {
-        metric(m, "awaitlab_http_server_requests_total", &name) == warmup
-    });
+    wait_for(
+        &daemon,
+        "the server to answer",
+        Duration::from_secs(10),
+        || {
+            let ok = hit(&port);
+            warmup += f64::from(u8::from(ok));
+            ok
+        },
+    );
+    wait_for(
+        &daemon,
+        "the first request in the metrics",
+        Duration::from_secs(5),
+        || metric(m, "awaitlab_http_server_requests_total", &name) == warmup,
+    );
     for _ in 0..20 {
         assert!(hit(&port));
     }
-    wait_for(&daemon, "20 requests in the metrics", Duration::from_secs(5), || {
-        metric(m, "awaitlab_http_server_requests_total", &name) == warmup + 20.0
-    });
+    wait_for(
+        &daemon,
+        "20 requests in the metrics",
+        Duration::from_secs(5),
+        || metric(m, "awaitlab_http_server_requests_total", &name) == warmup + 20.0,
+    );
 
     // Restart: the daemon detaches, re-attaches to the new process and namespace, and the same
     // series keep counting within 5 s.
@@ -275,10 +342,15 @@ fn a_container_is_followed_through_start_restart_and_stop() {
     docker(&["restart", "-t", "1", &name]);
     // An ephemeral published port may change with the restart.
     let port = published();
-    let resumed = wait_for(&daemon, "metrics to resume after the restart", Duration::from_secs(5), || {
-        hit(&port);
-        metric(m, "awaitlab_http_server_requests_total", &name) > before
-    });
+    let resumed = wait_for(
+        &daemon,
+        "metrics to resume after the restart",
+        Duration::from_secs(5),
+        || {
+            hit(&port);
+            metric(m, "awaitlab_http_server_requests_total", &name) > before
+        },
+    );
     eprintln!("metrics resumed {resumed:?} after the restart");
     let second = daemon.targets(&[])["targets"]
         .as_array()
@@ -287,9 +359,15 @@ fn a_container_is_followed_through_start_restart_and_stop() {
         .find(|x| x["container"] == name.as_str())
         .cloned()
         .unwrap();
-    assert_ne!(first["pid"], second["pid"], "a new process after the restart");
+    assert_ne!(
+        first["pid"], second["pid"],
+        "a new process after the restart"
+    );
     let ids2 = program_ids(&second);
-    assert!(ids2.iter().all(|i| !ids1.contains(i)), "new programs after the restart");
+    assert!(
+        ids2.iter().all(|i| !ids1.contains(i)),
+        "new programs after the restart"
+    );
     assert_programs_gone(&ids1);
 
     std::thread::sleep(Duration::from_millis(300));
@@ -297,21 +375,40 @@ fn a_container_is_followed_through_start_restart_and_stop() {
     for _ in 0..10 {
         assert!(hit(&port));
     }
-    wait_for(&daemon, "10 more requests in the metrics", Duration::from_secs(5), || {
-        metric(m, "awaitlab_http_server_requests_total", &name) == c1 + 10.0
-    });
+    wait_for(
+        &daemon,
+        "10 more requests in the metrics",
+        Duration::from_secs(5),
+        || metric(m, "awaitlab_http_server_requests_total", &name) == c1 + 10.0,
+    );
     // The summary counts this attach only: everything since the restart.
     let since_restart = metric(m, "awaitlab_http_server_requests_total", &name) - before;
-    wait_for(&daemon, "the summary to catch up", Duration::from_secs(5), || {
-        let (s, body) = http_get(daemon.control.unwrap(), &format!("/v1/targets/{name}/summary"));
-        s == 200 && serde_json::from_str::<serde_json::Value>(&body).unwrap()["summary"]["requests"] == since_restart
-    });
+    wait_for(
+        &daemon,
+        "the summary to catch up",
+        Duration::from_secs(5),
+        || {
+            let (s, body) = http_get(
+                daemon.control.unwrap(),
+                &format!("/v1/targets/{name}/summary"),
+            );
+            s == 200
+                && serde_json::from_str::<serde_json::Value>(&body).unwrap()["summary"]["requests"]
+                    == since_restart
+        },
+    );
 
     // Control requests are validated before anything changes (the delay and load actions
     // themselves are exercised in the_control_endpoint_sets_and_clears_a_delay_and_runs_a_load).
     let ctl = daemon.control.unwrap();
     let json = [("Content-Type", "application/json")];
-    let (s, body) = http(ctl, "PUT", &format!("/v1/targets/{name}/delay"), &json, br#"{"delay_ms": 100000}"#);
+    let (s, body) = http(
+        ctl,
+        "PUT",
+        &format!("/v1/targets/{name}/delay"),
+        &json,
+        br#"{"delay_ms": 100000}"#,
+    );
     assert_eq!(s, 422, "{body}");
     let load = format!(r#"{{"target": "{name}", "path": "/", "users": 5, "duration_s": 10}}"#);
     let (s, body) = http(ctl, "POST", "/v1/load", &json, load.as_bytes());
@@ -319,9 +416,17 @@ fn a_container_is_followed_through_start_restart_and_stop() {
 
     // Stop: detached, programs unloaded, the series say so.
     docker(&["stop", "-t", "1", &name]);
-    wait_for(&daemon, "the daemon to detach", Duration::from_secs(5), || {
-        daemon.targets(&[])["targets"].as_array().unwrap().is_empty()
-    });
+    wait_for(
+        &daemon,
+        "the daemon to detach",
+        Duration::from_secs(5),
+        || {
+            daemon.targets(&[])["targets"]
+                .as_array()
+                .unwrap()
+                .is_empty()
+        },
+    );
     assert_programs_gone(&ids2);
     assert_eq!(metric(m, "awaitlab_target_attached", &name), 0.0);
 
@@ -329,13 +434,21 @@ fn a_container_is_followed_through_start_restart_and_stop() {
     docker(&["start", &name]);
     let attached = |d: &Daemon| -> Vec<u32> {
         let list = d.targets(&[])["targets"].as_array().unwrap().clone();
-        list.iter().find(|x| x["container"] == name.as_str()).map(program_ids).unwrap_or_default()
+        list.iter()
+            .find(|x| x["container"] == name.as_str())
+            .map(program_ids)
+            .unwrap_or_default()
     };
     let mut ids3 = Vec::new();
-    wait_for(&daemon, "the daemon to attach after a start", Duration::from_secs(10), || {
-        ids3 = attached(&daemon);
-        !ids3.is_empty()
-    });
+    wait_for(
+        &daemon,
+        "the daemon to attach after a start",
+        Duration::from_secs(10),
+        || {
+            ids3 = attached(&daemon);
+            !ids3.is_empty()
+        },
+    );
     let (code, err) = daemon.stop();
     assert_eq!(code, Some(0), "{err}");
     assert!(err.contains("daemon stopped (terminated)"), "{err}");
@@ -347,10 +460,15 @@ fn a_container_is_followed_through_start_restart_and_stop() {
         format!("metrics_addr = \"127.0.0.1:0\"\n[control]\naddr = \"127.0.0.1:0\"\n[[watch]]\nlabel = \"{label}\"\n");
     let daemon = Daemon::start(&by_label, None, &[]);
     let mut ids4 = Vec::new();
-    wait_for(&daemon, "a new daemon to attach to the running container", Duration::from_secs(10), || {
-        ids4 = attached(&daemon);
-        !ids4.is_empty()
-    });
+    wait_for(
+        &daemon,
+        "a new daemon to attach to the running container",
+        Duration::from_secs(10),
+        || {
+            ids4 = attached(&daemon);
+            !ids4.is_empty()
+        },
+    );
     let (code, err) = daemon.stop();
     assert_eq!(code, Some(0), "{err}");
     assert_programs_gone(&ids4);
@@ -368,15 +486,29 @@ fn the_control_endpoint_beyond_loopback_requires_the_token() {
     // Without a token the daemon does not start at all: a usage error naming the fix.
     let dir = TempDir::new("awl-ctl");
     let bare = dir.path().join("bare.toml");
-    std::fs::write(&bare, format!("metrics_addr = \"127.0.0.1:0\"\n[control]\naddr = \"{ctl_addr}\"\n{rule}")).unwrap();
+    std::fs::write(
+        &bare,
+        format!("metrics_addr = \"127.0.0.1:0\"\n[control]\naddr = \"{ctl_addr}\"\n{rule}"),
+    )
+    .unwrap();
     let out = agent_once(&["daemon", "--config", bare.to_str().unwrap()]);
     assert_eq!(out.code, Some(64), "{}", out.stderr);
-    assert!(out.stderr.contains("beyond loopback") && out.stderr.contains("token"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("beyond loopback") && out.stderr.contains("token"),
+        "{}",
+        out.stderr
+    );
     assert_eq!(out.stderr.lines().count(), 1, "one line: {}", out.stderr);
     // The same through the flag.
     let lo = dir.path().join("lo.toml");
     std::fs::write(&lo, format!("metrics_addr = \"127.0.0.1:0\"\n{rule}")).unwrap();
-    let out = agent_once(&["daemon", "--config", lo.to_str().unwrap(), "--control-addr", "0.0.0.0:9465"]);
+    let out = agent_once(&[
+        "daemon",
+        "--config",
+        lo.to_str().unwrap(),
+        "--control-addr",
+        "0.0.0.0:9465",
+    ]);
     assert_eq!(out.code, Some(64), "{}", out.stderr);
 
     let token = "t0k3n-0123456789-abcdef";
@@ -392,7 +524,11 @@ fn the_control_endpoint_beyond_loopback_requires_the_token() {
 
     let bearer = format!("Bearer {token}");
     let good = [("Authorization", bearer.as_str())];
-    for auth in [&[][..], &[("Authorization", "Bearer wrong-token-0123456789")][..], &[("Authorization", token)][..]] {
+    for auth in [
+        &[][..],
+        &[("Authorization", "Bearer wrong-token-0123456789")][..],
+        &[("Authorization", token)][..],
+    ] {
         let (s, body) = http(ctl, "GET", "/v1/targets", auth, b"");
         assert_eq!(s, 401, "{auth:?}: {body}");
         assert!(body.contains("token"), "{body}");
@@ -406,11 +542,41 @@ fn the_control_endpoint_beyond_loopback_requires_the_token() {
     let cases: Vec<Case> = vec![
         ("GET", "/nope".into(), good.to_vec(), vec![], 404),
         ("DELETE", "/v1/targets".into(), good.to_vec(), vec![], 405),
-        ("GET", "/v1/targets/bad%20name/summary".into(), good.to_vec(), vec![], 400),
-        ("GET", "/v1/targets/nosuch/summary".into(), good.to_vec(), vec![], 404),
-        ("PUT", "/v1/targets/nosuch/delay".into(), with_json.to_vec(), br#"{"delay_ms":1}"#.to_vec(), 404),
-        ("POST", "/v1/load".into(), with_json.to_vec(), b"{oops".to_vec(), 400),
-        ("POST", "/v1/load".into(), [good[0], ("Content-Type", "text/plain")].to_vec(), b"{}".to_vec(), 415),
+        (
+            "GET",
+            "/v1/targets/bad%20name/summary".into(),
+            good.to_vec(),
+            vec![],
+            400,
+        ),
+        (
+            "GET",
+            "/v1/targets/nosuch/summary".into(),
+            good.to_vec(),
+            vec![],
+            404,
+        ),
+        (
+            "PUT",
+            "/v1/targets/nosuch/delay".into(),
+            with_json.to_vec(),
+            br#"{"delay_ms":1}"#.to_vec(),
+            404,
+        ),
+        (
+            "POST",
+            "/v1/load".into(),
+            with_json.to_vec(),
+            b"{oops".to_vec(),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/load".into(),
+            [good[0], ("Content-Type", "text/plain")].to_vec(),
+            b"{}".to_vec(),
+            415,
+        ),
         (
             "POST",
             "/v1/load".into(),
@@ -418,13 +584,23 @@ fn the_control_endpoint_beyond_loopback_requires_the_token() {
             br#"{"target":"x","path":"/","users":1,"duration_s":5,"x":1}"#.to_vec(),
             400,
         ),
-        ("POST", "/v1/load".into(), with_json.to_vec(), vec![b'{'; 70 * 1024], 413),
+        (
+            "POST",
+            "/v1/load".into(),
+            with_json.to_vec(),
+            vec![b'{'; 70 * 1024],
+            413,
+        ),
     ];
     for (method, path, headers, body, code) in cases {
         let (s, text) = http(ctl, method, &path, &headers, &body);
         assert_eq!(s, code, "{method} {path}: {text}");
-        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|_| serde_json::json!({ "error": text }));
-        assert!(v["error"].as_str().is_some_and(|e| e.len() > 5), "{method} {path}: no message: {text}");
+        let v: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|_| serde_json::json!({ "error": text }));
+        assert!(
+            v["error"].as_str().is_some_and(|e| e.len() > 5),
+            "{method} {path}: no message: {text}"
+        );
     }
     // Raw garbage on the socket.
     for raw in [
@@ -448,11 +624,23 @@ fn the_control_endpoint_beyond_loopback_requires_the_token() {
 fn bad_configurations_are_usage_errors_in_one_line() {
     let dir = TempDir::new("awl-cfg");
     let cases = [
-        ("[[watch]]\ncontainer = \"x\"\nbogus = 1\n", "unknown field `bogus`"),
-        ("metrics_addr = \"not an address\"\n[[watch]]\ncontainer = \"x\"\n", "metrics_addr"),
+        (
+            "[[watch]]\ncontainer = \"x\"\nbogus = 1\n",
+            "unknown field `bogus`",
+        ),
+        (
+            "metrics_addr = \"not an address\"\n[[watch]]\ncontainer = \"x\"\n",
+            "metrics_addr",
+        ),
         ("", "no [[watch]] rule"),
-        ("[[watch]]\ncontainer = \"x\"\nlabel = \"y\"\n", "exactly one of container or label"),
-        ("[control]\naddr = \"127.0.0.1:1\"\ntoken = \"short\"\n[[watch]]\ncontainer = \"x\"\n", "at least 16"),
+        (
+            "[[watch]]\ncontainer = \"x\"\nlabel = \"y\"\n",
+            "exactly one of container or label",
+        ),
+        (
+            "[control]\naddr = \"127.0.0.1:1\"\ntoken = \"short\"\n[[watch]]\ncontainer = \"x\"\n",
+            "at least 16",
+        ),
     ];
     for (i, (text, says)) in cases.iter().enumerate() {
         let p = dir.path().join(format!("{i}.toml"));
@@ -464,7 +652,11 @@ fn bad_configurations_are_usage_errors_in_one_line() {
     }
     let out = agent_once(&["daemon", "--config", "/nonexistent/agent.toml"]);
     assert_eq!(out.code, Some(64), "{}", out.stderr);
-    assert!(out.stderr.contains("/nonexistent/agent.toml"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("/nonexistent/agent.toml"),
+        "{}",
+        out.stderr
+    );
 }
 
 /// Milliseconds of one HTTP/1.0 GET (a new connection each) to the published port.
@@ -485,73 +677,165 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn the_control_endpoint_sets_and_clears_a_delay_and_runs_a_load() {
     let image = httpd_image();
     let t = tag();
-    let net = DockerThing { kind: "network", name: format!("awl{t}n") };
+    let net = DockerThing {
+        kind: "network",
+        name: format!("awl{t}n"),
+    };
     docker(&["network", "create", &net.name]);
     let name = format!("awl{t}k");
-    let _container = DockerThing { kind: "container", name: name.clone() };
-    docker(&["run", "-d", "--name", &name, "--network", &net.name, "-p", "127.0.0.1::8000", &image.name]);
-    let port = docker(&["port", &name, "8000/tcp"]).lines().next().unwrap().rsplit(':').next().unwrap().to_string();
+    let _container = DockerThing {
+        kind: "container",
+        name: name.clone(),
+    };
+    docker(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--network",
+        &net.name,
+        "-p",
+        "127.0.0.1::8000",
+        &image.name,
+    ]);
+    let port = docker(&["port", &name, "8000/tcp"])
+        .lines()
+        .next()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
     let config = format!(
         "metrics_addr = \"127.0.0.1:0\"\ninterval_s = 0.25\n[control]\naddr = \"127.0.0.1:0\"\n[[watch]]\ncontainer = \"{name}\"\nhttp_ports = [8000]\n"
     );
     let daemon = Daemon::start(&config, None, &[]);
     let (ctl, m) = (daemon.control.unwrap(), daemon.metrics.unwrap());
     let mut pid = 0;
-    wait_for(&daemon, "the daemon to attach", Duration::from_secs(15), || {
-        let t = daemon.targets(&[]);
-        pid = t["targets"].as_array().unwrap().iter().find(|x| x["container"] == name.as_str()).and_then(|x| x["pid"].as_u64()).unwrap_or(0);
-        pid != 0
-    });
-    wait_for(&daemon, "the server to answer", Duration::from_secs(10), || hit(&port));
+    wait_for(
+        &daemon,
+        "the daemon to attach",
+        Duration::from_secs(15),
+        || {
+            let t = daemon.targets(&[]);
+            pid = t["targets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["container"] == name.as_str())
+                .and_then(|x| x["pid"].as_u64())
+                .unwrap_or(0);
+            pid != 0
+        },
+    );
+    wait_for(
+        &daemon,
+        "the server to answer",
+        Duration::from_secs(10),
+        || hit(&port),
+    );
     let rule_in_container = || {
-        let out = Command::new("nsenter").args(["-t", &pid.to_string(), "-n", "iptables-save"]).output().unwrap();
+        let out = Command::new("nsenter")
+            .args(["-t", &pid.to_string(), "-n", "iptables-save"])
+            .output()
+            .unwrap();
         String::from_utf8_lossy(&out.stdout).contains("awaitlab:")
     };
     let base = median((0..9).map(|_| timed_hit(&port)).collect());
 
     let json = [("content-type", "application/json")];
-    let (status, body) = http(ctl, "PUT", &format!("/v1/targets/{name}/delay"), &json, b"{\"delay_ms\": 50}");
+    let (status, body) = http(
+        ctl,
+        "PUT",
+        &format!("/v1/targets/{name}/delay"),
+        &json,
+        b"{\"delay_ms\": 50}",
+    );
     assert_eq!(status, 200, "{body}");
-    assert!(rule_in_container(), "no delay rule in the container's namespace");
+    assert!(
+        rule_in_container(),
+        "no delay rule in the container's namespace"
+    );
     // Every packet the container receives waits 50 ms: the SYN and the request at least, so one
     // GET on a new connection takes 50 ms more at the very least and about 100 ms more in all;
     // 250 ms above the baseline would mean the delay line is far off.
     let delayed = median((0..9).map(|_| timed_hit(&port)).collect());
-    assert!(delayed >= base + 50.0 && delayed <= base + 250.0, "baseline {base:.1} ms, with 50 ms delay {delayed:.1} ms");
+    assert!(
+        delayed >= base + 50.0 && delayed <= base + 250.0,
+        "baseline {base:.1} ms, with 50 ms delay {delayed:.1} ms"
+    );
 
-    let (status, body) = http(ctl, "DELETE", &format!("/v1/targets/{name}/delay"), &[], b"");
+    let (status, body) = http(
+        ctl,
+        "DELETE",
+        &format!("/v1/targets/{name}/delay"),
+        &[],
+        b"",
+    );
     assert_eq!(status, 200, "{body}");
-    assert!(!rule_in_container(), "the delay rule is still there after DELETE");
+    assert!(
+        !rule_in_container(),
+        "the delay rule is still there after DELETE"
+    );
     let after = median((0..9).map(|_| timed_hit(&port)).collect());
     // Back to the baseline: well under the 50 ms a remaining delay would add.
-    assert!(after < base + 25.0, "baseline {base:.1} ms, after clearing {after:.1} ms");
-    let (status, _) = http(ctl, "DELETE", &format!("/v1/targets/{name}/delay"), &[], b"");
+    assert!(
+        after < base + 25.0,
+        "baseline {base:.1} ms, after clearing {after:.1} ms"
+    );
+    let (status, _) = http(
+        ctl,
+        "DELETE",
+        &format!("/v1/targets/{name}/delay"),
+        &[],
+        b"",
+    );
     assert_eq!(status, 404, "nothing left to clear");
 
     std::thread::sleep(Duration::from_millis(600));
     let served_before = metric(m, "awaitlab_http_server_requests_total", &name);
-    let req = format!("{{\"url\": \"http://127.0.0.1:{port}/index.html\", \"users\": 2, \"duration_s\": 2}}");
+    let req = format!(
+        "{{\"url\": \"http://127.0.0.1:{port}/index.html\", \"users\": 2, \"duration_s\": 2}}"
+    );
     let (status, body) = http(ctl, "POST", "/v1/load", &json, req.as_bytes());
     assert_eq!(status, 202, "{body}");
-    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"].as_u64().unwrap();
+    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
+        .as_u64()
+        .unwrap();
     let mut job = serde_json::Value::Null;
-    wait_for(&daemon, "the load run to finish", Duration::from_secs(30), || {
-        let (_, body) = http(ctl, "GET", &format!("/v1/load/{id}"), &[], b"");
-        job = serde_json::from_str::<serde_json::Value>(&body).unwrap()["load"].clone();
-        job["state"] != "running"
-    });
+    wait_for(
+        &daemon,
+        "the load run to finish",
+        Duration::from_secs(30),
+        || {
+            let (_, body) = http(ctl, "GET", &format!("/v1/load/{id}"), &[], b"");
+            job = serde_json::from_str::<serde_json::Value>(&body).unwrap()["load"].clone();
+            job["state"] != "running"
+        },
+    );
     assert_eq!(job["state"], "done", "{job}");
     let report = &job["report"];
-    let (requests, in_flight) = (report["requests"].as_u64().unwrap(), report["in_flight_at_end"].as_u64().unwrap());
+    let (requests, in_flight) = (
+        report["requests"].as_u64().unwrap(),
+        report["in_flight_at_end"].as_u64().unwrap(),
+    );
     assert!(requests > 0 && report["failures"] == 0, "{report}");
     // The probes count what the server answered: every request the client finished, plus at most
     // the ones still in flight when the run ended.
     let mut served = 0.0;
-    wait_for(&daemon, "the probes to count the load", Duration::from_secs(5), || {
-        served = metric(m, "awaitlab_http_server_requests_total", &name) - served_before;
-        served >= requests as f64
-    });
-    assert!(served <= (requests + in_flight) as f64, "probes {served} vs client {requests} (+{in_flight} in flight)");
+    wait_for(
+        &daemon,
+        "the probes to count the load",
+        Duration::from_secs(5),
+        || {
+            served = metric(m, "awaitlab_http_server_requests_total", &name) - served_before;
+            served >= requests as f64
+        },
+    );
+    assert!(
+        served <= (requests + in_flight) as f64,
+        "probes {served} vs client {requests} (+{in_flight} in flight)"
+    );
     let (code, stderr) = daemon.stop();
     assert_eq!(code, Some(0), "{stderr}");
 }

@@ -65,7 +65,8 @@ impl Servers {
                     }
                 });
             }));
-            rx.recv_timeout(Duration::from_secs(5)).expect("server did not start");
+            rx.recv_timeout(Duration::from_secs(5))
+                .expect("server did not start");
         }
         Servers { stop, threads }
     }
@@ -99,7 +100,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn echo_rtt_ms(client_ns: Option<&Netns>, server: SocketAddr, n: usize) -> f64 {
     let body = move || {
         realtime();
-        let mut c = TcpStream::connect_timeout(&server, Duration::from_secs(5)).expect("connect echo");
+        let mut c =
+            TcpStream::connect_timeout(&server, Duration::from_secs(5)).expect("connect echo");
         c.set_nodelay(true).unwrap();
         c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut samples = Vec::new();
@@ -121,7 +123,13 @@ fn echo_rtt_ms(client_ns: Option<&Netns>, server: SocketAddr, n: usize) -> f64 {
 
 /// Receives from the bulk server for `secs` with the receive window clamped to `window` bytes.
 /// Returns bytes/s over the part after `warmup` (slow start excluded).
-fn bulk_rate(client_ns: &Netns, server: SocketAddr, window: u32, warmup: Duration, secs: Duration) -> f64 {
+fn bulk_rate(
+    client_ns: &Netns,
+    server: SocketAddr,
+    window: u32,
+    warmup: Duration,
+    secs: Duration,
+) -> f64 {
     in_netns(client_ns, move || {
         let s = socket_with_clamp(window);
         let mut c = connect(s, server);
@@ -166,7 +174,9 @@ fn socket_with_clamp(window: u32) -> i32 {
 
 fn connect(fd: i32, addr: SocketAddr) -> TcpStream {
     use std::os::fd::FromRawFd;
-    let SocketAddr::V4(a) = addr else { panic!("v4 only") };
+    let SocketAddr::V4(a) = addr else {
+        panic!("v4 only")
+    };
     let sa = libc::sockaddr_in {
         sin_family: libc::AF_INET as u16,
         sin_port: a.port().to_be(),
@@ -385,7 +395,11 @@ fn nfqueue_adds_the_delay_to_round_trips_and_clear_restores_the_baseline() {
     let base = echo_rtt_ms(Some(&p.client), p.echo(), 40);
     let set = DelaySet::start(&p.spec(), &["--ms", "50", "--backend", "nfqueue"]);
     assert!(set.stderr().contains("backend nfqueue"), "{}", set.stderr());
-    assert_eq!(awaitlab_rules(&p.target.path()).len(), 1, "one rule for the one veth");
+    assert_eq!(
+        awaitlab_rules(&p.target.path()).len(),
+        1,
+        "one rule for the one veth"
+    );
     let delayed = echo_rtt_ms(Some(&p.client), p.echo(), 40);
     let added = delayed - base;
     // Lower bound: the line never releases before arrival + 50 ms (absolute timer), so only the
@@ -416,15 +430,28 @@ fn nfqueue_adds_the_delay_to_round_trips_and_clear_restores_the_baseline() {
     assert_eq!(cleared.code, Some(0), "{}", cleared.stderr);
     let r = set.wait(None);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
-    assert!(awaitlab_rules(&p.target.path()).is_empty(), "rule left after clear");
-    assert!(state_files_of(pid).is_empty(), "state file left after clear");
+    assert!(
+        awaitlab_rules(&p.target.path()).is_empty(),
+        "rule left after clear"
+    );
+    assert!(
+        state_files_of(pid).is_empty(),
+        "state file left after clear"
+    );
     // Every packet that matched the rule was seen by the line (independent count: iptables).
     assert_eq!(r.summary["bypassed"], 0, "{}", r.summary);
     // Each of the 40 requests is its own packet into the target.
-    assert!(r.summary["rule_packets"].as_u64().unwrap() >= 40, "{}", r.summary);
+    assert!(
+        r.summary["rule_packets"].as_u64().unwrap() >= 40,
+        "{}",
+        r.summary
+    );
     let after = echo_rtt_ms(Some(&p.client), p.echo(), 40);
     // Undelayed again: well under the 50 ms; 2 ms leaves room for a busy host, not for a hold.
-    assert!(after < base + 2.0, "base {base:.3} ms, after clear {after:.3} ms");
+    assert!(
+        after < base + 2.0,
+        "base {base:.3} ms, after clear {after:.3} ms"
+    );
 }
 
 /// Jitter: each round trip grows by 20 ms ± 5 ms (uniform), so they spread over that range.
@@ -432,7 +459,10 @@ fn nfqueue_adds_the_delay_to_round_trips_and_clear_restores_the_baseline() {
 fn nfqueue_jitter_spreads_round_trips_over_the_requested_range() {
     let p = Pair::new("10.211.6");
     let base = echo_rtt_ms(Some(&p.client), p.echo(), 20);
-    let set = DelaySet::start(&p.spec(), &["--ms", "20", "--jitter-ms", "5", "--backend", "nfqueue"]);
+    let set = DelaySet::start(
+        &p.spec(),
+        &["--ms", "20", "--jitter-ms", "5", "--backend", "nfqueue"],
+    );
     let samples = in_netns(&p.client, {
         let echo = p.echo();
         move || {
@@ -536,7 +566,11 @@ fn leftovers_of_a_killed_agent_are_removed_at_the_next_start() {
     ];
     sh(
         "nsenter",
-        &[&[format!("--net={ns}").as_str(), "iptables"][..], &foreign[..]].concat(),
+        &[
+            &[format!("--net={ns}").as_str(), "iptables"][..],
+            &foreign[..],
+        ]
+        .concat(),
     );
     let mut set = DelaySet::start(&p.spec(), &["--ms", "50", "--backend", "nfqueue"]);
     let pid = set.pid();
@@ -544,12 +578,19 @@ fn leftovers_of_a_killed_agent_are_removed_at_the_next_start() {
     child.kill().unwrap();
     child.wait().unwrap();
     let left = awaitlab_rules(&ns);
-    assert_eq!(left.len(), 1, "the killed agent's rule should still be there: {left:?}");
+    assert_eq!(
+        left.len(),
+        1,
+        "the killed agent's rule should still be there: {left:?}"
+    );
     assert!(left[0].contains(&format!("awaitlab:{pid}:")), "{left:?}");
     assert_eq!(state_files_of(pid).len(), 1);
     // Fail-open while nobody listens: the round trip is undelayed, not black-holed.
     let rtt = echo_rtt_ms(Some(&p.client), p.echo(), 5);
-    assert!(rtt < 10.0, "rtt {rtt:.3} ms with the killed agent's rule in place");
+    assert!(
+        rtt < 10.0,
+        "rtt {rtt:.3} ms with the killed agent's rule in place"
+    );
 
     let shown = delay_cmd(&["show", &p.spec()]);
     assert_eq!(shown.code, Some(0), "{}", shown.stderr);
@@ -560,7 +601,10 @@ fn leftovers_of_a_killed_agent_are_removed_at_the_next_start() {
     );
     assert!(state_files_of(pid).is_empty());
     let state = net_state(&ns);
-    assert!(state.contains("someone-else"), "a foreign rule was touched:\n{state}");
+    assert!(
+        state.contains("someone-else"),
+        "a foreign rule was touched:\n{state}"
+    );
 }
 
 fn kernel_has_netem() -> bool {
@@ -586,7 +630,10 @@ fn netem_backend_fails_clearly_without_netem_and_changes_nothing() {
     if kernel_has_netem() {
         let set = DelaySet::start(&p.spec(), &["--ms", "100", "--backend", "netem"]);
         let q = net_state(&ns);
-        assert!(q.contains("qdisc netem a7a1:") && q.contains("limit 20000"), "{q}");
+        assert!(
+            q.contains("qdisc netem a7a1:") && q.contains("limit 20000"),
+            "{q}"
+        );
         let r = set.wait(Some(libc::SIGTERM));
         assert_eq!(r.code, Some(0), "{}", r.stderr);
     } else {
@@ -618,7 +665,11 @@ fn bad_input_is_one_clear_line_and_changes_nothing() {
         (vec!["set", &spec, "--ms", "-5"], 64, "negative"),
         (vec!["set", &spec, "--ms", "abc"], 64, "not a number"),
         (vec!["set", &spec, "--ms", "60001"], 64, "60000 ms maximum"),
-        (vec!["set", &spec, "--ms", "10", "--jitter-ms", "-1"], 64, "negative"),
+        (
+            vec!["set", &spec, "--ms", "10", "--jitter-ms", "-1"],
+            64,
+            "negative",
+        ),
         (
             vec!["set", &spec, "--ms", "59999", "--jitter-ms", "10"],
             64,
@@ -651,14 +702,27 @@ fn bad_input_is_one_clear_line_and_changes_nothing() {
         ),
         (vec!["set", "netns:", "--ms", "10"], 64, "expected"),
         (vec!["clear", "pid:abc"], 64, "expected"),
-        (vec!["show", "docker:awl-no-such-container-xyz"], 1, "no such container"),
+        (
+            vec!["show", "docker:awl-no-such-container-xyz"],
+            1,
+            "no such container",
+        ),
     ];
     for (args, code, needle) in cases {
         let out = delay_cmd(&args);
         assert_eq!(out.code, Some(code), "{args:?}: {}", out.stderr);
-        assert_eq!(out.stderr.trim().lines().count(), 1, "{args:?}: {}", out.stderr);
+        assert_eq!(
+            out.stderr.trim().lines().count(),
+            1,
+            "{args:?}: {}",
+            out.stderr
+        );
         assert!(out.stderr.contains(needle), "{args:?}: {}", out.stderr);
-        assert!(out.stderr.starts_with("awaitlab: error: "), "{args:?}: {}", out.stderr);
+        assert!(
+            out.stderr.starts_with("awaitlab: error: "),
+            "{args:?}: {}",
+            out.stderr
+        );
     }
     assert_eq!(net_state(&ns), before, "bad input changed the target");
 }
@@ -715,9 +779,24 @@ impl Container {
         );
         docker(&["network", "create", &c.network]);
         if running {
-            docker(&["run", "-d", "--name", &c.name, "--network", &c.network, &c.image]);
+            docker(&[
+                "run",
+                "-d",
+                "--name",
+                &c.name,
+                "--network",
+                &c.network,
+                &c.image,
+            ]);
         } else {
-            docker(&["create", "--name", &c.name, "--network", &c.network, &c.image]);
+            docker(&[
+                "create",
+                "--name",
+                &c.name,
+                "--network",
+                &c.network,
+                &c.image,
+            ]);
         }
         c
     }
@@ -798,7 +877,10 @@ fn docker_target_gets_a_delay_set_and_cleared_from_the_host() {
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     assert!(awaitlab_rules(&ns).is_empty());
     let after = echo_rtt_ms(None, echo, 30);
-    assert!(after < base + 2.0, "base {base:.3} ms, after clear {after:.3} ms");
+    assert!(
+        after < base + 2.0,
+        "base {base:.3} ms, after clear {after:.3} ms"
+    );
     assert!(Path::new(&ns).exists());
 }
 
@@ -825,7 +907,10 @@ fn the_library_guard_removes_its_delay_when_the_owner_panics() {
         );
         let a = guard.achieved();
         // Each of the 10 requests is a packet into the target; the iptables counter agrees.
-        assert!(a.packets_seen >= 10 && a.bypassed == 0 && a.rule_packets >= 10, "{a:?}");
+        assert!(
+            a.packets_seen >= 10 && a.bypassed == 0 && a.rule_packets >= 10,
+            "{a:?}"
+        );
         panic!("owner fails");
     }));
     let msg = outcome
@@ -834,7 +919,10 @@ fn the_library_guard_removes_its_delay_when_the_owner_panics() {
         .map(|m| *m)
         .unwrap_or("another panic");
     assert_eq!(msg, "owner fails", "a check inside failed first");
-    assert!(awaitlab_rules(&p.target.path()).is_empty(), "rule left after the panic");
+    assert!(
+        awaitlab_rules(&p.target.path()).is_empty(),
+        "rule left after the panic"
+    );
     assert!(
         state_files_of(std::process::id()).is_empty(),
         "state file left after the panic"

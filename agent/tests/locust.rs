@@ -165,7 +165,10 @@ fn start_locust(dir: &Path, base: &str) -> Kill {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !started.exists() {
         let exited = guard.0.as_mut().unwrap().try_wait().unwrap();
-        assert!(exited.is_none(), "Locust exited before its test started: {exited:?}");
+        assert!(
+            exited.is_none(),
+            "Locust exited before its test started: {exited:?}"
+        );
         assert!(Instant::now() < deadline, "Locust did not start");
         std::thread::sleep(Duration::from_millis(10));
     }

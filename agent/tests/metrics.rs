@@ -30,7 +30,9 @@ const SCRAPE: Duration = Duration::from_millis(500);
 
 fn sum_of(p: &Prometheus, expr: &str, t: f64) -> f64 {
     let r = p.query(expr, t).unwrap_or_else(|e| panic!("{expr}: {e}"));
-    r.iter().map(|s| s["value"][1].as_str().unwrap().parse::<f64>().unwrap()).sum()
+    r.iter()
+        .map(|s| s["value"][1].as_str().unwrap().parse::<f64>().unwrap())
+        .sum()
 }
 
 /// `promtool check metrics` on an exposition; returns its complaints on failure.
@@ -42,9 +44,18 @@ fn promtool_check(exposition: &str) -> Result<(), String> {
         .stderr(Stdio::piped())
         .spawn()
         .expect("promtool (Debian package prometheus; cargo xtask setup installs it)");
-    child.stdin.take().unwrap().write_all(exposition.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(exposition.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
-    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     if out.status.success() && said.trim().is_empty() {
         Ok(())
     } else {
@@ -58,7 +69,12 @@ fn metrics_addr(agent: &Agent) -> SocketAddr {
         .split_inclusive('\n')
         .find(|l| l.ends_with('\n') && l.contains("metrics on http://"))
         .unwrap_or_else(|| panic!("no metrics line: {err}"));
-    let a = line.trim_end().split("http://").nth(1).unwrap().trim_end_matches("/metrics");
+    let a = line
+        .trim_end()
+        .split("http://")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches("/metrics");
     a.parse().unwrap()
 }
 
@@ -74,12 +90,27 @@ struct Driver {
 
 impl Driver {
     fn start() -> Driver {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
         let registry = prometheus::Registry::new();
         let delay = DelayMetrics::new(&registry).unwrap();
         let cell = ExperimentMetrics::new(&registry).unwrap();
-        let server = rt.block_on(server::serve_metrics("127.0.0.1:0".parse().unwrap(), registry)).unwrap();
-        Driver { delay, cell, addr: server.addr, _server: server, _rt: rt }
+        let server = rt
+            .block_on(server::serve_metrics(
+                "127.0.0.1:0".parse().unwrap(),
+                registry,
+            ))
+            .unwrap();
+        Driver {
+            delay,
+            cell,
+            addr: server.addr,
+            _server: server,
+            _rt: rt,
+        }
     }
 }
 
@@ -110,9 +141,17 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
     ]);
     let agent_addr = metrics_addr(&agent);
     let driver = Driver::start();
-    let free_port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
     let (load_addr, refused_load_addr) = (free_port(), free_port());
-    let prom = Prometheus::start(&[agent_addr, driver.addr, load_addr, refused_load_addr], SCRAPE);
+    let prom = Prometheus::start(
+        &[agent_addr, driver.addr, load_addr, refused_load_addr],
+        SCRAPE,
+    );
     prom.wait_targets_up(2);
     driver.delay.clear("none");
     driver.cell.set_cell("sync", "k2", 0, 1);
@@ -123,7 +162,15 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
     let stages = "4@0s,4@8s,0@0s,0@4s";
     let load = |url: String, metrics: SocketAddr, stages: &str| {
         Command::new(agent_bin())
-            .args(["load", &url, "--stages", stages, "--json", "--no-check", "--metrics-addr"])
+            .args([
+                "load",
+                &url,
+                "--stages",
+                stages,
+                "--json",
+                "--no-check",
+                "--metrics-addr",
+            ])
             .arg(metrics.to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -132,10 +179,18 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
     };
     let load_start = now();
     let ok_run = load(format!("http://{srv_addr}/k2"), load_addr, stages);
-    let refused_run = load(format!("http://{refused_addr}/"), refused_load_addr, "1@0s,1@8s,0@0s,0@4s");
+    let refused_run = load(
+        format!("http://{refused_addr}/"),
+        refused_load_addr,
+        "1@0s,1@8s,0@0s,0@4s",
+    );
     let report = |c: std::process::Child| -> serde_json::Value {
         let out = c.wait_with_output().unwrap();
-        assert!(out.status.success(), "awaitlab load: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "awaitlab load: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     };
     let (ok_report, refused_report) = (report(ok_run), report(refused_run));
@@ -146,29 +201,76 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
     let refused = refused_report["failures"].as_u64().unwrap();
     assert_eq!(ok_report["failures"], 0, "{ok_report}");
     assert_eq!(refused_report["successes"], 0, "{refused_report}");
-    assert_eq!(refused_report["failures_by_kind"][0]["kind"], "refused", "{refused_report}");
-    assert!(ok > 20 && refused > 0, "load too small: {ok} ok, {refused} refused");
+    assert_eq!(
+        refused_report["failures_by_kind"][0]["kind"], "refused",
+        "{refused_report}"
+    );
+    assert!(
+        ok > 20 && refused > 0,
+        "load too small: {ok} ok, {refused} refused"
+    );
     // Counts against the other side's own counts, as Prometheus stored them.
     assert_eq!(server.requests.load(Ordering::Relaxed), ok);
-    assert_eq!(sum_of(&prom, "sum(awaitlab_http_server_requests_total)", t), ok as f64, "server requests");
     assert_eq!(
-        sum_of(&prom, r#"sum(awaitlab_http_server_requests_total{method="GET",route="/k2",status_class="2xx"})"#, t),
+        sum_of(&prom, "sum(awaitlab_http_server_requests_total)", t),
+        ok as f64,
+        "server requests"
+    );
+    assert_eq!(
+        sum_of(
+            &prom,
+            r#"sum(awaitlab_http_server_requests_total{method="GET",route="/k2",status_class="2xx"})"#,
+            t
+        ),
         ok as f64
     );
-    assert_eq!(sum_of(&prom, "sum(awaitlab_db_round_trips_total)", t), db.queries.load(Ordering::Relaxed) as f64);
-    assert_eq!(sum_of(&prom, "sum(awaitlab_db_round_trips_total)", t), 2.0 * ok as f64, "2 round trips per /k2");
     assert_eq!(
-        sum_of(&prom, r#"sum(awaitlab_connections_opened_total{role="db"})"#, t),
+        sum_of(&prom, "sum(awaitlab_db_round_trips_total)", t),
+        db.queries.load(Ordering::Relaxed) as f64
+    );
+    assert_eq!(
+        sum_of(&prom, "sum(awaitlab_db_round_trips_total)", t),
+        2.0 * ok as f64,
+        "2 round trips per /k2"
+    );
+    assert_eq!(
+        sum_of(
+            &prom,
+            r#"sum(awaitlab_connections_opened_total{role="db"})"#,
+            t
+        ),
         ok as f64,
         "a db connection per request"
     );
-    assert_eq!(sum_of(&prom, "sum(awaitlab_load_requests_total)", t), (ok + refused) as f64, "load requests");
-    assert_eq!(sum_of(&prom, r#"sum(awaitlab_load_failures_total{kind="connect"})"#, t), refused as f64);
+    assert_eq!(
+        sum_of(&prom, "sum(awaitlab_load_requests_total)", t),
+        (ok + refused) as f64,
+        "load requests"
+    );
+    assert_eq!(
+        sum_of(
+            &prom,
+            r#"sum(awaitlab_load_failures_total{kind="connect"})"#,
+            t
+        ),
+        refused as f64
+    );
     // The database answers after DB_DELAY, so no round trip is faster: the round-trip histogram
     // has nothing at or below 5 ms... except what falls in the 5 ms bucket's edge (le is
     // inclusive, and a 5.0x ms round trip lands in the 0.01 bucket), so check the 0.0025 bucket.
-    assert_eq!(sum_of(&prom, r#"sum(awaitlab_db_round_trip_duration_seconds_bucket{le="0.0025"})"#, t), 0.0);
-    let lost = sum_of(&prom, r#"sum(awaitlab_lost_events_total{cause!="unknown_socket"})"#, t);
+    assert_eq!(
+        sum_of(
+            &prom,
+            r#"sum(awaitlab_db_round_trip_duration_seconds_bucket{le="0.0025"})"#,
+            t
+        ),
+        0.0
+    );
+    let lost = sum_of(
+        &prom,
+        r#"sum(awaitlab_lost_events_total{cause!="unknown_socket"})"#,
+        t,
+    );
     assert_eq!(lost, 0.0, "nothing lost");
 
     // Every query of every panel returns data over the load. `$__rate_interval` is 4 scrape
@@ -181,9 +283,12 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
             Err(err) => failed.push(format!("{file} / {title}: {e}: {err}")),
             Ok(r) if r.is_empty() => failed.push(format!("{file} / {title}: {e}: no data")),
             Ok(r) => {
-                let finite = r
-                    .iter()
-                    .any(|s| s["value"][1].as_str().and_then(|v| v.parse::<f64>().ok()).is_some_and(f64::is_finite));
+                let finite = r.iter().any(|s| {
+                    s["value"][1]
+                        .as_str()
+                        .and_then(|v| v.parse::<f64>().ok())
+                        .is_some_and(f64::is_finite)
+                });
                 if !finite {
                     failed.push(format!("{file} / {title}: {e}: only NaN/Inf: {r:?}"));
                 }
@@ -200,10 +305,17 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
 
     // Every template variable offers at least one value (what the drop-down would list).
     for (file, name, metric, label) in dashboard_variables() {
-        let r = prom.query(&format!("count by ({label}) ({metric})"), load_end - 1.0).unwrap();
-        let values: Vec<&str> = r.iter().filter_map(|s| s["metric"][label.as_str()].as_str()).collect();
+        let r = prom
+            .query(&format!("count by ({label}) ({metric})"), load_end - 1.0)
+            .unwrap();
+        let values: Vec<&str> = r
+            .iter()
+            .filter_map(|s| s["metric"][label.as_str()].as_str())
+            .collect();
         if values.is_empty() {
-            failed.push(format!("{file}: variable {name}: label_values({metric}, {label}) is empty"));
+            failed.push(format!(
+                "{file}: variable {name}: label_values({metric}, {label}) is empty"
+            ));
         }
     }
     assert!(failed.is_empty(), "{}", failed.join("\n"));
@@ -225,24 +337,48 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
 
 #[test]
 fn dashboards_follow_the_rules() {
-    let ds_yaml = std::fs::read_to_string(dashboards_dir().join("provisioning/datasources/awaitlab.yaml")).unwrap();
-    assert!(ds_yaml.contains("uid: awaitlab-prometheus"), "the provisioned datasource has the fixed uid");
+    let ds_yaml =
+        std::fs::read_to_string(dashboards_dir().join("provisioning/datasources/awaitlab.yaml"))
+            .unwrap();
+    assert!(
+        ds_yaml.contains("uid: awaitlab-prometheus"),
+        "the provisioned datasource has the fixed uid"
+    );
     for (file, d) in dashboards() {
-        assert!(d["uid"].as_str().is_some_and(|u| !u.is_empty()), "{file}: uid");
-        assert!(d["title"].as_str().is_some_and(|u| !u.is_empty()), "{file}: title");
-        let vars = d["templating"]["list"].as_array().unwrap_or_else(|| panic!("{file}: no templating"));
-        let ds =
-            vars.iter().find(|v| v["type"] == "datasource").unwrap_or_else(|| panic!("{file}: no datasource variable"));
+        assert!(
+            d["uid"].as_str().is_some_and(|u| !u.is_empty()),
+            "{file}: uid"
+        );
+        assert!(
+            d["title"].as_str().is_some_and(|u| !u.is_empty()),
+            "{file}: title"
+        );
+        let vars = d["templating"]["list"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{file}: no templating"));
+        let ds = vars
+            .iter()
+            .find(|v| v["type"] == "datasource")
+            .unwrap_or_else(|| panic!("{file}: no datasource variable"));
         assert_eq!(ds["name"], "datasource", "{file}");
         assert_eq!(ds["query"], "prometheus", "{file}");
-        assert_eq!(ds["current"]["value"], "awaitlab-prometheus", "{file}: defaults to the provisioned uid");
+        assert_eq!(
+            ds["current"]["value"], "awaitlab-prometheus",
+            "{file}: defaults to the provisioned uid"
+        );
         for v in vars.iter().filter(|v| v["type"] == "query") {
-            assert_eq!(v["datasource"]["uid"], "${datasource}", "{file}: variable {}", v["name"]);
+            assert_eq!(
+                v["datasource"]["uid"], "${datasource}",
+                "{file}: variable {}",
+                v["name"]
+            );
         }
         let mut ids = HashSet::new();
         for p in panels(&d) {
             let title = p["title"].as_str().unwrap_or("?");
-            let id = p["id"].as_u64().unwrap_or_else(|| panic!("{file}: panel {title:?} has no id"));
+            let id = p["id"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{file}: panel {title:?} has no id"));
             assert!(ids.insert(id), "{file}: panel id {id} used twice");
             if p["type"] == "row" {
                 continue;
@@ -252,19 +388,44 @@ fn dashboards_follow_the_rules() {
                 "{file}: panel {title:?} has no description"
             );
             assert!(
-                p["fieldConfig"]["defaults"]["unit"].as_str().is_some_and(|s| !s.is_empty()),
+                p["fieldConfig"]["defaults"]["unit"]
+                    .as_str()
+                    .is_some_and(|s| !s.is_empty()),
                 "{file}: panel {title:?} has no unit"
             );
-            assert_eq!(p["datasource"]["uid"], "${datasource}", "{file}: panel {title:?} datasource");
-            let targets = p["targets"].as_array().unwrap_or_else(|| panic!("{file}: panel {title:?} has no queries"));
-            assert!(!targets.is_empty(), "{file}: panel {title:?} has no queries");
+            assert_eq!(
+                p["datasource"]["uid"], "${datasource}",
+                "{file}: panel {title:?} datasource"
+            );
+            let targets = p["targets"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{file}: panel {title:?} has no queries"));
+            assert!(
+                !targets.is_empty(),
+                "{file}: panel {title:?} has no queries"
+            );
             for t in targets {
-                let e = t["expr"].as_str().unwrap_or_else(|| panic!("{file}: panel {title:?}: query without expr"));
+                let e = t["expr"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{file}: panel {title:?}: query without expr"));
                 if let Some(ds) = t.get("datasource") {
-                    assert_eq!(ds["uid"], "${datasource}", "{file}: panel {title:?} query datasource");
+                    assert_eq!(
+                        ds["uid"], "${datasource}",
+                        "{file}: panel {title:?} query datasource"
+                    );
                 }
-                for banned in ["instance=", "instance!", "job=", "localhost", "127.0.0.1", ":9464"] {
-                    assert!(!e.contains(banned), "{file}: panel {title:?}: hard-coded {banned:?} in {e}");
+                for banned in [
+                    "instance=",
+                    "instance!",
+                    "job=",
+                    "localhost",
+                    "127.0.0.1",
+                    ":9464",
+                ] {
+                    assert!(
+                        !e.contains(banned),
+                        "{file}: panel {title:?}: hard-coded {banned:?} in {e}"
+                    );
                 }
                 // Every variable used is one substitute() knows (it panics otherwise).
                 let _ = substitute(e, "1m", "1h");
@@ -272,9 +433,16 @@ fn dashboards_follow_the_rules() {
         }
         // No hard-coded datasource anywhere: every "uid" under a datasource is the variable.
         let text = serde_json::to_string(&d).unwrap();
-        let fixed = text.matches("\"datasource\":{\"type\":\"prometheus\",\"uid\":\"").count();
-        let var = text.matches("\"datasource\":{\"type\":\"prometheus\",\"uid\":\"${datasource}\"}").count();
-        assert_eq!(fixed, var, "{file}: a datasource reference that is not ${{datasource}}");
+        let fixed = text
+            .matches("\"datasource\":{\"type\":\"prometheus\",\"uid\":\"")
+            .count();
+        let var = text
+            .matches("\"datasource\":{\"type\":\"prometheus\",\"uid\":\"${datasource}\"}")
+            .count();
+        assert_eq!(
+            fixed, var,
+            "{file}: a datasource reference that is not ${{datasource}}"
+        );
     }
 }
 
@@ -285,13 +453,22 @@ fn prometheus_config_and_compose_file_are_valid() {
         .arg(dashboards_dir().join("prometheus.yml"))
         .output()
         .expect("promtool");
-    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     // `config` validates against the Compose schema without pulling anything. Prefer v2, fall
     // back to the old docker-compose: the file must satisfy both.
     let compose = dashboards_dir().join("compose.yaml");
     let mut checked = 0;
     for cmd in [&["docker", "compose"][..], &["docker-compose"][..]] {
-        let present = Command::new(cmd[0]).args(&cmd[1..]).arg("version").output().is_ok_and(|o| o.status.success());
+        let present = Command::new(cmd[0])
+            .args(&cmd[1..])
+            .arg("version")
+            .output()
+            .is_ok_and(|o| o.status.success());
         if !present {
             continue;
         }
@@ -302,17 +479,28 @@ fn prometheus_config_and_compose_file_are_valid() {
             .args(["--profile", "monitoring", "config", "-q"])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{cmd:?} config: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{cmd:?} config: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         checked += 1;
     }
-    assert!(checked > 0, "neither `docker compose` nor docker-compose is installed");
+    assert!(
+        checked > 0,
+        "neither `docker compose` nor docker-compose is installed"
+    );
 }
 
 #[test]
 fn the_driver_exposition_passes_promtool() {
     // Every family, including the generator's and the delay's, with samples in each.
     let d = Driver::start();
-    d.delay.set(Duration::from_millis(100), Some(Duration::from_micros(100_300)), "netem");
+    d.delay.set(
+        Duration::from_millis(100),
+        Some(Duration::from_micros(100_300)),
+        "netem",
+    );
     d.cell.set_cell("async-limited", "io_read", 100, 2);
     let (status, text) = http_get(d.addr, "/metrics");
     assert_eq!(status, 200);
@@ -321,12 +509,20 @@ fn the_driver_exposition_passes_promtool() {
     let registry = prometheus::Registry::new();
     let load = LoadMetrics::new(&registry).unwrap();
     load.set_users(3);
-    for o in [Outcome::Status(200), Outcome::Status(503), Outcome::Reset, Outcome::Timeout] {
+    for o in [
+        Outcome::Status(200),
+        Outcome::Status(503),
+        Outcome::Reset,
+        Outcome::Timeout,
+    ] {
         load.observe_response(Duration::from_millis(12), o);
     }
     let text = String::from_utf8(awaitlab::metrics::encode(&registry)).unwrap();
     promtool_check(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
-    assert!(text.contains("awaitlab_load_failures_total{kind=\"http_5xx\"} 1"), "{text}");
+    assert!(
+        text.contains("awaitlab_load_failures_total{kind=\"http_5xx\"} 1"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -338,8 +534,13 @@ fn a_bad_or_busy_metrics_address_is_one_clear_error() {
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = busy.local_addr().unwrap().to_string();
     let me = std::process::id().to_string();
-    let out = assert_loads_nothing(|| agent_once(&["watch", "--target", &me, "--metrics-addr", &addr]));
+    let out =
+        assert_loads_nothing(|| agent_once(&["watch", "--target", &me, "--metrics-addr", &addr]));
     assert_eq!(out.code, Some(1), "{}", out.stderr);
     assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
-    assert!(out.stderr.contains(&format!("metrics server on {addr}")), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&format!("metrics server on {addr}")),
+        "{}",
+        out.stderr
+    );
 }

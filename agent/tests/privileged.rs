@@ -37,7 +37,14 @@ fn requests_round_trips_and_attribution_match_what_the_servers_count() {
     let _noise_db = FakeDb::start(None, noise_db_addr, Duration::from_millis(1));
     let noise_srv = SyncServer::start(None, "127.0.0.2:8000".parse().unwrap(), noise_db_addr);
 
-    let agent = Agent::watch(&["--target", &srv_ns.path(), "--http-port", "8000", "--db-port", "5432"]);
+    let agent = Agent::watch(&[
+        "--target",
+        &srv_ns.path(),
+        "--http-port",
+        "8000",
+        "--db-port",
+        "5432",
+    ]);
 
     let noise = std::thread::spawn(move || {
         let mut c = TcpStream::connect("127.0.0.2:8000").unwrap();
@@ -74,12 +81,19 @@ fn requests_round_trips_and_attribution_match_what_the_servers_count() {
     // The other side's counts: the server's requests and the database's queries (in our ns).
     assert_eq!(server.requests.load(Ordering::Relaxed), n);
     assert_eq!(db.queries.load(Ordering::Relaxed), total_k);
-    assert_eq!(noise_srv.requests.load(Ordering::Relaxed), 60, "noise did run");
+    assert_eq!(
+        noise_srv.requests.load(Ordering::Relaxed),
+        60,
+        "noise did run"
+    );
 
     let s = out.summary();
     assert_eq!(s["requests"], n, "{s:#}");
     assert_eq!(s["db"]["round_trips"], total_k, "{s:#}");
-    assert_eq!(s["db"]["connects"], n, "one database connect per request: {s:#}");
+    assert_eq!(
+        s["db"]["connects"], n,
+        "one database connect per request: {s:#}"
+    );
     assert_eq!(s["db"]["conns_opened"], n);
     assert_eq!(s["status"]["200"], n);
     // 6 connections that closed after one request, and the keep-alive one.
@@ -94,9 +108,18 @@ fn requests_round_trips_and_attribution_match_what_the_servers_count() {
     // can be shorter; 5 ms above it covers sleep overshoot and scheduling on a loaded 2-core host.
     let delay_ms = DB_DELAY.as_secs_f64() * 1e3;
     let p50 = ms(&s["db"]["round_trip"]["p50_ms"]);
-    assert!(p50 >= delay_ms && p50 <= delay_ms + 5.0, "round-trip p50 {p50} ms vs {delay_ms} ms");
-    assert_eq!(s["ratios"]["attributed_share"], 1.0, "a sync server's round trips all belong to requests");
-    assert_eq!(s["ratios"]["db_round_trips_per_request"], total_k as f64 / n as f64);
+    assert!(
+        p50 >= delay_ms && p50 <= delay_ms + 5.0,
+        "round-trip p50 {p50} ms vs {delay_ms} ms"
+    );
+    assert_eq!(
+        s["ratios"]["attributed_share"], 1.0,
+        "a sync server's round trips all belong to requests"
+    );
+    assert_eq!(
+        s["ratios"]["db_round_trips_per_request"],
+        total_k as f64 / n as f64
+    );
 
     // Per request: the handler of /kN made exactly N round trips and one connect, and cannot
     // have answered sooner than N delays.
@@ -113,9 +136,15 @@ fn requests_round_trips_and_attribution_match_what_the_servers_count() {
         assert_eq!(r["db_connects"], 1, "{r}");
         assert_eq!(r["exclusive_thread"], true, "{r}");
         let server_ms = r["server_ns"].as_u64().unwrap() as f64 / 1e6;
-        assert!(server_ms >= k as f64 * delay_ms, "server time {server_ms} ms < {k} x {delay_ms} ms: {r}");
+        assert!(
+            server_ms >= k as f64 * delay_ms,
+            "server time {server_ms} ms < {k} x {delay_ms} ms: {r}"
+        );
         let wait_ms = r["db_wait_ns"].as_u64().unwrap() as f64 / 1e6;
-        assert!(wait_ms >= k as f64 * delay_ms && wait_ms <= server_ms, "{r}");
+        assert!(
+            wait_ms >= k as f64 * delay_ms && wait_ms <= server_ms,
+            "{r}"
+        );
     }
     seen.sort();
     let mut want = sent.clone();
@@ -152,14 +181,26 @@ fn connections_opened_before_attach_are_measured() {
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     let s = out.summary();
     let want_rtts: u64 = 2 * ks.iter().map(|&k| k as u64).sum::<u64>();
-    assert_eq!(server.requests.load(Ordering::Relaxed), 1 + 2 * ks.len() as u64);
+    assert_eq!(
+        server.requests.load(Ordering::Relaxed),
+        1 + 2 * ks.len() as u64
+    );
     assert_eq!(db.queries.load(Ordering::Relaxed), 2 + want_rtts);
     assert_eq!(s["requests"], 2 * ks.len() as u64, "{s:#}");
     assert_eq!(s["db"]["round_trips"], want_rtts, "{s:#}");
-    assert_eq!(s["db"]["connects"], 0, "the pooled connection was opened before attach");
+    assert_eq!(
+        s["db"]["connects"], 0,
+        "the pooled connection was opened before attach"
+    );
     assert_eq!(s["ratios"]["attributed_share"], 1.0);
     for r in out.records("request") {
-        let k: u32 = r["path"].as_str().unwrap().strip_prefix("/k").unwrap().parse().unwrap();
+        let k: u32 = r["path"]
+            .as_str()
+            .unwrap()
+            .strip_prefix("/k")
+            .unwrap()
+            .parse()
+            .unwrap();
         assert_eq!(r["db_round_trips"], k, "{r}");
     }
     out.assert_detached();
@@ -173,7 +214,10 @@ fn on_and_off_cpu_time_match_the_threads_own_clock() {
     let agent = Agent::watch(&["--target", &ns.path()]);
     let (cpu_s, wall_s, slept_s) = in_netns(&ns, || {
         let thread_cpu = || {
-            let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
             // SAFETY: valid pointer to a local timespec.
             unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
             ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
@@ -205,10 +249,16 @@ fn on_and_off_cpu_time_match_the_threads_own_clock() {
     // before c0 (thread creation, setns), its exit, and interrupts served while it ran (the kernel
     // accounts IRQ time apart from the thread). On a busy 2-core host that reached 12 %; allow
     // 15 % + 20 ms above, and 2 % below for clock granularity.
-    assert!(on >= cpu_s * 0.98 && on <= cpu_s * 1.15 + 0.020, "on-CPU {on} s vs thread clock {cpu_s} s");
+    assert!(
+        on >= cpu_s * 0.98 && on <= cpu_s * 1.15 + 0.020,
+        "on-CPU {on} s vs thread clock {cpu_s} s"
+    );
     // Off-CPU: at least every sleep; at most the thread's whole life minus its CPU time.
     assert!(off >= slept_s * 0.98, "off-CPU {off} s < slept {slept_s} s");
-    assert!(off <= wall_s - cpu_s + 0.010, "off-CPU {off} s > wall {wall_s} - cpu {cpu_s}");
+    assert!(
+        off <= wall_s - cpu_s + 0.010,
+        "off-CPU {off} s > wall {wall_s} - cpu {cpu_s}"
+    );
     out.assert_detached();
 }
 
@@ -221,7 +271,10 @@ fn every_postgresql_query_is_a_round_trip() {
     let pg = Postgres::start(&db_ns, &link.right_ip);
 
     let agent = Agent::watch(&["--target", &cli_ns.path(), "--db-port", "5432"]);
-    let conninfo = format!("host={} port=5432 user=postgres dbname=postgres sslmode=disable gssencmode=disable", link.right_ip);
+    let conninfo = format!(
+        "host={} port=5432 user=postgres dbname=postgres sslmode=disable gssencmode=disable",
+        link.right_ip
+    );
     let run_psql = |queries: usize| {
         let mut args: Vec<String> = vec!["-X".into(), "-q".into(), "-At".into(), conninfo.clone()];
         for i in 0..queries {
@@ -230,9 +283,16 @@ fn every_postgresql_query_is_a_round_trip() {
         }
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = cli_ns.exec("psql", &refs).output().unwrap();
-        assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "psql: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         // psql printed one line per query: the server answered each.
-        assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), queries);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).lines().count(),
+            queries
+        );
     };
     run_psql(5);
     run_psql(25);
@@ -263,11 +323,27 @@ impl Postgres {
         let data = dir.path().join("data");
         let sock = dir.path().join("sock");
         std::fs::create_dir_all(&sock).unwrap();
-        sh("chown", &["-R", "postgres:postgres", dir.path().to_str().unwrap()]);
+        sh(
+            "chown",
+            &["-R", "postgres:postgres", dir.path().to_str().unwrap()],
+        );
         let bin = pg_bin();
         sh(
             "runuser",
-            &["-u", "postgres", "--", &format!("{bin}/initdb"), "-D", data.to_str().unwrap(), "--auth=trust", "-U", "postgres", "-E", "UTF8", "--no-sync"],
+            &[
+                "-u",
+                "postgres",
+                "--",
+                &format!("{bin}/initdb"),
+                "-D",
+                data.to_str().unwrap(),
+                "--auth=trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
         );
         // initdb's trust covers only loopback: let our own namespace's veth in too.
         let hba = data.join("pg_hba.conf");
@@ -299,11 +375,18 @@ impl Postgres {
         let pg = Postgres { child, dir };
         let t0 = std::time::Instant::now();
         loop {
-            let ok = ns.exec("pg_isready", &["-q", "-h", addr, "-p", "5432"]).status().unwrap().success();
+            let ok = ns
+                .exec("pg_isready", &["-q", "-h", addr, "-p", "5432"])
+                .status()
+                .unwrap()
+                .success();
             if ok {
                 return pg;
             }
-            assert!(t0.elapsed() < Duration::from_secs(30), "postgres did not start");
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "postgres did not start"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -324,7 +407,9 @@ impl Drop for Postgres {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::process::Command::new("pkill").args(["-KILL", "-f", self.dir.path().to_str().unwrap()]).status();
+        let _ = std::process::Command::new("pkill")
+            .args(["-KILL", "-f", self.dir.path().to_str().unwrap()])
+            .status();
     }
 }
 
@@ -335,19 +420,28 @@ fn pg_bin() -> String {
         .map(|e| e.path())
         .collect();
     versions.sort();
-    format!("{}/bin", versions.last().expect("a PostgreSQL version").display())
+    format!(
+        "{}/bin",
+        versions.last().expect("a PostgreSQL version").display()
+    )
 }
 
 #[test]
 fn a_missing_target_is_one_clear_error_and_attaches_nothing() {
-    let out = assert_loads_nothing(|| agent_once(&["watch", "--target", "/run/netns/awl-does-not-exist"]));
+    let out = assert_loads_nothing(|| {
+        agent_once(&["watch", "--target", "/run/netns/awl-does-not-exist"])
+    });
     assert_eq!(out.code, Some(1));
     assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
     assert!(out.stderr.contains("does not exist"), "{}", out.stderr);
 
     let out = assert_loads_nothing(|| agent_once(&["watch", "--target", "/etc/hostname"]));
     assert_eq!(out.code, Some(1));
-    assert!(out.stderr.contains("is not a network namespace"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("is not a network namespace"),
+        "{}",
+        out.stderr
+    );
     assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
 
     let out = assert_loads_nothing(|| agent_once(&["watch", "--target", "pid:999999999"]));
@@ -355,20 +449,29 @@ fn a_missing_target_is_one_clear_error_and_attaches_nothing() {
     assert!(out.stderr.contains("no process"), "{}", out.stderr);
 
     let out = assert_loads_nothing(|| agent_once(&["watch", "--target", "docker"]));
-    assert_eq!(out.code, Some(64), "bad syntax is a usage error: {}", out.stderr);
+    assert_eq!(
+        out.code,
+        Some(64),
+        "bad syntax is a usage error: {}",
+        out.stderr
+    );
 }
 
 #[test]
 fn bad_ports_are_usage_errors() {
     for bad in ["70000", "0", "-1", "http"] {
-        let out = assert_loads_nothing(|| agent_once(&["watch", "--target", "/proc/self/ns/net", "--http-port", bad]));
+        let out = assert_loads_nothing(|| {
+            agent_once(&["watch", "--target", "/proc/self/ns/net", "--http-port", bad])
+        });
         assert_eq!(out.code, Some(64), "--http-port {bad}: {}", out.stderr);
         assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
         if bad != "-1" {
             // (clap reads "-1" as an unknown flag, which it names instead)
             assert!(out.stderr.contains("--http-port"), "{}", out.stderr);
         }
-        let out = assert_loads_nothing(|| agent_once(&["watch", "--target", "/proc/self/ns/net", "--db-port", bad]));
+        let out = assert_loads_nothing(|| {
+            agent_once(&["watch", "--target", "/proc/self/ns/net", "--db-port", bad])
+        });
         assert_eq!(out.code, Some(64), "--db-port {bad}: {}", out.stderr);
     }
 }
@@ -395,7 +498,13 @@ fn without_root_it_says_so() {
 fn a_target_that_vanishes_stops_the_agent_cleanly() {
     let ns = Netns::new("v");
     let agent = Agent::watch(&["--target", &ns.path(), "--interval", "0.2"]);
-    assert!(agent.program_ids.iter().all(|i| our_bpf_programs().contains(i)), "attached programs are visible");
+    assert!(
+        agent
+            .program_ids
+            .iter()
+            .all(|i| our_bpf_programs().contains(i)),
+        "attached programs are visible"
+    );
     sh("ip", &["netns", "del", &ns.name]);
     let out = agent.wait(Duration::from_secs(10));
     assert_eq!(out.code, Some(0), "{}", out.stderr);
@@ -408,7 +517,12 @@ fn a_target_that_vanishes_stops_the_agent_cleanly() {
     let mut sleeper = ns.exec("sleep", &["30"]).spawn().unwrap();
     // `ip netns exec` execs the command in place: the child pid is the sleeper in the namespace.
     std::thread::sleep(Duration::from_millis(200));
-    let agent = Agent::watch(&["--target", &format!("pid:{}", sleeper.id()), "--interval", "0.2"]);
+    let agent = Agent::watch(&[
+        "--target",
+        &format!("pid:{}", sleeper.id()),
+        "--interval",
+        "0.2",
+    ]);
     sleeper.kill().unwrap();
     sleeper.wait().unwrap();
     let out = agent.wait(Duration::from_secs(10));
@@ -420,7 +534,12 @@ fn a_target_that_vanishes_stops_the_agent_cleanly() {
 /// tracefs is not mounted at boot on some hosts: the agent mounts it and works.
 #[test]
 fn tracefs_missing_is_mounted() {
-    let mounted = |p: &str| std::fs::read_to_string("/proc/mounts").unwrap().lines().any(|l| l.split(' ').nth(1) == Some(p));
+    let mounted = |p: &str| {
+        std::fs::read_to_string("/proc/mounts")
+            .unwrap()
+            .lines()
+            .any(|l| l.split(' ').nth(1) == Some(p))
+    };
     if mounted("/sys/kernel/tracing") {
         sh("umount", &["/sys/kernel/tracing"]);
     }

@@ -137,7 +137,9 @@ struct Round {
 }
 
 fn probes(args: &ProbesArgs) -> Result<()> {
-    cmd::become_root("the probes benchmark creates a network namespace and loads eBPF, and needs root")?;
+    cmd::become_root(
+        "the probes benchmark creates a network namespace and loads eBPF, and needs root",
+    )?;
     for tool in [NGINX, "wrk", "bpftool", "ip"] {
         ensure!(
             cmd::succeeds(Command::new("sh").args(["-c", "command -v \"$1\"", "sh", tool])),
@@ -388,7 +390,11 @@ fn with_probes(
 ) -> Result<WithProbes> {
     // bpf_stats adds two clock reads to every program run: it is on only for the separate
     // profile run, never while throughput is compared.
-    let _stats = if stats { Some(bpfstats::StatsEnabled::enable()?) } else { None };
+    let _stats = if stats {
+        Some(bpfstats::StatsEnabled::enable()?)
+    } else {
+        None
+    };
     let stdout_path = out_dir.join(format!("agent-round-{round}.stdout"));
     let stderr_path = out_dir.join(format!("agent-round-{round}.stderr"));
     let stdout = File::create(&stdout_path)
@@ -403,7 +409,11 @@ fn with_probes(
             .arg(ns.path())
             .args(["--http-port", &HTTP_PORT.to_string()])
             // Extra agent flags for experiments (e.g. --no-payload), split on whitespace.
-            .args(std::env::var("AWL_BENCH_AGENT_ARGS").unwrap_or_default().split_whitespace())
+            .args(
+                std::env::var("AWL_BENCH_AGENT_ARGS")
+                    .unwrap_or_default()
+                    .split_whitespace(),
+            )
             .stdout(stdout)
             .stderr(stderr),
         libc::SIGINT,
@@ -525,13 +535,7 @@ fn print_round(round: u32, without: &WrkResult, with: Option<&WithProbes>) {
     println!("\nround {round}");
     println!(
         "  {:<8} {:>10} {:>11} {:>9} {:>9} {:>11} {:>14}",
-        "probes",
-        "requests",
-        "req/s",
-        "p50",
-        "p99",
-        "agent CPU",
-        "CPU s/100k req"
+        "probes", "requests", "req/s", "p50", "p99", "agent CPU", "CPU s/100k req"
     );
     let row = |label: &str, w: &WrkResult, rest: String| {
         println!(
@@ -555,17 +559,12 @@ fn print_round(round: u32, without: &WrkResult, with: Option<&WithProbes>) {
         row(
             "on",
             &p.wrk,
-            format!(
-                "{:>10.3}s {:>14.4}",
-                p.agent_cpu_s,
-                p.cpu_s_per_100k()
-            ),
+            format!("{:>10.3}s {:>14.4}", p.agent_cpu_s, p.cpu_s_per_100k()),
         );
         println!(
             "           ratio on/off {:.3}",
             p.wrk.requests_per_sec / without.requests_per_sec
         );
-
     }
 }
 

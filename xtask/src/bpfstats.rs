@@ -63,7 +63,10 @@ fn parse(json: &str) -> Result<Snapshot> {
         };
         // bpftool leaves both fields out while a program has not run yet.
         let field = |k: &str| p.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-        snap.insert(id, (field("run_time_ns"), field("run_cnt"), name.to_string()));
+        snap.insert(
+            id,
+            (field("run_time_ns"), field("run_cnt"), name.to_string()),
+        );
     }
     Ok(snap)
 }

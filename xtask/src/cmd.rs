@@ -127,7 +127,9 @@ pub fn become_root(why: &str) -> Result<()> {
     let sudo = std::env::split_paths(&path)
         .map(|dir| dir.join("sudo"))
         .find(|p| p.is_file())
-        .with_context(|| format!("{why}: run it as root (sudo is not installed to do that for you)"))?;
+        .with_context(|| {
+            format!("{why}: run it as root (sudo is not installed to do that for you)")
+        })?;
     let exe = std::env::current_exe().context("finding the xtask's own executable")?;
     eprintln!("==> {why}: running again as root with {}", sudo.display());
     let mut c = Command::new(sudo);

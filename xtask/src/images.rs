@@ -20,10 +20,15 @@ pub fn base_image() -> Result<()> {
         return Ok(());
     }
     let t0 = Instant::now();
-    let root = Scratch(std::env::temp_dir().join(format!("awaitlab-rootfs-{}", std::process::id())));
+    let root =
+        Scratch(std::env::temp_dir().join(format!("awaitlab-rootfs-{}", std::process::id())));
     std::fs::create_dir_all(&root.0).with_context(|| format!("creating {}", root.0.display()))?;
-    cmd::run(Command::new("debootstrap").args(["--variant=minbase", "bookworm"]).arg(&root.0))
-        .context("debootstrap (cargo xtask setup installs it)")?;
+    cmd::run(
+        Command::new("debootstrap")
+            .args(["--variant=minbase", "bookworm"])
+            .arg(&root.0),
+    )
+    .context("debootstrap (cargo xtask setup installs it)")?;
     cmd::run(Command::new("sh").arg("-c").arg(format!(
         "tar -C '{}' -c . | docker import - {BASE_IMAGE}",
         root.0.display()
@@ -39,7 +44,11 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         // debootstrap leaves bind mounts (proc, sys) behind when it fails half way.
         for m in ["proc", "sys", "dev/pts", "dev"] {
-            let _ = Command::new("umount").arg("-l").arg(self.0.join(m)).stderr(std::process::Stdio::null()).status();
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(self.0.join(m))
+                .stderr(std::process::Stdio::null())
+                .status();
         }
         let _ = std::fs::remove_dir_all(&self.0);
     }

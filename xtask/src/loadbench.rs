@@ -20,9 +20,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use serde_json::json;
 
-use crate::bench::{
-    catch_interrupts, check_interrupted, http_get_status, median, tail, NGINX,
-};
+use crate::bench::{catch_interrupts, check_interrupted, http_get_status, median, tail, NGINX};
 use crate::cmd::{self, ChildGuard};
 use crate::setup;
 

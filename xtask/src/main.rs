@@ -7,8 +7,8 @@
 mod bench;
 mod bpfstats;
 mod cmd;
-mod delaybench;
 mod dashboards;
+mod delaybench;
 mod images;
 mod loadbench;
 mod netns;

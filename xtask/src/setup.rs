@@ -55,8 +55,11 @@ pub fn run() -> Result<()> {
     locust().context("installing Locust (for `cargo xtask bench load`)")?;
     oha().context("installing oha (for `cargo xtask bench load`)")?;
     sut_venvs().context("making the Python environments of the system under test")?;
-    requirements_venv(STUDY_LOCUST_VENV, &cmd::workspace_root().join(STUDY_LOCUST_REQUIREMENTS))
-        .context("installing Locust 2.13.0 (the study's client, for agent/tests/locust.rs)")?;
+    requirements_venv(
+        STUDY_LOCUST_VENV,
+        &cmd::workspace_root().join(STUDY_LOCUST_REQUIREMENTS),
+    )
+    .context("installing Locust 2.13.0 (the study's client, for agent/tests/locust.rs)")?;
     println!("setup done in {}", secs(start.elapsed()));
     Ok(())
 }
@@ -380,7 +383,8 @@ const STUDY_LOCUST_REQUIREMENTS: &str = "xtask/requirements-locust-2.13.txt";
 /// rebuilt only when the file changed.
 fn requirements_venv(item: &str, req_path: &Path) -> Result<()> {
     let base = venv_base();
-    let wanted = fs::read_to_string(req_path).with_context(|| format!("reading {}", req_path.display()))?;
+    let wanted =
+        fs::read_to_string(req_path).with_context(|| format!("reading {}", req_path.display()))?;
     let venv = base.join(item);
     let stamp = venv.join("awaitlab-requirements.txt");
     if fs::read_to_string(&stamp).is_ok_and(|have| have == wanted) {
@@ -395,7 +399,11 @@ fn requirements_venv(item: &str, req_path: &Path) -> Result<()> {
         fs::remove_dir_all(&venv).with_context(|| format!("removing {}", venv.display()))?;
     }
     fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
-    cmd::run(Command::new("/usr/bin/python3").args(["-m", "venv"]).arg(&venv))?;
+    cmd::run(
+        Command::new("/usr/bin/python3")
+            .args(["-m", "venv"])
+            .arg(&venv),
+    )?;
     cmd::run(
         Command::new(venv.join("bin/pip"))
             .args(["install", "--quiet", "--disable-pip-version-check", "-r"])

@@ -24,7 +24,10 @@ pub fn run(args: &StudyArgs) -> Result<()> {
     setup::run()?;
     cmd::run(cmd::cargo().args(["build", "--release", "-p", "agent"]))?;
     let bin = cmd::target_dir().join("release/awaitlab");
-    let status = Command::new(&bin).arg("run").args(&args.run_args).status()?;
+    let status = Command::new(&bin)
+        .arg("run")
+        .args(&args.run_args)
+        .status()?;
     if !status.success() {
         bail!("awaitlab run exited with {status}");
     }

@@ -57,7 +57,15 @@ pub fn run(args: &TestArgs) -> Result<()> {
         cmd::run(with_env(
             cmd::cargo()
                 // Every integration test target of the agent (tests/*.rs): each is privileged.
-                .args(["test", "-p", "agent", "--test", "*", "--", "--test-threads=1"])
+                .args([
+                    "test",
+                    "-p",
+                    "agent",
+                    "--test",
+                    "*",
+                    "--",
+                    "--test-threads=1",
+                ])
                 .args(&args.privileged_args),
         ))
     })?;

@@ -5,12 +5,17 @@
 
 use std::collections::HashMap;
 
-const METHODS: &[&str] = &["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE"];
+const METHODS: &[&str] = &[
+    "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE",
+];
 
 /// Method and raw path of a request line; the path is marked with a trailing `…` when the copied
 /// head ended inside it.
 pub fn parse_request_head(head: &[u8]) -> (&'static str, String) {
-    let line_end = head.iter().position(|&b| b == b'\r' || b == b'\n').unwrap_or(head.len());
+    let line_end = head
+        .iter()
+        .position(|&b| b == b'\r' || b == b'\n')
+        .unwrap_or(head.len());
     let line = &head[..line_end];
     let mut parts = line.splitn(3, |&b| b == b' ');
     let method = parts.next().unwrap_or(b"");
@@ -74,12 +79,16 @@ pub fn parse_status(head: &[u8]) -> u16 {
     if head.len() < 12 || !head.starts_with(b"HTTP/") {
         return 0;
     }
-    let Some(sp) = head.iter().position(|&b| b == b' ') else { return 0 };
+    let Some(sp) = head.iter().position(|&b| b == b' ') else {
+        return 0;
+    };
     let code = &head[sp + 1..];
     if code.len() < 3 || !code[..3].iter().all(u8::is_ascii_digit) {
         return 0;
     }
-    code[..3].iter().fold(0u16, |a, &d| a * 10 + u16::from(d - b'0'))
+    code[..3]
+        .iter()
+        .fold(0u16, |a, &d| a * 10 + u16::from(d - b'0'))
 }
 
 /// Interns (method, path) labels up to a bound; past it everything new is `OTHER /other`, so a
@@ -92,7 +101,11 @@ pub struct LabelSet {
 
 impl LabelSet {
     pub fn new(max: usize) -> Self {
-        let mut s = LabelSet { max: max.max(1), ids: HashMap::new(), labels: Vec::new() };
+        let mut s = LabelSet {
+            max: max.max(1),
+            ids: HashMap::new(),
+            labels: Vec::new(),
+        };
         s.labels.push(("OTHER", "/other".into()));
         s.ids.insert(("OTHER", "/other".into()), 0);
         s
@@ -125,18 +138,36 @@ mod tests {
 
     #[test]
     fn request_lines() {
-        assert_eq!(parse_request_head(b"GET /posts/io_read/ HTTP/1.1\r\nHost: x\r\n"), ("GET", "/posts/io_read/".into()));
-        assert_eq!(parse_request_head(b"POST /posts/io_create/?a=1 HTTP/1.1\r\n"), ("POST", "/posts/io_create/".into()));
-        assert_eq!(parse_request_head(b"GET /items/12345/x HTTP/1.0\r\n"), ("GET", "/items/:n/x".into()));
+        assert_eq!(
+            parse_request_head(b"GET /posts/io_read/ HTTP/1.1\r\nHost: x\r\n"),
+            ("GET", "/posts/io_read/".into())
+        );
+        assert_eq!(
+            parse_request_head(b"POST /posts/io_create/?a=1 HTTP/1.1\r\n"),
+            ("POST", "/posts/io_create/".into())
+        );
+        assert_eq!(
+            parse_request_head(b"GET /items/12345/x HTTP/1.0\r\n"),
+            ("GET", "/items/:n/x".into())
+        );
         assert_eq!(
             parse_request_head(b"GET /p/0b7e3a52-3f0e-4c5e-9d0a-1c2b3d4e5f60 HTTP/1.1"),
             ("GET", "/p/:uuid".into())
         );
-        assert_eq!(parse_request_head(b"BREW /pot HTTP/1.1\r\n"), ("OTHER", "/pot".into()));
+        assert_eq!(
+            parse_request_head(b"BREW /pot HTTP/1.1\r\n"),
+            ("OTHER", "/pot".into())
+        );
         // The copied head ended inside the path.
-        assert_eq!(parse_request_head(b"GET /a/very/long/pa"), ("GET", "/a/very/long/pa…".into()));
+        assert_eq!(
+            parse_request_head(b"GET /a/very/long/pa"),
+            ("GET", "/a/very/long/pa…".into())
+        );
         assert_eq!(parse_request_head(b""), ("OTHER", "/?".into()));
-        assert_eq!(parse_request_head(b"\x16\x03\x01 garbage"), ("OTHER", "/?".into()));
+        assert_eq!(
+            parse_request_head(b"\x16\x03\x01 garbage"),
+            ("OTHER", "/?".into())
+        );
     }
 
     #[test]

@@ -63,8 +63,14 @@ pub struct RequestRecord {
 #[derive(Debug, Clone)]
 pub enum Record {
     Request(RequestRecord),
-    DbRoundTrip { start_ns: u64, dur_ns: u64, attributed: bool },
-    DbConnect { dur_ns: u64 },
+    DbRoundTrip {
+        start_ns: u64,
+        dur_ns: u64,
+        attributed: bool,
+    },
+    DbConnect {
+        dur_ns: u64,
+    },
 }
 
 /// Counts and histograms over some interval.
@@ -144,9 +150,17 @@ impl Stats {
                     self.serving_tids.insert(q.tid);
                 }
             }
-            Record::DbRoundTrip { start_ns, dur_ns, attributed } => {
+            Record::DbRoundTrip {
+                start_ns,
+                dur_ns,
+                attributed,
+            } => {
                 self.db_round_trips += 1;
-                self.db_wait_ns += if *start_ns < self.since_ns { (start_ns + dur_ns).saturating_sub(self.since_ns) } else { *dur_ns };
+                self.db_wait_ns += if *start_ns < self.since_ns {
+                    (start_ns + dur_ns).saturating_sub(self.since_ns)
+                } else {
+                    *dur_ns
+                };
                 self.db_rtt.saturating_record((*dur_ns).max(1));
                 if *attributed {
                     self.db_round_trips_attributed += 1;
@@ -175,7 +189,8 @@ pub fn decode(bytes: &[u8], labels: &mut http::LabelSet) -> Option<(Record, Opti
                 http::parse_request_head(head)
             };
             let label = labels.intern(method, path.clone());
-            let status = http::parse_status(&e.status[..(e.status_len as usize).min(e.status.len())]);
+            let status =
+                http::parse_status(&e.status[..(e.status_len as usize).min(e.status.len())]);
             let rec = RequestRecord {
                 kind: "request",
                 pid: e.hdr.tgid,
@@ -185,7 +200,11 @@ pub fn decode(bytes: &[u8], labels: &mut http::LabelSet) -> Option<(Record, Opti
                 status,
                 start_ns: e.start_ns,
                 server_ns: e.end_ns.saturating_sub(e.start_ns),
-                first_byte_ns: if e.first_send_ns != 0 { e.first_send_ns.saturating_sub(e.start_ns) } else { 0 },
+                first_byte_ns: if e.first_send_ns != 0 {
+                    e.first_send_ns.saturating_sub(e.start_ns)
+                } else {
+                    0
+                },
                 bytes_in: e.bytes_in,
                 bytes_out: e.bytes_out,
                 db_round_trips: e.db_round_trips,
@@ -195,7 +214,11 @@ pub fn decode(bytes: &[u8], labels: &mut http::LabelSet) -> Option<(Record, Opti
                 on_cpu_ns: e.on_cpu_ns,
                 exclusive_thread: e.flags & REQ_EXCLUSIVE_THREAD != 0,
                 seq: e.seq,
-                ended_by: if e.flags & REQ_END_CLOSE != 0 { "close" } else { "next" },
+                ended_by: if e.flags & REQ_END_CLOSE != 0 {
+                    "close"
+                } else {
+                    "next"
+                },
                 responded: e.flags & REQ_NO_RESPONSE == 0,
                 local_port: e.local_port,
                 remote_port: e.remote_port,
@@ -204,7 +227,14 @@ pub fn decode(bytes: &[u8], labels: &mut http::LabelSet) -> Option<(Record, Opti
         }
         k if k == EventKind::DbRoundTrip as u32 => {
             let e = DbRoundTripEvent::from_bytes(bytes)?;
-            Some((Record::DbRoundTrip { start_ns: e.start_ns, dur_ns: e.dur_ns, attributed: e.attributed != 0 }, None))
+            Some((
+                Record::DbRoundTrip {
+                    start_ns: e.start_ns,
+                    dur_ns: e.dur_ns,
+                    attributed: e.attributed != 0,
+                },
+                None,
+            ))
         }
         k if k == EventKind::DbConnect as u32 => {
             let e = DbConnectEvent::from_bytes(bytes)?;
@@ -237,7 +267,11 @@ fn thread_at(now: u64, th: &ThreadCpu) -> (u64, u64) {
 
 impl CpuTotals {
     /// Totals at `now` (CLOCK_MONOTONIC ns), counting the slices in progress.
-    pub fn at(now: u64, threads: &[(u32, ThreadCpu)], counters: &[u64; COUNTERS as usize]) -> CpuTotals {
+    pub fn at(
+        now: u64,
+        threads: &[(u32, ThreadCpu)],
+        counters: &[u64; COUNTERS as usize],
+    ) -> CpuTotals {
         let mut t = CpuTotals {
             on_ns: counters[Counter::ExitedOnCpuNs as usize],
             off_ns: counters[Counter::ExitedOffCpuNs as usize],
@@ -276,15 +310,24 @@ pub struct Reading {
 }
 
 impl Reading {
-    pub fn at(now: u64, threads: &[(u32, ThreadCpu)], counters: &[u64; COUNTERS as usize]) -> Reading {
+    pub fn at(
+        now: u64,
+        threads: &[(u32, ThreadCpu)],
+        counters: &[u64; COUNTERS as usize],
+    ) -> Reading {
         let c = |k: Counter| counters[k as usize];
         // The two in-server counters are wrapping sums (see agent_common::Counter): n requests
         // in the server whose starts sum to S have spent n * now - S so far.
-        let inside = c(Counter::RequestsInServer).wrapping_mul(now).wrapping_sub(c(Counter::RequestsInServerStartNs));
+        let inside = c(Counter::RequestsInServer)
+            .wrapping_mul(now)
+            .wrapping_sub(c(Counter::RequestsInServerStartNs));
         Reading {
             at_ns: now,
             cpu: CpuTotals::at(now, threads, counters),
-            threads: threads.iter().map(|(tid, th)| (*tid, thread_at(now, th))).collect(),
+            threads: threads
+                .iter()
+                .map(|(tid, th)| (*tid, thread_at(now, th)))
+                .collect(),
             in_server_ns: c(Counter::RequestsLeftServerNs).wrapping_add(inside),
         }
     }
@@ -344,7 +387,11 @@ impl Aggregator {
 
     /// Hands the kernel's cumulative counters and the CPU totals to the observers.
     pub fn snapshot(&mut self, counters: &[u64; COUNTERS as usize], cpu: CpuTotals) {
-        let snap = Snapshot { counters, cpu, malformed: self.malformed };
+        let snap = Snapshot {
+            counters,
+            cpu,
+            malformed: self.malformed,
+        };
         for o in &mut self.observers {
             o.snapshot(&snap);
         }
@@ -443,7 +490,13 @@ mod tests {
         let mut status = [0u8; agent_common::STATUS_LEN];
         status.copy_from_slice(b"HTTP/1.1 200 OK\r");
         let e = RequestEvent {
-            hdr: EventHeader { kind: EventKind::Request as u32, tgid: 1, tid: 2, _pad: 0, ts_ns: end },
+            hdr: EventHeader {
+                kind: EventKind::Request as u32,
+                tgid: 1,
+                tid: 2,
+                _pad: 0,
+                ts_ns: end,
+            },
             sock: 7,
             start_ns: start,
             first_send_ns: end,
@@ -465,16 +518,27 @@ mod tests {
             status,
         };
         // SAFETY: repr(C) POD record viewed as bytes.
-        unsafe { std::slice::from_raw_parts((&e as *const RequestEvent).cast::<u8>(), size_of::<RequestEvent>()) }.to_vec()
+        unsafe {
+            std::slice::from_raw_parts(
+                (&e as *const RequestEvent).cast::<u8>(),
+                size_of::<RequestEvent>(),
+            )
+        }
+        .to_vec()
     }
 
     #[test]
     fn decodes_a_request_record() {
         let mut a = Aggregator::new();
-        let Some(Record::Request(r)) = a.push(&req_bytes(1_000, 3_001_000, 4, REQ_EXCLUSIVE_THREAD)) else {
+        let Some(Record::Request(r)) =
+            a.push(&req_bytes(1_000, 3_001_000, 4, REQ_EXCLUSIVE_THREAD))
+        else {
             panic!("not a request")
         };
-        assert_eq!((r.method, r.path.as_str(), r.status), ("GET", "/posts/io_read/", 200));
+        assert_eq!(
+            (r.method, r.path.as_str(), r.status),
+            ("GET", "/posts/io_read/", 200)
+        );
         assert_eq!(r.server_ns, 3_000_000);
         assert_eq!(r.db_round_trips, 4);
         assert!(r.exclusive_thread && r.responded);
@@ -499,11 +563,19 @@ mod tests {
             fn record(&mut self, rec: &Record, label: Option<usize>, labels: &http::LabelSet) {
                 if let (Record::Request(r), Some(l)) = (rec, label) {
                     let (m, p) = labels.get(l);
-                    self.0.lock().unwrap().requests.push((format!("{m} {p}"), r.server_ns));
+                    self.0
+                        .lock()
+                        .unwrap()
+                        .requests
+                        .push((format!("{m} {p}"), r.server_ns));
                 }
             }
             fn snapshot(&mut self, s: &Snapshot<'_>) {
-                self.0.lock().unwrap().snapshots.push((s.counters[Counter::RingbufFull as usize], s.malformed));
+                self.0
+                    .lock()
+                    .unwrap()
+                    .snapshots
+                    .push((s.counters[Counter::RingbufFull as usize], s.malformed));
             }
         }
         let seen = Arc::new(Mutex::new(Seen::default()));
@@ -523,13 +595,28 @@ mod tests {
     fn ratios_are_exact_totals() {
         let mut s = Stats::default();
         for _ in 0..3 {
-            s.add(&Record::Request(match decode(&req_bytes(0, 10_000_000, 0, 0), &mut http::LabelSet::new(4)).unwrap().0 {
-                Record::Request(r) => r,
-                _ => unreachable!(),
-            }), None);
+            s.add(
+                &Record::Request(
+                    match decode(&req_bytes(0, 10_000_000, 0, 0), &mut http::LabelSet::new(4))
+                        .unwrap()
+                        .0
+                    {
+                        Record::Request(r) => r,
+                        _ => unreachable!(),
+                    },
+                ),
+                None,
+            );
         }
         for attributed in [true, true, false, true, true, true] {
-            s.add(&Record::DbRoundTrip { start_ns: 0, dur_ns: 2_000_000, attributed }, None);
+            s.add(
+                &Record::DbRoundTrip {
+                    start_ns: 0,
+                    dur_ns: 2_000_000,
+                    attributed,
+                },
+                None,
+            );
         }
         let r = s.ratios(Some(30_000_000));
         assert_eq!(r.db_round_trips_per_request, Some(2.0));
@@ -548,13 +635,17 @@ mod tests {
     impl InServer {
         fn enter(&mut self, cpu: usize, t: u64) {
             let s = &mut self.slots[cpu];
-            s[Counter::RequestsInServer as usize] = s[Counter::RequestsInServer as usize].wrapping_add(1);
-            s[Counter::RequestsInServerStartNs as usize] = s[Counter::RequestsInServerStartNs as usize].wrapping_add(t);
+            s[Counter::RequestsInServer as usize] =
+                s[Counter::RequestsInServer as usize].wrapping_add(1);
+            s[Counter::RequestsInServerStartNs as usize] =
+                s[Counter::RequestsInServerStartNs as usize].wrapping_add(t);
         }
         fn leave(&mut self, cpu: usize, start: u64, t: u64) {
             let s = &mut self.slots[cpu];
-            s[Counter::RequestsInServer as usize] = s[Counter::RequestsInServer as usize].wrapping_sub(1);
-            s[Counter::RequestsInServerStartNs as usize] = s[Counter::RequestsInServerStartNs as usize].wrapping_sub(start);
+            s[Counter::RequestsInServer as usize] =
+                s[Counter::RequestsInServer as usize].wrapping_sub(1);
+            s[Counter::RequestsInServerStartNs as usize] =
+                s[Counter::RequestsInServerStartNs as usize].wrapping_sub(start);
             s[Counter::RequestsLeftServerNs as usize] += t - start;
         }
         fn summed(&self) -> [u64; COUNTERS as usize] {
@@ -573,7 +664,9 @@ mod tests {
     /// counters and the records user space would see; returns (old share, new share) over the
     /// window [m, e]: the old one divided by the server time of the records finished in it.
     fn shares(reqs: &[Req], m: u64, e: u64) -> (Option<f64>, Option<f64>) {
-        let mut k = InServer { slots: [[0; COUNTERS as usize]; 2] };
+        let mut k = InServer {
+            slots: [[0; COUNTERS as usize]; 2],
+        };
         let mut events: Vec<(u64, usize, bool)> = Vec::new();
         for (i, (s, f, _)) in reqs.iter().enumerate() {
             events.push((*s, i, true));
@@ -590,11 +683,18 @@ mod tests {
                 at_e = Some(Reading::at(e, &[], &k.summed()));
             }
             // Enter on CPU i % 2, leave on the other one: the per-CPU slots wrap.
-            if enter { k.enter(i % 2, t) } else { k.leave((i + 1) % 2, reqs[i].0, t) }
+            if enter {
+                k.enter(i % 2, t)
+            } else {
+                k.leave((i + 1) % 2, reqs[i].0, t)
+            }
         }
         let at_m = at_m.unwrap_or_else(|| Reading::at(m, &[], &k.summed()));
         let at_e = at_e.unwrap_or_else(|| Reading::at(e, &[], &k.summed()));
-        let mut st = Stats { since_ns: m, ..Stats::default() };
+        let mut st = Stats {
+            since_ns: m,
+            ..Stats::default()
+        };
         for (s, f, rts) in reqs {
             if *f > m && *f <= e {
                 st.requests += 1;
@@ -602,12 +702,23 @@ mod tests {
             }
             for &(a, b) in rts {
                 if b > m && b <= e {
-                    st.add(&Record::DbRoundTrip { start_ns: a, dur_ns: b - a, attributed: false }, None);
+                    st.add(
+                        &Record::DbRoundTrip {
+                            start_ns: a,
+                            dur_ns: b - a,
+                            attributed: false,
+                        },
+                        None,
+                    );
                 }
             }
         }
         let old = (st.server_ns_sum > 0).then(|| st.db_wait_ns as f64 / st.server_ns_sum as f64);
-        (old, st.ratios(Some(at_e.in_server_ns.wrapping_sub(at_m.in_server_ns))).db_wait_share_of_server_time)
+        (
+            old,
+            st.ratios(Some(at_e.in_server_ns.wrapping_sub(at_m.in_server_ns)))
+                .db_wait_share_of_server_time,
+        )
     }
 
     /// Regression: a cell cut while many requests waited on the database read a database share
@@ -621,7 +732,10 @@ mod tests {
             reqs.push((100_000, 1_000_000, vec![(100_000, 190_000)]));
         }
         let (old, new) = shares(&reqs, 0, 200_000);
-        assert!(old.unwrap() > 1.0, "the old definition exceeded 1 here: {old:?}");
+        assert!(
+            old.unwrap() > 1.0,
+            "the old definition exceeded 1 here: {old:?}"
+        );
         // Truth by hand: wait 10 + 10 x 90 us; time in server 100 + 10 x 100 us.
         let want = (10_000.0 + 10.0 * 90_000.0) / (100_000.0 + 10.0 * 100_000.0);
         assert!((new.unwrap() - want).abs() < 1e-12, "{new:?} vs {want}");
@@ -658,12 +772,30 @@ mod tests {
         let mut counters = [0u64; COUNTERS as usize];
         counters[Counter::ExitedOnCpuNs as usize] = 100;
         counters[Counter::ExitedOffCpuNs as usize] = 50;
-        let running = ThreadCpu { tgid: 1, _pad: 0, on_ns: 10, off_ns: 20, last_in: 1_000, last_out: 0 };
-        let sleeping = ThreadCpu { tgid: 1, _pad: 0, on_ns: 5, off_ns: 5, last_in: 0, last_out: 1_500 };
+        let running = ThreadCpu {
+            tgid: 1,
+            _pad: 0,
+            on_ns: 10,
+            off_ns: 20,
+            last_in: 1_000,
+            last_out: 0,
+        };
+        let sleeping = ThreadCpu {
+            tgid: 1,
+            _pad: 0,
+            on_ns: 5,
+            off_ns: 5,
+            last_in: 0,
+            last_out: 1_500,
+        };
         let t = CpuTotals::at(2_000, &[(1, running), (2, sleeping)], &counters);
         assert_eq!(t.on_ns, 100 + 10 + 1_000 + 5);
         assert_eq!(t.off_ns, 50 + 20 + 5 + 500);
-        let later = CpuTotals { on_ns: t.on_ns + 25, off_ns: t.off_ns + 75, threads: 2 };
+        let later = CpuTotals {
+            on_ns: t.on_ns + 25,
+            off_ns: t.off_ns + 75,
+            threads: 2,
+        };
         assert_eq!(later.off_share_since(&t), Some(0.75));
         assert_eq!(t.off_share_since(&t), None);
     }

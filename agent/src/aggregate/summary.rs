@@ -91,7 +91,12 @@ pub struct ThreadCpuSummary {
 
 impl CpuSummary {
     /// The interval between two readings; `serving`: thread ids that read requests.
-    fn between(start: &Reading, end: &Reading, serving: &std::collections::BTreeSet<u32>, wall_s: f64) -> CpuSummary {
+    fn between(
+        start: &Reading,
+        end: &Reading,
+        serving: &std::collections::BTreeSet<u32>,
+        wall_s: f64,
+    ) -> CpuSummary {
         let on = end.cpu.on_ns.saturating_sub(start.cpu.on_ns);
         let off = end.cpu.off_ns.saturating_sub(start.cpu.off_ns);
         let threads: Vec<ThreadCpuSummary> = end
@@ -108,7 +113,8 @@ impl CpuSummary {
                 }
             })
             .collect();
-        let serving_threads: Vec<&ThreadCpuSummary> = threads.iter().filter(|t| t.serving).collect();
+        let serving_threads: Vec<&ThreadCpuSummary> =
+            threads.iter().filter(|t| t.serving).collect();
         CpuSummary {
             on_cpu_s: on as f64 / 1e9,
             off_cpu_s: off as f64 / 1e9,
@@ -164,14 +170,26 @@ impl Summary {
             netns_inum: i.netns_inum,
             duration_s: i.duration_s,
             requests: s.requests,
-            requests_per_s: if i.duration_s > 0.0 { s.requests as f64 / i.duration_s } else { 0.0 },
-            status: s.by_status.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            requests_per_s: if i.duration_s > 0.0 {
+                s.requests as f64 / i.duration_s
+            } else {
+                0.0
+            },
+            status: s
+                .by_status
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
             paths: s
                 .by_label
                 .iter()
                 .map(|(&l, &count)| {
                     let (m, p) = i.labels.get(l);
-                    PathCount { method: m.to_string(), path: p.to_string(), count }
+                    PathCount {
+                        method: m.to_string(),
+                        path: p.to_string(),
+                        count,
+                    }
                 })
                 .collect(),
             requests_by_pid: s.by_pid.clone(),
@@ -214,8 +232,15 @@ mod tests {
         let off: u64 = threads.iter().map(|t| t.2).sum();
         Reading {
             at_ns: at_s * 1_000_000_000,
-            cpu: CpuTotals { on_ns: on, off_ns: off, threads: threads.len() as u64 },
-            threads: threads.iter().map(|&(tid, on, off)| (tid, (on, off))).collect(),
+            cpu: CpuTotals {
+                on_ns: on,
+                off_ns: off,
+                threads: threads.len() as u64,
+            },
+            threads: threads
+                .iter()
+                .map(|&(tid, on, off)| (tid, (on, off)))
+                .collect(),
             in_server_ns: 0,
         }
     }
@@ -227,18 +252,41 @@ mod tests {
         const S: u64 = 1_000_000_000;
         // tid 10 serves (event loop), 11 and 12 are idle pool threads, 13 appears later.
         let start = reading(100, &[(10, S, 2 * S), (11, 0, 3 * S), (12, 0, 3 * S)], 0);
-        let end = reading(110, &[(10, 7 * S, 6 * S), (11, 0, 13 * S), (12, S / 2, 12 * S + S / 2), (13, S, S)], S);
+        let end = reading(
+            110,
+            &[
+                (10, 7 * S, 6 * S),
+                (11, 0, 13 * S),
+                (12, S / 2, 12 * S + S / 2),
+                (13, S, S),
+            ],
+            S,
+        );
         let serving = [10u32].into_iter().collect();
         let c = CpuSummary::between(&start, &end, &serving, 10.0);
         assert_eq!(c.serving_threads, 1);
-        assert!((c.serving_on_cpu_s - 6.0).abs() < 1e-9 && (c.serving_off_cpu_s - 4.0).abs() < 1e-9, "{c:?}");
+        assert!(
+            (c.serving_on_cpu_s - 6.0).abs() < 1e-9 && (c.serving_off_cpu_s - 4.0).abs() < 1e-9,
+            "{c:?}"
+        );
         // 6 + 0 + 0.5 + 1 (new thread) + 1 (exited) = 8.5 s on CPU over 10 s.
         assert!((c.on_cpu_s - 8.5).abs() < 1e-9, "{c:?}");
         assert!((c.cpu_s_per_wall_s.unwrap() - 0.85).abs() < 1e-9);
         assert_eq!(c.threads.len(), 4);
-        assert_eq!(c.threads[3], ThreadCpuSummary { tid: 13, on_cpu_s: 1.0, off_cpu_s: 1.0, serving: false });
+        assert_eq!(
+            c.threads[3],
+            ThreadCpuSummary {
+                tid: 13,
+                on_cpu_s: 1.0,
+                off_cpu_s: 1.0,
+                serving: false
+            }
+        );
         // The old share is diluted by the idle threads; the serving thread was busy 60 %.
         assert!(c.off_cpu_share.unwrap() > 0.7);
-        assert_eq!(CpuSummary::between(&start, &end, &serving, 0.0).cpu_s_per_wall_s, None);
+        assert_eq!(
+            CpuSummary::between(&start, &end, &serving, 0.0).cpu_s_per_wall_s,
+            None
+        );
     }
 }

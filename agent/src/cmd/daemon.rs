@@ -38,7 +38,13 @@ pub fn run(args: Args) -> ExitCode {
     if let Some(a) = args.control_addr {
         match &mut cfg.control {
             Some(c) => c.addr = a,
-            None => cfg.control = Some(daemon::config::ControlConfig { addr: a, token: None, token_file: None }),
+            None => {
+                cfg.control = Some(daemon::config::ControlConfig {
+                    addr: a,
+                    token: None,
+                    token_file: None,
+                })
+            }
         }
     }
     // Flags may have moved the control endpoint: check again.
@@ -53,7 +59,11 @@ pub fn run(args: Args) -> ExitCode {
     if unsafe { libc::geteuid() } != 0 {
         return fail(&anyhow::Error::new(ProbeError::NotRoot), EXIT_NOPERM);
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => return fail(&anyhow::Error::new(e).context("starting the runtime"), 1),
     };

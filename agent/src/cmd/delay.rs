@@ -199,12 +199,21 @@ fn set(a: SetArgs) -> Result<ExitCode, DelayError> {
         }
         let now = guard.achieved();
         if a.json {
-            eprintln!("{}", serde_json::json!({"type": "interval", "achieved": now}));
+            eprintln!(
+                "{}",
+                serde_json::json!({"type": "interval", "achieved": now})
+            );
         } else {
             let hold = now
                 .hold
                 .filter(|h| h.packets > 0)
-                .map(|h| format!("hold p50 {:.3} p99 {:.3} ms", h.p50_us / 1e3, h.p99_us / 1e3))
+                .map(|h| {
+                    format!(
+                        "hold p50 {:.3} p99 {:.3} ms",
+                        h.p50_us / 1e3,
+                        h.p99_us / 1e3
+                    )
+                })
                 .unwrap_or_else(|| "hold -".into());
             let rtt = now
                 .socket_rtt_now
@@ -222,7 +231,10 @@ fn set(a: SetArgs) -> Result<ExitCode, DelayError> {
         last_seen = now.packets_seen;
     }
     let fin = guard.remove();
-    println!("{}", serde_json::json!({"type": "summary", "achieved": fin}));
+    println!(
+        "{}",
+        serde_json::json!({"type": "summary", "achieved": fin})
+    );
     eprintln!("awaitlab: delay removed from {}", target.spec);
     Ok(ExitCode::SUCCESS)
 }
@@ -258,7 +270,11 @@ fn show(spec: &str, json: bool) -> Result<ExitCode, DelayError> {
             r.queue,
             r.packets.map_or("-".into(), |p| p.to_string()),
             r.owner_pid,
-            if r.owner_running { "" } else { " (not running)" }
+            if r.owner_running {
+                ""
+            } else {
+                " (not running)"
+            }
         );
     }
     for q in &i.qdiscs {
@@ -267,7 +283,9 @@ fn show(spec: &str, json: bool) -> Result<ExitCode, DelayError> {
     println!(
         "{}: socket rtt median {} over {} connections",
         i.target,
-        i.socket_rtt.median_ms.map_or("-".into(), |m| format!("{m:.2} ms")),
+        i.socket_rtt
+            .median_ms
+            .map_or("-".into(), |m| format!("{m:.2} ms")),
         i.socket_rtt.sockets
     );
     Ok(ExitCode::SUCCESS)

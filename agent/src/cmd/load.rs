@@ -330,7 +330,13 @@ async fn drive(args: &Args, spec: &LoadSpec) -> anyhow::Result<()> {
     });
     let tty = std::io::stderr().is_terminal();
     let mut observer = |p: &Progress| progress_line(p, tty);
-    let report = load::run_with_metrics(spec, &mut observer, cancel, args.metrics_addr.map(|_| metrics)).await;
+    let report = load::run_with_metrics(
+        spec,
+        &mut observer,
+        cancel,
+        args.metrics_addr.map(|_| metrics),
+    )
+    .await;
     signals.abort();
     if tty {
         eprintln!();

@@ -18,7 +18,11 @@ pub fn run(args: Args) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            let code = if matches!(e, crate::results::ResultsError::NotResults(_)) { EXIT_USAGE } else { 1 };
+            let code = if matches!(e, crate::results::ResultsError::NotResults(_)) {
+                EXIT_USAGE
+            } else {
+                1
+            };
             fail(&anyhow::Error::new(e), code)
         }
     }

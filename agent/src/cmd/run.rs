@@ -132,11 +132,20 @@ pub fn run(args: Args) -> ExitCode {
     };
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return fail(&anyhow::anyhow!("awaitlab run needs root (namespaces, delay rules, eBPF probes)"), crate::EXIT_NOPERM);
+        return fail(
+            &anyhow::anyhow!("awaitlab run needs root (namespaces, delay rules, eBPF probes)"),
+            crate::EXIT_NOPERM,
+        );
     }
     if let Some(r) = &args.resume {
         if !r.join("index.json").is_file() {
-            return fail(&anyhow::anyhow!("--resume {}: not a results directory (no index.json)", r.display()), EXIT_USAGE);
+            return fail(
+                &anyhow::anyhow!(
+                    "--resume {}: not a results directory (no index.json)",
+                    r.display()
+                ),
+                EXIT_USAGE,
+            );
         }
     }
     let stop = Stop::new();
@@ -169,7 +178,10 @@ pub fn run(args: Args) -> ExitCode {
         Err(e) => return fail(&anyhow::Error::new(e).context("writing the report"), 1),
     }
     if outcome.interrupted {
-        eprintln!("awaitlab: interrupted; continue with --resume {}", outcome.dir.display());
+        eprintln!(
+            "awaitlab: interrupted; continue with --resume {}",
+            outcome.dir.display()
+        );
         return ExitCode::from(130);
     }
     ExitCode::SUCCESS

@@ -62,7 +62,9 @@ pub struct Args {
 }
 
 fn parse_interval(s: &str) -> Result<f64, String> {
-    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
     if !(0.05..=3600.0).contains(&v) {
         return Err("interval must be between 0.05 and 3600 seconds".into());
     }
@@ -81,7 +83,10 @@ pub fn run(args: Args) -> ExitCode {
             return fail(&anyhow::Error::new(e), code);
         }
     };
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => return fail(&anyhow::Error::new(e).context("starting the runtime"), 1),
     };
@@ -100,7 +105,10 @@ pub fn run(args: Args) -> ExitCode {
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid pointer to a local timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -134,9 +142,24 @@ async fn watch(args: &Args, target: &Target) -> anyhow::Result<()> {
     // for as long as it is registered.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {}", e))?;
-    let live: Vec<&str> = probes.status().iter().filter(|s| s.live).map(|s| s.hook.as_str()).collect();
-    let skipped: Vec<&str> = probes.status().iter().filter(|s| !s.live).map(|s| s.hook.as_str()).collect();
-    let ids: Vec<String> = probes.status().iter().filter_map(|s| s.id).map(|i| i.to_string()).collect();
+    let live: Vec<&str> = probes
+        .status()
+        .iter()
+        .filter(|s| s.live)
+        .map(|s| s.hook.as_str())
+        .collect();
+    let skipped: Vec<&str> = probes
+        .status()
+        .iter()
+        .filter(|s| !s.live)
+        .map(|s| s.hook.as_str())
+        .collect();
+    let ids: Vec<String> = probes
+        .status()
+        .iter()
+        .filter_map(|s| s.id)
+        .map(|i| i.to_string())
+        .collect();
     eprintln!(
         "awaitlab: attached to network namespace {} ({}); http ports {:?}, db ports {:?}; live: {}{}; program ids {}",
         target.netns_inum,
@@ -159,7 +182,9 @@ async fn watch(args: &Args, target: &Target) -> anyhow::Result<()> {
     let mut cpu_prev = start.cpu;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(args.interval));
     tick.tick().await;
-    let deadline = args.duration.map(|d| started + Duration::from_secs_f64(d.max(0.0)));
+    let deadline = args
+        .duration
+        .map(|d| started + Duration::from_secs_f64(d.max(0.0)));
     // The programs wake us only when half a megabyte is waiting (a wakeup per record would cost
     // the server microseconds per request); this timer collects the rest promptly.
     let mut poll = tokio::time::interval(Duration::from_millis(20));
@@ -258,11 +283,20 @@ fn window_line(
 ) -> String {
     use agent_common::Counter as C;
     let w = agg.take_window();
-    let ms = |q: &Quantiles, f: fn(&Quantiles) -> f64| if q.count > 0 { format!("{:.2}", f(q)) } else { "-".into() };
+    let ms = |q: &Quantiles, f: fn(&Quantiles) -> f64| {
+        if q.count > 0 {
+            format!("{:.2}", f(q))
+        } else {
+            "-".into()
+        }
+    };
     let server = Quantiles::of(&w.server);
     let rtt = Quantiles::of(&w.db_rtt);
     let r = w.ratios(None);
-    let lost = counters[C::RingbufFull as usize] + counters[C::ConnMapFull as usize] + counters[C::ThreadMapFull as usize] + agg.malformed;
+    let lost = counters[C::RingbufFull as usize]
+        + counters[C::ConnMapFull as usize]
+        + counters[C::ThreadMapFull as usize]
+        + agg.malformed;
     format!(
         "{:>6.1}s  req/s {:>8.1}  server p50 {:>7} p99 {:>7} ms  db rtt p50 {:>7} p99 {:>7} ms  rt/req {:>5}  off-cpu {:>5}  lost {}  unknown {}",
         elapsed,
@@ -279,16 +313,35 @@ fn window_line(
 }
 
 fn print_summary(out: &mut impl std::io::Write, s: &Summary) -> std::io::Result<()> {
-    let q = |q: &Quantiles| format!("p50 {:.2} p90 {:.2} p99 {:.2} max {:.2} ms (n={})", q.p50_ms, q.p90_ms, q.p99_ms, q.max_ms, q.count);
+    let q = |q: &Quantiles| {
+        format!(
+            "p50 {:.2} p90 {:.2} p99 {:.2} max {:.2} ms (n={})",
+            q.p50_ms, q.p90_ms, q.p99_ms, q.max_ms, q.count
+        )
+    };
     let opt = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.3}"));
     writeln!(out, "summary of {} over {:.1} s", s.target, s.duration_s)?;
-    writeln!(out, "  requests          {} ({:.1}/s), status {:?}", s.requests, s.requests_per_s, s.status)?;
+    writeln!(
+        out,
+        "  requests          {} ({:.1}/s), status {:?}",
+        s.requests, s.requests_per_s, s.status
+    )?;
     for p in &s.paths {
         writeln!(out, "    {:<7} {:<40} {}", p.method, p.path, p.count)?;
     }
     writeln!(out, "  server time       {}", q(&s.server_time))?;
-    writeln!(out, "  db round trips    {}  {}", s.db.round_trips, q(&s.db.round_trip))?;
-    writeln!(out, "  db connects       {}  {}", s.db.connects, q(&s.db.connect))?;
+    writeln!(
+        out,
+        "  db round trips    {}  {}",
+        s.db.round_trips,
+        q(&s.db.round_trip)
+    )?;
+    writeln!(
+        out,
+        "  db connects       {}  {}",
+        s.db.connects,
+        q(&s.db.connect)
+    )?;
     writeln!(
         out,
         "  per request       round trips {}  db wait {} ms  db share of server time {}  attributed {}",

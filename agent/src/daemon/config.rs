@@ -16,7 +16,10 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Parse { path: String, message: String },
     #[error("{0}")]
@@ -133,25 +136,33 @@ impl WatchRule {
 
 impl DaemonConfig {
     pub fn load(path: &Path) -> Result<DaemonConfig, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-        let cfg =
-            Self::parse(&text).map_err(|message| ConfigError::Parse { path: path.display().to_string(), message })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let cfg = Self::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.display().to_string(),
+            message,
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// Parses without validating; the error is toml's message on one line.
     pub fn parse(text: &str) -> Result<DaemonConfig, String> {
-        toml::from_str(text)
-            .map_err(|e: toml::de::Error| e.message().replace('\n', " ").to_string() + &span_hint(text, e.span()))
+        toml::from_str(text).map_err(|e: toml::de::Error| {
+            e.message().replace('\n', " ").to_string() + &span_hint(text, e.span())
+        })
     }
 
     /// Refuses configurations that cannot work or would be unsafe.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if !(0.05..=3600.0).contains(&self.interval_s) {
-            return bad(format!("interval_s must be between 0.05 and 3600, got {}", self.interval_s));
+            return bad(format!(
+                "interval_s must be between 0.05 and 3600, got {}",
+                self.interval_s
+            ));
         }
         if self.watches.is_empty() {
             return bad(
@@ -163,11 +174,17 @@ impl DaemonConfig {
             let n = i + 1;
             match (&w.container, &w.label) {
                 (Some(_), Some(_)) | (None, None) => {
-                    return bad(format!("[[watch]] rule {n}: give exactly one of container or label"));
+                    return bad(format!(
+                        "[[watch]] rule {n}: give exactly one of container or label"
+                    ));
                 }
-                (Some(c), None) if c.is_empty() => return bad(format!("[[watch]] rule {n}: empty container name")),
+                (Some(c), None) if c.is_empty() => {
+                    return bad(format!("[[watch]] rule {n}: empty container name"))
+                }
                 (None, Some(l)) if l.is_empty() || l.starts_with('=') => {
-                    return bad(format!("[[watch]] rule {n}: label must be KEY or KEY=VALUE"))
+                    return bad(format!(
+                        "[[watch]] rule {n}: label must be KEY or KEY=VALUE"
+                    ))
                 }
                 _ => {}
             }
@@ -176,7 +193,10 @@ impl DaemonConfig {
                     return bad(format!("[[watch]] rule {n}: {role} must be 1-65535"));
                 }
                 if ports.len() > agent_common::MAX_PORTS {
-                    return bad(format!("[[watch]] rule {n}: at most {} {role}", agent_common::MAX_PORTS));
+                    return bad(format!(
+                        "[[watch]] rule {n}: at most {} {role}",
+                        agent_common::MAX_PORTS
+                    ));
                 }
             }
             if w.http_ports.is_empty() {
@@ -202,10 +222,14 @@ impl DaemonConfig {
 
     /// The control token, read from `token_file` when given.
     pub fn control_token(&self) -> Result<Option<String>, ConfigError> {
-        let Some(c) = &self.control else { return Ok(None) };
+        let Some(c) = &self.control else {
+            return Ok(None);
+        };
         if let Some(p) = &c.token_file {
-            let t = std::fs::read_to_string(p)
-                .map_err(|source| ConfigError::Read { path: p.display().to_string(), source })?;
+            let t = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.display().to_string(),
+                source,
+            })?;
             let t = t.trim().to_string();
             check_token(&t)?;
             return Ok(Some(t));
@@ -233,7 +257,14 @@ fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     let Some(s) = span else { return String::new() };
     let start = s.start.min(text.len());
     let line = text[..start].matches('\n').count() + 1;
-    let content: String = text.lines().nth(line - 1).unwrap_or("").trim().chars().take(80).collect();
+    let content: String = text
+        .lines()
+        .nth(line - 1)
+        .unwrap_or("")
+        .trim()
+        .chars()
+        .take(80)
+        .collect();
     format!(" (line {line}: {content})")
 }
 
@@ -253,7 +284,10 @@ mod tests {
         let c = DaemonConfig::parse(include_str!("../../../deploy/agent.toml")).unwrap();
         c.validate().unwrap();
         assert_eq!(c.metrics_addr, "127.0.0.1:9464".parse().unwrap());
-        assert_eq!(c.control.as_ref().unwrap().addr, "127.0.0.1:9465".parse().unwrap());
+        assert_eq!(
+            c.control.as_ref().unwrap().addr,
+            "127.0.0.1:9465".parse().unwrap()
+        );
         assert_eq!(c.watches.len(), 2);
         assert_eq!(c.watches[1].label.as_deref(), Some("awaitlab.watch=true"));
     }
@@ -271,7 +305,10 @@ mod tests {
     #[test]
     fn unknown_keys_and_unsafe_control_are_refused() {
         let e = cfg("metrics_adr = \"127.0.0.1:1\"").unwrap_err();
-        assert!(e.contains("unknown field") && e.contains("metrics_adr"), "{e}");
+        assert!(
+            e.contains("unknown field") && e.contains("metrics_adr"),
+            "{e}"
+        );
         let e = cfg("[control]\naddr = \"0.0.0.0:9465\"").unwrap_err();
         assert!(e.contains("beyond loopback"), "{e}");
         let e = cfg("[control]\naddr = \"0.0.0.0:9465\"\ntoken = \"short\"").unwrap_err();
@@ -279,11 +316,24 @@ mod tests {
         assert!(cfg("[control]\naddr = \"0.0.0.0:9465\"\ntoken = \"0123456789abcdef\"").is_ok());
         assert!(cfg("[control]\naddr = \"127.0.0.1:9465\"").is_ok());
         assert!(cfg("interval_s = 0").is_err());
-        let e = DaemonConfig::parse("[[watch]]\ncontainer = \"a\"\nlabel = \"b\"\n").unwrap().validate().unwrap_err();
+        let e = DaemonConfig::parse("[[watch]]\ncontainer = \"a\"\nlabel = \"b\"\n")
+            .unwrap()
+            .validate()
+            .unwrap_err();
         assert!(e.to_string().contains("exactly one"), "{e}");
-        assert!(DaemonConfig::parse("").unwrap().validate().is_err(), "no rules");
-        assert!(DaemonConfig::parse("[[watch]]\ncontainer = \"a\"\nhttp_ports = [0]\n").unwrap().validate().is_err());
-        assert!(DaemonConfig::parse("[[watch]]\ncontainer = \"a\"\nhttp_ports = [70000]\n").is_err());
+        assert!(
+            DaemonConfig::parse("").unwrap().validate().is_err(),
+            "no rules"
+        );
+        assert!(
+            DaemonConfig::parse("[[watch]]\ncontainer = \"a\"\nhttp_ports = [0]\n")
+                .unwrap()
+                .validate()
+                .is_err()
+        );
+        assert!(
+            DaemonConfig::parse("[[watch]]\ncontainer = \"a\"\nhttp_ports = [70000]\n").is_err()
+        );
     }
 
     #[test]
@@ -293,10 +343,15 @@ mod tests {
         )
         .unwrap();
         let none = HashMap::new();
-        let watch: HashMap<String, String> = [("awaitlab.watch".to_string(), "true".to_string())].into();
-        let wrong: HashMap<String, String> = [("awaitlab.watch".to_string(), "false".to_string())].into();
+        let watch: HashMap<String, String> =
+            [("awaitlab.watch".to_string(), "true".to_string())].into();
+        let wrong: HashMap<String, String> =
+            [("awaitlab.watch".to_string(), "false".to_string())].into();
         let team: HashMap<String, String> = [("team".to_string(), "x".to_string())].into();
-        let rule = |name, labels| c.rule_for(&ContainerView { name, labels }).map(|r| r.http_ports[0]);
+        let rule = |name, labels| {
+            c.rule_for(&ContainerView { name, labels })
+                .map(|r| r.http_ports[0])
+        };
         assert_eq!(rule("/web", &none), Some(8080));
         assert_eq!(rule("web2", &none), None);
         assert_eq!(rule("db", &watch), Some(8000));

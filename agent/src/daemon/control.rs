@@ -77,14 +77,25 @@ const ENDPOINTS: &str = "GET /v1/targets, GET /v1/targets/NAME/summary, PUT|DELE
 
 impl Control {
     pub fn new(token: Option<String>, state: Arc<Mutex<State>>) -> Control {
-        Control { token, state, delays: Mutex::default(), loads: Arc::default() }
+        Control {
+            token,
+            state,
+            delays: Mutex::default(),
+            loads: Arc::default(),
+        }
     }
 
     pub fn handle(&self, req: Request) -> Response {
         if let Some(token) = &self.token {
-            let given = req.header("authorization").and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+            let given = req
+                .header("authorization")
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
             if !constant_time_eq(given.trim().as_bytes(), token.as_bytes()) {
-                return Response::error(401, "missing or wrong token: send Authorization: Bearer TOKEN");
+                return Response::error(
+                    401,
+                    "missing or wrong token: send Authorization: Bearer TOKEN",
+                );
             }
         }
         let segs: Vec<&str> = req.path.trim_end_matches('/').split('/').skip(1).collect();
@@ -103,13 +114,21 @@ impl Control {
                     Err(r) => return r,
                 };
                 if d.delay_ms > 10_000 {
-                    return Response::error(422, format!("delay_ms must be 0-10000, got {}", d.delay_ms));
+                    return Response::error(
+                        422,
+                        format!("delay_ms must be 0-10000, got {}", d.delay_ms),
+                    );
                 }
                 let choice = match d.backend.as_deref().unwrap_or("auto") {
                     "auto" => netem::BackendChoice::Auto,
                     "netem" => netem::BackendChoice::Netem,
                     "nfqueue" => netem::BackendChoice::Nfqueue,
-                    b => return Response::error(422, format!("backend must be auto, netem or nfqueue, got {b:?}")),
+                    b => {
+                        return Response::error(
+                            422,
+                            format!("backend must be auto, netem or nfqueue, got {b:?}"),
+                        )
+                    }
                 };
                 self.set_delay(name, d.delay_ms, choice)
             }
@@ -143,33 +162,52 @@ impl Control {
             | (_, ["v1", "targets", _, "summary"])
             | (_, ["v1", "targets", _, "delay"])
             | (_, ["v1", "load"])
-            | (_, ["v1", "load", _]) => {
-                Response::error(405, format!("method {} not allowed here; endpoints: {ENDPOINTS}", req.method))
-            }
-            _ => Response::error(404, format!("no such endpoint {:?}; endpoints: {ENDPOINTS}", req.path)),
+            | (_, ["v1", "load", _]) => Response::error(
+                405,
+                format!(
+                    "method {} not allowed here; endpoints: {ENDPOINTS}",
+                    req.method
+                ),
+            ),
+            _ => Response::error(
+                404,
+                format!("no such endpoint {:?}; endpoints: {ENDPOINTS}", req.path),
+            ),
         }
     }
 
     fn targets(&self) -> Response {
-        let Ok(state) = self.state.lock() else { return Response::error(500, "daemon state unavailable") };
+        let Ok(state) = self.state.lock() else {
+            return Response::error(500, "daemon state unavailable");
+        };
         let list: Vec<_> = state.followers.values().map(|f| &f.info).collect();
         Response::json(200, &json!({ "version": CONTROL_VERSION, "targets": list }))
     }
 
     fn summary(&self, name: &str) -> Response {
-        let Ok(state) = self.state.lock() else { return Response::error(500, "daemon state unavailable") };
+        let Ok(state) = self.state.lock() else {
+            return Response::error(500, "daemon state unavailable");
+        };
         let Some(f) = state.followers.values().find(|f| f.info.container == name) else {
             return Response::error(404, format!("no attached target named {name:?}"));
         };
         let summary = f.summary.lock().ok().and_then(|s| s.clone());
         match summary {
-            Some(s) => Response::json(200, &json!({ "version": CONTROL_VERSION, "target": f.info, "summary": s })),
-            None => Response::error(503, format!("{name:?} was attached less than one interval ago; no summary yet")),
+            Some(s) => Response::json(
+                200,
+                &json!({ "version": CONTROL_VERSION, "target": f.info, "summary": s }),
+            ),
+            None => Response::error(
+                503,
+                format!("{name:?} was attached less than one interval ago; no summary yet"),
+            ),
         }
     }
 
     fn pid_of(&self, name: &str) -> Result<u32, Response> {
-        let Ok(state) = self.state.lock() else { return Err(Response::error(500, "daemon state unavailable")) };
+        let Ok(state) = self.state.lock() else {
+            return Err(Response::error(500, "daemon state unavailable"));
+        };
         state
             .followers
             .values()
@@ -183,19 +221,28 @@ impl Control {
             Ok(p) => p,
             Err(r) => return r,
         };
-        let Ok(mut delays) = self.delays.lock() else { return Response::error(500, "daemon state unavailable") };
+        let Ok(mut delays) = self.delays.lock() else {
+            return Response::error(500, "daemon state unavailable");
+        };
         // A new delay replaces the old one; 0 ms is a clear.
         if let Some(old) = delays.remove(name) {
             old.remove();
         }
         if delay_ms == 0 {
-            return Response::json(200, &json!({ "version": CONTROL_VERSION, "target": name, "delay_ms": 0 }));
+            return Response::json(
+                200,
+                &json!({ "version": CONTROL_VERSION, "target": name, "delay_ms": 0 }),
+            );
         }
         let target = match Target::resolve(&format!("pid:{pid}")) {
             Ok(t) => t,
             Err(e) => return Response::error(409, format!("{name}: {e}")),
         };
-        let spec = netem::DelaySpec { delay: Duration::from_millis(u64::from(delay_ms)), jitter: Duration::ZERO, devs: Vec::new() };
+        let spec = netem::DelaySpec {
+            delay: Duration::from_millis(u64::from(delay_ms)),
+            jitter: Duration::ZERO,
+            devs: Vec::new(),
+        };
         match netem::set(&target, &spec, choice) {
             Ok(g) => {
                 let body = json!({
@@ -214,11 +261,16 @@ impl Control {
     }
 
     fn clear_delay(&self, name: &str) -> Response {
-        let Ok(mut delays) = self.delays.lock() else { return Response::error(500, "daemon state unavailable") };
+        let Ok(mut delays) = self.delays.lock() else {
+            return Response::error(500, "daemon state unavailable");
+        };
         match delays.remove(name) {
             Some(g) => {
                 let achieved = g.remove();
-                Response::json(200, &json!({ "version": CONTROL_VERSION, "target": name, "achieved": achieved }))
+                Response::json(
+                    200,
+                    &json!({ "version": CONTROL_VERSION, "target": name, "achieved": achieved }),
+                )
             }
             None => Response::error(404, format!("no delay set on {name:?} through this daemon")),
         }
@@ -234,17 +286,33 @@ impl Control {
         let spec = load::LoadSpec {
             url: l.url.clone(),
             request: load::RequestSpec::default(),
-            model: load::Model::Closed { schedule, wait: load::Wait::None },
+            model: load::Model::Closed {
+                schedule,
+                wait: load::Wait::None,
+            },
             timeout: None,
             keep_alive: true,
         };
-        let Ok(mut jobs) = self.loads.lock() else { return Response::error(500, "daemon state unavailable") };
+        let Ok(mut jobs) = self.loads.lock() else {
+            return Response::error(500, "daemon state unavailable");
+        };
         let id = jobs.len() + 1;
-        jobs.push(LoadJob { id, url: l.url, state: "running", error: None, report: None });
+        jobs.push(LoadJob {
+            id,
+            url: l.url,
+            state: "running",
+            error: None,
+            report: None,
+        });
         drop(jobs);
         let jobs = self.loads.clone();
         tokio::spawn(async move {
-            let result = load::run(&spec, &mut |_| {}, tokio_util::sync::CancellationToken::new()).await;
+            let result = load::run(
+                &spec,
+                &mut |_| {},
+                tokio_util::sync::CancellationToken::new(),
+            )
+            .await;
             if let Ok(mut jobs) = jobs.lock() {
                 let job = &mut jobs[id - 1];
                 match result {
@@ -259,12 +327,19 @@ impl Control {
                 }
             }
         });
-        Response::json(202, &json!({ "version": CONTROL_VERSION, "id": id, "status": format!("/v1/load/{id}") }))
+        Response::json(
+            202,
+            &json!({ "version": CONTROL_VERSION, "id": id, "status": format!("/v1/load/{id}") }),
+        )
     }
 
     fn load_status(&self, id: &str) -> Response {
-        let Ok(id) = id.parse::<usize>() else { return Response::error(400, "a load id is a number") };
-        let Ok(jobs) = self.loads.lock() else { return Response::error(500, "daemon state unavailable") };
+        let Ok(id) = id.parse::<usize>() else {
+            return Response::error(400, "a load id is a number");
+        };
+        let Ok(jobs) = self.loads.lock() else {
+            return Response::error(500, "daemon state unavailable");
+        };
         match id.checked_sub(1).and_then(|i| jobs.get(i)) {
             Some(job) => Response::json(200, &json!({ "version": CONTROL_VERSION, "load": job })),
             None => Response::error(404, format!("no load run {id}")),
@@ -272,11 +347,16 @@ impl Control {
     }
 
     fn known(&self, name: &str) -> Result<(), Response> {
-        let Ok(state) = self.state.lock() else { return Err(Response::error(500, "daemon state unavailable")) };
+        let Ok(state) = self.state.lock() else {
+            return Err(Response::error(500, "daemon state unavailable"));
+        };
         if state.followers.values().any(|f| f.info.container == name) {
             Ok(())
         } else {
-            Err(Response::error(404, format!("no attached target named {name:?}")))
+            Err(Response::error(
+                404,
+                format!("no attached target named {name:?}"),
+            ))
         }
     }
 }
@@ -286,11 +366,16 @@ fn check_name(name: &str) -> Result<(), Response> {
     let ok = !name.is_empty()
         && name.len() <= 128
         && name.as_bytes()[0].is_ascii_alphanumeric()
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
     if ok {
         Ok(())
     } else {
-        Err(Response::error(400, "a target name is a container name: letters, digits, _ . - (at most 128)"))
+        Err(Response::error(
+            400,
+            "a target name is a container name: letters, digits, _ . - (at most 128)",
+        ))
     }
 }
 
@@ -303,7 +388,8 @@ fn parse_json<T: serde::de::DeserializeOwned>(req: &Request) -> Result<T, Respon
     if req.body.is_empty() {
         return Err(Response::error(400, "a JSON body is required"));
     }
-    serde_json::from_slice(&req.body).map_err(|e| Response::error(400, format!("bad JSON body: {e}")))
+    serde_json::from_slice(&req.body)
+        .map_err(|e| Response::error(400, format!("bad JSON body: {e}")))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -340,12 +426,22 @@ mod tests {
     #[test]
     fn token_is_required_when_configured() {
         let c = Control::new(Some("0123456789abcdef".into()), Default::default());
-        for auth in [None, Some("Bearer wrong"), Some("0123456789abcdef"), Some("Bearer 0123456789abcdeX")] {
+        for auth in [
+            None,
+            Some("Bearer wrong"),
+            Some("0123456789abcdef"),
+            Some("Bearer 0123456789abcdeX"),
+        ] {
             let r = c.handle(req("GET", "/v1/targets", auth, ""));
             assert_eq!(r.status, 401, "{auth:?}");
             assert!(body(&r)["error"].as_str().unwrap().contains("token"));
         }
-        let r = c.handle(req("GET", "/v1/targets", Some("Bearer 0123456789abcdef"), ""));
+        let r = c.handle(req(
+            "GET",
+            "/v1/targets",
+            Some("Bearer 0123456789abcdef"),
+            "",
+        ));
         assert_eq!(r.status, 200);
         assert_eq!(body(&r)["version"], 1);
         assert_eq!(body(&r)["targets"], json!([]));
@@ -362,17 +458,42 @@ mod tests {
             ("PUT", "/v1/targets/web/delay", "{\"delay_ms\": 100}", 404),
             ("POST", "/v1/load", "", 400),
             ("POST", "/v1/load", "{not json", 400),
-            ("POST", "/v1/load", "{\"url\":\"http://127.0.0.1:1/\",\"users\":1,\"duration_s\":5,\"extra\":1}", 400),
-            ("POST", "/v1/load", "{\"url\":\"ftp://127.0.0.1/\",\"users\":1,\"duration_s\":5}", 422),
-            ("POST", "/v1/load", "{\"url\":\"http://127.0.0.1:1/\",\"users\":0,\"duration_s\":5}", 422),
+            (
+                "POST",
+                "/v1/load",
+                "{\"url\":\"http://127.0.0.1:1/\",\"users\":1,\"duration_s\":5,\"extra\":1}",
+                400,
+            ),
+            (
+                "POST",
+                "/v1/load",
+                "{\"url\":\"ftp://127.0.0.1/\",\"users\":1,\"duration_s\":5}",
+                422,
+            ),
+            (
+                "POST",
+                "/v1/load",
+                "{\"url\":\"http://127.0.0.1:1/\",\"users\":0,\"duration_s\":5}",
+                422,
+            ),
             ("DELETE", "/v1/targets/web/delay", "", 404),
-            ("PUT", "/v1/targets/web/delay", "{\"delay_ms\": 100, \"backend\": \"warp\"}", 404),
+            (
+                "PUT",
+                "/v1/targets/web/delay",
+                "{\"delay_ms\": 100, \"backend\": \"warp\"}",
+                404,
+            ),
             ("GET", "/v1/load/7", "", 404),
             ("GET", "/v1/load/x", "", 400),
         ];
         for (m, p, b, code) in cases {
             let r = c.handle(req(m, p, None, b));
-            assert_eq!(r.status, code, "{m} {p} {b}: {:?}", String::from_utf8_lossy(&r.body));
+            assert_eq!(
+                r.status,
+                code,
+                "{m} {p} {b}: {:?}",
+                String::from_utf8_lossy(&r.body)
+            );
             assert!(!body(&r)["error"].as_str().unwrap().is_empty());
         }
     }

@@ -63,7 +63,11 @@ impl Follower {
         metrics: ProbeMetrics,
         interval: Duration,
     ) -> Result<Follower, String> {
-        let (netns_inum, http_ports, db_ports) = (target.netns_inum, spec.http_ports.clone(), spec.db_ports.clone());
+        let (netns_inum, http_ports, db_ports) = (
+            target.netns_inum,
+            spec.http_ports.clone(),
+            spec.db_ports.clone(),
+        );
         let stop = Arc::new(AtomicBool::new(false));
         let summary = Arc::new(Mutex::new(None));
         let (tx, rx) = mpsc::channel::<Result<Vec<ProbeStatus>, String>>();
@@ -91,13 +95,26 @@ impl Follower {
             http_ports,
             db_ports,
             program_ids: status.iter().filter_map(|s| s.id).collect(),
-            live: status.iter().filter(|s| s.live).map(|s| s.hook.clone()).collect(),
-            skipped: status.iter().filter(|s| !s.live).map(|s| s.hook.clone()).collect(),
+            live: status
+                .iter()
+                .filter(|s| s.live)
+                .map(|s| s.hook.clone())
+                .collect(),
+            skipped: status
+                .iter()
+                .filter(|s| !s.live)
+                .map(|s| s.hook.clone())
+                .collect(),
             attached_at_unix_s: SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64()),
         };
-        Ok(Follower { info, summary, stop, thread: Some(thread) })
+        Ok(Follower {
+            info,
+            summary,
+            stop,
+            thread: Some(thread),
+        })
     }
 
     /// Whether the thread has ended by itself (the container's namespace is gone, or a map

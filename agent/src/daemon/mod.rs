@@ -37,7 +37,10 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error("Docker Engine at {socket}: {source}")]
-    Docker { socket: String, source: bollard::errors::Error },
+    Docker {
+        socket: String,
+        source: bollard::errors::Error,
+    },
 }
 
 /// What the daemon has attached, by container id.
@@ -70,15 +73,24 @@ pub async fn run(cfg: DaemonConfig, token: Option<String>) -> anyhow::Result<()>
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let socket = docker_socket(&cfg);
     let docker = Docker::connect_with_unix(&socket, 120, bollard::API_DEFAULT_VERSION)
-        .map_err(|source| DaemonError::Docker { socket: socket.clone(), source })?
+        .map_err(|source| DaemonError::Docker {
+            socket: socket.clone(),
+            source,
+        })?
         .negotiate_version()
         .await
-        .map_err(|source| DaemonError::Docker { socket: socket.clone(), source })?;
+        .map_err(|source| DaemonError::Docker {
+            socket: socket.clone(),
+            source,
+        })?;
 
     let registry = prometheus::Registry::new();
     let metrics = ProbeMetrics::new(&registry)?;
     let metrics_server = server::serve_metrics(cfg.metrics_addr, registry.clone()).await?;
-    eprintln!("awaitlab: metrics on http://{}/metrics", metrics_server.addr);
+    eprintln!(
+        "awaitlab: metrics on http://{}/metrics",
+        metrics_server.addr
+    );
 
     let state = Arc::new(Mutex::new(State::default()));
     let _control_server = match &cfg.control {
@@ -88,20 +100,35 @@ pub async fn run(cfg: DaemonConfig, token: Option<String>) -> anyhow::Result<()>
             eprintln!(
                 "awaitlab: control on http://{}/v1/targets ({})",
                 s.addr,
-                if token.is_some() { "token required" } else { "no token, loopback only" }
+                if token.is_some() {
+                    "token required"
+                } else {
+                    "no token, loopback only"
+                }
             );
             Some(s)
         }
         None => None,
     };
-    let d = Daemon { cfg: Arc::new(cfg), docker, metrics, state: state.clone() };
+    let d = Daemon {
+        cfg: Arc::new(cfg),
+        docker,
+        metrics,
+        state: state.clone(),
+    };
 
     let stop_reason = 'outer: loop {
         // Subscribe first, then list: a container starting in between is seen by one or both.
         let mut filters = HashMap::new();
         filters.insert("type".to_string(), vec!["container".to_string()]);
-        filters.insert("event".to_string(), vec!["start".to_string(), "die".to_string()]);
-        let mut events = d.docker.events(Some(EventsOptions { filters: Some(filters), ..Default::default() }));
+        filters.insert(
+            "event".to_string(),
+            vec!["start".to_string(), "die".to_string()],
+        );
+        let mut events = d.docker.events(Some(EventsOptions {
+            filters: Some(filters),
+            ..Default::default()
+        }));
         if let Err(e) = d.attach_running().await {
             warn!("listing containers: {e}");
         }
@@ -134,7 +161,10 @@ pub async fn run(cfg: DaemonConfig, token: Option<String>) -> anyhow::Result<()>
             }
         }
     };
-    let all: Vec<String> = state.lock().map(|s| s.followers.keys().cloned().collect()).unwrap_or_default();
+    let all: Vec<String> = state
+        .lock()
+        .map(|s| s.followers.keys().cloned().collect())
+        .unwrap_or_default();
     for id in all {
         d.detach(&id, stop_reason).await;
     }
@@ -151,8 +181,13 @@ struct Daemon {
 
 impl Daemon {
     async fn attach_running(&self) -> Result<(), bollard::errors::Error> {
-        let list =
-            self.docker.list_containers(Some(ListContainersOptions { all: false, ..Default::default() })).await?;
+        let list = self
+            .docker
+            .list_containers(Some(ListContainersOptions {
+                all: false,
+                ..Default::default()
+            }))
+            .await?;
         for c in list {
             if let Some(id) = c.id {
                 self.consider(&id).await;
@@ -172,10 +207,17 @@ impl Daemon {
         };
         let state = c.state.as_ref();
         let running = state.and_then(|s| s.running).unwrap_or(false);
-        let pid = state.and_then(|s| s.pid).filter(|&p| p > 0 && running).and_then(|p| u32::try_from(p).ok());
+        let pid = state
+            .and_then(|s| s.pid)
+            .filter(|&p| p > 0 && running)
+            .and_then(|p| u32::try_from(p).ok());
         Some(Seen {
             id: c.id.unwrap_or_else(|| id.to_string()),
-            name: c.name.unwrap_or_default().trim_start_matches('/').to_string(),
+            name: c
+                .name
+                .unwrap_or_default()
+                .trim_start_matches('/')
+                .to_string(),
             labels: c.config.and_then(|c| c.labels).unwrap_or_default(),
             pid,
         })
@@ -183,12 +225,22 @@ impl Daemon {
 
     /// Attaches to a container if a rule selects it and it is not attached in its current life.
     async fn consider(&self, id: &str) {
-        let Some(c) = self.inspect(id).await else { return };
-        let view = config::ContainerView { name: &c.name, labels: &c.labels };
-        let Some(rule) = self.cfg.rule_for(&view).cloned() else { return };
+        let Some(c) = self.inspect(id).await else {
+            return;
+        };
+        let view = config::ContainerView {
+            name: &c.name,
+            labels: &c.labels,
+        };
+        let Some(rule) = self.cfg.rule_for(&view).cloned() else {
+            return;
+        };
         let Some(pid) = c.pid else { return };
-        let same_life =
-            self.state.lock().map(|s| s.followers.get(&c.id).is_some_and(|f| f.info.pid == pid)).unwrap_or(false);
+        let same_life = self
+            .state
+            .lock()
+            .map(|s| s.followers.get(&c.id).is_some_and(|f| f.info.pid == pid))
+            .unwrap_or(false);
         if same_life {
             return;
         }
@@ -203,7 +255,10 @@ impl Daemon {
         // Containers can share a namespace (`--network container:NAME`); probes scope by
         // namespace, so a second attach would count the same traffic twice under two names.
         let shared = self.state.lock().ok().and_then(|s| {
-            s.followers.values().find(|f| f.info.netns_inum == target.netns_inum && !f.finished()).map(|f| f.info.container.clone())
+            s.followers
+                .values()
+                .find(|f| f.info.netns_inum == target.netns_inum && !f.finished())
+                .map(|f| f.info.container.clone())
         });
         if let Some(other) = shared {
             warn!(container = %c.name, "not attached: it shares its network namespace with {other}, which is measured already");
@@ -218,9 +273,10 @@ impl Daemon {
         let (name, cid, metrics) = (c.name.clone(), c.id.clone(), self.metrics.clone());
         let interval = Duration::from_secs_f64(self.cfg.interval_s);
         // Loading the programs takes a moment; keep it off the event loop.
-        let started =
-            tokio::task::spawn_blocking(move || Follower::start(&name, &cid, pid, target, spec, metrics, interval))
-                .await;
+        let started = tokio::task::spawn_blocking(move || {
+            Follower::start(&name, &cid, pid, target, spec, metrics, interval)
+        })
+        .await;
         match started {
             Ok(Ok(f)) => {
                 let i = &f.info;
@@ -246,7 +302,11 @@ impl Daemon {
     }
 
     async fn detach(&self, id: &str, why: &str) {
-        let f = self.state.lock().ok().and_then(|mut s| s.followers.remove(id));
+        let f = self
+            .state
+            .lock()
+            .ok()
+            .and_then(|mut s| s.followers.remove(id));
         if let Some(f) = f {
             let name = f.info.container.clone();
             // Dropping joins the probe thread, which unloads the programs.
@@ -261,7 +321,13 @@ impl Daemon {
         let done: Vec<String> = self
             .state
             .lock()
-            .map(|s| s.followers.iter().filter(|(_, f)| f.finished()).map(|(k, _)| k.clone()).collect())
+            .map(|s| {
+                s.followers
+                    .iter()
+                    .filter(|(_, f)| f.finished())
+                    .map(|(k, _)| k.clone())
+                    .collect()
+            })
             .unwrap_or_default();
         for id in done {
             self.detach(&id, "container's namespace is gone").await;

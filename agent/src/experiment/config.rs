@@ -135,7 +135,11 @@ impl Default for RunConfig {
             backend: Backend::Netns,
             stack: Stack::Current,
             profile: ProfileName::Quick,
-            setups: vec!["sync".into(), "async-limited".into(), "async-unlimited".into()],
+            setups: vec![
+                "sync".into(),
+                "async-limited".into(),
+                "async-unlimited".into(),
+            ],
             routes: KNOWN_ROUTES.iter().map(|s| s.to_string()).collect(),
             delays_ms: vec![0, 100, 200],
             repeat: 1,
@@ -152,10 +156,15 @@ impl Default for RunConfig {
 
 impl RunConfig {
     pub fn from_file(path: &Path) -> Result<RunConfig, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|error| ConfigError::Read { path: path.display().to_string(), error })?;
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.display().to_string(),
+            error,
+        })?;
         Self::from_toml(&text).map_err(|e| match e {
-            ConfigError::Parse { error, .. } => ConfigError::Parse { path: path.display().to_string(), error },
+            ConfigError::Parse { error, .. } => ConfigError::Parse {
+                path: path.display().to_string(),
+                error,
+            },
             other => other,
         })
     }
@@ -214,7 +223,12 @@ impl RunConfig {
         let mut rng = Rng::new(seed);
         let mut out = Vec::new();
         for rep in 1..=self.repeat {
-            let mut block: Vec<CellKey> = self.cells().into_iter().filter(|c| c.rep == 1).map(|c| CellKey { rep, ..c }).collect();
+            let mut block: Vec<CellKey> = self
+                .cells()
+                .into_iter()
+                .filter(|c| c.rep == 1)
+                .map(|c| CellKey { rep, ..c })
+                .collect();
             for i in (1..block.len()).rev() {
                 // j uniform in 0..=i by multiply-shift; its bias (under (i + 1) / 2^64) is nil here.
                 let j = ((u128::from(rng.next_u64()) * (i as u128 + 1)) >> 64) as usize;
@@ -232,7 +246,12 @@ impl RunConfig {
             for route in &self.routes {
                 for &delay_ms in &self.delays_ms {
                     for rep in 1..=self.repeat {
-                        out.push(CellKey { setup: setup.clone(), route: route.clone(), delay_ms, rep });
+                        out.push(CellKey {
+                            setup: setup.clone(),
+                            route: route.clone(),
+                            delay_ms,
+                            rep,
+                        });
                     }
                 }
             }
@@ -251,7 +270,9 @@ pub fn random_seed() -> u64 {
         u64::from_le_bytes(b)
     } else {
         // No getrandom (a very old kernel): the clock is random enough to pick an order.
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
     };
     x & ((1 << 53) - 1)
 }
@@ -267,7 +288,9 @@ pub fn parse_delay(s: &str) -> Result<u32, String> {
         }
     })?;
     if v > MAX_DELAY_MS {
-        return Err(format!("delay {v} ms is over the limit of {MAX_DELAY_MS} ms"));
+        return Err(format!(
+            "delay {v} ms is over the limit of {MAX_DELAY_MS} ms"
+        ));
     }
     Ok(v)
 }
@@ -286,22 +309,45 @@ mod tests {
         assert_eq!(c.delays_ms, [0, 100, 200]);
         assert_eq!(c.profile, ProfileName::Study);
         assert_eq!(c.cells().len(), 27);
-        assert_eq!((c.order, c.seed, c.warmup_s), (Order::Random, None, WARMUP_S));
+        assert_eq!(
+            (c.order, c.seed, c.warmup_s),
+            (Order::Random, None, WARMUP_S)
+        );
     }
 
     #[test]
     fn bad_configs_are_one_line_errors() {
-        let e = RunConfig::from_toml("setups = [\"sync\"]\ncolour = \"blue\"\n").unwrap_err().to_string();
-        assert!(e.contains("unknown field") && e.contains("colour") && !e.contains('\n'), "{e}");
-        let e = RunConfig::from_toml("delays_ms = [0, -100]").unwrap_err().to_string();
+        let e = RunConfig::from_toml("setups = [\"sync\"]\ncolour = \"blue\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown field") && e.contains("colour") && !e.contains('\n'),
+            "{e}"
+        );
+        let e = RunConfig::from_toml("delays_ms = [0, -100]")
+            .unwrap_err()
+            .to_string();
         assert!(!e.contains('\n'), "{e}");
-        let c = RunConfig { setups: vec!["turbo".into()], ..RunConfig::default() };
+        let c = RunConfig {
+            setups: vec!["turbo".into()],
+            ..RunConfig::default()
+        };
         assert!(matches!(c.validate(), Err(ConfigError::UnknownSetup(_))));
-        let c = RunConfig { routes: vec!["io_delete".into()], ..RunConfig::default() };
+        let c = RunConfig {
+            routes: vec!["io_delete".into()],
+            ..RunConfig::default()
+        };
         assert!(matches!(c.validate(), Err(ConfigError::UnknownRoute(_))));
-        let c = RunConfig { delays_ms: vec![70_000], ..RunConfig::default() };
+        let c = RunConfig {
+            delays_ms: vec![70_000],
+            ..RunConfig::default()
+        };
         assert!(matches!(c.validate(), Err(ConfigError::DelayTooLarge(_))));
-        let c = RunConfig { setups: vec!["async-pooled".into()], stack: Stack::Study, ..RunConfig::default() };
+        let c = RunConfig {
+            setups: vec!["async-pooled".into()],
+            stack: Stack::Study,
+            ..RunConfig::default()
+        };
         assert!(matches!(c.validate(), Err(ConfigError::PooledNeedsCurrent)));
         assert_eq!(parse_delay(" 100").unwrap(), 100);
         assert!(parse_delay("-5").unwrap_err().contains("negative"));
@@ -311,7 +357,12 @@ mod tests {
 
     #[test]
     fn cells_are_setup_major() {
-        let c = RunConfig { routes: vec!["io_read".into()], delays_ms: vec![0, 100], repeat: 2, ..RunConfig::default() };
+        let c = RunConfig {
+            routes: vec!["io_read".into()],
+            delays_ms: vec![0, 100],
+            repeat: 2,
+            ..RunConfig::default()
+        };
         let cells = c.cells();
         assert_eq!(cells.len(), 3 * 2 * 2);
         assert_eq!(cells[0].stem(), "sync__io_read__0ms__r1");
@@ -321,7 +372,11 @@ mod tests {
 
     #[test]
     fn fixed_order_is_the_setup_major_order() {
-        let c = RunConfig { order: Order::Fixed, repeat: 2, ..RunConfig::default() };
+        let c = RunConfig {
+            order: Order::Fixed,
+            repeat: 2,
+            ..RunConfig::default()
+        };
         // Whatever the seed: the fixed order ignores it.
         assert_eq!(c.plan(1), c.cells());
         assert_eq!(c.plan(2), c.cells());
@@ -331,10 +386,16 @@ mod tests {
 
     #[test]
     fn random_plans_are_blocks_of_the_whole_matrix_named_by_their_seed() {
-        let c = RunConfig { repeat: 3, ..RunConfig::default() };
+        let c = RunConfig {
+            repeat: 3,
+            ..RunConfig::default()
+        };
         assert_eq!(c.order, Order::Random, "randomised blocks are the default");
-        let matrix: std::collections::BTreeSet<(String, String, u32)> =
-            c.cells().into_iter().map(|k| (k.setup, k.route, k.delay_ms)).collect();
+        let matrix: std::collections::BTreeSet<(String, String, u32)> = c
+            .cells()
+            .into_iter()
+            .map(|k| (k.setup, k.route, k.delay_ms))
+            .collect();
         assert_eq!(matrix.len(), 27);
         let a = c.plan(42);
         assert_eq!(a, c.plan(42), "the same seed plans the same order");
@@ -343,14 +404,33 @@ mod tests {
         for (b, block) in a.chunks(27).enumerate() {
             // Block b is repetition b + 1 and holds every cell of the matrix exactly once.
             assert!(block.iter().all(|k| k.rep == b as u32 + 1), "block {b}");
-            let cells: std::collections::BTreeSet<_> = block.iter().map(|k| (k.setup.clone(), k.route.clone(), k.delay_ms)).collect();
+            let cells: std::collections::BTreeSet<_> = block
+                .iter()
+                .map(|k| (k.setup.clone(), k.route.clone(), k.delay_ms))
+                .collect();
             assert_eq!(cells, matrix, "block {b}");
         }
         // Each block has its own order: 27! orders, so equal neighbours mean a reused stream.
-        assert_ne!(a[..27].iter().map(CellKey::stem).map(|s| s.replace("__r1", "")).collect::<Vec<_>>(),
-                   a[27..54].iter().map(CellKey::stem).map(|s| s.replace("__r2", "")).collect::<Vec<_>>());
+        assert_ne!(
+            a[..27]
+                .iter()
+                .map(CellKey::stem)
+                .map(|s| s.replace("__r1", ""))
+                .collect::<Vec<_>>(),
+            a[27..54]
+                .iter()
+                .map(CellKey::stem)
+                .map(|s| s.replace("__r2", ""))
+                .collect::<Vec<_>>()
+        );
         // Not the fixed order (1 chance in 27! of a false alarm).
-        assert_ne!(a[..27], c.cells().into_iter().filter(|k| k.rep == 1).collect::<Vec<_>>()[..]);
+        assert_ne!(
+            a[..27],
+            c.cells()
+                .into_iter()
+                .filter(|k| k.rep == 1)
+                .collect::<Vec<_>>()[..]
+        );
     }
 
     #[test]
@@ -359,13 +439,22 @@ mod tests {
         // (4 sigma of a binomial(6000, 1/6) is 4 x 28.9 = 116). The textbook bug, j drawn from
         // the whole block at every step, makes 9 equally likely paths to 6 orders: some come up
         // 2/9 of the time (~1333), others 1/9 (~667).
-        let c = RunConfig { setups: vec!["sync".into()], routes: vec!["cpu".into()], ..RunConfig::default() };
+        let c = RunConfig {
+            setups: vec!["sync".into()],
+            routes: vec!["cpu".into()],
+            ..RunConfig::default()
+        };
         let mut seen = std::collections::BTreeMap::new();
         for seed in 0..6000 {
-            *seen.entry(c.plan(seed).iter().map(|k| k.delay_ms).collect::<Vec<_>>()).or_insert(0u32) += 1;
+            *seen
+                .entry(c.plan(seed).iter().map(|k| k.delay_ms).collect::<Vec<_>>())
+                .or_insert(0u32) += 1;
         }
         assert_eq!(seen.len(), 6, "{seen:?}");
-        assert!(seen.values().all(|&n| (884..=1116).contains(&n)), "{seen:?}");
+        assert!(
+            seen.values().all(|&n| (884..=1116).contains(&n)),
+            "{seen:?}"
+        );
     }
 
     #[test]
@@ -373,16 +462,36 @@ mod tests {
         // Vigna's splitmix64.c from state 0 (Rng::new xors its seed with the increment).
         let mut r = Rng::new(0x9E37_79B9_7F4A_7C15);
         let got: Vec<u64> = (0..4).map(|_| r.next_u64()).collect();
-        assert_eq!(got, [0xE220_A839_7B1D_CDAF, 0x6E78_9E6A_A1B9_65F4, 0x06C4_5D18_8009_454F, 0xF88B_B8A8_724C_81EC]);
+        assert_eq!(
+            got,
+            [
+                0xE220_A839_7B1D_CDAF,
+                0x6E78_9E6A_A1B9_65F4,
+                0x06C4_5D18_8009_454F,
+                0xF88B_B8A8_724C_81EC
+            ]
+        );
     }
 
     #[test]
     fn random_seeds_fit_in_a_double_and_warmups_are_checked() {
         assert!((0..100).map(|_| random_seed()).all(|s| s < 1 << 53));
-        assert!((0..100).map(|_| random_seed()).collect::<std::collections::BTreeSet<_>>().len() > 90);
+        assert!(
+            (0..100)
+                .map(|_| random_seed())
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+                > 90
+        );
         for bad in [-1.0, f64::NAN, 601.0] {
-            let c = RunConfig { warmup_s: bad, ..RunConfig::default() };
-            assert!(matches!(c.validate(), Err(ConfigError::BadWarmup(_))), "{bad}");
+            let c = RunConfig {
+                warmup_s: bad,
+                ..RunConfig::default()
+            };
+            assert!(
+                matches!(c.validate(), Err(ConfigError::BadWarmup(_))),
+                "{bad}"
+            );
         }
         let c = RunConfig::from_toml("order = \"fixed\"\nseed = 7\nwarmup_s = 0\n").unwrap();
         assert_eq!((c.order, c.seed, c.warmup_s), (Order::Fixed, Some(7), 0.0));

@@ -29,7 +29,10 @@ use crate::{
     load::{self, LoadSpec},
     netem,
     probes::{session::ProbeSession, ProbeSpec},
-    results::{CellKey, CellResult, DelayOutcome, Index, LoadOutcome, ResultsDir, Second, Warmup, RESULTS_VERSION},
+    results::{
+        CellKey, CellResult, DelayOutcome, Index, LoadOutcome, ResultsDir, Second, Warmup,
+        RESULTS_VERSION,
+    },
     sut::{self, Sut},
     target::Target,
 };
@@ -85,7 +88,10 @@ pub struct Outcome {
 }
 
 fn unix_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// A new run directory `results_dir/YYYYmmdd-HHMMSS` (UTC), or the one being resumed.
@@ -105,7 +111,12 @@ pub fn run_dir(cfg: &RunConfig, resume: Option<&Path>) -> PathBuf {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    cfg.results_dir.join(format!("{year:04}{month:02}{day:02}-{:02}{:02}{:02}", s / 3600, s / 60 % 60, s % 60))
+    cfg.results_dir.join(format!(
+        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
+        s / 3600,
+        s / 60 % 60,
+        s % 60
+    ))
 }
 
 fn sut_backend(b: Backend) -> sut::BackendKind {
@@ -142,7 +153,10 @@ fn load_spec(cfg: &RunConfig, base: &str, route_name: &str) -> anyhow::Result<Lo
         ProfileName::Quick => load::ClosedSchedule::quick(),
         ProfileName::Smoke => load::ClosedSchedule::ramp(100, 20.0, 15.0)?,
     };
-    spec.model = load::Model::Closed { schedule, wait: load::Wait::None };
+    spec.model = load::Model::Closed {
+        schedule,
+        wait: load::Wait::None,
+    };
     Ok(spec)
 }
 
@@ -155,7 +169,11 @@ fn load_outcome(r: &load::LoadReport) -> LoadOutcome {
         total_successes: r.total_successes,
         max_srps: r.max_srps,
         max_srps_5s_window: r.max_srps_5s_window,
-        failures_by_kind: r.failures_by_kind.iter().map(|f| (f.kind.clone(), f.count)).collect(),
+        failures_by_kind: r
+            .failures_by_kind
+            .iter()
+            .map(|f| (f.kind.clone(), f.count))
+            .collect(),
         latency: crate::aggregate::Quantiles {
             count: r.latency_ms.count,
             p50_ms: r.latency_ms.p50,
@@ -185,14 +203,25 @@ fn load_outcome(r: &load::LoadReport) -> LoadOutcome {
 /// the server's workers, however the back end started them.
 fn netns_cpu_ticks(inum: u32) -> u64 {
     use std::os::unix::fs::MetadataExt as _;
-    let Ok(procs) = std::fs::read_dir("/proc") else { return 0 };
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
     let mut ticks = 0;
     for e in procs.flatten() {
         let path = e.path();
-        if !e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+        if !e
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
             continue;
         }
-        if std::fs::metadata(path.join("ns/net")).map(|m| m.ino() as u32).ok() != Some(inum) {
+        if std::fs::metadata(path.join("ns/net"))
+            .map(|m| m.ino() as u32)
+            .ok()
+            != Some(inum)
+        {
             continue;
         }
         // Fields 14 and 15 (utime, stime) follow the parenthesised command name.
@@ -223,8 +252,16 @@ fn server_sessions(sut: &Sut) -> &'static str {
 /// Idle means: no database client, no request finished, and (almost) no CPU used by the
 /// server's namespace for a whole second. The CPU test catches the cpu route, whose queued
 /// requests use no database and finish only every ~0.8 s.
-fn drain(sut: &Sut, netns_inum: u32, session: Option<&mut ProbeSession>, timeout: Duration) -> anyhow::Result<Option<String>> {
-    let sessions = format!("SELECT count(*) FROM pg_stat_activity WHERE {}", server_sessions(sut));
+fn drain(
+    sut: &Sut,
+    netns_inum: u32,
+    session: Option<&mut ProbeSession>,
+    timeout: Duration,
+) -> anyhow::Result<Option<String>> {
+    let sessions = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE {}",
+        server_sessions(sut)
+    );
     let t0 = Instant::now();
     let mut session = session;
     let mut quiet_since: Option<Instant> = None;
@@ -258,7 +295,11 @@ fn drain(sut: &Sut, netns_inum: u32, session: Option<&mut ProbeSession>, timeout
             return Ok(Some(format!(
                 "the server had not drained after {} s ({} database connections left{})",
                 timeout.as_secs(),
-                if conns == u64::MAX { "too many".to_string() } else { conns.to_string() },
+                if conns == u64::MAX {
+                    "too many".to_string()
+                } else {
+                    conns.to_string()
+                },
                 if busy { ", still using CPU" } else { "" }
             )));
         }
@@ -266,8 +307,14 @@ fn drain(sut: &Sut, netns_inum: u32, session: Option<&mut ProbeSession>, timeout
 }
 
 /// Resolves the server's namespace and attaches the probes to it (None when probes are off).
-fn attach(cfg: &RunConfig, rt: &tokio::runtime::Runtime, system: &Sut, metrics: Option<&RunMetrics>) -> anyhow::Result<(Target, Option<ProbeSession>)> {
-    let target = Target::resolve(system.netns()).with_context(|| format!("the server's namespace {}", system.netns()))?;
+fn attach(
+    cfg: &RunConfig,
+    rt: &tokio::runtime::Runtime,
+    system: &Sut,
+    metrics: Option<&RunMetrics>,
+) -> anyhow::Result<(Target, Option<ProbeSession>)> {
+    let target = Target::resolve(system.netns())
+        .with_context(|| format!("the server's namespace {}", system.netns()))?;
     if !cfg.probes {
         return Ok((target, None));
     }
@@ -278,10 +325,13 @@ fn attach(cfg: &RunConfig, rt: &tokio::runtime::Runtime, system: &Sut, metrics: 
         db_ports: vec![system.db_port()],
         capture_payload: true,
     };
-    let mut session = ProbeSession::attach(&spec, system.netns()).context("attaching the probes")?;
+    let mut session =
+        ProbeSession::attach(&spec, system.netns()).context("attaching the probes")?;
     if let Some(m) = metrics {
         // One series per run ("server"), whichever setup and namespace serve it now.
-        session.agg.add_observer(Box::new(m.probes.observer("server")));
+        session
+            .agg
+            .add_observer(Box::new(m.probes.observer("server")));
         m.probes.set_attached("server", session.probes().status());
     }
     Ok((target, Some(session)))
@@ -295,13 +345,24 @@ fn stderr_is_tty() -> bool {
 
 /// One line of progress on stderr.
 /// `done` cells ran in this process, `skipped` were finished before (a resumed run).
-fn progress(done: usize, skipped: usize, total: usize, started: Instant, cell: &CellKey, p: &load::Progress) {
+fn progress(
+    done: usize,
+    skipped: usize,
+    total: usize,
+    started: Instant,
+    cell: &CellKey,
+    p: &load::Progress,
+) {
     let tty = stderr_is_tty();
     // Not a terminal (CI, a log file): one line every 10 s instead of a redrawn one.
     if !tty && !p.elapsed.as_secs().is_multiple_of(10) {
         return;
     }
-    let per_cell = if done > 0 { started.elapsed().as_secs_f64() / done as f64 } else { p.planned.as_secs_f64() + 20.0 };
+    let per_cell = if done > 0 {
+        started.elapsed().as_secs_f64() / done as f64
+    } else {
+        p.planned.as_secs_f64() + 20.0
+    };
     let left = per_cell * total.saturating_sub(done + skipped) as f64 - p.elapsed.as_secs_f64();
     eprint!(
         "{}[{}/{}] {} {} {} ms r{}: {:>4.0}/{:.0} s, {} users, {:.0} req/s, {} failures; about {:.0} min left{}",
@@ -360,25 +421,48 @@ struct Server {
 /// cells replace the server (PostgreSQL restarts only when max_connections changes). The probes
 /// are attached again when the new server lives in another namespace (a new container); in the
 /// same namespace (the netns back end) they keep watching it.
-fn fresh_server(cx: &Ctx<'_>, current: &mut Option<Server>, setup: sut::Setup) -> anyhow::Result<()> {
+fn fresh_server(
+    cx: &Ctx<'_>,
+    current: &mut Option<Server>,
+    setup: sut::Setup,
+) -> anyhow::Result<()> {
     let cfg = cx.cfg;
     match current.as_mut() {
         None => {
-            eprintln!("\nawaitlab: bringing up {} ({:?} back end, {:?} stack)", setup.name(), cfg.backend, cfg.stack);
+            eprintln!(
+                "\nawaitlab: bringing up {} ({:?} back end, {:?} stack)",
+                setup.name(),
+                cfg.backend,
+                cfg.stack
+            );
             let opts = sut::Options::new(setup, sut_stack(cfg.stack), RUN_NAME);
-            let system = Sut::up(sut_backend(cfg.backend), &opts).with_context(|| format!("bringing up {}", setup.name()))?;
+            let system = Sut::up(sut_backend(cfg.backend), &opts)
+                .with_context(|| format!("bringing up {}", setup.name()))?;
             let seed = system.seed().context("seeding the database")?;
             if seed.seeded {
-                eprintln!("awaitlab: seeded {} posts in {:.1} s", seed.rows, seed.seconds);
+                eprintln!(
+                    "awaitlab: seeded {} posts in {:.1} s",
+                    seed.rows, seed.seconds
+                );
             }
             let (target, session) = attach(cfg, cx.rt, &system, cx.metrics)?;
-            *current = Some(Server { system, target, session });
+            *current = Some(Server {
+                system,
+                target,
+                session,
+            });
         }
         Some(s) => {
             let netns_before = s.system.netns().to_string();
-            s.system.switch(setup, sut_stack(cfg.stack)).with_context(|| format!("starting a fresh {} server", setup.name()))?;
-            let target = Target::resolve(s.system.netns()).with_context(|| format!("the server's namespace {}", s.system.netns()))?;
-            if same_namespace((&netns_before, s.target.netns_inum), (s.system.netns(), target.netns_inum)) {
+            s.system
+                .switch(setup, sut_stack(cfg.stack))
+                .with_context(|| format!("starting a fresh {} server", setup.name()))?;
+            let target = Target::resolve(s.system.netns())
+                .with_context(|| format!("the server's namespace {}", s.system.netns()))?;
+            if same_namespace(
+                (&netns_before, s.target.netns_inum),
+                (s.system.netns(), target.netns_inum),
+            ) {
                 // The target is new all the same (the delay enters the namespace through it).
                 s.target = target;
             } else {
@@ -408,9 +492,15 @@ fn settle(cx: &Ctx<'_>, s: &mut Server, when: &str, notes: &mut Vec<String>) -> 
     if let Some(n) = drain(&s.system, s.target.netns_inum, s.session.as_mut(), timeout)? {
         let cut = s
             .system
-            .psql(&[&format!("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE {}", server_sessions(&s.system))])
+            .psql(&[&format!(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE {}",
+                server_sessions(&s.system)
+            )])
             .context("terminating the database sessions left")?;
-        notes.push(format!("{when}: {n}; {} database sessions were terminated", cut.trim()));
+        notes.push(format!(
+            "{when}: {n}; {} database sessions were terminated",
+            cut.trim()
+        ));
     }
     Ok(())
 }
@@ -419,8 +509,20 @@ fn settle(cx: &Ctx<'_>, s: &mut Server, when: &str, notes: &mut Vec<String>) -> 
 fn warmup_spec(base: &str, route_name: &str, seconds: f64) -> anyhow::Result<LoadSpec> {
     let mut spec = LoadSpec::study(base, route(route_name)?);
     let users = f64::from(WARMUP_USERS);
-    let schedule = load::ClosedSchedule::new(vec![load::Stage { target: users, duration_s: 0.0 }, load::Stage { target: users, duration_s: seconds }])?;
-    spec.model = load::Model::Closed { schedule, wait: load::Wait::None };
+    let schedule = load::ClosedSchedule::new(vec![
+        load::Stage {
+            target: users,
+            duration_s: 0.0,
+        },
+        load::Stage {
+            target: users,
+            duration_s: seconds,
+        },
+    ])?;
+    spec.model = load::Model::Closed {
+        schedule,
+        wait: load::Wait::None,
+    };
     Ok(spec)
 }
 
@@ -463,22 +565,34 @@ fn run_load(
 /// that every cell's warm-up does the same work whatever its delay), then the server drains and
 /// the database is reset, so the cell starts from exactly the seed. None when `warmup_s` is 0 or
 /// the run was stopped.
-fn warm_up(cx: &Ctx<'_>, s: &mut Server, key: &CellKey, notes: &mut Vec<String>) -> anyhow::Result<Option<Warmup>> {
+fn warm_up(
+    cx: &Ctx<'_>,
+    s: &mut Server,
+    key: &CellKey,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<Option<Warmup>> {
     let seconds = cx.cfg.warmup_s;
     if seconds <= 0.0 {
         return Ok(None);
     }
     let spec = warmup_spec(s.system.url(), &key.route, seconds)?;
     // Not the run's load metrics: the warm-up counts in no load figure.
-    let report = run_load(cx, &mut s.session, &spec, &mut |_| {}, None).with_context(|| format!("warm-up of {}", key.stem()))?;
+    let report = run_load(cx, &mut s.session, &spec, &mut |_| {}, None)
+        .with_context(|| format!("warm-up of {}", key.stem()))?;
     if report.stopped_early || cx.stop.requested() {
         return Ok(None);
     }
     if report.total_successes == 0 {
-        notes.push(format!("the warm-up had no successful request ({} failures)", report.failures));
+        notes.push(format!(
+            "the warm-up had no successful request ({} failures)",
+            report.failures
+        ));
     }
     settle(cx, s, "after the warm-up", notes)?;
-    let posts_removed = s.system.reset().context("resetting the database after the warm-up")?;
+    let posts_removed = s
+        .system
+        .reset()
+        .context("resetting the database after the warm-up")?;
     Ok(Some(Warmup {
         planned_s: seconds,
         users: WARMUP_USERS,
@@ -499,20 +613,37 @@ struct Tally {
 
 /// The measured part of a cell: mark the probes, set the delay, run the load, clear the delay,
 /// take the probes' summary. None when the run was stopped meanwhile.
-fn measure(cx: &Ctx<'_>, s: &mut Server, key: &CellKey, tally: &Tally, warmup: Option<Warmup>, mut notes: Vec<String>) -> anyhow::Result<Option<(CellResult, load::LoadReport)>> {
+fn measure(
+    cx: &Ctx<'_>,
+    s: &mut Server,
+    key: &CellKey,
+    tally: &Tally,
+    warmup: Option<Warmup>,
+    mut notes: Vec<String>,
+) -> anyhow::Result<Option<(CellResult, load::LoadReport)>> {
     let (cfg, metrics) = (cx.cfg, cx.metrics);
     let mark = match s.session.as_mut() {
         Some(p) => Some(p.mark()?),
         None => None,
     };
     if let Some(m) = metrics {
-        m.cell.set_cell(&key.setup, &key.route, u64::from(key.delay_ms), key.rep);
+        m.cell
+            .set_cell(&key.setup, &key.route, u64::from(key.delay_ms), key.rep);
     }
     let guard = if key.delay_ms > 0 {
-        let spec = netem::DelaySpec { delay: Duration::from_millis(u64::from(key.delay_ms)), jitter: Duration::ZERO, devs: Vec::new() };
-        let g = netem::set(&s.target, &spec, delay_choice(cfg.delay_backend)).with_context(|| format!("setting {} ms of delay", key.delay_ms))?;
+        let spec = netem::DelaySpec {
+            delay: Duration::from_millis(u64::from(key.delay_ms)),
+            jitter: Duration::ZERO,
+            devs: Vec::new(),
+        };
+        let g = netem::set(&s.target, &spec, delay_choice(cfg.delay_backend))
+            .with_context(|| format!("setting {} ms of delay", key.delay_ms))?;
         if let Some(m) = metrics {
-            m.delay.set(spec.delay, None, &format!("{:?}", g.backend()).to_lowercase());
+            m.delay.set(
+                spec.delay,
+                None,
+                &format!("{:?}", g.backend()).to_lowercase(),
+            );
         }
         Some(g)
     } else {
@@ -522,8 +653,23 @@ fn measure(cx: &Ctx<'_>, s: &mut Server, key: &CellKey, tally: &Tally, warmup: O
     // PostgreSQL's refusals for want of a slot during the load: its log's count before and after.
     let refusals_before = s.system.db_refusals();
     let started_unix_s = unix_now();
-    let mut observer = |p: &load::Progress| progress(tally.done, tally.skipped, tally.total, tally.started, key, p);
-    let report = run_load(cx, &mut s.session, &spec, &mut observer, metrics.map(|m| m.load.clone()));
+    let mut observer = |p: &load::Progress| {
+        progress(
+            tally.done,
+            tally.skipped,
+            tally.total,
+            tally.started,
+            key,
+            p,
+        )
+    };
+    let report = run_load(
+        cx,
+        &mut s.session,
+        &spec,
+        &mut observer,
+        metrics.map(|m| m.load.clone()),
+    );
     eprintln!();
     let delay = match guard {
         Some(g) => {
@@ -533,7 +679,10 @@ fn measure(cx: &Ctx<'_>, s: &mut Server, key: &CellKey, tally: &Tally, warmup: O
                 m.delay.clear(&backend);
             }
             if a.bypassed > 0 {
-                notes.push(format!("{} packets passed the delay line undelayed (queue overflow)", a.bypassed));
+                notes.push(format!(
+                    "{} packets passed the delay line undelayed (queue overflow)",
+                    a.bypassed
+                ));
             }
             // The delay line's own hold times where it ran; otherwise (netem) the growth
             // of the server's TCP round-trip times.
@@ -542,10 +691,23 @@ fn measure(cx: &Ctx<'_>, s: &mut Server, key: &CellKey, tally: &Tally, warmup: O
                 (None, Some(n)) => Some(n),
                 _ => None,
             };
-            let achieved = a.hold.as_ref().filter(|h| h.packets > 0).map(|h| h.p50_us / 1000.0).or(from_sockets);
-            DelayOutcome { requested_ms: f64::from(key.delay_ms), achieved_ms: achieved, backend }
+            let achieved = a
+                .hold
+                .as_ref()
+                .filter(|h| h.packets > 0)
+                .map(|h| h.p50_us / 1000.0)
+                .or(from_sockets);
+            DelayOutcome {
+                requested_ms: f64::from(key.delay_ms),
+                achieved_ms: achieved,
+                backend,
+            }
         }
-        None => DelayOutcome { requested_ms: 0.0, achieved_ms: Some(0.0), backend: "none".into() },
+        None => DelayOutcome {
+            requested_ms: 0.0,
+            achieved_ms: Some(0.0),
+            backend: "none".into(),
+        },
     };
     let report = report.with_context(|| format!("load of cell {}", key.stem()))?;
     if report.stopped_early || cx.stop.requested() {
@@ -570,7 +732,10 @@ fn measure(cx: &Ctx<'_>, s: &mut Server, key: &CellKey, tally: &Tally, warmup: O
         _ => None,
     };
     if report.in_flight_at_end > 0 {
-        notes.push(format!("{} requests were still in flight when the load ended (not counted)", report.in_flight_at_end));
+        notes.push(format!(
+            "{} requests were still in flight when the load ended (not counted)",
+            report.in_flight_at_end
+        ));
     }
     let cell = CellResult {
         version: RESULTS_VERSION,
@@ -593,7 +758,11 @@ fn measure(cx: &Ctx<'_>, s: &mut Server, key: &CellKey, tally: &Tally, warmup: O
 
 /// Writes a finished cell: its Locust CSVs, then its record (the record last: it marks the cell
 /// done for `--resume`).
-fn write_cell(dir: &ResultsDir, cell: &CellResult, report: &load::LoadReport) -> anyhow::Result<()> {
+fn write_cell(
+    dir: &ResultsDir,
+    cell: &CellResult,
+    report: &load::LoadReport,
+) -> anyhow::Result<()> {
     let key = &cell.key;
     report
         .write_locust_csv(&dir.root.join("cells"), &key.stem())
@@ -634,20 +803,30 @@ fn design(cfg: &RunConfig, resumed: Option<&Index>) -> anyhow::Result<(RunConfig
                 Some(v) => serde_json::from_value(v.clone()).context("the recorded order")?,
                 None => Order::Fixed,
             };
-            cfg.warmup_s = rec.get("warmup_s").and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+            cfg.warmup_s = rec
+                .get("warmup_s")
+                .and_then(serde_json::Value::as_f64)
+                .unwrap_or(0.0);
         }
     }
     let planned = cfg.plan(cfg.seed.unwrap_or(0));
     if let Some(old) = resumed {
         if old.planned != planned {
-            bail!("the run to resume was run with another matrix; resume with the same configuration");
+            bail!(
+                "the run to resume was run with another matrix; resume with the same configuration"
+            );
         }
     }
     Ok((cfg, planned))
 }
 
 /// Runs (or resumes) the experiment described by `cfg`.
-pub fn run(cfg: &RunConfig, resume: Option<&Path>, stop: &Stop, metrics_addr: Option<std::net::SocketAddr>) -> anyhow::Result<Outcome> {
+pub fn run(
+    cfg: &RunConfig,
+    resume: Option<&Path>,
+    stop: &Stop,
+    metrics_addr: Option<std::net::SocketAddr>,
+) -> anyhow::Result<Outcome> {
     cfg.validate()?;
     let resumed = match resume {
         Some(r) => {
@@ -657,10 +836,11 @@ pub fn run(cfg: &RunConfig, resume: Option<&Path>, stop: &Stop, metrics_addr: Op
         }
         None => None,
     };
-    let (cfg, planned) = design(cfg, resumed.as_ref().map(|(_, i)| i)).with_context(|| match resume {
-        Some(r) => format!("resuming {}", r.display()),
-        None => "planning the run".into(),
-    })?;
+    let (cfg, planned) =
+        design(cfg, resumed.as_ref().map(|(_, i)| i)).with_context(|| match resume {
+            Some(r) => format!("resuming {}", r.display()),
+            None => "planning the run".into(),
+        })?;
     let cfg = &cfg;
     let dir = match resumed {
         Some((d, _)) => d,
@@ -675,7 +855,10 @@ pub fn run(cfg: &RunConfig, resume: Option<&Path>, stop: &Stop, metrics_addr: Op
         }
     };
     if let Some(seed) = cfg.seed.filter(|_| cfg.order == Order::Random) {
-        eprintln!("awaitlab: {} blocks in random order, seed {seed} (--seed {seed} plans the same order)", cfg.repeat);
+        eprintln!(
+            "awaitlab: {} blocks in random order, seed {seed} (--seed {seed} plans the same order)",
+            cfg.repeat
+        );
     }
     // A killed earlier run may have left a delay rule or a system under test behind.
     for removed in netem::cleanup_leftovers() {
@@ -685,26 +868,43 @@ pub fn run(cfg: &RunConfig, resume: Option<&Path>, stop: &Stop, metrics_addr: Op
         eprintln!("awaitlab: removed a system under test left by an earlier run");
     }
 
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
     let registry = prometheus::Registry::new();
     let metrics = match metrics_addr {
         Some(addr) => {
             let m = RunMetrics::new(&registry)?;
-            let server = rt.block_on(crate::metrics::server::serve_metrics(addr, registry.clone()))?;
+            let server = rt.block_on(crate::metrics::server::serve_metrics(
+                addr,
+                registry.clone(),
+            ))?;
             eprintln!("awaitlab: metrics on http://{}/metrics", server.addr);
             Some((m, server))
         }
         None => None,
     };
-    let cx = Ctx { cfg, rt: &rt, stop, metrics: metrics.as_ref().map(|(m, _)| m) };
+    let cx = Ctx {
+        cfg,
+        rt: &rt,
+        stop,
+        metrics: metrics.as_ref().map(|(m, _)| m),
+    };
     let todo: Vec<&CellKey> = planned.iter().filter(|c| !dir.is_done(c)).collect();
-    let mut tally = Tally { done: 0, skipped: planned.len() - todo.len(), total: planned.len(), started: Instant::now() };
+    let mut tally = Tally {
+        done: 0,
+        skipped: planned.len() - todo.len(),
+        total: planned.len(),
+        started: Instant::now(),
+    };
     let mut current: Option<Server> = None;
     for key in todo {
         if stop.requested() {
             break;
         }
-        let setup = sut::Setup::from_str(&key.setup, true).map_err(|e| anyhow!("setup {}: {e}", key.setup))?;
+        let setup = sut::Setup::from_str(&key.setup, true)
+            .map_err(|e| anyhow!("setup {}: {e}", key.setup))?;
         announce(&tally, key);
         fresh_server(&cx, &mut current, setup)?;
         let s = current.as_mut().expect("started above");
@@ -712,21 +912,32 @@ pub fn run(cfg: &RunConfig, resume: Option<&Path>, stop: &Stop, metrics_addr: Op
         // The last cell's server is gone, but its database sessions end only once their statement
         // does; a queued io_create could add a row after the reset.
         settle(&cx, s, "before the cell", &mut notes)?;
-        s.system.reset().context("resetting the database to the seed")?;
+        s.system
+            .reset()
+            .context("resetting the database to the seed")?;
         let warmup = warm_up(&cx, s, key, &mut notes)?;
         if stop.requested() {
             break;
         }
-        let Some((cell, report)) = measure(&cx, s, key, &tally, warmup, notes)? else { break };
+        let Some((cell, report)) = measure(&cx, s, key, &tally, warmup, notes)? else {
+            break;
+        };
         write_cell(&dir, &cell, &report)?;
         tally.done += 1;
     }
     if let Some(s) = current {
         drop(s.session);
-        s.system.down().context("tearing down the system under test")?;
+        s.system
+            .down()
+            .context("tearing down the system under test")?;
     }
     let interrupted = stop.requested();
-    Ok(Outcome { dir: dir.root.clone(), done: tally.done, skipped: tally.skipped, interrupted })
+    Ok(Outcome {
+        dir: dir.root.clone(),
+        done: tally.done,
+        skipped: tally.skipped,
+        interrupted,
+    })
 }
 
 #[cfg(test)]
@@ -734,12 +945,20 @@ mod tests {
     use super::*;
 
     fn index_of(cfg: &RunConfig, planned: Vec<CellKey>) -> Index {
-        Index { version: RESULTS_VERSION, created_unix_s: 0.0, config: serde_json::to_value(cfg).unwrap(), planned }
+        Index {
+            version: RESULTS_VERSION,
+            created_unix_s: 0.0,
+            config: serde_json::to_value(cfg).unwrap(),
+            planned,
+        }
     }
 
     #[test]
     fn a_new_run_draws_and_records_a_seed_and_a_resumed_one_keeps_its_design() {
-        let cfg = RunConfig { repeat: 2, ..RunConfig::default() };
+        let cfg = RunConfig {
+            repeat: 2,
+            ..RunConfig::default()
+        };
         let (first, planned) = design(&cfg, None).unwrap();
         let seed = first.seed.expect("a random order draws a seed");
         assert_eq!(planned, cfg.plan(seed));
@@ -748,15 +967,41 @@ mod tests {
         // asked for: the recorded design.
         for given in [
             cfg.clone(),
-            RunConfig { seed: Some(seed), ..cfg.clone() },
-            RunConfig { order: Order::Fixed, warmup_s: 1.0, ..cfg.clone() },
+            RunConfig {
+                seed: Some(seed),
+                ..cfg.clone()
+            },
+            RunConfig {
+                order: Order::Fixed,
+                warmup_s: 1.0,
+                ..cfg.clone()
+            },
         ] {
             let (again, p) = design(&given, Some(&old)).unwrap();
-            assert_eq!((again.seed, again.order, again.warmup_s, &p), (Some(seed), Order::Random, first.warmup_s, &planned));
+            assert_eq!(
+                (again.seed, again.order, again.warmup_s, &p),
+                (Some(seed), Order::Random, first.warmup_s, &planned)
+            );
         }
-        let e = design(&RunConfig { seed: Some(seed + 1), ..cfg.clone() }, Some(&old)).unwrap_err().to_string();
+        let e = design(
+            &RunConfig {
+                seed: Some(seed + 1),
+                ..cfg.clone()
+            },
+            Some(&old),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains(&format!("seed {seed}")), "{e}");
-        let e = design(&RunConfig { delays_ms: vec![0, 100], ..cfg.clone() }, Some(&old)).unwrap_err().to_string();
+        let e = design(
+            &RunConfig {
+                delays_ms: vec![0, 100],
+                ..cfg.clone()
+            },
+            Some(&old),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("another matrix"), "{e}");
     }
 
@@ -767,12 +1012,27 @@ mod tests {
         for k in ["order", "seed", "warmup_s"] {
             config.as_object_mut().unwrap().remove(k);
         }
-        let old = Index { version: RESULTS_VERSION, created_unix_s: 0.0, config, planned: cfg.cells() };
+        let old = Index {
+            version: RESULTS_VERSION,
+            created_unix_s: 0.0,
+            config,
+            planned: cfg.cells(),
+        };
         let (again, p) = design(&cfg, Some(&old)).unwrap();
-        assert_eq!((again.order, again.seed, again.warmup_s), (Order::Fixed, None, 0.0));
+        assert_eq!(
+            (again.order, again.seed, again.warmup_s),
+            (Order::Fixed, None, 0.0)
+        );
         assert_eq!(p, cfg.cells());
         // A fixed run draws no seed: it would name no order.
-        let (fixed, _) = design(&RunConfig { order: Order::Fixed, ..cfg }, None).unwrap();
+        let (fixed, _) = design(
+            &RunConfig {
+                order: Order::Fixed,
+                ..cfg
+            },
+            None,
+        )
+        .unwrap();
         assert_eq!(fixed.seed, None);
     }
 
@@ -780,18 +1040,33 @@ mod tests {
     /// probes of the old namespace, which saw no request of the cell.
     #[test]
     fn a_new_namespace_path_is_a_new_namespace_whatever_its_number() {
-        assert!(same_namespace(("/run/netns/awlruns", 7), ("/run/netns/awlruns", 7)));
-        assert!(!same_namespace(("/proc/10/ns/net", 7), ("/proc/20/ns/net", 7)));
-        assert!(!same_namespace(("/run/netns/awlruns", 7), ("/run/netns/awlruns", 8)));
+        assert!(same_namespace(
+            ("/run/netns/awlruns", 7),
+            ("/run/netns/awlruns", 7)
+        ));
+        assert!(!same_namespace(
+            ("/proc/10/ns/net", 7),
+            ("/proc/20/ns/net", 7)
+        ));
+        assert!(!same_namespace(
+            ("/run/netns/awlruns", 7),
+            ("/run/netns/awlruns", 8)
+        ));
     }
 
     #[test]
     fn the_warmup_is_a_few_users_held_from_the_start() {
         let spec = warmup_spec("http://10.0.0.2:8000", "io_create", 5.0).unwrap();
-        let load::Model::Closed { schedule, .. } = &spec.model else { panic!("{spec:?}") };
+        let load::Model::Closed { schedule, .. } = &spec.model else {
+            panic!("{spec:?}")
+        };
         assert_eq!(schedule.duration(), Duration::from_secs(5));
         assert_eq!(schedule.max_users(), WARMUP_USERS);
-        assert_eq!(schedule.users_at(0.0), WARMUP_USERS, "all users from the first instant");
+        assert_eq!(
+            schedule.users_at(0.0),
+            WARMUP_USERS,
+            "all users from the first instant"
+        );
         assert!(spec.url.ends_with("/posts/io_create/"), "{}", spec.url);
     }
 }

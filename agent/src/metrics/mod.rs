@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use agent_common::{Counter as K, COUNTERS};
 use prometheus::{
-    CounterVec, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    CounterVec, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
 use crate::{
@@ -32,16 +32,21 @@ pub enum MetricsError {
     #[error("registering metric family: {0}")]
     Register(#[from] prometheus::Error),
     #[error("metrics server on {addr}: {source}")]
-    Bind { addr: String, source: std::io::Error },
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
 }
 
 /// Server request time buckets (seconds): 1 ms to 2 min. The study's requests run from a few ms
 /// (io routes, no delay) to tens of seconds (queued behind a blocked event loop).
-pub const SERVER_BUCKETS: &[f64] =
-    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+pub const SERVER_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
 /// Database round-trip and connect buckets (seconds): 50 µs to 5 s; injected delays are 0-200 ms.
 pub const DB_BUCKETS: &[f64] = &[
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.5, 1.0, 2.5, 5.0,
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2,
+    0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
 /// Status classes of server responses; `other` is "no status line seen".
@@ -89,7 +94,10 @@ pub struct ProbeMetrics {
     attached: IntGaugeVec,
 }
 
-fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> Result<T, MetricsError> {
+fn reg<T: prometheus::core::Collector + Clone + 'static>(
+    r: &Registry,
+    c: T,
+) -> Result<T, MetricsError> {
     r.register(Box::new(c.clone()))?;
     Ok(c)
 }
@@ -98,7 +106,10 @@ impl ProbeMetrics {
     /// Registers the probe families in `r` (once per registry).
     pub fn new(r: &Registry) -> Result<ProbeMetrics, MetricsError> {
         let hist = |name: &str, help: &str, buckets: &[f64]| {
-            HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), &["target"])
+            HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                &["target"],
+            )
         };
         Ok(ProbeMetrics {
             requests: reg(r, IntCounterVec::new(
@@ -157,7 +168,9 @@ impl ProbeMetrics {
     /// Publishes which programs are live and that the target is attached.
     pub fn set_attached(&self, target: &str, probes: &[ProbeStatus]) {
         for p in probes {
-            self.probe_live.with_label_values(&[target, p.program.as_str()]).set(i64::from(p.live));
+            self.probe_live
+                .with_label_values(&[target, p.program.as_str()])
+                .set(i64::from(p.live));
         }
         self.attached.with_label_values(&[target]).set(1);
     }
@@ -165,7 +178,13 @@ impl ProbeMetrics {
     /// The target's probes are detached (its counters stay, so rates across a restart hold).
     pub fn set_detached(&self, target: &str) {
         self.attached.with_label_values(&[target]).set(0);
-        for p in ["awl_sock_state", "awl_sock_recv", "awl_sock_send", "awl_sched_switch", "awl_sched_exit"] {
+        for p in [
+            "awl_sock_state",
+            "awl_sock_recv",
+            "awl_sock_send",
+            "awl_sched_switch",
+            "awl_sched_exit",
+        ] {
             let _ = self.probe_live.remove_label_values(&[target, p]);
         }
     }
@@ -195,7 +214,8 @@ impl TargetObserver {
         let (target, m) = (&self.target, &self.m);
         self.by_label[label][class].get_or_insert_with(|| {
             let (method, route) = labels.get(label);
-            m.requests.with_label_values(&[target.as_str(), method, route, STATUS_CLASSES[class]])
+            m.requests
+                .with_label_values(&[target.as_str(), method, route, STATUS_CLASSES[class]])
         })
     }
 
@@ -214,7 +234,8 @@ impl Observer for TargetObserver {
         match rec {
             Record::Request(r) => {
                 self.server.observe(secs(r.server_ns));
-                self.request_counter(label.unwrap_or(0), r.status, labels).inc();
+                self.request_counter(label.unwrap_or(0), r.status, labels)
+                    .inc();
             }
             Record::DbRoundTrip { dur_ns, .. } => {
                 self.db_rtt.observe(secs(*dur_ns));
@@ -226,7 +247,8 @@ impl Observer for TargetObserver {
 
     fn snapshot(&mut self, s: &Snapshot<'_>) {
         let t = self.target.as_str();
-        let mut kernel = |c: K| Self::follow(&mut self.last_counters[c as usize], s.counters[c as usize]);
+        let mut kernel =
+            |c: K| Self::follow(&mut self.last_counters[c as usize], s.counters[c as usize]);
         let http_open = kernel(K::HttpConnsOpened);
         let http_close = kernel(K::HttpConnsClosed);
         let db_open = kernel(K::DbConnsOpened);
@@ -240,18 +262,28 @@ impl Observer for TargetObserver {
             };
         }
         let m = &self.m;
-        m.conns_opened.with_label_values(&[t, "http"]).inc_by(http_open);
-        m.conns_closed.with_label_values(&[t, "http"]).inc_by(http_close);
+        m.conns_opened
+            .with_label_values(&[t, "http"])
+            .inc_by(http_open);
+        m.conns_closed
+            .with_label_values(&[t, "http"])
+            .inc_by(http_close);
         m.conns_opened.with_label_values(&[t, "db"]).inc_by(db_open);
-        m.conns_closed.with_label_values(&[t, "db"]).inc_by(db_close);
+        m.conns_closed
+            .with_label_values(&[t, "db"])
+            .inc_by(db_close);
         m.connect_failures.with_label_values(&[t]).inc_by(failed);
         for (i, (cause, _)) in LOST.iter().enumerate() {
             m.lost.with_label_values(&[t, cause]).inc_by(lost[i]);
         }
         let on = Self::follow(&mut self.last_cpu.on_ns, s.cpu.on_ns);
         let off = Self::follow(&mut self.last_cpu.off_ns, s.cpu.off_ns);
-        m.thread_seconds.with_label_values(&[t, "on_cpu"]).inc_by(secs(on));
-        m.thread_seconds.with_label_values(&[t, "off_cpu"]).inc_by(secs(off));
+        m.thread_seconds
+            .with_label_values(&[t, "on_cpu"])
+            .inc_by(secs(on));
+        m.thread_seconds
+            .with_label_values(&[t, "off_cpu"])
+            .inc_by(secs(off));
     }
 }
 
@@ -273,7 +305,9 @@ pub enum Outcome {
 }
 
 /// Failure kinds of `awaitlab_load_failures_total` (a fixed list: bounded cardinality).
-pub const FAILURE_KINDS: [&str; 7] = ["http_4xx", "http_5xx", "connect", "reset", "closed", "timeout", "other"];
+pub const FAILURE_KINDS: [&str; 7] = [
+    "http_4xx", "http_5xx", "connect", "reset", "closed", "timeout", "other",
+];
 
 impl Outcome {
     /// The failure kind, or None for a success (a status below 400).
@@ -293,8 +327,10 @@ impl Outcome {
 
 /// Client latency buckets (seconds): the server buckets plus the long tail a client sees when
 /// requests queue (the study's client had no timeout).
-pub const CLIENT_BUCKETS: &[f64] =
-    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+pub const CLIENT_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0,
+];
 
 /// The load generator's figures. Cheap to clone; every clone feeds the same series.
 ///
@@ -384,9 +420,13 @@ impl DelayMetrics {
     pub fn set(&self, requested: Duration, achieved: Option<Duration>, backend: &str) {
         self.requested.reset();
         self.achieved.reset();
-        self.requested.with_label_values(&[backend]).set(requested.as_secs_f64());
+        self.requested
+            .with_label_values(&[backend])
+            .set(requested.as_secs_f64());
         if let Some(a) = achieved {
-            self.achieved.with_label_values(&[backend]).set(a.as_secs_f64());
+            self.achieved
+                .with_label_values(&[backend])
+                .set(a.as_secs_f64());
         }
     }
 
@@ -412,13 +452,19 @@ impl ExperimentMetrics {
             cell: reg(
                 r,
                 IntGaugeVec::new(
-                    Opts::new("awaitlab_experiment_cell_info", "The experiment cell being run (1 while it runs)."),
+                    Opts::new(
+                        "awaitlab_experiment_cell_info",
+                        "The experiment cell being run (1 while it runs).",
+                    ),
                     &["setup", "route", "delay_ms"],
                 )?,
             )?,
             repetition: reg(
                 r,
-                Gauge::new("awaitlab_experiment_repetition", "Repetition number of the cell being run (1-based).")?,
+                Gauge::new(
+                    "awaitlab_experiment_repetition",
+                    "Repetition number of the cell being run (1-based).",
+                )?,
             )?,
         })
     }
@@ -426,7 +472,9 @@ impl ExperimentMetrics {
     /// Marks `(setup, route, delay_ms)` as the cell running now.
     pub fn set_cell(&self, setup: &str, route: &str, delay_ms: u64, repetition: u32) {
         self.cell.reset();
-        self.cell.with_label_values(&[setup, route, &delay_ms.to_string()]).set(1);
+        self.cell
+            .with_label_values(&[setup, route, &delay_ms.to_string()])
+            .set(1);
         self.repetition.set(f64::from(repetition));
     }
 
@@ -458,7 +506,9 @@ mod tests {
             let (series, v) = l.rsplit_once(' ')?;
             let metric = series.split('{').next()?;
             let ok = (metric == name || metric == count)
-                && labels.iter().all(|(k, val)| series.contains(&format!("{k}=\"{val}\"")));
+                && labels
+                    .iter()
+                    .all(|(k, val)| series.contains(&format!("{k}=\"{val}\"")));
             ok.then(|| v.parse().unwrap())
         })
     }
@@ -481,26 +531,86 @@ mod tests {
         let mut o = m.observer("t");
         c[K::RingbufFull as usize] = 3;
         c[K::DbConnsOpened as usize] = 5;
-        let cpu = CpuTotals { on_ns: 1_500_000_000, off_ns: 500_000_000, threads: 1 };
-        o.snapshot(&Snapshot { counters: &c, cpu, malformed: 1 });
+        let cpu = CpuTotals {
+            on_ns: 1_500_000_000,
+            off_ns: 500_000_000,
+            threads: 1,
+        };
+        o.snapshot(&Snapshot {
+            counters: &c,
+            cpu,
+            malformed: 1,
+        });
         c[K::RingbufFull as usize] = 4;
-        o.snapshot(&Snapshot { counters: &c, cpu, malformed: 1 });
-        assert_eq!(value(&r, "awaitlab_lost_events_total", &[("cause", "ringbuf_full")]), Some(4.0));
-        assert_eq!(value(&r, "awaitlab_lost_events_total", &[("cause", "malformed")]), Some(1.0));
-        assert_eq!(value(&r, "awaitlab_lost_events_total", &[("cause", "conn_map_full")]), Some(0.0));
-        assert_eq!(value(&r, "awaitlab_connections_opened_total", &[("role", "db")]), Some(5.0));
-        assert_eq!(value(&r, "awaitlab_thread_time_seconds_total", &[("state", "on_cpu")]), Some(1.5));
+        o.snapshot(&Snapshot {
+            counters: &c,
+            cpu,
+            malformed: 1,
+        });
+        assert_eq!(
+            value(
+                &r,
+                "awaitlab_lost_events_total",
+                &[("cause", "ringbuf_full")]
+            ),
+            Some(4.0)
+        );
+        assert_eq!(
+            value(&r, "awaitlab_lost_events_total", &[("cause", "malformed")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &r,
+                "awaitlab_lost_events_total",
+                &[("cause", "conn_map_full")]
+            ),
+            Some(0.0)
+        );
+        assert_eq!(
+            value(&r, "awaitlab_connections_opened_total", &[("role", "db")]),
+            Some(5.0)
+        );
+        assert_eq!(
+            value(
+                &r,
+                "awaitlab_thread_time_seconds_total",
+                &[("state", "on_cpu")]
+            ),
+            Some(1.5)
+        );
         // A restart: a new attach whose kernel counters start again at zero adds on top.
         let mut o2 = m.observer("t");
         c[K::RingbufFull as usize] = 2;
         o2.snapshot(&Snapshot {
             counters: &c,
-            cpu: CpuTotals { on_ns: 500_000_000, off_ns: 0, threads: 1 },
+            cpu: CpuTotals {
+                on_ns: 500_000_000,
+                off_ns: 0,
+                threads: 1,
+            },
             malformed: 0,
         });
-        assert_eq!(value(&r, "awaitlab_lost_events_total", &[("cause", "ringbuf_full")]), Some(6.0));
-        assert_eq!(value(&r, "awaitlab_thread_time_seconds_total", &[("state", "on_cpu")]), Some(2.0));
-        assert_eq!(value(&r, "awaitlab_connections_opened_total", &[("role", "db")]), Some(10.0));
+        assert_eq!(
+            value(
+                &r,
+                "awaitlab_lost_events_total",
+                &[("cause", "ringbuf_full")]
+            ),
+            Some(6.0)
+        );
+        assert_eq!(
+            value(
+                &r,
+                "awaitlab_thread_time_seconds_total",
+                &[("state", "on_cpu")]
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            value(&r, "awaitlab_connections_opened_total", &[("role", "db")]),
+            Some(10.0)
+        );
     }
 
     #[test]
@@ -535,16 +645,49 @@ mod tests {
         };
         let mut o = m.observer("srv");
         o.record(&Record::Request(rec), Some(label), &labels);
-        o.record(&Record::DbRoundTrip { start_ns: 0, dur_ns: 100_000_000, attributed: true }, None, &labels);
-        let labels = [("target", "srv"), ("method", "GET"), ("route", "/posts/io_read/"), ("status_class", "5xx")];
-        assert_eq!(value(&r, "awaitlab_http_server_requests_total", &labels), Some(1.0));
-        assert_eq!(value(&r, "awaitlab_db_round_trips_total", &[("target", "srv")]), Some(1.0));
-        assert_eq!(value(&r, "awaitlab_db_round_trip_duration_seconds", &[("target", "srv")]), Some(1.0));
+        o.record(
+            &Record::DbRoundTrip {
+                start_ns: 0,
+                dur_ns: 100_000_000,
+                attributed: true,
+            },
+            None,
+            &labels,
+        );
+        let labels = [
+            ("target", "srv"),
+            ("method", "GET"),
+            ("route", "/posts/io_read/"),
+            ("status_class", "5xx"),
+        ];
+        assert_eq!(
+            value(&r, "awaitlab_http_server_requests_total", &labels),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&r, "awaitlab_db_round_trips_total", &[("target", "srv")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &r,
+                "awaitlab_db_round_trip_duration_seconds",
+                &[("target", "srv")]
+            ),
+            Some(1.0)
+        );
         let text = String::from_utf8(encode(&r)).unwrap();
         // 100 ms falls in the 0.1 bucket (le is inclusive) and not in 0.05.
-        assert!(text.contains("awaitlab_db_round_trip_duration_seconds_bucket{target=\"srv\",le=\"0.1\"} 1"), "{text}");
         assert!(
-            text.contains("awaitlab_db_round_trip_duration_seconds_bucket{target=\"srv\",le=\"0.05\"} 0"),
+            text.contains(
+                "awaitlab_db_round_trip_duration_seconds_bucket{target=\"srv\",le=\"0.1\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "awaitlab_db_round_trip_duration_seconds_bucket{target=\"srv\",le=\"0.05\"} 0"
+            ),
             "{text}"
         );
     }
@@ -559,23 +702,54 @@ mod tests {
         l.observe_response(Duration::from_millis(5), Outcome::Status(500));
         l.observe_response(Duration::from_millis(5), Outcome::Reset);
         assert_eq!(value(&r, "awaitlab_load_requests_total", &[]), Some(4.0));
-        assert_eq!(value(&r, "awaitlab_load_failures_total", &[("kind", "http_5xx")]), Some(1.0));
-        assert_eq!(value(&r, "awaitlab_load_failures_total", &[("kind", "reset")]), Some(1.0));
-        assert_eq!(value(&r, "awaitlab_load_failures_total", &[("kind", "http_4xx")]), Some(0.0));
+        assert_eq!(
+            value(&r, "awaitlab_load_failures_total", &[("kind", "http_5xx")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&r, "awaitlab_load_failures_total", &[("kind", "reset")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&r, "awaitlab_load_failures_total", &[("kind", "http_4xx")]),
+            Some(0.0)
+        );
         assert_eq!(value(&r, "awaitlab_load_users", &[]), Some(7.0));
 
         let d = DelayMetrics::new(&r).unwrap();
-        d.set(Duration::from_millis(100), Some(Duration::from_micros(100_400)), "netem");
+        d.set(
+            Duration::from_millis(100),
+            Some(Duration::from_micros(100_400)),
+            "netem",
+        );
         d.set(Duration::from_millis(200), None, "nfqueue");
-        assert_eq!(value(&r, "awaitlab_delay_requested_seconds", &[("backend", "netem")]), None);
-        assert_eq!(value(&r, "awaitlab_delay_requested_seconds", &[("backend", "nfqueue")]), Some(0.2));
+        assert_eq!(
+            value(
+                &r,
+                "awaitlab_delay_requested_seconds",
+                &[("backend", "netem")]
+            ),
+            None
+        );
+        assert_eq!(
+            value(
+                &r,
+                "awaitlab_delay_requested_seconds",
+                &[("backend", "nfqueue")]
+            ),
+            Some(0.2)
+        );
 
         let e = ExperimentMetrics::new(&r).unwrap();
         for delay in [0, 100, 200] {
             e.set_cell("sync", "io_read", delay, 1);
         }
         let text = String::from_utf8(encode(&r)).unwrap();
-        assert_eq!(text.matches("awaitlab_experiment_cell_info{").count(), 1, "{text}");
+        assert_eq!(
+            text.matches("awaitlab_experiment_cell_info{").count(),
+            1,
+            "{text}"
+        );
         assert!(text.contains("delay_ms=\"200\""));
     }
 }

@@ -38,7 +38,10 @@ pub struct Request {
 
 impl Request {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -56,13 +59,21 @@ impl Response {
         if !b.ends_with(b"\n") {
             b.push(b'\n');
         }
-        Response { status, content_type: "text/plain; charset=utf-8", body: b }
+        Response {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: b,
+        }
     }
 
     pub fn json(status: u16, v: &serde_json::Value) -> Response {
         let mut body = serde_json::to_vec(v).unwrap_or_default();
         body.push(b'\n');
-        Response { status, content_type: "application/json", body }
+        Response {
+            status,
+            content_type: "application/json",
+            body,
+        }
     }
 
     /// `{"error": msg}` with `status`.
@@ -108,9 +119,16 @@ pub async fn bind<H>(addr: SocketAddr, handler: H) -> Result<Server, MetricsErro
 where
     H: Fn(Request) -> Response + Send + Sync + 'static,
 {
-    let listener =
-        TcpListener::bind(addr).await.map_err(|source| MetricsError::Bind { addr: addr.to_string(), source })?;
-    let addr = listener.local_addr().map_err(|source| MetricsError::Bind { addr: addr.to_string(), source })?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| MetricsError::Bind {
+            addr: addr.to_string(),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| MetricsError::Bind {
+        addr: addr.to_string(),
+        source,
+    })?;
     let handler = Arc::new(handler);
     let task = tokio::spawn(async move {
         loop {
@@ -133,7 +151,10 @@ where
 }
 
 /// Serves `registry` at `/metrics` (and a pointer to it at `/`).
-pub async fn serve_metrics(addr: SocketAddr, registry: prometheus::Registry) -> Result<Server, MetricsError> {
+pub async fn serve_metrics(
+    addr: SocketAddr,
+    registry: prometheus::Registry,
+) -> Result<Server, MetricsError> {
     bind(addr, move |req| metrics_handler(&registry, &req)).await
 }
 
@@ -147,7 +168,10 @@ pub fn metrics_handler(registry: &prometheus::Registry, req: &Request) -> Respon
         },
         (_, "/metrics") => Response::text(405, "only GET /metrics"),
         ("GET", "/") => Response::text(200, "awaitlab: metrics at /metrics"),
-        _ => Response::text(404, format!("no such path {:?}; metrics are at /metrics", req.path)),
+        _ => Response::text(
+            404,
+            format!("no such path {:?}; metrics are at /metrics", req.path),
+        ),
     }
 }
 
@@ -208,23 +232,37 @@ async fn read_request(conn: &mut TcpStream, peer: SocketAddr) -> Result<Request,
             break i;
         }
         if buf.len() > MAX_HEAD {
-            return Err(Response::text(431, format!("request head larger than {MAX_HEAD} bytes")));
+            return Err(Response::text(
+                431,
+                format!("request head larger than {MAX_HEAD} bytes"),
+            ));
         }
-        let n = conn.read(&mut chunk).await.map_err(|e| Response::text(400, format!("reading the request: {e}")))?;
+        let n = conn
+            .read(&mut chunk)
+            .await
+            .map_err(|e| Response::text(400, format!("reading the request: {e}")))?;
         if n == 0 {
-            return Err(Response::text(400, "connection closed before the end of the request head"));
+            return Err(Response::text(
+                400,
+                "connection closed before the end of the request head",
+            ));
         }
         buf.extend_from_slice(&chunk[..n]);
     };
-    let head = std::str::from_utf8(&buf[..head_end]).map_err(|_| Response::text(400, "request head is not UTF-8"))?;
+    let head = std::str::from_utf8(&buf[..head_end])
+        .map_err(|_| Response::text(400, "request head is not UTF-8"))?;
     let mut lines = head.split("\r\n");
     let line = lines.next().unwrap_or("");
     let mut parts = line.split(' ');
-    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(Response::text(400, "malformed request line"));
     };
-    if !version.starts_with("HTTP/1.") || method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
+    if !version.starts_with("HTTP/1.")
+        || method.is_empty()
+        || !method.bytes().all(|b| b.is_ascii_uppercase())
+    {
         return Err(Response::text(400, "malformed request line"));
     }
     if !target.starts_with('/') {
@@ -239,19 +277,33 @@ async fn read_request(conn: &mut TcpStream, peer: SocketAddr) -> Result<Request,
     }
     let mut body = buf[head_end + 4..].to_vec();
     if headers.iter().any(|(k, _)| k == "transfer-encoding") {
-        return Err(Response::text(411, "chunked bodies are not accepted; send Content-Length"));
+        return Err(Response::text(
+            411,
+            "chunked bodies are not accepted; send Content-Length",
+        ));
     }
     let len = match headers.iter().find(|(k, _)| k == "content-length") {
         None => 0,
-        Some((_, v)) => v.parse::<usize>().map_err(|_| Response::text(400, "bad Content-Length"))?,
+        Some((_, v)) => v
+            .parse::<usize>()
+            .map_err(|_| Response::text(400, "bad Content-Length"))?,
     };
     if len > MAX_BODY {
-        return Err(Response::text(413, format!("request body larger than {MAX_BODY} bytes")));
+        return Err(Response::text(
+            413,
+            format!("request body larger than {MAX_BODY} bytes"),
+        ));
     }
     while body.len() < len {
-        let n = conn.read(&mut chunk).await.map_err(|e| Response::text(400, format!("reading the body: {e}")))?;
+        let n = conn
+            .read(&mut chunk)
+            .await
+            .map_err(|e| Response::text(400, format!("reading the body: {e}")))?;
         if n == 0 {
-            return Err(Response::text(400, "connection closed before the end of the body"));
+            return Err(Response::text(
+                400,
+                "connection closed before the end of the body",
+            ));
         }
         body.extend_from_slice(&chunk[..n]);
     }
@@ -260,7 +312,14 @@ async fn read_request(conn: &mut TcpStream, peer: SocketAddr) -> Result<Request,
         Some((p, q)) => (p.to_string(), Some(q.to_string())),
         None => (target.to_string(), None),
     };
-    Ok(Request { method: method.to_string(), path, query, headers, body, peer })
+    Ok(Request {
+        method: method.to_string(),
+        path,
+        query,
+        headers,
+        body,
+        peer,
+    })
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -283,11 +342,17 @@ mod tests {
 
     #[test]
     fn serves_metrics_and_rejects_garbage_with_4xx() {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
         let r = prometheus::Registry::new();
         let l = super::super::LoadMetrics::new(&r).unwrap();
         l.set_users(3);
-        let server = rt.block_on(serve_metrics("127.0.0.1:0".parse().unwrap(), r)).unwrap();
+        let server = rt
+            .block_on(serve_metrics("127.0.0.1:0".parse().unwrap(), r))
+            .unwrap();
         let addr = server.addr;
         let ok = roundtrip(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
         assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
@@ -298,12 +363,19 @@ mod tests {
             (b"POST /metrics HTTP/1.1\r\n\r\n", "405"),
             (b"GET /nope HTTP/1.1\r\n\r\n", "404"),
             (b"GET /metrics HTTP/1.1\r\nContent-Length: x\r\n\r\n", "400"),
-            (b"POST /x HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n", "413"),
+            (
+                b"POST /x HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n",
+                "413",
+            ),
             (b"GET /metrics HTTP/1.1\r\nno colon\r\n\r\n", "400"),
             (b"GET /metr", "400"),
         ] {
             let out = roundtrip(addr, raw);
-            assert!(out.starts_with(&format!("HTTP/1.1 {code} ")), "{:?} -> {out}", String::from_utf8_lossy(raw));
+            assert!(
+                out.starts_with(&format!("HTTP/1.1 {code} ")),
+                "{:?} -> {out}",
+                String::from_utf8_lossy(raw)
+            );
         }
         let big = vec![b'a'; MAX_HEAD + 10];
         assert!(roundtrip(addr, &big).starts_with("HTTP/1.1 431 "));

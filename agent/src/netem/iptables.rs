@@ -54,7 +54,9 @@ pub fn insert_args(dev: &str, marker: &str, queue: u16) -> Vec<String> {
 }
 
 pub fn list_args() -> Vec<String> {
-    ["-w", "-t", "mangle", "-S", "PREROUTING"].map(String::from).to_vec()
+    ["-w", "-t", "mangle", "-S", "PREROUTING"]
+        .map(String::from)
+        .to_vec()
 }
 
 pub fn counters_args() -> Vec<String> {
@@ -86,10 +88,17 @@ pub fn parse_rules(listing: &str) -> Vec<Rule> {
                 .split_whitespace()
                 .map(|t| t.trim_matches('"').to_string())
                 .collect();
-            if w.first().map(String::as_str) != Some("-A") || w.get(1).map(String::as_str) != Some("PREROUTING") {
+            if w.first().map(String::as_str) != Some("-A")
+                || w.get(1).map(String::as_str) != Some("PREROUTING")
+            {
                 return None;
             }
-            let after = |flag: &str| w.iter().position(|t| t == flag).and_then(|i| w.get(i + 1)).cloned();
+            let after = |flag: &str| {
+                w.iter()
+                    .position(|t| t == flag)
+                    .and_then(|i| w.get(i + 1))
+                    .cloned()
+            };
             let marker = after("--comment")?;
             let owner_pid = marker_pid(&marker)?;
             let mut delete: Vec<String> = ["-w", "-t", "mangle", "-D"].map(String::from).to_vec();
@@ -97,7 +106,9 @@ pub fn parse_rules(listing: &str) -> Vec<Rule> {
             Some(Rule {
                 owner_pid,
                 dev: after("-i").unwrap_or_default(),
-                queue: after("--queue-num").and_then(|q| q.parse().ok()).unwrap_or(0),
+                queue: after("--queue-num")
+                    .and_then(|q| q.parse().ok())
+                    .unwrap_or(0),
                 spec: line.trim().to_string(),
                 marker,
                 delete,

@@ -25,14 +25,20 @@ use super::nfq::{self, Msg, Received, Socket};
 
 /// Monotonic clock in nanoseconds (the clock the releaser's timer sleeps on).
 pub fn now_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: ts is a valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: ts is a valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -125,7 +131,12 @@ impl DelayLine {
     ) -> std::io::Result<DelayLine> {
         socket.request(&Msg::cmd(1, queue_num, true), 1)?;
         socket.request(
-            &Msg::params(2, queue_num, maxlen, nfq::NFQA_CFG_F_FAIL_OPEN | nfq::NFQA_CFG_F_GSO),
+            &Msg::params(
+                2,
+                queue_num,
+                maxlen,
+                nfq::NFQA_CFG_F_FAIL_OPEN | nfq::NFQA_CFG_F_GSO,
+            ),
             2,
         )?;
         let shared = Arc::new(Shared {
@@ -134,7 +145,9 @@ impl DelayLine {
             stop: AtomicBool::new(false),
             counters: Counters::default(),
             // 1 µs .. 120 s at 3 significant digits (0.1 %).
-            holds: Mutex::new(hdrhistogram::Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid bounds")),
+            holds: Mutex::new(
+                hdrhistogram::Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid bounds"),
+            ),
         });
         let socket = Arc::new(socket);
         let mut line = DelayLine {
@@ -188,7 +201,9 @@ impl DelayLine {
         }
         // Unbinding makes the kernel drop anything still queued, so accept it all first. Ids only
         // grow, so "up to u32::MAX" covers every packet the line ever saw.
-        let _ = self.socket.send(&Msg::accept_upto(self.queue_num, u32::MAX));
+        let _ = self
+            .socket
+            .send(&Msg::accept_upto(self.queue_num, u32::MAX));
         let _ = self.socket.request(&Msg::cmd(3, self.queue_num, false), 3);
     }
 }
@@ -356,8 +371,14 @@ fn sleep_until(t_ns: u64) {
         tv_nsec: (t_ns % 1_000_000_000) as _,
     };
     // SAFETY: ts is valid; a null remainder is allowed with TIMER_ABSTIME.
-    while unsafe { libc::clock_nanosleep(libc::CLOCK_MONOTONIC, libc::TIMER_ABSTIME, &ts, std::ptr::null_mut()) }
-        == libc::EINTR
+    while unsafe {
+        libc::clock_nanosleep(
+            libc::CLOCK_MONOTONIC,
+            libc::TIMER_ABSTIME,
+            &ts,
+            std::ptr::null_mut(),
+        )
+    } == libc::EINTR
     {}
 }
 

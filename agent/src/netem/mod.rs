@@ -88,11 +88,18 @@ pub enum DelayError {
     #[error(
         "target {spec}: device {dev} already has a delay by awaitlab ({owner}); `awaitlab delay clear` removes it"
     )]
-    Busy { spec: String, dev: String, owner: String },
+    Busy {
+        spec: String,
+        dev: String,
+        owner: String,
+    },
     #[error("`{cmd}` failed: {stderr}")]
     Command { cmd: String, stderr: String },
     #[error("{what}: {source}")]
-    Io { what: String, source: std::io::Error },
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
     #[error("no free NFQUEUE queue number in {QUEUE_BASE}..{}", QUEUE_BASE + QUEUE_TRIES)]
     NoQueue,
 }
@@ -121,16 +128,24 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DelayError 
 /// milliseconds each time the figures are read.
 pub fn run_in_ns(ns: &File, program: &str, args: &[String]) -> Result<String, DelayError> {
     let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net=/proc/{}/fd/{}", std::process::id(), ns.as_raw_fd()))
-        .arg(program)
-        .args(args)
-        .stdin(Stdio::null());
+    cmd.arg(format!(
+        "--net=/proc/{}/fd/{}",
+        std::process::id(),
+        ns.as_raw_fd()
+    ))
+    .arg(program)
+    .args(args)
+    .stdin(Stdio::null());
     let line = format!("{program} {}", args.join(" "));
-    let out = cmd.output().map_err(io_err(format!("running `nsenter {line}`")))?;
+    let out = cmd
+        .output()
+        .map_err(io_err(format!("running `nsenter {line}`")))?;
     if !out.status.success() {
         return Err(DelayError::Command {
             cmd: line,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().replace('\n', " "),
+            stderr: String::from_utf8_lossy(&out.stderr)
+                .trim()
+                .replace('\n', " "),
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -149,7 +164,11 @@ pub fn interfaces(target: &Target) -> Result<Vec<String>, DelayError> {
                 }
                 let mut p = list;
                 while (*p).if_index != 0 {
-                    names.push(std::ffi::CStr::from_ptr((*p).if_name).to_string_lossy().into_owned());
+                    names.push(
+                        std::ffi::CStr::from_ptr((*p).if_name)
+                            .to_string_lossy()
+                            .into_owned(),
+                    );
                     p = p.add(1);
                 }
                 libc::if_freenameindex(list);
@@ -171,12 +190,16 @@ pub fn netem_available() -> Result<(), String> {
             ));
         }
         let ns = File::open("/proc/thread-self/ns/net").map_err(|e| e.to_string())?;
-        run_in_ns(&ns, "tc", &tc::add_args("lo", Duration::from_millis(1), Duration::ZERO))
-            .map(|_| ())
-            .map_err(|e| match e {
-                DelayError::Command { stderr, .. } => stderr,
-                e => e.to_string(),
-            })
+        run_in_ns(
+            &ns,
+            "tc",
+            &tc::add_args("lo", Duration::from_millis(1), Duration::ZERO),
+        )
+        .map(|_| ())
+        .map_err(|e| match e {
+            DelayError::Command { stderr, .. } => stderr,
+            e => e.to_string(),
+        })
     })
     .join()
     .unwrap_or_else(|_| Err("probe thread panicked".into()))
@@ -243,7 +266,8 @@ impl State {
         let tmp = self.file().with_extension("tmp");
         std::fs::write(&tmp, serde_json::to_vec(self).unwrap_or_default())
             .map_err(io_err(format!("writing {}", tmp.display())))?;
-        std::fs::rename(&tmp, self.file()).map_err(io_err(format!("writing {}", self.file().display())))
+        std::fs::rename(&tmp, self.file())
+            .map_err(io_err(format!("writing {}", self.file().display())))
     }
 
     fn all() -> Vec<(PathBuf, State)> {
@@ -291,7 +315,10 @@ fn remove_installed(ns: &File, st: &State) -> Vec<String> {
         }
         Backend::Netem => {
             if let Ok(listing) = run_in_ns(ns, "tc", &tc::show_args()) {
-                for (dev, line) in tc::ours(&listing).into_iter().filter(|(d, _)| devs.contains(d)) {
+                for (dev, line) in tc::ours(&listing)
+                    .into_iter()
+                    .filter(|(d, _)| devs.contains(d))
+                {
                     match run_in_ns(ns, "tc", &tc::del_args(&dev)) {
                         Ok(_) => removed.push(line),
                         Err(e) => tracing::warn!("{e}"),
@@ -314,7 +341,11 @@ pub fn cleanup_leftovers() -> Vec<String> {
         }
         if let Some(ns) = st.open_ns() {
             for r in remove_installed(&ns, &st) {
-                removed.push(format!("{} (left by pid {}): {r}", st.netns_path.display(), st.pid));
+                removed.push(format!(
+                    "{} (left by pid {}): {r}",
+                    st.netns_path.display(),
+                    st.pid
+                ));
             }
         }
         let _ = std::fs::remove_file(path);
@@ -366,8 +397,9 @@ pub fn parse_ss_rtts(out: &str) -> Vec<f64> {
     for line in out.lines() {
         if !line.starts_with([' ', '\t']) {
             let peer = line.split_whitespace().last().unwrap_or("");
-            remote_is_loopback =
-                peer.starts_with("127.") || peer.starts_with("[::1]") || peer.starts_with("[::ffff:127.");
+            remote_is_loopback = peer.starts_with("127.")
+                || peer.starts_with("[::1]")
+                || peer.starts_with("[::ffff:127.");
             continue;
         }
         if remote_is_loopback {
@@ -383,7 +415,9 @@ pub fn parse_ss_rtts(out: &str) -> Vec<f64> {
 }
 
 fn rtt_sample(ns: &File) -> RttSample {
-    let args: Vec<String> = ["-H", "-tin", "state", "established"].map(String::from).to_vec();
+    let args: Vec<String> = ["-H", "-tin", "state", "established"]
+        .map(String::from)
+        .to_vec();
     let mut rtts = run_in_ns(ns, "ss", &args)
         .map(|o| parse_ss_rtts(&o))
         .unwrap_or_default();
@@ -451,7 +485,9 @@ impl DelayGuard {
             requested_ms,
             jitter_ms: self.spec.jitter.as_secs_f64() * 1e3,
             seconds: self.started.elapsed().as_secs_f64(),
-            hold_error_p50_ms: hold.filter(|h| h.packets > 0).map(|h| h.p50_us / 1e3 - requested_ms),
+            hold_error_p50_ms: hold
+                .filter(|h| h.packets > 0)
+                .map(|h| h.p50_us / 1e3 - requested_ms),
             hold,
             packets_seen: seen,
             rule_packets,
@@ -491,7 +527,11 @@ impl Drop for DelayGuard {
 }
 
 /// Installs `spec` on `target`. Leftovers of killed agents are removed first.
-pub fn set(target: &Target, spec: &DelaySpec, choice: BackendChoice) -> Result<DelayGuard, DelayError> {
+pub fn set(
+    target: &Target,
+    spec: &DelaySpec,
+    choice: BackendChoice,
+) -> Result<DelayGuard, DelayError> {
     if spec.delay + spec.jitter > MAX_DELAY {
         return Err(DelayError::TooLong(spec.delay + spec.jitter));
     }
@@ -525,8 +565,14 @@ pub fn set(target: &Target, spec: &DelaySpec, choice: BackendChoice) -> Result<D
         } else if installed.qdiscs.iter().any(|q| &q.dev == d) {
             let pid = State::all()
                 .into_iter()
-                .find(|(_, s)| s.netns_inum == target.netns_inum && s.backend == Backend::Netem && s.devs.contains(d))
-                .map_or("unknown process".to_string(), |(_, s)| format!("process {}", s.pid));
+                .find(|(_, s)| {
+                    s.netns_inum == target.netns_inum
+                        && s.backend == Backend::Netem
+                        && s.devs.contains(d)
+                })
+                .map_or("unknown process".to_string(), |(_, s)| {
+                    format!("process {}", s.pid)
+                });
             Some(format!("netem, {pid}"))
         } else {
             None
@@ -589,7 +635,9 @@ pub fn set(target: &Target, spec: &DelaySpec, choice: BackendChoice) -> Result<D
                         started = Some((q, l));
                         break;
                     }
-                    Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EBUSY)) => continue,
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EBUSY)) => {
+                        continue
+                    }
                     Err(e) => return Err(io_err(format!("binding NFQUEUE {q}"))(e)),
                 }
             }
@@ -624,9 +672,13 @@ fn remove_mangle_if_empty(ns: &File) {
     let Ok(listing) = run_in_ns(ns, "iptables", &args) else {
         return;
     };
-    let untouched = listing.lines().all(|l| l.starts_with("-P ") && l.ends_with(" ACCEPT"));
+    let untouched = listing
+        .lines()
+        .all(|l| l.starts_with("-P ") && l.ends_with(" ACCEPT"));
     if untouched {
-        let args: Vec<String> = ["delete", "table", "ip", "mangle"].map(String::from).to_vec();
+        let args: Vec<String> = ["delete", "table", "ip", "mangle"]
+            .map(String::from)
+            .to_vec();
         if let Err(e) = run_in_ns(ns, "nft", &args) {
             tracing::debug!("{e}");
         }
@@ -686,7 +738,9 @@ fn list_installed(ns: &File) -> Installed {
         .into_iter()
         .map(|rule| RuleShown {
             packets: iptables::packets(&counters, &rule.marker),
-            owner_running: owners.iter().any(|s| s.marker == rule.marker && s.owner_alive()),
+            owner_running: owners
+                .iter()
+                .any(|s| s.marker == rule.marker && s.owner_alive()),
             rule,
         })
         .collect();
@@ -775,7 +829,8 @@ mod tests {
 
     #[test]
     fn ss_rtts_skip_loopback_peers() {
-        let out = "0 0 10.0.0.2:8000 10.0.0.1:40112\n\t cubic wscale:7,7 rto:204 rtt:50.4/0.2 ato:40\n\
+        let out =
+            "0 0 10.0.0.2:8000 10.0.0.1:40112\n\t cubic wscale:7,7 rto:204 rtt:50.4/0.2 ato:40\n\
                    0 0 127.0.0.1:5432 127.0.0.1:5555\n\t cubic rtt:0.02/0.01\n\
                    0 0 [::ffff:10.0.0.2]:80 [::ffff:10.0.0.1]:1\n\t cubic rtt:51/1 minrtt:50\n";
         assert_eq!(parse_ss_rtts(out), vec![50.4, 51.0]);

@@ -82,7 +82,11 @@ impl Msg {
 
     /// Bind (or unbind) this socket to `queue`.
     pub fn cmd(seq: u32, queue: u16, bind: bool) -> Msg {
-        let cmd = if bind { NFQNL_CFG_CMD_BIND } else { NFQNL_CFG_CMD_UNBIND };
+        let cmd = if bind {
+            NFQNL_CFG_CMD_BIND
+        } else {
+            NFQNL_CFG_CMD_UNBIND
+        };
         // struct nfqnl_msg_config_cmd { u8 command; u8 _pad; __be16 pf; }
         Msg::new(NFQNL_MSG_CONFIG, NLM_F_ACK, seq, queue)
             .attr(NFQA_CFG_CMD, &[cmd, 0, 0, 0])
@@ -177,7 +181,13 @@ impl Socket {
     /// bytes (forced past `rmem_max`: we run as root) and a receive timeout so readers can stop.
     pub fn new(rcvbuf: usize, timeout_ms: u32) -> io::Result<Socket> {
         // SAFETY: plain socket(2); the fd is owned right away.
-        let raw = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, NETLINK_NETFILTER) };
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                NETLINK_NETFILTER,
+            )
+        };
         if raw < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -199,7 +209,11 @@ impl Socket {
         if r != 0 {
             return Err(io::Error::last_os_error());
         }
-        s.setsockopt(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &(rcvbuf as libc::c_int))?;
+        s.setsockopt(
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            &(rcvbuf as libc::c_int),
+        )?;
         let tv = libc::timeval {
             tv_sec: (timeout_ms / 1000) as _,
             tv_usec: ((timeout_ms % 1000) * 1000) as _,
@@ -228,7 +242,14 @@ impl Socket {
     pub fn send(&self, m: &Msg) -> io::Result<()> {
         // SAFETY: the buffer is valid for its length; the socket is connected to the kernel by
         // default (destination port 0).
-        let r = unsafe { libc::send(self.fd.as_raw_fd(), m.0.as_ptr() as *const libc::c_void, m.0.len(), 0) };
+        let r = unsafe {
+            libc::send(
+                self.fd.as_raw_fd(),
+                m.0.as_ptr() as *const libc::c_void,
+                m.0.len(),
+                0,
+            )
+        };
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -263,7 +284,14 @@ impl Socket {
 
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         // SAFETY: buf is valid for writes of its length.
-        let r = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+        let r = unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                0,
+            )
+        };
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -328,10 +356,16 @@ mod tests {
         // nlmsghdr(16) + nfgenmsg(4) + nlattr(4) + verdict hdr(8)
         assert_eq!(m.0.len(), 32);
         assert_eq!(u32::from_ne_bytes(m.0[0..4].try_into().unwrap()), 32);
-        assert_eq!(u16::from_ne_bytes(m.0[4..6].try_into().unwrap()), (3 << 8) | 3);
+        assert_eq!(
+            u16::from_ne_bytes(m.0[4..6].try_into().unwrap()),
+            (3 << 8) | 3
+        );
         assert_eq!(&m.0[18..20], &47001u16.to_be_bytes());
         assert_eq!(u16::from_ne_bytes(m.0[20..22].try_into().unwrap()), 12);
-        assert_eq!(u16::from_ne_bytes(m.0[22..24].try_into().unwrap()), NFQA_VERDICT_HDR);
+        assert_eq!(
+            u16::from_ne_bytes(m.0[22..24].try_into().unwrap()),
+            NFQA_VERDICT_HDR
+        );
         assert_eq!(&m.0[24..28], &1u32.to_be_bytes()); // NF_ACCEPT
         assert_eq!(&m.0[28..32], &[1, 2, 3, 4]);
     }

@@ -27,9 +27,11 @@ fn us(d: Duration) -> String {
 
 /// `tc` arguments that install the delay on `dev`.
 pub fn add_args(dev: &str, delay: Duration, jitter: Duration) -> Vec<String> {
-    let mut a: Vec<String> = ["qdisc", "add", "dev", dev, "root", "handle", HANDLE, "netem", "delay"]
-        .map(String::from)
-        .to_vec();
+    let mut a: Vec<String> = [
+        "qdisc", "add", "dev", dev, "root", "handle", HANDLE, "netem", "delay",
+    ]
+    .map(String::from)
+    .to_vec();
     a.push(us(delay));
     if !jitter.is_zero() {
         a.push(us(jitter));
@@ -58,7 +60,12 @@ pub fn ours(show_output: &str) -> Vec<(String, String)> {
         .filter_map(|l| {
             let w: Vec<&str> = l.split_whitespace().collect();
             // "qdisc netem a7a1: dev eth0 root refcnt 2 limit 40000 delay 100ms"
-            (w.len() >= 6 && w[0] == "qdisc" && w[1] == "netem" && w[2] == HANDLE && w[3] == "dev" && w[5] == "root")
+            (w.len() >= 6
+                && w[0] == "qdisc"
+                && w[1] == "netem"
+                && w[2] == HANDLE
+                && w[3] == "dev"
+                && w[5] == "root")
                 .then(|| (w[4].to_string(), l.trim().to_string()))
         })
         .collect()
@@ -75,7 +82,11 @@ mod tests {
             a.join(" "),
             "qdisc add dev eth0 root handle a7a1: netem delay 100000us limit 20000"
         );
-        let a = add_args("veth1", Duration::from_millis(200), Duration::from_millis(10));
+        let a = add_args(
+            "veth1",
+            Duration::from_millis(200),
+            Duration::from_millis(10),
+        );
         // 2 x 100k pps x 0.21 s
         assert_eq!(
             a.join(" "),
@@ -86,7 +97,10 @@ mod tests {
             a.join(" "),
             "qdisc add dev lo root handle a7a1: netem delay 0us limit 1000"
         );
-        assert_eq!(del_args("eth0").join(" "), "qdisc del dev eth0 root handle a7a1:");
+        assert_eq!(
+            del_args("eth0").join(" "),
+            "qdisc del dev eth0 root handle a7a1:"
+        );
     }
 
     #[test]

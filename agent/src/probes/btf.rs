@@ -12,7 +12,10 @@ use agent_common::{Offsets, SyscallNrs};
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
     #[error("reading {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("BTF is malformed: {0}")]
     Malformed(&'static str),
     #[error("kernel BTF has no struct {0}")]
@@ -73,8 +76,10 @@ impl Btf {
     }
 
     pub fn from_path(path: &Path) -> Result<Self, BtfError> {
-        let data = std::fs::read(path)
-            .map_err(|source| BtfError::Io { path: path.display().to_string(), source })?;
+        let data = std::fs::read(path).map_err(|source| BtfError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
         Self::parse(&data)
     }
 
@@ -90,7 +95,9 @@ impl Btf {
                 .ok_or(BtfError::Malformed("truncated"))
         };
         if u16_at(0)? != 0xeb9f {
-            return Err(BtfError::Malformed("bad magic (big-endian BTF is not supported)"));
+            return Err(BtfError::Malformed(
+                "bad magic (big-endian BTF is not supported)",
+            ));
         }
         let hdr_len = u32_at(4)? as usize;
         let type_off = u32_at(8)? as usize;
@@ -107,7 +114,13 @@ impl Btf {
             return Err(BtfError::Malformed("type section out of bounds"));
         }
         // Type id 0 is void.
-        let mut types = vec![Type { name: 0, kind: 0, size_or_type: 0, members: vec![], array: None }];
+        let mut types = vec![Type {
+            name: 0,
+            kind: 0,
+            size_or_type: 0,
+            members: vec![],
+            array: None,
+        }];
         let mut o = start;
         while o < end {
             let name = u32_at(o)?;
@@ -117,7 +130,13 @@ impl Btf {
             let vlen = (info & 0xffff) as usize;
             let kind = (info >> 24) & 0x1f;
             let kind_flag = info >> 31 == 1;
-            let mut t = Type { name, kind, size_or_type, members: vec![], array: None };
+            let mut t = Type {
+                name,
+                kind,
+                size_or_type,
+                members: vec![],
+                array: None,
+            };
             match kind {
                 KIND_INT => o += 4,
                 KIND_ARRAY => {
@@ -147,7 +166,11 @@ impl Btf {
             }
             types.push(t);
         }
-        let mut btf = Btf { types, strings, by_name: HashMap::new() };
+        let mut btf = Btf {
+            types,
+            strings,
+            by_name: HashMap::new(),
+        };
         for id in 1..btf.types.len() as u32 {
             let t = &btf.types[id as usize];
             if (t.kind == KIND_STRUCT || t.kind == KIND_UNION) && t.name != 0 {
@@ -206,7 +229,10 @@ impl Btf {
 
     /// Byte offset and size of `path` ("a.b.c") inside struct `strukt`.
     pub fn member(&self, strukt: &str, path: &str) -> Result<(u32, u32), BtfError> {
-        let ids = self.by_name.get(strukt).ok_or_else(|| BtfError::NoStruct(strukt.into()))?;
+        let ids = self
+            .by_name
+            .get(strukt)
+            .ok_or_else(|| BtfError::NoStruct(strukt.into()))?;
         // Some names have several definitions (a forward-declared twin has no members); take the
         // first with the member.
         'ids: for &id in ids {
@@ -228,12 +254,18 @@ impl Btf {
             }
             return Ok((bits / 8, self.size_of(ty)));
         }
-        Err(BtfError::NoMember { strukt: strukt.into(), member: path.into() })
+        Err(BtfError::NoMember {
+            strukt: strukt.into(),
+            member: path.into(),
+        })
     }
 
     /// Size of a named struct.
     pub fn struct_size(&self, strukt: &str) -> Result<u32, BtfError> {
-        let ids = self.by_name.get(strukt).ok_or_else(|| BtfError::NoStruct(strukt.into()))?;
+        let ids = self
+            .by_name
+            .get(strukt)
+            .ok_or_else(|| BtfError::NoStruct(strukt.into()))?;
         Ok(self.types[ids[0] as usize].size_or_type)
     }
 
@@ -269,7 +301,10 @@ impl Btf {
 
     #[cfg(target_arch = "x86_64")]
     fn regs_offsets(&self) -> Result<(u32, u32), BtfError> {
-        Ok((self.member_sized("pt_regs", "orig_ax", 8)?, self.member_sized("pt_regs", "si", 8)?))
+        Ok((
+            self.member_sized("pt_regs", "orig_ax", 8)?,
+            self.member_sized("pt_regs", "si", 8)?,
+        ))
     }
 
     #[cfg(target_arch = "aarch64")]
@@ -280,13 +315,18 @@ impl Btf {
 
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     fn regs_offsets(&self) -> Result<(u32, u32), BtfError> {
-        Err(BtfError::NoMember { strukt: "pt_regs".into(), member: "syscall args".into() })
+        Err(BtfError::NoMember {
+            strukt: "pt_regs".into(),
+            member: "syscall args".into(),
+        })
     }
 
     /// Whether the kernel has a BTF tracepoint (`btf_trace_<name>` typedef).
     pub fn has_tracepoint(&self, name: &str) -> bool {
         let want = format!("btf_trace_{name}");
-        self.types.iter().any(|t| t.kind == KIND_TYPEDEF && self.str(t.name) == want)
+        self.types
+            .iter()
+            .any(|t| t.kind == KIND_TYPEDEF && self.str(t.name) == want)
     }
 }
 
@@ -312,7 +352,9 @@ mod tests {
     fn blob() -> Vec<u8> {
         let strings = b"\0outer\0a\0b\0c\0inner\0x\0in\0u32\0u16\0".to_vec();
         let name = |s: &str| -> u32 {
-            let pos = strings.windows(s.len() + 2).position(|w| w[0] == 0 && &w[1..=s.len()] == s.as_bytes() && w[s.len() + 1] == 0);
+            let pos = strings
+                .windows(s.len() + 2)
+                .position(|w| w[0] == 0 && &w[1..=s.len()] == s.as_bytes() && w[s.len() + 1] == 0);
             pos.unwrap() as u32 + 1
         };
         let mut t = Vec::new();
@@ -365,8 +407,14 @@ mod tests {
         assert_eq!(btf.member("outer", "b").unwrap(), (4, 2));
         assert_eq!(btf.member("outer", "c").unwrap(), (4, 4));
         assert_eq!(btf.member("outer", "in.x").unwrap(), (8, 4));
-        assert!(matches!(btf.member("outer", "zz"), Err(BtfError::NoMember { .. })));
-        assert!(matches!(btf.member("nope", "a"), Err(BtfError::NoStruct(_))));
+        assert!(matches!(
+            btf.member("outer", "zz"),
+            Err(BtfError::NoMember { .. })
+        ));
+        assert!(matches!(
+            btf.member("nope", "a"),
+            Err(BtfError::NoStruct(_))
+        ));
         assert_eq!(btf.struct_size("outer").unwrap(), 12);
     }
 

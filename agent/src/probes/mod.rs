@@ -30,15 +30,25 @@ pub enum ProbeError {
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("eBPF map {name}: {source}")]
-    Map { name: &'static str, source: aya::maps::MapError },
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
     #[error("no probe could be attached: {0}")]
     NothingAttached(String),
     #[error("mounting tracefs at {path}: {source}")]
-    Tracefs { path: &'static str, source: std::io::Error },
+    Tracefs {
+        path: &'static str,
+        source: std::io::Error,
+    },
     #[error("polling the ring buffer: {0}")]
     Poll(std::io::Error),
     #[error("at most {max} {role} ports, got {got}")]
-    TooManyPorts { role: &'static str, max: usize, got: usize },
+    TooManyPorts {
+        role: &'static str,
+        max: usize,
+        got: usize,
+    },
 }
 
 /// What to measure and where.
@@ -66,11 +76,31 @@ pub struct ProbeStatus {
 /// (program, tp_btf hook, what it measures). Order matters: connection state first, so the data
 /// path finds new connections already classified.
 const PROGRAMS: &[(&str, &str, &str)] = &[
-    ("awl_sock_state", "inet_sock_set_state", "connections opened/closed, database connect time"),
-    ("awl_sock_recv", "sock_recv_length", "request start, database round-trip end"),
-    ("awl_sock_send", "sock_send_length", "response end, database round-trip start"),
-    ("awl_sched_switch", "sched_switch", "on-CPU and off-CPU time"),
-    ("awl_sched_exit", "sched_process_exit", "CPU time of exited threads"),
+    (
+        "awl_sock_state",
+        "inet_sock_set_state",
+        "connections opened/closed, database connect time",
+    ),
+    (
+        "awl_sock_recv",
+        "sock_recv_length",
+        "request start, database round-trip end",
+    ),
+    (
+        "awl_sock_send",
+        "sock_send_length",
+        "response end, database round-trip start",
+    ),
+    (
+        "awl_sched_switch",
+        "sched_switch",
+        "on-CPU and off-CPU time",
+    ),
+    (
+        "awl_sched_exit",
+        "sched_process_exit",
+        "CPU time of exited threads",
+    ),
 ];
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/awaitlab"));
@@ -98,11 +128,21 @@ impl Probes {
         let kernel_btf = aya::Btf::from_sys_fs().map_err(|e| ProbeError::Load(e.into()))?;
         let mut ebpf = Ebpf::load(OBJECT)?;
         {
-            let mut cfg: Array<&mut MapData, Config> = Array::try_from(
-                ebpf.map_mut("CONFIG").ok_or(ProbeError::Map { name: "CONFIG", source: aya::maps::MapError::InvalidName { name: "CONFIG".into() } })?,
-            )
-            .map_err(|source| ProbeError::Map { name: "CONFIG", source })?;
-            cfg.set(0, config, 0).map_err(|source| ProbeError::Map { name: "CONFIG", source })?;
+            let mut cfg: Array<&mut MapData, Config> =
+                Array::try_from(ebpf.map_mut("CONFIG").ok_or(ProbeError::Map {
+                    name: "CONFIG",
+                    source: aya::maps::MapError::InvalidName {
+                        name: "CONFIG".into(),
+                    },
+                })?)
+                .map_err(|source| ProbeError::Map {
+                    name: "CONFIG",
+                    source,
+                })?;
+            cfg.set(0, config, 0).map_err(|source| ProbeError::Map {
+                name: "CONFIG",
+                source,
+            })?;
         }
         let mut status = Vec::new();
         for &(program, hook, measures) in PROGRAMS {
@@ -114,14 +154,28 @@ impl Probes {
             let (live, reason, id) = match result {
                 Ok(id) => (true, None, Some(id)),
                 Err(e) => {
-                    warn!(program, hook, "probe skipped: {e}; not measured: {measures}");
+                    warn!(
+                        program,
+                        hook, "probe skipped: {e}; not measured: {measures}"
+                    );
                     (false, Some(e), None)
                 }
             };
-            status.push(ProbeStatus { program: program.into(), hook: hook.into(), measures: measures.into(), live, reason, id });
+            status.push(ProbeStatus {
+                program: program.into(),
+                hook: hook.into(),
+                measures: measures.into(),
+                live,
+                reason,
+                id,
+            });
         }
         if !status.iter().any(|s| s.live) {
-            let why = status.iter().filter_map(|s| s.reason.clone()).collect::<Vec<_>>().join("; ");
+            let why = status
+                .iter()
+                .filter_map(|s| s.reason.clone())
+                .collect::<Vec<_>>()
+                .join("; ");
             return Err(ProbeError::NothingAttached(why));
         }
         info!(netns = spec.netns_inum, "probes attached");
@@ -136,22 +190,35 @@ impl Probes {
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
         let map = self.ebpf.take_map("EVENTS").ok_or(ProbeError::Map {
             name: "EVENTS",
-            source: aya::maps::MapError::InvalidName { name: "EVENTS".into() },
+            source: aya::maps::MapError::InvalidName {
+                name: "EVENTS".into(),
+            },
         })?;
-        RingBuf::try_from(map).map_err(|source| ProbeError::Map { name: "EVENTS", source })
+        RingBuf::try_from(map).map_err(|source| ProbeError::Map {
+            name: "EVENTS",
+            source,
+        })
     }
 
     /// Sums of the per-CPU counters, indexed by `agent_common::Counter` (wrapping sums).
     pub fn counters(&self) -> Result<[u64; COUNTERS as usize], ProbeError> {
         let map = self.ebpf.map("COUNTERS_MAP").ok_or(ProbeError::Map {
             name: "COUNTERS_MAP",
-            source: aya::maps::MapError::InvalidName { name: "COUNTERS_MAP".into() },
+            source: aya::maps::MapError::InvalidName {
+                name: "COUNTERS_MAP".into(),
+            },
         })?;
         let arr: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(map).map_err(|source| ProbeError::Map { name: "COUNTERS_MAP", source })?;
+            PerCpuArray::try_from(map).map_err(|source| ProbeError::Map {
+                name: "COUNTERS_MAP",
+                source,
+            })?;
         let mut out = [0u64; COUNTERS as usize];
         for (i, slot) in out.iter_mut().enumerate() {
-            let v = arr.get(&(i as u32), 0).map_err(|source| ProbeError::Map { name: "COUNTERS_MAP", source })?;
+            let v = arr.get(&(i as u32), 0).map_err(|source| ProbeError::Map {
+                name: "COUNTERS_MAP",
+                source,
+            })?;
             // Wrapping: the in-server counters go up on one CPU and down on another.
             *slot = v.iter().fold(0u64, |a, x| a.wrapping_add(*x));
         }
@@ -162,10 +229,15 @@ impl Probes {
     pub fn threads(&self) -> Result<Vec<(u32, ThreadCpu)>, ProbeError> {
         let map = self.ebpf.map("THREADS").ok_or(ProbeError::Map {
             name: "THREADS",
-            source: aya::maps::MapError::InvalidName { name: "THREADS".into() },
+            source: aya::maps::MapError::InvalidName {
+                name: "THREADS".into(),
+            },
         })?;
         let h: BpfHashMap<&MapData, u32, ThreadCpu> =
-            BpfHashMap::try_from(map).map_err(|source| ProbeError::Map { name: "THREADS", source })?;
+            BpfHashMap::try_from(map).map_err(|source| ProbeError::Map {
+                name: "THREADS",
+                source,
+            })?;
         // Entries may vanish while we iterate (threads exiting): skip those, keep the rest.
         Ok(h.iter().filter_map(Result::ok).collect())
     }
@@ -182,9 +254,13 @@ fn attach_one(ebpf: &mut Ebpf, program: &str, hook: &str, btf: &aya::Btf) -> Res
         .ok_or_else(|| format!("program {program} missing from the object"))?
         .try_into()
         .map_err(|e| format!("{e}"))?;
-    prog.load(hook, btf).map_err(|e| format!("load: {}", error_chain(&e)))?;
-    prog.attach().map_err(|e| format!("attach: {}", error_chain(&e)))?;
-    prog.info().map(|i| i.id()).map_err(|e| format!("program info: {}", error_chain(&e)))
+    prog.load(hook, btf)
+        .map_err(|e| format!("load: {}", error_chain(&e)))?;
+    prog.attach()
+        .map_err(|e| format!("attach: {}", error_chain(&e)))?;
+    prog.info()
+        .map(|i| i.id())
+        .map_err(|e| format!("program info: {}", error_chain(&e)))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -201,7 +277,11 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 fn build_config(spec: &ProbeSpec, btf: &btf::Btf) -> Result<Config, ProbeError> {
     let ports = |v: &[u16], role: &'static str| -> Result<[u16; MAX_PORTS], ProbeError> {
         if v.len() > MAX_PORTS {
-            return Err(ProbeError::TooManyPorts { role, max: MAX_PORTS, got: v.len() });
+            return Err(ProbeError::TooManyPorts {
+                role,
+                max: MAX_PORTS,
+                got: v.len(),
+            });
         }
         let mut out = [0u16; MAX_PORTS];
         out[..v.len()].copy_from_slice(v);
@@ -236,7 +316,10 @@ fn ensure_tracefs() -> Result<(), ProbeError> {
     // SAFETY: valid NUL-terminated strings, no data argument.
     let r = unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), fs.as_ptr(), 0, std::ptr::null()) };
     if r != 0 {
-        return Err(ProbeError::Tracefs { path: PATH, source: std::io::Error::last_os_error() });
+        return Err(ProbeError::Tracefs {
+            path: PATH,
+            source: std::io::Error::last_os_error(),
+        });
     }
     info!("mounted tracefs at {PATH}");
     Ok(())
@@ -245,10 +328,16 @@ fn ensure_tracefs() -> Result<(), ProbeError> {
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones do not, and some hosts
 /// forbid raising it. A failure is only worth a warning.
 fn raise_memlock() {
-    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: valid pointer to a local rlimit.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
-        tracing::debug!("could not raise RLIMIT_MEMLOCK ({}); fine on 5.11+", std::io::Error::last_os_error());
+        tracing::debug!(
+            "could not raise RLIMIT_MEMLOCK ({}); fine on 5.11+",
+            std::io::Error::last_os_error()
+        );
     }
 }
 

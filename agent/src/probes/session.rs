@@ -42,7 +42,13 @@ impl ProbeSession {
         // open for as long as it is registered.
         let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
             .map_err(|e| ProbeError::Poll(e.into_parts().1))?;
-        Ok(ProbeSession { probes, ring, agg: Aggregator::new(), target: target.into(), netns_inum: spec.netns_inum })
+        Ok(ProbeSession {
+            probes,
+            ring,
+            agg: Aggregator::new(),
+            target: target.into(),
+            netns_inum: spec.netns_inum,
+        })
     }
 
     pub fn probes(&self) -> &Probes {
@@ -71,11 +77,19 @@ impl ProbeSession {
     }
 
     fn cpu_now(&self, counters: &[u64; COUNTERS as usize]) -> Result<CpuTotals, ProbeError> {
-        Ok(CpuTotals::at(crate::cmd::watch::monotonic_ns(), &self.probes.threads()?, counters))
+        Ok(CpuTotals::at(
+            crate::cmd::watch::monotonic_ns(),
+            &self.probes.threads()?,
+            counters,
+        ))
     }
 
     fn read_now(&self, counters: &[u64; COUNTERS as usize]) -> Result<Reading, ProbeError> {
-        Ok(Reading::at(crate::cmd::watch::monotonic_ns(), &self.probes.threads()?, counters))
+        Ok(Reading::at(
+            crate::cmd::watch::monotonic_ns(),
+            &self.probes.threads()?,
+            counters,
+        ))
     }
 
     /// Hands the kernel counters and CPU totals to the aggregator's observers (metrics).
@@ -91,8 +105,15 @@ impl ProbeSession {
         self.drain(|_| {});
         let counters = self.probes.counters()?;
         let reading = self.read_now(&counters)?;
-        self.agg.total = Stats { since_ns: reading.at_ns, ..Stats::default() };
-        Ok(Mark { at: Instant::now(), counters, reading })
+        self.agg.total = Stats {
+            since_ns: reading.at_ns,
+            ..Stats::default()
+        };
+        Ok(Mark {
+            at: Instant::now(),
+            counters,
+            reading,
+        })
     }
 
     /// The summary of everything since `mark`.

@@ -30,7 +30,11 @@ pub const SETUPS: &[(&str, &str)] = &[
     ("async-pooled", "Async Pooled"),
 ];
 /// Routes in the study's table order.
-pub const ROUTES: &[(&str, &str)] = &[("cpu", "Table 1: cpu"), ("io_read", "Table 2: io_read"), ("io_create", "Table 3: io_create")];
+pub const ROUTES: &[(&str, &str)] = &[
+    ("cpu", "Table 1: cpu"),
+    ("io_read", "Table 2: io_read"),
+    ("io_create", "Table 3: io_create"),
+];
 
 fn setup_name(s: &str) -> &str {
     SETUPS.iter().find(|(k, _)| *k == s).map_or(s, |(_, n)| n)
@@ -64,7 +68,11 @@ struct Group<'a> {
 
 impl Group<'_> {
     fn values(&self, f: impl Fn(&CellResult) -> Option<f64>) -> Vec<f64> {
-        self.cells.iter().filter_map(|c| f(c)).filter(|v| v.is_finite()).collect()
+        self.cells
+            .iter()
+            .filter_map(|c| f(c))
+            .filter(|v| v.is_finite())
+            .collect()
     }
     fn mean(&self, f: impl Fn(&CellResult) -> Option<f64>) -> Option<f64> {
         stats::mean_ci(&self.values(f)).map(|m| m.mean)
@@ -72,7 +80,13 @@ impl Group<'_> {
     fn fmt(&self, f: impl Fn(&CellResult) -> Option<f64>, decimals: usize) -> String {
         match stats::mean_ci(&self.values(f)) {
             None => "-".into(),
-            Some(m) if m.n >= 3 => format!("{:.*} ± {:.*}", decimals, m.mean, decimals, m.half_width.unwrap_or(0.0)),
+            Some(m) if m.n >= 3 => format!(
+                "{:.*} ± {:.*}",
+                decimals,
+                m.mean,
+                decimals,
+                m.half_width.unwrap_or(0.0)
+            ),
             Some(m) => format!("{:.*}", decimals, m.mean),
         }
     }
@@ -94,17 +108,41 @@ impl Report {
             cells.len(),
             index.planned.len()
         )];
-        let backends: BTreeSet<String> = cells.iter().map(|c| format!("{} back end, {} stack, {} profile", c.backend, c.stack, c.profile)).collect();
-        header.extend(backends.into_iter().map(|b| format!("System under test: {b}.")));
+        let backends: BTreeSet<String> = cells
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} back end, {} stack, {} profile",
+                    c.backend, c.stack, c.profile
+                )
+            })
+            .collect();
+        header.extend(
+            backends
+                .into_iter()
+                .map(|b| format!("System under test: {b}.")),
+        );
         header.extend(system::header_lines(&cells));
         let delays: BTreeSet<u32> = cells.iter().map(|c| c.key.delay_ms).collect();
         let achieved: Vec<String> = delays
             .iter()
             .map(|&d| {
-                let v: Vec<f64> = cells.iter().filter(|c| c.key.delay_ms == d).filter_map(|c| c.delay.achieved_ms).collect();
-                let backend: BTreeSet<&str> = cells.iter().filter(|c| c.key.delay_ms == d).map(|c| c.delay.backend.as_str()).collect();
+                let v: Vec<f64> = cells
+                    .iter()
+                    .filter(|c| c.key.delay_ms == d)
+                    .filter_map(|c| c.delay.achieved_ms)
+                    .collect();
+                let backend: BTreeSet<&str> = cells
+                    .iter()
+                    .filter(|c| c.key.delay_ms == d)
+                    .map(|c| c.delay.backend.as_str())
+                    .collect();
                 match stats::mean_ci(&v) {
-                    Some(m) => format!("{d} ms requested: {:.2} ms achieved ({})", m.mean, backend.into_iter().collect::<Vec<_>>().join(", ")),
+                    Some(m) => format!(
+                        "{d} ms requested: {:.2} ms achieved ({})",
+                        m.mean,
+                        backend.into_iter().collect::<Vec<_>>().join(", ")
+                    ),
                     None => format!("{d} ms requested: not measured"),
                 }
             })
@@ -119,10 +157,19 @@ impl Report {
                 .cells
                 .push(c);
         }
-        let setups: Vec<&str> = SETUPS.iter().map(|s| s.0).filter(|s| cells.iter().any(|c| c.key.setup == *s)).collect();
-        let mut routes: Vec<&str> = ROUTES.iter().map(|r| r.0).filter(|r| cells.iter().any(|c| c.key.route == *r)).collect();
+        let setups: Vec<&str> = SETUPS
+            .iter()
+            .map(|s| s.0)
+            .filter(|s| cells.iter().any(|c| c.key.setup == *s))
+            .collect();
+        let mut routes: Vec<&str> = ROUTES
+            .iter()
+            .map(|r| r.0)
+            .filter(|r| cells.iter().any(|c| c.key.route == *r))
+            .collect();
         for c in &cells {
-            if !routes.contains(&c.key.route.as_str()) && !ROUTES.iter().any(|r| r.0 == c.key.route) {
+            if !routes.contains(&c.key.route.as_str()) && !ROUTES.iter().any(|r| r.0 == c.key.route)
+            {
                 routes.push(Box::leak(c.key.route.clone().into_boxed_str()));
             }
         }
@@ -133,7 +180,10 @@ impl Report {
         let mut explain = Vec::new();
         let mut findings = Vec::new();
         for &route in &routes {
-            let caption = ROUTES.iter().find(|r| r.0 == route).map_or(route.to_string(), |r| r.1.to_string());
+            let caption = ROUTES
+                .iter()
+                .find(|r| r.0 == route)
+                .map_or(route.to_string(), |r| r.1.to_string());
             let mut head = vec!["added latency".to_string()];
             head.extend(setups.iter().map(|s| setup_name(s).to_string()));
             let rows = delays
@@ -141,22 +191,39 @@ impl Report {
                 .map(|&d| {
                     let mut row = vec![format!("{d} ms")];
                     for &s in &setups {
-                        row.push(g(s, route, d).map_or("-".into(), |g| format!("{} / {}", g.fmt(successes, 0), g.fmt(max_srps, 1))));
+                        row.push(g(s, route, d).map_or("-".into(), |g| {
+                            format!("{} / {}", g.fmt(successes, 0), g.fmt(max_srps, 1))
+                        }));
                     }
                     row
                 })
                 .collect();
-            study_tables.push(Table { caption: format!("{caption} (total successes / max sRPS)"), head, rows });
+            study_tables.push(Table {
+                caption: format!("{caption} (total successes / max sRPS)"),
+                head,
+                rows,
+            });
 
-            let mut head = vec!["added latency".to_string(), "setup".into(), "successes (ours)".into(), "successes (study)".into(), "max sRPS (ours)".into(), "max sRPS (study)".into(), "successes vs Sync (ours)".into(), "successes vs Sync (study)".into()];
+            let mut head = vec![
+                "added latency".to_string(),
+                "setup".into(),
+                "successes (ours)".into(),
+                "successes (study)".into(),
+                "max sRPS (ours)".into(),
+                "max sRPS (study)".into(),
+                "successes vs Sync (ours)".into(),
+                "successes vs Sync (study)".into(),
+            ];
             head.truncate(8);
             // A quick run's totals and peaks are not the study's 180 s ones; its ratios are.
-            let not_comparable = published::not_comparable(cells.iter().filter(|c| c.key.route == route));
-            let study_abs = |p: Option<(u64, f64)>, f: fn((u64, f64)) -> String| match (p, &not_comparable) {
-                (None, _) => "-".to_string(),
-                (Some(_), Some(why)) => why.clone(),
-                (Some(p), None) => f(p),
-            };
+            let not_comparable =
+                published::not_comparable(cells.iter().filter(|c| c.key.route == route));
+            let study_abs =
+                |p: Option<(u64, f64)>, f: fn((u64, f64)) -> String| match (p, &not_comparable) {
+                    (None, _) => "-".to_string(),
+                    (Some(_), Some(why)) => why.clone(),
+                    (Some(p), None) => f(p),
+                };
             let mut rows = Vec::new();
             for &d in &delays {
                 let sync_ours = g("sync", route, d).and_then(|g| g.mean(successes));
@@ -185,13 +252,25 @@ impl Report {
                 None => format!("{route}: ours beside the study's published numbers (ratios: async / sync successes)"),
                 Some(why) => format!("{route}: ours beside the study's published numbers (ratios: async / sync successes; absolute numbers {why}: only the ratios compare)"),
             };
-            beside.push(Table { caption, head, rows });
+            beside.push(Table {
+                caption,
+                head,
+                rows,
+            });
 
             let head = [
-                "setup", "added latency", "server time p50 (ms)", "db round trips / request", "db connects / request",
-                "db round trip p50 / p99 (ms)", "db connect p50 (ms)", "db wait share of server time",
-                "serving threads: on-CPU share", "server CPU s / wall s",
-                "queueing: client p50 - server p50 (ms)", "failures by kind",
+                "setup",
+                "added latency",
+                "server time p50 (ms)",
+                "db round trips / request",
+                "db connects / request",
+                "db round trip p50 / p99 (ms)",
+                "db connect p50 (ms)",
+                "db wait share of server time",
+                "serving threads: on-CPU share",
+                "server CPU s / wall s",
+                "queueing: client p50 - server p50 (ms)",
+                "failures by kind",
             ]
             .iter()
             .map(|s| s.to_string())
@@ -200,35 +279,75 @@ impl Report {
             for &s in &setups {
                 for &d in &delays {
                     let Some(gr) = g(s, route, d) else { continue };
-                    let p = |f: fn(&crate::aggregate::summary::Summary) -> Option<f64>| move |c: &CellResult| c.probes.as_ref().and_then(f);
+                    let p = |f: fn(&crate::aggregate::summary::Summary) -> Option<f64>| {
+                        move |c: &CellResult| c.probes.as_ref().and_then(f)
+                    };
                     let kinds = kinds_text(gr);
                     rows.push(vec![
                         setup_name(s).into(),
                         format!("{d} ms"),
-                        gr.fmt(p(|x| (x.server_time.count > 0).then_some(x.server_time.p50_ms)), 1),
+                        gr.fmt(
+                            p(|x| (x.server_time.count > 0).then_some(x.server_time.p50_ms)),
+                            1,
+                        ),
                         gr.fmt(p(|x| x.ratios.db_round_trips_per_request), 2),
                         gr.fmt(probe(|x| per_request(x, x.db.connects as f64)), 2),
                         format!(
                             "{} / {}",
-                            gr.fmt(p(|x| (x.db.round_trip.count > 0).then_some(x.db.round_trip.p50_ms)), 1),
-                            gr.fmt(p(|x| (x.db.round_trip.count > 0).then_some(x.db.round_trip.p99_ms)), 1)
+                            gr.fmt(
+                                p(|x| (x.db.round_trip.count > 0)
+                                    .then_some(x.db.round_trip.p50_ms)),
+                                1
+                            ),
+                            gr.fmt(
+                                p(|x| (x.db.round_trip.count > 0)
+                                    .then_some(x.db.round_trip.p99_ms)),
+                                1
+                            )
                         ),
-                        gr.fmt(p(|x| (x.db.connect.count > 0).then_some(x.db.connect.p50_ms)), 1),
+                        gr.fmt(
+                            p(|x| (x.db.connect.count > 0).then_some(x.db.connect.p50_ms)),
+                            1,
+                        ),
                         gr.fmt(p(|x| x.ratios.db_wait_share_of_server_time), 2),
                         gr.fmt(p(serving_on_share), 2),
                         gr.fmt(p(|x| x.cpu.cpu_s_per_wall_s), 2),
-                        gr.fmt(|c| c.probes.as_ref().filter(|x| x.server_time.count > 0).map(|x| c.load.latency.p50_ms - x.server_time.p50_ms), 1),
+                        gr.fmt(
+                            |c| {
+                                c.probes
+                                    .as_ref()
+                                    .filter(|x| x.server_time.count > 0)
+                                    .map(|x| c.load.latency.p50_ms - x.server_time.p50_ms)
+                            },
+                            1,
+                        ),
                         kinds,
                     ]);
                 }
             }
-            explain.push(Table { caption: format!("{route}: why (the eBPF view, means over repetitions)"), head, rows });
-            findings.push((route.to_string(), route_findings(route, &setups, &delays, &g)));
+            explain.push(Table {
+                caption: format!("{route}: why (the eBPF view, means over repetitions)"),
+                head,
+                rows,
+            });
+            findings.push((
+                route.to_string(),
+                route_findings(route, &setups, &delays, &g),
+            ));
         }
 
         let questions = open_questions(&delays, &g);
         let statistics = statistics(&cells, &setups, &routes, &delays);
-        Ok(Report { header, study_tables, beside, explain, findings, questions, statistics, cells })
+        Ok(Report {
+            header,
+            study_tables,
+            beside,
+            explain,
+            findings,
+            questions,
+            statistics,
+            cells,
+        })
     }
 
     pub fn markdown(&self) -> String {
@@ -320,16 +439,38 @@ impl Report {
             let mut series = Vec::new();
             for (s, name) in SETUPS {
                 let mut by_delay: BTreeMap<u32, Vec<f64>> = BTreeMap::new();
-                for c in self.cells.iter().filter(|c| c.key.route == route && c.key.setup == *s) {
-                    by_delay.entry(c.key.delay_ms).or_default().push(c.load.total_successes as f64);
+                for c in self
+                    .cells
+                    .iter()
+                    .filter(|c| c.key.route == route && c.key.setup == *s)
+                {
+                    by_delay
+                        .entry(c.key.delay_ms)
+                        .or_default()
+                        .push(c.load.total_successes as f64);
                 }
                 if !by_delay.is_empty() {
-                    let points = by_delay.iter().map(|(d, v)| (*d as f64, v.iter().sum::<f64>() / v.len() as f64)).collect();
-                    series.push(svg::Series { name: name.to_string(), points });
+                    let points = by_delay
+                        .iter()
+                        .map(|(d, v)| (*d as f64, v.iter().sum::<f64>() / v.len() as f64))
+                        .collect();
+                    series.push(svg::Series {
+                        name: name.to_string(),
+                        points,
+                    });
                 }
             }
             let title = format!("{route}: successes vs added delay");
-            out.push(svg::Chart { title: &title, x_label: "added delay (ms)", y_label: "total successes", series, style: svg::Style::Lines }.render());
+            out.push(
+                svg::Chart {
+                    title: &title,
+                    x_label: "added delay (ms)",
+                    y_label: "total successes",
+                    series,
+                    style: svg::Style::Lines,
+                }
+                .render(),
+            );
         }
         let mut series = Vec::new();
         for (s, name) in SETUPS {
@@ -337,13 +478,30 @@ impl Report {
                 .cells
                 .iter()
                 .filter(|c| c.key.setup == *s)
-                .filter_map(|c| c.probes.as_ref().and_then(|p| p.ratios.db_wait_share_of_server_time).map(|w| (c.load.total_successes as f64 / c.load.actual_s.max(1e-9), w)))
+                .filter_map(|c| {
+                    c.probes
+                        .as_ref()
+                        .and_then(|p| p.ratios.db_wait_share_of_server_time)
+                        .map(|w| (c.load.total_successes as f64 / c.load.actual_s.max(1e-9), w))
+                })
                 .collect();
             if !points.is_empty() {
-                series.push(svg::Series { name: name.to_string(), points });
+                series.push(svg::Series {
+                    name: name.to_string(),
+                    points,
+                });
             }
         }
-        out.push(svg::Chart { title: "database wait share vs throughput", x_label: "successes per second", y_label: "db wait / server time", series, style: svg::Style::Points }.render());
+        out.push(
+            svg::Chart {
+                title: "database wait share vs throughput",
+                x_label: "successes per second",
+                y_label: "db wait / server time",
+                series,
+                style: svg::Style::Points,
+            }
+            .render(),
+        );
         out
     }
 }
@@ -351,14 +509,39 @@ impl Report {
 /// The study's supplementary figures for one cell: users, requests and failures per second,
 /// p50 and p95 over time.
 fn cell_figures(c: &CellResult) -> Vec<String> {
-    let t = |f: fn(&crate::results::Second) -> Option<f64>| -> Vec<(f64, f64)> { c.load.series.iter().filter_map(|s| f(s).map(|v| (s.t_s, v))).collect() };
+    let t = |f: fn(&crate::results::Second) -> Option<f64>| -> Vec<(f64, f64)> {
+        c.load
+            .series
+            .iter()
+            .filter_map(|s| f(s).map(|v| (s.t_s, v)))
+            .collect()
+    };
     vec![
-        svg::Chart { title: "users", x_label: "time (s)", y_label: "users", series: vec![svg::Series { name: "users".into(), points: t(|s| Some(s.users as f64)) }], style: svg::Style::Lines }.render(),
+        svg::Chart {
+            title: "users",
+            x_label: "time (s)",
+            y_label: "users",
+            series: vec![svg::Series {
+                name: "users".into(),
+                points: t(|s| Some(s.users as f64)),
+            }],
+            style: svg::Style::Lines,
+        }
+        .render(),
         svg::Chart {
             title: "requests and failures per second",
             x_label: "time (s)",
             y_label: "per second",
-            series: vec![svg::Series { name: "requests/s".into(), points: t(|s| Some(s.requests as f64)) }, svg::Series { name: "failures/s".into(), points: t(|s| Some(s.failures as f64)) }],
+            series: vec![
+                svg::Series {
+                    name: "requests/s".into(),
+                    points: t(|s| Some(s.requests as f64)),
+                },
+                svg::Series {
+                    name: "failures/s".into(),
+                    points: t(|s| Some(s.failures as f64)),
+                },
+            ],
             style: svg::Style::Lines,
         }
         .render(),
@@ -366,7 +549,16 @@ fn cell_figures(c: &CellResult) -> Vec<String> {
             title: "response time",
             x_label: "time (s)",
             y_label: "ms",
-            series: vec![svg::Series { name: "p50".into(), points: t(|s| s.p50_ms) }, svg::Series { name: "p95".into(), points: t(|s| s.p95_ms) }],
+            series: vec![
+                svg::Series {
+                    name: "p50".into(),
+                    points: t(|s| s.p50_ms),
+                },
+                svg::Series {
+                    name: "p95".into(),
+                    points: t(|s| s.p95_ms),
+                },
+            ],
             style: svg::Style::Lines,
         }
         .render(),
@@ -414,10 +606,17 @@ fn server_mean_ms(x: &Summary) -> Option<f64> {
 
 /// Sentences a cell's numbers support, and only those: each claim is printed with the
 /// measurement that makes it true (rules in docs/measurement.md).
-fn route_findings<'a>(route: &str, setups: &[&str], delays: &BTreeSet<u32>, g: &dyn Fn(&str, &str, u32) -> Option<&'a Group<'a>>) -> Vec<String> {
+fn route_findings<'a>(
+    route: &str,
+    setups: &[&str],
+    delays: &BTreeSet<u32>,
+    g: &dyn Fn(&str, &str, u32) -> Option<&'a Group<'a>>,
+) -> Vec<String> {
     let mut out = Vec::new();
     for &d in delays {
-        let Some(sync) = g("sync", route, d) else { continue };
+        let Some(sync) = g("sync", route, d) else {
+            continue;
+        };
         let rt = sync.mean(probe(|p| p.ratios.db_round_trips_per_request));
         let conn = sync.mean(probe(|p| per_request(p, p.db.connects as f64)));
         let server = sync.mean(probe(server_mean_ms));
@@ -445,13 +644,26 @@ fn route_findings<'a>(route: &str, setups: &[&str], delays: &BTreeSet<u32>, g: &
             let Some(a) = g(s, route, d) else { continue };
             let ok = a.mean(successes).unwrap_or(0.0);
             let mut line = if sync_ok > 0.0 {
-                format!("{} at {d} ms served {:.1}x Sync's successes ({ok:.0} vs {sync_ok:.0})", setup_name(s), ok / sync_ok)
+                format!(
+                    "{} at {d} ms served {:.1}x Sync's successes ({ok:.0} vs {sync_ok:.0})",
+                    setup_name(s),
+                    ok / sync_ok
+                )
             } else {
-                format!("{} at {d} ms served {ok:.0} successes (Sync: none)", setup_name(s))
+                format!(
+                    "{} at {d} ms served {ok:.0} successes (Sync: none)",
+                    setup_name(s)
+                )
             };
-            let threads = a.mean(probe(|p| (p.cpu.serving_threads > 0).then_some(p.cpu.serving_threads as f64)));
+            let threads = a.mean(probe(|p| {
+                (p.cpu.serving_threads > 0).then_some(p.cpu.serving_threads as f64)
+            }));
             if let (Some(n), Some(share)) = (threads, a.mean(probe(serving_on_share))) {
-                let _ = write!(line, "; the {n:.0} thread(s) that read its requests were on CPU {:.0} % of the time", share * 100.0);
+                let _ = write!(
+                    line,
+                    "; the {n:.0} thread(s) that read its requests were on CPU {:.0} % of the time",
+                    share * 100.0
+                );
             }
             if let Some(cpu) = a.mean(probe(|p| p.cpu.cpu_s_per_wall_s)) {
                 let _ = write!(line, "; the server used {cpu:.2} CPU seconds per second");
@@ -485,7 +697,11 @@ fn kinds_text(g: &Group) -> String {
     if kinds.is_empty() {
         "none".into()
     } else {
-        kinds.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", ")
+        kinds
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -508,7 +724,9 @@ impl Split {
         Some(Split {
             server: g.mean(probe(server_mean_ms))?,
             wait: g.mean(probe(|p| p.ratios.db_wait_ms_per_request))?,
-            connect: g.mean(probe(|p| per_request(p, p.db.connects as f64 * p.db.connect.mean_ms)))?,
+            connect: g.mean(probe(|p| {
+                per_request(p, p.db.connects as f64 * p.db.connect.mean_ms)
+            }))?,
             cpu: g.mean(probe(|p| per_request(p, p.cpu.on_cpu_s * 1000.0)))?,
         })
     }
@@ -519,13 +737,24 @@ impl Split {
 
 /// The two questions the study left open, answered from the cells' measurements; a question
 /// without the cells it needs says which.
-fn open_questions<'a>(delays: &BTreeSet<u32>, g: &dyn Fn(&str, &str, u32) -> Option<&'a Group<'a>>) -> Vec<(String, Vec<String>)> {
+fn open_questions<'a>(
+    delays: &BTreeSet<u32>,
+    g: &dyn Fn(&str, &str, u32) -> Option<&'a Group<'a>>,
+) -> Vec<(String, Vec<String>)> {
     let mut out = Vec::new();
 
     let mut lines = Vec::new();
     for &d in delays {
-        let (Some(u), Some(l)) = (g("async-unlimited", "cpu", d), g("async-limited", "cpu", d)) else { continue };
-        let (Some(uo), Some(lo)) = (stats::mean_ci(&u.values(successes)), stats::mean_ci(&l.values(successes))) else { continue };
+        let (Some(u), Some(l)) = (g("async-unlimited", "cpu", d), g("async-limited", "cpu", d))
+        else {
+            continue;
+        };
+        let (Some(uo), Some(lo)) = (
+            stats::mean_ci(&u.values(successes)),
+            stats::mean_ci(&l.values(successes)),
+        ) else {
+            continue;
+        };
         let mut line = format!(
             "At {d} ms: Async Unlimited {} vs Async Limited {} successes; failures {} vs {}; PostgreSQL refusals {} vs {}",
             u.fmt(successes, 0),
@@ -542,8 +771,17 @@ fn open_questions<'a>(delays: &BTreeSet<u32>, g: &dyn Fn(&str, &str, u32) -> Opt
         }
         let cpu = |gr: &Group| gr.fmt(probe(|p| p.cpu.cpu_s_per_wall_s), 2);
         let per_req = |gr: &Group| gr.fmt(probe(|p| per_request(p, p.cpu.on_cpu_s * 1000.0)), 0);
-        if u.mean(probe(|p| p.cpu.cpu_s_per_wall_s)).is_some() && l.mean(probe(|p| p.cpu.cpu_s_per_wall_s)).is_some() {
-            let _ = write!(line, "; server CPU s per wall s {} vs {}; server CPU ms per finished request {} vs {}", cpu(u), cpu(l), per_req(u), per_req(l));
+        if u.mean(probe(|p| p.cpu.cpu_s_per_wall_s)).is_some()
+            && l.mean(probe(|p| p.cpu.cpu_s_per_wall_s)).is_some()
+        {
+            let _ = write!(
+                line,
+                "; server CPU s per wall s {} vs {}; server CPU ms per finished request {} vs {}",
+                cpu(u),
+                cpu(l),
+                per_req(u),
+                per_req(l)
+            );
         }
         line.push('.');
         if uc.is_some_and(|c| c < 0.01) && lc.is_some_and(|c| c < 0.01) {
@@ -554,19 +792,27 @@ fn open_questions<'a>(delays: &BTreeSet<u32>, g: &dyn Fn(&str, &str, u32) -> Opt
                 line.push_str(" The 95 % intervals overlap: the gap is within run-to-run spread.")
             }
             (Some(_), Some(_)) => line.push_str(" The 95 % intervals do not overlap."),
-            _ => line.push_str(" One repetition: run-to-run spread unknown (--repeat 3 measures it)."),
+            _ => line
+                .push_str(" One repetition: run-to-run spread unknown (--repeat 3 measures it)."),
         }
         lines.push(line);
     }
     if lines.is_empty() {
-        lines.push("Not answered: needs cpu cells of both Async Limited and Async Unlimited.".into());
+        lines.push(
+            "Not answered: needs cpu cells of both Async Limited and Async Unlimited.".into(),
+        );
     }
-    out.push(("Why did Async Unlimited beat Async Limited on the cpu route?".to_string(), lines));
+    out.push((
+        "Why did Async Unlimited beat Async Limited on the cpu route?".to_string(),
+        lines,
+    ));
 
     let mut lines = Vec::new();
     let mut splits: Vec<(u32, f64, Split)> = Vec::new();
     for &d in delays {
-        let Some(l) = g("async-limited", "io_create", d) else { continue };
+        let Some(l) = g("async-limited", "io_create", d) else {
+            continue;
+        };
         let mut line = format!(
             "At {d} ms: {} successes; failures {}; PostgreSQL refusals {}",
             l.fmt(successes, 0),
@@ -574,8 +820,12 @@ fn open_questions<'a>(delays: &BTreeSet<u32>, g: &dyn Fn(&str, &str, u32) -> Opt
             refusals_text(l)
         );
         if let Some(sp) = Split::of(l) {
-            let rt = l.mean(probe(|p| p.ratios.db_round_trips_per_request)).unwrap_or(0.0);
-            let cn = l.mean(probe(|p| per_request(p, p.db.connects as f64))).unwrap_or(0.0);
+            let rt = l
+                .mean(probe(|p| p.ratios.db_round_trips_per_request))
+                .unwrap_or(0.0);
+            let cn = l
+                .mean(probe(|p| per_request(p, p.db.connects as f64)))
+                .unwrap_or(0.0);
             let _ = write!(
                 line,
                 "; mean server time {:.0} ms = database wait {:.0} ms ({rt:.1} round trips) + connecting {:.0} ms ({cn:.1} connects) + server CPU {:.0} ms + waiting in the server {:.0} ms",
@@ -621,7 +871,12 @@ fn open_questions<'a>(delays: &BTreeSet<u32>, g: &dyn Fn(&str, &str, u32) -> Opt
 
 /// The verdict on the study's hypothesis (a pre-specified one-sided contrast) and the secondary
 /// directionless interaction test; see `verdict`.
-fn statistics(cells: &[CellResult], setups: &[&str], routes: &[&str], delays: &BTreeSet<u32>) -> Vec<String> {
+fn statistics(
+    cells: &[CellResult],
+    setups: &[&str],
+    routes: &[&str],
+    delays: &BTreeSet<u32>,
+) -> Vec<String> {
     let reps = cells.iter().map(|c| c.key.rep).max().unwrap_or(0);
     let mut out = vec![format!("Repetitions per cell: up to {reps}.")];
     if reps < 3 {
@@ -633,13 +888,19 @@ fn statistics(cells: &[CellResult], setups: &[&str], routes: &[&str], delays: &B
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 fn md_table(s: &mut String, t: &Table) {
     let _ = writeln!(s, "**{}**\n", t.caption);
     let _ = writeln!(s, "| {} |", t.head.join(" | "));
-    let _ = writeln!(s, "|{}|", t.head.iter().map(|_| "---").collect::<Vec<_>>().join("|"));
+    let _ = writeln!(
+        s,
+        "|{}|",
+        t.head.iter().map(|_| "---").collect::<Vec<_>>().join("|")
+    );
     for r in &t.rows {
         let _ = writeln!(s, "| {} |", r.join(" | "));
     }
@@ -704,15 +965,31 @@ mod tests {
     fn results(reps: u32) -> (PathBuf, ResultsDir) {
         let root = std::env::temp_dir().join(format!("awl-report-{}-{reps}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
-        let index = Index { version: RESULTS_VERSION, created_unix_s: 0.0, config: serde_json::json!({}), planned: vec![] };
+        let index = Index {
+            version: RESULTS_VERSION,
+            created_unix_s: 0.0,
+            config: serde_json::json!({}),
+            planned: vec![],
+        };
         let dir = ResultsDir::create(&root, &index).unwrap();
         for rep in 1..=reps {
             for (setup, k) in [("sync", 1u64), ("async-unlimited", 20)] {
                 for route in ["cpu", "io_read"] {
                     for delay in [0, 100] {
                         // An interaction by construction: async's advantage only on io with delay.
-                        let boost = if route == "io_read" && delay == 100 { k } else { 1 };
-                        dir.write_cell(&cell(setup, route, delay, rep, 100 * boost + rep as u64 * 3)).unwrap();
+                        let boost = if route == "io_read" && delay == 100 {
+                            k
+                        } else {
+                            1
+                        };
+                        dir.write_cell(&cell(
+                            setup,
+                            route,
+                            delay,
+                            rep,
+                            100 * boost + rep as u64 * 3,
+                        ))
+                        .unwrap();
                     }
                 }
             }
@@ -730,27 +1007,50 @@ mod tests {
         assert_eq!(t.head, vec!["added latency", "Sync", "Async Unlimited"]);
         assert_eq!(t.rows[1], vec!["100 ms", "103 / 5.2", "2003 / 100.2"]);
         let b = &r.beside[1];
-        let row = b.rows.iter().find(|r| r[0] == "100 ms" && r[1] == "Async Unlimited").unwrap();
+        let row = b
+            .rows
+            .iter()
+            .find(|r| r[0] == "100 ms" && r[1] == "Async Unlimited")
+            .unwrap();
         // Quick cells (30 s): the study's absolute numbers are labelled, its ratio still shown.
         assert_eq!(row[3], "not comparable (30 s vs 180 s)");
         assert_eq!(row[5], "not comparable (30 s vs 180 s)");
         assert_eq!(row[6], "19.45x");
         assert_eq!(row[7], "26.57x", "the study's 5313 / 200");
-        assert!(b.caption.contains("only the ratios compare"), "{}", b.caption);
+        assert!(
+            b.caption.contains("only the ratios compare"),
+            "{}",
+            b.caption
+        );
         let md = r.markdown();
         assert!(md.contains("Table 1: cpu") && md.contains("Table 2: io_read"));
         assert!(md.contains("not computed") || md.contains("fewer than three"));
         let html = r.html();
-        assert_eq!(html.matches("<svg").count(), 2 + 1 + 8 * 3, "across-cell and per-cell figures");
-        assert!(!html.contains("http://") || html.matches("http://").count() == html.matches("http://www.w3.org/2000/svg").count(), "no external resources");
+        assert_eq!(
+            html.matches("<svg").count(),
+            2 + 1 + 8 * 3,
+            "across-cell and per-cell figures"
+        );
+        assert!(
+            !html.contains("http://")
+                || html.matches("http://").count()
+                    == html.matches("http://www.w3.org/2000/svg").count(),
+            "no external resources"
+        );
         std::fs::remove_dir_all(root).unwrap();
     }
 
     #[test]
     fn cells_of_the_studys_profile_sit_beside_its_published_numbers() {
-        let root = std::env::temp_dir().join(format!("awl-report-{}-study-profile", std::process::id()));
+        let root =
+            std::env::temp_dir().join(format!("awl-report-{}-study-profile", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
-        let index = Index { version: RESULTS_VERSION, created_unix_s: 0.0, config: serde_json::json!({}), planned: vec![] };
+        let index = Index {
+            version: RESULTS_VERSION,
+            created_unix_s: 0.0,
+            config: serde_json::json!({}),
+            planned: vec![],
+        };
         let dir = ResultsDir::create(&root, &index).unwrap();
         for setup in ["sync", "async-unlimited"] {
             let mut c = cell(setup, "io_read", 100, 1, 1000);
@@ -759,10 +1059,23 @@ mod tests {
             dir.write_cell(&c).unwrap();
         }
         let r = Report::build(&dir).unwrap();
-        let row = r.beside[0].rows.iter().find(|r| r[1] == "Async Unlimited").unwrap().clone();
+        let row = r.beside[0]
+            .rows
+            .iter()
+            .find(|r| r[1] == "Async Unlimited")
+            .unwrap()
+            .clone();
         std::fs::remove_dir_all(&root).unwrap();
-        assert_eq!((row[3].as_str(), row[5].as_str()), ("5313", "36.0"), "{row:?}");
-        assert!(!r.beside[0].caption.contains("not comparable"), "{}", r.beside[0].caption);
+        assert_eq!(
+            (row[3].as_str(), row[5].as_str()),
+            ("5313", "36.0"),
+            "{row:?}"
+        );
+        assert!(
+            !r.beside[0].caption.contains("not comparable"),
+            "{}",
+            r.beside[0].caption
+        );
     }
 
     #[test]
@@ -771,10 +1084,16 @@ mod tests {
         let r = Report::build(&dir).unwrap();
         let s = r.statistics.join("\n");
         // 2 setups x 2 routes x 2 delays, 3 repetitions as blocks: F(1, (8 - 1) x (3 - 1) = 14).
-        assert!(s.contains("F(1, 14)") && s.contains("the repetition as a block"), "{s}");
+        assert!(
+            s.contains("F(1, 14)") && s.contains("the repetition as a block"),
+            "{s}"
+        );
         // Regression: a significant F test without direction was printed as "supported". This run
         // has no 200 ms cell, which the pre-specified contrast needs (verdict.rs tests the rest).
-        assert!(s.contains("Verdict: cannot be computed: no cell ran at 200 ms"), "{s}");
+        assert!(
+            s.contains("Verdict: cannot be computed: no cell ran at 200 ms"),
+            "{s}"
+        );
         assert!(!s.contains("supported"), "{s}");
         assert!(r.study_tables[1].rows[1][1].contains('±'));
         std::fs::remove_dir_all(root).unwrap();
@@ -782,9 +1101,24 @@ mod tests {
 
     /// A probe summary with the given means: `requests` over 30 s, server time, round trips and
     /// connects per request, database wait per request, and CPU.
-    fn summary(requests: u64, server_ms: f64, rt: f64, connects: f64, wait_ms: f64, serving: (u64, f64, f64), on_cpu_s: f64) -> Summary {
+    fn summary(
+        requests: u64,
+        server_ms: f64,
+        rt: f64,
+        connects: f64,
+        wait_ms: f64,
+        serving: (u64, f64, f64),
+        on_cpu_s: f64,
+    ) -> Summary {
         use crate::aggregate::{summary::*, Quantiles, Ratios};
-        let q = |n: u64, ms: f64| Quantiles { count: n, p50_ms: ms, p90_ms: ms, p99_ms: ms, max_ms: ms, mean_ms: ms };
+        let q = |n: u64, ms: f64| Quantiles {
+            count: n,
+            p50_ms: ms,
+            p90_ms: ms,
+            p99_ms: ms,
+            max_ms: ms,
+            mean_ms: ms,
+        };
         Summary {
             kind: "summary".into(),
             version: SUMMARY_VERSION,
@@ -806,7 +1140,12 @@ mod tests {
                 conns_opened: 0,
                 conns_closed: 0,
             },
-            ratios: Ratios { db_round_trips_per_request: Some(rt), db_wait_ms_per_request: Some(wait_ms), db_wait_share_of_server_time: Some(wait_ms / server_ms), attributed_share: None },
+            ratios: Ratios {
+                db_round_trips_per_request: Some(rt),
+                db_wait_ms_per_request: Some(wait_ms),
+                db_wait_share_of_server_time: Some(wait_ms / server_ms),
+                attributed_share: None,
+            },
             http_conns_opened: 0,
             http_conns_closed: 0,
             cpu: CpuSummary {
@@ -826,16 +1165,28 @@ mod tests {
     }
 
     fn findings_of(cells: Vec<CellResult>) -> (Vec<String>, Vec<(String, Vec<String>)>) {
-        let root = std::env::temp_dir().join(format!("awl-report-findings-{}-{}", std::process::id(), cells.len()));
+        let root = std::env::temp_dir().join(format!(
+            "awl-report-findings-{}-{}",
+            std::process::id(),
+            cells.len()
+        ));
         let _ = std::fs::remove_dir_all(&root);
-        let index = Index { version: RESULTS_VERSION, created_unix_s: 0.0, config: serde_json::json!({}), planned: vec![] };
+        let index = Index {
+            version: RESULTS_VERSION,
+            created_unix_s: 0.0,
+            config: serde_json::json!({}),
+            planned: vec![],
+        };
         let dir = ResultsDir::create(&root, &index).unwrap();
         for c in &cells {
             dir.write_cell(c).unwrap();
         }
         let r = Report::build(&dir).unwrap();
         std::fs::remove_dir_all(root).unwrap();
-        (r.findings.into_iter().flat_map(|(_, l)| l).collect(), r.questions)
+        (
+            r.findings.into_iter().flat_map(|(_, l)| l).collect(),
+            r.questions,
+        )
     }
 
     fn with(mut c: CellResult, probes: Summary, refusals: Option<u64>) -> CellResult {
@@ -851,57 +1202,139 @@ mod tests {
         // 4 round trips + 1 connect at 100 ms = 500 ms of delay paid per request: bound when the
         // mean server time is 600 ms (500 >= 300), not when it is 2000 ms (500 < 1000).
         let cells = vec![
-            with(cell("sync", "io_read", 100, 1, 50), summary(50, 600.0, 4.0, 1.0, 410.0, (1, 3.0, 27.0), 3.5), None),
-            with(cell("sync", "io_create", 100, 1, 50), summary(50, 2000.0, 4.0, 1.0, 410.0, (1, 3.0, 27.0), 3.5), None),
-            with(cell("async-limited", "io_read", 100, 1, 900), summary(900, 900.0, 4.0, 1.0, 450.0, (1, 12.0, 18.0), 15.0), Some(37)),
-            with(cell("async-limited", "io_create", 100, 1, 900), summary(900, 900.0, 4.0, 1.0, 450.0, (1, 12.0, 18.0), 15.0), None),
+            with(
+                cell("sync", "io_read", 100, 1, 50),
+                summary(50, 600.0, 4.0, 1.0, 410.0, (1, 3.0, 27.0), 3.5),
+                None,
+            ),
+            with(
+                cell("sync", "io_create", 100, 1, 50),
+                summary(50, 2000.0, 4.0, 1.0, 410.0, (1, 3.0, 27.0), 3.5),
+                None,
+            ),
+            with(
+                cell("async-limited", "io_read", 100, 1, 900),
+                summary(900, 900.0, 4.0, 1.0, 450.0, (1, 12.0, 18.0), 15.0),
+                Some(37),
+            ),
+            with(
+                cell("async-limited", "io_create", 100, 1, 900),
+                summary(900, 900.0, 4.0, 1.0, 450.0, (1, 12.0, 18.0), 15.0),
+                None,
+            ),
         ];
         let (f, _) = findings_of(cells);
         let all = f.join("\n");
-        let bound: Vec<&String> = f.iter().filter(|l| l.contains("bound by round trips")).collect();
+        let bound: Vec<&String> = f
+            .iter()
+            .filter(|l| l.contains("bound by round trips"))
+            .collect();
         assert_eq!(bound.len(), 1, "{all}");
-        assert!(bound[0].starts_with("Sync io_read at 100 ms") && bound[0].contains("paid about 500 ms"), "{all}");
-        assert!(f.iter().any(|l| l.starts_with("Sync io_create at 100 ms: mean server time 2000 ms")), "{all}");
+        assert!(
+            bound[0].starts_with("Sync io_read at 100 ms")
+                && bound[0].contains("paid about 500 ms"),
+            "{all}"
+        );
+        assert!(
+            f.iter()
+                .any(|l| l.starts_with("Sync io_create at 100 ms: mean server time 2000 ms")),
+            "{all}"
+        );
         // The connection limit only where PostgreSQL's log counted refusals, with the count.
-        let limit: Vec<&String> = f.iter().filter(|l| l.contains("connection limit")).collect();
+        let limit: Vec<&String> = f
+            .iter()
+            .filter(|l| l.contains("connection limit"))
+            .collect();
         assert_eq!(limit.len(), 1, "{all}");
-        assert!(limit[0].starts_with("Async Limited at 100 ms") && limit[0].contains("refused 37 connections"), "{all}");
-        assert!(f.iter().filter(|l| l.starts_with("Async Limited")).all(|l| l.contains("most failures were http_500 (2)")), "{all}");
+        assert!(
+            limit[0].starts_with("Async Limited at 100 ms")
+                && limit[0].contains("refused 37 connections"),
+            "{all}"
+        );
+        assert!(
+            f.iter()
+                .filter(|l| l.starts_with("Async Limited"))
+                .all(|l| l.contains("most failures were http_500 (2)")),
+            "{all}"
+        );
         // CPU: the serving thread's share and the server's CPU per second, no diluted off-CPU share.
         assert!(!all.contains("off CPU"), "{all}");
         assert!(all.contains("the 1 thread(s) that read its requests were on CPU 40 % of the time; the server used 0.50 CPU seconds per second"), "{all}");
         // Zero refusals counted: said, and no connection-limit claim.
         let (f, _) = findings_of(vec![
-            with(cell("sync", "io_read", 0, 1, 50), summary(50, 10.0, 4.0, 1.0, 4.0, (1, 1.0, 1.0), 1.0), None),
-            with(cell("async-limited", "io_read", 0, 1, 60), summary(60, 10.0, 4.0, 1.0, 4.0, (1, 1.0, 1.0), 1.0), Some(0)),
+            with(
+                cell("sync", "io_read", 0, 1, 50),
+                summary(50, 10.0, 4.0, 1.0, 4.0, (1, 1.0, 1.0), 1.0),
+                None,
+            ),
+            with(
+                cell("async-limited", "io_read", 0, 1, 60),
+                summary(60, 10.0, 4.0, 1.0, 4.0, (1, 1.0, 1.0), 1.0),
+                Some(0),
+            ),
         ]);
         let all = f.join("\n");
-        assert!(all.contains("PostgreSQL refused no connection") && !all.contains("connection limit"), "{all}");
-        assert!(!all.contains("bound by round trips"), "no delay, no claim: {all}");
+        assert!(
+            all.contains("PostgreSQL refused no connection") && !all.contains("connection limit"),
+            "{all}"
+        );
+        assert!(
+            !all.contains("bound by round trips"),
+            "no delay, no claim: {all}"
+        );
     }
 
     /// The open questions: a measured decomposition where the cells exist, and what is missing
     /// where they do not.
     #[test]
     fn open_questions_are_answered_from_the_cells_or_say_what_is_missing() {
-        let (_, q) = findings_of(vec![with(cell("sync", "io_read", 0, 1, 50), summary(50, 10.0, 4.0, 1.0, 4.0, (1, 1.0, 1.0), 1.0), None)]);
+        let (_, q) = findings_of(vec![with(
+            cell("sync", "io_read", 0, 1, 50),
+            summary(50, 10.0, 4.0, 1.0, 4.0, (1, 1.0, 1.0), 1.0),
+            None,
+        )]);
         assert_eq!(q.len(), 2);
-        assert!(q[0].1[0].starts_with("Not answered: needs cpu cells"), "{q:?}");
-        assert!(q[1].1[0].starts_with("Not answered: needs Async Limited io_create"), "{q:?}");
+        assert!(
+            q[0].1[0].starts_with("Not answered: needs cpu cells"),
+            "{q:?}"
+        );
+        assert!(
+            q[1].1[0].starts_with("Not answered: needs Async Limited io_create"),
+            "{q:?}"
+        );
 
         let mut cells = Vec::new();
         for rep in 1..=3 {
             // cpu: no database connection in either setup, same successes up to noise.
-            cells.push(with(cell("async-unlimited", "cpu", 0, rep, 90 + rep as u64), summary(90, 700.0, 0.0, 0.0, 0.0, (1, 27.0, 3.0), 27.0), Some(0)));
-            cells.push(with(cell("async-limited", "cpu", 0, rep, 91 + rep as u64), summary(90, 700.0, 0.0, 0.0, 0.0, (1, 27.0, 3.0), 27.0), Some(0)));
+            cells.push(with(
+                cell("async-unlimited", "cpu", 0, rep, 90 + rep as u64),
+                summary(90, 700.0, 0.0, 0.0, 0.0, (1, 27.0, 3.0), 27.0),
+                Some(0),
+            ));
+            cells.push(with(
+                cell("async-limited", "cpu", 0, rep, 91 + rep as u64),
+                summary(90, 700.0, 0.0, 0.0, 0.0, (1, 27.0, 3.0), 27.0),
+                Some(0),
+            ));
         }
         // io_create: 1000 requests in 30 s; at 0 ms 10 ms in the server (4 wait, 1 connect, 3 CPU),
         // at 200 ms 2000 ms (1000 wait, 200 connect, 3 CPU).
-        cells.push(with(cell("async-limited", "io_create", 0, 1, 5000), summary(1000, 10.0, 4.0, 0.01, 4.0, (1, 5.0, 25.0), 3.0), Some(0)));
-        cells.push(with(cell("async-limited", "io_create", 200, 1, 800), summary(1000, 2000.0, 5.0, 2.0, 1000.0, (1, 5.0, 25.0), 3.0), Some(0)));
+        cells.push(with(
+            cell("async-limited", "io_create", 0, 1, 5000),
+            summary(1000, 10.0, 4.0, 0.01, 4.0, (1, 5.0, 25.0), 3.0),
+            Some(0),
+        ));
+        cells.push(with(
+            cell("async-limited", "io_create", 200, 1, 800),
+            summary(1000, 2000.0, 5.0, 2.0, 1000.0, (1, 5.0, 25.0), 3.0),
+            Some(0),
+        ));
         let (_, q) = findings_of(cells);
         let cpu = q[0].1.join("\n");
-        assert!(cpu.contains("opened no database connection in either setup"), "{cpu}");
+        assert!(
+            cpu.contains("opened no database connection in either setup"),
+            "{cpu}"
+        );
         assert!(cpu.contains("intervals overlap"), "{cpu}");
         let io = q[1].1.join("\n");
         // Connect time per request: connects/request x mean connect time (100 ms in `summary`).
@@ -909,4 +1342,3 @@ mod tests {
         assert!(io.contains("From 0 to 200 ms its successes went from 5000 to 800; its mean server time grew by 1990 ms: database wait +996 ms, connecting +199 ms, server CPU +0 ms, waiting in the server +795 ms."), "{io}");
     }
 }
-

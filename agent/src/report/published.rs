@@ -100,21 +100,33 @@ pub fn published(route: &str, delay_ms: u32, setup: &str) -> Option<(u64, f64)> 
 /// durations. Totals grow with the run time and the peak depends on the ramp, so only scale-free
 /// ratios (async / sync) compare across profiles.
 pub fn not_comparable<'a>(cells: impl IntoIterator<Item = &'a CellResult>) -> Option<String> {
-    let study_s = crate::load::ClosedSchedule::study().duration().as_secs_f64();
+    let study_s = crate::load::ClosedSchedule::study()
+        .duration()
+        .as_secs_f64();
     // Our side of the label: the planned duration, or the profile's name when only that differs.
     let ours: std::collections::BTreeSet<(u64, String)> = cells
         .into_iter()
         .filter(|c| c.profile != "study" || (c.load.planned_s - study_s).abs() >= 0.5)
         .map(|c| {
             let s = c.load.planned_s.round();
-            (s as u64, if s == study_s.round() { format!("{} profile", c.profile) } else { format!("{s:.0} s") })
+            (
+                s as u64,
+                if s == study_s.round() {
+                    format!("{} profile", c.profile)
+                } else {
+                    format!("{s:.0} s")
+                },
+            )
         })
         .collect();
     if ours.is_empty() {
         return None;
     }
     let ours: Vec<String> = ours.into_iter().map(|(_, label)| label).collect();
-    Some(format!("not comparable ({} vs {study_s:.0} s)", ours.join(", ")))
+    Some(format!(
+        "not comparable ({} vs {study_s:.0} s)",
+        ours.join(", ")
+    ))
 }
 
 #[cfg(test)]
@@ -124,7 +136,10 @@ mod tests {
     #[test]
     fn quick_cells_are_not_comparable_with_the_studys_180_s() {
         let quick = cell("sync", "io_read", 100, 1, 100);
-        assert_eq!(super::not_comparable([&quick]).as_deref(), Some("not comparable (30 s vs 180 s)"));
+        assert_eq!(
+            super::not_comparable([&quick]).as_deref(),
+            Some("not comparable (30 s vs 180 s)")
+        );
         let mut study = quick.clone();
         study.profile = "study".into();
         study.load.planned_s = 180.0;
@@ -133,13 +148,22 @@ mod tests {
         // "study" cell that planned less, is not the study's run.
         let mut short = study.clone();
         short.load.planned_s = 60.0;
-        assert_eq!(super::not_comparable([&study, &short]).as_deref(), Some("not comparable (60 s vs 180 s)"));
+        assert_eq!(
+            super::not_comparable([&study, &short]).as_deref(),
+            Some("not comparable (60 s vs 180 s)")
+        );
         let mut other = study.clone();
         other.profile = "smoke".into();
-        assert_eq!(super::not_comparable([&other]).as_deref(), Some("not comparable (smoke profile vs 180 s)"));
+        assert_eq!(
+            super::not_comparable([&other]).as_deref(),
+            Some("not comparable (smoke profile vs 180 s)")
+        );
         let mut smoke = quick.clone();
         smoke.load.planned_s = 15.0;
-        assert_eq!(super::not_comparable([&quick, &smoke, &study]).as_deref(), Some("not comparable (15 s, 30 s vs 180 s)"));
+        assert_eq!(
+            super::not_comparable([&quick, &smoke, &study]).as_deref(),
+            Some("not comparable (15 s, 30 s vs 180 s)")
+        );
     }
 
     #[test]
@@ -147,7 +171,10 @@ mod tests {
         for route in ["cpu", "io_read", "io_create"] {
             for delay in [0, 100, 200] {
                 for &setup in super::STUDY_SETUPS {
-                    let n = super::PUBLISHED.iter().filter(|p| p.0 == route && p.1 == delay && p.2 == setup).count();
+                    let n = super::PUBLISHED
+                        .iter()
+                        .filter(|p| p.0 == route && p.1 == delay && p.2 == setup)
+                        .count();
                     assert_eq!(n, 1, "{route} {delay} {setup}");
                 }
             }

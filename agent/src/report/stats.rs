@@ -25,11 +25,21 @@ pub fn mean_ci(values: &[f64]) -> Option<MeanCi> {
     }
     let mean = values.iter().sum::<f64>() / n as f64;
     if n < 2 {
-        return Some(MeanCi { n, mean, half_width: None });
+        return Some(MeanCi {
+            n,
+            mean,
+            half_width: None,
+        });
     }
     let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
-    let t = StudentsT::new(0.0, 1.0, (n - 1) as f64).ok()?.inverse_cdf(0.975);
-    Some(MeanCi { n, mean, half_width: Some(t * (var / n as f64).sqrt()) })
+    let t = StudentsT::new(0.0, 1.0, (n - 1) as f64)
+        .ok()?
+        .inverse_cdf(0.975);
+    Some(MeanCi {
+        n,
+        mean,
+        half_width: Some(t * (var / n as f64).sqrt()),
+    })
 }
 
 /// The one way the report prints a p-value. Tails come from the survival function, so tiny values
@@ -86,7 +96,15 @@ pub fn contrast(cells: &[(f64, &[f64])]) -> Result<Contrast, String> {
     let dist = StudentsT::new(0.0, 1.0, df).map_err(|e| e.to_string())?;
     let q = dist.inverse_cdf(0.975);
     let t = estimate / se;
-    Ok(Contrast { estimate, se, df, t, ci95: (estimate - q * se, estimate + q * se), p_greater: dist.sf(t), p_less: dist.sf(-t) })
+    Ok(Contrast {
+        estimate,
+        se,
+        df,
+        t,
+        ci95: (estimate - q * se, estimate + q * se),
+        p_greater: dist.sf(t),
+        p_less: dist.sf(-t),
+    })
 }
 
 /// Result of the F test of the three-way interaction term.
@@ -103,7 +121,9 @@ pub struct Interaction {
 /// the A x B x C interaction, or why it cannot be computed. The block (a repetition, which runs
 /// every cell once) takes its variation out of the error term: error df = (abc - 1)(blocks - 1).
 #[allow(clippy::needless_range_loop)] // the (a, b, c) indices are the design's own notation
-pub fn three_way_interaction(data: &BTreeMap<(usize, usize, usize), Vec<f64>>) -> Result<Interaction, String> {
+pub fn three_way_interaction(
+    data: &BTreeMap<(usize, usize, usize), Vec<f64>>,
+) -> Result<Interaction, String> {
     let la = data.keys().map(|k| k.0).max().map_or(0, |m| m + 1);
     let lb = data.keys().map(|k| k.1).max().map_or(0, |m| m + 1);
     let lc = data.keys().map(|k| k.2).max().map_or(0, |m| m + 1);
@@ -118,7 +138,9 @@ pub fn three_way_interaction(data: &BTreeMap<(usize, usize, usize), Vec<f64>>) -
     for a in 0..la {
         for b in 0..lb {
             for c in 0..lc {
-                let v = data.get(&(a, b, c)).ok_or("unbalanced: a cell is missing")?;
+                let v = data
+                    .get(&(a, b, c))
+                    .ok_or("unbalanced: a cell is missing")?;
                 if v.len() != n {
                     return Err("unbalanced: cells have different numbers of repetitions".into());
                 }
@@ -160,13 +182,16 @@ pub fn three_way_interaction(data: &BTreeMap<(usize, usize, usize), Vec<f64>>) -
             mbc[b][c] = (0..la).map(|a| cell[a][b][c]).sum::<f64>() / la as f64;
         }
     }
-    let block: Vec<f64> = (0..n).map(|r| data.values().map(|v| v[r]).sum::<f64>() / data.len() as f64).collect();
+    let block: Vec<f64> = (0..n)
+        .map(|r| data.values().map(|v| v[r]).sum::<f64>() / data.len() as f64)
+        .collect();
     let mut ss_abc = 0.0;
     let mut ss_e = 0.0;
     for a in 0..la {
         for b in 0..lb {
             for c in 0..lc {
-                let e = cell[a][b][c] - mab[a][b] - mac[a][c] - mbc[b][c] + ma[a] + mb[b] + mc[c] - g;
+                let e =
+                    cell[a][b][c] - mab[a][b] - mac[a][c] - mbc[b][c] + ma[a] + mb[b] + mc[c] - g;
                 ss_abc += n as f64 * e * e;
                 for (r, y) in data[&(a, b, c)].iter().enumerate() {
                     // Residual of the additive cell + block model.
@@ -184,7 +209,12 @@ pub fn three_way_interaction(data: &BTreeMap<(usize, usize, usize), Vec<f64>>) -
     }
     let f = (ss_abc / df_effect) / (ss_e / df_error);
     let dist = FisherSnedecor::new(df_effect, df_error).map_err(|e| e.to_string())?;
-    Ok(Interaction { f, df_effect, df_error, p: dist.sf(f) })
+    Ok(Interaction {
+        f,
+        df_effect,
+        df_error,
+        p: dist.sf(f),
+    })
 }
 
 #[cfg(test)]
@@ -217,12 +247,20 @@ mod tests {
         // Welch df = (4/3)^2 / (4 x (1/3)^2 / 2) = 8; t(0.975, 8) = 2.306004 (tables):
         // CI 4 +- 2.662752 = (1.337248, 6.662752). t = 3.4641 lies between t(0.995, 8) = 3.3554
         // and t(0.9975, 8) = 3.8325, so the one-sided p is between 0.0025 and 0.005.
-        let (a, b, c, d) = ([1.0, 2.0, 3.0], [2.0, 3.0, 4.0], [4.0, 5.0, 6.0], [9.0, 10.0, 11.0]);
+        let (a, b, c, d) = (
+            [1.0, 2.0, 3.0],
+            [2.0, 3.0, 4.0],
+            [4.0, 5.0, 6.0],
+            [9.0, 10.0, 11.0],
+        );
         let k = contrast(&[(1.0, &a), (-1.0, &b), (-1.0, &c), (1.0, &d)]).unwrap();
         assert!((k.estimate - 4.0).abs() < 1e-12, "{k:?}");
         assert!((k.se - 1.154701).abs() < 1e-6, "{k:?}");
         assert!((k.df - 8.0).abs() < 1e-9, "{k:?}");
-        assert!((k.ci95.0 - 1.337248).abs() < 1e-5 && (k.ci95.1 - 6.662752).abs() < 1e-5, "{k:?}");
+        assert!(
+            (k.ci95.0 - 1.337248).abs() < 1e-5 && (k.ci95.1 - 6.662752).abs() < 1e-5,
+            "{k:?}"
+        );
         assert!(k.p_greater > 0.0025 && k.p_greater < 0.005, "{k:?}");
         assert!((k.p_greater + k.p_less - 1.0).abs() < 1e-12, "{k:?}");
         // Unequal variances: A (s^2 = 1) against E = 4,6,8 (s^2 = 4), n = 3 each:
@@ -231,8 +269,14 @@ mod tests {
         let k = contrast(&[(-1.0, &a), (1.0, &e)]).unwrap();
         assert!((k.df - 50.0 / 17.0).abs() < 1e-9, "{k:?}");
         assert!((k.se * k.se - 5.0 / 3.0).abs() < 1e-12, "{k:?}");
-        assert!(contrast(&[(1.0, &[1.0]), (-1.0, &a)]).is_err(), "one repetition has no variance");
-        assert!(contrast(&[(1.0, &[1.0, 1.0]), (-1.0, &[2.0, 2.0])]).is_err(), "no variation");
+        assert!(
+            contrast(&[(1.0, &[1.0]), (-1.0, &a)]).is_err(),
+            "one repetition has no variance"
+        );
+        assert!(
+            contrast(&[(1.0, &[1.0, 1.0]), (-1.0, &[2.0, 2.0])]).is_err(),
+            "no variation"
+        );
     }
 
     /// A deterministic jitter in [-0.2, 0.2] that is not a block effect (it varies within blocks).
@@ -240,14 +284,29 @@ mod tests {
         ((a * 7 + b * 3 + c * 5 + r * 11) as f64 * 12.9898).sin() * 0.2
     }
 
-    fn design(interaction: f64, block_shift: [f64; 3]) -> BTreeMap<(usize, usize, usize), Vec<f64>> {
+    fn design(
+        interaction: f64,
+        block_shift: [f64; 3],
+    ) -> BTreeMap<(usize, usize, usize), Vec<f64>> {
         // Additive effects plus an interaction only in cell (1,1,2), a shift per block, jitter.
         let mut d = BTreeMap::new();
         for a in 0..2 {
             for b in 0..2 {
                 for c in 0..3 {
-                    let base = a as f64 + 2.0 * b as f64 + 0.5 * c as f64 + if (a, b, c) == (1, 1, 2) { interaction } else { 0.0 };
-                    d.insert((a, b, c), (0..3).map(|r| base + block_shift[r] + jitter(a, b, c, r)).collect());
+                    let base = a as f64
+                        + 2.0 * b as f64
+                        + 0.5 * c as f64
+                        + if (a, b, c) == (1, 1, 2) {
+                            interaction
+                        } else {
+                            0.0
+                        };
+                    d.insert(
+                        (a, b, c),
+                        (0..3)
+                            .map(|r| base + block_shift[r] + jitter(a, b, c, r))
+                            .collect(),
+                    );
                 }
             }
         }
@@ -270,10 +329,16 @@ mod tests {
         // model without blocks would see the shifts as error and lose the interaction.
         let plain = three_way_interaction(&design(1.0, [0.0; 3])).unwrap();
         let shifted = three_way_interaction(&design(1.0, [0.0, 5.0, -3.0])).unwrap();
-        assert!((plain.f - shifted.f).abs() < 1e-6 * plain.f, "{plain:?} {shifted:?}");
+        assert!(
+            (plain.f - shifted.f).abs() < 1e-6 * plain.f,
+            "{plain:?} {shifted:?}"
+        );
         assert!((plain.p - shifted.p).abs() < 1e-9, "{plain:?} {shifted:?}");
         // A pure block effect with no other variation is no evidence of anything.
-        let flat: BTreeMap<_, _> = design(1.0, [0.0; 3]).into_keys().map(|k| (k, vec![1.0, 2.0, 4.0])).collect();
+        let flat: BTreeMap<_, _> = design(1.0, [0.0; 3])
+            .into_keys()
+            .map(|k| (k, vec![1.0, 2.0, 4.0]))
+            .collect();
         assert!(three_way_interaction(&flat).is_err());
     }
 
@@ -288,18 +353,33 @@ mod tests {
         for a in 0..2 {
             for b in 0..2 {
                 for c in 0..2 {
-                    let base = 1.0 + a as f64 - b as f64 + 0.3 * c as f64 + if (a, b, c) == (1, 1, 1) { 0.8 } else { 0.0 };
-                    d.insert((a, b, c), (0..n).map(|r| base + 0.4 * r as f64 + jitter(a, b, c, r)).collect::<Vec<f64>>());
+                    let base = 1.0 + a as f64 - b as f64
+                        + 0.3 * c as f64
+                        + if (a, b, c) == (1, 1, 1) { 0.8 } else { 0.0 };
+                    d.insert(
+                        (a, b, c),
+                        (0..n)
+                            .map(|r| base + 0.4 * r as f64 + jitter(a, b, c, r))
+                            .collect::<Vec<f64>>(),
+                    );
                 }
             }
         }
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-        let sign = |(a, b, c): (usize, usize, usize)| ((2 * a as i32 - 1) * (2 * b as i32 - 1) * (2 * c as i32 - 1)) as f64;
+        let sign = |(a, b, c): (usize, usize, usize)| {
+            ((2 * a as i32 - 1) * (2 * b as i32 - 1) * (2 * c as i32 - 1)) as f64
+        };
         let l: f64 = d.iter().map(|(k, v)| sign(*k) * mean(v)).sum();
         let ss_abc = n as f64 * l * l / 8.0;
-        let within: f64 = d.values().map(|v| v.iter().map(|y| (y - mean(v)).powi(2)).sum::<f64>()).sum();
+        let within: f64 = d
+            .values()
+            .map(|v| v.iter().map(|y| (y - mean(v)).powi(2)).sum::<f64>())
+            .sum();
         let grand = mean(&d.values().flatten().copied().collect::<Vec<_>>());
-        let blocks: f64 = (0..n).map(|r| (mean(&d.values().map(|v| v[r]).collect::<Vec<_>>()) - grand).powi(2)).sum::<f64>() * 8.0;
+        let blocks: f64 = (0..n)
+            .map(|r| (mean(&d.values().map(|v| v[r]).collect::<Vec<_>>()) - grand).powi(2))
+            .sum::<f64>()
+            * 8.0;
         let f = ss_abc / ((within - blocks) / (7 * (n - 1)) as f64);
         let i = three_way_interaction(&d).unwrap();
         assert_eq!((i.df_effect, i.df_error), (1.0, 21.0));
@@ -310,8 +390,13 @@ mod tests {
     fn unbalanced_or_unreplicated_designs_are_refused() {
         let mut d = design(1.0, [0.0; 3]);
         d.get_mut(&(0, 0, 0)).unwrap().pop();
-        assert!(three_way_interaction(&d).unwrap_err().contains("unbalanced"));
-        let single: BTreeMap<_, _> = design(1.0, [0.0; 3]).into_iter().map(|(k, v)| (k, vec![v[0]])).collect();
+        assert!(three_way_interaction(&d)
+            .unwrap_err()
+            .contains("unbalanced"));
+        let single: BTreeMap<_, _> = design(1.0, [0.0; 3])
+            .into_iter()
+            .map(|(k, v)| (k, vec![v[0]]))
+            .collect();
         assert!(three_way_interaction(&single).is_err());
     }
 }

@@ -3,7 +3,9 @@
 
 use std::fmt::Write as _;
 
-const COLORS: &[&str] = &["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf"];
+const COLORS: &[&str] = &[
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf",
+];
 
 /// One named series of (x, y) points.
 pub struct Series {
@@ -26,7 +28,10 @@ pub struct Chart<'a> {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// Round tick step for a span (1, 2 or 5 times a power of ten).
@@ -53,7 +58,10 @@ fn fmt_tick(v: f64) -> String {
     if v.abs() >= 1000.0 || v.fract().abs() < 1e-9 {
         format!("{:.0}", v)
     } else {
-        format!("{:.2}", v).trim_end_matches('0').trim_end_matches('.').to_string()
+        format!("{:.2}", v)
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_string()
     }
 }
 
@@ -61,8 +69,15 @@ impl Chart<'_> {
     pub fn render(&self) -> String {
         let (w, h) = (460.0, 282.0);
         let (l, r, t, b) = (58.0, 12.0, 26.0, 72.0);
-        let pts: Vec<(f64, f64)> = self.series.iter().flat_map(|s| s.points.iter().copied()).filter(|p| p.0.is_finite() && p.1.is_finite()).collect();
-        let (mut x0, mut x1) = pts.iter().fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.0), a.1.max(p.0)));
+        let pts: Vec<(f64, f64)> = self
+            .series
+            .iter()
+            .flat_map(|s| s.points.iter().copied())
+            .filter(|p| p.0.is_finite() && p.1.is_finite())
+            .collect();
+        let (mut x0, mut x1) = pts
+            .iter()
+            .fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.0), a.1.max(p.0)));
         let y1 = pts.iter().fold(f64::MIN, |a, p| a.max(p.1));
         if pts.is_empty() {
             x0 = 0.0;
@@ -124,15 +139,31 @@ impl Chart<'_> {
         );
         for (i, se) in self.series.iter().enumerate() {
             let color = COLORS[i % COLORS.len()];
-            let good: Vec<&(f64, f64)> = se.points.iter().filter(|p| p.0.is_finite() && p.1.is_finite()).collect();
+            let good: Vec<&(f64, f64)> = se
+                .points
+                .iter()
+                .filter(|p| p.0.is_finite() && p.1.is_finite())
+                .collect();
             match self.style {
                 Style::Lines if good.len() > 1 => {
-                    let d: Vec<String> = good.iter().map(|p| format!("{:.1},{:.1}", px(p.0), py(p.1))).collect();
-                    let _ = write!(s, r#"<polyline fill="none" stroke="{color}" stroke-width="1.6" points="{}"/>"#, d.join(" "));
+                    let d: Vec<String> = good
+                        .iter()
+                        .map(|p| format!("{:.1},{:.1}", px(p.0), py(p.1)))
+                        .collect();
+                    let _ = write!(
+                        s,
+                        r#"<polyline fill="none" stroke="{color}" stroke-width="1.6" points="{}"/>"#,
+                        d.join(" ")
+                    );
                 }
                 _ => {
                     for p in &good {
-                        let _ = write!(s, r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{color}"/>"#, px(p.0), py(p.1));
+                        let _ = write!(
+                            s,
+                            r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{color}"/>"#,
+                            px(p.0),
+                            py(p.1)
+                        );
                     }
                 }
             }
@@ -163,8 +194,14 @@ mod tests {
             x_label: "t (s)",
             y_label: "req/s",
             series: vec![
-                Series { name: "one".into(), points: vec![(0.0, 1.0), (1.0, 3.0), (2.0, f64::NAN)] },
-                Series { name: "two".into(), points: vec![] },
+                Series {
+                    name: "one".into(),
+                    points: vec![(0.0, 1.0), (1.0, 3.0), (2.0, f64::NAN)],
+                },
+                Series {
+                    name: "two".into(),
+                    points: vec![],
+                },
             ],
             style: Style::Lines,
         };

@@ -19,29 +19,55 @@ fn shorts(paths: &[impl AsRef<str>]) -> String {
     if paths.is_empty() {
         return "none".into();
     }
-    paths.iter().map(|p| short(p.as_ref())).collect::<Vec<_>>().join(", ")
+    paths
+        .iter()
+        .map(|p| short(p.as_ref()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// PostgreSQL's major version from `SHOW server_version` ("15.14 (Debian 15.14-0+deb12u1)").
 fn major(version: &str) -> Option<u32> {
-    version.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    version
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Every way `r` differs from the system the study ran, one phrase each.
 pub fn deviations(r: &SystemRecord) -> Vec<String> {
     let s = &STUDY_SYSTEM;
-    let differs = |ours: &str, theirs: &str, what: &str| (ours != theirs).then(|| format!("{what} {ours} (the study: {theirs})"));
+    let differs = |ours: &str, theirs: &str, what: &str| {
+        (ours != theirs).then(|| format!("{what} {ours} (the study: {theirs})"))
+    };
     let mut out = Vec::new();
     out.extend(differs(&r.django, s.django, "Django"));
     out.extend(differs(&r.db_driver, s.db_driver, "database driver"));
-    out.extend(differs(r.gunicorn.as_deref().unwrap_or("missing"), s.gunicorn, "gunicorn"));
+    out.extend(differs(
+        r.gunicorn.as_deref().unwrap_or("missing"),
+        s.gunicorn,
+        "gunicorn",
+    ));
     if r.setup != "sync" {
-        out.extend(differs(r.uvicorn.as_deref().unwrap_or("missing"), s.uvicorn, "uvicorn"));
+        out.extend(differs(
+            r.uvicorn.as_deref().unwrap_or("missing"),
+            s.uvicorn,
+            "uvicorn",
+        ));
     }
     if r.debug != s.debug {
-        out.push(format!("DEBUG {} (the study: {})", on_off(r.debug), on_off(s.debug)));
+        out.push(format!(
+            "DEBUG {} (the study: {})",
+            on_off(r.debug),
+            on_off(s.debug)
+        ));
     }
-    if r.middleware.iter().map(String::as_str).ne(s.middleware.iter().copied()) {
+    if r.middleware
+        .iter()
+        .map(String::as_str)
+        .ne(s.middleware.iter().copied())
+    {
         out.push(format!(
             "middleware: {} (the study: Django's default minus CSRF: {})",
             shorts(r.middleware.as_slice()),
@@ -49,8 +75,13 @@ pub fn deviations(r: &SystemRecord) -> Vec<String> {
         ));
     }
     if r.conn_max_age != Some(s.conn_max_age) {
-        let ours = r.conn_max_age.map_or("None (kept forever)".to_string(), |v| v.to_string());
-        out.push(format!("CONN_MAX_AGE {ours} (the study: {}, a new connection per request)", s.conn_max_age));
+        let ours = r
+            .conn_max_age
+            .map_or("None (kept forever)".to_string(), |v| v.to_string());
+        out.push(format!(
+            "CONN_MAX_AGE {ours} (the study: {}, a new connection per request)",
+            s.conn_max_age
+        ));
     }
     if r.db_pool {
         out.push("a database connection pool (the study: a new connection per request)".into());
@@ -59,16 +90,29 @@ pub fn deviations(r: &SystemRecord) -> Vec<String> {
         out.push(format!(
             "root logger at {}, SQL statements {} (the study: {}, every SQL statement printed)",
             r.root_log_level,
-            if r.sql_logged { "printed" } else { "not printed" },
+            if r.sql_logged {
+                "printed"
+            } else {
+                "not printed"
+            },
             s.root_log_level
         ));
     }
     match major(&r.postgres_version) {
         Some(m) if m == s.postgres_major => {}
-        _ => out.push(format!("PostgreSQL {} (the study: {})", r.postgres_version, s.postgres_major)),
+        _ => out.push(format!(
+            "PostgreSQL {} (the study: {})",
+            r.postgres_version, s.postgres_major
+        )),
     }
-    out.extend(differs(&r.password_encryption, s.password_encryption, "password_encryption"));
-    let auth = r.db_auth_method().unwrap_or("unknown (no pg_hba.conf rule matched)");
+    out.extend(differs(
+        &r.password_encryption,
+        s.password_encryption,
+        "password_encryption",
+    ));
+    let auth = r
+        .db_auth_method()
+        .unwrap_or("unknown (no pg_hba.conf rule matched)");
     if auth != s.db_auth_method {
         out.push(format!(
             "database authentication {auth} (the study: {}, two more round trips on every new connection)",
@@ -78,16 +122,33 @@ pub fn deviations(r: &SystemRecord) -> Vec<String> {
     // The study's setups fix max_connections; Async Pooled is not one of them.
     if let Ok(setup) = <crate::sut::Setup as clap::ValueEnum>::from_str(&r.setup, true) {
         if setup != crate::sut::Setup::AsyncPooled && r.max_connections != setup.max_connections() {
-            out.push(format!("max_connections {} (the study: {})", r.max_connections, setup.max_connections()));
+            out.push(format!(
+                "max_connections {} (the study: {})",
+                r.max_connections,
+                setup.max_connections()
+            ));
         }
     }
     if !r.server_command.is_empty() {
-        let missing: Vec<&str> = s.server_args.iter().copied().filter(|a| !r.server_command.contains(a)).collect();
+        let missing: Vec<&str> = s
+            .server_args
+            .iter()
+            .copied()
+            .filter(|a| !r.server_command.contains(a))
+            .collect();
         if !missing.is_empty() {
-            out.push(format!("server command `{}` lacks {} (the study: {})", r.server_command, missing.join(", "), s.server_args.join(" ")));
+            out.push(format!(
+                "server command `{}` lacks {} (the study: {})",
+                r.server_command,
+                missing.join(", "),
+                s.server_args.join(" ")
+            ));
         }
         if r.server_workers != s.server_workers {
-            out.push(format!("{} server workers (the study: {})", r.server_workers, s.server_workers));
+            out.push(format!(
+                "{} server workers (the study: {})",
+                r.server_workers, s.server_workers
+            ));
         }
     }
     out
@@ -136,7 +197,12 @@ pub fn header_lines(cells: &[CellResult]) -> Vec<String> {
         out.push(d);
     }
     // In the study's column order.
-    let order = |setup: &str| super::SETUPS.iter().position(|(k, _)| *k == setup).unwrap_or(usize::MAX);
+    let order = |setup: &str| {
+        super::SETUPS
+            .iter()
+            .position(|(k, _)| *k == setup)
+            .unwrap_or(usize::MAX)
+    };
     let mut servers: BTreeMap<(&str, usize, &str), BTreeSet<String>> = BTreeMap::new();
     for r in &records {
         servers
@@ -147,12 +213,19 @@ pub fn header_lines(cells: &[CellResult]) -> Vec<String> {
                 r.server_command,
                 r.server_workers,
                 if r.server_workers == 1 { "" } else { "s" },
-                r.uvicorn.as_ref().filter(|_| r.setup != "sync").map_or(String::new(), |u| format!(", uvicorn {u}")),
+                r.uvicorn
+                    .as_ref()
+                    .filter(|_| r.setup != "sync")
+                    .map_or(String::new(), |u| format!(", uvicorn {u}")),
                 r.max_connections
             ));
     }
     for ((stack, _, setup), v) in &servers {
-        out.push(format!("{} ({stack} stack): {}.", super::setup_name(setup), v.iter().cloned().collect::<Vec<_>>().join("; ")));
+        out.push(format!(
+            "{} ({stack} stack): {}.",
+            super::setup_name(setup),
+            v.iter().cloned().collect::<Vec<_>>().join("; ")
+        ));
     }
 
     // Each deviation once, with the setups it concerns.
@@ -163,11 +236,21 @@ pub fn header_lines(cells: &[CellResult]) -> Vec<String> {
             devs.entry(d).or_default().insert(r.setup.as_str());
         }
     }
-    let nfqueue: BTreeSet<&str> = cells.iter().filter(|c| c.delay.backend == "nfqueue").map(|c| c.key.setup.as_str()).collect();
+    let nfqueue: BTreeSet<&str> = cells
+        .iter()
+        .filter(|c| c.delay.backend == "nfqueue")
+        .map(|c| c.key.setup.as_str())
+        .collect();
     if !nfqueue.is_empty() {
-        devs.insert("added delay held by an NFQUEUE delay line (the study: tc netem)".into(), nfqueue);
+        devs.insert(
+            "added delay held by an NFQUEUE delay line (the study: tc netem)".into(),
+            nfqueue,
+        );
     }
-    let every: BTreeSet<&str> = all_setups.union(&cells.iter().map(|c| c.key.setup.as_str()).collect()).copied().collect();
+    let every: BTreeSet<&str> = all_setups
+        .union(&cells.iter().map(|c| c.key.setup.as_str()).collect())
+        .copied()
+        .collect();
     if !devs.is_empty() {
         let list: Vec<String> = devs
             .iter()
@@ -177,11 +260,21 @@ pub fn header_lines(cells: &[CellResult]) -> Vec<String> {
                 } else {
                     let mut setups: Vec<&str> = setups.iter().copied().collect();
                     setups.sort_by_key(|s| order(s));
-                    format!("{d} [{}]", setups.iter().map(|s| super::setup_name(s)).collect::<Vec<_>>().join(", "))
+                    format!(
+                        "{d} [{}]",
+                        setups
+                            .iter()
+                            .map(|s| super::setup_name(s))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
                 }
             })
             .collect();
-        out.push(format!("Deviations from the study's system: {}.", list.join("; ")));
+        out.push(format!(
+            "Deviations from the study's system: {}.",
+            list.join("; ")
+        ));
     } else if !records.is_empty() {
         out.push("No recorded deviation from the study's system.".into());
     }
@@ -234,7 +327,11 @@ mod tests {
     #[test]
     fn the_studys_own_system_deviates_in_nothing() {
         for setup in ["sync", "async-limited", "async-unlimited"] {
-            assert_eq!(deviations(&study_record(setup)), Vec::<String>::new(), "{setup}");
+            assert_eq!(
+                deviations(&study_record(setup)),
+                Vec::<String>::new(),
+                "{setup}"
+            );
         }
     }
 
@@ -248,7 +345,10 @@ mod tests {
         r.middleware = vec!["django.middleware.common.CommonMiddleware".into()];
         r.root_log_level = "WARNING".into();
         r.sql_logged = false;
-        r.db_auth_rule = Some(HbaRule { line: 100, method: "trust".into() });
+        r.db_auth_rule = Some(HbaRule {
+            line: 100,
+            method: "trust".into(),
+        });
         r.db_used_password = Some(false);
         r.max_connections = 1000;
         r.server_command = "gunicorn x --workers 2 --timeout 30".into();
@@ -275,7 +375,10 @@ mod tests {
         let mut pooled = study_record("async-pooled");
         pooled.db_pool = true;
         pooled.max_connections = 100;
-        assert_eq!(deviations(&pooled), vec!["a database connection pool (the study: a new connection per request)"]);
+        assert_eq!(
+            deviations(&pooled),
+            vec!["a database connection pool (the study: a new connection per request)"]
+        );
     }
 
     #[test]
@@ -285,7 +388,10 @@ mod tests {
         for (setup, auth) in [("sync", "trust"), ("async-limited", "scram-sha-256")] {
             let mut c = cell(setup, "io_read", 100, 1, 100);
             let mut r = study_record(setup);
-            r.db_auth_rule = Some(HbaRule { line: 100, method: auth.into() });
+            r.db_auth_rule = Some(HbaRule {
+                line: 100,
+                method: auth.into(),
+            });
             r.debug = false;
             c.system = Some(r);
             c.delay.backend = "netem".into();
@@ -293,16 +399,34 @@ mod tests {
         }
         cells.push(cell("async-unlimited", "io_read", 100, 1, 100));
         let h = header_lines(&cells);
-        let dev = h.iter().find(|l| l.starts_with("Deviations")).unwrap_or_else(|| panic!("{h:#?}"));
+        let dev = h
+            .iter()
+            .find(|l| l.starts_with("Deviations"))
+            .unwrap_or_else(|| panic!("{h:#?}"));
         assert_eq!(dev.matches("DEBUG off").count(), 1, "{dev}");
         assert!(dev.contains("database authentication trust (the study: scram-sha-256, two more round trips on every new connection) [Sync]"), "{dev}");
         // The third cell's delay ran through the NFQUEUE line (the test cell's default).
-        assert!(dev.contains("NFQUEUE delay line (the study: tc netem) [Async Unlimited]"), "{dev}");
+        assert!(
+            dev.contains("NFQUEUE delay line (the study: tc netem) [Async Unlimited]"),
+            "{dev}"
+        );
         assert!(h.iter().any(|l| l == "1 of 3 cells carry no record of the system under test: what they ran with is not known."), "{h:#?}");
-        assert!(h.iter().any(|l| l.starts_with("study stack: Python 3.11.2, Django 4.1.3, psycopg2 2.9.5, gunicorn 20.1.0;")), "{h:#?}");
-        assert!(h.iter().any(|l| l.starts_with("Sync (study stack): `/venv/bin/python")), "{h:#?}");
+        assert!(
+            h.iter().any(|l| l.starts_with(
+                "study stack: Python 3.11.2, Django 4.1.3, psycopg2 2.9.5, gunicorn 20.1.0;"
+            )),
+            "{h:#?}"
+        );
+        assert!(
+            h.iter()
+                .any(|l| l.starts_with("Sync (study stack): `/venv/bin/python")),
+            "{h:#?}"
+        );
         // Setups in the study's column order.
-        assert!(dev.contains("DEBUG off (the study: on) [Sync, Async Limited]"), "{dev}");
+        assert!(
+            dev.contains("DEBUG off (the study: on) [Sync, Async Limited]"),
+            "{dev}"
+        );
         let sync_line = h.iter().position(|l| l.starts_with("Sync (")).unwrap();
         assert!(h[sync_line + 1].starts_with("Async Limited ("), "{h:#?}");
     }

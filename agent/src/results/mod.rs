@@ -32,7 +32,10 @@ pub enum ResultsError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ResultsError + '_ {
-    move |error| ResultsError::Io { path: path.display().to_string(), error }
+    move |error| ResultsError::Io {
+        path: path.display().to_string(),
+        error,
+    }
 }
 
 /// One cell of the matrix: a setup, a route, an added delay, a repetition.
@@ -49,7 +52,10 @@ pub struct CellKey {
 impl CellKey {
     /// File name stem, stable and sortable: `sync__io_read__100ms__r1`.
     pub fn stem(&self) -> String {
-        format!("{}__{}__{}ms__r{}", self.setup, self.route, self.delay_ms, self.rep)
+        format!(
+            "{}__{}__{}ms__r{}",
+            self.setup, self.route, self.delay_ms, self.rep
+        )
     }
 }
 
@@ -174,10 +180,15 @@ impl ResultsDir {
     /// Creates `root` (and `cells/`) and writes the index, unless it exists (resume).
     pub fn create(root: &Path, index: &Index) -> Result<ResultsDir, ResultsError> {
         fs::create_dir_all(root.join("cells")).map_err(io(root))?;
-        let dir = ResultsDir { root: root.to_path_buf() };
+        let dir = ResultsDir {
+            root: root.to_path_buf(),
+        };
         let path = dir.root.join("index.json");
         if !path.exists() {
-            write_atomic(&path, &serde_json::to_vec_pretty(index).expect("index serialises"))?;
+            write_atomic(
+                &path,
+                &serde_json::to_vec_pretty(index).expect("index serialises"),
+            )?;
         }
         Ok(dir)
     }
@@ -186,14 +197,18 @@ impl ResultsDir {
         if !root.join("index.json").is_file() {
             return Err(ResultsError::NotResults(root.display().to_string()));
         }
-        Ok(ResultsDir { root: root.to_path_buf() })
+        Ok(ResultsDir {
+            root: root.to_path_buf(),
+        })
     }
 
     pub fn index(&self) -> Result<Index, ResultsError> {
         let path = self.root.join("index.json");
         let bytes = fs::read(&path).map_err(io(&path))?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| ResultsError::Parse { path: path.display().to_string(), error: e.to_string() })
+        serde_json::from_slice(&bytes).map_err(|e| ResultsError::Parse {
+            path: path.display().to_string(),
+            error: e.to_string(),
+        })
     }
 
     pub fn cell_path(&self, key: &CellKey) -> PathBuf {
@@ -212,7 +227,10 @@ impl ResultsDir {
 
     pub fn write_cell(&self, cell: &CellResult) -> Result<PathBuf, ResultsError> {
         let path = self.cell_path(&cell.key);
-        write_atomic(&path, &serde_json::to_vec_pretty(cell).expect("cell serialises"))?;
+        write_atomic(
+            &path,
+            &serde_json::to_vec_pretty(cell).expect("cell serialises"),
+        )?;
         Ok(path)
     }
 
@@ -237,8 +255,10 @@ impl ResultsDir {
 
 fn read_cell_file(path: &Path) -> Result<CellResult, ResultsError> {
     let bytes = fs::read(path).map_err(io(path))?;
-    let cell: CellResult = serde_json::from_slice(&bytes)
-        .map_err(|e| ResultsError::Parse { path: path.display().to_string(), error: e.to_string() })?;
+    let cell: CellResult = serde_json::from_slice(&bytes).map_err(|e| ResultsError::Parse {
+        path: path.display().to_string(),
+        error: e.to_string(),
+    })?;
     if cell.version != RESULTS_VERSION {
         return Err(ResultsError::Parse {
             path: path.display().to_string(),
@@ -270,20 +290,36 @@ pub(crate) mod tests {
     use super::*;
 
     pub fn quantiles(p50: f64) -> Quantiles {
-        Quantiles { count: 10, p50_ms: p50, p90_ms: p50 * 1.5, p99_ms: p50 * 2.0, max_ms: p50 * 3.0, mean_ms: p50 }
+        Quantiles {
+            count: 10,
+            p50_ms: p50,
+            p90_ms: p50 * 1.5,
+            p99_ms: p50 * 2.0,
+            max_ms: p50 * 3.0,
+            mean_ms: p50,
+        }
     }
 
     pub fn cell(setup: &str, route: &str, delay_ms: u32, rep: u32, successes: u64) -> CellResult {
         CellResult {
             version: RESULTS_VERSION,
-            key: CellKey { setup: setup.into(), route: route.into(), delay_ms, rep },
+            key: CellKey {
+                setup: setup.into(),
+                route: route.into(),
+                delay_ms,
+                rep,
+            },
             started_unix_s: 0.0,
             server_pids: vec![],
             warmup: None,
             backend: "netns".into(),
             stack: "current".into(),
             profile: "quick".into(),
-            delay: DelayOutcome { requested_ms: delay_ms as f64, achieved_ms: Some(delay_ms as f64 + 0.1), backend: "nfqueue".into() },
+            delay: DelayOutcome {
+                requested_ms: delay_ms as f64,
+                achieved_ms: Some(delay_ms as f64 + 0.1),
+                backend: "nfqueue".into(),
+            },
             load: LoadOutcome {
                 planned_s: 30.0,
                 actual_s: 30.0,
@@ -318,7 +354,12 @@ pub(crate) mod tests {
     fn cells_round_trip_and_resume_sees_them() {
         let root = std::env::temp_dir().join(format!("awl-results-{}", std::process::id()));
         let _ = fs::remove_dir_all(&root);
-        let index = Index { version: RESULTS_VERSION, created_unix_s: 0.0, config: serde_json::json!({}), planned: vec![] };
+        let index = Index {
+            version: RESULTS_VERSION,
+            created_unix_s: 0.0,
+            config: serde_json::json!({}),
+            planned: vec![],
+        };
         let dir = ResultsDir::create(&root, &index).unwrap();
         let c = cell("sync", "io_read", 100, 1, 120);
         assert!(!dir.is_done(&c.key));
@@ -328,12 +369,34 @@ pub(crate) mod tests {
         assert_eq!(back.load, c.load);
         assert_eq!(dir.cells().unwrap().len(), 1);
         // A half-written file (a crash before the rename) is not a finished cell.
-        fs::write(dir.cell_path(&CellKey { rep: 2, ..c.key.clone() }), b"{\"version\":1,").unwrap();
-        assert!(!dir.is_done(&CellKey { rep: 2, ..c.key.clone() }));
+        fs::write(
+            dir.cell_path(&CellKey {
+                rep: 2,
+                ..c.key.clone()
+            }),
+            b"{\"version\":1,",
+        )
+        .unwrap();
+        assert!(!dir.is_done(&CellKey {
+            rep: 2,
+            ..c.key.clone()
+        }));
         // No temp files are left by atomic writes.
-        let leftovers = fs::read_dir(root.join("cells")).unwrap().filter(|e| e.as_ref().unwrap().path().to_string_lossy().contains(".tmp")).count();
+        let leftovers = fs::read_dir(root.join("cells"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .to_string_lossy()
+                    .contains(".tmp")
+            })
+            .count();
         assert_eq!(leftovers, 0);
-        assert!(matches!(ResultsDir::open(&root.join("nope")), Err(ResultsError::NotResults(_))));
+        assert!(matches!(
+            ResultsDir::open(&root.join("nope")),
+            Err(ResultsError::NotResults(_))
+        ));
         fs::remove_dir_all(&root).unwrap();
     }
 }

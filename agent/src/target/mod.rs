@@ -24,15 +24,25 @@ pub enum TargetError {
     #[error("target {spec}: {path} is not a network namespace")]
     NotNetns { spec: String, path: String },
     #[error("target {spec}: {path}: {source}")]
-    Io { spec: String, path: String, source: std::io::Error },
+    Io {
+        spec: String,
+        path: String,
+        source: std::io::Error,
+    },
     #[error("target {spec}: no such container")]
     NoContainer { spec: String },
     #[error("target {spec}: container is not running (state: {state})")]
     ContainerStopped { spec: String, state: String },
     #[error("target {spec}: Docker: {source}")]
-    Docker { spec: String, source: bollard::errors::Error },
+    Docker {
+        spec: String,
+        source: bollard::errors::Error,
+    },
     #[error("target {spec}: entering the namespace: {source}")]
-    Enter { spec: String, source: std::io::Error },
+    Enter {
+        spec: String,
+        source: std::io::Error,
+    },
 }
 
 impl TargetError {
@@ -88,12 +98,19 @@ impl Target {
         };
         if let Origin::Pid(pid) = &origin {
             if !Path::new(&format!("/proc/{pid}")).exists() {
-                return Err(TargetError::NoProcess { spec: spec.into(), pid: *pid });
+                return Err(TargetError::NoProcess {
+                    spec: spec.into(),
+                    pid: *pid,
+                });
             }
         }
         let path = origin_path(&origin);
         let netns_inum = netns_inode(spec, &path)?;
-        Ok(Target { spec: spec.into(), origin, netns_inum })
+        Ok(Target {
+            spec: spec.into(),
+            origin,
+            netns_inum,
+        })
     }
 
     /// The file to open to enter the namespace (`setns(fd, CLONE_NEWNET)`).
@@ -105,18 +122,28 @@ impl Target {
     /// was resolved (a recycled pid or a re-created `/run/netns/NAME` must not be entered).
     pub fn open(&self) -> Result<File, TargetError> {
         let path = self.netns_path();
-        let io = |source| TargetError::Io { spec: self.spec.clone(), path: path.display().to_string(), source };
+        let io = |source| TargetError::Io {
+            spec: self.spec.clone(),
+            path: path.display().to_string(),
+            source,
+        };
         let f = File::open(&path).map_err(io)?;
         let ino = f.metadata().map_err(io)?.ino() as u32;
         if ino != self.netns_inum {
-            return Err(TargetError::Missing { spec: self.spec.clone(), path: path.display().to_string() });
+            return Err(TargetError::Missing {
+                spec: self.spec.clone(),
+                path: path.display().to_string(),
+            });
         }
         Ok(f)
     }
 
     /// Runs `f` on a new thread that has entered the namespace, and returns its result. Sockets
     /// `f` creates belong to the namespace for their whole life, wherever they are used later.
-    pub fn run_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, TargetError> {
+    pub fn run_in<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, TargetError> {
         let ns = self.open()?;
         let spec = self.spec.clone();
         std::thread::spawn(move || {
@@ -129,12 +156,16 @@ impl Target {
 
     /// Whether the namespace can still be reached the way it was named.
     pub fn alive(&self) -> bool {
-        std::fs::metadata(self.netns_path()).map(|m| m.ino() as u32 == self.netns_inum).unwrap_or(false)
+        std::fs::metadata(self.netns_path())
+            .map(|m| m.ino() as u32 == self.netns_inum)
+            .unwrap_or(false)
     }
 
     /// The inode of the namespace the agent itself runs in.
     pub fn own_netns_inum() -> Option<u32> {
-        std::fs::metadata("/proc/self/ns/net").ok().map(|m| m.ino() as u32)
+        std::fs::metadata("/proc/self/ns/net")
+            .ok()
+            .map(|m| m.ino() as u32)
     }
 }
 
@@ -150,7 +181,9 @@ pub fn enter(ns: &File) -> std::io::Result<()> {
 
 fn origin_path(origin: &Origin) -> PathBuf {
     match origin {
-        Origin::Pid(pid) | Origin::Docker { pid, .. } => PathBuf::from(format!("/proc/{pid}/ns/net")),
+        Origin::Pid(pid) | Origin::Docker { pid, .. } => {
+            PathBuf::from(format!("/proc/{pid}/ns/net"))
+        }
         Origin::Path(p) => p.clone(),
     }
 }
@@ -159,11 +192,19 @@ fn origin_path(origin: &Origin) -> PathBuf {
 /// so that callers inside or outside a tokio runtime can resolve targets alike.
 fn docker_origin(spec: &str, name: &str) -> Result<Origin, TargetError> {
     let (spec_owned, name_owned) = (spec.to_string(), name.to_string());
-    let docker_err = move |source| TargetError::Docker { spec: spec_owned.clone(), source };
+    let docker_err = move |source| TargetError::Docker {
+        spec: spec_owned.clone(),
+        source,
+    };
     let inspected = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(bollard::errors::Error::from)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(bollard::errors::Error::from)?;
         rt.block_on(async move {
-            let docker = bollard::Docker::connect_with_local_defaults()?.negotiate_version().await?;
+            let docker = bollard::Docker::connect_with_local_defaults()?
+                .negotiate_version()
+                .await?;
             docker.inspect_container(&name_owned, None).await
         })
     })
@@ -171,37 +212,57 @@ fn docker_origin(spec: &str, name: &str) -> Result<Origin, TargetError> {
     .unwrap_or_else(|p| std::panic::resume_unwind(p));
     let info = match inspected {
         Ok(i) => i,
-        Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {
-            return Err(TargetError::NoContainer { spec: spec.into() })
-        }
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => return Err(TargetError::NoContainer { spec: spec.into() }),
         Err(e) => return Err(docker_err(e)),
     };
     let state = info.state.unwrap_or_default();
     let pid = state.pid.unwrap_or(0);
     if state.running != Some(true) || pid <= 0 {
-        let state = state.status.map(|s| s.to_string()).unwrap_or_else(|| "unknown".into());
-        return Err(TargetError::ContainerStopped { spec: spec.into(), state });
+        let state = state
+            .status
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "unknown".into());
+        return Err(TargetError::ContainerStopped {
+            spec: spec.into(),
+            state,
+        });
     }
     Ok(Origin::Docker {
         id: info.id.unwrap_or_default(),
-        name: info.name.unwrap_or_default().trim_start_matches('/').to_string(),
+        name: info
+            .name
+            .unwrap_or_default()
+            .trim_start_matches('/')
+            .to_string(),
         pid: pid as u32,
     })
 }
 
 fn netns_inode(spec: &str, path: &Path) -> Result<u32, TargetError> {
-    let io = |source| TargetError::Io { spec: spec.into(), path: path.display().to_string(), source };
+    let io = |source| TargetError::Io {
+        spec: spec.into(),
+        path: path.display().to_string(),
+        source,
+    };
     let f = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(TargetError::Missing { spec: spec.into(), path: path.display().to_string() })
+            return Err(TargetError::Missing {
+                spec: spec.into(),
+                path: path.display().to_string(),
+            })
         }
         Err(e) => return Err(io(e)),
     };
     // SAFETY: ioctl on an fd we own; NS_GET_NSTYPE takes no argument.
     let kind = unsafe { libc::ioctl(f.as_raw_fd(), NS_GET_NSTYPE) };
     if kind != libc::CLONE_NEWNET {
-        return Err(TargetError::NotNetns { spec: spec.into(), path: path.display().to_string() });
+        return Err(TargetError::NotNetns {
+            spec: spec.into(),
+            path: path.display().to_string(),
+        });
     }
     Ok(f.metadata().map_err(io)?.ino() as u32)
 }
@@ -212,7 +273,16 @@ mod tests {
 
     #[test]
     fn syntax_errors_are_usage_errors() {
-        for bad in ["", "docker", "docker:", "docker:a/b", "pid:abc", "netns:", "netns:a/b", "relative/path"] {
+        for bad in [
+            "",
+            "docker",
+            "docker:",
+            "docker:a/b",
+            "pid:abc",
+            "netns:",
+            "netns:a/b",
+            "relative/path",
+        ] {
             let e = Target::resolve(bad).unwrap_err();
             assert!(e.is_usage(), "{bad}: {e}");
         }
@@ -226,7 +296,10 @@ mod tests {
         assert_eq!(by_pid.netns_inum, by_path.netns_inum);
         assert_eq!(Some(by_pid.netns_inum), Target::own_netns_inum());
         assert!(by_pid.alive());
-        assert_eq!(by_pid.netns_path(), PathBuf::from(format!("/proc/{pid}/ns/net")));
+        assert_eq!(
+            by_pid.netns_path(),
+            PathBuf::from(format!("/proc/{pid}/ns/net"))
+        );
         // Entering a namespace needs CAP_SYS_ADMIN (cargo xtask test runs as root).
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } == 0 {

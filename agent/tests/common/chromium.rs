@@ -40,7 +40,13 @@ document.getElementById('r').addEventListener('load', () => {{
         ),
     )
     .unwrap();
-    let base = ["--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files", "--virtual-time-budget=10000"];
+    let base = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--allow-file-access-from-files",
+        "--virtual-time-budget=10000",
+    ];
     let out = Command::new(chromium())
         .args(base)
         .arg("--dump-dom")
@@ -52,7 +58,12 @@ document.getElementById('r').addEventListener('load', () => {{
         .split("data-result=\"")
         .nth(1)
         .and_then(|s| s.split('"').next())
-        .unwrap_or_else(|| panic!("the wrapper did not report; chromium stderr: {}", String::from_utf8_lossy(&out.stderr)));
+        .unwrap_or_else(|| {
+            panic!(
+                "the wrapper did not report; chromium stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
     let json = base64_decode(b64);
     let v: serde_json::Value = serde_json::from_slice(&json).expect("verdict json");
     let _ = std::fs::remove_file(&wrapper);
@@ -66,11 +77,20 @@ document.getElementById('r').addEventListener('load', () => {{
         .arg(format!("file://{}", html.display()))
         .output()
         .expect("chromium screenshot");
-    assert!(screenshot.exists(), "no screenshot: {}", String::from_utf8_lossy(&shot.stderr));
+    assert!(
+        screenshot.exists(),
+        "no screenshot: {}",
+        String::from_utf8_lossy(&shot.stderr)
+    );
     Rendered {
         svgs: v["svgs"].as_u64().unwrap(),
         broken_images: v["broken"].as_u64().unwrap(),
-        resources: v["resources"].as_array().unwrap().iter().map(|r| r.as_str().unwrap_or("").to_string()).collect(),
+        resources: v["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_str().unwrap_or("").to_string())
+            .collect(),
     }
 }
 

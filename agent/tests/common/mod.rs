@@ -26,11 +26,18 @@ static NEXT: AtomicU64 = AtomicU64::new(0);
 
 /// A short unique tag for names (interface names are limited to 15 bytes).
 pub fn tag() -> String {
-    format!("{:x}{}", std::process::id() % 0xfffff, NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{:x}{}",
+        std::process::id() % 0xfffff,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 pub fn sh(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
     assert!(
         out.status.success(),
         "{cmd} {args:?} failed: {}",
@@ -67,7 +74,10 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).stderr(Stdio::null()).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -84,7 +94,21 @@ impl Veth {
     pub fn new(left: Option<&Netns>, right: &Netns, subnet: &str) -> Veth {
         let t = tag();
         let (l, r) = (format!("awl{t}l"), format!("awl{t}r"));
-        sh("ip", &["link", "add", &l, "type", "veth", "peer", "name", &r, "netns", &right.name]);
+        sh(
+            "ip",
+            &[
+                "link",
+                "add",
+                &l,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &r,
+                "netns",
+                &right.name,
+            ],
+        );
         if let Some(ns) = left {
             sh("ip", &["link", "set", &l, "netns", &ns.name]);
         }
@@ -101,9 +125,17 @@ impl Veth {
         let lns = left.map(|n| n.name.as_str());
         ip_in(lns, &["addr", "add", &format!("{left_ip}/30"), "dev", &l]);
         ip_in(lns, &["link", "set", &l, "up"]);
-        ip_in(Some(&right.name), &["addr", "add", &format!("{right_ip}/30"), "dev", &r]);
+        ip_in(
+            Some(&right.name),
+            &["addr", "add", &format!("{right_ip}/30"), "dev", &r],
+        );
         ip_in(Some(&right.name), &["link", "set", &r, "up"]);
-        Veth { left_ip, right_ip, left: l, left_ns: left.map(|n| n.name.clone()) }
+        Veth {
+            left_ip,
+            right_ip,
+            left: l,
+            left_ns: left.map(|n| n.name.clone()),
+        }
     }
 }
 
@@ -113,13 +145,19 @@ impl Drop for Veth {
         if let Some(n) = &self.left_ns {
             c.args(["-n", n]);
         }
-        let _ = c.args(["link", "del", &self.left]).stderr(Stdio::null()).status();
+        let _ = c
+            .args(["link", "del", &self.left])
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
 /// Runs `f` on a new thread that has entered network namespace `ns` (threads it spawns inherit
 /// the namespace; sockets it creates belong to it).
-pub fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
+pub fn in_netns<T: Send + 'static>(
+    ns: &Netns,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<T> {
     let path = ns.path();
     std::thread::spawn(move || {
         let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
@@ -131,7 +169,11 @@ pub fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 's
 }
 
 /// Accept loop that stops when `stop` is set; each connection gets its own thread.
-pub fn serve(listener: TcpListener, stop: Arc<AtomicBool>, handler: impl Fn(TcpStream) + Send + Sync + Clone + 'static) {
+pub fn serve(
+    listener: TcpListener,
+    stop: Arc<AtomicBool>,
+    handler: impl Fn(TcpStream) + Send + Sync + Clone + 'static,
+) {
     listener.set_nonblocking(true).unwrap();
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
@@ -140,7 +182,9 @@ pub fn serve(listener: TcpListener, stop: Arc<AtomicBool>, handler: impl Fn(TcpS
                 let h = handler.clone();
                 std::thread::spawn(move || h(s));
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(2)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
             Err(e) => panic!("accept: {e}"),
         }
     }
@@ -180,8 +224,14 @@ impl FakeDb {
             Some(ns) => in_netns(ns, body),
             None => std::thread::spawn(body),
         };
-        ready_rx.recv_timeout(Duration::from_secs(5)).expect("fake db did not start");
-        FakeDb { queries, stop, thread: Some(thread) }
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("fake db did not start");
+        FakeDb {
+            queries,
+            stop,
+            thread: Some(thread),
+        }
     }
 }
 
@@ -214,7 +264,12 @@ impl SyncServer {
         Self::start_with(ns, addr, db, true)
     }
 
-    fn start_with(ns: Option<&Netns>, addr: SocketAddr, db: SocketAddr, pooled: bool) -> SyncServer {
+    fn start_with(
+        ns: Option<&Netns>,
+        addr: SocketAddr,
+        db: SocketAddr,
+        pooled: bool,
+    ) -> SyncServer {
         let requests = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (n, s) = (requests.clone(), stop.clone());
@@ -244,7 +299,10 @@ impl SyncServer {
                         head.push_str(&line);
                     }
                     let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
-                    let k: u32 = path.strip_prefix("/k").and_then(|x| x.parse().ok()).unwrap_or(0);
+                    let k: u32 = path
+                        .strip_prefix("/k")
+                        .and_then(|x| x.parse().ok())
+                        .unwrap_or(0);
                     let mut pooled_conn = pool.lock().unwrap();
                     if let (true, Some((dr, dw))) = (k > 0, pooled_conn.as_mut()) {
                         let mut reply = String::new();
@@ -281,8 +339,14 @@ impl SyncServer {
             Some(ns) => in_netns(ns, body),
             None => std::thread::spawn(body),
         };
-        ready_rx.recv_timeout(Duration::from_secs(5)).expect("server did not start");
-        SyncServer { requests, stop, thread: Some(thread) }
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("server did not start");
+        SyncServer {
+            requests,
+            stop,
+            thread: Some(thread),
+        }
     }
 }
 
@@ -306,7 +370,11 @@ pub fn get(conn: &mut TcpStream, path: &str, close: bool) -> u16 {
     let mut chunk = [0u8; 512];
     while !(buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.ends_with(b"ok")) {
         let n = conn.read(&mut chunk).unwrap();
-        assert!(n > 0, "server closed early: {:?}", String::from_utf8_lossy(&buf));
+        assert!(
+            n > 0,
+            "server closed early: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
         buf.extend_from_slice(&chunk[..n]);
     }
     std::str::from_utf8(&buf[9..12]).unwrap().parse().unwrap()
@@ -370,7 +438,9 @@ impl Finished {
     }
 
     pub fn summary(&self) -> serde_json::Value {
-        self.records("summary").pop().unwrap_or_else(|| panic!("no summary; stderr: {}", self.stderr))
+        self.records("summary")
+            .pop()
+            .unwrap_or_else(|| panic!("no summary; stderr: {}", self.stderr))
     }
 }
 
@@ -388,22 +458,36 @@ impl Agent {
             .stderr(File::create(&stderr).unwrap())
             .spawn()
             .expect("start awaitlab");
-        let mut a = Agent { program_ids: Vec::new(), child: Some(child), stdout, stderr, _dir: dir };
+        let mut a = Agent {
+            program_ids: Vec::new(),
+            child: Some(child),
+            stdout,
+            stderr,
+            _dir: dir,
+        };
         let t0 = Instant::now();
         loop {
             let err = std::fs::read_to_string(&a.stderr).unwrap_or_default();
             // Only a whole line: stderr is unbuffered, so the line may be read half written
             // (its program ids missing).
-            let whole = err.split_inclusive('\n').find(|l| l.ends_with('\n') && l.contains("attached to network namespace"));
+            let whole = err
+                .split_inclusive('\n')
+                .find(|l| l.ends_with('\n') && l.contains("attached to network namespace"));
             if let Some(line) = whole.map(str::trim_end) {
                 let ids = line.rsplit("program ids ").next().unwrap_or("");
-                a.program_ids = ids.split(',').filter_map(|i| i.trim().parse().ok()).collect();
+                a.program_ids = ids
+                    .split(',')
+                    .filter_map(|i| i.trim().parse().ok())
+                    .collect();
                 return a;
             }
             if let Some(status) = a.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("awaitlab exited ({status}) before attaching: {err}");
             }
-            assert!(t0.elapsed() < Duration::from_secs(60), "awaitlab did not attach: {err}");
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "awaitlab did not attach: {err}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -435,7 +519,10 @@ impl Agent {
             }
             if t0.elapsed() > limit {
                 let _ = child.kill();
-                panic!("awaitlab did not exit within {limit:?}: {}", std::fs::read_to_string(&self.stderr).unwrap_or_default());
+                panic!(
+                    "awaitlab did not exit within {limit:?}: {}",
+                    std::fs::read_to_string(&self.stderr).unwrap_or_default()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         };
@@ -459,7 +546,10 @@ impl Drop for Agent {
 
 /// Runs the agent to completion with `args` (no --json added).
 pub fn agent_once(args: &[&str]) -> Finished {
-    let out = Command::new(agent_bin()).args(args).output().expect("run awaitlab");
+    let out = Command::new(agent_bin())
+        .args(args)
+        .output()
+        .expect("run awaitlab");
     Finished {
         program_ids: Vec::new(),
         code: out.status.code(),
@@ -470,7 +560,10 @@ pub fn agent_once(args: &[&str]) -> Finished {
 
 /// Ids of loaded BPF programs named `awl_*` (awaitlab's).
 pub fn our_bpf_programs() -> Vec<u32> {
-    let out = Command::new("bpftool").args(["prog", "show", "--json"]).output().expect("bpftool (cargo xtask setup installs it)");
+    let out = Command::new("bpftool")
+        .args(["prog", "show", "--json"])
+        .output()
+        .expect("bpftool (cargo xtask setup installs it)");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
     v.as_array()
         .map(|a| {
@@ -489,11 +582,17 @@ pub fn assert_programs_gone(ids: &[u32]) {
     assert!(!ids.is_empty(), "no program ids to check");
     let t0 = Instant::now();
     loop {
-        let left: Vec<u32> = our_bpf_programs().into_iter().filter(|i| ids.contains(i)).collect();
+        let left: Vec<u32> = our_bpf_programs()
+            .into_iter()
+            .filter(|i| ids.contains(i))
+            .collect();
         if left.is_empty() {
             return;
         }
-        assert!(t0.elapsed() < Duration::from_secs(5), "BPF programs left behind: {left:?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "BPF programs left behind: {left:?}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -502,7 +601,10 @@ pub fn assert_programs_gone(ids: &[u32]) {
 pub fn assert_loads_nothing<T>(f: impl FnOnce() -> T) -> T {
     let before = our_bpf_programs();
     let out = f();
-    let new: Vec<u32> = our_bpf_programs().into_iter().filter(|i| !before.contains(i)).collect();
+    let new: Vec<u32> = our_bpf_programs()
+        .into_iter()
+        .filter(|i| !before.contains(i))
+        .collect();
     assert!(new.is_empty(), "BPF programs left behind: {new:?}");
     out
 }

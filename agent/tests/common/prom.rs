@@ -14,7 +14,13 @@ use std::{
 use super::tempdir::TempDir;
 
 /// `GET path` (or another method with a body) over HTTP/1.0; returns (status, body).
-pub fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut req = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
@@ -28,10 +34,17 @@ pub fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]
     s.write_all(req.as_bytes()).unwrap();
     s.write_all(body).unwrap();
     let mut out = Vec::new();
-    s.read_to_end(&mut out).unwrap_or_else(|e| panic!("reading from {addr}{path}: {e}"));
+    s.read_to_end(&mut out)
+        .unwrap_or_else(|e| panic!("reading from {addr}{path}: {e}"));
     let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("no status line: {text:?}"));
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = text
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -54,7 +67,11 @@ pub fn urlencode(s: &str) -> String {
 
 /// A free port on 127.0.0.1 (for programs that cannot be told to use port 0 and report it).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Prometheus scraping the given targets every `interval`.
@@ -79,7 +96,10 @@ impl Prometheus {
         let log = std::fs::File::create(dir.path().join("log")).unwrap();
         let child = Command::new(prometheus_bin())
             .arg(format!("--config.file={}", cfg.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
             .arg(format!("--web.listen-address={addr}"))
             .stdout(Stdio::null())
             .stderr(log)
@@ -91,7 +111,11 @@ impl Prometheus {
             if TcpStream::connect(addr).is_ok() && http_get(addr, "/-/ready").0 == 200 {
                 return p;
             }
-            assert!(t0.elapsed() < Duration::from_secs(30), "prometheus did not start: {}", p.log());
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "prometheus did not start: {}",
+                p.log()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -104,7 +128,8 @@ impl Prometheus {
     pub fn query(&self, expr: &str, time: f64) -> Result<Vec<serde_json::Value>, String> {
         let path = format!("/api/v1/query?query={}&time={time:.3}", urlencode(expr));
         let (status, body) = http_get(self.addr, &path);
-        let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
         if status != 200 || v["status"] != "success" {
             return Err(format!("HTTP {status}: {body}"));
         }
@@ -119,7 +144,11 @@ impl Prometheus {
             if up >= n {
                 return;
             }
-            assert!(t0.elapsed() < Duration::from_secs(30), "only {up} of {n} targets up: {}", self.log());
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "only {up} of {n} targets up: {}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -133,7 +162,10 @@ impl Drop for Prometheus {
 }
 
 pub fn now() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
 }
 
 pub fn prometheus_bin() -> &'static str {
@@ -152,7 +184,8 @@ pub fn dashboards() -> Vec<(String, serde_json::Value)> {
         let p = e.unwrap().path();
         if p.extension().is_some_and(|x| x == "json") {
             let text = std::fs::read_to_string(&p).unwrap();
-            let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: invalid JSON: {e}", p.display()));
+            let v = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("{}: invalid JSON: {e}", p.display()));
             out.push((p.file_name().unwrap().to_string_lossy().into_owned(), v));
         }
     }
@@ -180,7 +213,11 @@ pub fn dashboard_queries() -> Vec<(String, String, String)> {
         for p in panels(&d) {
             for t in p["targets"].as_array().into_iter().flatten() {
                 if let Some(e) = t["expr"].as_str() {
-                    out.push((file.clone(), p["title"].as_str().unwrap_or("?").to_string(), e.to_string()));
+                    out.push((
+                        file.clone(),
+                        p["title"].as_str().unwrap_or("?").to_string(),
+                        e.to_string(),
+                    ));
                 }
             }
         }
@@ -192,13 +229,27 @@ pub fn dashboard_queries() -> Vec<(String, String, String)> {
 pub fn dashboard_variables() -> Vec<(String, String, String, String)> {
     let mut out = Vec::new();
     for (file, d) in dashboards() {
-        for v in d["templating"]["list"].as_array().into_iter().flatten().filter(|v| v["type"] == "query") {
-            let def =
-                v["definition"].as_str().unwrap_or_else(|| panic!("{file}: variable {} has no definition", v["name"]));
-            let inner = def.strip_prefix("label_values(").and_then(|x| x.strip_suffix(')')).unwrap_or_else(|| {
-                panic!("{file}: variable {}: only label_values(METRIC, LABEL) is checked: {def}", v["name"])
-            });
-            let (metric, label) = inner.split_once(',').unwrap_or_else(|| panic!("{file}: {def}"));
+        for v in d["templating"]["list"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|v| v["type"] == "query")
+        {
+            let def = v["definition"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{file}: variable {} has no definition", v["name"]));
+            let inner = def
+                .strip_prefix("label_values(")
+                .and_then(|x| x.strip_suffix(')'))
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{file}: variable {}: only label_values(METRIC, LABEL) is checked: {def}",
+                        v["name"]
+                    )
+                });
+            let (metric, label) = inner
+                .split_once(',')
+                .unwrap_or_else(|| panic!("{file}: {def}"));
             out.push((
                 file.clone(),
                 v["name"].as_str().unwrap_or("?").to_string(),
@@ -220,8 +271,13 @@ pub fn substitute(expr: &str, rate_interval: &str, range: &str) -> String {
         .replace("$__interval", rate_interval)
         .replace("$__range", range);
     for var in ["target", "setup", "route", "delay_ms"] {
-        e = e.replace(&format!("${{{var}}}"), ".*").replace(&format!("${var}"), ".*");
+        e = e
+            .replace(&format!("${{{var}}}"), ".*")
+            .replace(&format!("${var}"), ".*");
     }
-    assert!(!e.contains('$'), "unknown Grafana variable left in {expr:?}");
+    assert!(
+        !e.contains('$'),
+        "unknown Grafana variable left in {expr:?}"
+    );
     e
 }
