@@ -142,7 +142,7 @@ pub struct RequestEvent {
     pub db_connect_ns: u64,
     /// On-CPU time of the serving thread from the first request byte to the first response byte.
     pub on_cpu_ns: u64,
-    /// Index of the request on its connection (0 = first).
+    /// 1-based index of the request on its connection (1 = the first).
     pub seq: u32,
     pub db_round_trips: u32,
     pub db_connects: u32,

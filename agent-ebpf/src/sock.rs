@@ -566,9 +566,11 @@ fn try_state(ctx: &BtfTracePointContext) -> Option<()> {
         if conn.role == ROLE_HTTP {
             let server_done = new == TCP_FIN_WAIT1 || new == TCP_LAST_ACK || new == TCP_CLOSE;
             let peer_done = new == TCP_CLOSE_WAIT;
-            if conn.state == H_RESP && (server_done || peer_done) {
-                finalize(sk, conn, REQ_END_CLOSE, t);
-            } else if conn.state == H_RECV && new == TCP_CLOSE {
+            // A response ends with either side's close; a request still being read, only
+            // when the socket is gone.
+            let answered = conn.state == H_RESP && (server_done || peer_done);
+            let abandoned = conn.state == H_RECV && new == TCP_CLOSE;
+            if answered || abandoned {
                 finalize(sk, conn, REQ_END_CLOSE, t);
             }
         }

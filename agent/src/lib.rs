@@ -107,8 +107,10 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("AWAITLAB_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,awaitlab=info"));
+    // Colours only on a terminal: a log written to a file or a pipe stays plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Plain => builder.try_init(),

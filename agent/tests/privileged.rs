@@ -125,6 +125,11 @@ fn requests_round_trips_and_attribution_match_what_the_servers_count() {
     // have answered sooner than N delays.
     let records = out.records("request");
     assert_eq!(records.len() as u64, n);
+    // `seq` counts from 1 on each connection: the 6 one-request connections and the first
+    // request on the keep-alive one are 1, the keep-alive connection's next ones 2 to 6.
+    let mut seqs: Vec<u64> = records.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, [1, 1, 1, 1, 1, 1, 1, 2, 3, 4, 5, 6]);
     let mut seen: Vec<u32> = Vec::new();
     for r in &records {
         let path = r["path"].as_str().unwrap();
@@ -509,6 +514,9 @@ fn a_target_that_vanishes_stops_the_agent_cleanly() {
     let out = agent.wait(Duration::from_secs(10));
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     assert!(out.stderr.contains("vanished"), "{}", out.stderr);
+    // Its log went to a pipe, not a terminal: plain text, no colour codes.
+    assert!(out.stderr.contains("probes attached"), "{}", out.stderr);
+    assert!(!out.stderr.contains('\x1b'), "{:?}", out.stderr);
     assert_eq!(out.summary()["requests"], 0);
     out.assert_detached();
 

@@ -493,7 +493,7 @@ fn has_attached_line(stderr_path: &Path) -> bool {
     })
 }
 
-/// utime + stime of all the process's threads, from /proc/<pid>/stat (fields 14 and 15).
+/// utime + stime of all the process's threads, from `/proc/PID/stat` (fields 14 and 15).
 fn cpu_seconds(pid: u32) -> Result<f64> {
     let path = format!("/proc/{pid}/stat");
     let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;

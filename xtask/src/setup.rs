@@ -51,6 +51,7 @@ pub fn run() -> Result<()> {
     let start = Instant::now();
     debian_packages().context("installing Debian packages")?;
     nightly_rust_src().context("preparing the nightly toolchain")?;
+    lint_tools().context("installing rustfmt and clippy")?;
     bpf_linker().context("installing bpf-linker")?;
     locust().context("installing Locust (for `cargo xtask bench load`)")?;
     oha().context("installing oha (for `cargo xtask bench load`)")?;
@@ -212,6 +213,34 @@ fn nightly_rust_src() -> Result<()> {
             "nightly",
         ]))?;
         report("nightly rust-src", "installed");
+    }
+    Ok(())
+}
+
+/// rustfmt and clippy, which `cargo xtask test` runs: clippy on the nightly toolchain for the
+/// eBPF crate, both on the default toolchain for the others.
+fn lint_tools() -> Result<()> {
+    for (toolchain, component, probe) in [
+        (None, "rustfmt", ["fmt", "--version"]),
+        (None, "clippy", ["clippy", "--version"]),
+        (Some("nightly"), "clippy", ["clippy", "--version"]),
+    ] {
+        let item = format!("{} {component}", toolchain.unwrap_or("default"));
+        let mut check = Command::new("cargo");
+        if let Some(t) = toolchain {
+            check.arg(format!("+{t}"));
+        }
+        if cmd::succeeds(check.args(probe)) {
+            report(&item, "ok");
+            continue;
+        }
+        let mut add = Command::new("rustup");
+        add.args(["component", "add", component]);
+        if let Some(t) = toolchain {
+            add.args(["--toolchain", t]);
+        }
+        cmd::run(&mut add)?;
+        report(&item, "installed");
     }
     Ok(())
 }

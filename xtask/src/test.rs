@@ -1,4 +1,5 @@
-//! `cargo xtask test` (and `cargo xtask ci`): setup, build, unit tests, privileged tests.
+//! `cargo xtask test` (and `cargo xtask ci`): setup, format check, build, unit tests, clippy
+//! (warnings are errors), rustdoc (warnings are errors), images, privileged tests.
 //!
 //! One fixed sequence so that a developer and CI run exactly the same steps. It must stop at the
 //! first failing step and exit non-zero, and must not skip the privileged tests silently: without
@@ -7,7 +8,7 @@
 use std::process::Command;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 
 use crate::cmd::{self, secs};
@@ -34,6 +35,9 @@ pub fn run(args: &TestArgs) -> Result<()> {
     let start = Instant::now();
 
     step("setup", setup::run)?;
+    step("format", || {
+        cmd::run(cmd::cargo().args(["fmt", "--all", "--check"]))
+    })?;
     step("build", || {
         cmd::run(with_env(
             cmd::cargo()
@@ -47,6 +51,36 @@ pub fn run(args: &TestArgs) -> Result<()> {
                 .args(["test", "--workspace", "--lib", "--bins"])
                 .args(HOST_EXCLUDE),
         ))
+    })?;
+    step("clippy", || {
+        cmd::run(
+            cmd::cargo()
+                .args(["clippy", "--workspace", "--all-targets"])
+                .args(HOST_EXCLUDE)
+                .args(["--", "-D", "warnings"]),
+        )?;
+        // The eBPF crate, for its own target, as agent/build.rs builds it.
+        cmd::run(cmd::cargo().args([
+            "+nightly",
+            "clippy",
+            "-p",
+            "agent-ebpf",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+    })?;
+    step("doc", || {
+        cmd::run(
+            cmd::cargo()
+                .args(["doc", "--no-deps", "--workspace"])
+                .args(HOST_EXCLUDE)
+                .env("RUSTDOCFLAGS", "-D warnings"),
+        )
     })?;
     // The system-under-test tests run the images, and the delay and daemon tests build throwaway
     // images FROM the local base image (built first); cached builds take seconds.

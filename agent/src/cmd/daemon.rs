@@ -22,7 +22,7 @@ pub struct Args {
     /// Serve /metrics here instead of the file's metrics_addr (port 0: a free port, printed).
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
-    /// Serve the control endpoint here instead of the file's [control] addr.
+    /// Serve the control endpoint here instead of the file's control addr.
     #[arg(long, value_name = "ADDR")]
     pub control_addr: Option<SocketAddr>,
 }

@@ -37,7 +37,7 @@ pub enum Profile {
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Target: http://HOST[:PORT][/PATH]. With --route, only scheme, host and port are used.
+    /// Target: http://HOST:PORT/PATH (the port and the path optional). With --route, only scheme, host and port are used.
     pub url: String,
     /// One of the study's routes: cpu (GET /posts/cpu/), io_read (GET /posts/io_read/),
     /// io_create (POST /posts/io_create/ with the study's random form fields).

@@ -74,10 +74,10 @@ pub struct WatchRule {
     /// A label the container carries: `key` (any value) or `key=value`.
     #[serde(default)]
     pub label: Option<String>,
-    /// Server ports inside the container whose accepted connections carry HTTP. Default [8000].
+    /// Server ports inside the container whose accepted connections carry HTTP. Default: 8000.
     #[serde(default = "default_http_ports")]
     pub http_ports: Vec<u16>,
-    /// Database ports the container connects to. Default [5432].
+    /// Database ports the container connects to. Default: 5432.
     #[serde(default = "default_db_ports")]
     pub db_ports: Vec<u16>,
     /// Copy request and response heads (method, path, status). Default true.

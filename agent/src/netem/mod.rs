@@ -843,10 +843,34 @@ mod tests {
         assert_eq!(queues_named(l), vec![47000, 3]);
     }
 
+    /// A process started now, whose command name holds ") ", has a start time (clock ticks
+    /// since boot) equal to the system's uptime when it started, and later than this test's.
     #[test]
-    fn process_start_time_identifies_this_process() {
-        let me = std::process::id();
-        assert!(proc_start(me).is_some());
-        assert_eq!(proc_start(me), proc_start(me));
+    fn process_start_time_identifies_a_process() {
+        let dir = std::env::temp_dir().join(format!("awl-proc-start-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let exe = dir.join("x) y");
+        std::fs::copy("/bin/sleep", &exe).unwrap();
+        let uptime = || -> f64 {
+            let s = std::fs::read_to_string("/proc/uptime").unwrap();
+            s.split_whitespace().next().unwrap().parse().unwrap()
+        };
+        let before = uptime();
+        let mut child = std::process::Command::new(&exe).arg("5").spawn().unwrap();
+        let after = uptime();
+        let got = proc_start(child.id());
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_dir_all(&dir);
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let started = got.expect("a start time") as f64 / hz;
+        // One tick of resolution either side of the two uptime readings around the spawn.
+        assert!(
+            started >= before - 1.0 / hz && started <= after + 1.0 / hz,
+            "started at {started} s, spawned between {before} and {after} s of uptime"
+        );
+        assert!(proc_start(std::process::id()).unwrap() as f64 / hz <= started);
+        assert_eq!(proc_start(u32::MAX), None, "no such process");
     }
 }
