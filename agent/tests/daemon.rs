@@ -407,9 +407,11 @@ fn a_container_is_followed_through_start_restart_and_stop() {
         "PUT",
         &format!("/v1/targets/{name}/delay"),
         &json,
-        br#"{"delay_ms": 100000}"#,
+        br#"{"delay_ms": 60001}"#,
     );
+    // The same limit as `awaitlab delay set` and the runner (netem::MAX_DELAY_MS).
     assert_eq!(s, 422, "{body}");
+    assert!(body.contains("0-60000"), "{body}");
     let load = format!(r#"{{"target": "{name}", "path": "/", "users": 5, "duration_s": 10}}"#);
     let (s, body) = http(ctl, "POST", "/v1/load", &json, load.as_bytes());
     assert_eq!(s, 400, "a load names its url: {body}");

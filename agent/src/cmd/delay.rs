@@ -22,7 +22,8 @@ pub struct Args {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Action {
-    /// Add a delay to every packet entering the target's namespace (until Ctrl-C / SIGTERM).
+    /// Add a delay to each round trip through the target's namespace (until Ctrl-C / SIGTERM):
+    /// netem holds the packets it sends, nfqueue the packets it receives.
     Set(SetArgs),
     /// Remove every delay awaitlab installed in the target (stopping a running `delay set`).
     Clear(TargetArg),
@@ -34,7 +35,7 @@ pub enum Action {
 pub struct SetArgs {
     /// docker:NAME_OR_ID, pid:PID, PID, netns:NAME, or a namespace path.
     pub target: String,
-    /// Delay in milliseconds (0 to 60000; fractions allowed).
+    /// Delay in milliseconds (0 to 60000, `MAX_DELAY_MS`; fractions allowed).
     #[arg(long, value_parser = parse_ms, allow_negative_numbers = true)]
     pub ms: f64,
     /// Jitter in milliseconds: each packet's delay is uniform in ms ± jitter (never reordered).
@@ -78,8 +79,11 @@ fn parse_ms(s: &str) -> Result<f64, String> {
     if !v.is_finite() || v < 0.0 {
         return Err(format!("{s} ms: a delay cannot be negative"));
     }
-    if v > netem::MAX_DELAY.as_secs_f64() * 1e3 {
-        return Err(format!("{s} ms is over the 60000 ms maximum"));
+    if v > f64::from(netem::MAX_DELAY_MS) {
+        return Err(format!(
+            "{s} ms is over the {} ms maximum",
+            netem::MAX_DELAY_MS
+        ));
     }
     Ok(v)
 }

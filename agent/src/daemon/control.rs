@@ -50,7 +50,8 @@ struct LoadJob {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DelayRequest {
-    /// Added to every packet the target sends, in milliseconds (0-10000).
+    /// Added to each round trip through the target, in milliseconds (0-60000): to the packets
+    /// it sends (netem) or to those it receives (nfqueue).
     pub delay_ms: u32,
     /// `auto` (default), `netem` or `nfqueue`.
     #[serde(default)]
@@ -113,10 +114,14 @@ impl Control {
                     Ok(d) => d,
                     Err(r) => return r,
                 };
-                if d.delay_ms > 10_000 {
+                if d.delay_ms > netem::MAX_DELAY_MS {
                     return Response::error(
                         422,
-                        format!("delay_ms must be 0-10000, got {}", d.delay_ms),
+                        format!(
+                            "delay_ms must be 0-{}, got {}",
+                            netem::MAX_DELAY_MS,
+                            d.delay_ms
+                        ),
                     );
                 }
                 let choice = match d.backend.as_deref().unwrap_or("auto") {

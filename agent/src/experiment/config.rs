@@ -16,8 +16,8 @@ use crate::{load::template::Rng, results::CellKey};
 pub const KNOWN_SETUPS: &[&str] = &["sync", "async-limited", "async-unlimited", "async-pooled"];
 /// The study's routes.
 pub const KNOWN_ROUTES: &[&str] = &["cpu", "io_read", "io_create"];
-/// Largest added delay accepted (the delay line refuses more than 60 s too).
-pub const MAX_DELAY_MS: u32 = 60_000;
+/// Largest added delay accepted: the delay back ends' own limit.
+pub use crate::netem::MAX_DELAY_MS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -29,6 +29,8 @@ use crate::target::{Target, TargetError};
 
 /// The longest delay accepted: anything longer is a typo, and would hold a queue of minutes.
 pub const MAX_DELAY: Duration = Duration::from_secs(60);
+/// `MAX_DELAY` in milliseconds, for the interfaces that take whole milliseconds.
+pub const MAX_DELAY_MS: u32 = MAX_DELAY.as_millis() as u32;
 /// Where owners record what they installed (tmpfs: a reboot clears it with the state itself).
 pub const STATE_DIR: &str = "/run/awaitlab/delay";
 /// Queue numbers we try, from here up (an unused range in practice; taken ones are skipped).
@@ -77,7 +79,7 @@ pub struct DelaySpec {
 pub enum DelayError {
     #[error(transparent)]
     Target(#[from] TargetError),
-    #[error("delay plus jitter of {0:?} is over the 60 s maximum")]
+    #[error("delay plus jitter of {0:?} is over the {MAX_DELAY_MS} ms maximum")]
     TooLong(Duration),
     #[error("target {spec}: no device {dev} in its namespace")]
     NoDevice { spec: String, dev: String },
