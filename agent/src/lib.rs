@@ -6,6 +6,7 @@
 //! This file only parses the command line, sets up logging and maps errors to exit codes.
 
 pub mod aggregate;
+pub mod clock;
 pub mod cmd;
 pub mod daemon;
 pub mod experiment;

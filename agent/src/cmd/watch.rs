@@ -22,6 +22,7 @@ use crate::{
         summary::{Summary, SummaryInput},
         Aggregator, CpuTotals, Quantiles, Reading, Record,
     },
+    clock::monotonic_ns,
     fail,
     metrics::{server, ProbeMetrics},
     probes::{ProbeError, ProbeSpec, Probes},
@@ -101,17 +102,6 @@ pub fn run(args: Args) -> ExitCode {
             fail(&e, code)
         }
     }
-}
-
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a local timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 async fn watch(args: &Args, target: &Target) -> anyhow::Result<()> {

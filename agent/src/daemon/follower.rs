@@ -23,7 +23,7 @@ use crate::{
         summary::{Summary, SummaryInput},
         Aggregator, Reading,
     },
-    cmd::watch::monotonic_ns,
+    clock::monotonic_ns,
     metrics::ProbeMetrics,
     probes::{ProbeSpec, ProbeStatus, Probes},
     target::Target,

@@ -23,26 +23,7 @@ use std::{
 
 use super::nfq::{self, Msg, Received, Socket};
 
-/// Monotonic clock in nanoseconds (the clock the releaser's timer sleeps on).
-pub fn now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is a valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is a valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+use crate::clock::{monotonic_ns, thread_cpu_ns};
 
 /// Release times for successive packets: arrival + delay ± uniform jitter, never earlier than
 /// the previous packet's (no reordering), never before arrival.
@@ -156,7 +137,7 @@ impl DelayLine {
             queue_num,
             threads: Vec::new(),
         };
-        let seed = now_ns();
+        let seed = monotonic_ns();
         let (sh, so) = (line.shared.clone(), line.socket.clone());
         line.threads.push(
             std::thread::Builder::new()
@@ -264,7 +245,7 @@ fn reader(sh: &Shared, so: &Socket, mut sched: Schedule) {
                 break;
             }
         };
-        let arrival = now_ns();
+        let arrival = monotonic_ns();
         ids.clear();
         for (buf, &n) in bufs.iter().zip(&lens) {
             nfq::parse(&buf[..n], |r| {
@@ -322,8 +303,8 @@ fn releaser(sh: &Shared, so: &Socket, queue_num: u16) {
             }
         };
         // At most 100 ms at a time, so that a stop during a long hold is noticed promptly.
-        sleep_until(head_due.min(now_ns() + 100_000_000));
-        let now = now_ns();
+        sleep_until(head_due.min(monotonic_ns() + 100_000_000));
+        let now = monotonic_ns();
         if now < head_due {
             continue;
         }

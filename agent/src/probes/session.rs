@@ -78,7 +78,7 @@ impl ProbeSession {
 
     fn cpu_now(&self, counters: &[u64; COUNTERS as usize]) -> Result<CpuTotals, ProbeError> {
         Ok(CpuTotals::at(
-            crate::cmd::watch::monotonic_ns(),
+            crate::clock::monotonic_ns(),
             &self.probes.threads()?,
             counters,
         ))
@@ -86,7 +86,7 @@ impl ProbeSession {
 
     fn read_now(&self, counters: &[u64; COUNTERS as usize]) -> Result<Reading, ProbeError> {
         Ok(Reading::at(
-            crate::cmd::watch::monotonic_ns(),
+            crate::clock::monotonic_ns(),
             &self.probes.threads()?,
             counters,
         ))
