@@ -13,6 +13,7 @@ pub mod experiment;
 pub mod load;
 pub mod metrics;
 pub mod netem;
+pub mod privilege;
 pub mod probes;
 pub mod report;
 pub mod results;

@@ -494,7 +494,7 @@ fn without_root_it_says_so() {
     });
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(77), "{stderr}");
-    assert!(stderr.contains("need root"), "{stderr}");
+    assert!(stderr.contains("awaitlab watch needs root"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }
 

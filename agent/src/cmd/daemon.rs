@@ -9,9 +9,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use crate::{
     daemon::{self, config::DaemonConfig},
-    fail,
-    probes::ProbeError,
-    EXIT_NOPERM, EXIT_USAGE,
+    fail, EXIT_NOPERM, EXIT_USAGE,
 };
 
 #[derive(Debug, clap::Args)]
@@ -55,9 +53,10 @@ pub fn run(args: Args) -> ExitCode {
         Ok(t) => t,
         Err(e) => return fail(&anyhow::Error::new(e), EXIT_USAGE),
     };
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return fail(&anyhow::Error::new(ProbeError::NotRoot), EXIT_NOPERM);
+    if let Err(e) =
+        crate::privilege::require("awaitlab daemon", "eBPF probes, namespaces, delay rules")
+    {
+        return fail(&anyhow::Error::new(e), EXIT_NOPERM);
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

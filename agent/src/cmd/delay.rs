@@ -104,12 +104,9 @@ fn err_code(e: &DelayError) -> u8 {
 }
 
 pub fn run(args: Args) -> ExitCode {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return fail(
-            &anyhow::anyhow!("delay injection needs root (network namespaces, iptables, tc)"),
-            EXIT_NOPERM,
-        );
+    if let Err(e) = crate::privilege::require("awaitlab delay", "network namespaces, iptables, tc")
+    {
+        return fail(&anyhow::Error::new(e), EXIT_NOPERM);
     }
     // Signals are taken synchronously by the main thread (sigtimedwait below); blocking them
     // before any thread starts makes every thread inherit the mask, so none dies of SIGINT.

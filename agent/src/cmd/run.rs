@@ -130,12 +130,10 @@ pub fn run(args: Args) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(&e, EXIT_USAGE),
     };
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return fail(
-            &anyhow::anyhow!("awaitlab run needs root (namespaces, delay rules, eBPF probes)"),
-            crate::EXIT_NOPERM,
-        );
+    if let Err(e) =
+        crate::privilege::require("awaitlab run", "namespaces, delay rules, eBPF probes")
+    {
+        return fail(&anyhow::Error::new(e), crate::EXIT_NOPERM);
     }
     if let Some(r) = &args.resume {
         if !r.join("index.json").is_file() {

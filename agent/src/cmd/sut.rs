@@ -95,12 +95,8 @@ pub struct StatusArgs {
 }
 
 pub fn run(args: Args) -> ExitCode {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return fail(
-            &anyhow::anyhow!("awaitlab sut must run as root (namespaces, containers)"),
-            EXIT_NOPERM,
-        );
+    if let Err(e) = crate::privilege::require("awaitlab sut", "namespaces, containers") {
+        return fail(&anyhow::Error::new(e), EXIT_NOPERM);
     }
     let result = match args.command {
         SutCommand::Up(a) => up(a),

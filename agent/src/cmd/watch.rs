@@ -73,9 +73,11 @@ fn parse_interval(s: &str) -> Result<f64, String> {
 }
 
 pub fn run(args: Args) -> ExitCode {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return fail(&anyhow::Error::new(ProbeError::NotRoot), EXIT_NOPERM);
+    if let Err(e) = crate::privilege::require(
+        "awaitlab watch",
+        "eBPF probes, entering the target's namespace",
+    ) {
+        return fail(&anyhow::Error::new(e), EXIT_NOPERM);
     }
     let target = match Target::resolve(&args.target) {
         Ok(t) => t,
@@ -95,7 +97,7 @@ pub fn run(args: Args) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let code = match e.downcast_ref::<ProbeError>() {
-                Some(ProbeError::NotRoot) => EXIT_NOPERM,
+                Some(ProbeError::NotRoot(_)) => EXIT_NOPERM,
                 Some(ProbeError::TooManyPorts { .. }) => EXIT_USAGE,
                 _ => 1,
             };

@@ -21,8 +21,8 @@ use tracing::{info, warn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
-    #[error("the probes need root (CAP_BPF and CAP_PERFMON); run awaitlab as root")]
-    NotRoot,
+    #[error(transparent)]
+    NotRoot(#[from] crate::privilege::NotRoot),
     #[error("this awaitlab was built without its eBPF programs (AYA_BUILD_SKIP); rebuild with `cargo xtask setup` done")]
     NoObject,
     #[error("kernel BTF: {0}")]
@@ -113,10 +113,7 @@ pub struct Probes {
 impl Probes {
     /// Loads, configures and attaches every program the kernel supports.
     pub fn attach(spec: &ProbeSpec) -> Result<Probes, ProbeError> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return Err(ProbeError::NotRoot);
-        }
+        crate::privilege::require("loading the probes", "CAP_BPF and CAP_PERFMON")?;
         if OBJECT.is_empty() {
             return Err(ProbeError::NoObject);
         }

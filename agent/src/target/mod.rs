@@ -301,8 +301,7 @@ mod tests {
             PathBuf::from(format!("/proc/{pid}/ns/net"))
         );
         // Entering a namespace needs CAP_SYS_ADMIN (cargo xtask test runs as root).
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
+        if crate::privilege::is_root() {
             let inside = by_path.run_in(Target::own_netns_inum).unwrap();
             assert_eq!(inside, Some(by_pid.netns_inum));
         }
