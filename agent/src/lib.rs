@@ -17,6 +17,7 @@ pub mod privilege;
 pub mod probes;
 pub mod report;
 pub mod results;
+pub mod signals;
 pub mod sut;
 pub mod target;
 

@@ -108,9 +108,9 @@ pub fn run(args: Args) -> ExitCode {
     {
         return fail(&anyhow::Error::new(e), EXIT_NOPERM);
     }
-    // Signals are taken synchronously by the main thread (sigtimedwait below); blocking them
-    // before any thread starts makes every thread inherit the mask, so none dies of SIGINT.
-    block_signals();
+    // Signals are taken synchronously by the main thread (signals::wait in `set`), and SIGHUP
+    // too: a closed terminal must remove the delay.
+    crate::signals::block();
     let result = match args.action {
         Action::Set(a) => set(a),
         Action::Clear(a) => clear(&a.target),
@@ -122,40 +122,6 @@ pub fn run(args: Args) -> ExitCode {
             let code = err_code(&e);
             fail(&anyhow::Error::new(e), code)
         }
-    }
-}
-
-/// SIGINT, SIGTERM and SIGHUP: the signals that end `delay set` (a closed terminal too must
-/// remove the delay).
-fn stop_signals() -> libc::sigset_t {
-    // SAFETY: sigset manipulation on a local, zero-initialised set.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGHUP);
-        set
-    }
-}
-
-fn block_signals() {
-    let set = stop_signals();
-    // SAFETY: pthread_sigmask on the calling thread with a valid set.
-    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-}
-
-/// Waits up to `d` for SIGINT/SIGTERM/SIGHUP (a closed terminal too must remove the delay);
-/// true when one arrived.
-fn wait_signal(d: Duration) -> bool {
-    let set = stop_signals();
-    // SAFETY: sigtimedwait with a valid set and timeout.
-    unsafe {
-        let ts = libc::timespec {
-            tv_sec: d.as_secs() as _,
-            tv_nsec: d.subsec_nanos() as _,
-        };
-        libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) > 0
     }
 }
 
@@ -191,7 +157,9 @@ fn set(a: SetArgs) -> Result<ExitCode, DelayError> {
                 .min(Duration::from_secs(1)),
             None => Duration::from_secs(1),
         };
-        if wait_signal(step) || deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+        if crate::signals::wait(Some(step)).is_some()
+            || deadline.is_some_and(|d| std::time::Instant::now() >= d)
+        {
             break;
         }
         if !target.alive() {

@@ -13,7 +13,6 @@ use std::{
 };
 
 use anyhow::Context as _;
-use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -318,14 +317,10 @@ async fn drive(args: &Args, spec: &LoadSpec) -> anyhow::Result<()> {
         None => None,
     };
     let cancel = CancellationToken::new();
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut stop = crate::signals::Stop::install()?;
     let c = cancel.clone();
     let signals = tokio::spawn(async move {
-        tokio::select! {
-            _ = sigint.recv() => {}
-            _ = sigterm.recv() => {}
-        }
+        stop.recv().await;
         c.cancel();
     });
     let tty = std::io::stderr().is_terminal();

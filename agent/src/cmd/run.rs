@@ -1,12 +1,7 @@
 //! `awaitlab run`: the study's matrix in one command, then the report. Flags override the
 //! configuration file; the whole configuration is checked before anything starts.
 
-use std::{
-    path::PathBuf,
-    process::ExitCode,
-    sync::atomic::{AtomicBool, Ordering},
-    time::Duration,
-};
+use std::{path::PathBuf, process::ExitCode};
 
 use crate::{
     experiment::{
@@ -71,12 +66,6 @@ pub struct Args {
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
-static SIGNALLED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    SIGNALLED.store(true, Ordering::SeqCst);
-}
-
 fn configure(args: &Args) -> anyhow::Result<RunConfig> {
     let mut cfg = match &args.config {
         Some(p) => RunConfig::from_file(p)?,
@@ -126,6 +115,8 @@ fn configure(args: &Args) -> anyhow::Result<RunConfig> {
 }
 
 pub fn run(args: Args) -> ExitCode {
+    // Before any thread starts: the signal thread below takes SIGINT and SIGTERM for all.
+    crate::signals::block();
     let cfg = match configure(&args) {
         Ok(c) => c,
         Err(e) => return fail(&e, EXIT_USAGE),
@@ -147,20 +138,13 @@ pub fn run(args: Args) -> ExitCode {
         }
     }
     let stop = Stop::new();
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
     let watcher_stop = stop.clone();
-    std::thread::spawn(move || loop {
-        if SIGNALLED.load(Ordering::SeqCst) {
-            eprintln!("\nawaitlab: stopping: the cell in progress is dropped, the delay cleared, the system under test torn down");
-            watcher_stop.request();
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    });
+    if let Err(e) = crate::signals::on_stop(move |_| {
+        eprintln!("\nawaitlab: stopping: the cell in progress is dropped, the delay cleared, the system under test torn down");
+        watcher_stop.request();
+    }) {
+        return fail(&anyhow::anyhow!("starting the signal thread: {e}"), 1);
+    }
     let outcome = match run_matrix(&cfg, args.resume.as_deref(), &stop, args.metrics_addr) {
         Ok(o) => o,
         Err(e) => return fail(&e, 1),

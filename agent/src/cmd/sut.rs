@@ -139,24 +139,8 @@ fn write_state(state: &State) -> anyhow::Result<()> {
 }
 
 /// On SIGINT/SIGTERM while `up` runs: take down what exists so far and exit 130.
-fn cleanup_on_signal(kind: BackendKind, name: String) {
-    std::thread::spawn(move || {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        else {
-            return;
-        };
-        rt.block_on(async {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut int), Ok(mut term)) = (
-                signal(SignalKind::interrupt()),
-                signal(SignalKind::terminate()),
-            ) else {
-                return;
-            };
-            tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
-        });
+fn cleanup_on_signal(kind: BackendKind, name: String) -> anyhow::Result<()> {
+    crate::signals::on_stop(move |_| {
         eprintln!("awaitlab: interrupted: taking down {name}");
         if let Err(e) = kind.backend().down(&name) {
             eprintln!(
@@ -164,10 +148,13 @@ fn cleanup_on_signal(kind: BackendKind, name: String) {
             );
         }
         std::process::exit(130);
-    });
+    })
+    .context("starting the signal thread")
 }
 
 fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
+    // Before any thread starts: `cleanup_on_signal`'s thread takes SIGINT and SIGTERM for all.
+    crate::signals::block();
     let name = a.name.name;
     let mut opts = Options::new(a.setup, a.stack, &name);
     opts.host_port = a.port;
@@ -183,7 +170,7 @@ fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    cleanup_on_signal(a.backend, name.clone());
+    cleanup_on_signal(a.backend, name.clone())?;
     let t0 = Instant::now();
     eprintln!(
         "bringing up {name}: {} on {}, {} stack",

@@ -12,10 +12,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
-use tokio::{
-    io::{unix::AsyncFd, Interest},
-    signal::unix::{signal, SignalKind},
-};
+use tokio::io::{unix::AsyncFd, Interest};
 
 use crate::{
     aggregate::{
@@ -113,8 +110,7 @@ async fn watch(args: &Args, target: &Target) -> anyhow::Result<()> {
         db_ports: dedup(&args.db_ports),
         capture_payload: !args.no_payload,
     };
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut stop = crate::signals::Stop::install()?;
 
     // One registry for this command, handed to the exporters and the server.
     let registry = prometheus::Registry::new();
@@ -206,8 +202,7 @@ async fn watch(args: &Args, target: &Target) -> anyhow::Result<()> {
                     break "duration reached".to_string();
                 }
             }
-            _ = sigint.recv() => break "interrupted".to_string(),
-            _ = sigterm.recv() => break "terminated".to_string(),
+            sig = stop.recv() => break sig.verb().to_string(),
         }
     };
 

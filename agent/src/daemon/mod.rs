@@ -18,13 +18,11 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Context as _;
 use bollard::{
     query_parameters::{EventsOptions, ListContainersOptions},
     Docker,
 };
 use futures_util::StreamExt as _;
-use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
 use self::{config::DaemonConfig, follower::Follower};
@@ -69,8 +67,7 @@ fn docker_socket(cfg: &DaemonConfig) -> String {
 
 /// Runs until SIGINT/SIGTERM. `cfg` has been validated.
 pub async fn run(cfg: DaemonConfig, token: Option<String>) -> anyhow::Result<()> {
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut stop = crate::signals::Stop::install()?;
     let socket = docker_socket(&cfg);
     let docker = Docker::connect_with_unix(&socket, 120, bollard::API_DEFAULT_VERSION)
         .map_err(|source| DaemonError::Docker {
@@ -156,8 +153,7 @@ pub async fn run(cfg: DaemonConfig, token: Option<String>) -> anyhow::Result<()>
                     }
                 },
                 _ = tick.tick() => d.reap().await,
-                _ = sigint.recv() => break 'outer "interrupted",
-                _ = sigterm.recv() => break 'outer "terminated",
+                sig = stop.recv() => break 'outer sig.verb(),
             }
         }
     };
