@@ -468,7 +468,7 @@ fn bad_input_is_one_line_and_exit_64() {
 /// Sync io_read requests one after another, with the probes on the server's namespace: the
 /// probes' summary of those requests only (one request before the mark warms the server up).
 fn probed_io_reads(sut: &Sut, n: u64) -> awaitlab::aggregate::summary::Summary {
-    use awaitlab::probes::{session::ProbeSession, ProbeSpec};
+    use awaitlab::probes::{session::Session, ProbeSpec};
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _enter = rt.enter();
     let target = awaitlab::target::Target::resolve(sut.netns()).unwrap();
@@ -478,7 +478,7 @@ fn probed_io_reads(sut: &Sut, n: u64) -> awaitlab::aggregate::summary::Summary {
         db_ports: vec![sut.db_port()],
         capture_payload: true,
     };
-    let mut session = ProbeSession::attach(&spec, sut.netns()).unwrap();
+    let mut session = Session::attach(&spec, sut.netns()).unwrap();
     let addr = sut.state().server_addr().unwrap();
     let get = || {
         let (status, body) = http(addr, "GET", "/posts/io_read/", None, T).unwrap();

@@ -5,24 +5,18 @@
 //! It must not lose records silently: everything not delivered shows in the `lost` figures.
 
 use std::{
-    io::Write as _,
+    io::Write,
     process::ExitCode,
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
-use aya::maps::{MapData, RingBuf};
-use tokio::io::{unix::AsyncFd, Interest};
 
 use crate::{
-    aggregate::{
-        summary::{Summary, SummaryInput},
-        Aggregator, CpuTotals, Quantiles, Reading, Record,
-    },
-    clock::monotonic_ns,
+    aggregate::{summary::Summary, Aggregator, CpuTotals, Quantiles, Record},
     fail,
     metrics::{server, ProbeMetrics},
-    probes::{ProbeError, ProbeSpec, Probes},
+    probes::{session::Session, ProbeError, ProbeSpec},
     target::Target,
     EXIT_NOPERM, EXIT_USAGE,
 };
@@ -124,26 +118,17 @@ async fn watch(args: &Args, target: &Target) -> anyhow::Result<()> {
         None => None,
     };
 
-    let mut probes = Probes::attach(&spec)?;
-    let ring = probes.take_events()?;
-    // SAFETY: the ring buffer owns its fd and AsyncFd owns the ring buffer, so the fd stays open
-    // for as long as it is registered.
-    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-        .map_err(|e| anyhow::anyhow!("polling the ring buffer: {}", e))?;
-    let live: Vec<&str> = probes
-        .status()
-        .iter()
-        .filter(|s| s.live)
-        .map(|s| s.hook.as_str())
-        .collect();
-    let skipped: Vec<&str> = probes
-        .status()
-        .iter()
-        .filter(|s| !s.live)
-        .map(|s| s.hook.as_str())
-        .collect();
-    let ids: Vec<String> = probes
-        .status()
+    let mut session = Session::attach(&spec, &target.spec)?;
+    let status = session.probes().status();
+    let hooks = |live: bool| -> Vec<&str> {
+        status
+            .iter()
+            .filter(|s| s.live == live)
+            .map(|s| s.hook.as_str())
+            .collect()
+    };
+    let (live, skipped) = (hooks(true), hooks(false));
+    let ids: Vec<String> = status
         .iter()
         .filter_map(|s| s.id)
         .map(|i| i.to_string())
@@ -159,40 +144,39 @@ async fn watch(args: &Args, target: &Target) -> anyhow::Result<()> {
         ids.join(",")
     );
 
-    let mut agg = Aggregator::new();
     if args.metrics_addr.is_some() {
-        agg.add_observer(Box::new(probe_metrics.observer(&target.spec)));
-        probe_metrics.set_attached(&target.spec, probes.status());
+        session
+            .agg
+            .add_observer(Box::new(probe_metrics.observer(&target.spec)));
+        probe_metrics.set_attached(&target.spec, session.probes().status());
     }
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let started = Instant::now();
-    let start = Reading::at(monotonic_ns(), &probes.threads()?, &probes.counters()?);
-    let mut cpu_prev = start.cpu;
+    // Request records as JSON lines on stdout with --json; a write error ends the watch.
+    let json = args.json;
+    let mut write_error: Option<std::io::Error> = None;
+    let started = session.attached_at();
+    let mut cpu_prev = session.attached_reading().cpu;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(args.interval));
     tick.tick().await;
     let deadline = args
         .duration
         .map(|d| started + Duration::from_secs_f64(d.max(0.0)));
-    // The programs wake us only when half a megabyte is waiting (a wakeup per record would cost
-    // the server microseconds per request); this timer collects the rest promptly.
-    let mut poll = tokio::time::interval(Duration::from_millis(20));
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
 
     let stop_reason = loop {
         tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = guard.context("waiting on the ring buffer")?;
-                drain(guard.get_inner_mut(), &mut agg, args.json, &mut out)?;
-                guard.clear_ready();
+            // The programs wake us only when half a megabyte is waiting (a wakeup per record
+            // would cost the server microseconds per request); the 20 ms bound collects the
+            // rest promptly.
+            _ = session.pump(Duration::from_millis(20), |r| emit(json, &mut out, &mut write_error, r)) => {
+                if let Some(e) = write_error.take() {
+                    return Err(anyhow::Error::new(e).context("writing a record"));
+                }
             }
-            _ = poll.tick() => drain(ring.get_mut(), &mut agg, args.json, &mut out)?,
             _ = tick.tick() => {
-                drain(ring.get_mut(), &mut agg, args.json, &mut out)?;
+                session.drain(|r| emit(json, &mut out, &mut write_error, r));
                 out.flush().context("writing stdout")?;
-                let counters = probes.counters()?;
-                let cpu = CpuTotals::at(monotonic_ns(), &probes.threads()?, &counters);
-                agg.snapshot(&counters, cpu);
-                let line = window_line(started.elapsed().as_secs_f64(), args.interval, &mut agg, &cpu, &cpu_prev, &counters);
+                let (counters, cpu) = session.snapshot()?;
+                let line = window_line(started.elapsed().as_secs_f64(), args.interval, &mut session.agg, &cpu, &cpu_prev, &counters);
                 cpu_prev = cpu;
                 if args.json { eprintln!("{line}") } else { writeln!(out, "{line}")?; out.flush()?; }
                 if !target.alive() {
@@ -206,25 +190,14 @@ async fn watch(args: &Args, target: &Target) -> anyhow::Result<()> {
         }
     };
 
-    // The kernel may have finished records after the last wakeup: take them all before detaching.
-    drain(ring.get_mut(), &mut agg, args.json, &mut out)?;
-    let counters = probes.counters()?;
-    let end = Reading::at(monotonic_ns(), &probes.threads()?, &counters);
-    let status = probes.status().to_vec();
-    drop(ring);
-    drop(probes);
-    let summary = Summary::build(SummaryInput {
-        target: &target.spec,
-        netns_inum: target.netns_inum,
-        duration_s: started.elapsed().as_secs_f64(),
-        stats: &agg.total,
-        labels: &agg.labels,
-        counters: &counters,
-        start: &start,
-        end: &end,
-        malformed: agg.malformed,
-        probes: &status,
-    });
+    // The kernel may have finished records after the last wakeup: `summary` takes them all
+    // before the probes are detached (dropping the session).
+    session.drain(|r| emit(json, &mut out, &mut write_error, r));
+    let summary = session.summary()?;
+    drop(session);
+    if let Some(e) = write_error {
+        return Err(anyhow::Error::new(e).context("writing a record"));
+    }
     if args.json {
         serde_json::to_writer(&mut out, &summary).context("writing the summary")?;
         writeln!(out)?;
@@ -243,21 +216,14 @@ fn dedup(v: &[u16]) -> Vec<u16> {
     v
 }
 
-fn drain(
-    ring: &mut RingBuf<MapData>,
-    agg: &mut Aggregator,
-    json: bool,
-    out: &mut impl std::io::Write,
-) -> anyhow::Result<()> {
-    while let Some(item) = ring.next() {
-        let rec = agg.push(&item);
-        drop(item);
-        if let (true, Some(Record::Request(r))) = (json, rec) {
-            serde_json::to_writer(&mut *out, &r).context("writing a record")?;
-            out.write_all(b"\n").context("writing a record")?;
-        }
+/// Writes a request record as a JSON line when `json`; keeps the first write error.
+fn emit(json: bool, out: &mut impl Write, error: &mut Option<std::io::Error>, rec: &Record) {
+    if let (true, Record::Request(r), None) = (json, rec, &*error) {
+        let written = serde_json::to_writer(&mut *out, r)
+            .map_err(std::io::Error::from)
+            .and_then(|()| out.write_all(b"\n"));
+        *error = written.err();
     }
-    Ok(())
 }
 
 fn window_line(

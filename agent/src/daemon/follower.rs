@@ -1,6 +1,6 @@
-//! One attached container: a thread that owns that container's [`Probes`] (loaded for its
-//! network namespace), drains their ring buffer into an [`Aggregator`] whose observer feeds the
-//! Prometheus metrics, and keeps a current [`Summary`] for the control endpoint.
+//! One attached container: a thread that owns that container's probe [`Session`] (the probes
+//! loaded for its network namespace), whose aggregator's observer feeds the Prometheus
+//! metrics, and keeps a current [`Summary`] for the control endpoint.
 //!
 //! Dropping a [`Follower`] stops the thread and drops the probes, which detaches and unloads
 //! them; the thread also ends by itself when the container's process (and so its namespace) is
@@ -19,13 +19,9 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    aggregate::{
-        summary::{Summary, SummaryInput},
-        Aggregator, Reading,
-    },
-    clock::monotonic_ns,
+    aggregate::summary::Summary,
     metrics::ProbeMetrics,
-    probes::{ProbeSpec, ProbeStatus, Probes},
+    probes::{session::Session, ProbeSpec, ProbeStatus},
     target::Target,
 };
 
@@ -144,69 +140,53 @@ fn run(
     summary: Arc<Mutex<Option<Summary>>>,
     tx: mpsc::Sender<Result<Vec<ProbeStatus>, String>>,
 ) {
-    let mut probes = match Probes::attach(&spec) {
-        Ok(p) => p,
+    // The session polls its ring buffer on a runtime; this thread's own, so that a busy
+    // container never holds the daemon's event loop.
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
         Err(e) => {
-            let _ = tx.send(Err(e.to_string()));
+            let _ = tx.send(Err(format!("starting the probe thread's runtime: {e}")));
             return;
         }
     };
-    let mut ring = match probes.take_events() {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = tx.send(Err(e.to_string()));
-            return;
-        }
-    };
-    let status = probes.status().to_vec();
-    let mut agg = Aggregator::new();
-    agg.add_observer(Box::new(metrics.observer(&name)));
-    metrics.set_attached(&name, &status);
-    let _ = tx.send(Ok(status.clone()));
+    rt.block_on(async {
+        let mut session = match Session::attach(&spec, &name) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tx.send(Err(e.to_string()));
+                return;
+            }
+        };
+        let status = session.probes().status().to_vec();
+        session.agg.add_observer(Box::new(metrics.observer(&name)));
+        metrics.set_attached(&name, &status);
+        let _ = tx.send(Ok(status));
 
-    let started = Instant::now();
-    let zero = [0u64; agent_common::COUNTERS as usize];
-    let start = match (probes.threads(), probes.counters()) {
-        (Ok(t), Ok(c)) => Reading::at(monotonic_ns(), &t, &c),
-        _ => Reading::at(monotonic_ns(), &[], &zero),
-    };
-    let mut next = Instant::now() + interval;
-    loop {
-        while let Some(item) = ring.next() {
-            agg.push(&item);
-        }
-        let stopping = stop.load(Ordering::Relaxed) || !target.alive();
-        if stopping || Instant::now() >= next {
-            next += interval;
-            let (Ok(counters), Ok(threads)) = (probes.counters(), probes.threads()) else {
-                tracing::warn!(container = %name, "reading the probe maps failed; detaching");
+        let mut next = Instant::now() + interval;
+        loop {
+            // The programs wake user space only when much is waiting; the 20 ms bound collects
+            // the rest promptly.
+            session.pump(Duration::from_millis(20), |_| {}).await;
+            let stopping = stop.load(Ordering::Relaxed) || !target.alive();
+            if stopping || Instant::now() >= next {
+                next += interval;
+                let s = session.snapshot().and_then(|_| session.summary());
+                let Ok(s) = s else {
+                    tracing::warn!(container = %name, "reading the probe maps failed; detaching");
+                    break;
+                };
+                if let Ok(mut slot) = summary.lock() {
+                    *slot = Some(s);
+                }
+            }
+            if stopping {
                 break;
-            };
-            let end = Reading::at(monotonic_ns(), &threads, &counters);
-            agg.snapshot(&counters, end.cpu);
-            let s = Summary::build(SummaryInput {
-                target: &name,
-                netns_inum: target.netns_inum,
-                duration_s: started.elapsed().as_secs_f64(),
-                stats: &agg.total,
-                labels: &agg.labels,
-                counters: &counters,
-                start: &start,
-                end: &end,
-                malformed: agg.malformed,
-                probes: &status,
-            });
-            if let Ok(mut slot) = summary.lock() {
-                *slot = Some(s);
             }
         }
-        if stopping {
-            break;
-        }
-        // The programs wake user space only when much is waiting; a short timer collects the rest.
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    drop(ring);
-    drop(probes);
+    });
+    // The session is gone (detached) once block_on returns.
     metrics.set_detached(&name);
 }

@@ -28,7 +28,7 @@ use super::config::{random_seed, Backend, DelayBackend, Order, ProfileName, RunC
 use crate::{
     load::{self, LoadSpec},
     netem,
-    probes::{session::ProbeSession, ProbeSpec},
+    probes::{session::Session, ProbeSpec},
     results::{
         CellKey, CellResult, DelayOutcome, Index, LoadOutcome, ResultsDir, Second, Warmup,
         RESULTS_VERSION,
@@ -255,7 +255,7 @@ fn server_sessions(sut: &Sut) -> &'static str {
 fn drain(
     sut: &Sut,
     netns_inum: u32,
-    session: Option<&mut ProbeSession>,
+    session: Option<&mut Session>,
     timeout: Duration,
 ) -> anyhow::Result<Option<String>> {
     let sessions = format!(
@@ -312,7 +312,7 @@ fn attach(
     rt: &tokio::runtime::Runtime,
     system: &Sut,
     metrics: Option<&RunMetrics>,
-) -> anyhow::Result<(Target, Option<ProbeSession>)> {
+) -> anyhow::Result<(Target, Option<Session>)> {
     let target = Target::resolve(system.netns())
         .with_context(|| format!("the server's namespace {}", system.netns()))?;
     if !cfg.probes {
@@ -325,8 +325,7 @@ fn attach(
         db_ports: vec![system.db_port()],
         capture_payload: true,
     };
-    let mut session =
-        ProbeSession::attach(&spec, system.netns()).context("attaching the probes")?;
+    let mut session = Session::attach(&spec, system.netns()).context("attaching the probes")?;
     if let Some(m) = metrics {
         // One series per run ("server"), whichever setup and namespace serve it now.
         session
@@ -413,7 +412,7 @@ struct Ctx<'a> {
 struct Server {
     system: Sut,
     target: Target,
-    session: Option<ProbeSession>,
+    session: Option<Session>,
 }
 
 /// A fresh server for `setup` before every cell, so that no cell starts warm or busy because of
@@ -530,7 +529,7 @@ fn warmup_spec(base: &str, route_name: &str, seconds: f64) -> anyhow::Result<Loa
 /// checks see what finished); `observer` sees the progress once a second.
 fn run_load(
     cx: &Ctx<'_>,
-    session: &mut Option<ProbeSession>,
+    session: &mut Option<Session>,
     spec: &LoadSpec,
     observer: &mut (dyn FnMut(&load::Progress) + Send),
     load_metrics: Option<crate::metrics::LoadMetrics>,

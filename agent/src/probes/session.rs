@@ -1,8 +1,10 @@
-//! One attach of the probes with its ring buffer and aggregator, measured in intervals: the
-//! experiment runner marks the start of a cell and takes the cell's summary at its end, while the
-//! probes stay attached across cells.
+//! The one probe session: one attach of the probes with its ring buffer and aggregator, which
+//! `awaitlab watch`, the daemon (one per followed container) and the experiment runner all use.
+//! `summary` covers everything since the attach; the runner measures intervals instead: it
+//! marks the start of a cell and takes the cell's summary at its end, while the probes stay
+//! attached across cells. Dropping the session detaches and unloads the programs.
 //!
-//! The session must be drained regularly (`drain`, or `pump` on a timer): the programs wake the
+//! The session must be drained regularly (`drain`, or `pump` in a loop): the programs wake the
 //! agent only when half a megabyte of records waits.
 
 use std::time::{Duration, Instant};
@@ -17,12 +19,13 @@ use crate::aggregate::{
     Aggregator, CpuTotals, Reading, Record, Stats,
 };
 
-pub struct ProbeSession {
+pub struct Session {
     probes: Probes,
     ring: AsyncFd<RingBuf<MapData>>,
     pub agg: Aggregator,
     target: String,
     netns_inum: u32,
+    attached: Mark,
 }
 
 /// The start of a measured interval.
@@ -33,26 +36,44 @@ pub struct Mark {
     reading: Reading,
 }
 
-impl ProbeSession {
+impl Session {
     /// Attaches the probes; must run inside a tokio runtime (the ring buffer is polled by it).
-    pub fn attach(spec: &ProbeSpec, target: &str) -> Result<ProbeSession, ProbeError> {
+    /// `target` names the target in summaries and metrics.
+    pub fn attach(spec: &ProbeSpec, target: &str) -> Result<Session, ProbeError> {
         let mut probes = Probes::attach(spec)?;
         let ring = probes.take_events()?;
         // SAFETY: the ring buffer owns its fd and AsyncFd owns the ring buffer, so the fd stays
         // open for as long as it is registered.
         let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
             .map_err(|e| ProbeError::Poll(e.into_parts().1))?;
-        Ok(ProbeSession {
+        let counters = probes.counters()?;
+        let reading = Reading::at(crate::clock::monotonic_ns(), &probes.threads()?, &counters);
+        Ok(Session {
             probes,
             ring,
             agg: Aggregator::new(),
             target: target.into(),
             netns_inum: spec.netns_inum,
+            attached: Mark {
+                at: Instant::now(),
+                counters,
+                reading,
+            },
         })
     }
 
     pub fn probes(&self) -> &Probes {
         &self.probes
+    }
+
+    /// When the probes were attached.
+    pub fn attached_at(&self) -> Instant {
+        self.attached.at
+    }
+
+    /// The counters and the threads' CPU totals read at the attach.
+    pub fn attached_reading(&self) -> &Reading {
+        &self.attached.reading
     }
 
     /// Takes every record waiting in the ring buffer; calls `each` on the decoded ones.
@@ -92,12 +113,19 @@ impl ProbeSession {
         ))
     }
 
-    /// Hands the kernel counters and CPU totals to the aggregator's observers (metrics).
-    pub fn snapshot(&mut self) -> Result<(), ProbeError> {
+    /// Hands the kernel counters and CPU totals to the aggregator's observers (metrics), and
+    /// returns them.
+    pub fn snapshot(&mut self) -> Result<([u64; COUNTERS as usize], CpuTotals), ProbeError> {
         let counters = self.probes.counters()?;
         let cpu = self.cpu_now(&counters)?;
         self.agg.snapshot(&counters, cpu);
-        Ok(())
+        Ok((counters, cpu))
+    }
+
+    /// The summary of everything since the probes were attached.
+    pub fn summary(&mut self) -> Result<Summary, ProbeError> {
+        let attached = self.attached.clone();
+        self.summary_since(&attached)
     }
 
     /// Starts a measured interval: drains, forgets what came before, remembers the counters.
