@@ -21,7 +21,10 @@ use std::{
     time::Duration,
 };
 
-use awaitlab::metrics::{server, DelayMetrics, ExperimentMetrics, LoadMetrics, Outcome};
+use awaitlab::{
+    load::record::{ErrorKind, Outcome},
+    metrics::{server, DelayMetrics, ExperimentMetrics, LoadMetrics},
+};
 use common::{prom::*, *};
 
 const DB_DELAY: Duration = Duration::from_millis(5);
@@ -250,7 +253,7 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
     assert_eq!(
         sum_of(
             &prom,
-            r#"sum(awaitlab_load_failures_total{kind="connect"})"#,
+            r#"sum(awaitlab_load_failures_total{kind="refused"})"#,
             t
         ),
         refused as f64
@@ -512,8 +515,8 @@ fn the_driver_exposition_passes_promtool() {
     for o in [
         Outcome::Status(200),
         Outcome::Status(503),
-        Outcome::Reset,
-        Outcome::Timeout,
+        Outcome::Error(ErrorKind::Reset),
+        Outcome::Error(ErrorKind::Timeout),
     ] {
         load.observe_response(Duration::from_millis(12), o);
     }
@@ -523,6 +526,20 @@ fn the_driver_exposition_passes_promtool() {
         text.contains("awaitlab_load_failures_total{kind=\"http_5xx\"} 1"),
         "{text}"
     );
+    // The same kinds as the load report's, every one present from the start.
+    for (kind, n) in [
+        ("reset", 1),
+        ("timeout", 1),
+        ("refused", 0),
+        ("http_4xx", 0),
+    ] {
+        assert!(
+            text.contains(&format!(
+                "awaitlab_load_failures_total{{kind=\"{kind}\"}} {n}\n"
+            )),
+            "{kind}: {text}"
+        );
+    }
 }
 
 #[test]

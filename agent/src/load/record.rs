@@ -80,6 +80,27 @@ impl Outcome {
             Outcome::Error(_) => true,
         }
     }
+
+    /// The failure's class, for labels that must stay few (the metrics' `kind`): `http_4xx` or
+    /// `http_5xx` for a status, the error kind's name otherwise (the names the JSON report and
+    /// the CSVs use); `None` for a success.
+    pub fn failure_class(self) -> Option<&'static str> {
+        match self {
+            Outcome::Status(s) if s < 400 => None,
+            Outcome::Status(s) if s < 500 => Some(HTTP_CLASSES[0]),
+            Outcome::Status(_) => Some(HTTP_CLASSES[1]),
+            Outcome::Error(k) => Some(k.name()),
+        }
+    }
+}
+
+const HTTP_CLASSES: [&str; 2] = ["http_4xx", "http_5xx"];
+
+/// Every value `Outcome::failure_class` can take.
+pub fn failure_classes() -> impl Iterator<Item = &'static str> {
+    HTTP_CLASSES
+        .into_iter()
+        .chain(ErrorKind::ALL.into_iter().map(ErrorKind::name))
 }
 
 /// Whole-run figures of one shard, or of all shards merged.
@@ -255,18 +276,7 @@ impl Recorder {
     /// runs from its start (the due time in the open model).
     pub fn request(&self, done: Instant, latency: Duration, outcome: Outcome, bytes: u64) {
         if let Some(m) = &self.metrics {
-            use crate::metrics::Outcome as M;
-            m.observe_response(
-                latency,
-                match outcome {
-                    Outcome::Status(code) => M::Status(code),
-                    Outcome::Error(ErrorKind::Refused | ErrorKind::Connect) => M::ConnectError,
-                    Outcome::Error(ErrorKind::Reset) => M::Reset,
-                    Outcome::Error(ErrorKind::ClosedWithoutResponse) => M::ClosedWithoutResponse,
-                    Outcome::Error(ErrorKind::Timeout) => M::Timeout,
-                    Outcome::Error(ErrorKind::Protocol) => M::OtherError,
-                },
-            );
+            m.observe_response(latency, outcome);
         }
         let since = done.saturating_duration_since(self.origin);
         let (sec, into) = (since.as_secs(), since.subsec_nanos());

@@ -287,44 +287,6 @@ impl Observer for TargetObserver {
     }
 }
 
-/// How one generated request ended, as the load generator saw it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// A response with this status (>= 400 counts as a failure, as in the study).
-    Status(u16),
-    /// The connection could not be made (refused, unreachable, timed out while connecting).
-    ConnectError,
-    /// The connection was reset.
-    Reset,
-    /// The server closed the connection without a (complete) response.
-    ClosedWithoutResponse,
-    /// The client gave up waiting.
-    Timeout,
-    /// Any other client-side error.
-    OtherError,
-}
-
-/// Failure kinds of `awaitlab_load_failures_total` (a fixed list: bounded cardinality).
-pub const FAILURE_KINDS: [&str; 7] = [
-    "http_4xx", "http_5xx", "connect", "reset", "closed", "timeout", "other",
-];
-
-impl Outcome {
-    /// The failure kind, or None for a success (a status below 400).
-    pub fn failure_kind(self) -> Option<&'static str> {
-        Some(match self {
-            Outcome::Status(s) if s < 400 => return None,
-            Outcome::Status(s) if s < 500 => "http_4xx",
-            Outcome::Status(_) => "http_5xx",
-            Outcome::ConnectError => "connect",
-            Outcome::Reset => "reset",
-            Outcome::ClosedWithoutResponse => "closed",
-            Outcome::Timeout => "timeout",
-            Outcome::OtherError => "other",
-        })
-    }
-}
-
 /// Client latency buckets (seconds): the server buckets plus the long tail a client sees when
 /// requests queue (the study's client had no timeout).
 pub const CLIENT_BUCKETS: &[f64] = &[
@@ -356,7 +318,7 @@ impl LoadMetrics {
                 &["kind"],
             )?,
         )?;
-        for k in FAILURE_KINDS {
+        for k in crate::load::record::failure_classes() {
             failures.with_label_values(&[k]);
         }
         Ok(LoadMetrics {
@@ -376,9 +338,9 @@ impl LoadMetrics {
     }
 
     /// One finished request: counts it, its failure kind if it failed, and its latency.
-    pub fn observe_response(&self, latency: Duration, outcome: Outcome) {
+    pub fn observe_response(&self, latency: Duration, outcome: crate::load::record::Outcome) {
         self.requests.inc();
-        if let Some(kind) = outcome.failure_kind() {
+        if let Some(kind) = outcome.failure_class() {
             self.failures.with_label_values(&[kind]).inc();
         }
         self.latency.observe(latency.as_secs_f64());
@@ -694,13 +656,14 @@ mod tests {
 
     #[test]
     fn load_outcomes_and_single_series_labels() {
+        use crate::load::record::{ErrorKind, Outcome};
         let r = Registry::new();
         let l = LoadMetrics::new(&r).unwrap();
         l.set_users(7);
         l.observe_response(Duration::from_millis(5), Outcome::Status(200));
         l.observe_response(Duration::from_millis(5), Outcome::Status(302));
         l.observe_response(Duration::from_millis(5), Outcome::Status(500));
-        l.observe_response(Duration::from_millis(5), Outcome::Reset);
+        l.observe_response(Duration::from_millis(5), Outcome::Error(ErrorKind::Reset));
         assert_eq!(value(&r, "awaitlab_load_requests_total", &[]), Some(4.0));
         assert_eq!(
             value(&r, "awaitlab_load_failures_total", &[("kind", "http_5xx")]),
