@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use crate::{
     experiment::{
-        config::{parse_delay, Backend, DelayBackend, Order, ProfileName, RunConfig, Stack},
+        config::{parse_delay, BackendChoice, BackendKind, Order, ProfileName, RunConfig, Stack},
         run::{run as run_matrix, Stop},
     },
     fail, EXIT_USAGE,
@@ -18,7 +18,7 @@ pub struct Args {
     pub config: Option<PathBuf>,
     /// System under test: processes in namespaces (no Docker) or Docker containers.
     #[arg(long, value_enum)]
-    pub backend: Option<Backend>,
+    pub backend: Option<BackendKind>,
     /// Python stack of the Django server.
     #[arg(long, value_enum)]
     pub stack: Option<Stack>,
@@ -39,7 +39,7 @@ pub struct Args {
     pub repeat: Option<u32>,
     /// Delay mechanism.
     #[arg(long, value_enum)]
-    pub delay_backend: Option<DelayBackend>,
+    pub delay_backend: Option<BackendChoice>,
     /// Parent directory of run directories.
     #[arg(long)]
     pub results: Option<PathBuf>,

@@ -10,12 +10,25 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{load::template::Rng, results::CellKey};
+use crate::{
+    load::template::{Rng, Route},
+    results::CellKey,
+    sut::Setup,
+};
+pub use crate::{
+    netem::BackendChoice,
+    sut::{BackendKind, Stack},
+};
 
-/// Setups the system under test knows.
-pub const KNOWN_SETUPS: &[&str] = &["sync", "async-limited", "async-unlimited", "async-pooled"];
-/// The study's routes.
-pub const KNOWN_ROUTES: &[&str] = &["cpu", "io_read", "io_create"];
+/// Setups the system under test knows (`sut::Setup`).
+pub fn known_setups() -> Vec<&'static str> {
+    Setup::ALL.iter().map(|s| s.name()).collect()
+}
+
+/// The study's routes (`load::template::Route`).
+pub fn known_routes() -> Vec<&'static str> {
+    Route::ALL.iter().map(|r| r.name()).collect()
+}
 /// Largest added delay accepted: the delay back ends' own limit.
 pub use crate::netem::MAX_DELAY_MS;
 
@@ -25,9 +38,9 @@ pub enum ConfigError {
     Read { path: String, error: std::io::Error },
     #[error("{path}: {error}")]
     Parse { path: String, error: String },
-    #[error("unknown setup {0:?} (known: {known})", known = KNOWN_SETUPS.join(", "))]
+    #[error("unknown setup {0:?} (known: {known})", known = known_setups().join(", "))]
     UnknownSetup(String),
-    #[error("unknown route {0:?} (known: {known})", known = KNOWN_ROUTES.join(", "))]
+    #[error("unknown route {0:?} (known: {known})", known = known_routes().join(", "))]
     UnknownRoute(String),
     #[error("added delay {0} ms is over the limit of {MAX_DELAY_MS} ms")]
     DelayTooLarge(u32),
@@ -46,24 +59,6 @@ pub const MAX_WARMUP_S: f64 = 600.0;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
-pub enum Backend {
-    /// PostgreSQL and Django as processes in network namespaces (no Docker needed).
-    Netns,
-    /// Docker containers built by `cargo xtask images`.
-    Docker,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Stack {
-    /// The study's versions (Django 4.1.3, psycopg2 2.9.5, gunicorn 20.1.0, uvicorn 0.20.0).
-    Study,
-    /// Django 5.2 LTS, psycopg 3, current gunicorn and uvicorn.
-    Current,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
 pub enum ProfileName {
     /// The study's 180 s: 0 -> 500 users at 5 users/s, then 80 s at 500.
     Study,
@@ -71,14 +66,6 @@ pub enum ProfileName {
     Quick,
     /// A smoke test: 0 -> 100 users at 20 users/s, then hold; 15 s.
     Smoke,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum DelayBackend {
-    Auto,
-    Netem,
-    Nfqueue,
 }
 
 /// In which order the cells run.
@@ -104,14 +91,14 @@ pub const WARMUP_S: f64 = 5.0;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RunConfig {
-    pub backend: Backend,
+    pub backend: BackendKind,
     pub stack: Stack,
     pub profile: ProfileName,
     pub setups: Vec<String>,
     pub routes: Vec<String>,
     pub delays_ms: Vec<u32>,
     pub repeat: u32,
-    pub delay_backend: DelayBackend,
+    pub delay_backend: BackendChoice,
     /// Parent directory of the run directories.
     pub results_dir: PathBuf,
     /// Attach the eBPF probes to the server (the explanation needs them).
@@ -132,7 +119,7 @@ pub struct RunConfig {
 impl Default for RunConfig {
     fn default() -> Self {
         RunConfig {
-            backend: Backend::Netns,
+            backend: BackendKind::Netns,
             stack: Stack::Current,
             profile: ProfileName::Quick,
             setups: vec![
@@ -140,10 +127,10 @@ impl Default for RunConfig {
                 "async-limited".into(),
                 "async-unlimited".into(),
             ],
-            routes: KNOWN_ROUTES.iter().map(|s| s.to_string()).collect(),
+            routes: known_routes().into_iter().map(String::from).collect(),
             delays_ms: vec![0, 100, 200],
             repeat: 1,
-            delay_backend: DelayBackend::Auto,
+            delay_backend: BackendChoice::Auto,
             results_dir: PathBuf::from("results"),
             probes: true,
             drain_timeout_s: 10,
@@ -192,7 +179,7 @@ impl RunConfig {
             return Err(ConfigError::NoRepeat);
         }
         for s in &self.setups {
-            if !KNOWN_SETUPS.contains(&s.as_str()) {
+            if !known_setups().contains(&s.as_str()) {
                 return Err(ConfigError::UnknownSetup(s.clone()));
             }
             if s == "async-pooled" && self.stack == Stack::Study {
@@ -200,7 +187,7 @@ impl RunConfig {
             }
         }
         for r in &self.routes {
-            if !KNOWN_ROUTES.contains(&r.as_str()) {
+            if !known_routes().contains(&r.as_str()) {
                 return Err(ConfigError::UnknownRoute(r.clone()));
             }
         }

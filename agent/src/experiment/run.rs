@@ -24,7 +24,7 @@ use anyhow::{anyhow, bail, Context as _};
 use clap::ValueEnum as _;
 use tokio_util::sync::CancellationToken;
 
-use super::config::{random_seed, Backend, DelayBackend, Order, ProfileName, RunConfig, Stack};
+use super::config::{random_seed, Order, ProfileName, RunConfig};
 use crate::{
     load::{self, LoadSpec},
     netem,
@@ -117,28 +117,6 @@ pub fn run_dir(cfg: &RunConfig, resume: Option<&Path>) -> PathBuf {
         s / 60 % 60,
         s % 60
     ))
-}
-
-fn sut_backend(b: Backend) -> sut::BackendKind {
-    match b {
-        Backend::Netns => sut::BackendKind::Netns,
-        Backend::Docker => sut::BackendKind::Docker,
-    }
-}
-
-fn sut_stack(s: Stack) -> sut::Stack {
-    match s {
-        Stack::Study => sut::Stack::Study,
-        Stack::Current => sut::Stack::Current,
-    }
-}
-
-fn delay_choice(d: DelayBackend) -> netem::BackendChoice {
-    match d {
-        DelayBackend::Auto => netem::BackendChoice::Auto,
-        DelayBackend::Netem => netem::BackendChoice::Netem,
-        DelayBackend::Nfqueue => netem::BackendChoice::Nfqueue,
-    }
 }
 
 fn route(r: &str) -> anyhow::Result<load::Route> {
@@ -434,8 +412,8 @@ fn fresh_server(
                 cfg.backend,
                 cfg.stack
             );
-            let opts = sut::Options::new(setup, sut_stack(cfg.stack), RUN_NAME);
-            let system = Sut::up(sut_backend(cfg.backend), &opts)
+            let opts = sut::Options::new(setup, cfg.stack, RUN_NAME);
+            let system = Sut::up(cfg.backend, &opts)
                 .with_context(|| format!("bringing up {}", setup.name()))?;
             let seed = system.seed().context("seeding the database")?;
             if seed.seeded {
@@ -454,7 +432,7 @@ fn fresh_server(
         Some(s) => {
             let netns_before = s.system.netns().to_string();
             s.system
-                .switch(setup, sut_stack(cfg.stack))
+                .switch(setup, cfg.stack)
                 .with_context(|| format!("starting a fresh {} server", setup.name()))?;
             let target = Target::resolve(s.system.netns())
                 .with_context(|| format!("the server's namespace {}", s.system.netns()))?;
@@ -635,7 +613,7 @@ fn measure(
             jitter: Duration::ZERO,
             devs: Vec::new(),
         };
-        let g = netem::set(&s.target, &spec, delay_choice(cfg.delay_backend))
+        let g = netem::set(&s.target, &spec, cfg.delay_backend)
             .with_context(|| format!("setting {} ms of delay", key.delay_ms))?;
         if let Some(m) = metrics {
             m.delay.set(
@@ -742,8 +720,8 @@ fn measure(
         started_unix_s,
         server_pids: s.system.server_pids().to_vec(),
         warmup,
-        backend: sut_backend(cfg.backend).name().into(),
-        stack: sut_stack(cfg.stack).name().into(),
+        backend: cfg.backend.name().into(),
+        stack: cfg.stack.name().into(),
         profile: format!("{:?}", cfg.profile).to_lowercase(),
         delay,
         load: load_outcome(&report),
@@ -863,7 +841,7 @@ pub fn run(
     for removed in netem::cleanup_leftovers() {
         eprintln!("awaitlab: removed a leftover delay: {removed}");
     }
-    if let Ok(true) = sut_backend(cfg.backend).backend().down(RUN_NAME) {
+    if let Ok(true) = cfg.backend.backend().down(RUN_NAME) {
         eprintln!("awaitlab: removed a system under test left by an earlier run");
     }
 

@@ -29,6 +29,17 @@ pub enum Route {
 }
 
 impl Route {
+    pub const ALL: [Route; 3] = [Route::Cpu, Route::IoRead, Route::IoCreate];
+
+    /// The route's name on the command line, in configurations and in results.
+    pub fn name(self) -> &'static str {
+        match self {
+            Route::Cpu => "cpu",
+            Route::IoRead => "io_read",
+            Route::IoCreate => "io_create",
+        }
+    }
+
     pub fn path(self) -> &'static str {
         match self {
             Route::Cpu => "/posts/cpu/",
@@ -366,6 +377,20 @@ impl Rng {
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
+
+    /// `Route::ALL` and `name` are what the command line, configurations and results use: the
+    /// same variants, in clap's order, with clap's names.
+    #[test]
+    fn route_names_are_the_command_lines() {
+        use clap::ValueEnum;
+        let clap: Vec<String> = Route::value_variants()
+            .iter()
+            .map(|r| r.to_possible_value().unwrap().get_name().to_string())
+            .collect();
+        let ours: Vec<&str> = Route::ALL.iter().map(|r| r.name()).collect();
+        assert_eq!(clap, ours);
+        assert_eq!(Route::ALL.to_vec(), Route::value_variants().to_vec());
+    }
 
     fn body_of(req: Request<Full<Bytes>>) -> String {
         let rt = tokio::runtime::Builder::new_current_thread()

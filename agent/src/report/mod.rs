@@ -19,25 +19,26 @@ use std::{
 
 use crate::{
     aggregate::summary::Summary,
+    load::template::Route,
     results::{CellResult, ResultsDir, ResultsError},
+    sut::Setup,
 };
 
-/// Setups in the study's column order, with display names.
-pub const SETUPS: &[(&str, &str)] = &[
-    ("sync", "Sync"),
-    ("async-limited", "Async Limited"),
-    ("async-unlimited", "Async Unlimited"),
-    ("async-pooled", "Async Pooled"),
-];
-/// Routes in the study's table order.
-pub const ROUTES: &[(&str, &str)] = &[
-    ("cpu", "Table 1: cpu"),
-    ("io_read", "Table 2: io_read"),
-    ("io_create", "Table 3: io_create"),
-];
+/// Setups in the study's column order: (name, title).
+pub fn setups() -> impl Iterator<Item = (&'static str, &'static str)> {
+    Setup::ALL.into_iter().map(|s| (s.name(), s.title()))
+}
 
 fn setup_name(s: &str) -> &str {
-    SETUPS.iter().find(|(k, _)| *k == s).map_or(s, |(_, n)| n)
+    setups().find(|(k, _)| *k == s).map_or(s, |(_, n)| n)
+}
+
+/// The study's caption of a route's table ("Table 2: io_read"), in its table order.
+fn route_caption(route: &str) -> String {
+    match Route::ALL.iter().position(|r| r.name() == route) {
+        Some(i) => format!("Table {}: {route}", i + 1),
+        None => route.to_string(),
+    }
 }
 
 /// A table both renderers draw.
@@ -157,19 +158,18 @@ impl Report {
                 .cells
                 .push(c);
         }
-        let setups: Vec<&str> = SETUPS
-            .iter()
+        let setups: Vec<&str> = setups()
             .map(|s| s.0)
             .filter(|s| cells.iter().any(|c| c.key.setup == *s))
             .collect();
-        let mut routes: Vec<&str> = ROUTES
+        // The study's routes in its order, then any other in the order met.
+        let mut routes: Vec<&str> = Route::ALL
             .iter()
-            .map(|r| r.0)
+            .map(|r| r.name())
             .filter(|r| cells.iter().any(|c| c.key.route == *r))
             .collect();
         for c in &cells {
-            if !routes.contains(&c.key.route.as_str()) && !ROUTES.iter().any(|r| r.0 == c.key.route)
-            {
+            if !routes.contains(&c.key.route.as_str()) {
                 routes.push(c.key.route.as_str());
             }
         }
@@ -180,10 +180,7 @@ impl Report {
         let mut explain = Vec::new();
         let mut findings = Vec::new();
         for &route in &routes {
-            let caption = ROUTES
-                .iter()
-                .find(|r| r.0 == route)
-                .map_or(route.to_string(), |r| r.1.to_string());
+            let caption = route_caption(route);
             let mut head = vec!["added latency".to_string()];
             head.extend(setups.iter().map(|s| setup_name(s).to_string()));
             let rows = delays
@@ -437,7 +434,7 @@ impl Report {
         let routes: BTreeSet<&str> = self.cells.iter().map(|c| c.key.route.as_str()).collect();
         for route in routes {
             let mut series = Vec::new();
-            for (s, name) in SETUPS {
+            for (s, name) in setups() {
                 let mut by_delay: BTreeMap<u32, Vec<f64>> = BTreeMap::new();
                 for c in self
                     .cells
@@ -473,7 +470,7 @@ impl Report {
             );
         }
         let mut series = Vec::new();
-        for (s, name) in SETUPS {
+        for (s, name) in setups() {
             let points: Vec<(f64, f64)> = self
                 .cells
                 .iter()

@@ -198,9 +198,8 @@ pub fn header_lines(cells: &[CellResult]) -> Vec<String> {
     }
     // In the study's column order.
     let order = |setup: &str| {
-        super::SETUPS
-            .iter()
-            .position(|(k, _)| *k == setup)
+        super::setups()
+            .position(|(k, _)| k == setup)
             .unwrap_or(usize::MAX)
     };
     let mut servers: BTreeMap<(&str, usize, &str), BTreeSet<String>> = BTreeMap::new();

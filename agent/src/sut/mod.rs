@@ -184,6 +184,16 @@ impl Setup {
         }
     }
 
+    /// How the study's tables name it.
+    pub fn title(self) -> &'static str {
+        match self {
+            Setup::Sync => "Sync",
+            Setup::AsyncLimited => "Async Limited",
+            Setup::AsyncUnlimited => "Async Unlimited",
+            Setup::AsyncPooled => "Async Pooled",
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Setup::Sync => "sync",
@@ -839,6 +849,20 @@ pub(crate) fn children(pid: u32) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
+
+    /// `Setup::ALL` and `name` are what the command line, configurations and results use: the
+    /// same variants, in clap's order, with clap's names.
+    #[test]
+    fn setup_names_are_the_command_lines() {
+        use clap::ValueEnum;
+        let clap: Vec<String> = Setup::value_variants()
+            .iter()
+            .map(|s| s.to_possible_value().unwrap().get_name().to_string())
+            .collect();
+        let ours: Vec<&str> = Setup::ALL.iter().map(|s| s.name()).collect();
+        assert_eq!(clap, ours);
+        assert_eq!(Setup::ALL.to_vec(), Setup::value_variants().to_vec());
+    }
 
     use super::*;
 
