@@ -5,17 +5,12 @@
 //! effect it creates (namespaces, processes, sysctls) is undone by a guard, also on error.
 
 mod bench;
-mod bpfstats;
 mod cmd;
 mod dashboards;
-mod delaybench;
 mod images;
-mod loadbench;
-mod netns;
 mod setup;
 mod study;
 mod test;
-mod wrk;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

@@ -24,6 +24,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use serde_json::json;
 
+use super::util::{catch_interrupts, check_interrupted};
 use crate::cmd::{self, ChildGuard};
 
 #[derive(Args)]
@@ -223,6 +224,7 @@ fn probe_rtts(pair: &Pair, n: u32, expect_ms: u32) -> Result<(Vec<f64>, u32)> {
             rtts
         });
         for i in 0..n {
+            check_interrupted()?;
             let due = Duration::from_millis(u64::from(i) * 2);
             if let Some(wait) = due.checked_sub(t0.elapsed()) {
                 std::thread::sleep(wait);
@@ -367,6 +369,10 @@ fn netem_available() -> bool {
 
 pub fn run(args: &DelayArgs) -> Result<()> {
     cmd::become_root("the delay benchmark creates namespaces and iptables rules, and needs root")?;
+    // Ctrl-C ends the step in progress with an error, so that the guards remove the namespaces,
+    // the rules and the processes (the `awaitlab delay set` children get the terminal's SIGINT
+    // too, and remove their own).
+    catch_interrupts();
     cmd::run(cmd::cargo().args(["build", "--release", "-p", "agent"]))
         .context("building the agent")?;
     let agent = cmd::target_dir().join("release/awaitlab");
@@ -389,6 +395,7 @@ pub fn run(args: &DelayArgs) -> Result<()> {
     println!("\nrequested  backend   achieved p50   error p50   error p99   lost   bypassed   hold p50 (line)");
     for backend in &backends {
         for ms in REQUESTED_MS {
+            check_interrupted()?;
             let set = DelaySet::start(&agent, &pair, ms, backend, &out_dir)?;
             let (rtts, lost) = probe_rtts(&pair, args.probes, ms)?;
             let summary = set.stop()?;
@@ -416,6 +423,7 @@ pub fn run(args: &DelayArgs) -> Result<()> {
     let mut floods = Vec::new();
     let mut held = 0u64;
     for rate in FLOOD_RATES {
+        check_interrupted()?;
         let set = DelaySet::start(&agent, &pair, 100, "nfqueue", &out_dir)?;
         let cpu0 = cpu_s(set.pid());
         let before = servers.sunk.load(Ordering::Relaxed);

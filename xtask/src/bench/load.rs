@@ -20,7 +20,9 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use serde_json::json;
 
-use crate::bench::{catch_interrupts, check_interrupted, http_get_status, median, tail, NGINX};
+use super::util::{
+    catch_interrupts, check_interrupted, http_get_status, median, tail, temp_path_directives, NGINX,
+};
 use crate::cmd::{self, ChildGuard};
 use crate::setup;
 
@@ -66,7 +68,7 @@ fn free_port() -> Result<u16> {
 
 fn nginx_config(dir: &Path, port: u16, nginx_v: &str) -> String {
     let t = dir.display();
-    let temp_paths = crate::bench::temp_path_directives(dir, nginx_v);
+    let temp_paths = temp_path_directives(dir, nginx_v);
     // One worker: the load generator gets the other core of a 2-core host. Enough descriptors
     // and a deep accept queue for the 10,000-user memory run.
     format!(

@@ -9,40 +9,25 @@
 //! (it reports, CI decides).
 
 use std::fs::{self, File};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use clap::{Args, Subcommand};
+use clap::Args;
 use serde_json::json;
 
-use crate::bpfstats;
+use super::bpfstats;
+use super::netns::{self, BenchNetns};
+use super::util::{
+    catch_interrupts, check_interrupted, http_get_status, median, tail, temp_path_directives, NGINX,
+};
+use super::wrk::{self, WrkResult};
 use crate::cmd::{self, secs, ChildGuard};
-use crate::netns::{self, BenchNetns};
-use crate::wrk::{self, WrkResult};
 
 #[derive(Args)]
-pub struct BenchArgs {
-    #[command(subcommand)]
-    bench: Bench,
-}
-
-#[derive(Subcommand)]
-enum Bench {
-    /// Overhead of the agent's probes on an nginx under wrk load (needs root).
-    Probes(ProbesArgs),
-    /// Accuracy, packet rate and CPU of `awaitlab delay` (needs root).
-    Delay(crate::delaybench::DelayArgs),
-    /// `awaitlab load` against wrk, oha and Locust on one loopback nginx; peak memory at 10k users.
-    Load(crate::loadbench::LoadArgs),
-}
-
-#[derive(Args)]
-struct ProbesArgs {
+pub struct ProbesArgs {
     /// Rounds; each runs wrk once without and once with the agent.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     runs: u32,
@@ -58,15 +43,6 @@ struct ProbesArgs {
     agent_bin: Option<PathBuf>,
 }
 
-pub fn run(args: &BenchArgs) -> Result<()> {
-    match &args.bench {
-        Bench::Probes(a) => probes(a),
-        Bench::Delay(a) => crate::delaybench::run(a),
-        Bench::Load(a) => crate::loadbench::run(a),
-    }
-}
-
-pub(crate) const NGINX: &str = "/usr/sbin/nginx";
 const HTTP_PORT: u16 = 8080;
 /// Long enough for the agent to load and attach all programs on a slow CI host.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(60);
@@ -74,31 +50,6 @@ const ATTACH_TIMEOUT: Duration = Duration::from_secs(60);
 const AGENT_GRACE: Duration = Duration::from_secs(30);
 /// The ratio with/without the issue sets as the goal.
 const TARGET_RATIO: f64 = 0.97;
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_interrupt(_: libc::c_int) {
-    // Only an atomic store: the one thing that is async-signal-safe here.
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-/// Ctrl-C would otherwise kill the xtask before its guards run and leave the namespace behind.
-/// With this handler the current step returns (the children get the same SIGINT from the
-/// terminal), `check_interrupted` turns that into an error, and the guards clean up.
-pub(crate) fn catch_interrupts() {
-    let handler = on_interrupt as extern "C" fn(libc::c_int);
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe { libc::signal(sig, handler as libc::sighandler_t) };
-    }
-}
-
-pub(crate) fn check_interrupted() -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
 
 /// One wrk run with the agent attached, and what the agent cost during it.
 struct WithProbes {
@@ -136,7 +87,7 @@ struct Round {
     with: Option<WithProbes>,
 }
 
-fn probes(args: &ProbesArgs) -> Result<()> {
+pub fn run(args: &ProbesArgs) -> Result<()> {
     cmd::become_root(
         "the probes benchmark creates a network namespace and loads eBPF, and needs root",
     )?;
@@ -260,29 +211,6 @@ impl Drop for TempDir {
     }
 }
 
-/// nginx modules whose temp-path directive must be set (so nginx never writes to
-/// /var/lib/nginx), unless this build left the module out (`nginx -V` says `--without-...`).
-const TEMP_PATHS: [(&str, &str); 5] = [
-    ("client_body_temp_path", ""),
-    ("proxy_temp_path", "http_proxy_module"),
-    ("fastcgi_temp_path", "http_fastcgi_module"),
-    ("uwsgi_temp_path", "http_uwsgi_module"),
-    ("scgi_temp_path", "http_scgi_module"),
-];
-
-/// nginx's temp path directives pointed into `dir` (so that it runs as root without touching
-/// /var/lib/nginx), leaving out the modules this nginx was built without.
-pub(crate) fn temp_path_directives(dir: &Path, nginx_v: &str) -> String {
-    let t = dir.display();
-    let mut temp_paths = String::new();
-    for (directive, module) in TEMP_PATHS {
-        if module.is_empty() || !nginx_v.contains(&format!("--without-{module}")) {
-            temp_paths.push_str(&format!("    {directive} {t}/{directive};\n"));
-        }
-    }
-    temp_paths
-}
-
 fn nginx_config(tmp: &Path, nginx_v: &str) -> String {
     let t = tmp.display();
     let temp_paths = temp_path_directives(tmp, nginx_v);
@@ -354,29 +282,6 @@ fn start_nginx(ns: &BenchNetns, tmp: &Path) -> Result<ChildGuard> {
     }
     eprintln!("nginx ready at {addr} in namespace {}", ns.name());
     Ok(nginx)
-}
-
-/// A one-shot HTTP/1.0 GET without a client tool; returns the status code.
-pub(crate) fn http_get_status(addr: SocketAddr) -> Result<u16> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).context("connect")?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))
-        .context("set_read_timeout")?;
-    s.write_all(format!("GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .context("send")?;
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp).context("receive")?;
-    let text = String::from_utf8_lossy(&resp);
-    let code = text
-        .strip_prefix("HTTP/1.")
-        .and_then(|r| r.get(2..5))
-        .and_then(|c| c.parse().ok())
-        .with_context(|| {
-            format!(
-                "not an HTTP response: {:?}",
-                text.lines().next().unwrap_or("")
-            )
-        })?;
-    Ok(code)
 }
 
 fn with_probes(
@@ -517,16 +422,6 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok(total as f64 / hz as f64)
 }
 
-pub(crate) fn tail(path: &Path) -> String {
-    match fs::read_to_string(path) {
-        Ok(text) => {
-            let lines: Vec<&str> = text.lines().collect();
-            lines[lines.len().saturating_sub(30)..].join("\n")
-        }
-        Err(e) => format!("({}: {e})", path.display()),
-    }
-}
-
 fn fmt_us(v: Option<f64>) -> String {
     v.map_or_else(|| "-".to_owned(), |us| format!("{us:.0}us"))
 }
@@ -565,19 +460,6 @@ fn print_round(round: u32, without: &WrkResult, with: Option<&WithProbes>) {
             "           ratio on/off {:.3}",
             p.wrk.requests_per_sec / without.requests_per_sec
         );
-    }
-}
-
-pub(crate) fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
 
@@ -717,13 +599,6 @@ fn write_json(path: &Path, args: &ProbesArgs, rounds: &[Round]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn median_of_odd_and_even() {
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
-        assert!(median(vec![]).is_nan());
-    }
 
     #[test]
     fn attached_line_detection() {

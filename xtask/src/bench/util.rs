@@ -1,0 +1,119 @@
+//! What the benchmarks share: the nginx they load, a one-shot HTTP check, Ctrl-C handling that
+//! lets their guards run, and small figures.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+pub const NGINX: &str = "/usr/sbin/nginx";
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    // Only an atomic store: the one thing that is async-signal-safe here.
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Ctrl-C would otherwise kill the xtask before its guards run and leave the namespace behind.
+/// With this handler the current step returns (the children get the same SIGINT from the
+/// terminal), `check_interrupted` turns that into an error, and the guards clean up.
+pub fn catch_interrupts() {
+    let handler = on_interrupt as extern "C" fn(libc::c_int);
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, handler as libc::sighandler_t) };
+    }
+}
+
+pub fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// nginx modules whose temp-path directive must be set (so nginx never writes to
+/// /var/lib/nginx), unless this build left the module out (`nginx -V` says `--without-...`).
+const TEMP_PATHS: [(&str, &str); 5] = [
+    ("client_body_temp_path", ""),
+    ("proxy_temp_path", "http_proxy_module"),
+    ("fastcgi_temp_path", "http_fastcgi_module"),
+    ("uwsgi_temp_path", "http_uwsgi_module"),
+    ("scgi_temp_path", "http_scgi_module"),
+];
+
+/// nginx's temp path directives pointed into `dir` (so that it runs as root without touching
+/// /var/lib/nginx), leaving out the modules this nginx was built without.
+pub fn temp_path_directives(dir: &Path, nginx_v: &str) -> String {
+    let t = dir.display();
+    let mut temp_paths = String::new();
+    for (directive, module) in TEMP_PATHS {
+        if module.is_empty() || !nginx_v.contains(&format!("--without-{module}")) {
+            temp_paths.push_str(&format!("    {directive} {t}/{directive};\n"));
+        }
+    }
+    temp_paths
+}
+
+/// A one-shot HTTP/1.0 GET without a client tool; returns the status code.
+pub fn http_get_status(addr: SocketAddr) -> Result<u16> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).context("connect")?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .context("set_read_timeout")?;
+    s.write_all(format!("GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .context("send")?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).context("receive")?;
+    let text = String::from_utf8_lossy(&resp);
+    let code = text
+        .strip_prefix("HTTP/1.")
+        .and_then(|r| r.get(2..5))
+        .and_then(|c| c.parse().ok())
+        .with_context(|| {
+            format!(
+                "not an HTTP response: {:?}",
+                text.lines().next().unwrap_or("")
+            )
+        })?;
+    Ok(code)
+}
+
+pub fn tail(path: &Path) -> String {
+    match fs::read_to_string(path) {
+        Ok(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        }
+        Err(e) => format!("({}: {e})", path.display()),
+    }
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(vec![]).is_nan());
+    }
+}
