@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use awaitlab::sut::{http, BackendKind, Options, Setup, Stack, Sut, SERVER_PORT};
+use awaitlab::study::sut::{http, BackendKind, Options, Setup, Stack, Sut, SERVER_PORT};
 use common::Agent;
 
 /// Nanoseconds on CPU of every thread of `pids`, from the first field of their schedstat

@@ -409,7 +409,7 @@ fn a_container_is_followed_through_start_restart_and_stop() {
         &json,
         br#"{"delay_ms": 60001}"#,
     );
-    // The same limit as `awaitlab delay set` and the runner (netem::MAX_DELAY_MS).
+    // The same limit as `awaitlab delay set` and the runner (delay::MAX_DELAY_MS).
     assert_eq!(s, 422, "{body}");
     assert!(body.contains("0-60000"), "{body}");
     let load = format!(r#"{{"target": "{name}", "path": "/", "users": 5, "duration_s": 10}}"#);

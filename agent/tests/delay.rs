@@ -888,15 +888,15 @@ fn docker_target_gets_a_delay_set_and_cleared_from_the_host() {
 /// achieved, and removes its rule when its owner panics.
 #[test]
 fn the_library_guard_removes_its_delay_when_the_owner_panics() {
-    use awaitlab::netem::{self, Backend, BackendChoice, DelaySpec};
+    use awaitlab::delay::{self, Backend, BackendChoice, DelaySpec};
     let p = Pair::new("10.211.7");
-    let target = awaitlab::target::Target::resolve(&p.spec()).unwrap();
+    let target = awaitlab::probe::target::Target::resolve(&p.spec()).unwrap();
     let spec = DelaySpec {
         delay: Duration::from_millis(30),
         ..Default::default()
     };
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let guard = netem::set(&target, &spec, BackendChoice::Nfqueue).expect("set");
+        let guard = delay::set(&target, &spec, BackendChoice::Nfqueue).expect("set");
         assert_eq!(guard.backend(), Backend::Nfqueue);
         assert_eq!(awaitlab_rules(&p.target.path()).len(), 1);
         let rtt = echo_rtt_ms(Some(&p.client), p.echo(), 10);

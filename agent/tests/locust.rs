@@ -18,12 +18,12 @@ use std::{
 };
 
 use awaitlab::{
-    experiment::config::WARMUP_S,
     load::{
         metrics::{self, Tally},
         LoadReport,
     },
-    sut::{BackendKind, Options, Setup, Stack, Sut},
+    study::experiment::config::WARMUP_S,
+    study::sut::{BackendKind, Options, Setup, Stack, Sut},
 };
 
 /// Users of each tool, and the run time. The two tools

@@ -407,11 +407,14 @@ fn every_cell_gets_a_fresh_server_and_an_uncounted_warmup_and_starts_from_the_se
     // The recorded seed names the recorded order.
     let index: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("index.json")).unwrap()).unwrap();
-    let cfg: awaitlab::experiment::config::RunConfig =
+    let cfg: awaitlab::study::experiment::config::RunConfig =
         serde_json::from_value(index["config"].clone()).unwrap();
-    assert_eq!(cfg.order, awaitlab::experiment::config::Order::Random);
+    assert_eq!(
+        cfg.order,
+        awaitlab::study::experiment::config::Order::Random
+    );
     let seed = cfg.seed.expect("a random order records its seed");
-    let planned: Vec<awaitlab::results::CellKey> =
+    let planned: Vec<awaitlab::study::results::CellKey> =
         serde_json::from_value(index["planned"].clone()).unwrap();
     assert_eq!(cfg.plan(seed), planned);
 

@@ -17,7 +17,7 @@ use std::{
     time::Duration,
 };
 
-use awaitlab::sut::{
+use awaitlab::study::sut::{
     http, BackendKind, DbAuth, Options, Setup, Stack, Sut, SutError, SEED_ROWS, SERVER_PORT,
 };
 
@@ -262,7 +262,7 @@ fn every_setup(kind: BackendKind) {
         let max = sut.psql(&["SHOW max_connections"]).unwrap();
         assert_eq!(max.trim(), setup.max_connections().to_string());
         assert!(
-            awaitlab::target::Target::resolve(sut.netns()).is_ok(),
+            awaitlab::probe::target::Target::resolve(sut.netns()).is_ok(),
             "{}",
             sut.netns()
         );
@@ -393,7 +393,7 @@ fn cli_up_status_down() {
         "--json",
     ]);
     assert_eq!(up.code, Some(0), "{}", up.stderr);
-    let state: awaitlab::sut::State = serde_json::from_str(up.stdout.trim()).unwrap();
+    let state: awaitlab::study::sut::State = serde_json::from_str(up.stdout.trim()).unwrap();
     assert_eq!(state.setup, Setup::AsyncLimited);
     let (status, body) = http(
         state.server_addr().unwrap(),
@@ -421,7 +421,7 @@ fn cli_up_status_down() {
     let v: serde_json::Value = serde_json::from_str(st.stdout.trim()).unwrap();
     assert_eq!(v["up"], true, "{}", st.stdout);
     assert_eq!(v["state"]["setup"], "sync");
-    let switched: awaitlab::sut::State = serde_json::from_value(v["state"].clone()).unwrap();
+    let switched: awaitlab::study::sut::State = serde_json::from_value(v["state"].clone()).unwrap();
     let (status, body) = http(
         switched.server_addr().unwrap(),
         "GET",
@@ -441,7 +441,7 @@ fn cli_up_status_down() {
     pids.extend_from_slice(&switched.server_pids);
     pids.push(state.db_pid);
     assert_clean(&name, &pids);
-    assert!(!awaitlab::sut::state_path(&name).exists());
+    assert!(!awaitlab::study::sut::state_path(&name).exists());
 }
 
 #[test]
@@ -467,11 +467,11 @@ fn bad_input_is_one_line_and_exit_64() {
 
 /// Sync io_read requests one after another, with the probes on the server's namespace: the
 /// probes' summary of those requests only (one request before the mark warms the server up).
-fn probed_io_reads(sut: &Sut, n: u64) -> awaitlab::aggregate::summary::Summary {
-    use awaitlab::probes::{session::Session, ProbeSpec};
+fn probed_io_reads(sut: &Sut, n: u64) -> awaitlab::probe::aggregate::summary::Summary {
+    use awaitlab::probe::{session::Session, ProbeSpec};
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _enter = rt.enter();
-    let target = awaitlab::target::Target::resolve(sut.netns()).unwrap();
+    let target = awaitlab::probe::target::Target::resolve(sut.netns()).unwrap();
     let spec = ProbeSpec {
         netns_inum: target.netns_inum,
         http_ports: vec![SERVER_PORT],

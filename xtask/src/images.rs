@@ -55,7 +55,7 @@ impl Drop for Scratch {
 }
 
 /// Images of the system under test, as `(tag, dockerfile, stack)`; the tags are the ones the
-/// agent's docker back end looks for (`agent/src/sut/docker.rs`).
+/// agent's docker back end looks for (`agent/src/study/sut/docker.rs`).
 const SUT_IMAGES: &[(&str, &str, Option<&str>)] = &[
     ("awaitlab/postgres:15", "Dockerfile.postgres", None),
     ("awaitlab/server:study", "Dockerfile.server", Some("study")),

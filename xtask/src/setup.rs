@@ -385,7 +385,7 @@ fn oha() -> Result<()> {
 }
 
 /// Where the netns system under test finds its Python environments (`venv-study`,
-/// `venv-current`); `AWAITLAB_VENV_DIR` overrides it. Must match `agent/src/sut/netns.rs`.
+/// `venv-current`); `AWAITLAB_VENV_DIR` overrides it. Must match `agent/src/study/sut/netns.rs`.
 const VENV_DIR: &str = "/var/lib/awaitlab";
 
 pub fn venv_base() -> PathBuf {

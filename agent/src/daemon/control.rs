@@ -17,10 +17,9 @@ use serde_json::json;
 
 use super::State;
 use crate::{
-    load,
+    delay, load,
     metrics::server::{Request, Response},
-    netem,
-    target::Target,
+    probe::target::Target,
 };
 
 /// Version of the control API's JSON documents.
@@ -30,7 +29,7 @@ pub struct Control {
     pub token: Option<String>,
     pub state: Arc<Mutex<State>>,
     /// Delays set through this endpoint, by container name; dropping one removes it.
-    delays: Mutex<HashMap<String, netem::DelayGuard>>,
+    delays: Mutex<HashMap<String, delay::DelayGuard>>,
     /// Load runs started through this endpoint, by id (1-based index).
     loads: Arc<Mutex<Vec<LoadJob>>>,
 }
@@ -114,20 +113,20 @@ impl Control {
                     Ok(d) => d,
                     Err(r) => return r,
                 };
-                if d.delay_ms > netem::MAX_DELAY_MS {
+                if d.delay_ms > delay::MAX_DELAY_MS {
                     return Response::error(
                         422,
                         format!(
                             "delay_ms must be 0-{}, got {}",
-                            netem::MAX_DELAY_MS,
+                            delay::MAX_DELAY_MS,
                             d.delay_ms
                         ),
                     );
                 }
                 let choice = match d.backend.as_deref().unwrap_or("auto") {
-                    "auto" => netem::BackendChoice::Auto,
-                    "netem" => netem::BackendChoice::Netem,
-                    "nfqueue" => netem::BackendChoice::Nfqueue,
+                    "auto" => delay::BackendChoice::Auto,
+                    "netem" => delay::BackendChoice::Netem,
+                    "nfqueue" => delay::BackendChoice::Nfqueue,
                     b => {
                         return Response::error(
                             422,
@@ -221,7 +220,7 @@ impl Control {
             .ok_or_else(|| Response::error(404, format!("no attached target named {name:?}")))
     }
 
-    fn set_delay(&self, name: &str, delay_ms: u32, choice: netem::BackendChoice) -> Response {
+    fn set_delay(&self, name: &str, delay_ms: u32, choice: delay::BackendChoice) -> Response {
         let pid = match self.pid_of(name) {
             Ok(p) => p,
             Err(r) => return r,
@@ -243,12 +242,12 @@ impl Control {
             Ok(t) => t,
             Err(e) => return Response::error(409, format!("{name}: {e}")),
         };
-        let spec = netem::DelaySpec {
+        let spec = delay::DelaySpec {
             delay: Duration::from_millis(u64::from(delay_ms)),
             jitter: Duration::ZERO,
             devs: Vec::new(),
         };
-        match netem::set(&target, &spec, choice) {
+        match delay::set(&target, &spec, choice) {
             Ok(g) => {
                 let body = json!({
                     "version": CONTROL_VERSION,

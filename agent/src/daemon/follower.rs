@@ -19,10 +19,10 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    aggregate::summary::Summary,
     metrics::ProbeMetrics,
-    probes::{session::Session, ProbeSpec, ProbeStatus},
-    target::Target,
+    probe::aggregate::summary::Summary,
+    probe::target::Target,
+    probe::{session::Session, ProbeSpec, ProbeStatus},
 };
 
 /// What the control endpoint lists about an attached container.

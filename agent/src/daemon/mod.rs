@@ -28,8 +28,8 @@ use tracing::{info, warn};
 use self::{config::DaemonConfig, follower::Follower};
 use crate::{
     metrics::{server, ProbeMetrics},
-    probes::ProbeSpec,
-    target::Target,
+    probe::target::Target,
+    probe::ProbeSpec,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -23,7 +23,7 @@ use std::{
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
-use crate::aggregate::new_hist;
+use crate::probe::aggregate::new_hist;
 
 /// How a request failed when it got no HTTP status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

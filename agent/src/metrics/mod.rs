@@ -21,8 +21,8 @@ use prometheus::{
 };
 
 use crate::{
-    aggregate::{http::LabelSet, CpuTotals, Observer, Record, Snapshot},
-    probes::ProbeStatus,
+    probe::aggregate::{http::LabelSet, CpuTotals, Observer, Record, Snapshot},
+    probe::ProbeStatus,
 };
 
 pub use prometheus::Registry as MetricsRegistry;
@@ -581,7 +581,7 @@ mod tests {
         let m = ProbeMetrics::new(&r).unwrap();
         let mut labels = LabelSet::new(8);
         let label = labels.intern("GET", "/posts/io_read/".into());
-        let rec = crate::aggregate::RequestRecord {
+        let rec = crate::probe::aggregate::RequestRecord {
             kind: "request",
             pid: 1,
             tid: 1,

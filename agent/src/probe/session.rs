@@ -14,7 +14,7 @@ use aya::maps::{MapData, RingBuf};
 use tokio::io::{unix::AsyncFd, Interest};
 
 use super::{ProbeError, ProbeSpec, Probes};
-use crate::aggregate::{
+use crate::probe::aggregate::{
     summary::{Summary, SummaryInput},
     Aggregator, CpuTotals, Reading, Record, Stats,
 };

@@ -5,7 +5,7 @@ use agent_common::{Counter, COUNTERS};
 use serde::{Deserialize, Serialize};
 
 use super::{Quantiles, Ratios, Reading, Stats};
-use crate::probes::ProbeStatus;
+use crate::probe::ProbeStatus;
 
 /// Bump when a field changes meaning or disappears (adding fields keeps the version).
 pub const SUMMARY_VERSION: u32 = 1;
@@ -225,7 +225,7 @@ impl Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aggregate::CpuTotals;
+    use crate::probe::aggregate::CpuTotals;
 
     fn reading(at_s: u64, threads: &[(u32, u64, u64)], exited_on: u64) -> Reading {
         let on: u64 = threads.iter().map(|t| t.1).sum::<u64>() + exited_on;

@@ -11,7 +11,7 @@ use anyhow::Context as _;
 
 use crate::{
     fail,
-    sut::{
+    study::sut::{
         state_path, BackendKind, DbAuth, Options, Setup, Stack, State, Sut, DEFAULT_NAME,
         STATE_VERSION,
     },
@@ -109,7 +109,7 @@ pub fn run(args: Args) -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             let usage = e
-                .downcast_ref::<crate::sut::SutError>()
+                .downcast_ref::<crate::study::sut::SutError>()
                 .is_some_and(|e| e.is_usage());
             fail(&e, if usage { EXIT_USAGE } else { 1 })
         }

@@ -25,78 +25,82 @@ use serde::{Deserialize, Serialize};
 /// checkout: the netns back end writes them out, and the SQL runs through psql on both.
 pub(crate) mod assets {
     pub const APP_FILES: &[(&str, &str)] = &[
-        ("manage.py", include_str!("../../../docker/app/manage.py")),
-        ("serve.sh", include_str!("../../../docker/app/serve.sh")),
+        (
+            "manage.py",
+            include_str!("../../../../docker/app/manage.py"),
+        ),
+        ("serve.sh", include_str!("../../../../docker/app/serve.sh")),
         (
             "studysite/__init__.py",
-            include_str!("../../../docker/app/studysite/__init__.py"),
+            include_str!("../../../../docker/app/studysite/__init__.py"),
         ),
         (
             "studysite/settings.py",
-            include_str!("../../../docker/app/studysite/settings.py"),
+            include_str!("../../../../docker/app/studysite/settings.py"),
         ),
         (
             "studysite/urls.py",
-            include_str!("../../../docker/app/studysite/urls.py"),
+            include_str!("../../../../docker/app/studysite/urls.py"),
         ),
         (
             "studysite/wsgi.py",
-            include_str!("../../../docker/app/studysite/wsgi.py"),
+            include_str!("../../../../docker/app/studysite/wsgi.py"),
         ),
         (
             "studysite/asgi.py",
-            include_str!("../../../docker/app/studysite/asgi.py"),
+            include_str!("../../../../docker/app/studysite/asgi.py"),
         ),
         (
             "posts/__init__.py",
-            include_str!("../../../docker/app/posts/__init__.py"),
+            include_str!("../../../../docker/app/posts/__init__.py"),
         ),
         (
             "posts/apps.py",
-            include_str!("../../../docker/app/posts/apps.py"),
+            include_str!("../../../../docker/app/posts/apps.py"),
         ),
         (
             "posts/models.py",
-            include_str!("../../../docker/app/posts/models.py"),
+            include_str!("../../../../docker/app/posts/models.py"),
         ),
         (
             "posts/urls.py",
-            include_str!("../../../docker/app/posts/urls.py"),
+            include_str!("../../../../docker/app/posts/urls.py"),
         ),
         (
             "posts/views_sync.py",
-            include_str!("../../../docker/app/posts/views_sync.py"),
+            include_str!("../../../../docker/app/posts/views_sync.py"),
         ),
         (
             "posts/views_async.py",
-            include_str!("../../../docker/app/posts/views_async.py"),
+            include_str!("../../../../docker/app/posts/views_async.py"),
         ),
         (
             "posts/migrations/__init__.py",
-            include_str!("../../../docker/app/posts/migrations/__init__.py"),
+            include_str!("../../../../docker/app/posts/migrations/__init__.py"),
         ),
         (
             "posts/migrations/0001_initial.py",
-            include_str!("../../../docker/app/posts/migrations/0001_initial.py"),
+            include_str!("../../../../docker/app/posts/migrations/0001_initial.py"),
         ),
         (
             "posts/management/__init__.py",
-            include_str!("../../../docker/app/posts/management/__init__.py"),
+            include_str!("../../../../docker/app/posts/management/__init__.py"),
         ),
         (
             "posts/management/commands/__init__.py",
-            include_str!("../../../docker/app/posts/management/commands/__init__.py"),
+            include_str!("../../../../docker/app/posts/management/commands/__init__.py"),
         ),
         (
             "posts/management/commands/system_record.py",
-            include_str!("../../../docker/app/posts/management/commands/system_record.py"),
+            include_str!("../../../../docker/app/posts/management/commands/system_record.py"),
         ),
     ];
-    pub const SEED_SQL: &str = include_str!("../../../docker/app/sql/seed.sql");
-    pub const RESET_SQL: &str = include_str!("../../../docker/app/sql/reset.sql");
-    pub const REQUIREMENTS_STUDY: &str = include_str!("../../../docker/app/requirements-study.txt");
+    pub const SEED_SQL: &str = include_str!("../../../../docker/app/sql/seed.sql");
+    pub const RESET_SQL: &str = include_str!("../../../../docker/app/sql/reset.sql");
+    pub const REQUIREMENTS_STUDY: &str =
+        include_str!("../../../../docker/app/requirements-study.txt");
     pub const REQUIREMENTS_CURRENT: &str =
-        include_str!("../../../docker/app/requirements-current.txt");
+        include_str!("../../../../docker/app/requirements-current.txt");
 }
 
 /// Rows the seed writes; `reset` restores exactly this many.

@@ -8,9 +8,9 @@
 use std::{process::ExitCode, time::Duration};
 
 use crate::{
+    delay::{self, BackendChoice, DelayError, DelaySpec},
     fail,
-    netem::{self, BackendChoice, DelayError, DelaySpec},
-    target::Target,
+    probe::target::Target,
     EXIT_NOPERM, EXIT_USAGE,
 };
 
@@ -79,10 +79,10 @@ fn parse_ms(s: &str) -> Result<f64, String> {
     if !v.is_finite() || v < 0.0 {
         return Err(format!("{s} ms: a delay cannot be negative"));
     }
-    if v > f64::from(netem::MAX_DELAY_MS) {
+    if v > f64::from(delay::MAX_DELAY_MS) {
         return Err(format!(
             "{s} ms is over the {} ms maximum",
-            netem::MAX_DELAY_MS
+            delay::MAX_DELAY_MS
         ));
     }
     Ok(v)
@@ -136,7 +136,7 @@ fn set(a: SetArgs) -> Result<ExitCode, DelayError> {
         jitter: Duration::from_secs_f64(a.jitter_ms / 1e3),
         devs: a.devs.clone(),
     };
-    let guard = netem::set(&target, &spec, a.backend)?;
+    let guard = delay::set(&target, &spec, a.backend)?;
     eprintln!(
         "awaitlab: delay {} ms (jitter {} ms) set on {} [{}] with backend {} (marker {}); Ctrl-C removes it",
         a.ms,
@@ -210,7 +210,7 @@ fn set(a: SetArgs) -> Result<ExitCode, DelayError> {
 
 fn clear(spec: &str) -> Result<ExitCode, DelayError> {
     let target = resolve(spec)?;
-    let removed = netem::clear(&target)?;
+    let removed = delay::clear(&target)?;
     if removed.is_empty() {
         eprintln!("awaitlab: no delay by awaitlab on {}", target.spec);
     }
@@ -222,7 +222,7 @@ fn clear(spec: &str) -> Result<ExitCode, DelayError> {
 
 fn show(spec: &str, json: bool) -> Result<ExitCode, DelayError> {
     let target = resolve(spec)?;
-    let i = netem::show(&target)?;
+    let i = delay::show(&target)?;
     if json {
         println!("{}", serde_json::to_string(&i).unwrap_or_default());
         return Ok(ExitCode::SUCCESS);

@@ -26,15 +26,15 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::{random_seed, Order, ProfileName, RunConfig};
 use crate::{
+    delay,
     load::{self, LoadSpec},
-    netem,
-    probes::{session::Session, ProbeSpec},
-    results::{
+    probe::target::Target,
+    probe::{session::Session, ProbeSpec},
+    study::results::{
         CellKey, CellResult, DelayOutcome, Index, LoadOutcome, ResultsDir, Second, Warmup,
         RESULTS_VERSION,
     },
-    sut::{self, Sut},
-    target::Target,
+    study::sut::{self, Sut},
 };
 
 /// Name of the system under test a run brings up (one run at a time per host).
@@ -152,7 +152,7 @@ fn load_outcome(r: &load::LoadReport) -> LoadOutcome {
             .iter()
             .map(|f| (f.kind.clone(), f.count))
             .collect(),
-        latency: crate::aggregate::Quantiles {
+        latency: crate::probe::aggregate::Quantiles {
             count: r.latency_ms.count,
             p50_ms: r.latency_ms.p50,
             p90_ms: r.latency_ms.p90,
@@ -608,12 +608,12 @@ fn measure(
             .set_cell(&key.setup, &key.route, u64::from(key.delay_ms), key.rep);
     }
     let guard = if key.delay_ms > 0 {
-        let spec = netem::DelaySpec {
+        let spec = delay::DelaySpec {
             delay: Duration::from_millis(u64::from(key.delay_ms)),
             jitter: Duration::ZERO,
             devs: Vec::new(),
         };
-        let g = netem::set(&s.target, &spec, cfg.delay_backend)
+        let g = delay::set(&s.target, &spec, cfg.delay_backend)
             .with_context(|| format!("setting {} ms of delay", key.delay_ms))?;
         if let Some(m) = metrics {
             m.delay.set(
@@ -838,7 +838,7 @@ pub fn run(
         );
     }
     // A killed earlier run may have left a delay rule or a system under test behind.
-    for removed in netem::cleanup_leftovers() {
+    for removed in delay::cleanup_leftovers() {
         eprintln!("awaitlab: removed a leftover delay: {removed}");
     }
     if let Ok(true) = cfg.backend.backend().down(RUN_NAME) {

@@ -1,13 +1,18 @@
-//! Loads the eBPF programs, scopes them to one network namespace, attaches them, and gives access
-//! to what they produce: the ring buffer of records, the loss counters and the per-thread CPU map.
+//! The probes: `target` resolves what to watch (a network namespace), this module loads the
+//! eBPF programs, scopes them to that namespace, attaches them, and gives access to what they
+//! produce (the ring buffer of records, the loss counters and the per-thread CPU map);
+//! `session` is the one attach/drain/summarise loop every user of the probes runs, and
+//! `aggregate` turns the records into figures.
 //!
 //! Each program that the running kernel cannot load is skipped with a warning naming the program
 //! and the reason; [`Probes::status`] says which measurements are live. Dropping [`Probes`]
 //! detaches and unloads everything (aya owns the links); nothing is pinned, so a killed agent
 //! leaves nothing behind either.
 
+pub mod aggregate;
 pub mod btf;
 pub mod session;
+pub mod target;
 
 use std::{os::fd::AsRawFd as _, path::Path};
 

@@ -18,10 +18,10 @@ use std::{
 };
 
 use crate::{
-    aggregate::summary::Summary,
     load::template::Route,
-    results::{CellResult, ResultsDir, ResultsError},
-    sut::Setup,
+    probe::aggregate::summary::Summary,
+    study::results::{CellResult, ResultsDir, ResultsError},
+    study::sut::Setup,
 };
 
 /// Setups in the study's column order: (name, title).
@@ -276,7 +276,7 @@ impl Report {
             for &s in &setups {
                 for &d in &delays {
                     let Some(gr) = g(s, route, d) else { continue };
-                    let p = |f: fn(&crate::aggregate::summary::Summary) -> Option<f64>| {
+                    let p = |f: fn(&crate::probe::aggregate::summary::Summary) -> Option<f64>| {
                         move |c: &CellResult| c.probes.as_ref().and_then(f)
                     };
                     let kinds = kinds_text(gr);
@@ -506,7 +506,7 @@ impl Report {
 /// The study's supplementary figures for one cell: users, requests and failures per second,
 /// p50 and p95 over time.
 fn cell_figures(c: &CellResult) -> Vec<String> {
-    let t = |f: fn(&crate::results::Second) -> Option<f64>| -> Vec<(f64, f64)> {
+    let t = |f: fn(&crate::study::results::Second) -> Option<f64>| -> Vec<(f64, f64)> {
         c.load
             .series
             .iter()
@@ -949,15 +949,15 @@ pub fn write(root: &Path) -> Result<(PathBuf, PathBuf), ResultsError> {
     let report = Report::build(&dir)?;
     let md = root.join("report.md");
     let html = root.join("report.html");
-    crate::results::write_atomic(&md, report.markdown().as_bytes())?;
-    crate::results::write_atomic(&html, report.html().as_bytes())?;
+    crate::study::results::write_atomic(&md, report.markdown().as_bytes())?;
+    crate::study::results::write_atomic(&html, report.html().as_bytes())?;
     Ok((md, html))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::results::{tests::cell, Index, RESULTS_VERSION};
+    use crate::study::results::{tests::cell, Index, RESULTS_VERSION};
 
     fn results(reps: u32) -> (PathBuf, ResultsDir) {
         let root = std::env::temp_dir().join(format!("awl-report-{}-{reps}", std::process::id()));
@@ -1109,7 +1109,7 @@ mod tests {
         serving: (u64, f64, f64),
         on_cpu_s: f64,
     ) -> Summary {
-        use crate::aggregate::{summary::*, Quantiles, Ratios};
+        use crate::probe::aggregate::{summary::*, Quantiles, Ratios};
         let q = |n: u64, ms: f64| Quantiles {
             count: n,
             p50_ms: ms,

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::published::STUDY_SYSTEM;
-use crate::{results::CellResult, sut::SystemRecord};
+use crate::{study::results::CellResult, study::sut::SystemRecord};
 
 /// The last part of a dotted Python path (`django.middleware.common.CommonMiddleware` ->
 /// `CommonMiddleware`).
@@ -120,8 +120,10 @@ pub fn deviations(r: &SystemRecord) -> Vec<String> {
         ));
     }
     // The study's setups fix max_connections; Async Pooled is not one of them.
-    if let Ok(setup) = <crate::sut::Setup as clap::ValueEnum>::from_str(&r.setup, true) {
-        if setup != crate::sut::Setup::AsyncPooled && r.max_connections != setup.max_connections() {
+    if let Ok(setup) = <crate::study::sut::Setup as clap::ValueEnum>::from_str(&r.setup, true) {
+        if setup != crate::study::sut::Setup::AsyncPooled
+            && r.max_connections != setup.max_connections()
+        {
             out.push(format!(
                 "max_connections {} (the study: {})",
                 r.max_connections,
@@ -290,7 +292,7 @@ pub fn header_lines(cells: &[CellResult]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sut::HbaRule;
+    use crate::study::sut::HbaRule;
 
     /// The study's system, as a record of it would read.
     pub(crate) fn study_record(setup: &str) -> SystemRecord {
@@ -382,7 +384,7 @@ mod tests {
 
     #[test]
     fn the_header_names_each_deviation_once_with_its_setups_and_unrecorded_cells() {
-        use crate::results::tests::cell;
+        use crate::study::results::tests::cell;
         let mut cells = Vec::new();
         for (setup, auth) in [("sync", "trust"), ("async-limited", "scram-sha-256")] {
             let mut c = cell(setup, "io_read", 100, 1, 100);

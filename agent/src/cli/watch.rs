@@ -13,11 +13,11 @@ use std::{
 use anyhow::Context as _;
 
 use crate::{
-    aggregate::{summary::Summary, Aggregator, CpuTotals, Quantiles, Record},
     fail,
     metrics::{server, ProbeMetrics},
-    probes::{session::Session, ProbeError, ProbeSpec},
-    target::Target,
+    probe::aggregate::{summary::Summary, Aggregator, CpuTotals, Quantiles, Record},
+    probe::target::Target,
+    probe::{session::Session, ProbeError, ProbeSpec},
     EXIT_NOPERM, EXIT_USAGE,
 };
 

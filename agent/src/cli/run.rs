@@ -4,11 +4,12 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use crate::{
-    experiment::{
+    fail,
+    study::experiment::{
         config::{parse_delay, BackendChoice, BackendKind, Order, ProfileName, RunConfig, Stack},
         run::{run as run_matrix, Stop},
     },
-    fail, EXIT_USAGE,
+    EXIT_USAGE,
 };
 
 #[derive(Debug, clap::Args)]
@@ -155,7 +156,7 @@ pub fn run(args: Args) -> ExitCode {
         outcome.skipped,
         outcome.dir.display()
     );
-    match crate::report::write(&outcome.dir) {
+    match crate::study::report::write(&outcome.dir) {
         Ok((md, html)) => println!("{}\n{}", md.display(), html.display()),
         Err(e) => return fail(&anyhow::Error::new(e).context("writing the report"), 1),
     }

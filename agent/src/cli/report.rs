@@ -12,13 +12,13 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> ExitCode {
-    match crate::report::write(&args.results_dir) {
+    match crate::study::report::write(&args.results_dir) {
         Ok((md, html)) => {
             println!("{}\n{}", md.display(), html.display());
             ExitCode::SUCCESS
         }
         Err(e) => {
-            let code = if matches!(e, crate::results::ResultsError::NotResults(_)) {
+            let code = if matches!(e, crate::study::results::ResultsError::NotResults(_)) {
                 EXIT_USAGE
             } else {
                 1

@@ -3,7 +3,7 @@
 //! on. Data, not code: the report puts our numbers and our system beside these, and says when
 //! they cannot sit beside each other.
 
-use crate::results::CellResult;
+use crate::study::results::CellResult;
 
 /// The study's three setups, in its column order (Async Pooled is ours, not the study's).
 pub const STUDY_SETUPS: &[&str] = &["sync", "async-limited", "async-unlimited"];
@@ -131,7 +131,7 @@ pub fn not_comparable<'a>(cells: impl IntoIterator<Item = &'a CellResult>) -> Op
 
 #[cfg(test)]
 mod tests {
-    use crate::results::tests::cell;
+    use crate::study::results::tests::cell;
 
     #[test]
     fn quick_cells_are_not_comparable_with_the_studys_180_s() {

@@ -10,14 +10,14 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::{
+    delay::BackendChoice,
+    study::sut::{BackendKind, Stack},
+};
 use crate::{
     load::template::{Rng, Route},
-    results::CellKey,
-    sut::Setup,
-};
-pub use crate::{
-    netem::BackendChoice,
-    sut::{BackendKind, Stack},
+    study::results::CellKey,
+    study::sut::Setup,
 };
 
 /// Setups the system under test knows (`sut::Setup`).
@@ -30,7 +30,7 @@ pub fn known_routes() -> Vec<&'static str> {
     Route::ALL.iter().map(|r| r.name()).collect()
 }
 /// Largest added delay accepted: the delay back ends' own limit.
-pub use crate::netem::MAX_DELAY_MS;
+pub use crate::delay::MAX_DELAY_MS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{published::STUDY_SETUPS, setup_name, stats};
-use crate::results::CellResult;
+use crate::study::results::CellResult;
 
 /// The verdict's one-sided level.
 const ALPHA: f64 = 0.05;
@@ -301,8 +301,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        report::{published::published, Report},
-        results::{tests::cell, Index, ResultsDir, RESULTS_VERSION},
+        study::report::{published::published, Report},
+        study::results::{tests::cell, Index, ResultsDir, RESULTS_VERSION},
     };
 
     /// Removes the results directory also when the test fails.
@@ -408,7 +408,7 @@ mod tests {
     ) -> (Vec<String>, Vec<CellResult>) {
         let (g, dir, cells) = results(name, p, with_pooled);
         let built = Report::build(&dir).unwrap().statistics;
-        let (md, _) = crate::report::write(&g.0).unwrap();
+        let (md, _) = crate::study::report::write(&g.0).unwrap();
         let md = std::fs::read_to_string(md).unwrap();
         let expected = format!("Verdict: the study's hypothesis is {word}.");
         assert!(built.iter().any(|l| l.starts_with(&expected)), "{built:#?}");

@@ -15,7 +15,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::aggregate::{summary::Summary, Quantiles};
+use crate::probe::aggregate::{summary::Summary, Quantiles};
 
 /// Bump when a field changes meaning or disappears. 2: `load.max_srps` is Locust's chart figure
 /// (it was the best fixed 5 s window, now `load.max_srps_5s_window`).
@@ -151,7 +151,7 @@ pub struct CellResult {
     pub db_refusals: Option<u64>,
     /// What the system under test ran with, measured after its last start (None: not recorded).
     #[serde(default)]
-    pub system: Option<crate::sut::SystemRecord>,
+    pub system: Option<crate::study::sut::SystemRecord>,
     /// Anything worth knowing when reading the numbers (drain timeouts, restarts, ...).
     pub notes: Vec<String>,
 }
