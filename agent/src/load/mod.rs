@@ -193,10 +193,16 @@ pub enum LoadError {
 impl LoadError {
     /// Errors in what the caller asked for (exit 64), as opposed to the environment.
     pub fn is_usage(&self) -> bool {
-        !matches!(
-            self,
-            LoadError::Resolve { .. } | LoadError::NoAddress { .. }
-        )
+        match self {
+            LoadError::Url { .. }
+            | LoadError::Scheme(_)
+            | LoadError::Schedule(_)
+            | LoadError::Template(_)
+            | LoadError::Invalid(_) => true,
+            LoadError::Resolve { .. } | LoadError::NoAddress { .. } | LoadError::Thread { .. } => {
+                false
+            }
+        }
     }
 }
 
@@ -819,6 +825,25 @@ impl LoadReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the caller asked for is a usage error (exit 64); what the machine refused is not.
+    #[test]
+    fn usage_errors_are_the_callers_only() {
+        let io = || std::io::Error::other("no threads left");
+        assert!(LoadError::Invalid("x".into()).is_usage());
+        assert!(LoadError::Scheme("ftp".into()).is_usage());
+        assert!(!LoadError::Thread {
+            index: 0,
+            source: io()
+        }
+        .is_usage());
+        assert!(!LoadError::Resolve {
+            host: "h".into(),
+            source: io()
+        }
+        .is_usage());
+        assert!(!LoadError::NoAddress { host: "h".into() }.is_usage());
+    }
 
     #[test]
     fn urls() {
