@@ -195,29 +195,37 @@ impl Drop for DelayLine {
     }
 }
 
-/// Makes the calling thread a low real-time priority thread with 1 ns timer slack.
+/// Makes the calling thread a SCHED_FIFO thread of `priority` with 1 ns timer slack. Only for
+/// threads that block (in recv, a condvar or a timer) and never spin.
+pub fn realtime(priority: i32) -> std::io::Result<()> {
+    // SAFETY: prctl/sched_setscheduler on the calling thread with valid arguments.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0);
+        let p = libc::sched_param {
+            sched_priority: priority,
+        };
+        if libc::sched_setscheduler(0, libc::SCHED_FIFO, &p) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Each thread of the line runs at a low real-time priority with 1 ns timer slack.
 ///
 /// The default 50 µs slack would be a quarter of the error budget. SCHED_FIFO keeps the line on
 /// time when the CPUs are busy with the traffic itself or anything else; both threads need it,
 /// because they share a lock and a preempted normal-priority holder would stall the releaser
 /// (priority inversion). Neither thread ever spins: each blocks in recv, a condvar or the timer.
 /// Best effort: without the privilege the line still works, only less punctually.
-fn realtime(which: &str) {
-    // SAFETY: prctl/sched_setscheduler on the calling thread with valid arguments.
-    unsafe {
-        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0);
-        let p = libc::sched_param { sched_priority: 10 };
-        if libc::sched_setscheduler(0, libc::SCHED_FIFO, &p) != 0 {
-            tracing::warn!(
-                "delay line {which}: SCHED_FIFO refused ({}); timing will be less exact",
-                std::io::Error::last_os_error()
-            );
-        }
+fn line_thread_realtime(which: &str) {
+    if let Err(e) = realtime(10) {
+        tracing::warn!("delay line {which}: SCHED_FIFO refused ({e}); timing will be less exact");
     }
 }
 
 fn reader(sh: &Shared, so: &Socket, mut sched: Schedule) {
-    realtime("reader");
+    line_thread_realtime("reader");
     let c = &sh.counters;
     // COPY_META messages are ~150 bytes; 1 KiB leaves room for every attribute the kernel adds.
     let mut bufs: Vec<Vec<u8>> = (0..64).map(|_| vec![0u8; 1024]).collect();
@@ -283,7 +291,7 @@ fn reader(sh: &Shared, so: &Socket, mut sched: Schedule) {
 }
 
 fn releaser(sh: &Shared, so: &Socket, queue_num: u16) {
-    realtime("releaser");
+    line_thread_realtime("releaser");
     let c = &sh.counters;
     let mut last_cpu = 0;
     let mut holds = Vec::with_capacity(4096);
