@@ -213,8 +213,14 @@ struct SetResult {
 
 impl DelaySet {
     fn start(target: &str, args: &[&str]) -> DelaySet {
+        DelaySet::start_after(&[], target, args)
+    }
+
+    /// `awaitlab GLOBAL_FLAGS delay set TARGET ARGS`.
+    fn start_after(global: &[&str], target: &str, args: &[&str]) -> DelaySet {
         let dir = tempdir::TempDir::new("awl-delay");
         let child = Command::new(agent_bin())
+            .args(global)
             .args(["delay", "set", target])
             .args(args)
             .stdout(std::fs::File::create(dir.path().join("out")).unwrap())
@@ -388,11 +394,17 @@ const DELAY_MS: f64 = 50.0;
 
 /// A request/response client sees its round trip grow by the delay; `clear` (from another
 /// process) stops the running `delay set`, which removes its rule, and the baseline returns.
+/// The owner was started with a global flag before its subcommand: `clear` knows it from its
+/// state file, not from its command line.
 #[test]
 fn nfqueue_adds_the_delay_to_round_trips_and_clear_restores_the_baseline() {
     let p = Pair::new("10.211.1");
     let base = echo_rtt_ms(Some(&p.client), p.echo(), 40);
-    let set = DelaySet::start(&p.spec(), &["--ms", "50", "--backend", "nfqueue"]);
+    let set = DelaySet::start_after(
+        &["--log-format", "plain"],
+        &p.spec(),
+        &["--ms", "50", "--backend", "nfqueue"],
+    );
     assert!(set.stderr().contains("backend nfqueue"), "{}", set.stderr());
     assert_eq!(
         awaitlab_rules(&p.target.path()).len(),

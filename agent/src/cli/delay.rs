@@ -135,6 +135,8 @@ fn set(a: SetArgs) -> Result<ExitCode, DelayError> {
         delay: Duration::from_secs_f64(a.ms / 1e3),
         jitter: Duration::from_secs_f64(a.jitter_ms / 1e3),
         devs: a.devs.clone(),
+        // This process exists only to hold the delay: `delay clear` stops it.
+        clear_stops_owner: true,
     };
     let guard = delay::set(&target, &spec, a.backend)?;
     eprintln!(

@@ -245,7 +245,7 @@ impl Control {
         let spec = delay::DelaySpec {
             delay: Duration::from_millis(u64::from(delay_ms)),
             jitter: Duration::ZERO,
-            devs: Vec::new(),
+            ..Default::default()
         };
         match delay::set(&target, &spec, choice) {
             Ok(g) => {

@@ -73,6 +73,9 @@ pub struct DelaySpec {
     pub jitter: Duration,
     /// Interfaces to delay; empty means every interface but `lo`.
     pub devs: Vec<String>,
+    /// The owning process exists only to hold this delay (`awaitlab delay set`), so `clear`
+    /// stops it. Otherwise (a runner, the daemon) `clear` removes the rules under the owner.
+    pub clear_stops_owner: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -241,6 +244,10 @@ pub struct State {
     /// is deleted again once it holds no rule (nothing left behind, not even an empty table).
     #[serde(default)]
     pub created_mangle: bool,
+    /// `DelaySpec::clear_stops_owner`, recorded for `clear` (which must not guess it from the
+    /// owner's command line).
+    #[serde(default)]
+    pub clear_stops_owner: bool,
 }
 
 fn proc_start(pid: u32) -> Option<u64> {
@@ -605,6 +612,7 @@ pub fn set(
             marker: marker.clone(),
             queue: None,
             created_mangle: false,
+            clear_stops_owner: spec.clear_stops_owner,
         },
         spec: spec.clone(),
         line: None,
@@ -775,19 +783,10 @@ pub fn show(target: &Target) -> Result<Installed, DelayError> {
     Ok(i)
 }
 
-/// Whether `pid` is an `awaitlab delay set` process (whose whole job is holding the delay, so
-/// stopping it is what "clear" means). Other owners, such as an experiment runner using the
-/// library, are not signalled: their rules are removed under them instead.
-fn is_delay_set_process(pid: u32) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
-    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    args.len() > 2 && args[1] == b"delay" && args[2] == b"set"
-}
-
-/// Removes every delay awaitlab installed in the target: a running `awaitlab delay set` owner is
-/// asked to stop (SIGTERM) and given 5 s to remove its own; whatever remains is removed here.
+/// Removes every delay awaitlab installed in the target: a running owner that exists only to
+/// hold its delay (`awaitlab delay set`, as its state file records) is asked to stop (SIGTERM)
+/// and given 5 s to remove its own; whatever remains is removed here. Other owners, such as an
+/// experiment runner using the library, are not signalled: their rules are removed under them.
 /// Returns what was removed.
 pub fn clear(target: &Target) -> Result<Vec<String>, DelayError> {
     let mut removed = cleanup_leftovers();
@@ -796,7 +795,7 @@ pub fn clear(target: &Target) -> Result<Vec<String>, DelayError> {
         if st.netns_inum != target.netns_inum
             || !st.owner_alive()
             || st.pid == std::process::id()
-            || !is_delay_set_process(st.pid)
+            || !st.clear_stops_owner
         {
             continue;
         }

@@ -611,7 +611,7 @@ fn measure(
         let spec = delay::DelaySpec {
             delay: Duration::from_millis(u64::from(key.delay_ms)),
             jitter: Duration::ZERO,
-            devs: Vec::new(),
+            ..Default::default()
         };
         let g = delay::set(&s.target, &spec, cfg.delay_backend)
             .with_context(|| format!("setting {} ms of delay", key.delay_ms))?;
