@@ -19,7 +19,7 @@ use std::{
 
 use awaitlab::{
     load::{
-        metrics::{self, Tally},
+        chart::{self, Tally},
         LoadReport,
     },
     study::experiment::config::WARMUP_S,
@@ -120,7 +120,7 @@ struct LocustRun {
     failures: u64,
     /// The report chart: current_rps - current_fail_per_sec at each point.
     chart: Vec<f64>,
-    /// The same points computed by `awaitlab::load::metrics` from Locust's own per-second
+    /// The same points computed by `awaitlab::load::chart` from Locust's own per-second
     /// counts at the times Locust took them.
     recomputed: Vec<f64>,
 }
@@ -226,7 +226,7 @@ fn finish_locust(dir: &Path, mut guard: Kill) -> LocustRun {
         .iter()
         .map(|p| {
             let t = p["unix"].as_f64().unwrap() - origin as f64;
-            let (rps, fps) = metrics::current_rates(&tallies, t);
+            let (rps, fps) = chart::current_rates(&tallies, t);
             rps - fps
         })
         .collect();

@@ -13,9 +13,9 @@
 //! connection), `record` (per-thread shards), `metrics` (the study's figures), `report` (the
 //! JSON summary), `locust` (CSV files).
 
+pub mod chart;
 pub mod client;
 pub mod locust;
-pub mod metrics;
 pub mod record;
 pub mod report;
 pub mod schedule;
@@ -236,9 +236,9 @@ pub async fn run_with_metrics(
     }
     let totals = sh.rec.totals();
     let mut points = series.points;
-    let tallies: Vec<metrics::Tally> = points.iter().map(SeriesPoint::tally).collect();
+    let tallies: Vec<chart::Tally> = points.iter().map(SeriesPoint::tally).collect();
     for (i, p) in points.iter_mut().enumerate() {
-        (p.current_rps, p.current_fail_per_sec) = metrics::current_rates(&tallies, i as f64 + 1.0);
+        (p.current_rps, p.current_fail_per_sec) = chart::current_rates(&tallies, i as f64 + 1.0);
     }
     let per_second: Vec<(u64, u64)> = points.iter().map(|p| (p.requests, p.failures)).collect();
     let report = LoadReport {
@@ -255,15 +255,15 @@ pub async fn run_with_metrics(
         requests: totals.requests,
         successes: totals.requests - totals.failures,
         failures: totals.failures,
-        total_successes: metrics::total_successes(totals.requests, totals.failures),
+        total_successes: chart::total_successes(totals.requests, totals.failures),
         // Up to the planned end, which the run overshoots by a moment: Locust's run-time timer
         // quits before its chart's point at that end.
-        max_srps: metrics::max_srps(
+        max_srps: chart::max_srps(
             &tallies,
             into_second.as_secs_f64(),
             actual.min(planned).as_secs_f64(),
         ),
-        max_srps_5s_window: metrics::max_srps_5s_window(&per_second, actual.as_secs_f64()),
+        max_srps_5s_window: chart::max_srps_5s_window(&per_second, actual.as_secs_f64()),
         failures_by_kind: report::failures_by_kind(&totals),
         status_counts: totals
             .statuses

@@ -174,7 +174,7 @@ pub struct Second {
     pub latency: Histogram<u64>,
     pub latency_sum_ns: u128,
     /// When the first request of the second completed, nanoseconds into it (`u32::MAX` while
-    /// none has): Locust's chart needs it (`metrics::Tally`).
+    /// none has): Locust's chart needs it (`chart::Tally`).
     pub first_done_ns: u32,
 }
 

@@ -104,7 +104,7 @@ pub struct SeriesPoint {
     #[serde(default)]
     pub first_done_ms: Option<f64>,
     /// Locust's `current_rps` and `current_fail_per_sec` at the end of this second (what its
-    /// stats history CSV writes each second; `metrics::current_rates`).
+    /// stats history CSV writes each second; `chart::current_rates`).
     #[serde(default)]
     pub current_rps: f64,
     #[serde(default)]
@@ -113,8 +113,8 @@ pub struct SeriesPoint {
 
 impl SeriesPoint {
     /// The counts Locust's figures are computed from.
-    pub fn tally(&self) -> super::metrics::Tally {
-        super::metrics::Tally {
+    pub fn tally(&self) -> super::chart::Tally {
+        super::chart::Tally {
             requests: self.requests,
             failures: self.failures,
             first_done_ns: self.first_done_ms.map_or(0, |ms| (ms * 1e6).round() as u32),
@@ -155,7 +155,7 @@ pub struct LoadReport {
     /// The study's Total successes (requests - failures).
     pub total_successes: u64,
     /// The study's Max sRPS: the largest point of Locust 2.13's report chart of
-    /// (requests/s - failures/s) (`metrics::max_srps`).
+    /// (requests/s - failures/s) (`chart::max_srps`).
     pub max_srps: f64,
     /// The best fixed 5-second window of (requests - failures) / 5 (not the study's figure).
     #[serde(default)]

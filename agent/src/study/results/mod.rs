@@ -90,7 +90,7 @@ pub struct LoadOutcome {
     /// The study's "Total successes": requests - failures.
     pub total_successes: u64,
     /// The study's "Max sRPS": the largest point of Locust 2.13's report chart of
-    /// (requests/s - failures/s) (`load::metrics::max_srps`).
+    /// (requests/s - failures/s) (`load::chart::max_srps`).
     pub max_srps: f64,
     /// The best fixed 5-second window of (requests - failures) / 5 (not the study's figure;
     /// absent from cells recorded before it existed).
