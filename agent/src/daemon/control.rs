@@ -15,7 +15,7 @@ use std::{
 use serde::Deserialize;
 use serde_json::json;
 
-use super::State;
+use super::Followed;
 use crate::{
     delay, load,
     metrics::server::{Request, Response},
@@ -27,7 +27,7 @@ pub const CONTROL_VERSION: u32 = 1;
 
 pub struct Control {
     pub token: Option<String>,
-    pub state: Arc<Mutex<State>>,
+    pub state: Arc<Mutex<Followed>>,
     /// Delays set through this endpoint, by container name; dropping one removes it.
     delays: Mutex<HashMap<String, delay::DelayGuard>>,
     /// Load runs started through this endpoint, by id (1-based index).
@@ -76,7 +76,7 @@ pub struct LoadRequest {
 const ENDPOINTS: &str = "GET /v1/targets, GET /v1/targets/NAME/summary, PUT|DELETE /v1/targets/NAME/delay, POST /v1/load, GET /v1/load/ID";
 
 impl Control {
-    pub fn new(token: Option<String>, state: Arc<Mutex<State>>) -> Control {
+    pub fn new(token: Option<String>, state: Arc<Mutex<Followed>>) -> Control {
         Control {
             token,
             state,

@@ -43,7 +43,7 @@ pub enum DaemonError {
 
 /// What the daemon has attached, by container id.
 #[derive(Default)]
-pub struct State {
+pub struct Followed {
     pub followers: BTreeMap<String, Follower>,
 }
 
@@ -89,7 +89,7 @@ pub async fn run(cfg: DaemonConfig, token: Option<String>) -> anyhow::Result<()>
         metrics_server.addr
     );
 
-    let state = Arc::new(Mutex::new(State::default()));
+    let state = Arc::new(Mutex::new(Followed::default()));
     let _control_server = match &cfg.control {
         Some(c) => {
             let ctl = control::Control::new(token.clone(), state.clone());
@@ -172,7 +172,7 @@ struct Daemon {
     cfg: Arc<DaemonConfig>,
     docker: Docker,
     metrics: ProbeMetrics,
-    state: Arc<Mutex<State>>,
+    state: Arc<Mutex<Followed>>,
 }
 
 impl Daemon {

@@ -19,7 +19,7 @@ pub mod tc;
 use rtt::*;
 pub use rtt::{parse_ss_rtts, RttSample};
 use state::*;
-pub use state::{cleanup_leftovers, State};
+pub use state::{cleanup_leftovers, OwnerState};
 
 use std::{
     fs::File,
@@ -265,7 +265,7 @@ pub struct Achieved {
 pub struct DelayGuard {
     target: Target,
     ns: File,
-    state: State,
+    state: OwnerState,
     spec: DelaySpec,
     line: Option<line::DelayLine>,
     started: Instant,
@@ -396,7 +396,7 @@ pub fn set(
         let owner = if let Some(r) = installed.rules.iter().find(|r| &r.dev == d) {
             Some(format!("nfqueue, process {}", r.owner_pid))
         } else if installed.qdiscs.iter().any(|q| &q.dev == d) {
-            let pid = State::all()
+            let pid = OwnerState::all()
                 .into_iter()
                 .find(|(_, s)| {
                     s.netns_inum == target.netns_inum
@@ -425,7 +425,7 @@ pub fn set(
     let mut guard = DelayGuard {
         target: target.clone(),
         ns,
-        state: State {
+        state: OwnerState {
             version: 1,
             pid,
             pid_start: proc_start(pid).unwrap_or(0),
@@ -564,7 +564,7 @@ impl std::ops::Deref for RuleShown {
 }
 
 fn list_installed(ns: &File) -> Installed {
-    let owners: Vec<State> = State::all().into_iter().map(|(_, s)| s).collect();
+    let owners: Vec<OwnerState> = OwnerState::all().into_iter().map(|(_, s)| s).collect();
     let counters = run_in_ns(ns, "iptables", &iptables::counters_args()).unwrap_or_default();
     let rules = run_in_ns(ns, "iptables", &iptables::list_args())
         .map(|l| iptables::parse_rules(&l))
@@ -615,7 +615,7 @@ pub fn show(target: &Target) -> Result<Installed, DelayError> {
 pub fn clear(target: &Target) -> Result<Vec<String>, DelayError> {
     let mut removed = cleanup_leftovers();
     let ns = target.open()?;
-    for (path, st) in State::all() {
+    for (path, st) in OwnerState::all() {
         if st.netns_inum != target.netns_inum
             || !st.owner_alive()
             || st.pid == std::process::id()

@@ -7,7 +7,7 @@ use super::*;
 /// What an owner records before installing anything.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct State {
+pub struct OwnerState {
     pub version: u32,
     pub pid: u32,
     /// The owner's start time (field 22 of /proc/PID/stat), so a recycled pid is not mistaken
@@ -36,7 +36,7 @@ pub(super) fn proc_start(pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
-impl State {
+impl OwnerState {
     pub(super) fn file(&self) -> PathBuf {
         Path::new(STATE_DIR).join(format!(
             "{}-{}.json",
@@ -58,7 +58,7 @@ impl State {
             .map_err(io_err(format!("writing {}", self.file().display())))
     }
 
-    pub(super) fn all() -> Vec<(PathBuf, State)> {
+    pub(super) fn all() -> Vec<(PathBuf, OwnerState)> {
         let Ok(dir) = std::fs::read_dir(STATE_DIR) else {
             return Vec::new();
         };
@@ -81,7 +81,7 @@ impl State {
 
 /// Removes everything `marker`/`backend` installed in `ns` on `devs`: only rules with that exact
 /// marker, only root netem qdiscs with our handle on those devices.
-pub(super) fn remove_installed(ns: &File, st: &State) -> Vec<String> {
+pub(super) fn remove_installed(ns: &File, st: &OwnerState) -> Vec<String> {
     let (backend, marker, devs) = (st.backend, &st.marker, &st.devs);
     let mut removed = Vec::new();
     match backend {
@@ -123,7 +123,7 @@ pub(super) fn remove_installed(ns: &File, st: &State) -> Vec<String> {
 /// took their rules with them; only their state files are removed.
 pub fn cleanup_leftovers() -> Vec<String> {
     let mut removed = Vec::new();
-    for (path, st) in State::all() {
+    for (path, st) in OwnerState::all() {
         if st.owner_alive() {
             continue;
         }

@@ -15,7 +15,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::report::{LoadReport, Quantiles};
+use super::report::{LoadReport, Percentiles};
 
 const PCT_COLUMNS: [&str; 11] = [
     "50%", "66%", "75%", "80%", "90%", "95%", "98%", "99%", "99.9%", "99.99%", "100%",
@@ -46,7 +46,7 @@ fn num(v: f64) -> String {
     }
 }
 
-fn pcts(q: &Quantiles) -> Vec<String> {
+fn pcts(q: &Percentiles) -> Vec<String> {
     if q.count == 0 {
         return vec!["N/A".into(); 11];
     }
@@ -230,13 +230,13 @@ mod tests {
     use crate::load::report::{FailureCount, SeriesPoint};
 
     fn report() -> LoadReport {
-        let q = Quantiles {
+        let q = Percentiles {
             count: 3,
             min: 1.0,
             mean: 2.0,
             p50: 2.0,
             max: 3.5,
-            ..Quantiles::default()
+            ..Percentiles::default()
         };
         LoadReport {
             version: 1,
@@ -263,9 +263,9 @@ mod tests {
             bytes_received: 30,
             latency_ms: q.clone(),
             success_latency_ms: q.clone(),
-            connect_ms: Quantiles::default(),
+            connect_ms: Percentiles::default(),
             late_starts: 0,
-            start_lag_ms: Quantiles::default(),
+            start_lag_ms: Percentiles::default(),
             in_flight_at_end: 0,
             max_users: 1,
             series: vec![

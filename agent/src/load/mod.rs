@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 pub use record::{ErrorKind, Outcome};
-pub use report::{LoadReport, Quantiles, SeriesPoint, REPORT_VERSION};
+pub use report::{LoadReport, Percentiles, SeriesPoint, REPORT_VERSION};
 pub use schedule::{ClosedSchedule, OpenSchedule, Stage};
 pub use template::{BodySpec, RequestSpec, Route};
 
@@ -271,11 +271,11 @@ pub async fn run_with_metrics(
             .map(|(k, v)| (k.to_string(), *v))
             .collect(),
         bytes_received: totals.bytes,
-        latency_ms: Quantiles::of(&totals.latency, Some(totals.latency_sum_ns)),
-        success_latency_ms: Quantiles::of(&totals.latency_ok, None),
-        connect_ms: Quantiles::of(&totals.connect, None),
+        latency_ms: Percentiles::of(&totals.latency, Some(totals.latency_sum_ns)),
+        success_latency_ms: Percentiles::of(&totals.latency_ok, None),
+        connect_ms: Percentiles::of(&totals.connect, None),
         late_starts: totals.late,
-        start_lag_ms: Quantiles::of(&totals.start_lag, None),
+        start_lag_ms: Percentiles::of(&totals.start_lag, None),
         in_flight_at_end: sh.aborted.load(Ordering::Relaxed),
         max_users,
         series: points,

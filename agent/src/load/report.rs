@@ -20,10 +20,11 @@ pub const LOCUST_PERCENTILES: [f64; 11] = [
     0.50, 0.66, 0.75, 0.80, 0.90, 0.95, 0.98, 0.99, 0.999, 0.9999, 1.0,
 ];
 
-/// Latency figures in milliseconds (from HDR histograms, <= 0.1 % relative error).
+/// Latency figures in milliseconds, with the percentiles Locust reports (from HDR histograms,
+/// <= 0.1 % relative error); `probe::aggregate::Quantiles` is the probes' shorter set.
 /// All zero when `count` is 0.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Quantiles {
+pub struct Percentiles {
     pub count: u64,
     pub min: f64,
     pub mean: f64,
@@ -44,14 +45,14 @@ fn ms(ns: u64) -> f64 {
     ns as f64 / 1e6
 }
 
-impl Quantiles {
+impl Percentiles {
     /// `sum_ns`, when known, gives the exact mean (the histogram's is within 0.1 %).
-    pub fn of(h: &Histogram<u64>, sum_ns: Option<u128>) -> Quantiles {
+    pub fn of(h: &Histogram<u64>, sum_ns: Option<u128>) -> Percentiles {
         if h.is_empty() {
-            return Quantiles::default();
+            return Percentiles::default();
         }
         let q = |p: f64| ms(h.value_at_quantile(p));
-        Quantiles {
+        Percentiles {
             count: h.len(),
             min: ms(h.min()),
             mean: match sum_ns {
@@ -94,11 +95,11 @@ pub struct SeriesPoint {
     pub failures: u64,
     pub bytes: u64,
     /// Latency of this second's requests (all of them, like Locust), milliseconds.
-    pub latency_ms: Quantiles,
+    pub latency_ms: Percentiles,
     /// Running totals at the end of this second.
     pub total_requests: u64,
     pub total_failures: u64,
-    pub total_latency_ms: Quantiles,
+    pub total_latency_ms: Percentiles,
     pub total_bytes: u64,
     /// When the first request of this second completed, milliseconds into it (none if none).
     #[serde(default)]
@@ -166,15 +167,15 @@ pub struct LoadReport {
     pub bytes_received: u64,
     /// Every completed request, from its start (its due time in the open model) to its last
     /// response byte or its failure; includes connect time when it opened a connection.
-    pub latency_ms: Quantiles,
+    pub latency_ms: Percentiles,
     /// Successful requests only.
-    pub success_latency_ms: Quantiles,
+    pub success_latency_ms: Percentiles,
     /// TCP connect time of each connection opened; `count` is the number of connections.
-    pub connect_ms: Quantiles,
+    pub connect_ms: Percentiles,
     /// Open model: requests that could not start at their due time (no connection free).
     pub late_starts: u64,
     /// Open model: start minus due time.
-    pub start_lag_ms: Quantiles,
+    pub start_lag_ms: Percentiles,
     /// Requests still in flight when the run ended (not counted above).
     pub in_flight_at_end: u64,
     /// Most users (closed model), or workers started, each with its connection (open model).
@@ -248,10 +249,10 @@ impl SeriesBuilder {
             successes: s.requests - s.failures,
             failures: s.failures,
             bytes: s.bytes,
-            latency_ms: Quantiles::of(&s.latency, Some(s.latency_sum_ns)),
+            latency_ms: Percentiles::of(&s.latency, Some(s.latency_sum_ns)),
             total_requests: cum.requests,
             total_failures: cum.failures,
-            total_latency_ms: Quantiles::of(&cum.latency, Some(cum.latency_sum_ns)),
+            total_latency_ms: Percentiles::of(&cum.latency, Some(cum.latency_sum_ns)),
             total_bytes: cum.bytes,
             first_done_ms: (s.requests > 0).then(|| f64::from(s.first_done_ns) / 1e6),
             ..SeriesPoint::default()

@@ -80,7 +80,7 @@ impl RunMetrics {
 }
 
 /// What the caller learns at the end.
-pub struct Outcome {
+pub struct RunOutcome {
     pub dir: PathBuf,
     pub done: usize,
     pub skipped: usize,
@@ -803,7 +803,7 @@ pub fn run(
     resume: Option<&Path>,
     stop: &Stop,
     metrics_addr: Option<std::net::SocketAddr>,
-) -> anyhow::Result<Outcome> {
+) -> anyhow::Result<RunOutcome> {
     cfg.validate()?;
     let resumed = match resume {
         Some(r) => {
@@ -909,7 +909,7 @@ pub fn run(
             .context("tearing down the system under test")?;
     }
     let interrupted = stop.requested();
-    Ok(Outcome {
+    Ok(RunOutcome {
         dir: dir.root.clone(),
         done: tally.done,
         skipped: tally.skipped,

@@ -64,7 +64,7 @@ pub fn coefficients(io_routes: &[&'static str]) -> Vec<((&'static str, &'static 
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub enum Conclusion {
     /// The ratio of ratios is above 1, significant one-sided at 5 %.
     Supported,
     /// It is below 1, significant one-sided at 5 %: the opposite of the hypothesis.
@@ -74,7 +74,7 @@ pub enum Outcome {
 
 #[derive(Debug, Clone)]
 pub struct Verdict {
-    pub outcome: Outcome,
+    pub outcome: Conclusion,
     /// On ln(successes + 1): exp of the estimate and of its interval is the ratio of ratios.
     pub contrast: stats::Contrast,
     pub io_routes: Vec<&'static str>,
@@ -138,11 +138,11 @@ pub fn hypothesis(cells: &[CellResult]) -> Result<Verdict, String> {
     let refs: Vec<(f64, &[f64])> = values.iter().map(|(c, v)| (*c, v.as_slice())).collect();
     let contrast = stats::contrast(&refs)?;
     let outcome = if contrast.p_greater < ALPHA {
-        Outcome::Supported
+        Conclusion::Supported
     } else if contrast.p_less < ALPHA {
-        Outcome::Contradicted
+        Conclusion::Contradicted
     } else {
-        Outcome::NotShown
+        Conclusion::NotShown
     };
     Ok(Verdict {
         outcome,
@@ -186,19 +186,19 @@ pub(super) fn verdict_line(cells: &[CellResult]) -> String {
     };
     let k = v.contrast;
     let (word, p, side, meaning) = match v.outcome {
-        Outcome::Supported => (
+        Conclusion::Supported => (
             "supported",
             k.p_greater,
             "above",
             "relative to cpu, Async Unlimited kept its throughput under 200 ms of added delay on the I/O routes better than Sync",
         ),
-        Outcome::Contradicted => (
+        Conclusion::Contradicted => (
             "contradicted",
             k.p_less,
             "below",
             "relative to cpu, Sync kept its throughput under 200 ms of added delay on the I/O routes better than Async Unlimited: the opposite of the hypothesis",
         ),
-        Outcome::NotShown => ("not shown", k.p_greater, "above", "the data do not show the hypothesised direction at the 5 % level (1 is no difference)"),
+        Conclusion::NotShown => ("not shown", k.p_greater, "above", "the data do not show the hypothesised direction at the 5 % level (1 is no difference)"),
     };
     let io = if v.io_routes.len() == 1 {
         v.io_routes[0].to_string()
@@ -481,7 +481,7 @@ mod tests {
         let q = StudentsT::new(0.0, 1.0, df).unwrap().inverse_cdf(0.975);
         let v = hypothesis(&cells).unwrap();
         let k = v.contrast;
-        assert_eq!(v.outcome, Outcome::Supported);
+        assert_eq!(v.outcome, Conclusion::Supported);
         assert!(
             (k.estimate - est).abs() < 1e-9 && (k.df - df).abs() < 1e-9,
             "{k:?} vs {est} on {df} df"
@@ -525,7 +525,7 @@ mod tests {
             omnibus.contains("F(8, 52)") && omnibus.contains("p < 1e-12"),
             "{omnibus}"
         );
-        assert_eq!(hypothesis(&cells).unwrap().outcome, Outcome::NotShown);
+        assert_eq!(hypothesis(&cells).unwrap().outcome, Conclusion::NotShown);
     }
 
     #[test]
