@@ -124,29 +124,33 @@ pub fn become_root(why: &str) -> Result<()> {
         return Ok(());
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
-    let sudo = std::env::split_paths(&path)
-        .map(|dir| dir.join("sudo"))
-        .find(|p| p.is_file())
-        .with_context(|| {
-            format!("{why}: run it as root (sudo is not installed to do that for you)")
-        })?;
     let exe = std::env::current_exe().context("finding the xtask's own executable")?;
-    eprintln!("==> {why}: running again as root with {}", sudo.display());
-    let mut c = Command::new(sudo);
-    c.args(["-E", "env"])
-        .arg(sudo_path_arg(&path))
-        .arg(exe)
-        .args(std::env::args_os().skip(1));
+    let mut c = sudo_command(&path, &exe, std::env::args_os().skip(1)).with_context(|| {
+        format!("{why}: run it as root (sudo is not installed to do that for you)")
+    })?;
+    eprintln!(
+        "==> {why}: running again as root with {}",
+        c.get_program().to_string_lossy()
+    );
     use std::os::unix::process::CommandExt;
     // exec only returns on failure.
     Err(c.exec()).context("running sudo")
 }
 
-/// `PATH=<path>` as one argument of `env`, so root finds the same cargo, rustup and tools.
-fn sudo_path_arg(path: &OsStr) -> std::ffi::OsString {
-    let mut arg = std::ffi::OsString::from("PATH=");
-    arg.push(path);
-    arg
+/// `sudo -E env PATH=<path> <exe> <args>` with the first `sudo` on `path`; `None` without one.
+fn sudo_command(
+    path: &OsStr,
+    exe: &Path,
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+) -> Option<Command> {
+    let sudo = std::env::split_paths(path)
+        .map(|dir| dir.join("sudo"))
+        .find(|p| p.is_file())?;
+    let mut path_arg = std::ffi::OsString::from("PATH=");
+    path_arg.push(path);
+    let mut c = Command::new(sudo);
+    c.args(["-E", "env"]).arg(path_arg).arg(exe).args(args);
+    Some(c)
 }
 
 /// Seconds with one decimal, for progress lines.
@@ -259,5 +263,38 @@ impl Drop for ChildGuard {
                 eprintln!("warning: could not stop {}: {e:#}", self.name);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The command `become_root` would run: the first `sudo` on PATH (a file named so in a
+    /// directory of our own here), the same PATH for root, this executable and its arguments;
+    /// none when no directory on PATH has a `sudo`.
+    #[test]
+    fn sudo_command_reruns_this_executable_with_the_same_path() {
+        let dir = std::env::temp_dir().join(format!("xtask-sudo-{}", std::process::id()));
+        let (empty, with) = (dir.join("empty"), dir.join("with"));
+        std::fs::create_dir_all(&empty).unwrap();
+        std::fs::create_dir_all(&with).unwrap();
+        std::fs::write(with.join("sudo"), "").unwrap();
+        let path = std::env::join_paths([&empty, &with]).unwrap();
+        let exe = Path::new("/x/xtask");
+        let c = sudo_command(&path, exe, ["test".into(), "--".into(), "f".into()]).unwrap();
+        assert_eq!(c.get_program(), with.join("sudo").as_os_str());
+        let args: Vec<String> = c
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let want_path = format!("PATH={}", path.to_string_lossy());
+        assert_eq!(
+            args,
+            ["-E", "env", &want_path, "/x/xtask", "test", "--", "f"]
+        );
+        let none = std::env::join_paths([&empty]).unwrap();
+        assert!(sudo_command(&none, exe, []).is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
