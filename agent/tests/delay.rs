@@ -901,7 +901,7 @@ fn docker_target_gets_a_delay_set_and_cleared_from_the_host() {
 fn the_library_guard_removes_its_delay_when_the_owner_panics() {
     use awaitlab::delay::{self, Backend, BackendChoice, DelaySpec};
     let p = Pair::new("10.211.7");
-    let target = awaitlab::probe::target::Target::resolve(&p.spec()).unwrap();
+    let target = awaitlab::probe::namespace::Target::resolve(&p.spec()).unwrap();
     let spec = DelaySpec {
         delay: Duration::from_millis(30),
         ..Default::default()

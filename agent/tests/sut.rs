@@ -262,7 +262,7 @@ fn every_setup(kind: BackendKind) {
         let max = sut.psql(&["SHOW max_connections"]).unwrap();
         assert_eq!(max.trim(), setup.max_connections().to_string());
         assert!(
-            awaitlab::probe::target::Target::resolve(sut.netns()).is_ok(),
+            awaitlab::probe::namespace::Target::resolve(sut.netns()).is_ok(),
             "{}",
             sut.netns()
         );
@@ -471,7 +471,7 @@ fn probed_io_reads(sut: &Sut, n: u64) -> awaitlab::probe::aggregate::summary::Su
     use awaitlab::probe::{session::Session, ProbeSpec};
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _enter = rt.enter();
-    let target = awaitlab::probe::target::Target::resolve(sut.netns()).unwrap();
+    let target = awaitlab::probe::namespace::Target::resolve(sut.netns()).unwrap();
     let spec = ProbeSpec {
         netns_inum: target.netns_inum,
         http_ports: vec![SERVER_PORT],

@@ -10,7 +10,7 @@ use std::{process::ExitCode, time::Duration};
 use crate::{
     delay::{self, BackendChoice, DelayError, DelaySpec},
     fail,
-    probe::target::Target,
+    probe::namespace::Target,
     EXIT_NOPERM, EXIT_USAGE,
 };
 

@@ -16,7 +16,7 @@ use crate::{
     fail,
     metrics::{server, ProbeMetrics},
     probe::aggregate::{summary::Summary, Aggregator, CpuTotals, Quantiles, Record},
-    probe::target::Target,
+    probe::namespace::Target,
     probe::{session::Session, ProbeError, ProbeSpec},
     EXIT_NOPERM, EXIT_USAGE,
 };

@@ -19,7 +19,7 @@ use super::Followed;
 use crate::{
     delay, load,
     metrics::server::{Request, Response},
-    probe::target::Target,
+    probe::namespace::Target,
 };
 
 /// Version of the control API's JSON documents.

@@ -21,7 +21,7 @@ use serde::Serialize;
 use crate::{
     metrics::ProbeMetrics,
     probe::aggregate::summary::Summary,
-    probe::target::Target,
+    probe::namespace::Target,
     probe::{session::Session, ProbeSpec, ProbeStatus},
 };
 

@@ -28,7 +28,7 @@ use tracing::{info, warn};
 use self::{config::DaemonConfig, follower::Follower};
 use crate::{
     metrics::{server, ProbeMetrics},
-    probe::target::Target,
+    probe::namespace::Target,
     probe::ProbeSpec,
 };
 

@@ -32,7 +32,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::probe::target::{Target, TargetError};
+use crate::probe::namespace::{Target, TargetError};
 
 /// The longest delay accepted: anything longer is a typo, and would hold a queue of minutes.
 pub const MAX_DELAY: Duration = Duration::from_secs(60);

@@ -1,4 +1,4 @@
-//! The probes: `target` resolves what to watch (a network namespace), this module loads the
+//! The probes: `namespace` resolves what to watch (a network namespace), this module loads the
 //! eBPF programs, scopes them to that namespace, attaches them, and gives access to what they
 //! produce (the ring buffer of records, the loss counters and the per-thread CPU map);
 //! `session` is the one attach/drain/summarise loop every user of the probes runs, and
@@ -11,8 +11,8 @@
 
 pub mod aggregate;
 pub mod btf;
+pub mod namespace;
 pub mod session;
-pub mod target;
 
 use std::{os::fd::AsRawFd as _, path::Path};
 

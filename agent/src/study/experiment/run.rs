@@ -28,7 +28,7 @@ use super::config::{random_seed, Order, ProfileName, RunConfig};
 use crate::{
     delay,
     load::{self, LoadSpec},
-    probe::target::Target,
+    probe::namespace::Target,
     probe::{session::Session, ProbeSpec},
     study::results::{
         CellKey, CellResult, DelayOutcome, Index, LoadOutcome, ResultsDir, Second, Warmup,

@@ -335,7 +335,7 @@ pub struct State {
     pub url: String,
     /// The port PostgreSQL listens on, as the server connects to it.
     pub db_port: u16,
-    /// The server's network namespace as a path for `target::Target::resolve`.
+    /// The server's network namespace as a path for `namespace::Target::resolve`.
     pub netns: String,
     /// The server's processes: gunicorn's master first, then its workers.
     pub server_pids: Vec<u32>,
