@@ -3,12 +3,12 @@
 //! and kernel records line up; `thread_cpu_ns` is the calling thread's CPU time.
 
 /// CLOCK_MONOTONIC in nanoseconds.
-pub fn monotonic_ns() -> u64 {
+pub(crate) fn monotonic_ns() -> u64 {
     read(libc::CLOCK_MONOTONIC)
 }
 
 /// The calling thread's CPU time (CLOCK_THREAD_CPUTIME_ID) in nanoseconds.
-pub fn thread_cpu_ns() -> u64 {
+pub(crate) fn thread_cpu_ns() -> u64 {
     read(libc::CLOCK_THREAD_CPUTIME_ID)
 }
 

@@ -27,14 +27,14 @@ use std::{ffi::OsString, process::ExitCode};
 use clap::{Parser, Subcommand, ValueEnum};
 
 /// Exit code for usage errors (BSD sysexits EX_USAGE).
-pub const EXIT_USAGE: u8 = 64;
+pub(crate) const EXIT_USAGE: u8 = 64;
 /// Exit code when the agent lacks privileges (EX_NOPERM).
-pub const EXIT_NOPERM: u8 = 77;
+pub(crate) const EXIT_NOPERM: u8 = 77;
 
 /// Measure per-request server time, database round trips and CPU wait of a server, with eBPF.
 #[derive(Debug, Parser)]
 #[command(name = "awaitlab", version, about, long_about = None)]
-pub struct Cli {
+pub(crate) struct Cli {
     /// Log format on stderr (filter with AWAITLAB_LOG, default `warn,awaitlab=info`).
     #[arg(long, value_enum, default_value_t = LogFormat::Plain, global = true)]
     pub log_format: LogFormat,
@@ -43,7 +43,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     Plain,
     Json,
 }
@@ -130,7 +130,7 @@ pub fn fail(e: &anyhow::Error, code: u8) -> ExitCode {
 
 /// The cause chain joined with ": ", leaving out a cause whose text the previous link already
 /// includes (library errors often name their source in their own message).
-pub fn one_line(e: &anyhow::Error) -> String {
+pub(crate) fn one_line(e: &anyhow::Error) -> String {
     let mut out = String::new();
     for cause in e.chain() {
         let text = cause.to_string();

@@ -4,7 +4,7 @@
 //! line and exit 77 (`EXIT_NOPERM`).
 
 /// Whether the process runs as root (effective uid 0).
-pub fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
@@ -18,7 +18,7 @@ pub struct NotRoot {
 }
 
 /// Ok when running as root; otherwise says what needed it.
-pub fn require(what: &'static str, why: &'static str) -> Result<(), NotRoot> {
+pub(crate) fn require(what: &'static str, why: &'static str) -> Result<(), NotRoot> {
     if is_root() {
         Ok(())
     } else {

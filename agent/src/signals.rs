@@ -22,7 +22,7 @@ pub enum Signal {
 
 impl Signal {
     /// How a log line says it stopped.
-    pub fn verb(self) -> &'static str {
+    pub(crate) fn verb(self) -> &'static str {
         match self {
             Signal::Interrupt => "interrupted",
             Signal::Terminate => "terminated",
@@ -48,7 +48,7 @@ pub struct Stop {
 
 impl Stop {
     /// Installs the handlers; from then on neither signal kills the process.
-    pub fn install() -> anyhow::Result<Stop> {
+    pub(crate) fn install() -> anyhow::Result<Stop> {
         use anyhow::Context as _;
         Ok(Stop {
             int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
@@ -57,7 +57,7 @@ impl Stop {
     }
 
     /// The next signal.
-    pub async fn recv(&mut self) -> Signal {
+    pub(crate) async fn recv(&mut self) -> Signal {
         tokio::select! {
             _ = self.int.recv() => Signal::Interrupt,
             _ = self.term.recv() => Signal::Terminate,
@@ -113,7 +113,7 @@ pub fn wait(timeout: Option<Duration>) -> Option<Signal> {
 }
 
 /// After `block`: calls `f` on a thread of its own when a stop signal arrives.
-pub fn on_stop(f: impl FnOnce(Signal) + Send + 'static) -> std::io::Result<()> {
+pub(crate) fn on_stop(f: impl FnOnce(Signal) + Send + 'static) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("awl-signals".into())
         .spawn(move || {

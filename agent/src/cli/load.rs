@@ -113,7 +113,7 @@ fn usage(msg: impl std::fmt::Display) -> ExitCode {
 }
 
 /// Flags to spec; every error here is a usage error.
-pub fn spec_from_args(a: &Args) -> Result<LoadSpec, String> {
+pub(crate) fn spec_from_args(a: &Args) -> Result<LoadSpec, String> {
     let dur = |s: &str| {
         parse_duration(s)
             .map(|d| d.as_secs_f64())

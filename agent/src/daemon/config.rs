@@ -3,7 +3,7 @@
 //! ports. `deploy/agent.toml` is the documented example; a test parses it.
 //!
 //! Parsing is strict (unknown keys are errors, so a typo is not silently ignored) and
-//! [`DaemonConfig::validate`] refuses what would be unsafe, such as a control endpoint reachable
+//! `DaemonConfig::validate` refuses what would be unsafe, such as a control endpoint reachable
 //! beyond loopback without a token.
 
 use std::{
@@ -156,7 +156,7 @@ impl DaemonConfig {
     }
 
     /// Refuses configurations that cannot work or would be unsafe.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if !(0.05..=3600.0).contains(&self.interval_s) {
             return bad(format!(
@@ -221,7 +221,7 @@ impl DaemonConfig {
     }
 
     /// The control token, read from `token_file` when given.
-    pub fn control_token(&self) -> Result<Option<String>, ConfigError> {
+    pub(crate) fn control_token(&self) -> Result<Option<String>, ConfigError> {
         let Some(c) = &self.control else {
             return Ok(None);
         };
@@ -238,7 +238,7 @@ impl DaemonConfig {
     }
 
     /// The first rule that selects the container.
-    pub fn rule_for(&self, c: &ContainerView<'_>) -> Option<&WatchRule> {
+    pub(crate) fn rule_for(&self, c: &ContainerView<'_>) -> Option<&WatchRule> {
         self.watches.iter().find(|w| w.matches(c))
     }
 }

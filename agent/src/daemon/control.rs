@@ -23,7 +23,7 @@ use crate::{
 };
 
 /// Version of the control API's JSON documents.
-pub const CONTROL_VERSION: u32 = 1;
+pub(crate) const CONTROL_VERSION: u32 = 1;
 
 pub struct Control {
     pub token: Option<String>,
@@ -48,7 +48,7 @@ struct LoadJob {
 /// `PUT /v1/targets/NAME/delay`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct DelayRequest {
+pub(crate) struct DelayRequest {
     /// Added to each round trip through the target, in milliseconds (0-60000): to the packets
     /// it sends (netem) or to those it receives (nfqueue).
     pub delay_ms: u32,
@@ -60,7 +60,7 @@ pub struct DelayRequest {
 /// `POST /v1/load`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LoadRequest {
+pub(crate) struct LoadRequest {
     /// The server to load, `http://HOST:PORT/PATH` (for a container: its published port on
     /// 127.0.0.1, or its address on a network you made).
     pub url: String,

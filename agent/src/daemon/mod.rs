@@ -33,7 +33,7 @@ use crate::{
 };
 
 #[derive(Debug, thiserror::Error)]
-pub enum DaemonError {
+pub(crate) enum DaemonError {
     #[error("Docker Engine at {socket}: {source}")]
     Docker {
         socket: String,

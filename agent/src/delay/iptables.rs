@@ -7,7 +7,7 @@
 //! comment `awaitlab:<pid>:<id>`; this module never produces a delete for a rule without it.
 
 /// Prefix of every marker comment.
-pub const MARKER_PREFIX: &str = "awaitlab:";
+pub(crate) const MARKER_PREFIX: &str = "awaitlab:";
 
 /// `awaitlab:<pid>:<id>`.
 pub fn marker(pid: u32, id: u32) -> String {
@@ -15,7 +15,7 @@ pub fn marker(pid: u32, id: u32) -> String {
 }
 
 /// The owner pid of a marker, if it is one of ours.
-pub fn marker_pid(comment: &str) -> Option<u32> {
+pub(crate) fn marker_pid(comment: &str) -> Option<u32> {
     let rest = comment.strip_prefix(MARKER_PREFIX)?;
     let (pid, id) = rest.split_once(':')?;
     id.parse::<u32>().ok()?;
@@ -45,7 +45,7 @@ fn rule(dev: &str, marker: &str, queue: u16) -> Vec<String> {
 /// Inserts the rule first in mangle PREROUTING, so that no earlier ACCEPT lets packets skip it.
 /// `--queue-bypass` lets packets through while no delay line is bound (before the agent binds,
 /// or if it was killed) instead of black-holing the namespace.
-pub fn insert_args(dev: &str, marker: &str, queue: u16) -> Vec<String> {
+pub(crate) fn insert_args(dev: &str, marker: &str, queue: u16) -> Vec<String> {
     let mut a: Vec<String> = ["-w", "-t", "mangle", "-I", "PREROUTING", "1"]
         .map(String::from)
         .to_vec();
@@ -53,13 +53,13 @@ pub fn insert_args(dev: &str, marker: &str, queue: u16) -> Vec<String> {
     a
 }
 
-pub fn list_args() -> Vec<String> {
+pub(crate) fn list_args() -> Vec<String> {
     ["-w", "-t", "mangle", "-S", "PREROUTING"]
         .map(String::from)
         .to_vec()
 }
 
-pub fn counters_args() -> Vec<String> {
+pub(crate) fn counters_args() -> Vec<String> {
     ["-w", "-t", "mangle", "-L", "PREROUTING", "-v", "-x", "-n"]
         .map(String::from)
         .to_vec()
@@ -80,7 +80,7 @@ pub struct Rule {
 }
 
 /// Our rules in `iptables -t mangle -S PREROUTING` output; other rules are ignored.
-pub fn parse_rules(listing: &str) -> Vec<Rule> {
+pub(crate) fn parse_rules(listing: &str) -> Vec<Rule> {
     listing
         .lines()
         .filter_map(|line| {

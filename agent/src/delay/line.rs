@@ -28,7 +28,7 @@ use crate::clock::{monotonic_ns, thread_cpu_ns};
 /// Release times for successive packets: arrival + delay ± uniform jitter, never earlier than
 /// the previous packet's (no reordering), never before arrival.
 #[derive(Debug, Clone)]
-pub struct Schedule {
+pub(crate) struct Schedule {
     delay_ns: u64,
     jitter_ns: u64,
     last_due: u64,
@@ -63,7 +63,7 @@ impl Schedule {
 
 /// Counters shared by the threads and whoever reads the line's figures.
 #[derive(Debug, Default)]
-pub struct Counters {
+pub(crate) struct Counters {
     /// Packets received from the queue.
     pub seen: AtomicU64,
     /// Packets accepted after their hold.
@@ -94,7 +94,7 @@ struct Shared {
 }
 
 /// A running delay line. Stopping (or dropping) accepts everything still held.
-pub struct DelayLine {
+pub(crate) struct DelayLine {
     shared: Arc<Shared>,
     socket: Arc<Socket>,
     queue_num: u16,

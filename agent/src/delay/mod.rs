@@ -16,10 +16,11 @@ mod rtt;
 mod state;
 pub mod tc;
 
+pub use rtt::RttSample;
 use rtt::*;
-pub use rtt::{parse_ss_rtts, RttSample};
+pub(crate) use state::cleanup_leftovers;
+pub use state::OwnerState;
 use state::*;
-pub use state::{cleanup_leftovers, OwnerState};
 
 use std::{
     fs::File,
@@ -35,11 +36,11 @@ use serde::{Deserialize, Serialize};
 use crate::probe::namespace::{Target, TargetError};
 
 /// The longest delay accepted: anything longer is a typo, and would hold a queue of minutes.
-pub const MAX_DELAY: Duration = Duration::from_secs(60);
+pub(crate) const MAX_DELAY: Duration = Duration::from_secs(60);
 /// `MAX_DELAY` in milliseconds, for the interfaces that take whole milliseconds.
 pub const MAX_DELAY_MS: u32 = MAX_DELAY.as_millis() as u32;
 /// Where owners record what they installed (tmpfs: a reboot clears it with the state itself).
-pub const STATE_DIR: &str = "/run/awaitlab/delay";
+pub(crate) const STATE_DIR: &str = "/run/awaitlab/delay";
 /// Queue numbers we try, from here up (an unused range in practice; taken ones are skipped).
 const QUEUE_BASE: u16 = 47000;
 const QUEUE_TRIES: u16 = 512;
@@ -118,7 +119,7 @@ pub enum DelayError {
 
 impl DelayError {
     /// Errors in what the user typed (exit 64), as opposed to the state of the system.
-    pub fn is_usage(&self) -> bool {
+    pub(crate) fn is_usage(&self) -> bool {
         match self {
             DelayError::Target(t) => t.is_usage(),
             DelayError::TooLong(_) | DelayError::NoDevice { .. } => true,
@@ -138,7 +139,7 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DelayError 
 /// opened it). This keeps the spawn a plain `posix_spawn`: a `pre_exec` hook would force a full
 /// `fork`, whose page-table copy and copy-on-write faults stall the delay line's threads for
 /// milliseconds each time the figures are read.
-pub fn run_in_ns(ns: &File, program: &str, args: &[String]) -> Result<String, DelayError> {
+pub(crate) fn run_in_ns(ns: &File, program: &str, args: &[String]) -> Result<String, DelayError> {
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!(
         "--net=/proc/{}/fd/{}",
@@ -164,7 +165,7 @@ pub fn run_in_ns(ns: &File, program: &str, args: &[String]) -> Result<String, De
 }
 
 /// Interface names of the target namespace, `lo` included.
-pub fn interfaces(target: &Target) -> Result<Vec<String>, DelayError> {
+pub(crate) fn interfaces(target: &Target) -> Result<Vec<String>, DelayError> {
     target
         .run_in(|| {
             let mut names = Vec::new();
@@ -192,7 +193,7 @@ pub fn interfaces(target: &Target) -> Result<Vec<String>, DelayError> {
 
 /// Whether this kernel accepts a netem qdisc: tried on `lo` of a throwaway namespace that only a
 /// short-lived thread lives in, so that nothing of the host or the target changes.
-pub fn netem_available() -> Result<(), String> {
+pub(crate) fn netem_available() -> Result<(), String> {
     std::thread::spawn(|| {
         // SAFETY: unshare affects only this thread (network namespaces are per thread).
         if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
@@ -218,7 +219,7 @@ pub fn netem_available() -> Result<(), String> {
 }
 
 /// Resolves `auto`: netem when the kernel has it.
-pub fn choose(choice: BackendChoice) -> Result<Backend, DelayError> {
+pub(crate) fn choose(choice: BackendChoice) -> Result<Backend, DelayError> {
     match choice {
         BackendChoice::Nfqueue => Ok(Backend::Nfqueue),
         BackendChoice::Netem => netem_available()
@@ -278,7 +279,7 @@ impl DelayGuard {
         self.state.backend
     }
 
-    pub fn devs(&self) -> &[String] {
+    pub(crate) fn devs(&self) -> &[String] {
         &self.state.devs
     }
 

@@ -8,7 +8,7 @@
 
 use std::{
     io,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
 const NETLINK_NETFILTER: libc::c_int = 12;
@@ -32,10 +32,10 @@ const NFQNL_COPY_META: u8 = 1;
 /// Overflowing packets are accepted rather than dropped: a dropped packet stalls TCP for a
 /// retransmission timeout, which would distort every figure far more than one undelayed packet.
 /// Every such packet is counted as bypassed (rule counter vs packets seen).
-pub const NFQA_CFG_F_FAIL_OPEN: u32 = 1;
+pub(crate) const NFQA_CFG_F_FAIL_OPEN: u32 = 1;
 /// Queue GSO super-packets whole instead of having the kernel segment them first: we never
 /// touch payloads, so there is nothing to checksum, and bulk TCP costs one entry per super-packet.
-pub const NFQA_CFG_F_GSO: u32 = 4;
+pub(crate) const NFQA_CFG_F_GSO: u32 = 4;
 
 const NF_ACCEPT: u32 = 1;
 const NLMSG_HDRLEN: usize = 16;
@@ -49,7 +49,7 @@ fn align4(n: usize) -> usize {
 
 /// One netlink message: header, nfgenmsg (family, version, queue number), attributes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Msg(pub Vec<u8>);
+pub(crate) struct Msg(pub Vec<u8>);
 
 impl Msg {
     fn new(msg_type: u16, flags: u16, seq: u32, queue: u16) -> Msg {
@@ -94,7 +94,7 @@ impl Msg {
     }
 
     /// Metadata only (no payload copy), the queue length, and `flags` (all of them masked in).
-    pub fn params(seq: u32, queue: u16, maxlen: u32, flags: u32) -> Msg {
+    pub(crate) fn params(seq: u32, queue: u16, maxlen: u32, flags: u32) -> Msg {
         // struct nfqnl_msg_config_params { __be32 copy_range; __u8 copy_mode; } __packed
         let mut p = 0u32.to_be_bytes().to_vec();
         p.push(NFQNL_COPY_META);
@@ -107,7 +107,7 @@ impl Msg {
     }
 
     /// ACCEPT every queued packet with an id up to and including `id`.
-    pub fn accept_upto(queue: u16, id: u32) -> Msg {
+    pub(crate) fn accept_upto(queue: u16, id: u32) -> Msg {
         // struct nfqnl_msg_verdict_hdr { __be32 verdict; __be32 id; }
         let mut v = NF_ACCEPT.to_be_bytes().to_vec();
         v.extend_from_slice(&id.to_be_bytes());
@@ -172,7 +172,7 @@ pub fn parse(buf: &[u8], mut f: impl FnMut(Received)) {
 
 /// A NETLINK_NETFILTER socket. It belongs to the network namespace of the thread that created it,
 /// for its whole life, whichever thread uses it afterwards.
-pub struct Socket {
+pub(crate) struct Socket {
     fd: OwnedFd,
 }
 
@@ -282,7 +282,7 @@ impl Socket {
         ))
     }
 
-    pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+    pub(crate) fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         // SAFETY: buf is valid for writes of its length.
         let r = unsafe {
             libc::recv(
@@ -300,7 +300,7 @@ impl Socket {
 
     /// Receives up to `bufs.len()` datagrams in one call, waiting only for the first
     /// (`recvmmsg`, `MSG_WAITFORONE`). Returns each datagram's length (capped at its buffer).
-    pub fn recv_many(&self, bufs: &mut [Vec<u8>], lens: &mut Vec<usize>) -> io::Result<()> {
+    pub(crate) fn recv_many(&self, bufs: &mut [Vec<u8>], lens: &mut Vec<usize>) -> io::Result<()> {
         let mut iovs: Vec<libc::iovec> = bufs
             .iter_mut()
             .map(|b| libc::iovec {
@@ -339,10 +339,6 @@ impl Socket {
                 .map(|(h, b)| (h.msg_len as usize).min(b.len())),
         );
         Ok(())
-    }
-
-    pub fn raw(&self) -> RawFd {
-        self.fd.as_raw_fd()
     }
 }
 

@@ -12,7 +12,7 @@ pub struct RttSample {
 
 /// Parses `ss -H -tin state established`: each connection is an address line followed by an
 /// indented info line holding `rtt:SRTT/RTTVAR` in milliseconds.
-pub fn parse_ss_rtts(out: &str) -> Vec<f64> {
+pub(crate) fn parse_ss_rtts(out: &str) -> Vec<f64> {
     let mut rtts = Vec::new();
     let mut remote_is_loopback = false;
     for line in out.lines() {

@@ -121,7 +121,7 @@ pub(super) fn remove_installed(ns: &File, st: &OwnerState) -> Vec<String> {
 /// Removes what agents that are no longer running left behind (they were killed before their
 /// guards ran), and returns a description of each removed rule or qdisc. Namespaces that are gone
 /// took their rules with them; only their state files are removed.
-pub fn cleanup_leftovers() -> Vec<String> {
+pub(crate) fn cleanup_leftovers() -> Vec<String> {
     let mut removed = Vec::new();
     for (path, st) in OwnerState::all() {
         if st.owner_alive() {

@@ -9,10 +9,10 @@
 use std::time::Duration;
 
 /// The qdisc handle that marks our netem qdiscs.
-pub const HANDLE: &str = "a7a1:";
+pub(crate) const HANDLE: &str = "a7a1:";
 
 /// Packets per second the queue must absorb without dropping at the requested delay.
-pub const PEAK_PPS: u64 = 100_000;
+pub(crate) const PEAK_PPS: u64 = 100_000;
 
 /// The netem `limit` (packets held at once): twice what `PEAK_PPS` fills during the longest hold,
 /// and never below netem's default of 1000.
@@ -26,7 +26,7 @@ fn us(d: Duration) -> String {
 }
 
 /// `tc` arguments that install the delay on `dev`.
-pub fn add_args(dev: &str, delay: Duration, jitter: Duration) -> Vec<String> {
+pub(crate) fn add_args(dev: &str, delay: Duration, jitter: Duration) -> Vec<String> {
     let mut a: Vec<String> = [
         "qdisc", "add", "dev", dev, "root", "handle", HANDLE, "netem", "delay",
     ]
@@ -42,14 +42,14 @@ pub fn add_args(dev: &str, delay: Duration, jitter: Duration) -> Vec<String> {
 }
 
 /// `tc` arguments that remove our qdisc from `dev` (only run after `is_ours` said so).
-pub fn del_args(dev: &str) -> Vec<String> {
+pub(crate) fn del_args(dev: &str) -> Vec<String> {
     ["qdisc", "del", "dev", dev, "root", "handle", HANDLE]
         .map(String::from)
         .to_vec()
 }
 
 /// `tc` arguments that list the qdiscs of the namespace.
-pub fn show_args() -> Vec<String> {
+pub(crate) fn show_args() -> Vec<String> {
     ["qdisc", "show"].map(String::from).to_vec()
 }
 

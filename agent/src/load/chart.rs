@@ -19,10 +19,10 @@
 //! This module must not read clocks or histograms: it takes per-second counts only.
 
 /// Locust's `HISTORY_STATS_INTERVAL_SEC`: a chart point every 5 s.
-pub const CHART_INTERVAL_S: f64 = 5.0;
+pub(crate) const CHART_INTERVAL_S: f64 = 5.0;
 
 /// Length of one window of `max_srps_5s_window`, in seconds.
-pub const WINDOW_S: usize = 5;
+pub(crate) const WINDOW_S: usize = 5;
 
 /// What completed in one whole unix second of the run.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]

@@ -42,12 +42,12 @@ const IDLE_CHECK: Duration = Duration::from_millis(20);
 
 /// A user's connection slot.
 #[derive(Default)]
-pub struct UserConn {
+pub(crate) struct UserConn {
     conn: Option<Conn>,
 }
 
 /// The result of one exchange on the wire.
-pub struct Exchange {
+pub(crate) struct Exchange {
     pub outcome: Outcome,
     pub bytes: u64,
 }
@@ -217,7 +217,7 @@ fn classify_io(e: &std::io::Error, connecting: bool) -> ErrorKind {
 }
 
 /// Maps hyper's error to a failure kind, preferring the underlying I/O error when there is one.
-pub fn classify(e: &hyper::Error) -> ErrorKind {
+pub(crate) fn classify(e: &hyper::Error) -> ErrorKind {
     let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(s) = src {
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
@@ -236,7 +236,7 @@ pub fn classify(e: &hyper::Error) -> ErrorKind {
 
 /// Runs `f` with an optional deadline; on expiry the connection is dropped and the request is
 /// a timeout.
-pub async fn with_timeout<F: Future<Output = Exchange>>(
+pub(crate) async fn with_timeout<F: Future<Output = Exchange>>(
     timeout: Option<Duration>,
     f: F,
 ) -> Option<Exchange> {

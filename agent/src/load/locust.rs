@@ -71,7 +71,7 @@ fn error_text(kind: &str, r: &LoadReport) -> String {
     }
 }
 
-pub fn stats_csv(r: &LoadReport) -> String {
+pub(crate) fn stats_csv(r: &LoadReport) -> String {
     let mut out = String::new();
     let mut header: Vec<String> = [
         "Type",
@@ -118,7 +118,7 @@ pub fn stats_csv(r: &LoadReport) -> String {
     out
 }
 
-pub fn stats_history_csv(r: &LoadReport) -> String {
+pub(crate) fn stats_history_csv(r: &LoadReport) -> String {
     let mut out = String::new();
     let mut header: Vec<String> = [
         "Timestamp",
@@ -177,7 +177,7 @@ pub fn stats_history_csv(r: &LoadReport) -> String {
     out
 }
 
-pub fn failures_csv(r: &LoadReport) -> String {
+pub(crate) fn failures_csv(r: &LoadReport) -> String {
     let mut out = String::new();
     row(
         &mut out,

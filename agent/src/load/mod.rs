@@ -74,7 +74,7 @@ pub async fn run(
 }
 
 /// [`run`], also feeding `metrics` (Prometheus) with every request and the user count.
-pub async fn run_with_metrics(
+pub(crate) async fn run_with_metrics(
     spec: &LoadSpec,
     observer: &mut (dyn FnMut(&Progress) + Send),
     cancel: CancellationToken,
@@ -285,7 +285,11 @@ pub async fn run_with_metrics(
 
 impl LoadReport {
     /// Writes `DIR/PREFIX_stats.csv`, `..._stats_history.csv`, `..._failures.csv`.
-    pub fn write_locust_csv(&self, dir: &Path, prefix: &str) -> std::io::Result<Vec<PathBuf>> {
+    pub(crate) fn write_locust_csv(
+        &self,
+        dir: &Path,
+        prefix: &str,
+    ) -> std::io::Result<Vec<PathBuf>> {
         locust::write(self, dir, prefix)
     }
 }

@@ -44,7 +44,7 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 6] = [
+    pub(crate) const ALL: [ErrorKind; 6] = [
         ErrorKind::Refused,
         ErrorKind::Reset,
         ErrorKind::ClosedWithoutResponse,
@@ -74,7 +74,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// The study's definition: an HTTP status >= 400 or a connection error.
-    pub fn is_failure(self) -> bool {
+    pub(crate) fn is_failure(self) -> bool {
         match self {
             Outcome::Status(s) => s >= 400,
             Outcome::Error(_) => true,
@@ -84,7 +84,7 @@ impl Outcome {
     /// The failure's class, for labels that must stay few (the metrics' `kind`): `http_4xx` or
     /// `http_5xx` for a status, the error kind's name otherwise (the names the JSON report and
     /// the CSVs use); `None` for a success.
-    pub fn failure_class(self) -> Option<&'static str> {
+    pub(crate) fn failure_class(self) -> Option<&'static str> {
         match self {
             Outcome::Status(s) if s < 400 => None,
             Outcome::Status(s) if s < 500 => Some(HTTP_CLASSES[0]),
@@ -97,7 +97,7 @@ impl Outcome {
 const HTTP_CLASSES: [&str; 2] = ["http_4xx", "http_5xx"];
 
 /// Every value `Outcome::failure_class` can take.
-pub fn failure_classes() -> impl Iterator<Item = &'static str> {
+pub(crate) fn failure_classes() -> impl Iterator<Item = &'static str> {
     HTTP_CLASSES
         .into_iter()
         .chain(ErrorKind::ALL.into_iter().map(ErrorKind::name))
@@ -141,7 +141,7 @@ impl Default for Totals {
 }
 
 impl Totals {
-    pub fn merge(&mut self, o: &Totals) {
+    pub(crate) fn merge(&mut self, o: &Totals) {
         self.requests += o.requests;
         self.failures += o.failures;
         self.bytes += o.bytes;
@@ -160,14 +160,14 @@ impl Totals {
         let _ = self.start_lag.add(&o.start_lag);
     }
 
-    pub fn error_count(&self, k: ErrorKind) -> u64 {
+    pub(crate) fn error_count(&self, k: ErrorKind) -> u64 {
         self.errors[k as usize]
     }
 }
 
 /// What completed within one second of the run.
 #[derive(Clone)]
-pub struct Second {
+pub(crate) struct Second {
     pub requests: u64,
     pub failures: u64,
     pub bytes: u64,
@@ -192,7 +192,7 @@ impl Default for Second {
 }
 
 impl Second {
-    pub fn merge(&mut self, o: &Second) {
+    pub(crate) fn merge(&mut self, o: &Second) {
         self.requests += o.requests;
         self.failures += o.failures;
         self.bytes += o.bytes;
@@ -221,7 +221,7 @@ thread_local! {
 }
 
 /// The per-run registry of shards.
-pub struct Recorder {
+pub(crate) struct Recorder {
     id: u64,
     /// Second 0 starts here.
     origin: Instant,
@@ -242,7 +242,7 @@ impl Recorder {
     }
 
     /// Also counts every request into `m` (atomic counters and one histogram observation).
-    pub fn with_metrics(mut self, m: Option<crate::metrics::LoadMetrics>) -> Recorder {
+    pub(crate) fn with_metrics(mut self, m: Option<crate::metrics::LoadMetrics>) -> Recorder {
         self.metrics = m;
         self
     }
@@ -316,7 +316,7 @@ impl Recorder {
     }
 
     /// Open model: a request started `lag` after its due time; `late` if no worker was free.
-    pub fn start_lag(&self, lag: Duration, late: bool) {
+    pub(crate) fn start_lag(&self, lag: Duration, late: bool) {
         let v = ns(lag);
         self.with(|s| {
             s.totals.start_lag.saturating_record(v);
@@ -327,7 +327,7 @@ impl Recorder {
     }
 
     /// Removes and merges every second before `before` from all shards.
-    pub fn take_seconds(&self, before: u64) -> BTreeMap<u64, Second> {
+    pub(crate) fn take_seconds(&self, before: u64) -> BTreeMap<u64, Second> {
         let mut out: BTreeMap<u64, Second> = BTreeMap::new();
         let shards = self
             .shards

@@ -16,7 +16,7 @@ use super::schedule::Stage;
 pub const REPORT_VERSION: u32 = 2;
 
 /// Locust's reported percentiles (its `PERCENTILES_TO_REPORT`), as fractions.
-pub const LOCUST_PERCENTILES: [f64; 11] = [
+pub(crate) const LOCUST_PERCENTILES: [f64; 11] = [
     0.50, 0.66, 0.75, 0.80, 0.90, 0.95, 0.98, 0.99, 0.999, 0.9999, 1.0,
 ];
 
@@ -51,7 +51,9 @@ impl Percentiles {
         if h.is_empty() {
             return Percentiles::default();
         }
-        let q = |p: f64| ms(h.value_at_quantile(p));
+        // In LOCUST_PERCENTILES order; its last (1.0) is the maximum.
+        let [p50, p66, p75, p80, p90, p95, p98, p99, p999, p9999, _] =
+            LOCUST_PERCENTILES.map(|p| ms(h.value_at_quantile(p)));
         Percentiles {
             count: h.len(),
             min: ms(h.min()),
@@ -59,16 +61,16 @@ impl Percentiles {
                 Some(s) => s as f64 / h.len() as f64 / 1e6,
                 None => h.mean() / 1e6,
             },
-            p50: q(0.50),
-            p66: q(0.66),
-            p75: q(0.75),
-            p80: q(0.80),
-            p90: q(0.90),
-            p95: q(0.95),
-            p98: q(0.98),
-            p99: q(0.99),
-            p999: q(0.999),
-            p9999: q(0.9999),
+            p50,
+            p66,
+            p75,
+            p80,
+            p90,
+            p95,
+            p98,
+            p99,
+            p999,
+            p9999,
             max: ms(h.max()),
         }
     }
@@ -114,7 +116,7 @@ pub struct SeriesPoint {
 
 impl SeriesPoint {
     /// The counts Locust's figures are computed from.
-    pub fn tally(&self) -> super::chart::Tally {
+    pub(crate) fn tally(&self) -> super::chart::Tally {
         super::chart::Tally {
             requests: self.requests,
             failures: self.failures,
@@ -183,14 +185,7 @@ pub struct LoadReport {
     pub series: Vec<SeriesPoint>,
 }
 
-impl LoadReport {
-    pub fn failure_count(&self, kind: &str) -> u64 {
-        self.failures_by_kind
-            .iter()
-            .find(|f| f.kind == kind)
-            .map_or(0, |f| f.count)
-    }
-}
+impl LoadReport {}
 
 /// Failure counts in a stable order: HTTP statuses ascending, then error kinds.
 pub fn failures_by_kind(t: &Totals) -> Vec<FailureCount> {
@@ -217,7 +212,7 @@ pub fn failures_by_kind(t: &Totals) -> Vec<FailureCount> {
 
 /// Running state that turns collected seconds into series points.
 #[derive(Default)]
-pub struct SeriesBuilder {
+pub(crate) struct SeriesBuilder {
     pub points: Vec<SeriesPoint>,
     cumulative: Second,
 }

@@ -121,7 +121,7 @@ impl ClosedSchedule {
     }
 
     /// The study's shape squeezed into 30 s: 0 -> 500 at 30 users/s (16.7 s), hold to 30 s.
-    pub fn quick() -> Self {
+    pub(crate) fn quick() -> Self {
         Self::ramp(500, 30.0, 30.0).expect("static profile is valid")
     }
 
@@ -213,7 +213,7 @@ impl ClosedSchedule {
 
     /// The next time after `t` at which `users_at` changes, if any (so that the runner can sleep
     /// until exactly then instead of polling).
-    pub fn next_change_after(&self, t: f64) -> Option<f64> {
+    pub(crate) fn next_change_after(&self, t: f64) -> Option<f64> {
         let now = self.users_at(t);
         let mut from = 0.0f64;
         let mut start = 0.0f64;
@@ -285,13 +285,9 @@ impl OpenSchedule {
         Duration::from_secs_f64(total(&self.stages))
     }
 
-    /// Requests/s at time `t`.
-    pub fn rate_at(&self, t: f64) -> f64 {
-        value_at(&self.stages, t)
-    }
-
     /// Expected number of requests over the whole run (the area under the rate).
-    pub fn planned_requests(&self) -> f64 {
+    #[cfg(test)]
+    pub(crate) fn planned_requests(&self) -> f64 {
         let mut from = 0.0;
         let mut n = 0.0;
         for s in &self.stages {
@@ -340,7 +336,7 @@ impl OpenSchedule {
 }
 
 /// Parses `500@100s,500@80s` (Locust-style stages: reach TARGET over DURATION, then the next).
-pub fn parse_stages(text: &str) -> Result<Vec<Stage>, ScheduleError> {
+pub(crate) fn parse_stages(text: &str) -> Result<Vec<Stage>, ScheduleError> {
     let mut out = Vec::new();
     for part in text.split(',') {
         let part = part.trim();
@@ -363,7 +359,7 @@ pub fn parse_stages(text: &str) -> Result<Vec<Stage>, ScheduleError> {
 }
 
 /// Parses `90`, `90s`, `1m30s`, `1h`, `500ms`, `1.5s` (a bare number is seconds).
-pub fn parse_duration(text: &str) -> Result<Duration, ScheduleError> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, ScheduleError> {
     let bad = || ScheduleError::Duration(text.to_owned());
     let t = text.trim();
     if t.is_empty() {

@@ -113,7 +113,7 @@ impl LoadSpec {
 }
 
 /// `base` with its path replaced by `path`.
-pub fn join_url(base: &str, path: &str) -> String {
+pub(crate) fn join_url(base: &str, path: &str) -> String {
     let b = base.trim_end_matches('/');
     match b.find("://") {
         Some(i) => match b[i + 3..].find('/') {
@@ -152,7 +152,7 @@ pub enum LoadError {
 
 impl LoadError {
     /// Errors in what the caller asked for (exit 64), as opposed to the environment.
-    pub fn is_usage(&self) -> bool {
+    pub(crate) fn is_usage(&self) -> bool {
         match self {
             LoadError::Url { .. }
             | LoadError::Scheme(_)
@@ -177,7 +177,7 @@ pub struct Endpoint {
 }
 
 /// Checks the URL (scheme http, a host, a port that fits).
-pub fn parse_url(url: &str) -> Result<Endpoint, LoadError> {
+pub(crate) fn parse_url(url: &str) -> Result<Endpoint, LoadError> {
     let bad = |why: &str| LoadError::Url {
         url: url.to_owned(),
         why: why.to_owned(),
@@ -223,7 +223,7 @@ pub fn parse_url(url: &str) -> Result<Endpoint, LoadError> {
 }
 
 /// Checks everything that does not need the network.
-pub fn validate(spec: &LoadSpec) -> Result<(Endpoint, Template), LoadError> {
+pub(crate) fn validate(spec: &LoadSpec) -> Result<(Endpoint, Template), LoadError> {
     let target = parse_url(&spec.url)?;
     let template = Template::new(&spec.request, &target.path_and_query, &target.authority)?;
     match &spec.model {

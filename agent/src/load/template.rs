@@ -29,7 +29,7 @@ pub enum Route {
 }
 
 impl Route {
-    pub const ALL: [Route; 3] = [Route::Cpu, Route::IoRead, Route::IoCreate];
+    pub(crate) const ALL: [Route; 3] = [Route::Cpu, Route::IoRead, Route::IoCreate];
 
     /// The route's name on the command line, in configurations and in results.
     pub fn name(self) -> &'static str {
@@ -219,7 +219,7 @@ enum HeaderVal {
 }
 
 /// A compiled request: everything parsed and validated once.
-pub struct Template {
+pub(crate) struct Template {
     method: Method,
     uri: Uri,
     host: HeaderValue,
@@ -347,14 +347,14 @@ impl Template {
 
 /// xoshiro-style small fast generator (SplitMix64); statistical quality is ample for random
 /// text, and it needs no locking or allocation.
-pub struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
     pub fn new(seed: u64) -> Rng {
         Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
     }
 
-    pub fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

@@ -4,7 +4,7 @@
 //!
 //! There is no global registry: a command creates one [`Registry`], hands it to the types here
 //! (each registers its own families once) and serves it. The probe figures come from the
-//! aggregate layer through its [`Observer`] hook; this module converts units and exports, it must
+//! aggregate layer through its `Observer` hook; this module converts units and exports, it must
 //! not recompute what `aggregate` computes. Label sets are bounded: `target` is one per watched
 //! namespace or container, (`method`, `route`) comes from `aggregate::http::LabelSet` (at most 65
 //! values), status classes, causes, kinds and states are fixed lists, and the experiment cell and
@@ -40,17 +40,17 @@ pub enum MetricsError {
 
 /// Server request time buckets (seconds): 1 ms to 2 min. The study's requests run from a few ms
 /// (io routes, no delay) to tens of seconds (queued behind a blocked event loop).
-pub const SERVER_BUCKETS: &[f64] = &[
+pub(crate) const SERVER_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 /// Database round-trip and connect buckets (seconds): 50 µs to 5 s; injected delays are 0-200 ms.
-pub const DB_BUCKETS: &[f64] = &[
+pub(crate) const DB_BUCKETS: &[f64] = &[
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2,
     0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
 /// Status classes of server responses; `other` is "no status line seen".
-pub const STATUS_CLASSES: [&str; 5] = ["2xx", "3xx", "4xx", "5xx", "other"];
+pub(crate) const STATUS_CLASSES: [&str; 5] = ["2xx", "3xx", "4xx", "5xx", "other"];
 
 fn status_class(status: u16) -> usize {
     match status {
@@ -142,7 +142,7 @@ impl ProbeMetrics {
     /// An aggregate observer for one attach to `target`. Make a new one for each attach: it
     /// follows that attach's kernel counters (which start at zero), and adds to the same
     /// Prometheus series, so counters keep rising across a container's restarts.
-    pub fn observer(&self, target: &str) -> TargetObserver {
+    pub(crate) fn observer(&self, target: &str) -> TargetObserver {
         // Series that exist before anything happens, so that rates read 0 rather than nothing.
         for (cause, _) in LOST {
             self.lost.with_label_values(&[target, cause]);
@@ -166,7 +166,7 @@ impl ProbeMetrics {
     }
 
     /// Publishes which programs are live and that the target is attached.
-    pub fn set_attached(&self, target: &str, probes: &[ProbeStatus]) {
+    pub(crate) fn set_attached(&self, target: &str, probes: &[ProbeStatus]) {
         for p in probes {
             self.probe_live
                 .with_label_values(&[target, p.program.as_str()])
@@ -176,7 +176,7 @@ impl ProbeMetrics {
     }
 
     /// The target's probes are detached (its counters stay, so rates across a restart hold).
-    pub fn set_detached(&self, target: &str) {
+    pub(crate) fn set_detached(&self, target: &str) {
         self.attached.with_label_values(&[target]).set(0);
         for p in [
             "awl_sock_state",
@@ -191,7 +191,7 @@ impl ProbeMetrics {
 }
 
 /// Feeds one attach's records and snapshots into [`ProbeMetrics`].
-pub struct TargetObserver {
+pub(crate) struct TargetObserver {
     target: String,
     m: ProbeMetrics,
     server: prometheus::Histogram,
@@ -289,7 +289,7 @@ impl Observer for TargetObserver {
 
 /// Client latency buckets (seconds): the server buckets plus the long tail a client sees when
 /// requests queue (the study's client had no timeout).
-pub const CLIENT_BUCKETS: &[f64] = &[
+pub(crate) const CLIENT_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
     120.0, 300.0,
 ];
@@ -438,11 +438,6 @@ impl ExperimentMetrics {
             .with_label_values(&[setup, route, &delay_ms.to_string()])
             .set(1);
         self.repetition.set(f64::from(repetition));
-    }
-
-    /// Between cells (draining): no cell series.
-    pub fn clear_cell(&self) {
-        self.cell.reset();
     }
 }
 

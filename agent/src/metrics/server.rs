@@ -17,11 +17,11 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use super::MetricsError;
 
 /// Largest request head accepted (request line and headers).
-pub const MAX_HEAD: usize = 16 * 1024;
+pub(crate) const MAX_HEAD: usize = 16 * 1024;
 /// Largest request body accepted.
-pub const MAX_BODY: usize = 64 * 1024;
+pub(crate) const MAX_BODY: usize = 64 * 1024;
 /// A client must send its whole request within this time.
-pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A parsed request.
 #[derive(Debug, Clone)]
@@ -151,7 +151,7 @@ pub async fn serve_metrics(
 }
 
 /// The `/metrics` handler, for servers that also serve other paths.
-pub fn metrics_handler(registry: &prometheus::Registry, req: &Request) -> Response {
+pub(crate) fn metrics_handler(registry: &prometheus::Registry, req: &Request) -> Response {
     match (req.method.as_str(), req.path.as_str()) {
         ("GET" | "HEAD", "/metrics") => Response {
             status: 200,

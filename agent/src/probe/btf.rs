@@ -64,18 +64,18 @@ struct Type {
 }
 
 /// Parsed kernel BTF: types by id and the string table.
-pub struct Btf {
+pub(crate) struct Btf {
     types: Vec<Type>,
     strings: Vec<u8>,
     by_name: HashMap<String, Vec<u32>>,
 }
 
 impl Btf {
-    pub fn from_sys_fs() -> Result<Self, BtfError> {
+    pub(crate) fn from_sys_fs() -> Result<Self, BtfError> {
         Self::from_path(Path::new("/sys/kernel/btf/vmlinux"))
     }
 
-    pub fn from_path(path: &Path) -> Result<Self, BtfError> {
+    pub(crate) fn from_path(path: &Path) -> Result<Self, BtfError> {
         let data = std::fs::read(path).map_err(|source| BtfError::Io {
             path: path.display().to_string(),
             source,
@@ -228,7 +228,7 @@ impl Btf {
     }
 
     /// Byte offset and size of `path` ("a.b.c") inside struct `strukt`.
-    pub fn member(&self, strukt: &str, path: &str) -> Result<(u32, u32), BtfError> {
+    pub(crate) fn member(&self, strukt: &str, path: &str) -> Result<(u32, u32), BtfError> {
         let ids = self
             .by_name
             .get(strukt)
@@ -261,7 +261,7 @@ impl Btf {
     }
 
     /// Size of a named struct.
-    pub fn struct_size(&self, strukt: &str) -> Result<u32, BtfError> {
+    pub(crate) fn struct_size(&self, strukt: &str) -> Result<u32, BtfError> {
         let ids = self
             .by_name
             .get(strukt)
@@ -278,7 +278,7 @@ impl Btf {
     }
 
     /// Every offset the programs need, checked for the sizes the programs read.
-    pub fn offsets(&self) -> Result<Offsets, BtfError> {
+    pub(crate) fn offsets(&self) -> Result<Offsets, BtfError> {
         let (regs_nr, regs_arg1) = self.regs_offsets()?;
         Ok(Offsets {
             task_nsproxy: self.member_sized("task_struct", "nsproxy", 8)?,
@@ -322,7 +322,7 @@ impl Btf {
     }
 
     /// Whether the kernel has a BTF tracepoint (`btf_trace_<name>` typedef).
-    pub fn has_tracepoint(&self, name: &str) -> bool {
+    pub(crate) fn has_tracepoint(&self, name: &str) -> bool {
         let want = format!("btf_trace_{name}");
         self.types
             .iter()
@@ -331,7 +331,7 @@ impl Btf {
 }
 
 /// Syscall numbers whose second argument is the user buffer (or iovec/msghdr) of socket I/O.
-pub fn syscall_nrs() -> SyscallNrs {
+pub(crate) fn syscall_nrs() -> SyscallNrs {
     SyscallNrs {
         read: libc::SYS_read as u32,
         write: libc::SYS_write as u32,

@@ -14,7 +14,7 @@ pub mod btf;
 pub mod namespace;
 pub mod session;
 
-use std::{os::fd::AsRawFd as _, path::Path};
+use std::path::Path;
 
 use agent_common::{Config, Counter, ThreadCpu, CONFIG_CAPTURE_PAYLOAD, COUNTERS, MAX_PORTS};
 use aya::{
@@ -189,7 +189,7 @@ impl Probes {
     }
 
     /// Takes the ring buffer of records (once).
-    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
+    pub(crate) fn take_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
         let map = self.ebpf.take_map("EVENTS").ok_or(ProbeError::Map {
             name: "EVENTS",
             source: aya::maps::MapError::InvalidName {
@@ -341,9 +341,4 @@ fn raise_memlock() {
             std::io::Error::last_os_error()
         );
     }
-}
-
-/// Raw fd of a ring buffer, for readiness polling.
-pub fn ring_fd(rb: &RingBuf<MapData>) -> i32 {
-    rb.as_raw_fd()
 }

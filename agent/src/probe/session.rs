@@ -67,12 +67,12 @@ impl Session {
     }
 
     /// When the probes were attached.
-    pub fn attached_at(&self) -> Instant {
+    pub(crate) fn attached_at(&self) -> Instant {
         self.attached.at
     }
 
     /// The counters and the threads' CPU totals read at the attach.
-    pub fn attached_reading(&self) -> &Reading {
+    pub(crate) fn attached_reading(&self) -> &Reading {
         &self.attached.reading
     }
 
@@ -90,7 +90,7 @@ impl Session {
     }
 
     /// Waits until the kernel signals a batch, or `max` passes; then drains.
-    pub async fn pump(&mut self, max: Duration, each: impl FnMut(&Record)) -> usize {
+    pub(crate) async fn pump(&mut self, max: Duration, each: impl FnMut(&Record)) -> usize {
         if let Ok(Ok(mut guard)) = tokio::time::timeout(max, self.ring.readable_mut()).await {
             guard.clear_ready();
         }
@@ -115,7 +115,7 @@ impl Session {
 
     /// Hands the kernel counters and CPU totals to the aggregator's observers (metrics), and
     /// returns them.
-    pub fn snapshot(&mut self) -> Result<([u64; COUNTERS as usize], CpuTotals), ProbeError> {
+    pub(crate) fn snapshot(&mut self) -> Result<([u64; COUNTERS as usize], CpuTotals), ProbeError> {
         let counters = self.probes.counters()?;
         let cpu = self.cpu_now(&counters)?;
         self.agg.snapshot(&counters, cpu);

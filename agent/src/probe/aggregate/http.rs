@@ -11,7 +11,7 @@ const METHODS: &[&str] = &[
 
 /// Method and raw path of a request line; the path is marked with a trailing `…` when the copied
 /// head ended inside it.
-pub fn parse_request_head(head: &[u8]) -> (&'static str, String) {
+pub(crate) fn parse_request_head(head: &[u8]) -> (&'static str, String) {
     let line_end = head
         .iter()
         .position(|&b| b == b'\r' || b == b'\n')
@@ -38,7 +38,7 @@ pub fn parse_request_head(head: &[u8]) -> (&'static str, String) {
 }
 
 /// Collapses identifiers so that `/posts/123/` and `/posts/456/` are one label.
-pub fn normalise_path(path: &str) -> String {
+pub(crate) fn normalise_path(path: &str) -> String {
     if !path.starts_with('/') {
         return "/?".into();
     }
@@ -75,7 +75,7 @@ fn normalise_segment(seg: &str) -> &str {
 }
 
 /// Status code of a response's first bytes (`HTTP/1.1 200 OK`), 0 when not a status line.
-pub fn parse_status(head: &[u8]) -> u16 {
+pub(crate) fn parse_status(head: &[u8]) -> u16 {
     if head.len() < 12 || !head.starts_with(b"HTTP/") {
         return 0;
     }
@@ -111,7 +111,7 @@ impl LabelSet {
         s
     }
 
-    pub fn intern(&mut self, method: &'static str, path: String) -> usize {
+    pub(crate) fn intern(&mut self, method: &'static str, path: String) -> usize {
         let key = (method, path);
         if let Some(&id) = self.ids.get(&key) {
             return id;

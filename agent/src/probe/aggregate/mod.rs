@@ -17,7 +17,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 /// Nanosecond histogram, 3 significant digits (<= 0.1 % relative error), 1 ns .. 1 h.
-pub fn new_hist() -> Histogram<u64> {
+pub(crate) fn new_hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("static bounds are valid")
 }
 
@@ -93,7 +93,7 @@ pub struct Stats {
     pub db_round_trips_attributed: u64,
     pub exclusive_requests: u64,
     pub server_ns_sum: u64,
-    /// Threads that read at least one request (at most [`MAX_SERVING_THREADS`]).
+    /// Threads that read at least one request (at most `MAX_SERVING_THREADS`).
     pub serving_tids: BTreeSet<u32>,
     /// Start of the interval (CLOCK_MONOTONIC ns): `db_wait_ns` counts round trips from here
     /// on, so one that began before it adds only its part inside.
@@ -102,7 +102,7 @@ pub struct Stats {
 
 /// Bound of [`Stats::serving_tids`]: a server has a handful of such threads; more means the
 /// target is not one server, and the serving-thread figures stop growing rather than memory.
-pub const MAX_SERVING_THREADS: usize = 1024;
+pub(crate) const MAX_SERVING_THREADS: usize = 1024;
 
 impl Default for Stats {
     fn default() -> Self {
@@ -177,7 +177,7 @@ impl Stats {
 
 /// Decodes one ring-buffer record. Unknown kinds and short records are None (and counted by
 /// the caller as malformed).
-pub fn decode(bytes: &[u8], labels: &mut http::LabelSet) -> Option<(Record, Option<usize>)> {
+pub(crate) fn decode(bytes: &[u8], labels: &mut http::LabelSet) -> Option<(Record, Option<usize>)> {
     let hdr = EventHeader::from_bytes(bytes)?;
     match hdr.kind {
         k if k == EventKind::Request as u32 => {
@@ -286,7 +286,7 @@ impl CpuTotals {
     }
 
     /// Off-CPU share of thread time between two snapshots.
-    pub fn off_share_since(&self, earlier: &CpuTotals) -> Option<f64> {
+    pub(crate) fn off_share_since(&self, earlier: &CpuTotals) -> Option<f64> {
         let on = self.on_ns.saturating_sub(earlier.on_ns);
         let off = self.off_ns.saturating_sub(earlier.off_ns);
         let all = on + off;
@@ -335,7 +335,7 @@ impl Reading {
 
 /// The kernel's cumulative figures at one instant, as handed to observers once an interval.
 #[derive(Debug, Clone, Copy)]
-pub struct Snapshot<'a> {
+pub(crate) struct Snapshot<'a> {
     /// The kernel's counters (monotonic since attach), indexed by `agent_common::Counter`.
     pub counters: &'a [u64; COUNTERS as usize],
     /// CPU totals of the target's threads since attach.
@@ -346,7 +346,7 @@ pub struct Snapshot<'a> {
 
 /// Receives what the aggregator decoded, as it decodes it (the Prometheus exporter is one).
 /// Observers convert units and export; they do not recompute what the aggregator computes.
-pub trait Observer: Send {
+pub(crate) trait Observer: Send {
     /// One decoded record; for requests, `label` is its (method, path) id in `labels`.
     fn record(&mut self, rec: &Record, label: Option<usize>, labels: &http::LabelSet);
     /// The cumulative kernel counters and CPU totals, once an interval.
@@ -381,12 +381,12 @@ impl Aggregator {
     }
 
     /// Adds an observer that sees every record from now on, and every snapshot.
-    pub fn add_observer(&mut self, o: Box<dyn Observer>) {
+    pub(crate) fn add_observer(&mut self, o: Box<dyn Observer>) {
         self.observers.push(o);
     }
 
     /// Hands the kernel's cumulative counters and the CPU totals to the observers.
-    pub fn snapshot(&mut self, counters: &[u64; COUNTERS as usize], cpu: CpuTotals) {
+    pub(crate) fn snapshot(&mut self, counters: &[u64; COUNTERS as usize], cpu: CpuTotals) {
         let snap = Snapshot {
             counters,
             cpu,
@@ -412,7 +412,7 @@ impl Aggregator {
     }
 
     /// Ends the current interval and returns it.
-    pub fn take_window(&mut self) -> Stats {
+    pub(crate) fn take_window(&mut self) -> Stats {
         std::mem::take(&mut self.window)
     }
 }

@@ -8,7 +8,7 @@ use super::{Quantiles, Ratios, Reading, Stats};
 use crate::probe::ProbeStatus;
 
 /// Bump when a field changes meaning or disappears (adding fields keeps the version).
-pub const SUMMARY_VERSION: u32 = 1;
+pub(crate) const SUMMARY_VERSION: u32 = 1;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {

@@ -47,7 +47,7 @@ pub enum TargetError {
 
 impl TargetError {
     /// Bad syntax is a usage error; the rest are about the system.
-    pub fn is_usage(&self) -> bool {
+    pub(crate) fn is_usage(&self) -> bool {
         matches!(self, TargetError::Syntax(_))
     }
 }
@@ -114,7 +114,7 @@ impl Target {
     }
 
     /// The file to open to enter the namespace (`setns(fd, CLONE_NEWNET)`).
-    pub fn netns_path(&self) -> PathBuf {
+    pub(crate) fn netns_path(&self) -> PathBuf {
         origin_path(&self.origin)
     }
 
@@ -140,7 +140,7 @@ impl Target {
 
     /// Runs `f` on a new thread that has entered the namespace, and returns its result. Sockets
     /// `f` creates belong to the namespace for their whole life, wherever they are used later.
-    pub fn run_in<T: Send + 'static>(
+    pub(crate) fn run_in<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, TargetError> {
@@ -162,7 +162,8 @@ impl Target {
     }
 
     /// The inode of the namespace the agent itself runs in.
-    pub fn own_netns_inum() -> Option<u32> {
+    #[cfg(test)]
+    pub(crate) fn own_netns_inum() -> Option<u32> {
         std::fs::metadata("/proc/self/ns/net")
             .ok()
             .map(|m| m.ino() as u32)

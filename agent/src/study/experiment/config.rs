@@ -21,12 +21,12 @@ use crate::{
 };
 
 /// Setups the system under test knows (`sut::Setup`).
-pub fn known_setups() -> Vec<&'static str> {
+pub(crate) fn known_setups() -> Vec<&'static str> {
     Setup::ALL.iter().map(|s| s.name()).collect()
 }
 
 /// The study's routes (`load::template::Route`).
-pub fn known_routes() -> Vec<&'static str> {
+pub(crate) fn known_routes() -> Vec<&'static str> {
     Route::ALL.iter().map(|r| r.name()).collect()
 }
 /// Largest added delay accepted: the delay back ends' own limit.
@@ -55,7 +55,7 @@ pub enum ConfigError {
 }
 
 /// Longest warm-up accepted: a warm-up is a few seconds, not a second run.
-pub const MAX_WARMUP_S: f64 = 600.0;
+pub(crate) const MAX_WARMUP_S: f64 = 600.0;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -142,7 +142,7 @@ impl Default for RunConfig {
 }
 
 impl RunConfig {
-    pub fn from_file(path: &Path) -> Result<RunConfig, ConfigError> {
+    pub(crate) fn from_file(path: &Path) -> Result<RunConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.display().to_string(),
             error,
@@ -156,7 +156,7 @@ impl RunConfig {
         })
     }
 
-    pub fn from_toml(text: &str) -> Result<RunConfig, ConfigError> {
+    pub(crate) fn from_toml(text: &str) -> Result<RunConfig, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: String::new(),
             // toml's message spans several lines (a source excerpt): keep the first.
@@ -165,7 +165,7 @@ impl RunConfig {
     }
 
     /// Checks the whole configuration; call after flags were applied.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if self.setups.is_empty() {
             return Err(ConfigError::Empty("setups"));
         }
@@ -249,7 +249,7 @@ impl RunConfig {
 
 /// A seed for a run that was given none: from the kernel's random source, below 2^53 so that
 /// JSON readers that hold numbers as doubles read the recorded seed exactly.
-pub fn random_seed() -> u64 {
+pub(crate) fn random_seed() -> u64 {
     let mut b = [0u8; 8];
     // SAFETY: getrandom writes at most b.len() bytes into b.
     let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
@@ -265,7 +265,7 @@ pub fn random_seed() -> u64 {
 }
 
 /// Parses one delay in milliseconds; negatives, non-numbers and delays over the limit are errors.
-pub fn parse_delay(s: &str) -> Result<u32, String> {
+pub(crate) fn parse_delay(s: &str) -> Result<u32, String> {
     let x = s.trim();
     let v = x.parse::<u32>().map_err(|_| {
         if x.starts_with('-') {

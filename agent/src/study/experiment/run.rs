@@ -38,7 +38,7 @@ use crate::{
 };
 
 /// Name of the system under test a run brings up (one run at a time per host).
-pub const RUN_NAME: &str = "awlrun";
+pub(crate) const RUN_NAME: &str = "awlrun";
 
 /// Set by the SIGINT/SIGTERM handler: finish nothing new, clean up, exit.
 #[derive(Clone, Default)]
@@ -55,13 +55,13 @@ impl Stop {
         self.flag.store(true, Ordering::SeqCst);
         self.token.cancel();
     }
-    pub fn requested(&self) -> bool {
+    pub(crate) fn requested(&self) -> bool {
         self.flag.load(Ordering::SeqCst)
     }
 }
 
 /// The run's Prometheus series (`--metrics-addr`): the probes, the load, the delay and the cell.
-pub struct RunMetrics {
+pub(crate) struct RunMetrics {
     pub probes: crate::metrics::ProbeMetrics,
     pub load: crate::metrics::LoadMetrics,
     pub delay: crate::metrics::DelayMetrics,
@@ -95,7 +95,7 @@ fn unix_now() -> f64 {
 }
 
 /// A new run directory `results_dir/YYYYmmdd-HHMMSS` (UTC), or the one being resumed.
-pub fn run_dir(cfg: &RunConfig, resume: Option<&Path>) -> PathBuf {
+pub(crate) fn run_dir(cfg: &RunConfig, resume: Option<&Path>) -> PathBuf {
     if let Some(r) = resume {
         return r.to_path_buf();
     }

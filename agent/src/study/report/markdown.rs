@@ -3,7 +3,7 @@
 use super::*;
 
 impl Report {
-    pub fn markdown(&self) -> String {
+    pub(crate) fn markdown(&self) -> String {
         let mut s = String::from("# awaitlab report: sync vs async Django under added latency\n\n");
         for h in &self.header {
             let _ = writeln!(s, "- {h}");

@@ -55,7 +55,7 @@ pub struct Table {
 }
 
 /// The whole report, built once.
-pub struct Report {
+pub(crate) struct Report {
     pub header: Vec<String>,
     pub study_tables: Vec<Table>,
     pub beside: Vec<Table>,

@@ -6,10 +6,10 @@
 use crate::study::results::CellResult;
 
 /// The study's three setups, in its column order (Async Pooled is ours, not the study's).
-pub const STUDY_SETUPS: &[&str] = &["sync", "async-limited", "async-unlimited"];
+pub(crate) const STUDY_SETUPS: &[&str] = &["sync", "async-limited", "async-unlimited"];
 
 /// (route, delay ms, setup, total successes, max sRPS)
-pub const PUBLISHED: &[(&str, u32, &str, u64, f64)] = &[
+pub(crate) const PUBLISHED: &[(&str, u32, &str, u64, f64)] = &[
     ("cpu", 0, "sync", 255, 1.5),
     ("cpu", 0, "async-limited", 24, 0.1),
     ("cpu", 0, "async-unlimited", 91, 3.3),
@@ -41,7 +41,7 @@ pub const PUBLISHED: &[(&str, u32, &str, u64, f64)] = &[
 
 /// The system the study ran, as its repository and documents give it, for the report's list of
 /// deviations (`report::system`). `max_connections` per setup is `sut::Setup::max_connections`.
-pub struct StudySystem {
+pub(crate) struct StudySystem {
     pub django: &'static str,
     pub db_driver: &'static str,
     pub gunicorn: &'static str,
@@ -63,7 +63,7 @@ pub struct StudySystem {
     pub server_workers: u32,
 }
 
-pub const STUDY_SYSTEM: StudySystem = StudySystem {
+pub(crate) const STUDY_SYSTEM: StudySystem = StudySystem {
     django: "4.1.3",
     db_driver: "psycopg2 2.9.5",
     gunicorn: "20.1.0",
@@ -99,7 +99,9 @@ pub fn published(route: &str, delay_ms: u32, setup: &str) -> Option<(u64, f64)> 
 /// study's profile for its 180 s, else "not comparable (30 s vs 180 s)" with our cells' planned
 /// durations. Totals grow with the run time and the peak depends on the ramp, so only scale-free
 /// ratios (async / sync) compare across profiles.
-pub fn not_comparable<'a>(cells: impl IntoIterator<Item = &'a CellResult>) -> Option<String> {
+pub(crate) fn not_comparable<'a>(
+    cells: impl IntoIterator<Item = &'a CellResult>,
+) -> Option<String> {
     let study_s = crate::load::ClosedSchedule::study()
         .duration()
         .as_secs_f64();

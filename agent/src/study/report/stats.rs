@@ -12,13 +12,13 @@ use statrs::distribution::{ContinuousCDF, FisherSnedecor, StudentsT};
 /// Mean and, with two or more values, the half-width of the 95 % confidence interval
 /// (Student's t).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct MeanCi {
+pub(crate) struct MeanCi {
     pub n: usize,
     pub mean: f64,
     pub half_width: Option<f64>,
 }
 
-pub fn mean_ci(values: &[f64]) -> Option<MeanCi> {
+pub(crate) fn mean_ci(values: &[f64]) -> Option<MeanCi> {
     let n = values.len();
     if n == 0 {
         return None;
@@ -44,7 +44,7 @@ pub fn mean_ci(values: &[f64]) -> Option<MeanCi> {
 
 /// The one way the report prints a p-value. Tails come from the survival function, so tiny values
 /// are real, but below 1e-12 the t and F approximations behind them mean nothing more.
-pub fn fmt_p(p: f64) -> String {
+pub(crate) fn fmt_p(p: f64) -> String {
     if p < 1e-12 {
         "p < 1e-12".into()
     } else if p < 1e-3 {
@@ -56,7 +56,7 @@ pub fn fmt_p(p: f64) -> String {
 
 /// A linear contrast `sum c_i * mean_i` of independent cell means, each cell with its own variance.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Contrast {
+pub(crate) struct Contrast {
     pub estimate: f64,
     /// sqrt(sum c_i^2 s_i^2 / n_i).
     pub se: f64,
@@ -73,7 +73,7 @@ pub struct Contrast {
 /// The contrast of `(coefficient, values)` cells: estimate from the cell means, standard error
 /// from the per-cell sample variances, Welch-Satterthwaite df
 /// `(sum v_i)^2 / sum (v_i^2 / (n_i - 1))` with `v_i = c_i^2 s_i^2 / n_i`.
-pub fn contrast(cells: &[(f64, &[f64])]) -> Result<Contrast, String> {
+pub(crate) fn contrast(cells: &[(f64, &[f64])]) -> Result<Contrast, String> {
     let mut estimate = 0.0;
     let (mut var, mut df_den) = (0.0, 0.0);
     for (c, values) in cells {
@@ -109,7 +109,7 @@ pub fn contrast(cells: &[(f64, &[f64])]) -> Result<Contrast, String> {
 
 /// Result of the F test of the three-way interaction term.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Interaction {
+pub(crate) struct Interaction {
     pub f: f64,
     pub df_effect: f64,
     pub df_error: f64,
@@ -121,7 +121,7 @@ pub struct Interaction {
 /// the A x B x C interaction, or why it cannot be computed. The block (a repetition, which runs
 /// every cell once) takes its variation out of the error term: error df = (abc - 1)(blocks - 1).
 #[allow(clippy::needless_range_loop)] // the (a, b, c) indices are the design's own notation
-pub fn three_way_interaction(
+pub(crate) fn three_way_interaction(
     data: &BTreeMap<(usize, usize, usize), Vec<f64>>,
 ) -> Result<Interaction, String> {
     let la = data.keys().map(|k| k.0).max().map_or(0, |m| m + 1);

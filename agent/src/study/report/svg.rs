@@ -8,18 +8,18 @@ const COLORS: &[&str] = &[
 ];
 
 /// One named series of (x, y) points.
-pub struct Series {
+pub(crate) struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
 }
 
 #[derive(Clone, Copy, PartialEq)]
-pub enum Style {
+pub(crate) enum Style {
     Lines,
     Points,
 }
 
-pub struct Chart<'a> {
+pub(crate) struct Chart<'a> {
     pub title: &'a str,
     pub x_label: &'a str,
     pub y_label: &'a str,

@@ -192,7 +192,7 @@ fn describe(r: &SystemRecord) -> String {
 
 /// The header's lines about the system: what each stack ran, each setup's server and limits, and
 /// every deviation from the study (with the setups it concerns, when not all of them).
-pub fn header_lines(cells: &[CellResult]) -> Vec<String> {
+pub(crate) fn header_lines(cells: &[CellResult]) -> Vec<String> {
     let records: Vec<&SystemRecord> = cells.iter().filter_map(|c| c.system.as_ref()).collect();
     let mut out: Vec<String> = Vec::new();
     for d in records.iter().map(|r| describe(r)).collect::<BTreeSet<_>>() {

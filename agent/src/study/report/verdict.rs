@@ -47,7 +47,9 @@ fn y(c: &CellResult) -> f64 {
 /// | Async Unlimited cpu 0 ms | +1 | Sync cpu 0 ms | -1 |
 ///
 /// With one I/O route its four cells get +-1. The coefficients sum to zero.
-pub fn coefficients(io_routes: &[&'static str]) -> Vec<((&'static str, &'static str, u32), f64)> {
+pub(crate) fn coefficients(
+    io_routes: &[&'static str],
+) -> Vec<((&'static str, &'static str, u32), f64)> {
     let routes = io_routes
         .iter()
         .map(|r| (*r, 1.0 / io_routes.len() as f64))
@@ -64,7 +66,7 @@ pub fn coefficients(io_routes: &[&'static str]) -> Vec<((&'static str, &'static 
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Conclusion {
+pub(crate) enum Conclusion {
     /// The ratio of ratios is above 1, significant one-sided at 5 %.
     Supported,
     /// It is below 1, significant one-sided at 5 %: the opposite of the hypothesis.
@@ -73,7 +75,7 @@ pub enum Conclusion {
 }
 
 #[derive(Debug, Clone)]
-pub struct Verdict {
+pub(crate) struct Verdict {
     pub outcome: Conclusion,
     /// On ln(successes + 1): exp of the estimate and of its interval is the ratio of ratios.
     pub contrast: stats::Contrast,
@@ -84,7 +86,7 @@ pub struct Verdict {
 }
 
 /// The study's hypothesis tested on these cells, or why it cannot be.
-pub fn hypothesis(cells: &[CellResult]) -> Result<Verdict, String> {
+pub(crate) fn hypothesis(cells: &[CellResult]) -> Result<Verdict, String> {
     let has = |f: &dyn Fn(&CellResult) -> bool| cells.iter().any(f);
     let io_routes: Vec<&'static str> = IO_ROUTES
         .into_iter()

@@ -19,7 +19,7 @@ use crate::probe::aggregate::{summary::Summary, Quantiles};
 
 /// Bump when a field changes meaning or disappears. 2: `load.max_srps` is Locust's chart figure
 /// (it was the best fixed 5 s window, now `load.max_srps_5s_window`).
-pub const RESULTS_VERSION: u32 = 2;
+pub(crate) const RESULTS_VERSION: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResultsError {
@@ -61,7 +61,7 @@ impl CellKey {
 
 /// The injected delay of a cell: asked for, and measured.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DelayOutcome {
+pub(crate) struct DelayOutcome {
     pub requested_ms: f64,
     pub achieved_ms: Option<f64>,
     /// "none", "netem" or "nfqueue".
@@ -70,7 +70,7 @@ pub struct DelayOutcome {
 
 /// One second of the load run (the study's supplementary charts are drawn from these).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Second {
+pub(crate) struct Second {
     pub t_s: f64,
     pub users: u64,
     pub requests: u64,
@@ -82,7 +82,7 @@ pub struct Second {
 
 /// What the load generator saw in a cell.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LoadOutcome {
+pub(crate) struct LoadOutcome {
     pub planned_s: f64,
     pub actual_s: f64,
     pub requests: u64,
@@ -109,7 +109,7 @@ pub struct LoadOutcome {
 /// The unmeasured warm-up before a cell: its fresh server's first requests, on the cell's route
 /// with no added delay. Counted in no figure of the cell.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Warmup {
+pub(crate) struct Warmup {
     pub planned_s: f64,
     pub users: u32,
     /// Requests the warm-up completed, and those of them that failed.
@@ -123,7 +123,7 @@ pub struct Warmup {
 
 /// One finished cell, as stored in `cells/<stem>.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CellResult {
+pub(crate) struct CellResult {
     pub version: u32,
     pub key: CellKey,
     /// Unix time the load started.
@@ -158,7 +158,7 @@ pub struct CellResult {
 
 /// `index.json`: what the run was, and which cells it has.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Index {
+pub(crate) struct Index {
     pub version: u32,
     pub created_unix_s: f64,
     /// The effective configuration of the run, as given (for the report's header), with the
@@ -172,7 +172,7 @@ pub struct Index {
 
 /// A results directory.
 #[derive(Debug, Clone)]
-pub struct ResultsDir {
+pub(crate) struct ResultsDir {
     pub root: PathBuf,
 }
 
@@ -211,21 +211,16 @@ impl ResultsDir {
         })
     }
 
-    pub fn cell_path(&self, key: &CellKey) -> PathBuf {
+    pub(crate) fn cell_path(&self, key: &CellKey) -> PathBuf {
         self.root.join("cells").join(format!("{}.json", key.stem()))
     }
 
-    /// Directory for a cell's Locust CSVs (`<stem>_stats.csv`, ...).
-    pub fn csv_prefix(&self, key: &CellKey) -> PathBuf {
-        self.root.join("cells").join(key.stem())
-    }
-
     /// Whether a cell finished: its file exists and parses.
-    pub fn is_done(&self, key: &CellKey) -> bool {
+    pub(crate) fn is_done(&self, key: &CellKey) -> bool {
         self.read_cell(key).is_ok()
     }
 
-    pub fn write_cell(&self, cell: &CellResult) -> Result<PathBuf, ResultsError> {
+    pub(crate) fn write_cell(&self, cell: &CellResult) -> Result<PathBuf, ResultsError> {
         let path = self.cell_path(&cell.key);
         write_atomic(
             &path,
@@ -234,7 +229,7 @@ impl ResultsDir {
         Ok(path)
     }
 
-    pub fn read_cell(&self, key: &CellKey) -> Result<CellResult, ResultsError> {
+    pub(crate) fn read_cell(&self, key: &CellKey) -> Result<CellResult, ResultsError> {
         read_cell_file(&self.cell_path(key))
     }
 
@@ -269,7 +264,7 @@ fn read_cell_file(path: &Path) -> Result<CellResult, ResultsError> {
 }
 
 /// Writes `bytes` to `path` so that a reader sees either the old file or the whole new one.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ResultsError> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ResultsError> {
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
     f.write_all(bytes).map_err(io(&tmp))?;
@@ -289,7 +284,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ResultsError> {
 pub(crate) mod tests {
     use super::*;
 
-    pub fn quantiles(p50: f64) -> Quantiles {
+    pub(crate) fn quantiles(p50: f64) -> Quantiles {
         Quantiles {
             count: 10,
             p50_ms: p50,

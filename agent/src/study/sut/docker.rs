@@ -35,7 +35,7 @@ use super::{
     DB_PORT, SERVER_PORT, STATE_VERSION,
 };
 
-pub const POSTGRES_IMAGE: &str = "awaitlab/postgres:15";
+pub(crate) const POSTGRES_IMAGE: &str = "awaitlab/postgres:15";
 pub const LABEL: &str = "awaitlab.sut";
 const START_LIMIT: Duration = Duration::from_secs(90);
 /// PostgreSQL's /dev/shm in its container (1 GiB, as the postgres image's documentation advises).

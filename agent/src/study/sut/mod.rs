@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 /// The Django project, SQL scripts and requirements, embedded so that the binary needs no
 /// checkout: the netns back end writes them out, and the SQL runs through psql on both.
 pub(crate) mod assets {
-    pub const APP_FILES: &[(&str, &str)] = &[
+    pub(crate) const APP_FILES: &[(&str, &str)] = &[
         (
             "manage.py",
             include_str!("../../../../docker/app/manage.py"),
@@ -95,11 +95,11 @@ pub(crate) mod assets {
             include_str!("../../../../docker/app/posts/management/commands/system_record.py"),
         ),
     ];
-    pub const SEED_SQL: &str = include_str!("../../../../docker/app/sql/seed.sql");
-    pub const RESET_SQL: &str = include_str!("../../../../docker/app/sql/reset.sql");
-    pub const REQUIREMENTS_STUDY: &str =
+    pub(crate) const SEED_SQL: &str = include_str!("../../../../docker/app/sql/seed.sql");
+    pub(crate) const RESET_SQL: &str = include_str!("../../../../docker/app/sql/reset.sql");
+    pub(crate) const REQUIREMENTS_STUDY: &str =
         include_str!("../../../../docker/app/requirements-study.txt");
-    pub const REQUIREMENTS_CURRENT: &str =
+    pub(crate) const REQUIREMENTS_CURRENT: &str =
         include_str!("../../../../docker/app/requirements-current.txt");
 }
 
@@ -108,15 +108,15 @@ pub const SEED_ROWS: u64 = 1_000_000;
 /// The port the server listens on inside its namespace or container.
 pub const SERVER_PORT: u16 = 8000;
 /// The port PostgreSQL listens on (as the server sees it).
-pub const DB_PORT: u16 = 5432;
+pub(crate) const DB_PORT: u16 = 5432;
 /// The name the CLI uses when none is given.
-pub const DEFAULT_NAME: &str = "awlsut";
+pub(crate) const DEFAULT_NAME: &str = "awlsut";
 /// Version of the state file and of `status --json`.
-pub const STATE_VERSION: u32 = 1;
+pub(crate) const STATE_VERSION: u32 = 1;
 /// The database superuser's password, which the server sends when PostgreSQL asks for it (the
 /// study's image had `POSTGRES_PASSWORD`). Not a secret: the database is reachable only on the
 /// system's private link, and what matters is that PostgreSQL authenticates as the study's did.
-pub const DB_PASSWORD: &str = "awaitlab-study";
+pub(crate) const DB_PASSWORD: &str = "awaitlab-study";
 
 /// How PostgreSQL authenticates the server's connections (its pg_hba.conf rule for them). Chosen
 /// when the database is made (`up`); `switch` keeps it. The runner's own psql connects over the
@@ -157,7 +157,7 @@ pub enum Setup {
 }
 
 impl Setup {
-    pub const ALL: [Setup; 4] = [
+    pub(crate) const ALL: [Setup; 4] = [
         Setup::Sync,
         Setup::AsyncLimited,
         Setup::AsyncUnlimited,
@@ -165,7 +165,7 @@ impl Setup {
     ];
 
     /// `AWL_VIEWS`: which views and which server kind.
-    pub fn views(self) -> &'static str {
+    pub(crate) fn views(self) -> &'static str {
         match self {
             Setup::Sync => "sync",
             _ => "async",
@@ -181,7 +181,7 @@ impl Setup {
     }
 
     /// `AWL_DB_POOL`: 0 means a new connection per request (`CONN_MAX_AGE = 0`).
-    pub fn pool_size(self) -> u32 {
+    pub(crate) fn pool_size(self) -> u32 {
         match self {
             Setup::AsyncPooled => 20,
             _ => 0,
@@ -229,7 +229,7 @@ impl Stack {
     /// `AWL_SETTINGS` (docker/app/studysite/settings.py): the study's stack runs the study's
     /// Django settings (DEBUG on, default middleware minus CSRF, every SQL statement logged),
     /// the current stack production-like ones.
-    pub fn django_settings(self) -> &'static str {
+    pub(crate) fn django_settings(self) -> &'static str {
         match self {
             Stack::Study => "study",
             Stack::Current => "production",
@@ -300,7 +300,7 @@ impl Options {
         }
     }
 
-    pub fn validate(&self) -> Result<(), SutError> {
+    pub(crate) fn validate(&self) -> Result<(), SutError> {
         if self.setup == Setup::AsyncPooled && self.stack != Stack::Current {
             return Err(SutError::Usage(
                 "setup async-pooled needs --stack current (Django's connection pool came in Django 5.1)".into(),
@@ -386,7 +386,7 @@ impl SutError {
         move |source| SutError::Io { what, source }
     }
 
-    pub fn is_usage(&self) -> bool {
+    pub(crate) fn is_usage(&self) -> bool {
         matches!(self, SutError::Usage(_))
     }
 }
@@ -437,7 +437,7 @@ const DB_HOST_CLIENTS: [&str; 3] = ["[local]", "127.0.0.1", "::1"];
 
 /// Connections refused for want of a slot in a PostgreSQL log (one FATAL line each), those of
 /// clients on the database's own host left out (the host follows the pid, `LOG_LINE_PREFIX`).
-pub fn count_refusals(log: &str) -> u64 {
+pub(crate) fn count_refusals(log: &str) -> u64 {
     log.lines()
         .filter(|l| l.contains("FATAL:") && REFUSALS.iter().any(|r| l.contains(r)))
         .filter(|l| {
@@ -625,7 +625,7 @@ impl Sut {
     }
 
     /// Measures what the system runs with now (see `SystemRecord`).
-    pub fn record_system(&self) -> Result<SystemRecord, SutError> {
+    pub(crate) fn record_system(&self) -> Result<SystemRecord, SutError> {
         let out = self.backend.manage(&self.state, &["system_record"])?;
         let json = out.lines().rev().find(|l| l.starts_with('{')).unwrap_or("");
         let mut r: SystemRecord = serde_json::from_str(json).map_err(|e| {

@@ -55,7 +55,7 @@ fn run_dir(name: &str) -> PathBuf {
 }
 
 /// The virtual environment of a stack; the same place `cargo xtask setup` fills.
-pub fn venv_dir(stack: Stack) -> PathBuf {
+pub(crate) fn venv_dir(stack: Stack) -> PathBuf {
     let base = std::env::var_os("AWAITLAB_VENV_DIR")
         .map_or_else(|| PathBuf::from("/var/lib/awaitlab"), PathBuf::from);
     base.join(format!("venv-{}", stack.name()))
