@@ -132,6 +132,8 @@ where
                     .header_read_timeout(READ_TIMEOUT)
                     .max_buf_size(MAX_HEAD)
                     .keep_alive(false)
+                    // A client may shut down its sending side and wait for the answer.
+                    .half_close(true)
                     .serve_connection(TokioIo::new(conn), service);
                 // A connection lives for one request; a client that stalls after its head is
                 // cut off by the body's own timeout (`serve`), this bounds the rest.
@@ -302,6 +304,20 @@ mod tests {
         let ok = roundtrip(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
         assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
         assert!(ok.contains("\nawaitlab_load_users 3\n"), "{ok}");
+        // The agent's own HTTP client (reqwest) reads the same.
+        let (status, body) =
+            crate::study::sut::http(addr, "GET", "/metrics", None, Duration::from_secs(5)).unwrap();
+        assert_eq!(status, 200);
+        assert!(body.contains("\nawaitlab_load_users 3\n"), "{body}");
+        let (status, _) = crate::study::sut::http(
+            addr,
+            "POST",
+            "/metrics",
+            Some("a=1"),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert_eq!(status, 405);
         for (raw, code) in [
             (&b"GARBAGE\r\n\r\n"[..], "400"),
             (b"GET http://x/ HTTP/1.1\r\n\r\n", "400"),

@@ -2,8 +2,7 @@
 //! lets their guards run, and small figures.
 
 use std::fs;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -60,27 +59,19 @@ pub fn temp_path_directives(dir: &Path, nginx_v: &str) -> String {
     temp_paths
 }
 
-/// A one-shot HTTP/1.0 GET without a client tool; returns the status code.
+/// One GET / (reqwest, straight to `addr`: no proxy from the environment); returns the status.
 pub fn http_get_status(addr: SocketAddr) -> Result<u16> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).context("connect")?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))
-        .context("set_read_timeout")?;
-    s.write_all(format!("GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .context("send")?;
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp).context("receive")?;
-    let text = String::from_utf8_lossy(&resp);
-    let code = text
-        .strip_prefix("HTTP/1.")
-        .and_then(|r| r.get(2..5))
-        .and_then(|c| c.parse().ok())
-        .with_context(|| {
-            format!(
-                "not an HTTP response: {:?}",
-                text.lines().next().unwrap_or("")
-            )
-        })?;
-    Ok(code)
+    let client = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(Duration::from_secs(2))
+        .build()
+        .context("building the HTTP client")?;
+    let resp = client
+        .get(format!("http://{addr}/"))
+        .send()
+        .with_context(|| format!("GET http://{addr}/"))?;
+    Ok(resp.status().as_u16())
 }
 
 pub fn tail(path: &Path) -> String {
@@ -109,6 +100,25 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Against a server on 127.0.0.1 that answers every request with 204 and counts them.
+    #[test]
+    fn http_get_status_reads_the_status_of_a_real_server() {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            let mut buf = [0u8; 1024];
+            let n = c.read(&mut buf).unwrap();
+            c.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        });
+        assert_eq!(http_get_status(addr).unwrap(), 204);
+        let request = server.join().unwrap();
+        assert!(request.starts_with("GET / HTTP/1.1\r\n"), "{request}");
+    }
 
     #[test]
     fn median_of_odd_and_even() {

@@ -31,7 +31,7 @@ use bollard::{
 use futures_util::StreamExt as _;
 
 use super::{
-    children, tail, wait_http, Backend, BackendKind, Options, State, SutError, DB_PASSWORD,
+    block, children, tail, wait_http, Backend, BackendKind, Options, State, SutError, DB_PASSWORD,
     DB_PORT, SERVER_PORT, STATE_VERSION,
 };
 
@@ -48,27 +48,6 @@ pub fn server_image(stack: super::Stack) -> String {
 }
 
 pub struct Docker;
-
-/// Runs a future to completion on a runtime of its own. On a fresh thread when the caller is
-/// already inside a tokio runtime (block_on would panic there), e.g. a `Drop` in async code.
-fn block<F>(f: F) -> F::Output
-where
-    F: Future + Send,
-    F::Output: Send,
-{
-    let go = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a current-thread runtime")
-            .block_on(f)
-    };
-    if tokio::runtime::Handle::try_current().is_ok() {
-        std::thread::scope(|s| s.spawn(go).join().expect("docker call panicked"))
-    } else {
-        go()
-    }
-}
 
 async fn connect() -> Result<bollard::Docker, SutError> {
     Ok(bollard::Docker::connect_with_local_defaults()?

@@ -13,8 +13,8 @@ pub mod docker;
 pub mod netns;
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream, ToSocketAddrs as _},
+    future::Future,
+    net::{SocketAddr, ToSocketAddrs as _},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -761,8 +761,8 @@ impl Drop for Sut {
     }
 }
 
-/// One HTTP/1.1 request with `Connection: close`; returns the status and the body. For the
-/// readiness checks here and for tests; not a load generator.
+/// One HTTP request with `Connection: close` (reqwest); returns the status and the body. For
+/// the readiness checks here and for tests; not a load generator.
 pub fn http(
     addr: SocketAddr,
     method: &str,
@@ -770,39 +770,56 @@ pub fn http(
     form: Option<&str>,
     timeout: Duration,
 ) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    let body = form.unwrap_or("");
-    let extra = if form.is_some() {
-        format!(
-            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
-            body.len()
-        )
-    } else {
-        String::new()
+    let other = |e: reqwest::Error| std::io::Error::other(e.without_url().to_string());
+    let method = reqwest::Method::from_bytes(method.as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let url = format!("http://{addr}{path}");
+    let form = form.map(str::to_owned);
+    block(async move {
+        // Straight to `addr`: no proxy from the environment.
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .pool_max_idle_per_host(0)
+            .build()
+            .map_err(other)?;
+        let mut req = client
+            .request(method, url)
+            .header(reqwest::header::CONNECTION, "close");
+        if let Some(f) = form {
+            req = req
+                .header(
+                    reqwest::header::CONTENT_TYPE,
+                    "application/x-www-form-urlencoded",
+                )
+                .body(f);
+        }
+        let resp = req.send().await.map_err(other)?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.text().await.map_err(other)?))
+    })
+}
+
+/// Runs a future to completion on a runtime of its own. On a fresh thread when the caller is
+/// already inside a tokio runtime (block_on would panic there), e.g. a `Drop` in async code.
+pub(crate) fn block<F>(f: F) -> F::Output
+where
+    F: Future + Send,
+    F::Output: Send,
+{
+    let go = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a current-thread runtime")
+            .block_on(f)
     };
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}\r\n{body}"
-    )?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf);
-    let status = text
-        .get(9..12)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("not an HTTP response: {:?}", tail(&text, 2)),
-            )
-        })?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
+    if tokio::runtime::Handle::try_current().is_ok() {
+        std::thread::scope(|s| s.spawn(go).join().expect("a blocking call panicked"))
+    } else {
+        go()
+    }
 }
 
 /// Waits until the server answers any HTTP request (`GET /` is a 404 that touches no
