@@ -684,7 +684,7 @@ fn bad_input_is_one_clear_line_and_changes_nothing() {
         (
             vec!["set", &spec, "--ms", "59999", "--jitter-ms", "10"],
             64,
-            "60 s maximum",
+            "delay plus jitter of 60009 ms is over the 60000 ms maximum",
         ),
         (
             vec!["set", &spec, "--ms", "10", "--dev", "awlnosuchdev"],

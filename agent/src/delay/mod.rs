@@ -90,7 +90,7 @@ pub struct DelaySpec {
 pub enum DelayError {
     #[error(transparent)]
     Target(#[from] TargetError),
-    #[error("delay plus jitter of {0:?} is over the {MAX_DELAY_MS} ms maximum")]
+    #[error("delay plus jitter of {} ms is over the {MAX_DELAY_MS} ms maximum", .0.as_secs_f64() * 1e3)]
     TooLong(Duration),
     #[error("target {spec}: no device {dev} in its namespace")]
     NoDevice { spec: String, dev: String },
