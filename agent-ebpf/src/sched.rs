@@ -75,6 +75,11 @@ fn switch_out(tid: u32, tgid: u32, t: u64, slice_start: u64, exiting: bool) {
         Some(p) => {
             // SAFETY: map value pointer valid for this program run.
             let th = unsafe { &mut *p };
+            // Its switch-in was not seen (that run could not read the task): the slice ending
+            // now began at `slice_start`, so it waited from `last_out` until then.
+            if th.last_out != 0 && slice_start > th.last_out {
+                th.off_ns += slice_start - th.last_out;
+            }
             th.on_ns += slice;
             th.last_in = 0;
             th.last_out = t;
