@@ -367,18 +367,12 @@ pub fn write(root: &Path) -> Result<(PathBuf, PathBuf), ResultsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::study::results::{tests::cell, Index, RESULTS_VERSION};
+    use crate::study::results::tests::{cell, empty_results_dir};
 
     fn results(reps: u32) -> (PathBuf, ResultsDir) {
         let root = std::env::temp_dir().join(format!("awl-report-{}-{reps}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
-        let index = Index {
-            version: RESULTS_VERSION,
-            created_unix_s: 0.0,
-            config: serde_json::json!({}),
-            planned: vec![],
-        };
-        let dir = ResultsDir::create(&root, &index).unwrap();
+        let dir = empty_results_dir(&root);
         for rep in 1..=reps {
             for (setup, k) in [("sync", 1u64), ("async-unlimited", 20)] {
                 for route in ["cpu", "io_read"] {
@@ -454,13 +448,7 @@ mod tests {
         let root =
             std::env::temp_dir().join(format!("awl-report-{}-study-profile", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
-        let index = Index {
-            version: RESULTS_VERSION,
-            created_unix_s: 0.0,
-            config: serde_json::json!({}),
-            planned: vec![],
-        };
-        let dir = ResultsDir::create(&root, &index).unwrap();
+        let dir = empty_results_dir(&root);
         for setup in ["sync", "async-unlimited"] {
             let mut c = cell(setup, "io_read", 100, 1, 1000);
             c.profile = "study".into();
@@ -580,13 +568,7 @@ mod tests {
             cells.len()
         ));
         let _ = std::fs::remove_dir_all(&root);
-        let index = Index {
-            version: RESULTS_VERSION,
-            created_unix_s: 0.0,
-            config: serde_json::json!({}),
-            planned: vec![],
-        };
-        let dir = ResultsDir::create(&root, &index).unwrap();
+        let dir = empty_results_dir(&root);
         for c in &cells {
             dir.write_cell(c).unwrap();
         }

@@ -304,7 +304,10 @@ mod tests {
     use super::*;
     use crate::{
         study::report::{published::published, Report},
-        study::results::{tests::cell, Index, ResultsDir, RESULTS_VERSION},
+        study::results::{
+            tests::{cell, empty_results_dir},
+            ResultsDir,
+        },
     };
 
     /// Removes the results directory also when the test fails.
@@ -373,13 +376,7 @@ mod tests {
         let root = std::env::temp_dir().join(format!("awl-verdict-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let guard = TempDir(root.clone());
-        let index = Index {
-            version: RESULTS_VERSION,
-            created_unix_s: 0.0,
-            config: serde_json::json!({}),
-            planned: vec![],
-        };
-        let dir = ResultsDir::create(&root, &index).unwrap();
+        let dir = empty_results_dir(&root);
         let mut cells = Vec::new();
         for rep in 1..=3 {
             for (a, s) in SETUPS_ALL

@@ -284,6 +284,17 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ResultsError
 pub(crate) mod tests {
     use super::*;
 
+    /// A results directory at `root` with an empty index, as a run starts one.
+    pub(crate) fn empty_results_dir(root: &Path) -> ResultsDir {
+        let index = Index {
+            version: RESULTS_VERSION,
+            created_unix_s: 0.0,
+            config: serde_json::json!({}),
+            planned: vec![],
+        };
+        ResultsDir::create(root, &index).unwrap()
+    }
+
     pub(crate) fn quantiles(p50: f64) -> Quantiles {
         Quantiles {
             count: 10,
@@ -349,13 +360,7 @@ pub(crate) mod tests {
     fn cells_round_trip_and_resume_sees_them() {
         let root = std::env::temp_dir().join(format!("awl-results-{}", std::process::id()));
         let _ = fs::remove_dir_all(&root);
-        let index = Index {
-            version: RESULTS_VERSION,
-            created_unix_s: 0.0,
-            config: serde_json::json!({}),
-            planned: vec![],
-        };
-        let dir = ResultsDir::create(&root, &index).unwrap();
+        let dir = empty_results_dir(&root);
         let c = cell("sync", "io_read", 100, 1, 120);
         assert!(!dir.is_done(&c.key));
         dir.write_cell(&c).unwrap();
