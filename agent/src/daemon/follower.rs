@@ -173,8 +173,8 @@ fn run(
             let stopping = stop.load(Ordering::Relaxed) || !target.alive();
             if stopping || Instant::now() >= next {
                 next += interval;
-                let s = session.snapshot().and_then(|_| session.summary());
-                let Ok(s) = s else {
+                // The summary's reading also feeds the metrics (one read of the maps).
+                let Ok(s) = session.summary() else {
                     tracing::warn!(container = %name, "reading the probe maps failed; detaching");
                     break;
                 };

@@ -97,14 +97,6 @@ impl Session {
         self.drain(each)
     }
 
-    fn cpu_now(&self, counters: &[u64; COUNTERS as usize]) -> Result<CpuTotals, ProbeError> {
-        Ok(CpuTotals::at(
-            crate::clock::monotonic_ns(),
-            &self.probes.threads()?,
-            counters,
-        ))
-    }
-
     fn read_now(&self, counters: &[u64; COUNTERS as usize]) -> Result<Reading, ProbeError> {
         Ok(Reading::at(
             crate::clock::monotonic_ns(),
@@ -117,7 +109,7 @@ impl Session {
     /// returns them.
     pub(crate) fn snapshot(&mut self) -> Result<([u64; COUNTERS as usize], CpuTotals), ProbeError> {
         let counters = self.probes.counters()?;
-        let cpu = self.cpu_now(&counters)?;
+        let cpu = self.read_now(&counters)?.cpu;
         self.agg.snapshot(&counters, cpu);
         Ok((counters, cpu))
     }
@@ -144,11 +136,13 @@ impl Session {
         })
     }
 
-    /// The summary of everything since `mark`.
+    /// The summary of everything since `mark`. The same reading of the maps goes to the
+    /// observers (as `snapshot`), so a caller that wants both reads them once.
     pub fn summary_since(&mut self, mark: &Mark) -> Result<Summary, ProbeError> {
         self.drain(|_| {});
         let now = self.probes.counters()?;
         let end = self.read_now(&now)?;
+        self.agg.snapshot(&now, end.cpu);
         let mut delta = [0u64; COUNTERS as usize];
         for (i, d) in delta.iter_mut().enumerate() {
             *d = now[i].saturating_sub(mark.counters[i]);
