@@ -82,6 +82,47 @@ fn httpd_image() -> DockerThing {
     image
 }
 
+/// A container of `image` named `name` (removed on drop), with its id and the host port
+/// published for its port 8000 on loopback.
+struct Httpd {
+    _container: DockerThing,
+    id: String,
+    port: String,
+}
+
+/// The loopback port Docker published for container `name`'s port 8000 (it changes when the
+/// container restarts).
+fn published_port(name: &str) -> String {
+    docker(&["port", name, "8000/tcp"])
+        .lines()
+        .next()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn run_httpd(image: &DockerThing, name: &str, extra: &[&str]) -> Httpd {
+    let container = DockerThing {
+        kind: "container",
+        name: name.to_string(),
+    };
+    let mut args = vec!["run", "-d", "--name", name, "-p", "127.0.0.1::8000"];
+    args.extend_from_slice(extra);
+    args.push(&image.name);
+    docker(&args);
+    let id = docker(&["inspect", "-f", "{{.Id}}", name])
+        .trim()
+        .to_string();
+    let port = published_port(name);
+    Httpd {
+        _container: container,
+        id,
+        port,
+    }
+}
+
 /// `awaitlab daemon` as a child process (optionally inside a network namespace); SIGKILLed on
 /// drop if still running.
 struct Daemon {
@@ -227,6 +268,23 @@ fn hit(port: &str) -> bool {
     out.starts_with(b"HTTP/1.") && out.get(9..12) == Some(b"200")
 }
 
+/// Requests `port`'s server until it answers (up to 10 s), then `n` more; returns how many it
+/// answered, the count the probes must match.
+fn hit_once_up_then(port: &str, n: usize) -> f64 {
+    let t0 = Instant::now();
+    while !hit(port) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the server on {port} did not answer"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for _ in 0..n {
+        assert!(hit(port));
+    }
+    1.0 + n as f64
+}
+
 fn program_ids(t: &serde_json::Value) -> Vec<u32> {
     t["program_ids"]
         .as_array()
@@ -272,16 +330,7 @@ fn a_container_is_followed_through_start_restart_and_stop() {
         "127.0.0.1::8000",
         &image.name,
     ]);
-    let published = || {
-        docker(&["port", &name, "8000/tcp"])
-            .lines()
-            .next()
-            .unwrap()
-            .rsplit(':')
-            .next()
-            .unwrap()
-            .to_string()
-    };
+    let published = || published_port(&name);
     let port = published();
     let mut first = serde_json::Value::Null;
     wait_for(
@@ -324,7 +373,7 @@ fn a_container_is_followed_through_start_restart_and_stop() {
         &daemon,
         "the first request in the metrics",
         Duration::from_secs(5),
-        || metric(m, "awaitlab_http_server_requests_total", &name) == warmup,
+        || metric(m, "http_server_request_duration_seconds_count", &name) == warmup,
     );
     for _ in 0..20 {
         assert!(hit(&port));
@@ -333,12 +382,12 @@ fn a_container_is_followed_through_start_restart_and_stop() {
         &daemon,
         "20 requests in the metrics",
         Duration::from_secs(5),
-        || metric(m, "awaitlab_http_server_requests_total", &name) == warmup + 20.0,
+        || metric(m, "http_server_request_duration_seconds_count", &name) == warmup + 20.0,
     );
 
     // Restart: the daemon detaches, re-attaches to the new process and namespace, and the same
     // series keep counting within 5 s.
-    let before = metric(m, "awaitlab_http_server_requests_total", &name);
+    let before = metric(m, "http_server_request_duration_seconds_count", &name);
     docker(&["restart", "-t", "1", &name]);
     // An ephemeral published port may change with the restart.
     let port = published();
@@ -348,7 +397,7 @@ fn a_container_is_followed_through_start_restart_and_stop() {
         Duration::from_secs(5),
         || {
             hit(&port);
-            metric(m, "awaitlab_http_server_requests_total", &name) > before
+            metric(m, "http_server_request_duration_seconds_count", &name) > before
         },
     );
     eprintln!("metrics resumed {resumed:?} after the restart");
@@ -371,7 +420,7 @@ fn a_container_is_followed_through_start_restart_and_stop() {
     assert_programs_gone(&ids1);
 
     std::thread::sleep(Duration::from_millis(300));
-    let c1 = metric(m, "awaitlab_http_server_requests_total", &name);
+    let c1 = metric(m, "http_server_request_duration_seconds_count", &name);
     for _ in 0..10 {
         assert!(hit(&port));
     }
@@ -379,10 +428,10 @@ fn a_container_is_followed_through_start_restart_and_stop() {
         &daemon,
         "10 more requests in the metrics",
         Duration::from_secs(5),
-        || metric(m, "awaitlab_http_server_requests_total", &name) == c1 + 10.0,
+        || metric(m, "http_server_request_duration_seconds_count", &name) == c1 + 10.0,
     );
     // The summary counts this attach only: everything since the restart.
-    let since_restart = metric(m, "awaitlab_http_server_requests_total", &name) - before;
+    let since_restart = metric(m, "http_server_request_duration_seconds_count", &name) - before;
     wait_for(
         &daemon,
         "the summary to catch up",
@@ -636,8 +685,16 @@ fn bad_configurations_are_usage_errors_in_one_line() {
         ),
         ("", "no [[watch]] rule"),
         (
+            "[[watch]]\ncgroup = \"kubepods\"\n",
+            "a cgroup rule needs discovery = \"cgroup\"",
+        ),
+        (
+            "discovery = \"crio\"\n[[watch]]\ncontainer = \"x\"\n",
+            "discovery",
+        ),
+        (
             "[[watch]]\ncontainer = \"x\"\nlabel = \"y\"\n",
-            "exactly one of container or label",
+            "exactly one of container, label or cgroup",
         ),
         (
             "[control]\naddr = \"127.0.0.1:1\"\ntoken = \"short\"\n[[watch]]\ncontainer = \"x\"\n",
@@ -700,14 +757,7 @@ fn the_control_endpoint_sets_and_clears_a_delay_and_runs_a_load() {
         "127.0.0.1::8000",
         &image.name,
     ]);
-    let port = docker(&["port", &name, "8000/tcp"])
-        .lines()
-        .next()
-        .unwrap()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .to_string();
+    let port = published_port(&name);
     let config = format!(
         "metrics_addr = \"127.0.0.1:0\"\ninterval_s = 0.25\n[control]\naddr = \"127.0.0.1:0\"\n[[watch]]\ncontainer = \"{name}\"\nhttp_ports = [8000]\n"
     );
@@ -795,7 +845,7 @@ fn the_control_endpoint_sets_and_clears_a_delay_and_runs_a_load() {
     assert_eq!(status, 404, "nothing left to clear");
 
     std::thread::sleep(Duration::from_millis(600));
-    let served_before = metric(m, "awaitlab_http_server_requests_total", &name);
+    let served_before = metric(m, "http_server_request_duration_seconds_count", &name);
     let req = format!(
         "{{\"url\": \"http://127.0.0.1:{port}/index.html\", \"users\": 2, \"duration_s\": 2}}"
     );
@@ -830,7 +880,7 @@ fn the_control_endpoint_sets_and_clears_a_delay_and_runs_a_load() {
         "the probes to count the load",
         Duration::from_secs(5),
         || {
-            served = metric(m, "awaitlab_http_server_requests_total", &name) - served_before;
+            served = metric(m, "http_server_request_duration_seconds_count", &name) - served_before;
             served >= requests as f64
         },
     );
@@ -840,4 +890,379 @@ fn the_control_endpoint_sets_and_clears_a_delay_and_runs_a_load() {
     );
     let (code, stderr) = daemon.stop();
     assert_eq!(code, Some(0), "{stderr}");
+}
+
+/// The systemd unit in deploy/: systemd accepts every line of it (`systemd-analyze verify`
+/// warns on stderr about anything it ignores), and its capability bounding set is exactly the
+/// list the daemon's own check asks for, plus CAP_NET_RAW for iptables-legacy: the daemon starts
+/// under it and nothing else is granted.
+#[test]
+fn the_systemd_unit_is_valid_and_grants_exactly_the_daemons_capabilities() {
+    let unit = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/awaitlab-daemon.service"),
+    )
+    .unwrap();
+    let dir = TempDir::new("awl-unit");
+    let path = dir.path().join("awaitlab-daemon.service");
+    let bin = agent_bin();
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/awaitlab", bin.to_str().unwrap()),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && said.trim().is_empty(), "{said}");
+
+    let set = |key: &str| -> Vec<String> {
+        let line = unit
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("no {key}="));
+        let mut v: Vec<String> = line.split_whitespace().map(str::to_string).collect();
+        v.sort();
+        v
+    };
+    let mut want: Vec<String> = awaitlab::privilege::DAEMON
+        .iter()
+        .map(|c| c.name().to_string())
+        .chain(["CAP_NET_RAW".to_string()])
+        .collect();
+    want.sort();
+    assert_eq!(set("CapabilityBoundingSet"), want);
+    assert_eq!(set("AmbientCapabilities"), want);
+}
+
+/// Containers coming and going do not grow the series without bound: 50 containers, each with
+/// its own name, are started, followed (attached, one request counted), and removed; with a
+/// grace period of 1 s a removed container's series go, so the number of targets on /metrics
+/// stays small throughout and is 0 at the end, and every probe is unloaded.
+#[test]
+fn containers_removed_and_recreated_50_times_leave_a_bounded_number_of_series() {
+    const ROUNDS: usize = 50;
+    let image = httpd_image();
+    let t = tag();
+    let label = format!("awaitlab.churn={t}");
+    let config = format!(
+        "metrics_addr = \"127.0.0.1:0\"\ninterval_s = 0.25\nseries_grace_s = 1.0\n[[watch]]\nlabel = \"{label}\"\nhttp_ports = [8000]\n"
+    );
+    let daemon = Daemon::start(&config, None, &[]);
+    let m = daemon.metrics.unwrap();
+    let targets_on_metrics = || -> usize {
+        let (_, text) = http_get(m, "/metrics");
+        text.lines()
+            .filter(|l| l.starts_with("awaitlab_target_attached{"))
+            .filter(|l| l.contains(&format!("target=\"awl{t}k")))
+            .count()
+    };
+    let series_on_metrics = || -> usize {
+        let (_, text) = http_get(m, "/metrics");
+        text.lines()
+            .filter(|l| l.contains(&format!("target=\"awl{t}k")))
+            .count()
+    };
+    let mut most_targets = 0;
+    let mut most_series = 0;
+    for i in 0..ROUNDS {
+        let name = format!("awl{t}k{i}");
+        let c = run_httpd(&image, &name, &["--label", &label]);
+        let port = c.port.clone();
+        wait_for(
+            &daemon,
+            "the daemon to attach",
+            Duration::from_secs(15),
+            || metric(m, "awaitlab_target_attached", &name) == 1.0,
+        );
+        wait_for(
+            &daemon,
+            "a request counted",
+            Duration::from_secs(10),
+            || {
+                hit(&port);
+                metric(m, "http_server_request_duration_seconds_count", &name) >= 1.0
+            },
+        );
+        most_targets = most_targets.max(targets_on_metrics());
+        most_series = most_series.max(series_on_metrics());
+        drop(c);
+    }
+    // A container lives about a second here and its series 1 s (the grace) plus up to 0.5 s
+    // (the daemon's reaping tick) after it: at most 3 targets overlap; 5 allows for a slow
+    // Docker. Without expiry this would reach 50.
+    eprintln!("at most {most_targets} targets and {most_series} series on /metrics");
+    assert!(most_targets <= 5, "{most_targets} targets at once");
+    wait_for(
+        &daemon,
+        "every churned series to go",
+        Duration::from_secs(10),
+        || series_on_metrics() == 0,
+    );
+    let (code, stderr) = daemon.stop();
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
+/// The text of the daemon configuration in deploy/kubernetes/configmap.yaml.
+fn configmap_agent_toml() -> String {
+    let cm = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/kubernetes/configmap.yaml"),
+    )
+    .unwrap();
+    cm.split_once("agent.toml: |\n")
+        .unwrap()
+        .1
+        .lines()
+        .map(|l| l.strip_prefix("    ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The agent's image (`cargo xtask images`), run as the DaemonSet in deploy/kubernetes/ runs it:
+/// the host's PID namespace, /sys/kernel/btf mounted, a read-only root, every capability dropped
+/// but the daemon's list, not privileged, no Docker socket, and the ConfigMap's configuration
+/// (cgroup discovery) with its rule narrowed to one container's id. It finds the container
+/// through its cgroup, counts the requests it answered (against the client's count), serves
+/// them on its published metrics port, and unloads its programs when stopped.
+#[test]
+fn the_agent_image_measures_a_container_as_the_daemonset_runs_it() {
+    let agent_image = format!("awaitlab/agent:{}", env!("CARGO_PKG_VERSION"));
+    let has = Command::new("docker")
+        .args(["image", "inspect", &agent_image])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    assert!(
+        has.is_ok_and(|s| s.success()),
+        "{agent_image} is missing: run `cargo xtask images`"
+    );
+    let image = httpd_image();
+    let t = tag();
+    let name = format!("awl{t}w");
+    let container = run_httpd(&image, &name, &[]);
+    let (id, port) = (container.id.clone(), container.port.clone());
+    let short = id[..12].to_string();
+
+    // The ConfigMap's configuration, narrowed to this container, with a control endpoint (to
+    // read the program ids) and a short interval.
+    let dir = TempDir::new("awl-agentimg");
+    let token = "awaitlab-test-token-0123456789";
+    let toml = configmap_agent_toml()
+        .replace(
+            "cgroup = \"kubepods\"",
+            &format!("cgroup = \"{}\"", &id[..16]),
+        )
+        .replace("interval_s = 1.0", "interval_s = 0.25");
+    assert!(toml.contains(&id[..16]), "{toml}");
+    std::fs::write(
+        dir.path().join("agent.toml"),
+        format!("{toml}\n[control]\naddr = \"0.0.0.0:9465\"\ntoken = \"{token}\"\n"),
+    )
+    .unwrap();
+    let agent = DockerThing {
+        kind: "container",
+        name: format!("awl{t}agent"),
+    };
+    let mut run = vec![
+        "run".to_string(),
+        "-d".into(),
+        "--name".into(),
+        agent.name.clone(),
+        "--pid=host".into(),
+        "--read-only".into(),
+        "--cap-drop=ALL".into(),
+    ];
+    // The DaemonSet's capabilities: the daemon's own list plus NET_RAW.
+    for c in awaitlab::privilege::DAEMON {
+        run.push(format!("--cap-add={}", c.name().trim_start_matches("CAP_")));
+    }
+    run.push("--cap-add=NET_RAW".into());
+    run.extend([
+        "-v".into(),
+        format!("{}:/etc/awaitlab:ro", dir.path().display()),
+        "-v".into(),
+        "/sys/kernel/btf:/sys/kernel/btf:ro".into(),
+        // The DaemonSet mounts the host's /run/awaitlab; here a tmpfs, so that the test does not
+        // share the host's delay state with the other tests.
+        "--tmpfs".into(),
+        "/run/awaitlab".into(),
+        "-p".into(),
+        "127.0.0.1::9464".into(),
+        "-p".into(),
+        "127.0.0.1::9465".into(),
+        agent_image.clone(),
+    ]);
+    let run: Vec<&str> = run.iter().map(String::as_str).collect();
+    docker(&run);
+    let port_of = |c: &str, p: &str| -> SocketAddr {
+        let out = docker(&["port", c, p]);
+        out.lines().next().unwrap().trim().parse().unwrap()
+    };
+    let m = port_of(&agent.name, "9464/tcp");
+    let ctl = port_of(&agent.name, "9465/tcp");
+    let logs = || {
+        let out = Command::new("docker")
+            .args(["logs", &agent.name])
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let poll = |what: &str, limit: Duration, f: &mut dyn FnMut() -> bool| {
+        let t0 = Instant::now();
+        while !f() {
+            assert!(
+                t0.elapsed() < limit,
+                "timed out waiting for {what}; agent said:\n{}",
+                logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    poll("the agent's metrics", Duration::from_secs(30), &mut || {
+        std::net::TcpStream::connect(m).is_ok() && http_get(m, "/metrics").0 == 200
+    });
+    let auth = format!("Bearer {token}");
+    let mut ids = Vec::new();
+    poll("the agent to attach", Duration::from_secs(15), &mut || {
+        let (s, body) = http(ctl, "GET", "/v1/targets", &[("Authorization", &auth)], b"");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        if let Some(t) = v["targets"]
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["container"] == short.as_str()))
+        {
+            ids = program_ids(t);
+        }
+        s == 200 && !ids.is_empty()
+    });
+    let answered = hit_once_up_then(&port, 20);
+    poll(
+        "the requests on /metrics",
+        Duration::from_secs(10),
+        &mut || metric(m, "http_server_request_duration_seconds_count", &short) == answered,
+    );
+    drop(container);
+    docker(&["stop", "-t", "20", &agent.name]);
+    assert!(logs().contains("daemon stopped"), "{}", logs());
+    assert_programs_gone(&ids);
+}
+
+/// The Kubernetes manifests in deploy/kubernetes/: valid against the Kubernetes API's schemas
+/// (kubernetes-validate, offline; the Prometheus Operator's PodMonitor is a custom resource it
+/// has no schema for and is checked for its kind and selector only), the DaemonSet runs this
+/// version's image with exactly the daemon's capabilities and the host's PID namespace, and
+/// the ConfigMap holds a configuration the daemon accepts (cgroup discovery: no Docker socket).
+#[test]
+fn the_kubernetes_manifests_validate_and_match_the_daemon() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes");
+    let validator = std::env::var_os("AWAITLAB_VENV_DIR")
+        .map_or_else(|| std::path::PathBuf::from("/var/lib/awaitlab"), Into::into)
+        .join("venv-kubernetes-validate/bin/kubernetes-validate");
+    for f in [
+        "namespace.yaml",
+        "configmap.yaml",
+        "daemonset.yaml",
+        "service.yaml",
+    ] {
+        let out = Command::new(&validator)
+            .args(["--strict", "--kubernetes-version", "1.31.0"])
+            .arg(dir.join(f))
+            .output()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{}: {e} (cargo xtask setup installs it)",
+                    validator.display()
+                )
+            });
+        assert!(
+            out.status.success(),
+            "{f}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+    let ds = read("daemonset.yaml");
+    assert!(
+        ds.contains(&format!(
+            "image: awaitlab/agent:{}",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "the DaemonSet runs this version's image"
+    );
+    assert!(ds.contains("hostPID: true") && ds.contains("privileged: false"));
+    let caps_line = ds
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("add: "))
+        .expect("capabilities add");
+    let mut caps: Vec<String> = serde_json::from_str(caps_line).unwrap();
+    caps.sort();
+    let mut want: Vec<String> = awaitlab::privilege::DAEMON
+        .iter()
+        .map(|c| c.name().trim_start_matches("CAP_").to_string())
+        .chain(["NET_RAW".to_string()])
+        .collect();
+    want.sort();
+    assert_eq!(caps, want);
+    let cfg = awaitlab::daemon::config::DaemonConfig::parse(&configmap_agent_toml()).unwrap();
+    assert_eq!(cfg.metrics_addr.port(), 9464);
+    assert_eq!(cfg.discovery, awaitlab::daemon::config::Discovery::Cgroup);
+    let pm = read("podmonitor.yaml");
+    assert!(
+        pm.contains("kind: PodMonitor") && pm.contains("app.kubernetes.io/name: awaitlab-agent")
+    );
+}
+
+/// Cgroup discovery, as on a containerd or CRI-O node where no Docker Engine answers: the
+/// daemon finds a container by its cgroup (the rule names a prefix of its id), names it by its
+/// short id, counts the requests it answered against the client's count, and detaches when the
+/// container is removed.
+#[test]
+fn cgroup_discovery_follows_a_container_without_docker() {
+    let image = httpd_image();
+    let t = tag();
+    let name = format!("awl{t}g");
+    let container = run_httpd(&image, &name, &[]);
+    let (id, port) = (container.id.clone(), container.port.clone());
+    let short = &id[..12];
+    let config = format!(
+        "metrics_addr = \"127.0.0.1:0\"\ninterval_s = 0.25\ndiscovery = \"cgroup\"\ndocker_socket = \"/nonexistent/docker.sock\"\n[[watch]]\ncgroup = \"{}\"\nhttp_ports = [8000]\n",
+        &id[..16]
+    );
+    let daemon = Daemon::start(&config, None, &[]);
+    let m = daemon.metrics.unwrap();
+    assert!(
+        daemon.stderr_text().contains("named by their ids"),
+        "{}",
+        daemon.stderr_text()
+    );
+    wait_for(
+        &daemon,
+        "the daemon to attach",
+        Duration::from_secs(15),
+        || metric(m, "awaitlab_target_attached", short) == 1.0,
+    );
+    let answered = hit_once_up_then(&port, 15);
+    wait_for(
+        &daemon,
+        "the requests in the metrics",
+        Duration::from_secs(10),
+        || metric(m, "http_server_request_duration_seconds_count", short) == answered,
+    );
+    drop(container);
+    wait_for(&daemon, "the detach", Duration::from_secs(10), || {
+        metric(m, "awaitlab_target_attached", short) == 0.0
+    });
+    let (code, stderr) = daemon.stop();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains(&format!("detached from container {short} (container gone)")),
+        "{stderr}"
+    );
 }

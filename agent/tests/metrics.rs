@@ -38,6 +38,40 @@ fn sum_of(p: &Prometheus, expr: &str, t: f64) -> f64 {
         .sum()
 }
 
+/// The metric selectors of a PromQL expression (`name{...}` or a bare `name`), found by the
+/// prefixes of the agent's families; label names (`http_route`, `db_system_name`) do not match.
+fn metric_selectors(expr: &str) -> Vec<String> {
+    const PREFIXES: [&str; 5] = [
+        "awaitlab_",
+        "http_server_",
+        "http_client_",
+        "db_client_",
+        "process_",
+    ];
+    let b = expr.as_bytes();
+    let word = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let starts =
+            (i == 0 || !word(b[i - 1])) && PREFIXES.iter().any(|p| expr[i..].starts_with(p));
+        if !starts {
+            i += 1;
+            continue;
+        }
+        let mut j = i;
+        while j < b.len() && word(b[j]) {
+            j += 1;
+        }
+        if b.get(j) == Some(&b'{') {
+            j += expr[j..].find('}').map_or(expr.len() - j, |k| k + 1);
+        }
+        out.push(expr[i..j].to_string());
+        i = j;
+    }
+    out
+}
+
 /// `promtool check metrics` on an exposition; returns its complaints on failure.
 fn promtool_check(exposition: &str) -> Result<(), String> {
     let mut child = Command::new("promtool")
@@ -156,7 +190,7 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
         SCRAPE,
     );
     prom.wait_targets_up(2);
-    driver.delay.clear("none");
+    driver.delay.clear("server", "none");
     driver.cell.set_cell("sync", "k2", 0, 1);
 
     // The load: 4 closed-loop users on /k2 for 8 s, then 0 users for 4 s so that Prometheus
@@ -215,24 +249,24 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
     // Counts against the other side's own counts, as Prometheus stored them.
     assert_eq!(server.requests.load(Ordering::Relaxed), ok);
     assert_eq!(
-        sum_of(&prom, "sum(awaitlab_http_server_requests_total)", t),
+        sum_of(&prom, "sum(http_server_request_duration_seconds_count)", t),
         ok as f64,
         "server requests"
     );
     assert_eq!(
         sum_of(
             &prom,
-            r#"sum(awaitlab_http_server_requests_total{method="GET",route="/k2",status_class="2xx"})"#,
+            r#"sum(http_server_request_duration_seconds_count{http_request_method="GET",http_route="/k2",http_response_status_code="200"})"#,
             t
         ),
         ok as f64
     );
     assert_eq!(
-        sum_of(&prom, "sum(awaitlab_db_round_trips_total)", t),
+        sum_of(&prom, "sum(db_client_operation_duration_seconds_count)", t),
         db.queries.load(Ordering::Relaxed) as f64
     );
     assert_eq!(
-        sum_of(&prom, "sum(awaitlab_db_round_trips_total)", t),
+        sum_of(&prom, "sum(db_client_operation_duration_seconds_count)", t),
         2.0 * ok as f64,
         "2 round trips per /k2"
     );
@@ -246,7 +280,7 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
         "a db connection per request"
     );
     assert_eq!(
-        sum_of(&prom, "sum(awaitlab_load_requests_total)", t),
+        sum_of(&prom, "sum(http_client_request_duration_seconds_count)", t),
         (ok + refused) as f64,
         "load requests"
     );
@@ -259,12 +293,22 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
         refused as f64
     );
     // The database answers after DB_DELAY, so no round trip is faster: the round-trip histogram
-    // has nothing at or below 5 ms... except what falls in the 5 ms bucket's edge (le is
-    // inclusive, and a 5.0x ms round trip lands in the 0.01 bucket), so check the 0.0025 bucket.
+    // has nothing in the buckets that end below 4.9 ms (the bucket holding 5.0x ms may start
+    // just under 5 ms).
+    let (_, text) = http_get(agent_addr, "/metrics");
+    let below = text
+        .lines()
+        .filter(|l| l.starts_with("db_client_operation_duration_seconds_bucket{"))
+        .filter_map(|l| l.split("le=\"").nth(1)?.split('"').next())
+        .filter_map(|le| Some((le.parse::<f64>().ok()?, le)))
+        .filter(|&(le, _)| le < 0.0049)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, le)| le.to_string())
+        .unwrap_or_else(|| panic!("no bucket bound below 4.9 ms:\n{text}"));
     assert_eq!(
         sum_of(
             &prom,
-            r#"sum(awaitlab_db_round_trip_duration_seconds_bucket{le="0.0025"})"#,
+            &format!("sum(db_client_operation_duration_seconds_bucket{{le=\"{below}\"}})"),
             t
         ),
         0.0
@@ -276,52 +320,11 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
     );
     assert_eq!(lost, 0.0, "nothing lost");
 
-    // Every query of every panel returns data over the load. `$__rate_interval` is 4 scrape
-    // intervals (Grafana's rule: at least 4x the scrape interval), `$__range` covers the load.
-    let mut failed = Vec::new();
-    let queries = dashboard_queries();
-    for (file, title, expr) in &queries {
-        let e = substitute(expr, "2s", "10s");
-        match prom.query(&e, load_end - 1.0) {
-            Err(err) => failed.push(format!("{file} / {title}: {e}: {err}")),
-            Ok(r) if r.is_empty() => failed.push(format!("{file} / {title}: {e}: no data")),
-            Ok(r) => {
-                let finite = r.iter().any(|s| {
-                    s["value"][1]
-                        .as_str()
-                        .and_then(|v| v.parse::<f64>().ok())
-                        .is_some_and(f64::is_finite)
-                });
-                if !finite {
-                    failed.push(format!("{file} / {title}: {e}: only NaN/Inf: {r:?}"));
-                }
-            }
-        }
-    }
-    assert!(
-        failed.is_empty(),
-        "{} of {} dashboard queries failed:\n{}",
-        failed.len(),
-        queries.len(),
-        failed.join("\n")
-    );
-
-    // Every template variable offers at least one value (what the drop-down would list).
-    for (file, name, metric, label) in dashboard_variables() {
-        let r = prom
-            .query(&format!("count by ({label}) ({metric})"), load_end - 1.0)
-            .unwrap();
-        let values: Vec<&str> = r
-            .iter()
-            .filter_map(|s| s["metric"][label.as_str()].as_str())
-            .collect();
-        if values.is_empty() {
-            failed.push(format!(
-                "{file}: variable {name}: label_values({metric}, {label}) is empty"
-            ));
-        }
-    }
-    assert!(failed.is_empty(), "{}", failed.join("\n"));
+    // Every query of every panel, annotation and variable returns data over the load.
+    // `$__rate_interval` is 4 scrape intervals (Grafana's rule: at least 4x the scrape
+    // interval), `$__range` covers the load.
+    let missing = dashboards_without_data(&prom, load_end - 1.0, "2s", "10s");
+    assert!(missing.is_empty(), "{}", missing.join("\n"));
 
     // The exposition as Prometheus reads it passes promtool's checks.
     for addr in [agent_addr, driver.addr] {
@@ -418,9 +421,10 @@ fn dashboards_follow_the_rules() {
                     );
                 }
                 for banned in [
-                    "instance=",
+                    "instance=\"",
                     "instance!",
-                    "job=",
+                    "job=\"",
+                    "job!",
                     "localhost",
                     "127.0.0.1",
                     ":9464",
@@ -428,6 +432,19 @@ fn dashboards_follow_the_rules() {
                     assert!(
                         !e.contains(banned),
                         "{file}: panel {title:?}: hard-coded {banned:?} in {e}"
+                    );
+                }
+                // Two agents (two hosts, or a daemon and a run) must not merge: every metric
+                // selector is scoped by the dashboard's job and instance variables.
+                let selectors = metric_selectors(e);
+                assert!(
+                    !selectors.is_empty(),
+                    "{file}: panel {title:?}: no metric in {e}"
+                );
+                for s in selectors {
+                    assert!(
+                        s.contains("{job=~\"$job\",instance=~\"$instance\""),
+                        "{file}: panel {title:?}: {s} is not scoped by $job and $instance"
                     );
                 }
                 // Every variable used is one substitute() knows (it panics otherwise).
@@ -500,6 +517,7 @@ fn the_driver_exposition_passes_promtool() {
     // Every family, including the generator's and the delay's, with samples in each.
     let d = Driver::start();
     d.delay.set(
+        "server",
         Duration::from_millis(100),
         Some(Duration::from_micros(100_300)),
         "netem",
@@ -560,4 +578,149 @@ fn a_bad_or_busy_metrics_address_is_one_clear_error() {
         "{}",
         out.stderr
     );
+}
+
+/// The exact `q` quantile of `samples` (the ceil(q * n)-th smallest), in seconds.
+fn exact_quantile(samples: &[Duration], q: f64) -> f64 {
+    let mut s: Vec<f64> = samples.iter().map(Duration::as_secs_f64).collect();
+    s.sort_by(f64::total_cmp);
+    s[((q * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1]
+}
+
+/// Grafana's quantiles at the study's delays: two servers, each in its own namespace and watched
+/// by its own agent, whose database answers after exactly 100 ms and 200 ms. Prometheus's
+/// `histogram_quantile` over the agents' database round-trip and server-time histograms must
+/// come within the layout's stated error (2 % from 0.1 to 300 ms; docs/metrics-and-daemon.md) of
+/// the exact quantiles of what the other side measured: the database's time from a query's
+/// arrival to its answer, and the server's time from a request's first line to its response.
+#[test]
+fn prometheus_quantiles_are_within_two_percent_at_100_and_200_ms() {
+    const STATED: f64 = 0.02;
+    // Where the test's clocks and the probe's differ: the kernel sees a query leave the server
+    // and the answer arrive, the fake database sees them after and before one veth hop and its
+    // own read and write calls (tens of microseconds here); 0.3 ms is 0.3 % of 100 ms, and an
+    // error of the old layout (25 % at 100.2 ms) is 80 times larger.
+    const CLOCKS: f64 = 0.0003;
+    struct Side {
+        _ns: (Netns, Netns),
+        _links: (Veth, Veth),
+        db: FakeDb,
+        server: SyncServer,
+        agent: Agent,
+        url: String,
+        target: String,
+    }
+    let side = |delay_ms: u64, subnet: u8| {
+        let srv_ns = Netns::new("qs");
+        let db_ns = Netns::new("qd");
+        let link = Veth::new(Some(&srv_ns), &db_ns, &format!("10.231.{subnet}"));
+        let client_link = Veth::new(None, &srv_ns, &format!("10.232.{subnet}"));
+        let db_addr: SocketAddr = format!("{}:5432", link.right_ip).parse().unwrap();
+        let db = FakeDb::start(Some(&db_ns), db_addr, Duration::from_millis(delay_ms));
+        let server = SyncServer::start(Some(&srv_ns), "0.0.0.0:8000".parse().unwrap(), db_addr);
+        let target = srv_ns.path();
+        let agent = Agent::watch(&[
+            "--target",
+            &target,
+            "--http-port",
+            "8000",
+            "--db-port",
+            "5432",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ]);
+        let url = format!("http://{}:8000/k1", client_link.right_ip);
+        Side {
+            _ns: (srv_ns, db_ns),
+            _links: (link, client_link),
+            db,
+            server,
+            agent,
+            url,
+            target,
+        }
+    };
+    let sides = [side(100, 8), side(200, 9)];
+    let prom = Prometheus::start(
+        &[metrics_addr(&sides[0].agent), metrics_addr(&sides[1].agent)],
+        SCRAPE,
+    );
+    prom.wait_targets_up(2);
+    // 3 closed-loop users for 6 s on each: about 170 requests at 100 ms and 85 at 200 ms, then
+    // a quiet 2 s so that Prometheus scrapes the final counts.
+    let loads: Vec<_> = sides
+        .iter()
+        .map(|s| {
+            Command::new(agent_bin())
+                .args([
+                    "load",
+                    &s.url,
+                    "--stages",
+                    "3@0s,3@6s",
+                    "--json",
+                    "--no-check",
+                ])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for l in loads {
+        let out = l.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let t = now();
+    for s in &sides {
+        let dwell = s.db.dwell.lock().unwrap().clone();
+        let handled = s.server.handled.lock().unwrap().clone();
+        assert!(
+            dwell.len() > 40 && handled.len() > 40,
+            "too few: {} {}",
+            dwell.len(),
+            handled.len()
+        );
+        for (family, truth) in [
+            ("db_client_operation_duration_seconds", &dwell),
+            ("http_server_request_duration_seconds", &handled),
+        ] {
+            for q in [0.5, 0.99] {
+                // The histogram's whole content: every event since the agent attached is the
+                // load's, so no rate window enters.
+                let expr = format!(
+                    "histogram_quantile({q}, sum by (le) ({family}_bucket{{target=\"{}\"}}))",
+                    s.target
+                );
+                let est = sum_of(&prom, &expr, t);
+                let exact = exact_quantile(truth, q);
+                let err = (est - exact).abs();
+                assert!(
+                    err <= STATED * exact + CLOCKS,
+                    "{family} q{q} of {}: Prometheus says {:.3} ms, the other side measured {:.3} ms ({:.2} %)",
+                    s.url,
+                    est * 1e3,
+                    exact * 1e3,
+                    err / exact * 100.0
+                );
+                eprintln!(
+                    "{family} q{q} at {}: {:.3} ms vs {:.3} ms measured ({:+.2} %)",
+                    s.target,
+                    est * 1e3,
+                    exact * 1e3,
+                    (est - exact) / exact * 100.0
+                );
+            }
+        }
+    }
+    drop(prom);
+    for s in sides {
+        let out = s.agent.stop();
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        out.assert_detached();
+    }
 }

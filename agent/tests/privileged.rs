@@ -481,21 +481,111 @@ fn bad_ports_are_usage_errors() {
     }
 }
 
+/// `setpriv` as user nobody holding exactly `caps` (names as setpriv spells them: `bpf`,
+/// `perfmon`), in every set that survives exec, and no others in the bounding set.
+fn as_nobody_with(caps: &[&str]) -> std::process::Command {
+    let plus: Vec<String> = caps.iter().map(|c| format!("+{c}")).collect();
+    let plus = plus.join(",");
+    let mut c = std::process::Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]);
+    if caps.is_empty() {
+        c.arg("--bounding-set=-all");
+    } else {
+        c.arg(format!("--inh-caps=-all,{plus}"))
+            .arg(format!("--ambient-caps=-all,{plus}"))
+            .arg(format!("--bounding-set=-all,{plus}"));
+    }
+    c.arg("--").arg(agent_bin());
+    c
+}
+
+/// Capabilities, not root: `watch` runs as user nobody holding only CAP_BPF and CAP_PERFMON and
+/// counts the requests a server in the namespace answered; without one of them, or without
+/// any, it names each missing capability and exits 77 before loading anything.
 #[test]
-fn without_root_it_says_so() {
+fn watch_needs_its_capabilities_not_root() {
     let ns = Netns::new("u");
-    let out = assert_loads_nothing(|| {
-        std::process::Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-            .arg(agent_bin())
-            .args(["watch", "--target", &ns.path()])
-            .output()
-            .unwrap()
-    });
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(77), "{stderr}");
-    assert!(stderr.contains("awaitlab watch needs root"), "{stderr}");
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    for (caps, missing) in [
+        (&[][..], "missing: CAP_BPF, CAP_PERFMON"),
+        (&["bpf"][..], "missing: CAP_PERFMON"),
+        (&["perfmon"][..], "missing: CAP_BPF."),
+    ] {
+        let out = assert_loads_nothing(|| {
+            as_nobody_with(caps)
+                .args(["watch", "--target", &ns.path()])
+                .output()
+                .unwrap()
+        });
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(77), "{caps:?}: {stderr}");
+        assert!(
+            stderr.contains("awaitlab watch needs CAP_BPF, CAP_PERFMON"),
+            "{stderr}"
+        );
+        assert!(stderr.contains(missing), "{caps:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    }
+
+    // With both, it attaches and measures: 5 requests to a server in the namespace, counted
+    // against the server's own count.
+    let db_ns = Netns::new("ud");
+    let link = Veth::new(Some(&ns), &db_ns, "10.206.7");
+    let client_link = Veth::new(None, &ns, "10.207.7");
+    let db_addr: SocketAddr = format!("{}:5432", link.right_ip).parse().unwrap();
+    let _db = FakeDb::start(Some(&db_ns), db_addr, Duration::from_millis(1));
+    let server = SyncServer::start(Some(&ns), "0.0.0.0:8000".parse().unwrap(), db_addr);
+    let dir = tempdir::TempDir::new("awl-caps");
+    let stderr_path = dir.path().join("stderr");
+    let mut child = as_nobody_with(&["bpf", "perfmon"])
+        .args([
+            "watch",
+            "--target",
+            &ns.path(),
+            "--http-port",
+            "8000",
+            "--db-port",
+            "5432",
+        ])
+        .args(["--json", "--duration", "6"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !std::fs::read_to_string(&stderr_path)
+        .unwrap_or_default()
+        .contains("attached to network namespace")
+    {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "{status}: {}",
+                std::fs::read_to_string(&stderr_path).unwrap_or_default()
+            );
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "did not attach");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let server_addr: SocketAddr = format!("{}:8000", client_link.right_ip).parse().unwrap();
+    let mut conn = std::net::TcpStream::connect(server_addr).unwrap();
+    for _ in 0..5 {
+        assert_eq!(get(&mut conn, "/k1", false), 200);
+    }
+    drop(conn);
+    let out = child.wait_with_output().unwrap();
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    assert!(out.status.success(), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let summary: serde_json::Value = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .rfind(|v| v["type"] == "summary")
+        .unwrap_or_else(|| panic!("no summary: {stderr}"));
+    assert_eq!(
+        server.requests.load(std::sync::atomic::Ordering::Relaxed),
+        5
+    );
+    assert_eq!(summary["requests"], 5, "{summary}");
+    assert_eq!(summary["db"]["round_trips"], 5, "{summary}");
 }
 
 /// The namespace is deleted while the agent watches it: it stops by itself and detaches.

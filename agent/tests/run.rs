@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{agent_bin, chromium, tempdir::TempDir};
+use common::{agent_bin, chromium, prom, tempdir::TempDir};
 
 fn cell(dir: &Path, stem: &str) -> serde_json::Value {
     let p = dir.join("cells").join(format!("{stem}.json"));
@@ -93,6 +93,10 @@ fn a_reduced_study_reproduces_the_effect_and_writes_the_report() {
         leftovers()
     );
     let results = TempDir::new("awl-run");
+    // A real Prometheus scrapes the run's metrics (served on a port of our choosing; the default
+    // is 127.0.0.1:9466), to check every dashboard against a real run below.
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", prom::free_port()).parse().unwrap();
+    let prometheus = prom::Prometheus::start(&[metrics], Duration::from_millis(500));
     let out = run_cmd(
         results.path(),
         &[
@@ -102,13 +106,27 @@ fn a_reduced_study_reproduces_the_effect_and_writes_the_report() {
             "io_read",
             "--delays",
             "0,100",
+            "--metrics-addr",
+            &metrics.to_string(),
         ],
     )
     .output()
     .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "awaitlab run failed: {stderr}");
+    assert!(
+        stderr.contains(&format!("metrics on http://{metrics}/metrics")),
+        "{stderr}"
+    );
     let dir = only_run_dir(results.path());
+    // Every panel, annotation and variable of both dashboards has data 12 s into the load of
+    // the async cell at 100 ms (smoke loads last 15 s); $__rate_interval is 4 scrapes.
+    let started = cell(&dir, "async-unlimited__io_read__100ms__r1")["started_unix_s"]
+        .as_f64()
+        .unwrap();
+    let missing = prom::dashboards_without_data(&prometheus, started + 12.0, "2s", "10s");
+    assert!(missing.is_empty(), "{}", missing.join("\n"));
+    drop(prometheus);
     let ok = |stem: &str| {
         cell(&dir, stem)["load"]["total_successes"]
             .as_u64()

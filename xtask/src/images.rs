@@ -1,6 +1,7 @@
 //! `cargo xtask base-image`: the Debian base image that the project's Dockerfiles build on when
 //! no registry is reachable (`debootstrap --variant=minbase bookworm`, then `docker import`).
-//! `cargo xtask images`: the system under test's images (docker/), built on that base.
+//! `cargo xtask images`: the system under test's images and the agent's (docker/), built on
+//! that base.
 //!
 //! Idempotent: an existing image is kept. It must never pull from a registry, and it removes its
 //! scratch root filesystem also on failure.
@@ -107,5 +108,50 @@ pub fn images() -> Result<()> {
         cmd::output(&mut c).with_context(|| format!("building {tag}"))?;
         println!("{tag:<40} built in {}", cmd::secs(t0.elapsed()));
     }
+    agent_image()
+}
+
+/// The agent's version, from agent/Cargo.toml (the image's tag).
+fn agent_version() -> Result<String> {
+    let path = cmd::workspace_root().join("agent/Cargo.toml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("version = \""))
+        .and_then(|v| v.strip_suffix('"'))
+        .map(str::to_string)
+        .context("no version in agent/Cargo.toml")
+}
+
+/// `awaitlab/agent:VERSION`: the release binary and the example configuration on the base
+/// image, with tc and iptables (docker/Dockerfile.agent). Builds the release binary first
+/// (seconds when it is up to date).
+fn agent_image() -> Result<()> {
+    let t0 = Instant::now();
+    let tag = format!("awaitlab/agent:{}", agent_version()?);
+    cmd::run(cmd::cargo().args(["build", "--release", "-p", "agent"]))
+        .context("building the agent for its image")?;
+    let root = cmd::workspace_root();
+    let context =
+        Scratch(std::env::temp_dir().join(format!("awaitlab-agent-image-{}", std::process::id())));
+    std::fs::create_dir_all(&context.0)
+        .with_context(|| format!("creating {}", context.0.display()))?;
+    for (from, to) in [
+        (cmd::target_dir().join("release/awaitlab"), "awaitlab"),
+        (root.join("deploy/agent.toml"), "agent.toml"),
+        (root.join("docker/Dockerfile.agent"), "Dockerfile"),
+    ] {
+        std::fs::copy(&from, context.0.join(to))
+            .with_context(|| format!("copying {}", from.display()))?;
+    }
+    let version = format!("VERSION={}", agent_version()?);
+    cmd::output(
+        Command::new("docker")
+            .args(["build", "-q", "--build-arg", &format!("BASE={BASE_IMAGE}")])
+            .args(["--build-arg", &version, "-t", &tag])
+            .arg(&context.0),
+    )
+    .with_context(|| format!("building {tag}"))?;
+    println!("{tag:<40} built in {}", cmd::secs(t0.elapsed()));
     Ok(())
 }

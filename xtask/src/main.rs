@@ -42,7 +42,8 @@ enum Command {
     /// Check the Grafana dashboards, provisioning, Prometheus config and compose file.
     Dashboards,
     /// Build the system-under-test images (PostgreSQL, the study and current Django servers)
-    /// on the local base image, building that first if it is missing.
+    /// and the agent's image (awaitlab/agent:VERSION) on the local base image, building that
+    /// first if it is missing.
     Images,
 }
 

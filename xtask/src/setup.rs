@@ -61,6 +61,11 @@ pub fn run() -> Result<()> {
         &cmd::workspace_root().join(STUDY_LOCUST_REQUIREMENTS),
     )
     .context("installing Locust 2.13.0 (the study's client, for agent/tests/locust.rs)")?;
+    requirements_venv(
+        KUBERNETES_VALIDATE_VENV,
+        &cmd::workspace_root().join("xtask/requirements-kubernetes-validate.txt"),
+    )
+    .context("installing kubernetes-validate (for the manifests' test, agent/tests/deploy.rs)")?;
     println!("setup done in {}", secs(start.elapsed()));
     Ok(())
 }
@@ -406,6 +411,9 @@ pub fn sut_venvs() -> Result<()> {
 /// `LOCUST_VENV_DIR`, is another one and stays as it is). Must match `agent/tests/locust.rs`.
 const STUDY_LOCUST_VENV: &str = "venv-locust-2.13";
 const STUDY_LOCUST_REQUIREMENTS: &str = "xtask/requirements-locust-2.13.txt";
+
+/// The Kubernetes manifests' validator. Must match `agent/tests/deploy.rs`.
+const KUBERNETES_VALIDATE_VENV: &str = "venv-kubernetes-validate";
 
 /// The venv `venv_base()/ITEM`, made with Debian's Python 3.11 from the requirements file at
 /// `req_path`. Idempotent: a copy of the requirements inside the venv says what it holds; it is

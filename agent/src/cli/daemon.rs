@@ -53,9 +53,9 @@ pub fn run(args: Args) -> ExitCode {
         Ok(t) => t,
         Err(e) => return fail(&anyhow::Error::new(e), EXIT_USAGE),
     };
-    if let Err(e) =
-        crate::privilege::require("awaitlab daemon", "eBPF probes, namespaces, delay rules")
-    {
+    use crate::privilege::{require, Need, DAEMON};
+    let why = "eBPF probes, other containers' namespaces, delay rules";
+    if let Err(e) = require("awaitlab daemon", why, Need::Caps(DAEMON)) {
         return fail(&anyhow::Error::new(e), EXIT_NOPERM);
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()

@@ -104,8 +104,8 @@ fn err_code(e: &DelayError) -> u8 {
 }
 
 pub fn run(args: Args) -> ExitCode {
-    if let Err(e) = crate::privilege::require("awaitlab delay", "network namespaces, iptables, tc")
-    {
+    let why = "network namespaces, iptables, tc, its state in /run";
+    if let Err(e) = crate::privilege::require("awaitlab delay", why, crate::privilege::Need::Root) {
         return fail(&anyhow::Error::new(e), EXIT_NOPERM);
     }
     // Signals are taken synchronously by the main thread (signals::wait in `set`), and SIGHUP

@@ -306,14 +306,16 @@ async fn drive(args: &Args, spec: &LoadSpec) -> anyhow::Result<()> {
         })?
         .with_context(|| format!("cannot connect to {} ({addr})", target.authority))?;
     }
-    let registry = prometheus::Registry::new();
+    let registry = crate::metrics::registry()?;
     let metrics = crate::metrics::LoadMetrics::new(&registry)?;
     let _metrics_server = match args.metrics_addr {
-        Some(addr) => {
-            let s = crate::metrics::server::serve_metrics(addr, registry.clone()).await?;
-            eprintln!("awaitlab: metrics on http://{}/metrics", s.addr);
-            Some(s)
-        }
+        Some(addr) => Some(
+            crate::metrics::server::serve_metrics_at(
+                crate::metrics::server::MetricsAt::Asked(addr),
+                registry.clone(),
+            )
+            .await?,
+        ),
         None => None,
     };
     let cancel = CancellationToken::new();

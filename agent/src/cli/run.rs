@@ -5,6 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use crate::{
     fail,
+    metrics::server::{MetricsAt, RUN_METRICS_ADDR},
     study::experiment::{
         config::{parse_delay, BackendChoice, BackendKind, Order, ProfileName, RunConfig, Stack},
         run::{run as run_matrix, Stop},
@@ -62,9 +63,22 @@ pub struct Args {
     #[arg(long)]
     pub no_probes: bool,
     /// Serve Prometheus metrics (probes, load, delay, the current cell) at http://ADDR/metrics
-    /// while the run lasts (e.g. 127.0.0.1:9464; port 0 picks a free one).
-    #[arg(long)]
+    /// while the run lasts; port 0 picks a free one. [default: 127.0.0.1:9466, or a free port
+    /// when that is taken]
+    #[arg(long, conflicts_with = "no_metrics")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Serve no metrics.
+    #[arg(long)]
+    pub no_metrics: bool,
+}
+
+/// Where the run serves its metrics: asked, the default, or nowhere (`--no-metrics`).
+fn metrics_at(args: &Args) -> Option<MetricsAt> {
+    match (args.no_metrics, args.metrics_addr) {
+        (true, _) => None,
+        (false, Some(a)) => Some(MetricsAt::Asked(a)),
+        (false, None) => Some(MetricsAt::Default(RUN_METRICS_ADDR)),
+    }
 }
 
 fn configure(args: &Args) -> anyhow::Result<RunConfig> {
@@ -122,9 +136,8 @@ pub fn run(args: Args) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(&e, EXIT_USAGE),
     };
-    if let Err(e) =
-        crate::privilege::require("awaitlab run", "namespaces, delay rules, eBPF probes")
-    {
+    let why = "namespaces, processes of other users, delay rules, eBPF probes";
+    if let Err(e) = crate::privilege::require("awaitlab run", why, crate::privilege::Need::Root) {
         return fail(&anyhow::Error::new(e), crate::EXIT_NOPERM);
     }
     if let Some(r) = &args.resume {
@@ -146,7 +159,7 @@ pub fn run(args: Args) -> ExitCode {
     }) {
         return fail(&anyhow::anyhow!("starting the signal thread: {e}"), 1);
     }
-    let outcome = match run_matrix(&cfg, args.resume.as_deref(), &stop, args.metrics_addr) {
+    let outcome = match run_matrix(&cfg, args.resume.as_deref(), &stop, metrics_at(&args)) {
         Ok(o) => o,
         Err(e) => return fail(&e, 1),
     };

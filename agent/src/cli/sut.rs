@@ -95,7 +95,8 @@ pub struct StatusArgs {
 }
 
 pub fn run(args: Args) -> ExitCode {
-    if let Err(e) = crate::privilege::require("awaitlab sut", "namespaces, containers") {
+    let why = "namespaces, processes of other users, containers";
+    if let Err(e) = crate::privilege::require("awaitlab sut", why, crate::privilege::Need::Root) {
         return fail(&anyhow::Error::new(e), EXIT_NOPERM);
     }
     let result = match args.command {

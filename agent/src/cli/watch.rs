@@ -64,10 +64,8 @@ fn parse_interval(s: &str) -> Result<f64, String> {
 }
 
 pub fn run(args: Args) -> ExitCode {
-    if let Err(e) = crate::privilege::require(
-        "awaitlab watch",
-        "eBPF probes, entering the target's namespace",
-    ) {
+    use crate::privilege::{require, Need, PROBES};
+    if let Err(e) = require("awaitlab watch", "eBPF probes", Need::Caps(PROBES)) {
         return fail(&anyhow::Error::new(e), EXIT_NOPERM);
     }
     let target = match Target::resolve(&args.target) {
@@ -88,7 +86,7 @@ pub fn run(args: Args) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let code = match e.downcast_ref::<ProbeError>() {
-                Some(ProbeError::NotRoot(_)) => EXIT_NOPERM,
+                Some(ProbeError::NotPermitted(_)) => EXIT_NOPERM,
                 Some(ProbeError::TooManyPorts { .. }) => EXIT_USAGE,
                 _ => 1,
             };
@@ -107,13 +105,11 @@ async fn watch(args: &Args, target: &Target) -> anyhow::Result<()> {
     let mut stop = crate::signals::Stop::install()?;
 
     // One registry for this command, handed to the exporters and the server.
-    let registry = prometheus::Registry::new();
+    let registry = crate::metrics::registry()?;
     let probe_metrics = ProbeMetrics::new(&registry)?;
     let _metrics_server = match args.metrics_addr {
         Some(addr) => {
-            let s = server::serve_metrics(addr, registry.clone()).await?;
-            eprintln!("awaitlab: metrics on http://{}/metrics", s.addr);
-            Some(s)
+            Some(server::serve_metrics_at(server::MetricsAt::Asked(addr), registry.clone()).await?)
         }
         None => None,
     };
@@ -145,9 +141,9 @@ async fn watch(args: &Args, target: &Target) -> anyhow::Result<()> {
     );
 
     if args.metrics_addr.is_some() {
-        session
-            .agg
-            .add_observer(Box::new(probe_metrics.observer(&target.spec)));
+        session.agg.add_observer(Box::new(
+            probe_metrics.observer(&target.spec, spec.db_ports.first().copied()),
+        ));
         probe_metrics.set_attached(&target.spec, session.probes().status());
     }
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());

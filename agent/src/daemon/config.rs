@@ -36,6 +36,16 @@ pub struct DaemonConfig {
     /// Seconds between counter snapshots (kernel counters, CPU totals, summaries). Default 1.
     #[serde(default = "default_interval")]
     pub interval_s: f64,
+    /// Seconds a detached container's series stay (a restart within them keeps its counters
+    /// going); after them every series of a container that did not come back is removed, so
+    /// that containers coming and going do not grow the series without bound. Default 300.
+    #[serde(default = "default_series_grace")]
+    pub series_grace_s: f64,
+    /// How containers are found: `docker` (the Docker Engine's events; default) or `cgroup`
+    /// (a scan of the host's cgroups every `interval_s`, for containerd, CRI-O, Podman and
+    /// Docker alike; names and labels come from Docker when it answers).
+    #[serde(default)]
+    pub discovery: Discovery,
     /// The Docker Engine socket. Default: `DOCKER_HOST` if it is a unix:// URL, else
     /// /var/run/docker.sock.
     #[serde(default)]
@@ -64,6 +74,15 @@ pub struct ControlConfig {
     pub token_file: Option<PathBuf>,
 }
 
+/// How the daemon finds containers.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Discovery {
+    #[default]
+    Docker,
+    Cgroup,
+}
+
 /// One rule: containers it selects and how to measure them.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -74,6 +93,10 @@ pub struct WatchRule {
     /// A label the container carries: `key` (any value) or `key=value`.
     #[serde(default)]
     pub label: Option<String>,
+    /// Text the container's cgroup path contains (`discovery = "cgroup"` only): `kubepods`
+    /// for every Kubernetes container, an id prefix for one container.
+    #[serde(default)]
+    pub cgroup: Option<String>,
     /// Server ports inside the container whose accepted connections carry HTTP. Default: 8000.
     #[serde(default = "default_http_ports")]
     pub http_ports: Vec<u16>,
@@ -90,6 +113,9 @@ fn default_metrics_addr() -> SocketAddr {
 }
 fn default_interval() -> f64 {
     1.0
+}
+fn default_series_grace() -> f64 {
+    300.0
 }
 fn default_http_ports() -> Vec<u16> {
     vec![8000]
@@ -108,8 +134,10 @@ impl Default for DaemonConfig {
         DaemonConfig {
             metrics_addr: default_metrics_addr(),
             interval_s: default_interval(),
+            series_grace_s: default_series_grace(),
             docker_socket: None,
             control: None,
+            discovery: Discovery::Docker,
             watches: Vec::new(),
         }
     }
@@ -119,12 +147,17 @@ impl Default for DaemonConfig {
 pub struct ContainerView<'a> {
     pub name: &'a str,
     pub labels: &'a std::collections::HashMap<String, String>,
+    /// The cgroup path it was found in (cgroup discovery only).
+    pub cgroup: Option<&'a str>,
 }
 
 impl WatchRule {
     pub fn matches(&self, c: &ContainerView<'_>) -> bool {
         if let Some(name) = &self.container {
             return c.name.trim_start_matches('/') == name;
+        }
+        if let Some(part) = &self.cgroup {
+            return c.cgroup.is_some_and(|p| p.contains(part.as_str()));
         }
         match self.label.as_deref().map(|l| (l, l.split_once('='))) {
             Some((_, Some((k, v)))) => c.labels.get(k).is_some_and(|x| x == v),
@@ -164,6 +197,12 @@ impl DaemonConfig {
                 self.interval_s
             ));
         }
+        if !(0.0..=86_400.0).contains(&self.series_grace_s) {
+            return bad(format!(
+                "series_grace_s must be between 0 and 86400, got {}",
+                self.series_grace_s
+            ));
+        }
         if self.watches.is_empty() {
             return bad(
                 "no [[watch]] rule: say which containers to watch (container = \"NAME\" or label = \"KEY=VALUE\")"
@@ -172,18 +211,27 @@ impl DaemonConfig {
         }
         for (i, w) in self.watches.iter().enumerate() {
             let n = i + 1;
-            match (&w.container, &w.label) {
-                (Some(_), Some(_)) | (None, None) => {
-                    return bad(format!(
-                        "[[watch]] rule {n}: give exactly one of container or label"
-                    ));
-                }
-                (Some(c), None) if c.is_empty() => {
+            let given = [w.container.is_some(), w.label.is_some(), w.cgroup.is_some()];
+            if given.iter().filter(|&&g| g).count() != 1 {
+                return bad(format!(
+                    "[[watch]] rule {n}: give exactly one of container, label or cgroup"
+                ));
+            }
+            match (&w.container, &w.label, &w.cgroup) {
+                (Some(c), _, _) if c.is_empty() => {
                     return bad(format!("[[watch]] rule {n}: empty container name"))
                 }
-                (None, Some(l)) if l.is_empty() || l.starts_with('=') => {
+                (_, Some(l), _) if l.is_empty() || l.starts_with('=') => {
                     return bad(format!(
                         "[[watch]] rule {n}: label must be KEY or KEY=VALUE"
+                    ))
+                }
+                (_, _, Some(c)) if c.is_empty() => {
+                    return bad(format!("[[watch]] rule {n}: empty cgroup text"))
+                }
+                (_, _, Some(_)) if self.discovery != Discovery::Cgroup => {
+                    return bad(format!(
+                        "[[watch]] rule {n}: a cgroup rule needs discovery = \"cgroup\""
                     ))
                 }
                 _ => {}
@@ -316,6 +364,8 @@ mod tests {
         assert!(cfg("[control]\naddr = \"0.0.0.0:9465\"\ntoken = \"0123456789abcdef\"").is_ok());
         assert!(cfg("[control]\naddr = \"127.0.0.1:9465\"").is_ok());
         assert!(cfg("interval_s = 0").is_err());
+        assert!(cfg("series_grace_s = -1").is_err());
+        assert!(cfg("series_grace_s = nan").is_err());
         let e = DaemonConfig::parse("[[watch]]\ncontainer = \"a\"\nlabel = \"b\"\n")
             .unwrap()
             .validate()
@@ -349,13 +399,36 @@ mod tests {
             [("awaitlab.watch".to_string(), "false".to_string())].into();
         let team: HashMap<String, String> = [("team".to_string(), "x".to_string())].into();
         let rule = |name, labels| {
-            c.rule_for(&ContainerView { name, labels })
-                .map(|r| r.http_ports[0])
+            c.rule_for(&ContainerView {
+                name,
+                labels,
+                cgroup: None,
+            })
+            .map(|r| r.http_ports[0])
         };
         assert_eq!(rule("/web", &none), Some(8080));
         assert_eq!(rule("web2", &none), None);
         assert_eq!(rule("db", &watch), Some(8000));
         assert_eq!(rule("db", &wrong), None);
         assert_eq!(rule("db", &team), Some(8000));
+
+        // A cgroup rule matches the cgroup path, and only under cgroup discovery.
+        let c = DaemonConfig::parse(
+            "discovery = \"cgroup\"\n[[watch]]\ncgroup = \"kubepods\"\nhttp_ports = [9000]\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let view = |cgroup| ContainerView {
+            name: "4f1c2b7d9e8a",
+            labels: &none,
+            cgroup,
+        };
+        assert_eq!(
+            c.rule_for(&view(Some("/kubepods/burstable/pod1/4f1c")))
+                .map(|r| r.http_ports[0]),
+            Some(9000)
+        );
+        assert!(c.rule_for(&view(Some("/docker/4f1c"))).is_none());
+        assert!(c.rule_for(&view(None)).is_none());
     }
 }

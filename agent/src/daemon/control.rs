@@ -32,6 +32,8 @@ pub struct Control {
     delays: Mutex<HashMap<String, delay::DelayGuard>>,
     /// Load runs started through this endpoint, by id (1-based index).
     loads: Arc<Mutex<Vec<LoadJob>>>,
+    /// The delays and load runs, as the daemon's /metrics shows them.
+    metrics: Option<(crate::metrics::DelayMetrics, crate::metrics::LoadMetrics)>,
 }
 
 /// A load run started by `POST /v1/load`.
@@ -82,6 +84,28 @@ impl Control {
             state,
             delays: Mutex::default(),
             loads: Arc::default(),
+            metrics: None,
+        }
+    }
+
+    /// Also exports the delays set and the load runs started through this endpoint.
+    pub fn with_metrics(
+        mut self,
+        delay: crate::metrics::DelayMetrics,
+        load: crate::metrics::LoadMetrics,
+    ) -> Control {
+        self.metrics = Some((delay, load));
+        self
+    }
+
+    fn delay_metric(&self, name: &str, set: Option<(Duration, &str)>, cleared: Option<&str>) {
+        if let Some((m, _)) = &self.metrics {
+            if let Some((d, backend)) = set {
+                m.set(name, d, None, backend);
+            }
+            if let Some(backend) = cleared {
+                m.clear(name, backend);
+            }
         }
     }
 
@@ -230,7 +254,8 @@ impl Control {
         };
         // A new delay replaces the old one; 0 ms is a clear.
         if let Some(old) = delays.remove(name) {
-            old.remove();
+            let a = old.remove();
+            self.delay_metric(name, None, Some(&format!("{:?}", a.backend).to_lowercase()));
         }
         if delay_ms == 0 {
             return Response::json(
@@ -249,11 +274,13 @@ impl Control {
         };
         match delay::set(&target, &spec, choice) {
             Ok(g) => {
+                let backend = format!("{:?}", g.backend()).to_lowercase();
+                self.delay_metric(name, Some((spec.delay, &backend)), None);
                 let body = json!({
                     "version": CONTROL_VERSION,
                     "target": name,
                     "delay_ms": delay_ms,
-                    "backend": format!("{:?}", g.backend()).to_lowercase(),
+                    "backend": backend,
                     "devs": g.devs(),
                 });
                 delays.insert(name.to_string(), g);
@@ -271,6 +298,8 @@ impl Control {
         match delays.remove(name) {
             Some(g) => {
                 let achieved = g.remove();
+                let backend = format!("{:?}", achieved.backend).to_lowercase();
+                self.delay_metric(name, None, Some(&backend));
                 Response::json(
                     200,
                     &json!({ "version": CONTROL_VERSION, "target": name, "achieved": achieved }),
@@ -310,11 +339,13 @@ impl Control {
         });
         drop(jobs);
         let jobs = self.loads.clone();
+        let metrics = self.metrics.as_ref().map(|(_, l)| l.clone());
         tokio::spawn(async move {
-            let result = load::run(
+            let result = load::run_with_metrics(
                 &spec,
                 &mut |_| {},
                 tokio_util::sync::CancellationToken::new(),
+                metrics,
             )
             .await;
             if let Ok(mut jobs) = jobs.lock() {

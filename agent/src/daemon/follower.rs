@@ -161,7 +161,9 @@ fn run(
             }
         };
         let status = session.probes().status().to_vec();
-        session.agg.add_observer(Box::new(metrics.observer(&name)));
+        session.agg.add_observer(Box::new(
+            metrics.observer(&name, spec.db_ports.first().copied()),
+        ));
         metrics.set_attached(&name, &status);
         let _ = tx.send(Ok(status));
 

@@ -1,7 +1,9 @@
-//! `awaitlab daemon`: follows Docker containers and keeps them measured. It finds the containers
-//! that the configuration's rules select (by name or label) through the Docker Engine API
-//! (bollard, with API version negotiation), attaches one set of probes per container network
-//! namespace when a container starts, re-attaches after a restart, and detaches when it stops.
+//! `awaitlab daemon`: follows containers and keeps them measured. It finds the containers that
+//! the configuration's rules select (by name, label or cgroup) through the Docker Engine API
+//! (bollard, with API version negotiation: its events) or, with `discovery = "cgroup"`, through
+//! the host's cgroups whatever the runtime (`discover`), attaches one set of probes per
+//! container network namespace when a container starts, re-attaches after a restart, and
+//! detaches when it stops.
 //! Metrics for every container go to one registry (label `target` = container name), served on
 //! loopback by default; an optional control endpoint lists targets and their summaries.
 //!
@@ -10,6 +12,7 @@
 
 pub mod config;
 pub mod control;
+mod discover;
 pub mod follower;
 
 use std::{
@@ -25,7 +28,10 @@ use bollard::{
 use futures_util::StreamExt as _;
 use tracing::{info, warn};
 
-use self::{config::DaemonConfig, follower::Follower};
+use self::{
+    config::{DaemonConfig, Discovery},
+    follower::Follower,
+};
 use crate::{
     metrics::{server, ProbeMetrics},
     probe::namespace::Target,
@@ -68,31 +74,29 @@ fn docker_socket(cfg: &DaemonConfig) -> String {
 /// Runs until SIGINT/SIGTERM. `cfg` has been validated.
 pub async fn run(cfg: DaemonConfig, token: Option<String>) -> anyhow::Result<()> {
     let mut stop = crate::signals::Stop::install()?;
-    let socket = docker_socket(&cfg);
-    let docker = Docker::connect_with_unix(&socket, 120, bollard::API_DEFAULT_VERSION)
-        .map_err(|source| DaemonError::Docker {
-            socket: socket.clone(),
-            source,
-        })?
-        .negotiate_version()
-        .await
-        .map_err(|source| DaemonError::Docker {
-            socket: socket.clone(),
-            source,
-        })?;
+    let docker = match (connect(&cfg).await, cfg.discovery) {
+        (Ok(d), _) => Some(d),
+        // The cgroups find the containers; without Docker they are named by their ids.
+        (Err(e), Discovery::Cgroup) => {
+            eprintln!("awaitlab: {e}; containers are named by their ids");
+            None
+        }
+        (Err(e), Discovery::Docker) => return Err(e.into()),
+    };
 
-    let registry = prometheus::Registry::new();
+    let registry = crate::metrics::registry()?;
     let metrics = ProbeMetrics::new(&registry)?;
-    let metrics_server = server::serve_metrics(cfg.metrics_addr, registry.clone()).await?;
-    eprintln!(
-        "awaitlab: metrics on http://{}/metrics",
-        metrics_server.addr
-    );
+    let _metrics_server =
+        server::serve_metrics_at(server::MetricsAt::Asked(cfg.metrics_addr), registry.clone())
+            .await?;
 
     let state = Arc::new(Mutex::new(Followed::default()));
     let _control_server = match &cfg.control {
         Some(c) => {
-            let ctl = control::Control::new(token.clone(), state.clone());
+            let ctl = control::Control::new(token.clone(), state.clone()).with_metrics(
+                crate::metrics::DelayMetrics::new(&registry)?,
+                crate::metrics::LoadMetrics::new(&registry)?,
+            );
             let s = server::bind(c.addr, move |req| ctl.handle(req)).await?;
             eprintln!(
                 "awaitlab: control on http://{}/v1/targets ({})",
@@ -114,48 +118,9 @@ pub async fn run(cfg: DaemonConfig, token: Option<String>) -> anyhow::Result<()>
         state: state.clone(),
     };
 
-    let stop_reason = 'outer: loop {
-        // Subscribe first, then list: a container starting in between is seen by one or both.
-        let mut filters = HashMap::new();
-        filters.insert("type".to_string(), vec!["container".to_string()]);
-        filters.insert(
-            "event".to_string(),
-            vec!["start".to_string(), "die".to_string()],
-        );
-        let mut events = d.docker.events(Some(EventsOptions {
-            filters: Some(filters),
-            ..Default::default()
-        }));
-        if let Err(e) = d.attach_running().await {
-            warn!("listing containers: {e}");
-        }
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        loop {
-            tokio::select! {
-                ev = events.next() => match ev {
-                    Some(Ok(ev)) => {
-                        let id = ev.actor.as_ref().and_then(|a| a.id.clone()).unwrap_or_default();
-                        match ev.action.as_deref() {
-                            Some("start") => d.consider(&id).await,
-                            Some("die") => d.detach(&id, "container stopped").await,
-                            _ => {}
-                        }
-                    }
-                    Some(Err(e)) => {
-                        warn!("Docker events stream: {e}; resubscribing");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        continue 'outer;
-                    }
-                    None => {
-                        warn!("Docker events stream ended; resubscribing");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        continue 'outer;
-                    }
-                },
-                _ = tick.tick() => d.reap().await,
-                sig = stop.recv() => break 'outer sig.verb(),
-            }
-        }
+    let stop_reason = match (d.cfg.discovery, &d.docker) {
+        (Discovery::Docker, Some(docker)) => d.follow_events(docker, &mut stop).await,
+        _ => d.follow_cgroups(&mut stop).await,
     };
     let all: Vec<String> = state
         .lock()
@@ -168,17 +133,128 @@ pub async fn run(cfg: DaemonConfig, token: Option<String>) -> anyhow::Result<()>
     Ok(())
 }
 
+/// The Docker Engine at the configured socket, with the API version negotiated.
+async fn connect(cfg: &DaemonConfig) -> Result<Docker, DaemonError> {
+    let socket = docker_socket(cfg);
+    let err = |source| DaemonError::Docker {
+        socket: socket.clone(),
+        source,
+    };
+    Docker::connect_with_unix(&socket, 120, bollard::API_DEFAULT_VERSION)
+        .map_err(err)?
+        .negotiate_version()
+        .await
+        .map_err(err)
+}
+
 struct Daemon {
     cfg: Arc<DaemonConfig>,
-    docker: Docker,
+    /// None under cgroup discovery when Docker does not answer.
+    docker: Option<Docker>,
     metrics: ProbeMetrics,
     state: Arc<Mutex<Followed>>,
 }
 
 impl Daemon {
-    async fn attach_running(&self) -> Result<(), bollard::errors::Error> {
-        let list = self
-            .docker
+    /// Docker discovery: the running containers, then the `start` and `die` events, until a
+    /// signal; returns what stopped it.
+    async fn follow_events(
+        &self,
+        docker: &Docker,
+        stop: &mut crate::signals::Stop,
+    ) -> &'static str {
+        loop {
+            // Subscribe first, then list: a container starting in between is seen by one or both.
+            let mut filters = HashMap::new();
+            filters.insert("type".to_string(), vec!["container".to_string()]);
+            filters.insert(
+                "event".to_string(),
+                vec!["start".to_string(), "die".to_string()],
+            );
+            let mut events = docker.events(Some(EventsOptions {
+                filters: Some(filters),
+                ..Default::default()
+            }));
+            if let Err(e) = self.attach_running(docker).await {
+                warn!("listing containers: {e}");
+            }
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tokio::select! {
+                    ev = events.next() => match ev {
+                        Some(Ok(ev)) => {
+                            let id = ev.actor.as_ref().and_then(|a| a.id.clone()).unwrap_or_default();
+                            match ev.action.as_deref() {
+                                Some("start") => self.consider(&id).await,
+                                Some("die") => self.detach(&id, "container stopped").await,
+                                _ => {}
+                            }
+                        }
+                        Some(Err(e)) => {
+                            warn!("Docker events stream: {e}; resubscribing");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            break;
+                        }
+                        None => {
+                            warn!("Docker events stream ended; resubscribing");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            break;
+                        }
+                    },
+                    _ = tick.tick() => self.reap().await,
+                    sig = stop.recv() => return sig.verb(),
+                }
+            }
+        }
+    }
+
+    /// Cgroup discovery: every `interval_s`, the containers that have processes on the host
+    /// (`discover::scan`); a new one (or a new first process: a restart) is considered, one
+    /// that is gone is detached. Docker, when it answers, names them.
+    async fn follow_cgroups(&self, stop: &mut crate::signals::Stop) -> &'static str {
+        let mut tick = tokio::time::interval(Duration::from_secs_f64(self.cfg.interval_s));
+        // What the last scan saw, by id: its first process, so that only changes are looked at.
+        let mut known: HashMap<String, u32> = HashMap::new();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                sig = stop.recv() => return sig.verb(),
+            }
+            let found =
+                tokio::task::spawn_blocking(|| discover::scan(std::path::Path::new("/proc")))
+                    .await
+                    .unwrap_or_default();
+            let followed: Vec<String> = self
+                .state
+                .lock()
+                .map(|s| s.followers.keys().cloned().collect())
+                .unwrap_or_default();
+            for id in followed.iter().filter(|id| !found.contains_key(*id)) {
+                self.detach(id, "container gone").await;
+            }
+            known.retain(|id, _| found.contains_key(id));
+            for (id, c) in &found {
+                if known.insert(id.clone(), c.pid) == Some(c.pid) {
+                    continue;
+                }
+                let named = match &self.docker {
+                    Some(_) => self.inspect(id).await,
+                    None => None,
+                };
+                let seen = named.unwrap_or_else(|| Seen {
+                    id: id.clone(),
+                    name: c.short_id().to_string(),
+                    labels: HashMap::new(),
+                    pid: Some(c.pid),
+                });
+                self.attach_seen(seen, Some(&c.cgroup)).await;
+            }
+            self.reap().await;
+        }
+    }
+
+    async fn attach_running(&self, docker: &Docker) -> Result<(), bollard::errors::Error> {
+        let list = docker
             .list_containers(Some(ListContainersOptions {
                 all: false,
                 ..Default::default()
@@ -193,7 +269,7 @@ impl Daemon {
     }
 
     async fn inspect(&self, id: &str) -> Option<Seen> {
-        let c = match self.docker.inspect_container(id, None).await {
+        let c = match self.docker.as_ref()?.inspect_container(id, None).await {
             Ok(c) => c,
             // Gone already (a short-lived container): nothing to do.
             Err(e) => {
@@ -219,14 +295,21 @@ impl Daemon {
         })
     }
 
-    /// Attaches to a container if a rule selects it and it is not attached in its current life.
+    /// Attaches to a container Docker names, if a rule selects it and it is not attached in its
+    /// current life.
     async fn consider(&self, id: &str) {
-        let Some(c) = self.inspect(id).await else {
-            return;
-        };
+        if let Some(c) = self.inspect(id).await {
+            self.attach_seen(c, None).await;
+        }
+    }
+
+    /// Attaches to `c` (found in `cgroup` under cgroup discovery) if a rule selects it and it
+    /// is not attached in its current life.
+    async fn attach_seen(&self, c: Seen, cgroup: Option<&str>) {
         let view = config::ContainerView {
             name: &c.name,
             labels: &c.labels,
+            cgroup,
         };
         let Some(rule) = self.cfg.rule_for(&view).cloned() else {
             return;
@@ -327,6 +410,12 @@ impl Daemon {
             .unwrap_or_default();
         for id in done {
             self.detach(&id, "container's namespace is gone").await;
+        }
+        let gone = self
+            .metrics
+            .expire(Duration::from_secs_f64(self.cfg.series_grace_s));
+        if gone > 0 {
+            tracing::debug!("removed the series of {gone} container(s) gone for good");
         }
     }
 }

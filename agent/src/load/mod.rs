@@ -81,6 +81,10 @@ pub(crate) async fn run_with_metrics(
     metrics: Option<crate::metrics::LoadMetrics>,
 ) -> Result<LoadReport, LoadError> {
     let users_gauge = metrics.clone();
+    if let Some(m) = &users_gauge {
+        // A new run's chart starts at 0, not at the previous run's last value.
+        m.set_chart_rate(0.0);
+    }
     let observer = &mut |p: &Progress| {
         if let Some(m) = &users_gauge {
             m.set_users(u64::from(p.users));
@@ -185,6 +189,9 @@ pub(crate) async fn run_with_metrics(
             let last = secs.get(&(next_second - 1)).unwrap_or(&empty);
             if !secs.contains_key(&(next_second - 1)) {
                 series.push(next_second - 1, last, users);
+            }
+            if let Some(m) = &users_gauge {
+                m.set_chart_rate(series.current_successes_per_s(next_second as f64));
             }
             let last = (
                 last.requests,

@@ -218,6 +218,17 @@ pub(crate) struct SeriesBuilder {
 }
 
 impl SeriesBuilder {
+    /// Locust's chart value (requests/s - failures/s, `chart::current_rates`) at `t` seconds
+    /// after the start of second 0, from the seconds pushed so far. Reads only the last 16
+    /// (Locust averages over at most 12 seconds that end 2 before the last completion).
+    pub fn current_successes_per_s(&self, t: f64) -> f64 {
+        let from = self.points.len().saturating_sub(16);
+        let tallies: Vec<super::chart::Tally> =
+            self.points[from..].iter().map(SeriesPoint::tally).collect();
+        let (rps, fail) = super::chart::current_rates(&tallies, t - from as f64);
+        rps - fail
+    }
+
     /// Adds second `sec` (seconds must come in order; a late one is merged into its point).
     pub fn push(&mut self, sec: u64, s: &Second, users: u32) {
         self.cumulative.merge(s);
@@ -266,6 +277,38 @@ impl SeriesBuilder {
                 }
             }
             None => self.points.push(point),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::chart;
+
+    /// The live chart value reads only the last 16 seconds: it must equal Locust's formula over
+    /// the whole run (`chart::current_rates`) at every second of a 40 s run with bursts, gaps
+    /// and failures.
+    #[test]
+    fn the_live_chart_value_is_locusts_over_the_whole_run() {
+        let mut b = SeriesBuilder::default();
+        for sec in 0..40u64 {
+            let mut s = Second::default();
+            if sec % 7 != 3 {
+                s.requests = (sec * 13) % 29 + u64::from(sec % 5 == 0) * 40;
+                s.failures = s.requests / 6;
+                s.first_done_ns = ((sec * 97) % 1000) as u32 * 1_000_000;
+            }
+            b.push(sec, &s, 10);
+            let t = sec as f64 + 1.0;
+            let all: Vec<chart::Tally> = b.points.iter().map(SeriesPoint::tally).collect();
+            let (rps, fail) = chart::current_rates(&all, t);
+            let live = b.current_successes_per_s(t);
+            assert!(
+                (live - (rps - fail)).abs() < 1e-9,
+                "second {sec}: {live} vs {}",
+                rps - fail
+            );
         }
     }
 }

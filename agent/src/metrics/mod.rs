@@ -10,14 +10,19 @@
 //! values), status classes, causes, kinds and states are fixed lists, and the experiment cell and
 //! delay back end keep one series at a time.
 
+mod buckets;
 pub mod server;
 
-use std::time::Duration;
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use agent_common::{Counter as K, COUNTERS};
 use prometheus::{
-    CounterVec, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry,
+    CounterVec, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
 };
 
 use crate::{
@@ -26,6 +31,26 @@ use crate::{
 };
 
 pub use prometheus::Registry as MetricsRegistry;
+
+/// A registry for one command, with what every exposition carries: `awaitlab_build_info` and
+/// the agent process's own figures (`process_cpu_seconds_total`, `process_resident_memory_bytes`,
+/// open file descriptors, start time), read from /proc/self at each scrape.
+pub fn registry() -> Result<Registry, MetricsError> {
+    let r = Registry::new();
+    let info = IntGaugeVec::new(
+        Opts::new(
+            "awaitlab_build_info",
+            "The agent's version (1 while it runs).",
+        ),
+        &["version"],
+    )?;
+    info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+    r.register(Box::new(info))?;
+    r.register(Box::new(
+        prometheus::process_collector::ProcessCollector::for_self(),
+    ))?;
+    Ok(r)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -38,29 +63,34 @@ pub enum MetricsError {
     },
 }
 
-/// Server request time buckets (seconds): 1 ms to 2 min. The study's requests run from a few ms
-/// (io routes, no delay) to tens of seconds (queued behind a blocked event loop).
-pub(crate) const SERVER_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
-];
-/// Database round-trip and connect buckets (seconds): 50 µs to 5 s; injected delays are 0-200 ms.
-pub(crate) const DB_BUCKETS: &[f64] = &[
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2,
-    0.25, 0.5, 1.0, 2.5, 5.0,
-];
-
-/// Status classes of server responses; `other` is "no status line seen".
-pub(crate) const STATUS_CLASSES: [&str; 5] = ["2xx", "3xx", "4xx", "5xx", "other"];
-
-fn status_class(status: u16) -> usize {
-    match status {
-        200..=299 => 0,
-        300..=399 => 1,
-        400..=499 => 2,
-        500..=599 => 3,
-        _ => 4,
+/// The `http_response_status_code` label of a response: the code, or "" when the probe saw no
+/// status line (OpenTelemetry leaves the attribute out then; Prometheus has no absent label).
+fn status_code(status: u16) -> String {
+    if (100..=599).contains(&status) {
+        status.to_string()
+    } else {
+        String::new()
     }
 }
+
+/// OpenTelemetry's `db.system.name` for a database port: the well-known port of each system the
+/// probes read, `other_sql` otherwise.
+pub(crate) fn db_system(port: u16) -> &'static str {
+    match port {
+        5432 => "postgresql",
+        3306 => "mysql",
+        1433 => "microsoft.sql_server",
+        _ => "other_sql",
+    }
+}
+
+/// Label names of the server histogram, after `target` (OpenTelemetry's HTTP server attributes).
+const HTTP_SERVER_LABELS: [&str; 4] = [
+    "target",
+    "http_request_method",
+    "http_route",
+    "http_response_status_code",
+];
 
 /// Loss causes exported by `awaitlab_lost_events_total`, with the kernel counter each follows
 /// (`None`: the agent's own count of undecodable records).
@@ -80,18 +110,29 @@ fn secs(ns: u64) -> f64 {
 /// The probe families, labelled by `target` (one value per watched namespace or container).
 #[derive(Clone)]
 pub struct ProbeMetrics {
-    requests: IntCounterVec,
     server: HistogramVec,
     db_rtt: HistogramVec,
     db_connect: HistogramVec,
-    db_round_trips: IntCounterVec,
     conns_opened: IntCounterVec,
     conns_closed: IntCounterVec,
     connect_failures: IntCounterVec,
     thread_seconds: CounterVec,
+    serving_seconds: CounterVec,
     lost: IntCounterVec,
     probe_live: IntGaugeVec,
     attached: IntGaugeVec,
+    /// The label sets made for each target, so that all its series can go (`expire`).
+    known: Arc<Mutex<HashMap<String, TargetSeries>>>,
+}
+
+/// What series one target has, and since when it is detached.
+#[derive(Default)]
+struct TargetSeries {
+    /// (method, route, status code) of its server histograms.
+    server: HashSet<[String; 3]>,
+    db_system: Option<&'static str>,
+    programs: Vec<String>,
+    detached_at: Option<Instant>,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(
@@ -105,21 +146,16 @@ fn reg<T: prometheus::core::Collector + Clone + 'static>(
 impl ProbeMetrics {
     /// Registers the probe families in `r` (once per registry).
     pub fn new(r: &Registry) -> Result<ProbeMetrics, MetricsError> {
-        let hist = |name: &str, help: &str, buckets: &[f64]| {
+        let hist = |name: &str, help: &str, labels: &[&str]| {
             HistogramVec::new(
-                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
-                &["target"],
+                HistogramOpts::new(name, help).buckets(buckets::latency().to_vec()),
+                labels,
             )
         };
         Ok(ProbeMetrics {
-            requests: reg(r, IntCounterVec::new(
-                Opts::new("awaitlab_http_server_requests_total", "HTTP requests the target's server finished, by method, normalised route and status class."),
-                &["target", "method", "route", "status_class"],
-            )?)?,
-            server: reg(r, hist("awaitlab_http_server_request_duration_seconds", "Server time of each request: first request byte read to last response byte written.", SERVER_BUCKETS)?)?,
-            db_rtt: reg(r, hist("awaitlab_db_round_trip_duration_seconds", "Database round trips: first send after the last receive to the next receive.", DB_BUCKETS)?)?,
-            db_connect: reg(r, hist("awaitlab_db_connect_duration_seconds", "Database TCP connects: SYN_SENT to ESTABLISHED.", DB_BUCKETS)?)?,
-            db_round_trips: reg(r, IntCounterVec::new(Opts::new("awaitlab_db_round_trips_total", "Database round trips made by the target."), &["target"])?)?,
+            server: reg(r, hist("http_server_request_duration_seconds", "Server time of each request the target served (OpenTelemetry http.server.request.duration): first request byte read to last response byte written. Its _count is the requests served.", &HTTP_SERVER_LABELS)?)?,
+            db_rtt: reg(r, hist("db_client_operation_duration_seconds", "Database round trips the target made (OpenTelemetry db.client.operation.duration, one operation per round trip): first send after the last receive to the next receive.", &["target", "db_system_name"])?)?,
+            db_connect: reg(r, hist("db_client_connection_create_time_seconds", "Database TCP connects the target made (OpenTelemetry db.client.connection.create_time): SYN_SENT to ESTABLISHED.", &["target", "db_system_name"])?)?,
             conns_opened: reg(r, IntCounterVec::new(
                 Opts::new("awaitlab_connections_opened_total", "Connections opened: accepted on an HTTP port (role=http) or made to a database port (role=db)."),
                 &["target", "role"],
@@ -130,19 +166,25 @@ impl ProbeMetrics {
                 Opts::new("awaitlab_thread_time_seconds_total", "Time the target's threads spent on the CPU (state=on_cpu) and off it (state=off_cpu: waiting on I/O, locks or the run queue)."),
                 &["target", "state"],
             )?)?,
+            serving_seconds: reg(r, CounterVec::new(
+                Opts::new("awaitlab_serving_thread_time_seconds_total", "The same as awaitlab_thread_time_seconds_total over the threads that served requests only (idle pool and accept threads left out), while they live."),
+                &["target", "state"],
+            )?)?,
             lost: reg(r, IntCounterVec::new(
                 Opts::new("awaitlab_lost_events_total", "Events not measured, by cause (ring buffer full, maps full, payload copy failed, traffic on connections joined mid-way, undecodable records)."),
                 &["target", "cause"],
             )?)?,
             probe_live: reg(r, IntGaugeVec::new(Opts::new("awaitlab_probe_live", "1 when the eBPF program is attached, 0 when the kernel could not load it."), &["target", "program"])?)?,
-            attached: reg(r, IntGaugeVec::new(Opts::new("awaitlab_target_attached", "1 while the probes are attached to the target."), &["target"])?)?,
+            attached: reg(r, IntGaugeVec::new(Opts::new("awaitlab_target_attached", "1 while the probes are attached to the target; 0 after, until its series expire."), &["target"])?)?,
+            known: Arc::default(),
         })
     }
 
     /// An aggregate observer for one attach to `target`. Make a new one for each attach: it
     /// follows that attach's kernel counters (which start at zero), and adds to the same
     /// Prometheus series, so counters keep rising across a container's restarts.
-    pub(crate) fn observer(&self, target: &str) -> TargetObserver {
+    /// `db_port` names the database system (`db_system`).
+    pub(crate) fn observer(&self, target: &str, db_port: Option<u16>) -> TargetObserver {
         // Series that exist before anything happens, so that rates read 0 rather than nothing.
         for (cause, _) in LOST {
             self.lost.with_label_values(&[target, cause]);
@@ -151,18 +193,24 @@ impl ProbeMetrics {
             self.conns_opened.with_label_values(&[target, role]);
             self.conns_closed.with_label_values(&[target, role]);
         }
+        let system = db_system(db_port.unwrap_or(0));
+        self.known_for(target, |k| k.db_system = Some(system));
         TargetObserver {
             target: target.to_string(),
             m: self.clone(),
-            server: self.server.with_label_values(&[target]),
-            db_rtt: self.db_rtt.with_label_values(&[target]),
-            db_connect: self.db_connect.with_label_values(&[target]),
-            db_round_trips: self.db_round_trips.with_label_values(&[target]),
+            db_rtt: self.db_rtt.with_label_values(&[target, system]),
+            db_connect: self.db_connect.with_label_values(&[target, system]),
             by_label: Vec::new(),
             last_counters: [0; COUNTERS as usize],
             last_cpu: CpuTotals::default(),
+            last_serving: CpuTotals::default(),
             last_malformed: 0,
         }
+    }
+
+    fn known_for<R>(&self, target: &str, f: impl FnOnce(&mut TargetSeries) -> R) -> R {
+        let mut k = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        f(k.entry(target.to_string()).or_default())
     }
 
     /// Publishes which programs are live and that the target is attached.
@@ -173,20 +221,64 @@ impl ProbeMetrics {
                 .set(i64::from(p.live));
         }
         self.attached.with_label_values(&[target]).set(1);
+        self.known_for(target, |k| {
+            k.programs = probes.iter().map(|p| p.program.clone()).collect();
+            k.detached_at = None;
+        });
     }
 
-    /// The target's probes are detached (its counters stay, so rates across a restart hold).
+    /// The target's probes are detached. Its counters stay, so that rates across a restart
+    /// hold, until [`ProbeMetrics::expire`] removes them.
     pub(crate) fn set_detached(&self, target: &str) {
         self.attached.with_label_values(&[target]).set(0);
-        for p in [
-            "awl_sock_state",
-            "awl_sock_recv",
-            "awl_sock_send",
-            "awl_sched_switch",
-            "awl_sched_exit",
-        ] {
-            let _ = self.probe_live.remove_label_values(&[target, p]);
+        let programs = self.known_for(target, |k| {
+            k.detached_at.get_or_insert_with(Instant::now);
+            std::mem::take(&mut k.programs)
+        });
+        for p in programs {
+            let _ = self.probe_live.remove_label_values(&[target, &p]);
         }
+    }
+
+    /// Removes every series of the targets detached for longer than `grace` (a container that
+    /// is gone for good); returns how many targets went. A target attached again within the
+    /// grace period keeps its series, and its counters go on from where they were.
+    pub(crate) fn expire(&self, grace: Duration) -> usize {
+        let gone: Vec<(String, TargetSeries)> = {
+            let mut k = self.known.lock().unwrap_or_else(|e| e.into_inner());
+            let old: Vec<String> = k
+                .iter()
+                .filter(|(_, s)| s.detached_at.is_some_and(|t| t.elapsed() >= grace))
+                .map(|(t, _)| t.clone())
+                .collect();
+            old.into_iter()
+                .filter_map(|t| k.remove(&t).map(|s| (t, s)))
+                .collect()
+        };
+        for (t, s) in &gone {
+            let t = t.as_str();
+            for [method, route, code] in &s.server {
+                let _ = self.server.remove_label_values(&[t, method, route, code]);
+            }
+            if let Some(system) = s.db_system {
+                let _ = self.db_rtt.remove_label_values(&[t, system]);
+                let _ = self.db_connect.remove_label_values(&[t, system]);
+            }
+            for role in ["http", "db"] {
+                let _ = self.conns_opened.remove_label_values(&[t, role]);
+                let _ = self.conns_closed.remove_label_values(&[t, role]);
+            }
+            let _ = self.connect_failures.remove_label_values(&[t]);
+            for state in ["on_cpu", "off_cpu"] {
+                let _ = self.thread_seconds.remove_label_values(&[t, state]);
+                let _ = self.serving_seconds.remove_label_values(&[t, state]);
+            }
+            for (cause, _) in LOST {
+                let _ = self.lost.remove_label_values(&[t, cause]);
+            }
+            let _ = self.attached.remove_label_values(&[t]);
+        }
+        gone.len()
     }
 }
 
@@ -194,29 +286,45 @@ impl ProbeMetrics {
 pub(crate) struct TargetObserver {
     target: String,
     m: ProbeMetrics,
-    server: prometheus::Histogram,
     db_rtt: prometheus::Histogram,
     db_connect: prometheus::Histogram,
-    db_round_trips: IntCounter,
-    /// Request counters by label id and status class, resolved once (a label lookup hashes).
-    by_label: Vec<[Option<IntCounter>; 5]>,
+    /// Server histograms by label id, then status code, resolved once (a label lookup hashes).
+    by_label: Vec<Vec<(u16, prometheus::Histogram)>>,
     last_counters: [u64; COUNTERS as usize],
     last_cpu: CpuTotals,
+    last_serving: CpuTotals,
     last_malformed: u64,
 }
 
 impl TargetObserver {
-    fn request_counter(&mut self, label: usize, status: u16, labels: &LabelSet) -> &IntCounter {
+    fn server_histogram(
+        &mut self,
+        label: usize,
+        status: u16,
+        labels: &LabelSet,
+    ) -> &prometheus::Histogram {
         if self.by_label.len() <= label {
             self.by_label.resize_with(label + 1, Default::default);
         }
-        let class = status_class(status);
-        let (target, m) = (&self.target, &self.m);
-        self.by_label[label][class].get_or_insert_with(|| {
-            let (method, route) = labels.get(label);
-            m.requests
-                .with_label_values(&[target.as_str(), method, route, STATUS_CLASSES[class]])
-        })
+        let by_status = &mut self.by_label[label];
+        let i = match by_status.iter().position(|(s, _)| *s == status) {
+            Some(i) => i,
+            None => {
+                let (method, route) = labels.get(label);
+                let code = status_code(status);
+                let h = self
+                    .m
+                    .server
+                    .with_label_values(&[&self.target, method, route, &code]);
+                self.m.known_for(&self.target, |k| {
+                    k.server
+                        .insert([method.to_string(), route.to_string(), code]);
+                });
+                by_status.push((status, h));
+                by_status.len() - 1
+            }
+        };
+        &by_status[i].1
     }
 
     /// Adds what a cumulative total gained since the last snapshot.
@@ -233,13 +341,11 @@ impl Observer for TargetObserver {
     fn record(&mut self, rec: &Record, label: Option<usize>, labels: &LabelSet) {
         match rec {
             Record::Request(r) => {
-                self.server.observe(secs(r.server_ns));
-                self.request_counter(label.unwrap_or(0), r.status, labels)
-                    .inc();
+                self.server_histogram(label.unwrap_or(0), r.status, labels)
+                    .observe(secs(r.server_ns));
             }
             Record::DbRoundTrip { dur_ns, .. } => {
                 self.db_rtt.observe(secs(*dur_ns));
-                self.db_round_trips.inc();
             }
             Record::DbConnect { dur_ns } => self.db_connect.observe(secs(*dur_ns)),
         }
@@ -284,15 +390,23 @@ impl Observer for TargetObserver {
         m.thread_seconds
             .with_label_values(&[t, "off_cpu"])
             .inc_by(secs(off));
+        // A serving thread that exits takes its time out of the total: count what the live
+        // ones gained, never a drop.
+        let gained = |last: &mut u64, now: u64| {
+            let d = now.saturating_sub(*last);
+            *last = now;
+            d
+        };
+        let on = gained(&mut self.last_serving.on_ns, s.serving_cpu.on_ns);
+        let off = gained(&mut self.last_serving.off_ns, s.serving_cpu.off_ns);
+        m.serving_seconds
+            .with_label_values(&[t, "on_cpu"])
+            .inc_by(secs(on));
+        m.serving_seconds
+            .with_label_values(&[t, "off_cpu"])
+            .inc_by(secs(off));
     }
 }
-
-/// Client latency buckets (seconds): the server buckets plus the long tail a client sees when
-/// requests queue (the study's client had no timeout).
-pub(crate) const CLIENT_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-    120.0, 300.0,
-];
 
 /// The load generator's figures. Cheap to clone; every clone feeds the same series.
 ///
@@ -301,7 +415,7 @@ pub(crate) const CLIENT_BUCKETS: &[f64] = &[
 #[derive(Clone)]
 pub struct LoadMetrics {
     users: IntGauge,
-    requests: IntCounter,
+    chart: Gauge,
     failures: IntCounterVec,
     latency: prometheus::Histogram,
 }
@@ -323,11 +437,11 @@ impl LoadMetrics {
         }
         Ok(LoadMetrics {
             users: reg(r, IntGauge::new("awaitlab_load_users", "Closed-loop users the load generator runs now.")?)?,
-            requests: reg(r, IntCounter::new("awaitlab_load_requests_total", "Requests the load generator finished, failed or not.")?)?,
+            chart: reg(r, Gauge::new("awaitlab_load_chart_successes_per_second", "Locust's report chart value now: requests/s minus failures/s, each the mean of the per-second counts over the 10 s that end 2 s before the last completion. Its maximum over a cell is the study's Max sRPS.")?)?,
             failures,
             latency: reg(r, prometheus::Histogram::with_opts(
-                HistogramOpts::new("awaitlab_http_client_request_duration_seconds", "Client latency of each generated request: connect (if any) to the end of the response or the error.")
-                    .buckets(CLIENT_BUCKETS.to_vec()),
+                HistogramOpts::new("http_client_request_duration_seconds", "Client latency of each request the load generator finished, failed or not (OpenTelemetry http.client.request.duration): connect (if any) to the end of the response or the error. Its _count is the requests finished.")
+                    .buckets(buckets::latency().to_vec()),
             )?)?,
         })
     }
@@ -337,9 +451,13 @@ impl LoadMetrics {
         self.users.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
+    /// Locust's chart value now (requests/s - failures/s, computed by `load::chart`).
+    pub fn set_chart_rate(&self, v: f64) {
+        self.chart.set(v);
+    }
+
     /// One finished request: counts it, its failure kind if it failed, and its latency.
     pub fn observe_response(&self, latency: Duration, outcome: crate::load::record::Outcome) {
-        self.requests.inc();
         if let Some(kind) = outcome.failure_class() {
             self.failures.with_label_values(&[kind]).inc();
         }
@@ -347,54 +465,73 @@ impl LoadMetrics {
     }
 }
 
-/// The injected delay: what was asked for and what the back end measured it achieves.
+/// The injected delay on each target: what was asked for and what the back end measured it
+/// achieves. One back end per target keeps a series (the latest one set).
 #[derive(Clone)]
 pub struct DelayMetrics {
     requested: GaugeVec,
     achieved: GaugeVec,
+    backends: Arc<Mutex<HashMap<String, String>>>,
 }
 
 impl DelayMetrics {
     pub fn new(r: &Registry) -> Result<DelayMetrics, MetricsError> {
+        let gauge =
+            |name: &str, help: &str| GaugeVec::new(Opts::new(name, help), &["target", "backend"]);
         Ok(DelayMetrics {
             requested: reg(
                 r,
-                GaugeVec::new(
-                    Opts::new("awaitlab_delay_requested_seconds", "Delay requested on the target's outgoing packets."),
-                    &["backend"],
+                gauge(
+                    "awaitlab_delay_requested_seconds",
+                    "Delay requested on the target's outgoing packets.",
                 )?,
             )?,
             achieved: reg(
                 r,
-                GaugeVec::new(
-                    Opts::new(
-                        "awaitlab_delay_achieved_seconds",
-                        "Delay the back end measured on delayed packets (median), when it measures it.",
-                    ),
-                    &["backend"],
+                gauge(
+                    "awaitlab_delay_achieved_seconds",
+                    "Delay the back end measured on delayed packets (median), when it measures it.",
                 )?,
             )?,
+            backends: Arc::default(),
         })
     }
 
-    /// Sets the delay in force. `backend` names the mechanism (`netem`, `nfqueue`); only the
-    /// latest back end keeps a series. `achieved` is None when the back end cannot measure it.
-    pub fn set(&self, requested: Duration, achieved: Option<Duration>, backend: &str) {
-        self.requested.reset();
-        self.achieved.reset();
+    /// Sets the delay in force on `target`. `backend` names the mechanism (`netem`,
+    /// `nfqueue`); `achieved` is None when the back end cannot measure it.
+    pub fn set(
+        &self,
+        target: &str,
+        requested: Duration,
+        achieved: Option<Duration>,
+        backend: &str,
+    ) {
+        let previous = self
+            .backends
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(target.to_string(), backend.to_string());
+        if let Some(p) = previous.filter(|p| p != backend) {
+            let _ = self.requested.remove_label_values(&[target, &p]);
+            let _ = self.achieved.remove_label_values(&[target, &p]);
+        }
         self.requested
-            .with_label_values(&[backend])
+            .with_label_values(&[target, backend])
             .set(requested.as_secs_f64());
-        if let Some(a) = achieved {
-            self.achieved
-                .with_label_values(&[backend])
-                .set(a.as_secs_f64());
+        match achieved {
+            Some(a) => self
+                .achieved
+                .with_label_values(&[target, backend])
+                .set(a.as_secs_f64()),
+            None => {
+                let _ = self.achieved.remove_label_values(&[target, backend]);
+            }
         }
     }
 
-    /// No delay in force: both gauges read 0 (a panel shows "0 ms", not a gap).
-    pub fn clear(&self, backend: &str) {
-        self.set(Duration::ZERO, Some(Duration::ZERO), backend);
+    /// No delay in force on `target`: both gauges read 0 (a panel shows "0 ms", not a gap).
+    pub fn clear(&self, target: &str, backend: &str) {
+        self.set(target, Duration::ZERO, Some(Duration::ZERO), backend);
     }
 }
 
@@ -471,13 +608,13 @@ mod tests {
     }
 
     #[test]
-    fn status_classes() {
-        assert_eq!(STATUS_CLASSES[status_class(200)], "2xx");
-        assert_eq!(STATUS_CLASSES[status_class(304)], "3xx");
-        assert_eq!(STATUS_CLASSES[status_class(404)], "4xx");
-        assert_eq!(STATUS_CLASSES[status_class(503)], "5xx");
-        assert_eq!(STATUS_CLASSES[status_class(0)], "other");
-        assert_eq!(STATUS_CLASSES[status_class(999)], "other");
+    fn status_codes_and_db_systems() {
+        assert_eq!(status_code(200), "200");
+        assert_eq!(status_code(503), "503");
+        assert_eq!(status_code(0), "");
+        assert_eq!(status_code(999), "");
+        assert_eq!(db_system(5432), "postgresql");
+        assert_eq!(db_system(15432), "other_sql");
     }
 
     #[test]
@@ -485,7 +622,7 @@ mod tests {
         let r = Registry::new();
         let m = ProbeMetrics::new(&r).unwrap();
         let mut c = [0u64; COUNTERS as usize];
-        let mut o = m.observer("t");
+        let mut o = m.observer("t", None);
         c[K::RingbufFull as usize] = 3;
         c[K::DbConnsOpened as usize] = 5;
         let cpu = CpuTotals {
@@ -496,12 +633,14 @@ mod tests {
         o.snapshot(&Snapshot {
             counters: &c,
             cpu,
+            serving_cpu: cpu,
             malformed: 1,
         });
         c[K::RingbufFull as usize] = 4;
         o.snapshot(&Snapshot {
             counters: &c,
             cpu,
+            serving_cpu: cpu,
             malformed: 1,
         });
         assert_eq!(
@@ -536,8 +675,36 @@ mod tests {
             ),
             Some(1.5)
         );
+        let serving = [("state", "off_cpu")];
+        assert_eq!(
+            value(&r, "awaitlab_serving_thread_time_seconds_total", &serving),
+            Some(0.5)
+        );
+        // A serving thread exits: its time leaves the total, and nothing is taken back.
+        o.snapshot(&Snapshot {
+            counters: &c,
+            cpu,
+            serving_cpu: CpuTotals {
+                on_ns: 1_000_000_000,
+                off_ns: 200_000_000,
+                threads: 0,
+            },
+            malformed: 1,
+        });
+        o.snapshot(&Snapshot {
+            counters: &c,
+            cpu,
+            serving_cpu: CpuTotals {
+                on_ns: 1_000_000_000,
+                off_ns: 300_000_000,
+                threads: 0,
+            },
+            malformed: 1,
+        });
+        let v = value(&r, "awaitlab_serving_thread_time_seconds_total", &serving).unwrap();
+        assert!((v - 0.6).abs() < 1e-9, "{v}");
         // A restart: a new attach whose kernel counters start again at zero adds on top.
-        let mut o2 = m.observer("t");
+        let mut o2 = m.observer("t", None);
         c[K::RingbufFull as usize] = 2;
         o2.snapshot(&Snapshot {
             counters: &c,
@@ -546,6 +713,7 @@ mod tests {
                 off_ns: 0,
                 threads: 1,
             },
+            serving_cpu: CpuTotals::default(),
             malformed: 0,
         });
         assert_eq!(
@@ -600,7 +768,7 @@ mod tests {
             local_port: 8000,
             remote_port: 1,
         };
-        let mut o = m.observer("srv");
+        let mut o = m.observer("srv", Some(5432));
         o.record(&Record::Request(rec), Some(label), &labels);
         o.record(
             &Record::DbRoundTrip {
@@ -613,40 +781,87 @@ mod tests {
         );
         let labels = [
             ("target", "srv"),
-            ("method", "GET"),
-            ("route", "/posts/io_read/"),
-            ("status_class", "5xx"),
+            ("http_request_method", "GET"),
+            ("http_route", "/posts/io_read/"),
+            ("http_response_status_code", "503"),
         ];
         assert_eq!(
-            value(&r, "awaitlab_http_server_requests_total", &labels),
+            value(&r, "http_server_request_duration_seconds", &labels),
             Some(1.0)
         );
+        let db = [("target", "srv"), ("db_system_name", "postgresql")];
         assert_eq!(
-            value(&r, "awaitlab_db_round_trips_total", &[("target", "srv")]),
-            Some(1.0)
-        );
-        assert_eq!(
-            value(
-                &r,
-                "awaitlab_db_round_trip_duration_seconds",
-                &[("target", "srv")]
-            ),
+            value(&r, "db_client_operation_duration_seconds", &db),
             Some(1.0)
         );
         let text = String::from_utf8(encode(&r)).unwrap();
-        // 100 ms falls in the 0.1 bucket (le is inclusive) and not in 0.05.
+        // 100 ms falls in the 0.1 bucket (le is inclusive) and not in the one below.
+        let bucket = |le: &str| {
+            format!(
+                "db_client_operation_duration_seconds_bucket{{db_system_name=\"postgresql\",target=\"srv\",le=\"{le}\"}}"
+            )
+        };
+        assert!(text.contains(&format!("{} 1", bucket("0.1"))), "{text}");
+        let below = buckets::latency().iter().rev().find(|&&b| b < 0.1).unwrap();
         assert!(
-            text.contains(
-                "awaitlab_db_round_trip_duration_seconds_bucket{target=\"srv\",le=\"0.1\"} 1"
-            ),
+            text.contains(&format!("{} 0", bucket(&below.to_string()))),
             "{text}"
         );
+        // The process's own figures and the build are in every registry made by `registry()`.
+        let full = registry().unwrap();
+        let text = String::from_utf8(encode(&full)).unwrap();
+        assert!(text.contains("awaitlab_build_info{version=\""), "{text}");
+        assert!(text.contains("process_resident_memory_bytes "), "{text}");
+    }
+
+    /// A target's series stay while it is detached within the grace period (a restart keeps
+    /// its counters) and all go after it; other targets keep theirs.
+    #[test]
+    fn a_detached_targets_series_expire_after_the_grace_period() {
+        let r = Registry::new();
+        let m = ProbeMetrics::new(&r).unwrap();
+        let mut labels = LabelSet::new(8);
+        let label = labels.intern("GET", "/a".into());
+        let req = |status| {
+            Record::Request(crate::probe::aggregate::RequestRecord {
+                status,
+                server_ns: 1_000_000,
+                ..crate::probe::aggregate::RequestRecord::default()
+            })
+        };
+        for t in ["gone", "kept"] {
+            let mut o = m.observer(t, Some(5432));
+            o.record(&req(200), Some(label), &labels);
+            o.record(&req(500), Some(label), &labels);
+            o.record(&Record::DbConnect { dur_ns: 1000 }, None, &labels);
+            m.set_attached(t, &[]);
+        }
+        let series = |t: &str| {
+            let text = String::from_utf8(encode(&r)).unwrap();
+            text.lines()
+                .filter(|l| l.contains(&format!("target=\"{t}\"")))
+                .count()
+        };
+        let before = series("gone");
         assert!(
-            text.contains(
-                "awaitlab_db_round_trip_duration_seconds_bucket{target=\"srv\",le=\"0.05\"} 0"
-            ),
-            "{text}"
+            before > 1000,
+            "{before}: two server histograms and two db ones"
         );
+        m.set_detached("gone");
+        assert_eq!(m.expire(Duration::from_secs(3600)), 0);
+        assert_eq!(series("gone"), before);
+        assert_eq!(m.expire(Duration::ZERO), 1);
+        assert_eq!(
+            series("gone"),
+            0,
+            "{}",
+            String::from_utf8(encode(&r)).unwrap()
+        );
+        assert_eq!(series("kept"), before);
+        // Attached again later: it starts afresh.
+        let mut o = m.observer("gone", Some(5432));
+        o.record(&req(200), Some(label), &labels);
+        assert!(series("gone") > 0);
     }
 
     #[test]
@@ -659,7 +874,10 @@ mod tests {
         l.observe_response(Duration::from_millis(5), Outcome::Status(302));
         l.observe_response(Duration::from_millis(5), Outcome::Status(500));
         l.observe_response(Duration::from_millis(5), Outcome::Error(ErrorKind::Reset));
-        assert_eq!(value(&r, "awaitlab_load_requests_total", &[]), Some(4.0));
+        assert_eq!(
+            value(&r, "http_client_request_duration_seconds", &[]),
+            Some(4.0)
+        );
         assert_eq!(
             value(&r, "awaitlab_load_failures_total", &[("kind", "http_5xx")]),
             Some(1.0)
@@ -676,11 +894,12 @@ mod tests {
 
         let d = DelayMetrics::new(&r).unwrap();
         d.set(
+            "server",
             Duration::from_millis(100),
             Some(Duration::from_micros(100_400)),
             "netem",
         );
-        d.set(Duration::from_millis(200), None, "nfqueue");
+        d.set("server", Duration::from_millis(200), None, "nfqueue");
         assert_eq!(
             value(
                 &r,

@@ -144,6 +144,45 @@ where
     Ok(Server { addr, task })
 }
 
+/// Where a command serves `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsAt {
+    /// An address the user gave: not being able to bind it is an error.
+    Asked(SocketAddr),
+    /// The command's default address: when it is taken (another run, a daemon), a free port on
+    /// the same address instead, so that metrics never stop a run.
+    Default(SocketAddr),
+}
+
+/// The loopback address `awaitlab run` serves its metrics on unless told otherwise (the
+/// daemon's defaults are 9464 for metrics and 9465 for its control endpoint).
+pub const RUN_METRICS_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9466);
+
+/// [`serve_metrics`] at `at`, and the line that says where (`awaitlab: metrics on http://...`,
+/// with the reason when the default port was taken).
+pub async fn serve_metrics_at(
+    at: MetricsAt,
+    registry: prometheus::Registry,
+) -> Result<Server, MetricsError> {
+    let server = match at {
+        MetricsAt::Asked(addr) => serve_metrics(addr, registry).await?,
+        MetricsAt::Default(addr) => match serve_metrics(addr, registry.clone()).await {
+            Ok(s) => s,
+            Err(MetricsError::Bind { source, .. })
+                if source.kind() == std::io::ErrorKind::AddrInUse =>
+            {
+                let s = serve_metrics(SocketAddr::new(addr.ip(), 0), registry).await?;
+                eprintln!("awaitlab: {addr} is in use; serving metrics on a free port instead");
+                s
+            }
+            Err(e) => return Err(e),
+        },
+    };
+    eprintln!("awaitlab: metrics on http://{}/metrics", server.addr);
+    Ok(server)
+}
+
 /// Serves `registry` at `/metrics` (and a pointer to it at `/`).
 pub async fn serve_metrics(
     addr: SocketAddr,

@@ -109,9 +109,9 @@ impl Session {
     /// returns them.
     pub(crate) fn snapshot(&mut self) -> Result<([u64; COUNTERS as usize], CpuTotals), ProbeError> {
         let counters = self.probes.counters()?;
-        let cpu = self.read_now(&counters)?.cpu;
-        self.agg.snapshot(&counters, cpu);
-        Ok((counters, cpu))
+        let reading = self.read_now(&counters)?;
+        self.agg.snapshot(&counters, &reading);
+        Ok((counters, reading.cpu))
     }
 
     /// The summary of everything since the probes were attached.
@@ -142,7 +142,7 @@ impl Session {
         self.drain(|_| {});
         let now = self.probes.counters()?;
         let end = self.read_now(&now)?;
-        self.agg.snapshot(&now, end.cpu);
+        self.agg.snapshot(&now, &end);
         let mut delta = [0u64; COUNTERS as usize];
         for (i, d) in delta.iter_mut().enumerate() {
             *d = now[i].saturating_sub(mark.counters[i]);

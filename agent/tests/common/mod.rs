@@ -190,9 +190,11 @@ pub fn serve(
     }
 }
 
-/// A stand-in database: answers each line `q\n` with `r\n` after `delay`. Counts queries.
+/// A stand-in database: answers each line `q\n` with `r\n` after `delay`. Counts queries, and
+/// keeps how long each took from the query's arrival to the answer's send (`dwell`).
 pub struct FakeDb {
     pub queries: Arc<AtomicU64>,
+    pub dwell: Arc<std::sync::Mutex<Vec<Duration>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -200,8 +202,9 @@ pub struct FakeDb {
 impl FakeDb {
     pub fn start(ns: Option<&Netns>, addr: SocketAddr, delay: Duration) -> FakeDb {
         let queries = Arc::new(AtomicU64::new(0));
+        let dwell = Arc::new(std::sync::Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (q, s) = (queries.clone(), stop.clone());
+        let (q, dw, s) = (queries.clone(), dwell.clone(), stop.clone());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let body = move || {
             let l = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
@@ -211,11 +214,13 @@ impl FakeDb {
                 let mut w = conn;
                 let mut line = String::new();
                 while r.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                    let t0 = std::time::Instant::now();
                     std::thread::sleep(delay);
                     q.fetch_add(1, Ordering::Relaxed);
                     if w.write_all(b"r\n").is_err() {
                         break;
                     }
+                    dw.lock().unwrap().push(t0.elapsed());
                     line.clear();
                 }
             });
@@ -229,6 +234,7 @@ impl FakeDb {
             .expect("fake db did not start");
         FakeDb {
             queries,
+            dwell,
             stop,
             thread: Some(thread),
         }
@@ -249,6 +255,8 @@ impl Drop for FakeDb {
 /// trips on it, closes it and answers 200. Keep-alive unless the client sends `Connection: close`.
 pub struct SyncServer {
     pub requests: Arc<AtomicU64>,
+    /// How long each request took, from its first line's arrival to the response's send.
+    pub handled: Arc<std::sync::Mutex<Vec<Duration>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -271,8 +279,9 @@ impl SyncServer {
         pooled: bool,
     ) -> SyncServer {
         let requests = Arc::new(AtomicU64::new(0));
+        let handled = Arc::new(std::sync::Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (n, s) = (requests.clone(), stop.clone());
+        let (n, h, s) = (requests.clone(), handled.clone(), stop.clone());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let body = move || {
             let l = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
@@ -287,12 +296,14 @@ impl SyncServer {
                 loop {
                     let mut head = String::new();
                     let mut line = String::new();
+                    let mut t0 = None;
                     loop {
                         line.clear();
                         match r.read_line(&mut line) {
                             Ok(0) | Err(_) => return,
                             Ok(_) => {}
                         }
+                        t0.get_or_insert_with(std::time::Instant::now);
                         if line == "\r\n" {
                             break;
                         }
@@ -329,7 +340,11 @@ impl SyncServer {
                         "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n{}\r\nok",
                         if close { "Connection: close\r\n" } else { "" }
                     );
-                    if w.write_all(resp.as_bytes()).is_err() || close {
+                    let sent = w.write_all(resp.as_bytes()).is_ok();
+                    if let Some(t0) = t0 {
+                        h.lock().unwrap().push(t0.elapsed());
+                    }
+                    if !sent || close {
                         return;
                     }
                 }
@@ -344,6 +359,7 @@ impl SyncServer {
             .expect("server did not start");
         SyncServer {
             requests,
+            handled,
             stop,
             thread: Some(thread),
         }

@@ -221,6 +221,12 @@ pub fn dashboard_queries() -> Vec<(String, String, String)> {
                 }
             }
         }
+        for a in d["annotations"]["list"].as_array().into_iter().flatten() {
+            if let Some(e) = a["expr"].as_str() {
+                let name = a["name"].as_str().unwrap_or("?");
+                out.push((file.clone(), format!("annotation {name}"), e.to_string()));
+            }
+        }
     }
     out
 }
@@ -270,7 +276,7 @@ pub fn substitute(expr: &str, rate_interval: &str, range: &str) -> String {
         .replace("${__rate_interval}", rate_interval)
         .replace("$__interval", rate_interval)
         .replace("$__range", range);
-    for var in ["target", "setup", "route", "delay_ms"] {
+    for var in ["job", "instance", "target", "setup", "route", "delay_ms"] {
         e = e
             .replace(&format!("${{{var}}}"), ".*")
             .replace(&format!("${var}"), ".*");
@@ -280,4 +286,50 @@ pub fn substitute(expr: &str, rate_interval: &str, range: &str) -> String {
         "unknown Grafana variable left in {expr:?}"
     );
     e
+}
+
+/// What of the dashboards shows nothing at `at` (Unix seconds) in `p`: every query of every
+/// panel and annotation must return a finite value, and every template variable at least one
+/// value (what its drop-down would list). `rate_interval` and `range` stand for Grafana's
+/// `$__rate_interval` and `$__range`. Returns one line per failure.
+pub fn dashboards_without_data(
+    p: &Prometheus,
+    at: f64,
+    rate_interval: &str,
+    range: &str,
+) -> Vec<String> {
+    let mut failed = Vec::new();
+    for (file, title, expr) in dashboard_queries() {
+        let e = substitute(&expr, rate_interval, range);
+        match p.query(&e, at) {
+            Err(err) => failed.push(format!("{file} / {title}: {e}: {err}")),
+            Ok(r) if r.is_empty() => failed.push(format!("{file} / {title}: {e}: no data")),
+            Ok(r) => {
+                let finite = r.iter().any(|s| {
+                    s["value"][1]
+                        .as_str()
+                        .and_then(|v| v.parse::<f64>().ok())
+                        .is_some_and(f64::is_finite)
+                });
+                if !finite {
+                    failed.push(format!("{file} / {title}: {e}: only NaN/Inf: {r:?}"));
+                }
+            }
+        }
+    }
+    for (file, name, metric, label) in dashboard_variables() {
+        let metric = substitute(&metric, rate_interval, range);
+        let values = p
+            .query(&format!("count by ({label}) ({metric})"), at)
+            .unwrap_or_default()
+            .iter()
+            .filter(|s| s["metric"][label.as_str()].is_string())
+            .count();
+        if values == 0 {
+            failed.push(format!(
+                "{file}: variable {name}: label_values({metric}, {label}) is empty"
+            ));
+        }
+    }
+    failed
 }

@@ -22,7 +22,7 @@ pub(crate) fn new_hist() -> Histogram<u64> {
 }
 
 /// One finished request, as written to NDJSON by `watch --json`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct RequestRecord {
     #[serde(rename = "type")]
     pub kind: &'static str,
@@ -340,6 +340,9 @@ pub(crate) struct Snapshot<'a> {
     pub counters: &'a [u64; COUNTERS as usize],
     /// CPU totals of the target's threads since attach.
     pub cpu: CpuTotals,
+    /// The same over the threads that have served requests (`Stats::serving_tids`) and are
+    /// alive: their time since attach. It drops when such a thread exits.
+    pub serving_cpu: CpuTotals,
     /// Records the agent could not decode, since attach.
     pub malformed: u64,
 }
@@ -385,11 +388,20 @@ impl Aggregator {
         self.observers.push(o);
     }
 
-    /// Hands the kernel's cumulative counters and the CPU totals to the observers.
-    pub(crate) fn snapshot(&mut self, counters: &[u64; COUNTERS as usize], cpu: CpuTotals) {
+    /// Hands the kernel's cumulative counters and the CPU totals of `reading` to the observers.
+    pub(crate) fn snapshot(&mut self, counters: &[u64; COUNTERS as usize], reading: &Reading) {
+        let mut serving_cpu = CpuTotals::default();
+        for tid in &self.total.serving_tids {
+            if let Some((on, off)) = reading.threads.get(tid) {
+                serving_cpu.on_ns += on;
+                serving_cpu.off_ns += off;
+                serving_cpu.threads += 1;
+            }
+        }
         let snap = Snapshot {
             counters,
-            cpu,
+            cpu: reading.cpu,
+            serving_cpu,
             malformed: self.malformed,
         };
         for o in &mut self.observers {
@@ -585,7 +597,7 @@ mod tests {
         a.push(&[0xff; 3]);
         let mut counters = [0u64; COUNTERS as usize];
         counters[Counter::RingbufFull as usize] = 2;
-        a.snapshot(&counters, CpuTotals::default());
+        a.snapshot(&counters, &Reading::default());
         let s = seen.lock().unwrap();
         assert_eq!(s.requests, vec![("GET /posts/io_read/".to_string(), 7_000)]);
         assert_eq!(s.snapshots, vec![(2, 1)]);

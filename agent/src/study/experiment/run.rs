@@ -306,9 +306,9 @@ fn attach(
     let mut session = Session::attach(&spec, system.netns()).context("attaching the probes")?;
     if let Some(m) = metrics {
         // One series per run ("server"), whichever setup and namespace serve it now.
-        session
-            .agg
-            .add_observer(Box::new(m.probes.observer("server")));
+        session.agg.add_observer(Box::new(
+            m.probes.observer("server", Some(system.db_port())),
+        ));
         m.probes.set_attached("server", session.probes().status());
     }
     Ok((target, Some(session)))
@@ -617,6 +617,7 @@ fn measure(
             .with_context(|| format!("setting {} ms of delay", key.delay_ms))?;
         if let Some(m) = metrics {
             m.delay.set(
+                "server",
                 spec.delay,
                 None,
                 &format!("{:?}", g.backend()).to_lowercase(),
@@ -653,7 +654,7 @@ fn measure(
             let a = g.remove();
             let backend = format!("{:?}", a.backend).to_lowercase();
             if let Some(m) = metrics {
-                m.delay.clear(&backend);
+                m.delay.clear("server", &backend);
             }
             if a.bypassed > 0 {
                 notes.push(format!(
@@ -802,7 +803,7 @@ pub fn run(
     cfg: &RunConfig,
     resume: Option<&Path>,
     stop: &Stop,
-    metrics_addr: Option<std::net::SocketAddr>,
+    metrics_at: Option<crate::metrics::server::MetricsAt>,
 ) -> anyhow::Result<RunOutcome> {
     cfg.validate()?;
     let resumed = match resume {
@@ -849,15 +850,14 @@ pub fn run(
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let registry = prometheus::Registry::new();
-    let metrics = match metrics_addr {
-        Some(addr) => {
+    let registry = crate::metrics::registry()?;
+    let metrics = match metrics_at {
+        Some(at) => {
             let m = RunMetrics::new(&registry)?;
-            let server = rt.block_on(crate::metrics::server::serve_metrics(
-                addr,
+            let server = rt.block_on(crate::metrics::server::serve_metrics_at(
+                at,
                 registry.clone(),
             ))?;
-            eprintln!("awaitlab: metrics on http://{}/metrics", server.addr);
             Some((m, server))
         }
         None => None,

@@ -58,22 +58,24 @@ pub(super) fn route_findings<'a>(
         let rt = sync.mean(probe(|p| p.ratios.db_round_trips_per_request));
         let conn = sync.mean(probe(|p| per_request(p, p.db.connects as f64)));
         let server = sync.mean(probe(server_mean_ms));
-        let wait = sync.mean(probe(|p| p.ratios.db_wait_ms_per_request));
+        // What a request waited on the database, measured: its round trips' time plus its
+        // connects' (each pays the added delay once; an estimate of rounds x delay overcounts
+        // round trips the probes attribute to a request but that fall outside its server time).
+        let waited = sync.mean(probe(|p| {
+            let connects = per_request(p, p.db.connects as f64)?;
+            Some(p.ratios.db_wait_ms_per_request? + connects * p.db.connect.mean_ms)
+        }));
         let srps = sync.mean(max_srps).unwrap_or(0.0);
-        if let (Some(rt), Some(server)) = (rt, server) {
+        if let (Some(rt), Some(server), Some(waited)) = (rt, server, waited) {
             let conn = conn.unwrap_or(0.0);
-            // Every round trip and every connect pays the added delay once (the server's packets
-            // to the database are delayed): that much of a request's time is the delay itself.
-            let paid = (rt + conn) * d as f64;
-            if d > 0 && paid >= 0.5 * server {
+            if d > 0 && waited >= 0.5 * server {
                 out.push(format!(
-                    "Sync {route} at {d} ms is bound by round trips: each request made {rt:.1} database round trips and {conn:.1} connects, so it paid about {paid:.0} ms of added delay of the {server:.0} ms it spent in the server (means; {} ms measured database wait per request); one worker serving one request at a time cannot exceed {:.1} req/s, and its max sRPS was {srps:.1}.",
-                    wait.map_or("-".into(), |w| format!("{w:.0}")),
+                    "Sync {route} at {d} ms is bound by round trips: each request made {rt:.1} database round trips and {conn:.1} connects, each paying the added {d} ms, and waited {waited:.0} ms on them of the {server:.0} ms it spent in the server (measured means); one worker serving one request at a time cannot exceed {:.1} req/s, and its max sRPS was {srps:.1}.",
                     1000.0 / server.max(1e-9),
                 ));
             } else {
                 out.push(format!(
-                    "Sync {route} at {d} ms: mean server time {server:.0} ms, {rt:.1} database round trips and {conn:.1} connects per request ({paid:.0} ms of added delay paid per request), max sRPS {srps:.1}."
+                    "Sync {route} at {d} ms: mean server time {server:.0} ms, {rt:.1} database round trips and {conn:.1} connects per request ({waited:.0} ms waited on them), max sRPS {srps:.1}."
                 ));
             }
         }
