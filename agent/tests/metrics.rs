@@ -14,7 +14,6 @@ mod common;
 
 use std::{
     collections::HashSet,
-    io::Write as _,
     net::SocketAddr,
     process::{Command, Stdio},
     sync::atomic::Ordering,
@@ -70,34 +69,6 @@ fn metric_selectors(expr: &str) -> Vec<String> {
         i = j;
     }
     out
-}
-
-/// `promtool check metrics` on an exposition; returns its complaints on failure.
-fn promtool_check(exposition: &str) -> Result<(), String> {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus; cargo xtask setup installs it)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(exposition.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if out.status.success() && said.trim().is_empty() {
-        Ok(())
-    } else {
-        Err(said)
-    }
 }
 
 fn metrics_addr(agent: &Agent) -> SocketAddr {

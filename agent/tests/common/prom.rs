@@ -253,8 +253,9 @@ pub fn dashboard_variables() -> Vec<(String, String, String, String)> {
                         v["name"]
                     )
                 });
+            // The label is the last argument; the metric's selector has commas of its own.
             let (metric, label) = inner
-                .split_once(',')
+                .rsplit_once(',')
                 .unwrap_or_else(|| panic!("{file}: {def}"));
             out.push((
                 file.clone(),
@@ -332,4 +333,32 @@ pub fn dashboards_without_data(
         }
     }
     failed
+}
+
+/// `promtool check metrics` on an exposition; returns its complaints on failure.
+pub fn promtool_check(exposition: &str) -> Result<(), String> {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; cargo xtask setup installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(exposition.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() && said.trim().is_empty() {
+        Ok(())
+    } else {
+        Err(said)
+    }
 }
