@@ -941,3 +941,64 @@ fn the_library_guard_removes_its_delay_when_the_owner_panics() {
     let after = echo_rtt_ms(Some(&p.client), p.echo(), 10);
     assert!(after < 2.0, "rtt {after:.3} ms after the guard was dropped");
 }
+
+/// An owner is alive exactly while it holds the lock on its state file, whatever its pid and
+/// command line: a state file that names this living test process (with its real start time)
+/// but is not locked is a dead owner's, and `delay show` removes it; locked by this process it
+/// is kept, and removed once the lock goes. An older agent's state (version 1, no lock) counts
+/// as alive while its pid runs, so an upgrade does not remove a live owner's delay. The state
+/// directory is private (0700).
+#[test]
+fn an_owner_lives_exactly_while_it_holds_its_lock() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let ns = Netns::new("lk");
+    let pid = std::process::id();
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let start: u64 = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .nth(19)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut state = serde_json::json!({
+        "version": 2,
+        "pid": pid,
+        "pid_start": start,
+        "netns_path": ns.path(),
+        "netns_inum": std::fs::metadata(ns.path()).unwrap().ino() as u32,
+        "backend": "netem",
+        "devs": [],
+        "marker": format!("awaitlab:{pid}:4242"),
+        "queue": null,
+    });
+    let dir = Path::new("/run/awaitlab/delay");
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join(format!("{pid}-4242.json"));
+    let show = || {
+        let out = delay_cmd(&["show", &format!("netns:{}", ns.name)]);
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+    };
+
+    std::fs::write(&path, state.to_string()).unwrap();
+    show();
+    assert!(!path.exists(), "an unlocked state file is a dead owner's");
+
+    std::fs::write(&path, state.to_string()).unwrap();
+    let held = std::fs::File::open(&path).unwrap();
+    // SAFETY: flock on a descriptor we own.
+    assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) }, 0);
+    show();
+    assert!(path.exists(), "a locked state file is a live owner's");
+    drop(held);
+    show();
+    assert!(!path.exists(), "the lock went with its holder");
+
+    state["version"] = 1.into();
+    std::fs::write(&path, state.to_string()).unwrap();
+    show();
+    assert!(path.exists(), "an older agent's owner, alive by its pid");
+    std::fs::remove_file(&path).unwrap();
+
+    let mode = std::fs::metadata(dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "{mode:o}");
+}

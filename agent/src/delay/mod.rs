@@ -272,6 +272,8 @@ pub struct DelayGuard {
     started: Instant,
     rtt_before: RttSample,
     removed: bool,
+    /// The state file, locked while this owner lives (`state` module).
+    lock: Option<File>,
 }
 
 impl DelayGuard {
@@ -351,6 +353,7 @@ impl DelayGuard {
             l.stop();
         }
         let _ = std::fs::remove_file(self.state.file());
+        self.lock = None;
     }
 }
 
@@ -427,7 +430,7 @@ pub fn set(
         target: target.clone(),
         ns,
         state: OwnerState {
-            version: 1,
+            version: STATE_VERSION,
             pid,
             pid_start: proc_start(pid).unwrap_or(0),
             netns_path: target.netns_path(),
@@ -444,10 +447,11 @@ pub fn set(
         started: Instant::now(),
         rtt_before,
         removed: false,
+        lock: None,
     };
     match backend {
         Backend::Netem => {
-            guard.state.write()?;
+            guard.lock = Some(guard.state.write()?);
             // On error the guard's drop removes the qdiscs already added (only ours, by handle).
             for d in &devs {
                 run_in_ns(&guard.ns, "tc", &tc::add_args(d, spec.delay, spec.jitter))?;
@@ -480,7 +484,7 @@ pub fn set(
             guard.line = Some(l);
             guard.state.queue = Some(q);
             guard.state.created_mangle = !mangle_exists(&guard.ns);
-            guard.state.write()?;
+            guard.lock = Some(guard.state.write()?);
             for d in &devs {
                 run_in_ns(&guard.ns, "iptables", &iptables::insert_args(d, &marker, q))?;
             }
@@ -621,11 +625,12 @@ pub fn clear(target: &Target) -> Result<Vec<String>, DelayError> {
             || !st.owner_alive()
             || st.pid == std::process::id()
             || !st.clear_stops_owner
+            || proc_start(st.pid) != Some(st.pid_start)
         {
             continue;
         }
-        // SAFETY: kill has no memory-safety preconditions; the start time check above makes
-        // sure the pid is still the owner.
+        // SAFETY: kill has no memory-safety preconditions; the lock says the owner lives and the
+        // start time that the pid is still it.
         unsafe { libc::kill(st.pid as i32, libc::SIGTERM) };
         let t0 = Instant::now();
         while path.exists() && st.owner_alive() && t0.elapsed() < Duration::from_secs(5) {
