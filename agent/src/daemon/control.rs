@@ -29,11 +29,17 @@ pub struct Control {
     pub token: Option<String>,
     pub state: Arc<Mutex<Followed>>,
     /// Delays set through this endpoint, by container name; dropping one removes it.
-    delays: Mutex<HashMap<String, delay::DelayGuard>>,
+    delays: Mutex<HashMap<String, Slot>>,
     /// Load runs started through this endpoint, by id (1-based index).
     loads: Arc<Mutex<Vec<LoadJob>>>,
     /// The delays and load runs, as the daemon's /metrics shows them.
     metrics: Option<(crate::metrics::DelayMetrics, crate::metrics::LoadMetrics)>,
+}
+
+/// A target's delay, or a change of it under way (set or clear, outside the lock).
+enum Slot {
+    Changing,
+    Held(Box<delay::DelayGuard>),
 }
 
 /// A load run started by `POST /v1/load`.
@@ -244,35 +250,75 @@ impl Control {
             .ok_or_else(|| Response::error(404, format!("no attached target named {name:?}")))
     }
 
+    /// Takes `name`'s delay slot for a change: its current guard, if any, and a mark that a
+    /// change is under way (a second change of the same target meanwhile gets 409). The lock
+    /// is held only for that: the change itself (tc, iptables, waiting) runs without it.
+    fn take_slot(&self, name: &str) -> Result<Option<delay::DelayGuard>, Response> {
+        let Ok(mut delays) = self.delays.lock() else {
+            return Err(Response::error(500, "daemon state unavailable"));
+        };
+        if matches!(delays.get(name), Some(Slot::Changing)) {
+            return Err(Response::error(
+                409,
+                format!("a delay change on {name:?} is in progress"),
+            ));
+        }
+        Ok(match delays.insert(name.to_string(), Slot::Changing) {
+            Some(Slot::Held(g)) => Some(*g),
+            _ => None,
+        })
+    }
+
+    /// Ends a change of `name`'s slot: it now holds `g`, or nothing.
+    fn put_slot(&self, name: &str, g: Option<delay::DelayGuard>) {
+        if let Ok(mut delays) = self.delays.lock() {
+            match g {
+                Some(g) => delays.insert(name.to_string(), Slot::Held(Box::new(g))),
+                None => delays.remove(name),
+            };
+        }
+    }
+
+    /// Removes `old` and exports that no delay is in force.
+    fn remove_delay(&self, name: &str, old: delay::DelayGuard) -> delay::Achieved {
+        let a = old.remove();
+        self.delay_metric(name, None, Some(&format!("{:?}", a.backend).to_lowercase()));
+        a
+    }
+
     fn set_delay(&self, name: &str, delay_ms: u32, choice: delay::BackendChoice) -> Response {
         let pid = match self.pid_of(name) {
             Ok(p) => p,
             Err(r) => return r,
         };
-        let Ok(mut delays) = self.delays.lock() else {
-            return Response::error(500, "daemon state unavailable");
+        let old = match self.take_slot(name) {
+            Ok(old) => old,
+            Err(r) => return r,
         };
         // A new delay replaces the old one; 0 ms is a clear.
-        if let Some(old) = delays.remove(name) {
-            let a = old.remove();
-            self.delay_metric(name, None, Some(&format!("{:?}", a.backend).to_lowercase()));
+        if let Some(old) = old {
+            self.remove_delay(name, old);
         }
         if delay_ms == 0 {
+            self.put_slot(name, None);
             return Response::json(
                 200,
                 &json!({ "version": CONTROL_VERSION, "target": name, "delay_ms": 0 }),
             );
         }
-        let target = match Target::resolve(&format!("pid:{pid}")) {
-            Ok(t) => t,
-            Err(e) => return Response::error(409, format!("{name}: {e}")),
-        };
         let spec = delay::DelaySpec {
             delay: Duration::from_millis(u64::from(delay_ms)),
             jitter: Duration::ZERO,
             ..Default::default()
         };
-        match delay::set(&target, &spec, choice) {
+        let set = Target::resolve(&format!("pid:{pid}"))
+            .map_err(|e| Response::error(409, format!("{name}: {e}")))
+            .and_then(|target| {
+                delay::set(&target, &spec, choice).map_err(|e| {
+                    Response::error(if e.is_usage() { 422 } else { 500 }, e.to_string())
+                })
+            });
+        match set {
             Ok(g) => {
                 let backend = format!("{:?}", g.backend()).to_lowercase();
                 self.delay_metric(name, Some((spec.delay, &backend)), None);
@@ -283,30 +329,31 @@ impl Control {
                     "backend": backend,
                     "devs": g.devs(),
                 });
-                delays.insert(name.to_string(), g);
+                self.put_slot(name, Some(g));
                 Response::json(200, &body)
             }
-            Err(e) if e.is_usage() => Response::error(422, e.to_string()),
-            Err(e) => Response::error(500, e.to_string()),
+            Err(r) => {
+                self.put_slot(name, None);
+                r
+            }
         }
     }
 
     fn clear_delay(&self, name: &str) -> Response {
-        let Ok(mut delays) = self.delays.lock() else {
-            return Response::error(500, "daemon state unavailable");
+        let old = match self.take_slot(name) {
+            Ok(old) => old,
+            Err(r) => return r,
         };
-        match delays.remove(name) {
-            Some(g) => {
-                let achieved = g.remove();
-                let backend = format!("{:?}", achieved.backend).to_lowercase();
-                self.delay_metric(name, None, Some(&backend));
-                Response::json(
-                    200,
-                    &json!({ "version": CONTROL_VERSION, "target": name, "achieved": achieved }),
-                )
-            }
-            None => Response::error(404, format!("no delay set on {name:?} through this daemon")),
-        }
+        let Some(old) = old else {
+            self.put_slot(name, None);
+            return Response::error(404, format!("no delay set on {name:?} through this daemon"));
+        };
+        let achieved = self.remove_delay(name, old);
+        self.put_slot(name, None);
+        Response::json(
+            200,
+            &json!({ "version": CONTROL_VERSION, "target": name, "achieved": achieved }),
+        )
     }
 
     fn start_load(&self, l: LoadRequest) -> Response {
@@ -329,6 +376,19 @@ impl Control {
         let Ok(mut jobs) = self.loads.lock() else {
             return Response::error(500, "daemon state unavailable");
         };
+        // One load at a time: a second would share the host's cores with the first and measure
+        // neither.
+        if let Some(running) = jobs.iter().find(|j| j.state == "running") {
+            return Response::json(
+                409,
+                &json!({
+                    "version": CONTROL_VERSION,
+                    "error": format!("load run {} is still running", running.id),
+                    "running": running.id,
+                    "status": format!("/v1/load/{}", running.id),
+                }),
+            );
+        }
         let id = jobs.len() + 1;
         jobs.push(LoadJob {
             id,
@@ -480,6 +540,31 @@ mod tests {
         assert_eq!(r.status, 200);
         assert_eq!(body(&r)["version"], 1);
         assert_eq!(body(&r)["targets"], json!([]));
+    }
+
+    /// One load run at a time: while one runs (against a server that accepts and never
+    /// answers, so it cannot finish early), a second is refused with 409 and the running one's
+    /// id; the first is still listed as running.
+    #[test]
+    fn a_second_load_while_one_runs_gets_409_with_its_id() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let _in_runtime = rt.enter();
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/", silent.local_addr().unwrap());
+        let c = Control::new(None, Default::default());
+        let load = format!("{{\"url\":\"{url}\",\"users\":1,\"duration_s\":30}}");
+        let first = c.handle(req("POST", "/v1/load", None, &load));
+        assert_eq!(first.status, 202, "{:?}", body(&first));
+        let id = body(&first)["id"].as_u64().unwrap();
+        let second = c.handle(req("POST", "/v1/load", None, &load));
+        assert_eq!(second.status, 409, "{:?}", body(&second));
+        assert_eq!(body(&second)["running"], id);
+        let status = c.handle(req("GET", &format!("/v1/load/{id}"), None, ""));
+        assert_eq!(body(&status)["load"]["state"], "running");
     }
 
     #[test]

@@ -125,7 +125,7 @@ where
             tokio::spawn(async move {
                 let service = service_fn(move |req| {
                     let h = h.clone();
-                    async move { Ok::<_, Infallible>(serve(req, peer, &*h).await) }
+                    async move { Ok::<_, Infallible>(serve(req, peer, h).await) }
                 });
                 let conn = http1::Builder::new()
                     .timer(TokioTimer::new())
@@ -208,20 +208,25 @@ pub(crate) fn metrics_handler(registry: &prometheus::Registry, req: &Request) ->
     }
 }
 
-/// One request: its body read within the limits, the handler, the response.
+/// One request: its body read within the limits, the handler, the response. The handler runs
+/// on the blocking pool, not on a runtime worker: a handler that shells out or waits (a delay
+/// set or cleared through the control endpoint) must not stall the other connections, among
+/// them Prometheus's scrapes.
 async fn serve<H>(
     req: hyper::Request<Incoming>,
     peer: SocketAddr,
-    handler: &H,
+    handler: Arc<H>,
 ) -> hyper::Response<Full<bytes::Bytes>>
 where
-    H: Fn(Request) -> Response,
+    H: Fn(Request) -> Response + Send + Sync + 'static,
 {
     let resp = match read_request(req, peer).await {
         Err(resp) => resp,
         Ok(req) => {
             let head_only = req.method == "HEAD";
-            let mut r = handler(req);
+            let mut r = tokio::task::spawn_blocking(move || handler(req))
+                .await
+                .unwrap_or_else(|e| Response::text(500, format!("handler failed: {e}")));
             if head_only {
                 r.body.clear();
             }
