@@ -48,7 +48,7 @@ pub struct SetArgs {
     #[arg(long = "dev")]
     pub devs: Vec<String>,
     /// Stop after this many seconds (default: until Ctrl-C or SIGTERM).
-    #[arg(long, value_parser = parse_secs)]
+    #[arg(long, value_parser = super::parse_secs)]
     pub duration: Option<f64>,
     /// Print the per-second lines as JSON on stderr (the final summary is always one JSON line on
     /// stdout).
@@ -86,13 +86,6 @@ fn parse_ms(s: &str) -> Result<f64, String> {
         ));
     }
     Ok(v)
-}
-
-fn parse_secs(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
-        _ => Err(format!("{s:?} is not a positive number of seconds")),
-    }
 }
 
 fn err_code(e: &DelayError) -> u8 {

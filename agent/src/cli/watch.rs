@@ -41,7 +41,7 @@ pub struct Args {
     #[arg(long, default_value_t = 1.0, value_parser = parse_interval)]
     pub interval: f64,
     /// Stop after this many seconds (default: until Ctrl-C).
-    #[arg(long)]
+    #[arg(long, value_parser = super::parse_secs)]
     pub duration: Option<f64>,
     /// Do not copy request and response heads (no method, path or status).
     #[arg(long)]

@@ -319,6 +319,23 @@ fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Hostile configuration text (TOML's punctuation, keys, numbers): an error with a
+        /// message, never a panic; what parses is validated without one too.
+        #[test]
+        fn hostile_config_text_is_an_error_not_a_panic(s in "[a-z_=\\[\\]\"0-9.,:{} \n-]{0,120}") {
+            match DaemonConfig::parse(&s) {
+                Ok(c) => { let _ = c.validate(); }
+                Err(e) => prop_assert!(!e.is_empty()),
+            }
+            let mutated = format!("{s}\n{}", include_str!("../../../deploy/agent.toml"));
+            if let Ok(c) = DaemonConfig::parse(&mutated) {
+                let _ = c.validate();
+            }
+        }
+    }
     use std::collections::HashMap;
 
     fn cfg(extra: &str) -> Result<DaemonConfig, String> {

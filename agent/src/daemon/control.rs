@@ -498,6 +498,24 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Hostile control requests (any method, a path under /v1, any body): a status and a
+        /// message, never a panic.
+        #[test]
+        fn hostile_requests_get_a_status_not_a_panic(
+            method in "(GET|PUT|POST|DELETE|HEAD|PATCH|X)",
+            path in "/v1/[a-z0-9/%._-]{0,30}",
+            body in proptest::collection::vec(any::<u8>(), 0..200),
+        ) {
+            let c = Control::new(None, Default::default());
+            let mut r = req(&method, &path, None, "");
+            r.body = body;
+            let resp = c.handle(r);
+            prop_assert!((200..600).contains(&resp.status));
+        }
+    }
 
     fn req(method: &str, path: &str, auth: Option<&str>, body: &str) -> Request {
         let mut headers = vec![("content-type".to_string(), "application/json".to_string())];

@@ -39,11 +39,15 @@ pub struct OpenSchedule {
 pub enum ScheduleError {
     #[error("malformed stage {0:?}: expected TARGET@DURATION, e.g. 500@100s")]
     Stage(String),
-    #[error("malformed duration {0:?}: expected e.g. 90, 90s, 1m30s, 500ms or 1h")]
+    #[error("malformed duration {0:?}: expected e.g. 90, 90s, 1m30s, 500ms or 1h, at most a week")]
     Duration(String),
     #[error("{0}")]
     Invalid(String),
 }
+
+/// The longest run (and so the longest duration) the generator takes: a week. Longer is a typo
+/// (`1e300`), and would overflow the clock's arithmetic.
+pub(crate) const MAX_RUN_S: f64 = 7.0 * 86_400.0;
 
 /// Total length of a list of stages, in seconds.
 fn total(stages: &[Stage]) -> f64 {
@@ -93,6 +97,12 @@ fn check(stages: &[Stage], what: &str) -> Result<(), ScheduleError> {
         return Err(ScheduleError::Invalid(
             "the run must last longer than 0 s".into(),
         ));
+    }
+    if total(stages) > MAX_RUN_S {
+        return Err(ScheduleError::Invalid(format!(
+            "the run must last at most {MAX_RUN_S} s (a week), not {} s",
+            total(stages)
+        )));
     }
     if stages.iter().all(|s| s.target <= 0.0) {
         return Err(ScheduleError::Invalid(format!(
@@ -366,7 +376,7 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, ScheduleError> {
         return Err(bad());
     }
     if let Ok(v) = t.parse::<f64>() {
-        return if v.is_finite() && v >= 0.0 {
+        return if v.is_finite() && (0.0..=MAX_RUN_S).contains(&v) {
             Ok(Duration::from_secs_f64(v))
         } else {
             Err(bad())
@@ -396,7 +406,7 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, ScheduleError> {
         secs += v * scale;
         rest = &rest[unit_end..];
     }
-    if !secs.is_finite() {
+    if !(secs.is_finite() && secs <= MAX_RUN_S) {
         return Err(bad());
     }
     Ok(Duration::from_secs_f64(secs))
@@ -515,7 +525,52 @@ mod tests {
         assert_eq!(s.arrival(1500), None);
     }
 
+    /// Regression: a finite but enormous duration (`1e300`, `1e23h`) panicked converting to a
+    /// `Duration`; now it is refused like any malformed one.
+    #[test]
+    fn enormous_durations_are_errors() {
+        for d in ["1e300", "99999999999999999999999h", "604801", "168h1s"] {
+            assert!(parse_duration(d).is_err(), "{d}");
+        }
+        assert_eq!(
+            parse_duration("168h").unwrap(),
+            Duration::from_secs(604_800)
+        );
+        for s in ["1@1e300", "5@99999999999999999999999h"] {
+            assert!(parse_stages(s).is_err(), "{s}");
+        }
+        let e = ClosedSchedule::ramp(10, 1.0, 1e300).unwrap_err();
+        assert!(e.to_string().contains("at most 604800 s"), "{e}");
+        assert!(OpenSchedule::ramp(1.0, 0.0, 1e300).is_err());
+        let long = vec![
+            Stage {
+                target: 1.0,
+                duration_s: MAX_RUN_S,
+            },
+            Stage {
+                target: 1.0,
+                duration_s: 1.0,
+            },
+        ];
+        assert!(ClosedSchedule::new(long).is_err());
+    }
+
     proptest! {
+        /// Hostile `--stages` and durations: an error or a schedule whose length converts,
+        /// never a panic.
+        #[test]
+        fn hostile_stages_and_durations_never_panic(s in "[0-9.e@,smh -]{0,28}") {
+            let _ = parse_duration(&s);
+            if let Ok(stages) = parse_stages(&s) {
+                if let Ok(c) = ClosedSchedule::new(stages.clone()) {
+                    prop_assert!(c.duration().as_secs_f64() <= MAX_RUN_S);
+                }
+                if let Ok(o) = OpenSchedule::new(stages) {
+                    prop_assert!(o.duration().as_secs_f64() <= MAX_RUN_S);
+                }
+            }
+        }
+
         #[test]
         fn arrivals_increase_and_match_the_area(rate in 0.5f64..5000.0, ramp in 0.0f64..20.0, extra in 0.1f64..20.0) {
             let s = OpenSchedule::ramp(rate, ramp, ramp + extra).unwrap();

@@ -285,6 +285,21 @@ pub(crate) fn parse_delay(s: &str) -> Result<u32, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::proptest;
+
+    proptest! {
+        /// Hostile study.toml text: an error, never a panic; what parses validates without one.
+        #[test]
+        fn hostile_config_text_is_an_error_not_a_panic(s in "[a-z_=\\[\\]\"0-9.,:{} \n-]{0,120}") {
+            if let Ok(c) = RunConfig::from_toml(&s) {
+                let _ = c.validate();
+            }
+            let mutated = format!("{}\n{s}", include_str!("../../../../study.toml"));
+            if let Ok(c) = RunConfig::from_toml(&mutated) {
+                let _ = c.validate();
+            }
+        }
+    }
 
     #[test]
     fn the_checked_in_study_config_parses_and_is_the_study() {
