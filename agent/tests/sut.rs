@@ -648,3 +648,79 @@ fn netns_refusals_are_counted() {
 fn docker_refusals_are_counted() {
     refusals_are_counted(BackendKind::Docker);
 }
+
+/// Docker restarts the server's container under a running system under test: `sut status`
+/// reports the live namespace and published port (asked from Docker, not the file written at
+/// `up`), and the server answers there.
+#[test]
+fn docker_status_follows_a_restarted_server_container() {
+    let name = name();
+    let up = common::agent_once(&[
+        "sut",
+        "up",
+        "--backend",
+        "docker",
+        "--setup",
+        "sync",
+        "--name",
+        &name,
+        "--json",
+    ]);
+    assert_eq!(up.code, Some(0), "{}", up.stderr);
+    let before: awaitlab::study::sut::State = serde_json::from_str(up.stdout.trim()).unwrap();
+    let server = format!("{name}-server");
+    let out = Command::new("docker")
+        .args(["restart", "-t", "1", &server])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docker = |args: &[&str]| {
+        let o = Command::new("docker").args(args).output().unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let pid = docker(&["inspect", "-f", "{{.State.Pid}}", &server]);
+    let port = docker(&["port", &server, "8000/tcp"]);
+    let port = port
+        .lines()
+        .next()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+
+    let st = common::agent_once(&["sut", "status", "--name", &name, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(st.stdout.trim()).unwrap();
+    assert_eq!(v["up"], true, "{}", st.stdout);
+    let now: awaitlab::study::sut::State = serde_json::from_value(v["state"].clone()).unwrap();
+    assert_eq!(now.netns, format!("/proc/{pid}/ns/net"));
+    assert_ne!(now.netns, before.netns, "a new process after the restart");
+    assert_eq!(now.url, format!("http://127.0.0.1:{port}"));
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        match http(
+            now.server_addr().unwrap(),
+            "GET",
+            "/posts/io_read/",
+            None,
+            T,
+        ) {
+            Ok((s, _)) => break s,
+            Err(_) if t0.elapsed() < Duration::from_secs(30) => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("the restarted server does not answer at {}: {e}", now.url),
+        }
+    };
+    assert_eq!(status, 200);
+    let down = common::agent_once(&["sut", "down", "--name", &name]);
+    assert_eq!(down.code, Some(0), "{}", down.stderr);
+    let mut pids = before.server_pids.clone();
+    pids.extend_from_slice(&now.server_pids);
+    pids.push(now.db_pid);
+    assert_clean(&name, &pids);
+}

@@ -501,6 +501,55 @@ impl Backend for Docker {
         })
     }
 
+    fn refresh(&self, state: &State) -> State {
+        let mut s = state.clone();
+        block(async move {
+            let Ok(d) = connect().await else { return s };
+            let inspect = |c: String| {
+                let d = d.clone();
+                async move {
+                    d.inspect_container(&c, None::<InspectContainerOptions>)
+                        .await
+                        .ok()
+                }
+            };
+            if let Some(i) = inspect(format!("{}-server", s.name)).await {
+                let pid = i.state.as_ref().and_then(|st| st.pid).unwrap_or(0);
+                if let Ok(pid) = u32::try_from(pid) {
+                    if pid > 0 {
+                        s.netns = format!("/proc/{pid}/ns/net");
+                        s.server_pids = std::iter::once(pid).chain(children(pid)).collect();
+                    }
+                }
+                let port_key = format!("{SERVER_PORT}/tcp");
+                let port = i
+                    .network_settings
+                    .and_then(|n| n.ports)
+                    .and_then(|p| p.get(&port_key).cloned().flatten())
+                    .and_then(|b| b.into_iter().find_map(|b| b.host_port))
+                    .and_then(|p| p.parse::<u16>().ok());
+                if let Some(port) = port {
+                    s.url = format!(
+                        "http://{}",
+                        std::net::SocketAddr::from(([127, 0, 0, 1], port))
+                    );
+                }
+            }
+            if let Some(i) = inspect(format!("{}-db", s.name)).await {
+                if let Some(pid) = i
+                    .state
+                    .and_then(|st| st.pid)
+                    .and_then(|p| u32::try_from(p).ok())
+                {
+                    if pid > 0 {
+                        s.db_pid = pid;
+                    }
+                }
+            }
+            s
+        })
+    }
+
     fn alive(&self, state: &State) -> bool {
         let name = state.name.clone();
         block(async move {

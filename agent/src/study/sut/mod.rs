@@ -529,6 +529,13 @@ pub trait Backend: Send + Sync {
     fn db_log(&self, state: &State) -> Result<String, SutError>;
     /// Removes everything named `name` made by this back end; true when something was there.
     fn down(&self, name: &str) -> Result<bool, SutError>;
+    /// `state` with what may have changed since it was written read again from the running
+    /// system: a container restarted by its engine has new processes (a new namespace path) and
+    /// may have a new published port. The netns back end's processes cannot restart by
+    /// themselves, so by default nothing changes.
+    fn refresh(&self, state: &State) -> State {
+        state.clone()
+    }
 }
 
 /// What `seed` did.
@@ -570,10 +577,11 @@ impl Sut {
     }
 
     /// Takes over a system recorded in a state file (not armed: dropping it leaves it running).
+    /// The system `state` describes, as it runs now (`Backend::refresh`).
     pub fn attach(state: State) -> Sut {
         let backend = state.backend.backend();
         Sut {
-            state,
+            state: backend.refresh(&state),
             backend,
             armed: false,
             record: Err("not recorded: attached to a running system".into()),
