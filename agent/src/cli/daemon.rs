@@ -41,6 +41,7 @@ pub fn run(args: Args) -> ExitCode {
                     addr: a,
                     token: None,
                     token_file: None,
+                    load_allow: daemon::config::default_load_allow(),
                 })
             }
         }

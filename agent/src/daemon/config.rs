@@ -72,6 +72,55 @@ pub struct ControlConfig {
     /// A file holding the token (surrounding whitespace is ignored).
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// Where `POST /v1/load` may send traffic besides the watched containers' own addresses:
+    /// networks as `ADDR/PREFIX` (or one address). Default: loopback (127.0.0.0/8, ::1/128),
+    /// where containers' published ports are.
+    #[serde(default = "default_load_allow")]
+    pub load_allow: Vec<String>,
+}
+
+pub(crate) fn default_load_allow() -> Vec<String> {
+    vec!["127.0.0.0/8".into(), "::1/128".into()]
+}
+
+/// A network, `ADDR/PREFIX` (one address without `/PREFIX`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Net {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Net {
+    pub fn parse(s: &str) -> Result<Net, String> {
+        let bad = || format!("{s:?} is not ADDR or ADDR/PREFIX");
+        let (a, p) = match s.trim().split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s.trim(), None),
+        };
+        let addr: std::net::IpAddr = a.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            Some(p) => p.parse::<u8>().ok().filter(|&p| p <= max).ok_or_else(bad)?,
+            None => max,
+        };
+        Ok(Net { addr, prefix })
+    }
+
+    /// Whether `ip` is in this network (an IPv4 address is never in an IPv6 network).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        let bits = |a: std::net::IpAddr| -> (u128, u32) {
+            match a {
+                std::net::IpAddr::V4(v) => (u128::from(u32::from(v)), 32),
+                std::net::IpAddr::V6(v) => (u128::from(v), 128),
+            }
+        };
+        let ((net, width), (x, xw)) = (bits(self.addr), bits(ip));
+        if width != xw {
+            return false;
+        }
+        let shift = width - u32::from(self.prefix);
+        shift >= 128 || (net >> shift) == (x >> shift)
+    }
 }
 
 /// How the daemon finds containers.
@@ -252,6 +301,10 @@ impl DaemonConfig {
             }
         }
         if let Some(c) = &self.control {
+            for n in &c.load_allow {
+                Net::parse(n)
+                    .map_err(|e| ConfigError::Invalid(format!("[control] load_allow: {e}")))?;
+            }
             if c.token.is_some() && c.token_file.is_some() {
                 return bad("[control]: give token or token_file, not both".into());
             }
@@ -321,6 +374,24 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    #[test]
+    fn networks_contain_exactly_their_addresses() {
+        let n = |s| Net::parse(s).unwrap();
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert!(n("10.1.0.0/16").contains(ip("10.1.255.7")));
+        assert!(!n("10.1.0.0/16").contains(ip("10.2.0.1")));
+        assert!(n("127.0.0.0/8").contains(ip("127.9.9.9")));
+        assert!(n("0.0.0.0/0").contains(ip("8.8.8.8")));
+        assert!(n("192.0.2.7").contains(ip("192.0.2.7")));
+        assert!(!n("192.0.2.7").contains(ip("192.0.2.8")));
+        assert!(n("::1/128").contains(ip("::1")));
+        assert!(!n("::/0").contains(ip("127.0.0.1")), "families do not mix");
+        assert!(n("fd00::/8").contains(ip("fd12::5")));
+        for bad in ["10.0.0.0/33", "::/129", "host/8", "", "10.0.0.0/x"] {
+            assert!(Net::parse(bad).is_err(), "{bad}");
+        }
+    }
+
     proptest! {
         /// Hostile configuration text (TOML's punctuation, keys, numbers): an error with a
         /// message, never a panic; what parses is validated without one too.
@@ -382,6 +453,11 @@ mod tests {
         assert!(cfg("[control]\naddr = \"127.0.0.1:9465\"").is_ok());
         assert!(cfg("interval_s = 0").is_err());
         assert!(cfg("series_grace_s = -1").is_err());
+        assert!(cfg("[control]\naddr = \"127.0.0.1:1\"\nload_allow = [\"10.0.0.0/33\"]").is_err());
+        assert!(cfg(
+            "[control]\naddr = \"127.0.0.1:1\"\nload_allow = [\"10.0.0.0/8\", \"fd00::1\"]"
+        )
+        .is_ok());
         assert!(cfg("series_grace_s = nan").is_err());
         let e = DaemonConfig::parse("[[watch]]\ncontainer = \"a\"\nlabel = \"b\"\n")
             .unwrap()

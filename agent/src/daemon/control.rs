@@ -34,6 +34,8 @@ pub struct Control {
     loads: Arc<Mutex<Vec<LoadJob>>>,
     /// The delays and load runs, as the daemon's /metrics shows them.
     metrics: Option<(crate::metrics::DelayMetrics, crate::metrics::LoadMetrics)>,
+    /// Where a load run may go besides the watched containers' addresses.
+    load_allow: Vec<super::config::Net>,
 }
 
 /// A target's delay, or a change of it under way (set or clear, outside the lock).
@@ -91,6 +93,52 @@ impl Control {
             delays: Mutex::default(),
             loads: Arc::default(),
             metrics: None,
+            load_allow: super::config::default_load_allow()
+                .iter()
+                .filter_map(|n| super::config::Net::parse(n).ok())
+                .collect(),
+        }
+    }
+
+    /// Where load runs may go besides the watched containers (the configuration's
+    /// `load_allow`; loopback by default).
+    pub fn with_load_allow(mut self, nets: Vec<super::config::Net>) -> Control {
+        self.load_allow = nets;
+        self
+    }
+
+    /// Ok when every address `url`'s host resolves to is a watched container's or in
+    /// `load_allow`: a token holder must not be able to make a root daemon load anything else.
+    fn load_allowed(&self, url: &str) -> Result<(), Response> {
+        use std::net::ToSocketAddrs as _;
+        let ep = load::parse_url(url).map_err(|e| Response::error(422, e.to_string()))?;
+        let addrs: Vec<std::net::IpAddr> = (ep.host.as_str(), ep.port)
+            .to_socket_addrs()
+            .map_err(|e| Response::error(422, format!("{}: {e}", ep.host)))?
+            .map(|a| a.ip())
+            .collect();
+        let watched: Vec<std::net::IpAddr> = self
+            .state
+            .lock()
+            .map(|s| {
+                s.followers
+                    .values()
+                    .flat_map(|f| f.info.addrs.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        match addrs
+            .iter()
+            .find(|ip| !watched.contains(ip) && !self.load_allow.iter().any(|n| n.contains(**ip)))
+        {
+            Some(ip) => Err(Response::error(
+                403,
+                format!(
+                    "{url}: {ip} is neither a watched container's address nor in [control] load_allow"
+                ),
+            )),
+            None if addrs.is_empty() => Err(Response::error(422, format!("{url}: no address"))),
+            None => Ok(()),
         }
     }
 
@@ -357,6 +405,9 @@ impl Control {
     }
 
     fn start_load(&self, l: LoadRequest) -> Response {
+        if let Err(r) = self.load_allowed(&l.url) {
+            return r;
+        }
         let users = l.users;
         let rate = l.spawn_rate.unwrap_or(f64::from(users) * 1000.0);
         let schedule = match load::ClosedSchedule::ramp(users, rate, l.duration_s) {
@@ -615,6 +666,14 @@ mod tests {
                 422,
             ),
             ("DELETE", "/v1/targets/web/delay", "", 404),
+            // Not a watched container's address, not in load_allow (loopback by default): no
+            // traffic is sent (192.0.2.0/24 is TEST-NET-1, which nothing answers anyway).
+            (
+                "POST",
+                "/v1/load",
+                "{\"url\":\"http://192.0.2.1:80/\",\"users\":1,\"duration_s\":5}",
+                403,
+            ),
             (
                 "PUT",
                 "/v1/targets/web/delay",

@@ -39,6 +39,9 @@ pub struct FollowerInfo {
     pub live: Vec<String>,
     pub skipped: Vec<String>,
     pub attached_at_unix_s: f64,
+    /// The container's addresses on its networks, as its runtime reports them (empty when no
+    /// runtime answers): `POST /v1/load` may send traffic to these.
+    pub addrs: Vec<std::net::IpAddr>,
 }
 
 pub struct Follower {
@@ -104,6 +107,7 @@ impl Follower {
             attached_at_unix_s: SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64()),
+            addrs: Vec::new(),
         };
         Ok(Follower {
             info,

@@ -59,6 +59,8 @@ struct Seen {
     name: String,
     labels: HashMap<String, String>,
     pid: Option<u32>,
+    /// Its addresses on its networks (from Docker; none from cgroups alone).
+    addrs: Vec<std::net::IpAddr>,
 }
 
 fn docker_socket(cfg: &DaemonConfig) -> String {
@@ -93,10 +95,18 @@ pub async fn run(cfg: DaemonConfig, token: Option<String>) -> anyhow::Result<()>
     let state = Arc::new(Mutex::new(Followed::default()));
     let _control_server = match &cfg.control {
         Some(c) => {
-            let ctl = control::Control::new(token.clone(), state.clone()).with_metrics(
-                crate::metrics::DelayMetrics::new(&registry)?,
-                crate::metrics::LoadMetrics::new(&registry)?,
-            );
+            // Validated: every entry parses.
+            let allow = c
+                .load_allow
+                .iter()
+                .filter_map(|n| config::Net::parse(n).ok())
+                .collect();
+            let ctl = control::Control::new(token.clone(), state.clone())
+                .with_metrics(
+                    crate::metrics::DelayMetrics::new(&registry)?,
+                    crate::metrics::LoadMetrics::new(&registry)?,
+                )
+                .with_load_allow(allow);
             let s = server::bind(c.addr, move |req| ctl.handle(req)).await?;
             eprintln!(
                 "awaitlab: control on http://{}/v1/targets ({})",
@@ -246,6 +256,7 @@ impl Daemon {
                     name: c.short_id().to_string(),
                     labels: HashMap::new(),
                     pid: Some(c.pid),
+                    addrs: Vec::new(),
                 });
                 self.attach_seen(seen, Some(&c.cgroup)).await;
             }
@@ -292,6 +303,14 @@ impl Daemon {
                 .to_string(),
             labels: c.config.and_then(|c| c.labels).unwrap_or_default(),
             pid,
+            addrs: c
+                .network_settings
+                .and_then(|n| n.networks)
+                .into_iter()
+                .flat_map(|nets| nets.into_values())
+                .flat_map(|n| [n.ip_address, n.global_ipv6_address])
+                .filter_map(|a| a?.parse().ok())
+                .collect(),
         })
     }
 
@@ -357,7 +376,8 @@ impl Daemon {
         })
         .await;
         match started {
-            Ok(Ok(f)) => {
+            Ok(Ok(mut f)) => {
+                f.info.addrs = c.addrs.clone();
                 let i = &f.info;
                 eprintln!(
                     "awaitlab: attached to container {} ({}) pid {} netns {}; http ports {:?}, db ports {:?}; live: {}{}; program ids {}",
