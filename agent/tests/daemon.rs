@@ -1287,3 +1287,55 @@ fn cgroup_discovery_follows_a_container_without_docker() {
         "{stderr}"
     );
 }
+
+/// The control plane cannot stall the data plane: with 1,000 control requests left half sent
+/// (a head without its end, which the server waits up to 10 s for), every scrape of /metrics
+/// and every GET /v1/targets answers within Prometheus's default scrape timeout (10 s), and
+/// the half-sent ones are cut off (their connections closed) once their time is up.
+#[test]
+fn a_thousand_half_sent_control_requests_do_not_stall_scrapes() {
+    use std::io::Write as _;
+    let config = "metrics_addr = \"127.0.0.1:0\"\n[control]\naddr = \"127.0.0.1:0\"\n[[watch]]\ncontainer = \"awl-nothing-here\"\n";
+    let daemon = Daemon::start(config, None, &[]);
+    let (m, ctl) = (daemon.metrics.unwrap(), daemon.control.unwrap());
+    let mut held = Vec::new();
+    for _ in 0..1000 {
+        let mut s = std::net::TcpStream::connect(ctl).unwrap();
+        s.write_all(b"PUT /v1/targets/x/delay HTTP/1.1\r\nHost: x\r\nContent-Le")
+            .unwrap();
+        held.push(s);
+    }
+    let mut slowest = Duration::ZERO;
+    for i in 0..20 {
+        let t0 = Instant::now();
+        let (status, _) = if i % 2 == 0 {
+            http_get(m, "/metrics")
+        } else {
+            http(ctl, "GET", "/v1/targets", &[], b"")
+        };
+        let took = t0.elapsed();
+        assert_eq!(status, 200);
+        slowest = slowest.max(took);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("slowest answer with 1,000 half-sent requests open: {slowest:?}");
+    assert!(slowest < Duration::from_secs(10), "{slowest:?}");
+    // The server's read timeout (10 s) closes the half-sent ones: reading sees the end.
+    let t0 = Instant::now();
+    let mut first = held.remove(0);
+    first
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = std::io::Read::read(&mut first, &mut buf).unwrap_or(0);
+    let said = String::from_utf8_lossy(&buf[..n]);
+    assert!(n == 0 || said.starts_with("HTTP/1.1 4"), "{said}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(15),
+        "cut off after {:?}",
+        t0.elapsed()
+    );
+    drop(held);
+    let (code, stderr) = daemon.stop();
+    assert_eq!(code, Some(0), "{stderr}");
+}
