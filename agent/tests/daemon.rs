@@ -1339,3 +1339,68 @@ fn a_thousand_half_sent_control_requests_do_not_stall_scrapes() {
     let (code, stderr) = daemon.stop();
     assert_eq!(code, Some(0), "{stderr}");
 }
+
+/// `kill -9` of the daemon while it holds a delay on a container leaves the rule (nothing runs
+/// its guard); the next daemon's start removes it, and says so.
+#[test]
+fn a_delay_left_by_a_killed_daemon_is_removed_by_the_next_start() {
+    let image = httpd_image();
+    let t = tag();
+    let name = format!("awl{t}d");
+    let c = run_httpd(&image, &name, &[]);
+    let pid = docker(&["inspect", "-f", "{{.State.Pid}}", &name])
+        .trim()
+        .to_string();
+    let rules = || {
+        let out = Command::new("nsenter")
+            .args(["-t", &pid, "-n", "iptables-save"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("awaitlab:"))
+            .count()
+    };
+    let config = format!(
+        "metrics_addr = \"127.0.0.1:0\"\ninterval_s = 0.25\n[control]\naddr = \"127.0.0.1:0\"\n[[watch]]\ncontainer = \"{name}\"\nhttp_ports = [8000]\n"
+    );
+    let mut daemon = Daemon::start(&config, None, &[]);
+    let ctl = daemon.control.unwrap();
+    wait_for(
+        &daemon,
+        "the daemon to attach",
+        Duration::from_secs(15),
+        || {
+            daemon.targets(&[])["targets"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x["container"] == name.as_str()))
+        },
+    );
+    let json = [("content-type", "application/json")];
+    let path = format!("/v1/targets/{name}/delay");
+    let (status, body) = http(
+        ctl,
+        "PUT",
+        &path,
+        &json,
+        b"{\"delay_ms\": 50, \"backend\": \"nfqueue\"}",
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(rules(), 1, "the delay's rule in the container");
+    let mut child = daemon.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(rules(), 1, "kill -9 ran no guard: the rule stays");
+
+    let next = Daemon::start(&config, None, &[]);
+    assert_eq!(rules(), 0, "the next start removed it");
+    assert!(
+        next.stderr_text()
+            .contains("removed a delay left by a killed agent"),
+        "{}",
+        next.stderr_text()
+    );
+    let (code, stderr) = next.stop();
+    assert_eq!(code, Some(0), "{stderr}");
+    drop(c);
+}

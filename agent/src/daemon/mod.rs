@@ -76,6 +76,10 @@ fn docker_socket(cfg: &DaemonConfig) -> String {
 /// Runs until SIGINT/SIGTERM. `cfg` has been validated.
 pub async fn run(cfg: DaemonConfig, token: Option<String>) -> anyhow::Result<()> {
     let mut stop = crate::signals::Stop::install()?;
+    // A daemon killed while it held delays left their rules; it is dead, so its locks are gone.
+    for r in tokio::task::spawn_blocking(crate::delay::cleanup_leftovers).await? {
+        eprintln!("awaitlab: removed a delay left by a killed agent: {r}");
+    }
     let docker = match (connect(&cfg).await, cfg.discovery) {
         (Ok(d), _) => Some(d),
         // The cgroups find the containers; without Docker they are named by their ids.
