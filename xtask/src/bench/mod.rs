@@ -1,4 +1,4 @@
-//! `cargo xtask bench probes|delay|load`: the benchmarks, one module each, and what they share
+//! `cargo xtask bench probes|delay|load|soak`: the benchmarks, one module each, and what they share
 //! (`util`). Each runs our code and its peers in one go on the same machine and prints ratios;
 //! each cleans up what it made, also on error or Ctrl-C.
 
@@ -7,6 +7,7 @@ mod delay;
 mod load;
 mod netns;
 mod probes;
+mod soak;
 mod util;
 mod wrk;
 
@@ -27,6 +28,9 @@ enum Bench {
     Delay(delay::DelayArgs),
     /// `awaitlab load` against wrk, oha and Locust on one loopback nginx; peak memory at 10k users.
     Load(load::LoadArgs),
+    /// The daemon following a container restarted every 30 s under load: RSS and series each
+    /// minute (needs root and Docker).
+    Soak(soak::SoakArgs),
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
@@ -34,5 +38,6 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         Bench::Probes(a) => probes::run(a),
         Bench::Delay(a) => delay::run(a),
         Bench::Load(a) => load::run(a),
+        Bench::Soak(a) => soak::run(a),
     }
 }
