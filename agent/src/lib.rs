@@ -15,6 +15,7 @@ pub mod cli;
 pub mod clock;
 pub mod daemon;
 pub mod delay;
+mod files;
 pub mod load;
 pub mod metrics;
 pub mod privilege;
@@ -216,6 +217,7 @@ mod layering {
                     "delay",
                     "load",
                     "clock.rs",
+                    "files.rs",
                     "privilege.rs",
                     "signals.rs",
                 ],

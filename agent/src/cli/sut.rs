@@ -132,11 +132,11 @@ fn write_state(state: &State) -> anyhow::Result<()> {
     let path = state_path(&state.name);
     let dir = path.parent().expect("state files live in a directory");
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(state)? + "\n")
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    crate::files::write_atomic(
+        &path,
+        (serde_json::to_string_pretty(state)? + "\n").as_bytes(),
+    )
+    .with_context(|| format!("writing {}", path.display()))
 }
 
 /// On SIGINT/SIGTERM while `up` runs: take down what exists so far and exit 130.

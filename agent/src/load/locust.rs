@@ -9,11 +9,7 @@
 //! `current_fail_per_sec` (10-second averages that lag 2 s), each taken at the end of the
 //! row's second. Everything is read from `LoadReport`; nothing is recomputed here.
 
-use std::{
-    fmt::Write as _,
-    io::Write as _,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use super::report::{LoadReport, Percentiles};
 
@@ -212,13 +208,7 @@ pub fn write(r: &LoadReport, dir: &Path, prefix: &str) -> std::io::Result<Vec<Pa
         ("failures", failures_csv(r)),
     ] {
         let path = dir.join(format!("{prefix}_{suffix}.csv"));
-        let mut tmp_name = String::new();
-        let _ = write!(tmp_name, ".{prefix}_{suffix}.csv.tmp");
-        let tmp = dir.join(tmp_name);
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
+        crate::files::write_atomic(&path, text.as_bytes())?;
         written.push(path);
     }
     Ok(written)

@@ -9,7 +9,6 @@
 use std::{
     collections::BTreeMap,
     fs,
-    io::Write as _,
     path::{Path, PathBuf},
 };
 
@@ -265,19 +264,7 @@ fn read_cell_file(path: &Path) -> Result<CellResult, ResultsError> {
 
 /// Writes `bytes` to `path` so that a reader sees either the old file or the whole new one.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ResultsError> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
-    f.write_all(bytes).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    drop(f);
-    fs::rename(&tmp, path).map_err(io(path))?;
-    if let Some(parent) = path.parent() {
-        // Make the rename itself durable.
-        if let Ok(d) = fs::File::open(parent) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
+    crate::files::write_atomic(path, bytes).map_err(io(path))
 }
 
 #[cfg(test)]
