@@ -169,6 +169,15 @@ pub fn run(args: Args) -> ExitCode {
         outcome.skipped,
         outcome.dir.display()
     );
+    if outcome.load_s > 0.0 {
+        // What the run cost beyond its load: servers started, warm-ups, drains, resets, writes.
+        eprintln!(
+            "awaitlab: load time {:.0} s, wall time {:.0} s, wall / load {:.2}",
+            outcome.load_s,
+            outcome.wall_s,
+            outcome.wall_s / outcome.load_s
+        );
+    }
     match crate::study::report::write(&outcome.dir) {
         Ok((md, html)) => println!("{}\n{}", md.display(), html.display()),
         Err(e) => return fail(&anyhow::Error::new(e).context("writing the report"), 1),

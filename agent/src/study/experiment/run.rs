@@ -85,6 +85,9 @@ pub struct RunOutcome {
     pub done: usize,
     pub skipped: usize,
     pub interrupted: bool,
+    /// Seconds of measured load in the cells run now, and the wall time of the run.
+    pub load_s: f64,
+    pub wall_s: f64,
 }
 
 fn unix_now() -> f64 {
@@ -586,6 +589,8 @@ struct Tally {
     skipped: usize,
     total: usize,
     started: Instant,
+    /// Seconds of measured load so far.
+    load_s: f64,
 }
 
 /// The measured part of a cell: mark the probes, set the delay, run the load, clear the delay,
@@ -874,6 +879,7 @@ pub fn run(
         skipped: planned.len() - todo.len(),
         total: planned.len(),
         started: Instant::now(),
+        load_s: 0.0,
     };
     let mut current: Option<Server> = None;
     for key in todo {
@@ -901,6 +907,7 @@ pub fn run(
         };
         write_cell(&dir, &cell, &report)?;
         tally.done += 1;
+        tally.load_s += report.actual_duration_s;
     }
     if let Some(s) = current {
         drop(s.session);
@@ -914,6 +921,8 @@ pub fn run(
         done: tally.done,
         skipped: tally.skipped,
         interrupted,
+        load_s: tally.load_s,
+        wall_s: tally.started.elapsed().as_secs_f64(),
     })
 }
 
