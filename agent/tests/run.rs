@@ -118,6 +118,25 @@ fn a_reduced_study_reproduces_the_effect_and_writes_the_report() {
         stderr.contains(&format!("metrics on http://{metrics}/metrics")),
         "{stderr}"
     );
+    // Its cost beyond the load: four smoke cells of 15 s each are 60 s of load (each ends within
+    // a second of its plan), and the wall time includes it.
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("load time "))
+        .unwrap_or_else(|| panic!("no load/wall line: {stderr}"));
+    let num = |after: &str| -> f64 {
+        line.split(after)
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (load_s, wall_s) = (num("load time "), num("wall time "));
+    assert!((56.0..=64.0).contains(&load_s), "{line}");
+    assert!(wall_s >= load_s, "{line}");
     let dir = only_run_dir(results.path());
     // Every panel, annotation and variable of both dashboards has data 12 s into the load of
     // the async cell at 100 ms (smoke loads last 15 s); $__rate_interval is 4 scrapes.
