@@ -71,6 +71,20 @@ const SUT_IMAGES: &[(&str, &str, Option<&str>)] = &[
 /// built on it. `docker build` fetches Debian packages from inside the build; the Python wheels
 /// come from the host's pip (see below). The layer cache makes a second run take seconds.
 pub fn images() -> Result<()> {
+    images_with(Build::Release)
+}
+
+/// Which build of the agent goes into its image: `cargo xtask images` ships the release binary;
+/// `cargo xtask test` puts in the debug binary its build step made (the tests check what the
+/// image does, not how fast, and a release build would add minutes to CI).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Build {
+    Release,
+    Debug,
+}
+
+/// [`images`] with the agent's image from `build`.
+pub fn images_with(build: Build) -> Result<()> {
     base_image()?;
     let context = cmd::workspace_root().join("docker");
     // Builds on this kind of host cannot verify PyPI's certificate from inside a container (the
@@ -108,7 +122,7 @@ pub fn images() -> Result<()> {
         cmd::output(&mut c).with_context(|| format!("building {tag}"))?;
         println!("{tag:<40} built in {}", cmd::secs(t0.elapsed()));
     }
-    agent_image()
+    agent_image(build)
 }
 
 /// The agent's version, from agent/Cargo.toml (the image's tag).
@@ -123,21 +137,24 @@ fn agent_version() -> Result<String> {
         .context("no version in agent/Cargo.toml")
 }
 
-/// `awaitlab/agent:VERSION`: the release binary and the example configuration on the base
-/// image, with tc and iptables (docker/Dockerfile.agent). Builds the release binary first
-/// (seconds when it is up to date).
-fn agent_image() -> Result<()> {
+/// `awaitlab/agent:VERSION`: the agent and the example configuration on the base image, with
+/// tc and iptables (docker/Dockerfile.agent). Builds the binary first (seconds when it is up to
+/// date).
+fn agent_image(build: Build) -> Result<()> {
     let t0 = Instant::now();
     let tag = format!("awaitlab/agent:{}", agent_version()?);
-    cmd::run(cmd::cargo().args(["build", "--release", "-p", "agent"]))
-        .context("building the agent for its image")?;
+    let (args, dir): (&[&str], &str) = match build {
+        Build::Release => (&["build", "--release", "-p", "agent"], "release"),
+        Build::Debug => (&["build", "-p", "agent"], "debug"),
+    };
+    cmd::run(cmd::cargo().args(args)).context("building the agent for its image")?;
     let root = cmd::workspace_root();
     let context =
         Scratch(std::env::temp_dir().join(format!("awaitlab-agent-image-{}", std::process::id())));
     std::fs::create_dir_all(&context.0)
         .with_context(|| format!("creating {}", context.0.display()))?;
     for (from, to) in [
-        (cmd::target_dir().join("release/awaitlab"), "awaitlab"),
+        (cmd::target_dir().join(dir).join("awaitlab"), "awaitlab"),
         (root.join("deploy/agent.toml"), "agent.toml"),
         (root.join("docker/Dockerfile.agent"), "Dockerfile"),
     ] {

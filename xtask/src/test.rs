@@ -84,7 +84,9 @@ pub fn run(args: &TestArgs) -> Result<()> {
     })?;
     // The system-under-test tests run the images, and the delay and daemon tests build throwaway
     // images FROM the local base image (built first); cached builds take seconds.
-    step("images", crate::images::images)?;
+    step("images", || {
+        crate::images::images_with(crate::images::Build::Debug)
+    })?;
     step("privileged tests", || {
         // One at a time: the tests share kernel-wide state (tracepoints, bpf stats, namespaces
         // with fixed names) and their timing assertions need the CPU to themselves.
