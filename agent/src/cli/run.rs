@@ -70,6 +70,10 @@ pub struct Args {
     /// Serve no metrics.
     #[arg(long)]
     pub no_metrics: bool,
+    /// Stop the run when PostgreSQL or the server dies during a cell (by default the cell is
+    /// recorded as failed and the next one gets a new system).
+    #[arg(long)]
+    pub fail_fast: bool,
 }
 
 /// Where the run serves its metrics: asked, the default, or nowhere (`--no-metrics`).
@@ -121,6 +125,9 @@ fn configure(args: &Args) -> anyhow::Result<RunConfig> {
     }
     if let Some(v) = args.seed {
         cfg.seed = Some(v);
+    }
+    if args.fail_fast {
+        cfg.fail_fast = true;
     }
     if let Some(v) = args.warmup {
         cfg.warmup_s = v;

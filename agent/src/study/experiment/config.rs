@@ -114,6 +114,9 @@ pub struct RunConfig {
     /// Seconds of unmeasured load on the cell's route, with no added delay, between the fresh
     /// server's start and the cell (0: none).
     pub warmup_s: f64,
+    /// Stop the run when the system under test dies during a cell (the cell is recorded as
+    /// failed either way); by default the next cell gets a new system and the run goes on.
+    pub fail_fast: bool,
 }
 
 impl Default for RunConfig {
@@ -137,6 +140,7 @@ impl Default for RunConfig {
             order: Order::Random,
             seed: None,
             warmup_s: WARMUP_S,
+            fail_fast: false,
         }
     }
 }

@@ -735,8 +735,35 @@ fn measure(
         db_refusals,
         system: system_record,
         notes,
+        failed: None,
     };
     Ok(Some((cell, report)))
+}
+
+/// Which part of a system that no longer answers as alive is gone: PostgreSQL, the server, or
+/// (a back end whose processes this host cannot see) the system as a whole.
+fn what_died(system: &Sut) -> String {
+    // A killed child of this process stays a zombie until reaped: gone all the same.
+    let gone = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rfind(')')
+                    .and_then(|i| s[i + 1..].split_whitespace().next().map(String::from))
+            })
+            .is_none_or(|state| state == "Z" || state == "X")
+    };
+    let st = system.state();
+    if st.db_pid != 0 && gone(st.db_pid) {
+        format!("PostgreSQL (pid {}) died during the cell", st.db_pid)
+    } else if !st.server_pids.is_empty() && st.server_pids.iter().all(|&p| gone(p)) {
+        format!(
+            "the server (pid {}) died during the cell",
+            st.server_pids[0]
+        )
+    } else {
+        "the system under test stopped answering as alive during the cell".to_string()
+    }
 }
 
 /// Writes a finished cell: its Locust CSVs, then its record (the record last: it marks the cell
@@ -902,12 +929,28 @@ pub fn run(
         if stop.requested() {
             break;
         }
-        let Some((cell, report)) = measure(&cx, s, key, &tally, warmup, notes)? else {
+        let Some((mut cell, report)) = measure(&cx, s, key, &tally, warmup, notes)? else {
             break;
         };
+        // PostgreSQL or the server died during the cell (killed, out of memory): its numbers
+        // are recorded, marked failed, and the next cell gets a whole new system.
+        let died = (!s.system.alive()).then(|| what_died(&s.system));
+        cell.failed = died.clone();
         write_cell(&dir, &cell, &report)?;
         tally.done += 1;
         tally.load_s += report.actual_duration_s;
+        if let Some(why) = died {
+            eprintln!("awaitlab: {}: {why}; recorded as failed", key.stem());
+            if let Some(dead) = current.take() {
+                drop(dead.session);
+                if let Err(e) = dead.system.down() {
+                    eprintln!("awaitlab: taking down the dead system: {e:#}");
+                }
+            }
+            if cfg.fail_fast {
+                bail!("{}: {why} (--fail-fast)", key.stem());
+            }
+        }
     }
     if let Some(s) = current {
         drop(s.session);

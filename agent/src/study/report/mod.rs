@@ -108,12 +108,21 @@ fn max_srps(c: &CellResult) -> Option<f64> {
 impl Report {
     pub fn build(dir: &ResultsDir) -> Result<Report, ResultsError> {
         let index = dir.index()?;
-        let cells = dir.cells()?;
+        // A cell during which the system under test died is listed, not counted.
+        let (failed, cells): (Vec<CellResult>, Vec<CellResult>) =
+            dir.cells()?.into_iter().partition(|c| c.failed.is_some());
         let mut header = vec![format!(
             "{} of {} planned cells finished.",
             cells.len(),
             index.planned.len()
         )];
+        header.extend(failed.iter().map(|c| {
+            format!(
+                "Cell {} failed: {}; it is left out of the tables and statistics (`--resume` runs it again).",
+                c.key.stem(),
+                c.failed.as_deref().unwrap_or("")
+            )
+        }));
         let backends: BTreeSet<String> = cells
             .iter()
             .map(|c| {
@@ -584,6 +593,30 @@ mod tests {
         c.probes = Some(probes);
         c.db_refusals = refusals;
         c
+    }
+
+    /// A cell during which the system under test died is named in the header with the reason,
+    /// and its numbers (999 successes here) appear nowhere else.
+    #[test]
+    fn failed_cells_are_listed_and_left_out() {
+        let root = std::env::temp_dir().join(format!("awl-report-failed-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let dir = empty_results_dir(&root);
+        let mut dead = cell("sync", "io_read", 100, 1, 999);
+        dead.failed = Some("PostgreSQL (pid 7) died during the cell".into());
+        dir.write_cell(&cell("sync", "io_read", 0, 1, 50)).unwrap();
+        dir.write_cell(&dead).unwrap();
+        assert!(!dir.is_done(&dead.key), "--resume runs a failed cell again");
+        let r = Report::build(&dir).unwrap();
+        std::fs::remove_dir_all(&root).unwrap();
+        assert!(
+            r.header.iter().any(|l| l
+                == "Cell sync__io_read__100ms__r1 failed: PostgreSQL (pid 7) died during the cell; it is left out of the tables and statistics (`--resume` runs it again)."),
+            "{:?}",
+            r.header
+        );
+        let md = r.markdown();
+        assert!(!md.contains("999"), "{md}");
     }
 
     /// Regression: "bound by round trips" was printed for any round trip and any delay, and the

@@ -153,6 +153,11 @@ pub(crate) struct CellResult {
     pub system: Option<crate::study::sut::SystemRecord>,
     /// Anything worth knowing when reading the numbers (drain timeouts, restarts, ...).
     pub notes: Vec<String>,
+    /// Why the cell's numbers do not count: the system under test died during it. The report
+    /// lists such cells and leaves them out of its tables and statistics; `--resume` runs them
+    /// again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
 }
 
 /// `index.json`: what the run was, and which cells it has.
@@ -215,8 +220,9 @@ impl ResultsDir {
     }
 
     /// Whether a cell finished: its file exists and parses.
+    /// Whether the cell has a record that counts (a failed cell is run again on `--resume`).
     pub(crate) fn is_done(&self, key: &CellKey) -> bool {
-        self.read_cell(key).is_ok()
+        self.read_cell(key).is_ok_and(|c| c.failed.is_none())
     }
 
     pub(crate) fn write_cell(&self, cell: &CellResult) -> Result<PathBuf, ResultsError> {
@@ -340,6 +346,7 @@ pub(crate) mod tests {
             db_refusals: None,
             system: None,
             notes: vec![],
+            failed: None,
         }
     }
 
