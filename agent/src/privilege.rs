@@ -1,6 +1,6 @@
 //! The one privilege check. Each command that loads eBPF, reads or enters other network
 //! namespaces, or changes qdiscs and iptables rules names the Linux capabilities it needs and
-//! calls [`require`] before it changes anything; a process without one of them gets one line
+//! calls `require` before it changes anything; a process without one of them gets one line
 //! naming each missing capability and exit 77 (`EXIT_NOPERM`). Root has them all; a service or
 //! container can hold just these (the systemd unit and the DaemonSet in `deploy/` do).
 //!
