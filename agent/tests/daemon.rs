@@ -1169,12 +1169,15 @@ fn the_agent_image_measures_a_container_as_the_daemonset_runs_it() {
         }
     };
     poll("the agent's metrics", Duration::from_secs(30), &mut || {
-        std::net::TcpStream::connect(m).is_ok() && http_get(m, "/metrics").0 == 200
+        try_http(m, "GET", "/metrics", &[], b"").is_ok_and(|(s, _)| s == 200)
     });
     let auth = format!("Bearer {token}");
     let mut ids = Vec::new();
     poll("the agent to attach", Duration::from_secs(15), &mut || {
-        let (s, body) = http(ctl, "GET", "/v1/targets", &[("Authorization", &auth)], b"");
+        let Ok((s, body)) = try_http(ctl, "GET", "/v1/targets", &[("Authorization", &auth)], b"")
+        else {
+            return false;
+        };
         let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
         if let Some(t) = v["targets"]
             .as_array()

@@ -275,8 +275,19 @@ fn a_full_results_disk_is_one_clear_error_and_resume_finishes_the_run() {
     );
 
     std::fs::remove_file(&filler).unwrap();
+    // The same configuration as the run (a resume checks it is the same matrix).
     let out = std::process::Command::new(agent_bin())
-        .args(["run", "--no-metrics", "--resume"])
+        .args([
+            "run",
+            "--backend",
+            "netns",
+            "--profile",
+            "smoke",
+            "--no-metrics",
+        ])
+        .args([
+            "--setups", "sync", "--routes", "io_read", "--delays", "0", "--resume",
+        ])
         .arg(&run_dir)
         .output()
         .unwrap();

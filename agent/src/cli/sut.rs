@@ -254,10 +254,11 @@ fn down(name: &str) -> anyhow::Result<ExitCode> {
 
 fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
     let name = &a.name.name;
-    let state = read_state(name)?;
-    let up = state
-        .as_ref()
-        .is_some_and(|s| Sut::attach(s.clone()).alive());
+    // Attached: as the system runs now (a container Docker restarted has a new namespace and
+    // may have a new port), not as the file written at `up` says.
+    let sut = read_state(name)?.map(Sut::attach);
+    let up = sut.as_ref().is_some_and(Sut::alive);
+    let state = sut.map(|s| s.state().clone());
     if a.json {
         println!(
             "{}",

@@ -289,6 +289,19 @@ impl DelayGuard {
         &self.state.marker
     }
 
+    /// The delay asked for.
+    pub fn requested(&self) -> Duration {
+        self.spec.delay
+    }
+
+    /// The median hold of the packets the delay line released so far (nfqueue), without the
+    /// rest of [`DelayGuard::achieved`]'s readings (rule counters, socket round trips); None for
+    /// netem, whose holds the agent does not see, or before the first packet.
+    pub fn hold_p50(&self) -> Option<Duration> {
+        let h = self.line.as_ref()?.holds();
+        (h.packets > 0).then(|| Duration::from_secs_f64(h.p50_us / 1e6))
+    }
+
     /// Requested vs achieved, measured now.
     pub fn achieved(&self) -> Achieved {
         let rule_packets = if self.state.backend == Backend::Nfqueue {

@@ -13,15 +13,16 @@ use std::{
 
 use super::tempdir::TempDir;
 
-/// `GET path` (or another method with a body) over HTTP/1.0; returns (status, body).
-pub fn http(
+/// `GET path` (or another method with a body) over HTTP/1.0; returns (status, body), or what
+/// went wrong (a port published by Docker accepts and resets until its container listens).
+pub fn try_http(
     addr: SocketAddr,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
     body: &[u8],
-) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+) -> Result<(u16, String), String> {
+    let mut s = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut req = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
     for (k, v) in headers {
@@ -31,21 +32,32 @@ pub fn http(
         req.push_str(&format!("Content-Length: {}\r\n", body.len()));
     }
     req.push_str("\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
     let mut out = Vec::new();
-    s.read_to_end(&mut out)
-        .unwrap_or_else(|e| panic!("reading from {addr}{path}: {e}"));
+    s.write_all(req.as_bytes())
+        .and_then(|()| s.write_all(body))
+        .and_then(|()| s.read_to_end(&mut out))
+        .map_err(|e| format!("{method} {addr}{path}: {e}"))?;
     let text = String::from_utf8_lossy(&out).into_owned();
     let status = text
         .get(9..12)
         .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status line: {text:?}"));
+        .ok_or_else(|| format!("no status line: {text:?}"))?;
     let body = text
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
-    (status, body)
+    Ok((status, body))
+}
+
+/// [`try_http`], panicking on what went wrong.
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
+    try_http(addr, method, path, headers, body).unwrap_or_else(|e| panic!("{e}"))
 }
 
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {

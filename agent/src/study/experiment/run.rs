@@ -637,6 +637,13 @@ fn measure(
     let refusals_before = s.system.db_refusals();
     let started_unix_s = unix_now();
     let mut observer = |p: &load::Progress| {
+        // The delay the line achieves so far, for the dashboards (once a second).
+        if let (Some(m), Some(g)) = (metrics, guard.as_ref()) {
+            if let Some(hold) = g.hold_p50() {
+                let backend = format!("{:?}", g.backend()).to_lowercase();
+                m.delay.set("server", g.requested(), Some(hold), &backend);
+            }
+        }
         progress(
             tally.done,
             tally.skipped,
