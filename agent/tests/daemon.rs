@@ -90,17 +90,9 @@ struct Httpd {
     port: String,
 }
 
-/// The loopback port Docker published for container `name`'s port 8000 (it changes when the
-/// container restarts).
+/// The loopback port Docker published for container `name`'s port 8000.
 fn published_port(name: &str) -> String {
-    docker(&["port", name, "8000/tcp"])
-        .lines()
-        .next()
-        .unwrap()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .to_string()
+    docker_port(name, "8000/tcp").port().to_string()
 }
 
 fn run_httpd(image: &DockerThing, name: &str, extra: &[&str]) -> Httpd {
@@ -1140,12 +1132,8 @@ fn the_agent_image_measures_a_container_as_the_daemonset_runs_it() {
     ]);
     let run: Vec<&str> = run.iter().map(String::as_str).collect();
     docker(&run);
-    let port_of = |c: &str, p: &str| -> SocketAddr {
-        let out = docker(&["port", c, p]);
-        out.lines().next().unwrap().trim().parse().unwrap()
-    };
-    let m = port_of(&agent.name, "9464/tcp");
-    let ctl = port_of(&agent.name, "9465/tcp");
+    let m = docker_port(&agent.name, "9464/tcp");
+    let ctl = docker_port(&agent.name, "9465/tcp");
     let logs = || {
         let out = Command::new("docker")
             .args(["logs", &agent.name])
@@ -1428,4 +1416,172 @@ fn a_delay_left_by_a_killed_daemon_is_removed_by_the_next_start() {
     let (code, stderr) = next.stop();
     assert_eq!(code, Some(0), "{stderr}");
     drop(c);
+}
+
+/// Kills `awaitlab delay set` (after SIGCONT, should it be stopped) on drop, then clears the
+/// container's delay, so a failing test leaves no rule behind.
+struct Owner {
+    child: std::process::Child,
+    target: String,
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGCONT) };
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new(agent_bin())
+            .args(["delay", "clear", &self.target])
+            .output();
+    }
+}
+
+/// A delay owner that does not act on SIGTERM (an `awaitlab delay set` stopped with SIGSTOP: it
+/// still holds its state file's lock, so it is alive, and a stopped process handles no signal
+/// until it is continued) holds a delay on a watched container, and `awaitlab delay clear`
+/// waits its 5 s for it. Meanwhile the daemon answers every scrape of /metrics and every GET
+/// /v1/targets within Prometheus's default scrape timeout (10 s), and a PUT of a delay on the
+/// same container is refused at once with the owner named. Then the clear removes the rule
+/// from under the stuck owner.
+#[test]
+fn a_clear_waiting_on_an_owner_that_ignores_sigterm_does_not_stall_the_daemon() {
+    let image = httpd_image();
+    let name = format!("awl{}o", tag());
+    let _c = run_httpd(&image, &name, &[]);
+    let pid = docker(&["inspect", "-f", "{{.State.Pid}}", &name])
+        .trim()
+        .to_string();
+    let rules = || {
+        let out = Command::new("nsenter")
+            .args(["-t", &pid, "-n", "iptables-save"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("awaitlab:"))
+            .count()
+    };
+    let config = format!(
+        "metrics_addr = \"127.0.0.1:0\"\ninterval_s = 0.25\n[control]\naddr = \"127.0.0.1:0\"\n[[watch]]\ncontainer = \"{name}\"\nhttp_ports = [8000]\n"
+    );
+    let daemon = Daemon::start(&config, None, &[]);
+    let (m, ctl) = (daemon.metrics.unwrap(), daemon.control.unwrap());
+    wait_for(
+        &daemon,
+        "the daemon to attach",
+        Duration::from_secs(15),
+        || {
+            daemon.targets(&[])["targets"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x["container"] == name.as_str()))
+        },
+    );
+
+    let target = format!("docker:{name}");
+    let dir = TempDir::new("awl-owner");
+    let mut owner = Owner {
+        child: Command::new(agent_bin())
+            .args([
+                "delay",
+                "set",
+                &target,
+                "--ms",
+                "50",
+                "--backend",
+                "nfqueue",
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("err")).unwrap())
+            .spawn()
+            .unwrap(),
+        target: target.clone(),
+    };
+    let t0 = Instant::now();
+    let said = || std::fs::read_to_string(dir.path().join("err")).unwrap_or_default();
+    while !said().contains(" set on ") {
+        assert!(
+            owner.child.try_wait().unwrap().is_none(),
+            "delay set exited: {}",
+            said()
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "delay set did not report"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(rules(), 1, "the owner's rule");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(owner.child.id() as i32, libc::SIGSTOP) };
+
+    let mut clear = Command::new(agent_bin())
+        .args(["delay", "clear", &target])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let cleared_at = Instant::now();
+    let json = [("content-type", "application/json")];
+    let path = format!("/v1/targets/{name}/delay");
+    let mut slowest = Duration::ZERO;
+    let mut refused = 0;
+    let mut waited = None;
+    // Until the clear is done and a second after (the clear waits 5 s on the owner).
+    while waited.is_none_or(|w| cleared_at.elapsed() < w + Duration::from_secs(1)) {
+        assert!(
+            cleared_at.elapsed() < Duration::from_secs(30),
+            "the clear did not end"
+        );
+        if waited.is_none() && clear.try_wait().unwrap().is_some() {
+            waited = Some(cleared_at.elapsed());
+        }
+        for i in 0..3 {
+            let t = Instant::now();
+            let (status, body) = match i {
+                0 => http_get(m, "/metrics"),
+                1 => http(ctl, "GET", "/v1/targets", &[], b""),
+                _ => http(
+                    ctl,
+                    "PUT",
+                    &path,
+                    &json,
+                    b"{\"delay_ms\": 20, \"backend\": \"nfqueue\"}",
+                ),
+            };
+            slowest = slowest.max(t.elapsed());
+            if i < 2 {
+                assert_eq!(status, 200, "{body}");
+            } else if status == 200 {
+                // Set: the clear had removed the owner's rule, so the only rule is the daemon's
+                // own. Take it off again for the count of rules below.
+                assert_eq!(rules(), 1, "the daemon's delay beside the owner's");
+                let (s, b) = http(ctl, "DELETE", &path, &[], b"");
+                assert_eq!(s, 200, "{b}");
+            } else {
+                // The stuck owner's rule is still there: refused, the owner named.
+                assert!(body.contains("already has a delay"), "{status}: {body}");
+                refused += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = clear.wait_with_output().unwrap();
+    let waited = waited.unwrap();
+    eprintln!(
+        "slowest daemon answer while the clear waited on a stuck owner: {slowest:?}; {refused} PUTs refused"
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(refused > 0, "no PUT met the stuck owner's delay");
+    assert!(slowest < Duration::from_secs(10), "{slowest:?}");
+    // It waited its 5 s (the owner never stopped), then removed the rule under the owner.
+    assert!(waited >= Duration::from_secs(5), "{waited:?}");
+    assert_eq!(rules(), 0, "the clear removed the stuck owner's rule");
+    drop(owner);
+    let (code, stderr) = daemon.stop();
+    assert_eq!(code, Some(0), "{stderr}");
 }

@@ -1,7 +1,8 @@
 //! Faults and floods the agent must survive while keeping its promises: a burst that overruns
 //! the ring buffer while the agent is stopped (the loss is counted, exactly, and exported), and
 //! a server answering 10,000 distinct paths (the route labels stay at their cap and every
-//! request is still counted). Run as root (`cargo xtask test`); each test removes what it made.
+//! request is still counted), 10,000 connections against a connection map of 1,000 (the rest
+//! counted), a full results disk, and the database or the server killed mid-cell. Run as root (`cargo xtask test`); each test removes what it made.
 
 mod common;
 
@@ -81,13 +82,7 @@ fn a_burst_that_overruns_the_ring_buffer_is_counted_exactly() {
     // SAFETY: as above.
     unsafe { libc::kill(agent.pid() as i32, libc::SIGCONT) };
     std::thread::sleep(Duration::from_secs(2));
-    let err = agent.stderr_so_far();
-    let metrics: SocketAddr = err
-        .split("metrics on http://")
-        .nth(1)
-        .and_then(|r| r.split('/').next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no metrics address: {err}"));
+    let metrics = agent.metrics_addr();
     let (_, text) = http_get(metrics, "/metrics");
     let exported: f64 = text
         .lines()
@@ -105,6 +100,93 @@ fn a_burst_that_overruns_the_ring_buffer_is_counted_exactly() {
     assert!(lost > 0, "the burst did not overrun the ring buffer: {sum}");
     assert_eq!(received + lost, served, "{sum}");
     assert_eq!(exported, lost as f64, "the loss on /metrics");
+    out.assert_detached();
+}
+
+/// Raises this process's open-file limit to its hard limit (the 10,000 client sockets below).
+fn raise_nofile() -> u64 {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid pointers to a local rlimit.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
+        l.rlim_cur = l.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+    }
+    l.rlim_cur
+}
+
+/// 10,000 connections open at once to a server in a namespace, against probes whose connection
+/// map holds 1,000 (`--max-connections`): the agent counts every connection opened (10,000, as
+/// the client made), follows the first 1,000, counts each of the other 9,000 as conn_map_full
+/// (in its summary and on /metrics), and keeps running.
+#[test]
+fn ten_thousand_connections_fill_the_connection_map_to_its_cap_counted() {
+    const CONNS: usize = 10_000;
+    const CAP: u64 = 1_000;
+    assert!(
+        raise_nofile() > CONNS as u64 + 1_000,
+        "open-file limit too low"
+    );
+    let ns = Netns::new("fc");
+    let link = Veth::new(None, &ns, "10.243.1");
+    // Nothing accepts: every connection completes its handshake in the kernel and waits in
+    // the listen queue, established. The namespace's own somaxconn lets the queue hold them.
+    assert!(ns
+        .exec("sysctl", &["-qw", "net.core.somaxconn=20000"])
+        .status()
+        .unwrap()
+        .success());
+    let listener = in_netns(&ns, || {
+        let l = std::net::TcpListener::bind("0.0.0.0:8000").unwrap();
+        // SAFETY: listen on a socket we own, to raise its backlog.
+        assert_eq!(
+            unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&l), 20_000) },
+            0
+        );
+        l
+    })
+    .join()
+    .unwrap();
+    let addr: SocketAddr = format!("{}:8000", link.right_ip).parse().unwrap();
+    let agent = Agent::watch(&[
+        "--target",
+        &ns.path(),
+        "--http-port",
+        "8000",
+        "--interval",
+        "0.5",
+        "--max-connections",
+        &CAP.to_string(),
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ]);
+    let held: Vec<TcpStream> = (0..CONNS)
+        .map(|i| TcpStream::connect(addr).unwrap_or_else(|e| panic!("connection {i}: {e}")))
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    let (_, text) = http_get(agent.metrics_addr(), "/metrics");
+    let exported = text
+        .lines()
+        .find(|l| l.starts_with("awaitlab_lost_events_total{") && l.contains("conn_map_full"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    let out = agent.stop();
+    drop(held);
+    drop(listener);
+    assert_eq!(out.code, Some(0), "the agent kept running: {}", out.stderr);
+    let sum = out.summary();
+    assert_eq!(sum["http_conns_opened"], CONNS as u64, "{sum}");
+    // The map is preallocated with exactly CAP entries (BPF_MAP_TYPE_HASH): the first CAP
+    // connections took them and stayed open, so each later one found the map full.
+    assert_eq!(sum["lost"]["conn_map_full"], CONNS as u64 - CAP, "{sum}");
+    assert_eq!(
+        exported,
+        (CONNS as u64 - CAP) as f64,
+        "conn_map_full on /metrics"
+    );
     out.assert_detached();
 }
 
@@ -136,13 +218,7 @@ fn ten_thousand_distinct_paths_keep_the_labels_at_their_cap() {
     };
     burst(s.addr, 4, 2_500, name);
     std::thread::sleep(Duration::from_millis(700));
-    let err = agent.stderr_so_far();
-    let metrics: SocketAddr = err
-        .split("metrics on http://")
-        .nth(1)
-        .and_then(|r| r.split('/').next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no metrics address: {err}"));
+    let metrics = agent.metrics_addr();
     let (_, text) = http_get(metrics, "/metrics");
     let routes: std::collections::BTreeSet<&str> = text
         .lines()
@@ -202,29 +278,22 @@ impl Drop for Tmpfs {
 fn a_full_results_disk_is_one_clear_error_and_resume_finishes_the_run() {
     let fs = Tmpfs::new("8m");
     let results = fs.0.path().join("results");
-    let run = std::process::Command::new(agent_bin())
-        .args([
-            "run",
-            "--backend",
-            "netns",
-            "--profile",
-            "smoke",
+    let run = smoke_run(
+        &results,
+        &[
             "--no-metrics",
-        ])
-        .args([
             "--setups",
             "sync",
             "--routes",
             "io_read",
             "--delays",
             "0",
-            "--results",
-        ])
-        .arg(&results)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        ],
+    )
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
     // Once the index is there, fill what is left.
     let t0 = std::time::Instant::now();
     let run_dir = loop {
@@ -310,25 +379,25 @@ fn run_and_kill(
     extra: &[&str],
 ) -> (std::process::ExitStatus, String, std::path::PathBuf) {
     use std::io::BufRead as _;
-    let mut child = std::process::Command::new(agent_bin())
-        .args([
-            "run",
-            "--backend",
-            "netns",
-            "--profile",
-            "smoke",
+    let mut child = smoke_run(
+        results,
+        &[
             "--no-metrics",
-        ])
-        .args([
-            "--setups", "sync", "--routes", "io_read", "--delays", "0,100", "--order", "fixed",
-        ])
-        .args(extra)
-        .arg("--results")
-        .arg(results)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+            "--setups",
+            "sync",
+            "--routes",
+            "io_read",
+            "--delays",
+            "0,100",
+            "--order",
+            "fixed",
+        ],
+    )
+    .args(extra)
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
     let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
     let mut said = String::new();
     let mut killed = false;

@@ -71,21 +71,6 @@ fn metric_selectors(expr: &str) -> Vec<String> {
     out
 }
 
-fn metrics_addr(agent: &Agent) -> SocketAddr {
-    let err = agent.stderr_so_far();
-    let line = err
-        .split_inclusive('\n')
-        .find(|l| l.ends_with('\n') && l.contains("metrics on http://"))
-        .unwrap_or_else(|| panic!("no metrics line: {err}"));
-    let a = line
-        .trim_end()
-        .split("http://")
-        .nth(1)
-        .unwrap()
-        .trim_end_matches("/metrics");
-    a.parse().unwrap()
-}
-
 /// The test driver's registry, served on loopback: the delay and the cell, as `awaitlab run`
 /// exports them.
 struct Driver {
@@ -147,7 +132,7 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
         "--metrics-addr",
         "127.0.0.1:0",
     ]);
-    let agent_addr = metrics_addr(&agent);
+    let agent_addr = agent.metrics_addr();
     let driver = Driver::start();
     let free_port = || {
         std::net::TcpListener::bind("127.0.0.1:0")
@@ -615,7 +600,7 @@ fn prometheus_quantiles_are_within_two_percent_at_100_and_200_ms() {
     };
     let sides = [side(100, 8), side(200, 9)];
     let prom = Prometheus::start(
-        &[metrics_addr(&sides[0].agent), metrics_addr(&sides[1].agent)],
+        &[sides[0].agent.metrics_addr(), sides[1].agent.metrics_addr()],
         SCRAPE,
     );
     prom.wait_targets_up(2);

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{agent_bin, chromium, prom, tempdir::TempDir};
+use common::{agent_bin, chromium, prom, smoke_run, tempdir::TempDir};
 
 fn cell(dir: &Path, stem: &str) -> serde_json::Value {
     let p = dir.join("cells").join(format!("{stem}.json"));
@@ -68,21 +68,6 @@ fn leftovers() -> Vec<String> {
     out
 }
 
-fn run_cmd(results: &Path, extra: &[&str]) -> Command {
-    let mut c = Command::new(agent_bin());
-    c.args([
-        "run",
-        "--backend",
-        "netns",
-        "--profile",
-        "smoke",
-        "--results",
-    ])
-    .arg(results)
-    .args(extra);
-    c
-}
-
 /// The reduced matrix of the issue: sync and async-unlimited, io_read, 0 and 100 ms, the smoke
 /// profile. What the study found must hold, and the report must show it.
 #[test]
@@ -97,7 +82,7 @@ fn a_reduced_study_reproduces_the_effect_and_writes_the_report() {
     // is 127.0.0.1:9466), to check every dashboard against a real run below.
     let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", prom::free_port()).parse().unwrap();
     let prometheus = prom::Prometheus::start(&[metrics], Duration::from_secs(1));
-    let out = run_cmd(
+    let out = smoke_run(
         results.path(),
         &[
             "--setups",
@@ -288,7 +273,7 @@ fn an_interrupted_or_killed_run_keeps_its_cells_clears_the_delay_and_resumes() {
         // The fixed order, so that the cell interrupted is the one with a delay; the resumed run
         // is not told the order and must take it from index.json (a random plan of the same
         // cells would be refused as another matrix half of the time).
-        let mut child = run_cmd(
+        let mut child = smoke_run(
             results.path(),
             &[
                 "--setups", "sync", "--routes", "io_read", "--delays", "0,100", "--order", "fixed",
@@ -421,7 +406,7 @@ fn bad_configurations_are_one_line_usage_errors_and_start_nothing() {
 #[test]
 fn every_cell_gets_a_fresh_server_and_an_uncounted_warmup_and_starts_from_the_seed() {
     let results = TempDir::new("awl-create");
-    let out = run_cmd(
+    let out = smoke_run(
         results.path(),
         &[
             "--setups",

@@ -25,6 +25,17 @@ fn name() -> String {
     format!("awl{}", common::tag())
 }
 
+/// Runs `awaitlab sut down --name NAME` on drop, for a system brought up through the CLI: a
+/// test that fails before its own `down` leaves nothing behind (a second `down` only says there
+/// was nothing).
+struct CliDown(String);
+
+impl Drop for CliDown {
+    fn drop(&mut self) {
+        let _ = common::agent_once(&["sut", "down", "--name", &self.0]);
+    }
+}
+
 /// The study's CPU route: the sum of i*i for i below 10**7, computed here independently.
 fn cpu_expected() -> u128 {
     (0..10u128.pow(7)).map(|i| i * i).sum()
@@ -379,6 +390,7 @@ fn a_dropped_sut_takes_itself_down_and_cli_down_clears_a_killed_runs_leftovers()
 #[test]
 fn cli_up_status_down() {
     let name = name();
+    let _down = CliDown(name.clone());
     let up = common::agent_once(&[
         "sut",
         "up",
@@ -477,6 +489,7 @@ fn probed_io_reads(sut: &Sut, n: u64) -> awaitlab::probe::aggregate::summary::Su
         http_ports: vec![SERVER_PORT],
         db_ports: vec![sut.db_port()],
         capture_payload: true,
+        sizes: Default::default(),
     };
     let mut session = Session::attach(&spec, sut.netns()).unwrap();
     let addr = sut.state().server_addr().unwrap();
@@ -655,6 +668,7 @@ fn docker_refusals_are_counted() {
 #[test]
 fn docker_status_follows_a_restarted_server_container() {
     let name = name();
+    let _down = CliDown(name.clone());
     let up = common::agent_once(&[
         "sut",
         "up",
@@ -683,15 +697,7 @@ fn docker_status_follows_a_restarted_server_container() {
         String::from_utf8_lossy(&o.stdout).trim().to_string()
     };
     let pid = docker(&["inspect", "-f", "{{.State.Pid}}", &server]);
-    let port = docker(&["port", &server, "8000/tcp"]);
-    let port = port
-        .lines()
-        .next()
-        .unwrap()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .to_string();
+    let port = common::docker_port(&server, "8000/tcp").port().to_string();
 
     let st = common::agent_once(&["sut", "status", "--name", &name, "--json"]);
     let v: serde_json::Value = serde_json::from_str(st.stdout.trim()).unwrap();

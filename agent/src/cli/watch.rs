@@ -17,7 +17,7 @@ use crate::{
     metrics::{server, ProbeMetrics},
     probe::aggregate::{summary::Summary, Aggregator, CpuTotals, Quantiles, Record},
     probe::namespace::Target,
-    probe::{session::Session, ProbeError, ProbeSpec},
+    probe::{session::Session, MapSizes, ProbeError, ProbeSpec},
     EXIT_NOPERM, EXIT_USAGE,
 };
 
@@ -46,6 +46,13 @@ pub struct Args {
     /// Do not copy request and response heads (no method, path or status).
     #[arg(long)]
     pub no_payload: bool,
+    /// Connections the probes follow at once (default 32768); more are counted as
+    /// conn_map_full and not measured.
+    #[arg(long, default_value_t = MapSizes::default().connections)]
+    pub max_connections: u32,
+    /// Threads the probes follow at once (default 16384); more are counted as thread_map_full.
+    #[arg(long, default_value_t = MapSizes::default().threads)]
+    pub max_threads: u32,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464; port 0 picks a
     /// free port, printed on stderr). Off by default; bind a loopback address unless a scraper
     /// elsewhere must reach it.
@@ -87,7 +94,7 @@ pub fn run(args: Args) -> ExitCode {
         Err(e) => {
             let code = match e.downcast_ref::<ProbeError>() {
                 Some(ProbeError::NotPermitted(_)) => EXIT_NOPERM,
-                Some(ProbeError::TooManyPorts { .. }) => EXIT_USAGE,
+                Some(ProbeError::TooManyPorts { .. } | ProbeError::Sizes(_)) => EXIT_USAGE,
                 _ => 1,
             };
             fail(&e, code)
@@ -101,6 +108,10 @@ async fn watch(args: &Args, target: &Target) -> anyhow::Result<()> {
         http_ports: dedup(&args.http_ports),
         db_ports: dedup(&args.db_ports),
         capture_payload: !args.no_payload,
+        sizes: MapSizes {
+            connections: args.max_connections,
+            threads: args.max_threads,
+        },
     };
     let mut stop = crate::signals::Stop::install()?;
 

@@ -41,6 +41,9 @@ pub struct DaemonConfig {
     /// that containers coming and going do not grow the series without bound. Default 300.
     #[serde(default = "default_series_grace")]
     pub series_grace_s: f64,
+    /// The probes' map sizes for each container (`[maps]`: `connections`, `threads`).
+    #[serde(default)]
+    pub maps: crate::probe::MapSizes,
     /// How containers are found: `docker` (the Docker Engine's events; default) or `cgroup`
     /// (a scan of the host's cgroups every `interval_s`, for containerd, CRI-O, Podman and
     /// Docker alike; names and labels come from Docker when it answers).
@@ -76,18 +79,29 @@ pub struct ControlConfig {
     /// networks as `ADDR/PREFIX` (or one address). Default: loopback (127.0.0.0/8, ::1/128),
     /// where containers' published ports are.
     #[serde(default = "default_load_allow")]
-    pub load_allow: Vec<String>,
+    pub load_allow: Vec<Net>,
 }
 
-pub(crate) fn default_load_allow() -> Vec<String> {
-    vec!["127.0.0.0/8".into(), "::1/128".into()]
+pub(crate) fn default_load_allow() -> Vec<Net> {
+    ["127.0.0.0/8", "::1/128"]
+        .iter()
+        .map(|n| Net::parse(n).expect("a valid network"))
+        .collect()
 }
 
 /// A network, `ADDR/PREFIX` (one address without `/PREFIX`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
 pub struct Net {
     addr: std::net::IpAddr,
     prefix: u8,
+}
+
+impl TryFrom<String> for Net {
+    type Error = String;
+    fn try_from(s: String) -> Result<Net, String> {
+        Net::parse(&s)
+    }
 }
 
 impl Net {
@@ -184,6 +198,7 @@ impl Default for DaemonConfig {
             metrics_addr: default_metrics_addr(),
             interval_s: default_interval(),
             series_grace_s: default_series_grace(),
+            maps: Default::default(),
             docker_socket: None,
             control: None,
             discovery: Discovery::Docker,
@@ -300,11 +315,10 @@ impl DaemonConfig {
                 return bad(format!("[[watch]] rule {n}: http_ports is empty"));
             }
         }
+        self.maps
+            .check()
+            .map_err(|e| ConfigError::Invalid(format!("[maps]: {e}")))?;
         if let Some(c) = &self.control {
-            for n in &c.load_allow {
-                Net::parse(n)
-                    .map_err(|e| ConfigError::Invalid(format!("[control] load_allow: {e}")))?;
-            }
             if c.token.is_some() && c.token_file.is_some() {
                 return bad("[control]: give token or token_file, not both".into());
             }
@@ -454,6 +468,11 @@ mod tests {
         assert!(cfg("interval_s = 0").is_err());
         assert!(cfg("series_grace_s = -1").is_err());
         assert!(cfg("[control]\naddr = \"127.0.0.1:1\"\nload_allow = [\"10.0.0.0/33\"]").is_err());
+        let e = cfg("[maps]\nconnections = 0").unwrap_err();
+        assert!(e.contains("connections must be 1-"), "{e}");
+        assert!(cfg("[maps]\nthreads = 4194305").is_err());
+        let c = cfg("[maps]\nconnections = 1000").unwrap();
+        assert_eq!((c.maps.connections, c.maps.threads), (1000, 16_384));
         assert!(cfg(
             "[control]\naddr = \"127.0.0.1:1\"\nload_allow = [\"10.0.0.0/8\", \"fd00::1\"]"
         )

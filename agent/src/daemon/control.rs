@@ -93,10 +93,7 @@ impl Control {
             delays: Mutex::default(),
             loads: Arc::default(),
             metrics: None,
-            load_allow: super::config::default_load_allow()
-                .iter()
-                .filter_map(|n| super::config::Net::parse(n).ok())
-                .collect(),
+            load_allow: super::config::default_load_allow(),
         }
     }
 

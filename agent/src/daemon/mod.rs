@@ -97,17 +97,13 @@ pub async fn run(cfg: DaemonConfig, token: Option<String>) -> anyhow::Result<()>
             .await?;
 
     let state = Arc::new(Mutex::new(Followed::default()));
+    let delay_metrics = crate::metrics::DelayMetrics::new(&registry)?;
     let _control_server = match &cfg.control {
         Some(c) => {
-            // Validated: every entry parses.
-            let allow = c
-                .load_allow
-                .iter()
-                .filter_map(|n| config::Net::parse(n).ok())
-                .collect();
+            let allow = c.load_allow.clone();
             let ctl = control::Control::new(token.clone(), state.clone())
                 .with_metrics(
-                    crate::metrics::DelayMetrics::new(&registry)?,
+                    delay_metrics.clone(),
                     crate::metrics::LoadMetrics::new(&registry)?,
                 )
                 .with_load_allow(allow);
@@ -129,6 +125,7 @@ pub async fn run(cfg: DaemonConfig, token: Option<String>) -> anyhow::Result<()>
         cfg: Arc::new(cfg),
         docker,
         metrics,
+        delay_metrics,
         state: state.clone(),
     };
 
@@ -166,6 +163,8 @@ struct Daemon {
     /// None under cgroup discovery when Docker does not answer.
     docker: Option<Docker>,
     metrics: ProbeMetrics,
+    /// The delays set through the control API; a container's expire with its probe series.
+    delay_metrics: crate::metrics::DelayMetrics,
     state: Arc<Mutex<Followed>>,
 }
 
@@ -371,6 +370,7 @@ impl Daemon {
             http_ports: dedup(&rule.http_ports),
             db_ports: dedup(&rule.db_ports),
             capture_payload: rule.capture_payload,
+            sizes: self.cfg.maps,
         };
         let (name, cid, metrics) = (c.name.clone(), c.id.clone(), self.metrics.clone());
         let interval = Duration::from_secs_f64(self.cfg.interval_s);
@@ -438,8 +438,14 @@ impl Daemon {
         let gone = self
             .metrics
             .expire(Duration::from_secs_f64(self.cfg.series_grace_s));
-        if gone > 0 {
-            tracing::debug!("removed the series of {gone} container(s) gone for good");
+        for t in &gone {
+            self.delay_metrics.remove(t);
+        }
+        if !gone.is_empty() {
+            tracing::debug!(
+                "removed the series of {} container(s) gone for good",
+                gone.len()
+            );
         }
     }
 }

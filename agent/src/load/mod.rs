@@ -299,6 +299,18 @@ impl LoadReport {
     ) -> std::io::Result<Vec<PathBuf>> {
         locust::write(self, dir, prefix)
     }
+
+    /// The points of Locust 2.13's report chart for this run (`chart::chart`), from the series:
+    /// `max_srps` is the largest.
+    pub fn chart(&self) -> Vec<f64> {
+        let tallies: Vec<chart::Tally> = self.series.iter().map(SeriesPoint::tally).collect();
+        let into_second = (self.started_unix_ms % 1000) as f64 / 1000.0;
+        chart::chart(
+            &tallies,
+            into_second,
+            self.actual_duration_s.min(self.planned_duration_s),
+        )
+    }
 }
 
 #[cfg(test)]

@@ -185,8 +185,6 @@ pub struct LoadReport {
     pub series: Vec<SeriesPoint>,
 }
 
-impl LoadReport {}
-
 /// Failure counts in a stable order: HTTP statuses ascending, then error kinds.
 pub fn failures_by_kind(t: &Totals) -> Vec<FailureCount> {
     let mut v: Vec<FailureCount> = t

@@ -243,7 +243,7 @@ impl ProbeMetrics {
     /// Removes every series of the targets detached for longer than `grace` (a container that
     /// is gone for good); returns how many targets went. A target attached again within the
     /// grace period keeps its series, and its counters go on from where they were.
-    pub(crate) fn expire(&self, grace: Duration) -> usize {
+    pub(crate) fn expire(&self, grace: Duration) -> Vec<String> {
         let gone: Vec<(String, TargetSeries)> = {
             let mut k = self.known.lock().unwrap_or_else(|e| e.into_inner());
             let old: Vec<String> = k
@@ -278,7 +278,7 @@ impl ProbeMetrics {
             }
             let _ = self.attached.remove_label_values(&[t]);
         }
-        gone.len()
+        gone.into_iter().map(|(t, _)| t).collect()
     }
 }
 
@@ -532,6 +532,19 @@ impl DelayMetrics {
     /// No delay in force on `target`: both gauges read 0 (a panel shows "0 ms", not a gap).
     pub fn clear(&self, target: &str, backend: &str) {
         self.set(target, Duration::ZERO, Some(Duration::ZERO), backend);
+    }
+
+    /// Removes `target`'s series (a container gone for good).
+    pub fn remove(&self, target: &str) {
+        let backend = self
+            .backends
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(target);
+        if let Some(b) = backend {
+            let _ = self.requested.remove_label_values(&[target, &b]);
+            let _ = self.achieved.remove_label_values(&[target, &b]);
+        }
     }
 }
 
@@ -848,9 +861,9 @@ mod tests {
             "{before}: two server histograms and two db ones"
         );
         m.set_detached("gone");
-        assert_eq!(m.expire(Duration::from_secs(3600)), 0);
+        assert!(m.expire(Duration::from_secs(3600)).is_empty());
         assert_eq!(series("gone"), before);
-        assert_eq!(m.expire(Duration::ZERO), 1);
+        assert_eq!(m.expire(Duration::ZERO), ["gone"]);
         assert_eq!(
             series("gone"),
             0,
@@ -916,6 +929,10 @@ mod tests {
             ),
             Some(0.2)
         );
+        // A target gone for good takes its delay series with it.
+        d.remove("server");
+        let text = String::from_utf8(encode(&r)).unwrap();
+        assert!(!text.contains("awaitlab_delay_"), "{text}");
 
         let e = ExperimentMetrics::new(&r).unwrap();
         for delay in [0, 100, 200] {

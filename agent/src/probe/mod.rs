@@ -43,6 +43,8 @@ pub enum ProbeError {
     NothingAttached(String),
     #[error("polling the ring buffer: {0}")]
     Poll(std::io::Error),
+    #[error("{0}")]
+    Sizes(String),
     #[error("at most {max} {role} ports, got {got}")]
     TooManyPorts {
         role: &'static str,
@@ -59,6 +61,43 @@ pub struct ProbeSpec {
     pub db_ports: Vec<u16>,
     /// Copy request heads and response status lines (method, path, status).
     pub capture_payload: bool,
+    pub sizes: MapSizes,
+}
+
+/// How many entries the probes' per-connection and per-thread maps hold. A connection or a
+/// thread that finds its map full is not measured and is counted (`conn_map_full`,
+/// `thread_map_full`). Each connection entry takes about 100 bytes of kernel memory, each
+/// thread about 60 (two maps); the defaults take under 5 MB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MapSizes {
+    /// Connections followed at once (the server's and its database connections).
+    pub connections: u32,
+    /// Threads followed at once (CPU time and the request each is serving).
+    pub threads: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> MapSizes {
+        MapSizes {
+            connections: 32_768,
+            threads: 16_384,
+        }
+    }
+}
+
+impl MapSizes {
+    /// Largest size accepted for either map.
+    pub const MAX: u32 = 1 << 22;
+
+    pub fn check(&self) -> Result<(), String> {
+        for (what, n) in [("connections", self.connections), ("threads", self.threads)] {
+            if !(1..=Self::MAX).contains(&n) {
+                return Err(format!("map size {what} must be 1-{}, got {n}", Self::MAX));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One program: where it hooks, what it measures, and whether it is live.
@@ -128,7 +167,12 @@ impl Probes {
         let own = btf::Btf::from_sys_fs()?;
         let config = build_config(spec, &own)?;
         let kernel_btf = aya::Btf::from_sys_fs().map_err(|e| ProbeError::Load(e.into()))?;
-        let mut ebpf = Ebpf::load(OBJECT)?;
+        spec.sizes.check().map_err(ProbeError::Sizes)?;
+        let mut ebpf = aya::EbpfLoader::new()
+            .map_max_entries("CONNS", spec.sizes.connections)
+            .map_max_entries("THREADS", spec.sizes.threads)
+            .map_max_entries("THREAD_REQ", spec.sizes.threads)
+            .load(OBJECT)?;
         {
             let mut cfg: Array<&mut MapData, Config> =
                 Array::try_from(ebpf.map_mut("CONFIG").ok_or(ProbeError::Map {

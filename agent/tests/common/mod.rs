@@ -46,6 +46,46 @@ pub fn sh(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The loopback address Docker published for `container`'s `port` (such as `8000/tcp`); it
+/// changes when the container restarts.
+pub fn docker_port(container: &str, port: &str) -> SocketAddr {
+    let out = sh("docker", &["port", container, port]);
+    let line = out
+        .lines()
+        .next()
+        .unwrap_or_else(|| panic!("{container}: {port} not published"));
+    line.trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("docker port {container} {port}: {line:?}: {e}"))
+}
+
+/// The address in the agent's `metrics on http://ADDR/metrics` line, from its stderr so far.
+pub fn metrics_addr_in(stderr: &str) -> SocketAddr {
+    stderr
+        .split_inclusive('\n')
+        .find(|l| l.ends_with('\n') && l.contains("metrics on http://"))
+        .and_then(|l| l.trim_end().split("http://").nth(1))
+        .and_then(|a| a.trim_end_matches("/metrics").parse().ok())
+        .unwrap_or_else(|| panic!("no metrics address: {stderr}"))
+}
+
+/// `awaitlab run` on the netns back end with the smoke profile, writing under `results`, with
+/// `extra` options.
+pub fn smoke_run(results: &std::path::Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(agent_bin());
+    c.args([
+        "run",
+        "--backend",
+        "netns",
+        "--profile",
+        "smoke",
+        "--results",
+    ])
+    .arg(results)
+    .args(extra);
+    c
+}
+
 /// `ip netns add NAME`, deleted on drop.
 pub struct Netns {
     pub name: String,
@@ -461,6 +501,11 @@ impl Finished {
 }
 
 impl Agent {
+    /// The address its metrics are served on (`--metrics-addr`).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        metrics_addr_in(&self.stderr_so_far())
+    }
+
     /// Starts `awaitlab watch ARGS --json` and waits until the probes are attached.
     pub fn watch(args: &[&str]) -> Agent {
         let dir = tempdir::TempDir::new("awl-agent");

@@ -305,6 +305,7 @@ fn attach(
         http_ports: vec![sut::SERVER_PORT],
         db_ports: vec![system.db_port()],
         capture_payload: true,
+        sizes: Default::default(),
     };
     let mut session = Session::attach(&spec, system.netns()).context("attaching the probes")?;
     if let Some(m) = metrics {
