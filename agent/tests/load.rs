@@ -303,6 +303,7 @@ fn closed(url: String, users: u32, secs: f64) -> LoadSpec {
         },
         timeout: None,
         keep_alive: true,
+        threads: None,
     }
 }
 
@@ -415,6 +416,7 @@ fn users_leaving_and_coming_back_never_exceed_the_target() {
         },
         timeout: None,
         keep_alive: true,
+        threads: None,
     };
     let r = run(&spec);
     assert_eq!(r.failures, 0);
@@ -514,6 +516,7 @@ fn open_model_sends_exactly_the_planned_arrivals() {
         },
         timeout: None,
         keep_alive: true,
+        threads: None,
     };
     let r = run(&spec);
     // 200/s for 2 s: arrivals due at 0, 5 ms, ..., 1995 ms. Each is either completed or cut
@@ -544,6 +547,7 @@ fn open_model_measures_from_the_due_time() {
         },
         timeout: None,
         keep_alive: true,
+        threads: None,
     };
     let r = run(&spec);
     assert!(r.requests >= 10, "{} requests", r.requests);
@@ -578,6 +582,7 @@ fn cancel_stops_early_and_reports() {
         },
         timeout: None,
         keep_alive: true,
+        threads: None,
     };
     let cancel = CancellationToken::new();
     let c = cancel.clone();

@@ -93,6 +93,10 @@ pub struct Args {
     /// Send `Connection: close` and open a new connection for every request.
     #[arg(long)]
     pub no_keepalive: bool,
+    /// Threads that run the users (default: half the cores, leaving the rest to a server on
+    /// this host).
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=load::MAX_THREADS as u64))]
+    pub threads: Option<usize>,
     /// Print the JSON report on stdout instead of the text summary.
     #[arg(long)]
     pub json: bool,
@@ -222,6 +226,7 @@ pub(crate) fn spec_from_args(a: &Args) -> Result<LoadSpec, String> {
         model,
         timeout,
         keep_alive: !a.no_keepalive,
+        threads: a.threads,
     };
     load::validate(&spec).map_err(|e| e.to_string())?;
     Ok(spec)

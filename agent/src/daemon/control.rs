@@ -420,6 +420,7 @@ impl Control {
             },
             timeout: None,
             keep_alive: true,
+            threads: None,
         };
         let Ok(mut jobs) = self.loads.lock() else {
             return Response::error(500, "daemon state unavailable");

@@ -258,6 +258,7 @@ mod tests {
             start_lag_ms: Percentiles::default(),
             in_flight_at_end: 0,
             max_users: 1,
+            threads: 1,
             series: vec![
                 SeriesPoint {
                     second: 0,

@@ -103,7 +103,7 @@ pub(crate) async fn run_with_metrics(
             "open",
         ),
     };
-    let mut tasks = Lanes::new()?;
+    let mut tasks = Lanes::new(spec.threads())?;
     let start = Instant::now();
     let wall = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -285,6 +285,7 @@ pub(crate) async fn run_with_metrics(
         start_lag_ms: Percentiles::of(&totals.start_lag, None),
         in_flight_at_end: sh.aborted.load(Ordering::Relaxed),
         max_users,
+        threads: spec.threads(),
         series: points,
     };
     Ok(report)

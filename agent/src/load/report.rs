@@ -182,6 +182,9 @@ pub struct LoadReport {
     pub in_flight_at_end: u64,
     /// Most users (closed model), or workers started, each with its connection (open model).
     pub max_users: u32,
+    /// The generator's threads (`LoadSpec::threads`).
+    #[serde(default)]
+    pub threads: usize,
     pub series: Vec<SeriesPoint>,
 }
 

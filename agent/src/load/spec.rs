@@ -87,6 +87,21 @@ pub struct LoadSpec {
     pub timeout: Option<Duration>,
     /// Reuse connections the server keeps open (default); false sends `Connection: close`.
     pub keep_alive: bool,
+    /// Threads that run the users (each one event loop); None: `default_threads()`.
+    #[serde(default)]
+    pub threads: Option<usize>,
+}
+
+/// Most generator threads `--threads` accepts.
+pub const MAX_THREADS: usize = 256;
+
+/// The generator's threads when none are asked for: half the host's cores, at least one. The
+/// servers it loads here run on the same host (the system under test shares its cores with the
+/// load, as in the study), and a generator on every core takes CPU the server needs: against
+/// one nginx worker on 2 cores, one thread drove more requests than two (`cargo xtask bench
+/// load`, docs/benchmarks.md).
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
 
 impl LoadSpec {
@@ -101,7 +116,13 @@ impl LoadSpec {
             },
             timeout: None,
             keep_alive: true,
+            threads: None,
         }
+    }
+
+    /// The threads this run uses.
+    pub fn threads(&self) -> usize {
+        self.threads.unwrap_or_else(default_threads)
     }
 
     pub fn planned(&self) -> Duration {
@@ -261,6 +282,13 @@ pub(crate) fn validate(spec: &LoadSpec) -> Result<(Endpoint, Template), LoadErro
     if let Some(t) = spec.timeout {
         if t.is_zero() {
             return Err(LoadError::Invalid("timeout must be greater than 0".into()));
+        }
+    }
+    if let Some(n) = spec.threads {
+        if !(1..=MAX_THREADS).contains(&n) {
+            return Err(LoadError::Invalid(format!(
+                "threads must be 1-{MAX_THREADS}, got {n}"
+            )));
         }
     }
     Ok((target, template))

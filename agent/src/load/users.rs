@@ -169,7 +169,7 @@ pub(super) async fn open_worker(sh: Arc<Shared>, index: u32) {
     }
 }
 
-/// The threads that run the users: one current-thread runtime per core, users dealt round-robin.
+/// The threads that run the users: one current-thread runtime each, users dealt round-robin.
 /// A user's request, its connection and its recording then never leave one thread (no work
 /// stealing, no cross-thread wakeups), as in wrk's design; the caller's runtime only runs the
 /// schedule and the collector.
@@ -182,8 +182,7 @@ pub(super) struct Lanes {
 }
 
 impl Lanes {
-    pub(super) fn new() -> Result<Lanes, LoadError> {
-        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    pub(super) fn new(n: usize) -> Result<Lanes, LoadError> {
         let mut lanes = Lanes {
             handles: Vec::new(),
             stops: Vec::new(),

@@ -46,8 +46,12 @@ pub struct LoadArgs {
     no_locust: bool,
 }
 
-/// Targets the issue sets: ours / peer.
-const TARGETS: [(&str, f64); 3] = [("wrk", 0.9), ("oha", 1.0), ("locust", 10.0)];
+/// Targets: awaitlab's default / the best wrk configuration, in requests per second and in
+/// requests per CPU-second of the generator.
+const WRK_TARGET: f64 = 1.0;
+
+/// Targets: awaitlab's default / peer, requests per second.
+const TARGETS: [(Tool, f64); 2] = [(Tool::Oha, 1.0), (Tool::Locust, 10.0)];
 
 /// The static file: small, as the issue asks, so that the server's work per request is minimal.
 const BODY: &str = "awaitlab load benchmark: a small static file served by nginx.\n";
@@ -141,9 +145,17 @@ fn start_nginx(dir: &Path) -> Result<(ChildGuard, SocketAddr)> {
     Ok((nginx, addr))
 }
 
-/// Runs a tool to completion under a guard (so Ctrl-C or an error still stops it); returns
-/// stdout, and the peak resident memory in KiB from wait4's rusage.
-fn run_tool(name: &str, cmd: &mut Command, limit: Duration) -> Result<(String, u64)> {
+/// What `run_tool` read of a finished tool.
+struct Ran {
+    stdout: String,
+    /// Peak resident memory, KiB (wait4's rusage).
+    maxrss_kib: u64,
+    /// User + system CPU time of the tool and its reaped children, seconds (wait4's rusage).
+    cpu_s: f64,
+}
+
+/// Runs a tool to completion under a guard (so Ctrl-C or an error still stops it).
+fn run_tool(name: &str, cmd: &mut Command, limit: Duration) -> Result<Ran> {
     let dir = std::env::temp_dir().join(format!("awl-loadbench-{}-{name}", std::process::id()));
     let out_path = dir.with_extension("out");
     let err_path = dir.with_extension("err");
@@ -158,7 +170,7 @@ fn run_tool(name: &str, cmd: &mut Command, limit: Duration) -> Result<(String, u
     // nothing (ESRCH is not an error).
     let mut guard = KillOnDrop(Some(child));
     let t0 = Instant::now();
-    let (status, maxrss_kib) = loop {
+    let (status, maxrss_kib, cpu_s) = loop {
         let mut st: libc::c_int = 0;
         // SAFETY: zeroed rusage is a valid value for the out parameter.
         let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
@@ -168,7 +180,12 @@ fn run_tool(name: &str, cmd: &mut Command, limit: Duration) -> Result<(String, u
             if let Some(c) = guard.0.take() {
                 std::mem::forget(c);
             }
-            break (std::process::ExitStatus::from_raw(st), ru.ru_maxrss as u64);
+            let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+            break (
+                std::process::ExitStatus::from_raw(st),
+                ru.ru_maxrss as u64,
+                secs(ru.ru_utime) + secs(ru.ru_stime),
+            );
         }
         ensure!(r == 0, "wait4 {name}: {}", std::io::Error::last_os_error());
         if check_interrupted().is_err() || t0.elapsed() > limit {
@@ -186,7 +203,11 @@ fn run_tool(name: &str, cmd: &mut Command, limit: Duration) -> Result<(String, u
         "`{line}` failed ({status}): {}",
         err.trim()
     );
-    Ok((out, maxrss_kib))
+    Ok(Ran {
+        stdout: out,
+        maxrss_kib,
+        cpu_s,
+    })
 }
 
 struct KillOnDrop(Option<std::process::Child>);
@@ -219,17 +240,47 @@ struct Tools {
     csv_dir: PathBuf,
 }
 
-fn measure(tool: &str, t: &Tools, url: &str, a: &LoadArgs) -> Result<f64> {
+/// One configuration of one tool.
+#[derive(Clone, Copy, PartialEq)]
+enum Tool {
+    Wrk(usize),
+    Oha,
+    Locust,
+    /// `--threads N`, or the default (None).
+    Awaitlab(Option<usize>),
+}
+
+impl Tool {
+    fn name(self) -> String {
+        match self {
+            Tool::Wrk(n) => format!("wrk -t{n}"),
+            Tool::Oha => "oha".into(),
+            Tool::Locust => "locust".into(),
+            Tool::Awaitlab(Some(n)) => format!("awaitlab --threads {n}"),
+            Tool::Awaitlab(None) => "awaitlab (default)".into(),
+        }
+    }
+}
+
+/// One run of one tool: its rate and its CPU cost.
+#[derive(Clone, Copy)]
+struct Sample {
+    /// Requests per second of the run.
+    rps: f64,
+    /// Requests per CPU-second the tool itself spent (user + system).
+    per_cpu_s: f64,
+    /// The threads awaitlab says it ran (its report's `threads`); None for the other tools.
+    threads: Option<u64>,
+}
+
+fn measure(tool: Tool, t: &Tools, url: &str, a: &LoadArgs) -> Result<Sample> {
     let d = a.duration;
     let c = a.connections.to_string();
     let limit = Duration::from_secs(u64::from(d) + 60);
-    match tool {
-        "wrk" => {
-            let threads = std::thread::available_parallelism()
-                .map_or(1, |n| n.get())
-                .min(a.connections as usize)
-                .to_string();
-            let (out, _) = run_tool(
+    let mut reported_threads = None;
+    let (rps, ran) = match tool {
+        Tool::Wrk(threads) => {
+            let ran = run_tool(
                 "wrk",
                 Command::new("wrk").args([
                     format!("-t{threads}"),
@@ -239,20 +290,20 @@ fn measure(tool: &str, t: &Tools, url: &str, a: &LoadArgs) -> Result<f64> {
                 ]),
                 limit,
             )?;
-            number_after(&out, "Requests/sec:")
+            (number_after(&ran.stdout, "Requests/sec:")?, ran)
         }
-        "oha" => {
-            let (out, _) = run_tool(
+        Tool::Oha => {
+            let ran = run_tool(
                 "oha",
                 Command::new(&t.oha).args(["--no-tui", "-c", &c, "-z", &format!("{d}s"), url]),
                 limit,
             )?;
-            number_after(&out, "Requests/sec:")
+            (number_after(&ran.stdout, "Requests/sec:")?, ran)
         }
-        "locust" => {
+        Tool::Locust => {
             let bin = t.locust.as_ref().context("locust disabled")?;
             let prefix = t.csv_dir.join("locust");
-            run_tool(
+            let ran = run_tool(
                 "locust",
                 Command::new(bin)
                     .args(["-f"])
@@ -281,38 +332,48 @@ fn measure(tool: &str, t: &Tools, url: &str, a: &LoadArgs) -> Result<f64> {
                 .lines()
                 .find(|l| l.contains(",Aggregated,"))
                 .context("no Aggregated row in Locust's CSV")?;
-            agg.split(',')
+            let rps = agg
+                .split(',')
                 .nth(9)
                 .context("no Requests/s column")?
                 .parse::<f64>()
-                .context("Locust's Requests/s")
+                .context("Locust's Requests/s")?;
+            (rps, ran)
         }
-        "awaitlab" => {
-            let (out, _) = run_tool(
-                "awaitlab",
-                Command::new(&t.awaitlab).args([
-                    "load",
-                    url,
-                    "--users",
-                    &c,
-                    "--run-time",
-                    &format!("{d}s"),
-                    "--json",
-                ]),
-                limit,
-            )?;
+        Tool::Awaitlab(threads) => {
+            let mut cmd = Command::new(&t.awaitlab);
+            cmd.args([
+                "load",
+                url,
+                "--users",
+                &c,
+                "--run-time",
+                &format!("{d}s"),
+                "--json",
+            ]);
+            if let Some(n) = threads {
+                cmd.args(["--threads", &n.to_string()]);
+            }
+            let ran = run_tool("awaitlab", &mut cmd, limit)?;
             let v: serde_json::Value =
-                serde_json::from_str(out.trim()).context("awaitlab's JSON report")?;
+                serde_json::from_str(ran.stdout.trim()).context("awaitlab's JSON report")?;
             let req = v["requests"].as_f64().context("requests")?;
             let fails = v["failures"].as_u64().unwrap_or(0);
             ensure!(fails == 0, "awaitlab saw {fails} failures against nginx");
-            Ok(req
-                / v["actual_duration_s"]
-                    .as_f64()
-                    .context("actual_duration_s")?)
+            let secs = v["actual_duration_s"]
+                .as_f64()
+                .context("actual_duration_s")?;
+            reported_threads = v["threads"].as_u64();
+            (req / secs, ran)
         }
-        other => bail!("unknown tool {other}"),
-    }
+    };
+    Ok(Sample {
+        rps,
+        // The run's requests (its rate over the asked duration) per CPU-second it spent, start
+        // and exit included.
+        per_cpu_s: rps * f64::from(d) / ran.cpu_s.max(1e-9),
+        threads: reported_threads,
+    })
 }
 
 pub fn run(a: &LoadArgs) -> Result<()> {
@@ -369,20 +430,34 @@ pub fn run(a: &LoadArgs) -> Result<()> {
         csv_dir: dir.0.clone(),
     };
 
-    let mut names = vec!["wrk", "oha", "awaitlab"];
+    // wrk and awaitlab at every thread count up to the cores (what is best depends on how many
+    // cores the server leaves), and awaitlab's default; each compared with the best wrk.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let sweep = 1..=cores.min(a.connections as usize);
+    let mut tools_run: Vec<Tool> = sweep.clone().map(Tool::Wrk).collect();
+    tools_run.push(Tool::Oha);
     if tools.locust.is_some() {
-        names.insert(2, "locust");
+        tools_run.push(Tool::Locust);
     }
+    tools_run.extend(sweep.map(|n| Tool::Awaitlab(Some(n))));
+    tools_run.push(Tool::Awaitlab(None));
     // Warm-up: page cache, nginx's open-file cache, the tools' binaries.
-    measure("wrk", &tools, &url, &LoadArgs { duration: 1, ..*a })?;
-    let mut results: Vec<(&str, Vec<f64>)> = names.iter().map(|n| (*n, Vec::new())).collect();
+    measure(Tool::Wrk(1), &tools, &url, &LoadArgs { duration: 1, ..*a })?;
+    let mut results: Vec<(Tool, Vec<Sample>)> =
+        tools_run.iter().map(|n| (*n, Vec::new())).collect();
     for round in 0..a.runs {
-        for k in 0..names.len() {
+        for k in 0..tools_run.len() {
             check_interrupted()?;
-            let i = (k + round as usize) % names.len();
-            let rps = measure(names[i], &tools, &url, a)?;
-            eprintln!("round {}: {:<9} {:>10.0} req/s", round + 1, names[i], rps);
-            results[i].1.push(rps);
+            let i = (k + round as usize) % tools_run.len();
+            let s = measure(tools_run[i], &tools, &url, a)?;
+            eprintln!(
+                "round {}: {:<20} {:>10.0} req/s {:>10.0} req/CPU-s",
+                round + 1,
+                tools_run[i].name(),
+                s.rps,
+                s.per_cpu_s
+            );
+            results[i].1.push(s);
         }
     }
 
@@ -391,7 +466,7 @@ pub fn run(a: &LoadArgs) -> Result<()> {
     // hold until the end.
     check_interrupted()?;
     let mem_secs = 8;
-    let (out, maxrss_kib) = run_tool(
+    let ran = run_tool(
         "awaitlab-memory",
         Command::new(&tools.awaitlab).args([
             "load",
@@ -407,39 +482,85 @@ pub fn run(a: &LoadArgs) -> Result<()> {
         Duration::from_secs(120),
     )?;
     let mem: serde_json::Value =
-        serde_json::from_str(out.trim()).context("awaitlab's JSON report (memory run)")?;
+        serde_json::from_str(ran.stdout.trim()).context("awaitlab's JSON report (memory run)")?;
 
-    let med: Vec<(&str, f64)> = results
+    // Medians of each configuration's runs.
+    let med: Vec<(Tool, f64, f64)> = results
         .iter()
-        .map(|(n, v)| (*n, median(v.clone())))
+        .map(|(t, v)| {
+            (
+                *t,
+                median(v.iter().map(|s| s.rps).collect()),
+                median(v.iter().map(|s| s.per_cpu_s).collect()),
+            )
+        })
         .collect();
-    let ours = med
+    println!(
+        "\nload generators against one nginx worker on 127.0.0.1, {} connections, {} x {} s, medians:",
+        a.connections, a.runs, a.duration
+    );
+    println!("  {:<20} {:>10} {:>12}", "tool", "req/s", "req/CPU-s");
+    for (t, rps, eff) in &med {
+        println!("  {:<20} {rps:>10.0} {eff:>12.0}", t.name());
+    }
+    let best = |pick: &dyn Fn(&Tool) -> bool, by: &dyn Fn(&(Tool, f64, f64)) -> f64| {
+        med.iter()
+            .filter(|m| pick(&m.0))
+            .max_by(|x, y| by(x).total_cmp(&by(y)))
+            .copied()
+    };
+    let is_wrk = |t: &Tool| matches!(t, Tool::Wrk(_));
+    let is_default = |t: &Tool| *t == Tool::Awaitlab(None);
+    let rate = |m: &(Tool, f64, f64)| m.1;
+    let eff = |m: &(Tool, f64, f64)| m.2;
+    let ours = best(&is_default, &rate).context("awaitlab's default run")?;
+    let default_threads = results
         .iter()
-        .find(|(n, _)| *n == "awaitlab")
-        .map_or(f64::NAN, |x| x.1);
-    println!("\nload generators against one nginx worker on 127.0.0.1, {} connections, {} x {} s, medians:", a.connections, a.runs, a.duration);
-    for (n, v) in &med {
-        println!("  {n:<9} {v:>10.0} req/s");
+        .find(|(t, _)| is_default(t))
+        .and_then(|(_, v)| v.first()?.threads);
+    if let Some(n) = default_threads {
+        println!("  awaitlab's default here: {n} thread(s) on {cores} cores");
     }
     let mut ratios = serde_json::Map::new();
-    for (peer, target) in TARGETS {
-        let Some((_, p)) = med.iter().find(|(n, _)| *n == peer) else {
-            continue;
-        };
-        let r = ours / p;
+    let mut ratio = |key: String, r: f64, target: f64, what: String| {
         println!(
-            "  awaitlab / {peer:<6} {r:>6.2}  (target >= {target}: {})",
+            "  {what:<48} {r:>6.2}  (target >= {target}: {})",
             if r >= target { "met" } else { "NOT met" }
         );
         ratios.insert(
-            peer.to_owned(),
+            key,
             json!({ "ratio": r, "target": target, "met": r >= target }),
+        );
+    };
+    if let (Some(w), Some(we)) = (best(&is_wrk, &rate), best(&is_wrk, &eff)) {
+        ratio(
+            "best_wrk_rate".into(),
+            ours.1 / w.1,
+            WRK_TARGET,
+            format!("awaitlab (default) / best wrk ({}), req/s", w.0.name()),
+        );
+        ratio(
+            "best_wrk_per_cpu_s".into(),
+            ours.2 / we.2,
+            WRK_TARGET,
+            format!("awaitlab (default) / best wrk ({}), req/CPU-s", we.0.name()),
+        );
+    }
+    for (peer, target) in TARGETS {
+        let Some(p) = med.iter().find(|m| m.0 == peer) else {
+            continue;
+        };
+        ratio(
+            p.0.name(),
+            ours.1 / p.1,
+            target,
+            format!("awaitlab (default) / {}, req/s", p.0.name()),
         );
     }
     println!(
         "  peak memory of awaitlab load with {} users: {:.1} MiB ({} requests, {} failures, {} connections in {} s)",
         a.memory_users,
-        maxrss_kib as f64 / 1024.0,
+        ran.maxrss_kib as f64 / 1024.0,
         mem["requests"],
         mem["failures"],
         mem["connect_ms"]["count"],
@@ -448,13 +569,14 @@ pub fn run(a: &LoadArgs) -> Result<()> {
     let out_dir = cmd::target_dir().join("bench/load");
     fs::create_dir_all(&out_dir)?;
     let summary = json!({
-        "version": 1,
+        "version": 2,
         "connections": a.connections,
         "runs": a.runs,
         "duration_s": a.duration,
-        "requests_per_sec": results.iter().map(|(n, v)| (n.to_string(), json!({"median": median(v.clone()), "runs": v}))).collect::<serde_json::Map<_, _>>(),
+        "default_threads": default_threads,
+        "tools": med.iter().map(|(t, r, e)| (t.name(), json!({"requests_per_s": r, "requests_per_cpu_s": e}))).collect::<serde_json::Map<_, _>>(),
         "ratios": ratios,
-        "memory": { "users": a.memory_users, "peak_rss_mib": maxrss_kib as f64 / 1024.0, "requests": mem["requests"], "failures": mem["failures"] },
+        "memory": { "users": a.memory_users, "peak_rss_mib": ran.maxrss_kib as f64 / 1024.0, "requests": mem["requests"], "failures": mem["failures"] },
     });
     let path = out_dir.join("summary.json");
     fs::write(&path, serde_json::to_string_pretty(&summary)?)?;
