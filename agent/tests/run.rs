@@ -122,6 +122,28 @@ fn a_reduced_study_reproduces_the_effect_and_writes_the_report() {
     let (load_s, wall_s) = (num("load time "), num("wall time "));
     assert!((56.0..=64.0).contains(&load_s), "{line}");
     assert!(wall_s >= load_s, "{line}");
+    // And where the rest went: the phases are disjoint parts of the wall time (each printed
+    // rounded to 1 s, so their sum may read up to 3.5 s over), and the load phase is the load.
+    let by_phase = stderr
+        .lines()
+        .find(|l| l.contains("wall time by phase: "))
+        .unwrap_or_else(|| panic!("no phase line: {stderr}"));
+    let phases: Vec<(String, f64)> = by_phase
+        .split("wall time by phase: ")
+        .nth(1)
+        .unwrap()
+        .split(", ")
+        .map(|p| {
+            let (name, secs) = p.trim_end_matches(" s").rsplit_once(' ').unwrap();
+            (name.to_string(), secs.parse().unwrap())
+        })
+        .collect();
+    let sum: f64 = phases.iter().map(|(_, s)| s).sum();
+    assert!(sum <= wall_s + 3.5, "{by_phase}");
+    let phase = |n: &str| phases.iter().find(|(p, _)| p == n).unwrap().1;
+    assert!((phase("load") - load_s).abs() <= 1.0, "{by_phase}");
+    // Four cells, each with a 5 s warm-up.
+    assert!(phase("warm-up") >= 19.0, "{by_phase}");
     let dir = only_run_dir(results.path());
     // Every panel, annotation and variable of both dashboards has data 12 s into the load of
     // the async cell at 100 ms (smoke loads last 15 s); $__rate_interval is 4 scrapes, scraped

@@ -184,6 +184,13 @@ pub fn run(args: Args) -> ExitCode {
             outcome.wall_s,
             outcome.wall_s / outcome.load_s
         );
+        let parts: Vec<String> = outcome
+            .phases
+            .named()
+            .iter()
+            .map(|(name, secs)| format!("{name} {secs:.0} s"))
+            .collect();
+        eprintln!("awaitlab: wall time by phase: {}", parts.join(", "));
     }
     match crate::study::report::write(&outcome.dir) {
         Ok((md, html)) => println!("{}\n{}", md.display(), html.display()),

@@ -4,7 +4,8 @@
 //! client sends paced probes (one packet each way, so a round trip is exactly two packet
 //! traversals, one of them through the delay). For each requested delay it runs
 //! `awaitlab delay set` and reports the achieved round trip minus the undelayed baseline (p50 and
-//! p99 error), then floods the sink at rising rates through a 100 ms delay to find the highest
+//! p99 error), the same for TCP request/responses (4 bytes each way on kept connections, against
+//! a TCP baseline), then floods the sink at rising rates through a 100 ms delay to find the highest
 //! rate held with nothing bypassed and nothing lost, and the delay line's CPU per 10k packets.
 //! The netem back end is measured the same way as a peer where the kernel has netem.
 //!
@@ -42,8 +43,15 @@ const FLOOD_RATES: [u64; 5] = [25_000, 50_000, 75_000, 100_000, 150_000];
 const TARGET_P50_MS: f64 = 0.2;
 const TARGET_P99_MS: f64 = 1.0;
 const TARGET_PPS: u64 = 50_000;
+const TCP_TARGET_P50_MS: f64 = 0.1;
+const TCP_TARGET_P99_MS: f64 = 0.5;
 const ECHO_PORT: u16 = 7100;
 const SINK_PORT: u16 = 7101;
+const TCP_ECHO_PORT: u16 = 7102;
+/// TCP connections the request/response probes are spread over: each waits for its answer
+/// before its next request, so under a 200 ms delay 20 connections still send one request
+/// every 10 ms between them.
+const TCP_CONNS: u32 = 20;
 
 /// Two namespaces and the veth between them (10.232.0.1 client, 10.232.0.2 target; no address
 /// in the root namespace, so parallel runs elsewhere cannot collide).
@@ -153,12 +161,91 @@ impl Servers {
             rx.recv_timeout(Duration::from_secs(5))
                 .context("the target's UDP servers did not start")?;
         }
+        let (s, (tx, rx)) = (stop.clone(), std::sync::mpsc::channel());
+        threads.push(in_ns(&pair.target, move || tcp_echo(&s, &tx)));
+        rx.recv_timeout(Duration::from_secs(5))
+            .context("the target's TCP echo did not start")?;
         Ok(Servers {
             stop,
             sunk,
             threads,
         })
     }
+}
+
+/// The target's TCP echo: each connection (TCP_NODELAY) gets its 4-byte requests back at once,
+/// on a real-time thread of its own, until `stop`.
+fn tcp_echo(stop: &Arc<AtomicBool>, ready: &std::sync::mpsc::Sender<()>) {
+    use std::io::{Read as _, Write as _};
+    let l = std::net::TcpListener::bind(("10.232.0.2", TCP_ECHO_PORT))
+        .expect("bind in the target namespace");
+    l.set_nonblocking(true).unwrap();
+    ready.send(()).unwrap();
+    std::thread::scope(|sc| {
+        while !stop.load(Ordering::Relaxed) {
+            let Ok((mut c, _)) = l.accept() else {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            };
+            sc.spawn(move || {
+                realtime();
+                c.set_nonblocking(false).unwrap();
+                c.set_nodelay(true).unwrap();
+                c.set_read_timeout(Some(Duration::from_millis(100)))
+                    .unwrap();
+                let mut buf = [0u8; 4];
+                while !stop.load(Ordering::Relaxed) {
+                    match c.read_exact(&mut buf) {
+                        Ok(()) => {
+                            if c.write_all(&buf).is_err() {
+                                break;
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                        Err(_) => break,
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Round trips (ms) of `n` TCP request/responses (4 bytes each way, TCP_NODELAY) from the client
+/// namespace over `TCP_CONNS` connections opened first (the handshake is not timed), each
+/// sending its next request 2 ms after its last answer.
+fn tcp_rtts(pair: &Pair, n: u32) -> Result<Vec<f64>> {
+    use std::io::{Read as _, Write as _};
+    let per = n.div_ceil(TCP_CONNS);
+    let threads: Vec<_> = (0..TCP_CONNS)
+        .map(|_| {
+            in_ns(&pair.client, move || -> Result<Vec<f64>> {
+                realtime();
+                let mut c = std::net::TcpStream::connect(("10.232.0.2", TCP_ECHO_PORT))?;
+                c.set_nodelay(true)?;
+                c.set_read_timeout(Some(Duration::from_secs(5)))?;
+                let mut rtts = Vec::with_capacity(per as usize);
+                let mut buf = [0u8; 4];
+                for i in 0..per {
+                    check_interrupted()?;
+                    std::thread::sleep(Duration::from_millis(2));
+                    let t = Instant::now();
+                    c.write_all(&i.to_le_bytes())?;
+                    c.read_exact(&mut buf)?;
+                    rtts.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+                Ok(rtts)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in threads {
+        all.extend(
+            t.join()
+                .map_err(|_| anyhow::anyhow!("TCP probe thread panicked"))???,
+        );
+    }
+    Ok(all)
 }
 
 impl Drop for Servers {
@@ -391,14 +478,27 @@ pub fn run(args: &DelayArgs) -> Result<()> {
     eprintln!("baseline: {} probes without delay", args.probes);
     let (base, base_lost) = probe_rtts(&pair, args.probes, 0)?;
     let base_p50 = quantile(&base, 0.5);
+    eprintln!(
+        "baseline: {} TCP request/responses without delay",
+        args.probes
+    );
+    let tcp_base = tcp_rtts(&pair, args.probes)?;
+    let tcp_base_p50 = quantile(&tcp_base, 0.5);
     let mut results = Vec::new();
-    println!("\nrequested  backend   achieved p50   error p50   error p99   lost   bypassed   hold p50 (line)");
+    println!("\n                     UDP probes (one packet each way)                         TCP request/response");
+    println!("requested  backend   achieved p50   error p50   error p99   lost   bypassed   hold p50 (line)   error p50   error p99");
     for backend in &backends {
         for ms in REQUESTED_MS {
             check_interrupted()?;
             let set = DelaySet::start(&agent, &pair, ms, backend, &out_dir)?;
             let (rtts, lost) = probe_rtts(&pair, args.probes, ms)?;
+            let tcp = tcp_rtts(&pair, args.probes)?;
             let summary = set.stop()?;
+            let tcp_err: Vec<f64> = tcp
+                .iter()
+                .map(|r| r - tcp_base_p50 - f64::from(ms))
+                .collect();
+            let (t50, t99) = (quantile(&tcp_err, 0.5), quantile(&tcp_err, 0.99));
             let achieved: Vec<f64> = rtts.iter().map(|r| r - base_p50).collect();
             let err: Vec<f64> = achieved.iter().map(|a| a - f64::from(ms)).collect();
             let (e50, e99) = (quantile(&err, 0.5), quantile(&err, 0.99));
@@ -406,7 +506,7 @@ pub fn run(args: &DelayArgs) -> Result<()> {
                 .as_f64()
                 .map_or("-".into(), |h| format!("{:.3} ms", h / 1e3));
             println!(
-                "{ms:6} ms  {backend:8} {:10.3} ms {:8.3} ms {:8.3} ms {lost:6} {:10} {hold:>12}",
+                "{ms:6} ms  {backend:8} {:10.3} ms {:8.3} ms {:8.3} ms {lost:6} {:10} {hold:>12}   {t50:8.3} ms {t99:8.3} ms",
                 quantile(&achieved, 0.5),
                 e50,
                 e99,
@@ -414,7 +514,7 @@ pub fn run(args: &DelayArgs) -> Result<()> {
             );
             results.push(json!({"backend": backend, "requested_ms": ms, "achieved_p50_ms": quantile(&achieved, 0.5),
                 "error_p50_ms": e50, "error_p99_ms": e99, "error_p99_abs_ms": quantile(&err.iter().map(|e| e.abs()).collect::<Vec<_>>(), 0.99),
-                "lost": lost, "summary": summary}));
+                "lost": lost, "tcp_error_p50_ms": t50, "tcp_error_p99_ms": t99, "summary": summary}));
         }
     }
 
@@ -471,8 +571,20 @@ pub fn run(args: &DelayArgs) -> Result<()> {
         .filter_map(|r| r["error_p99_abs_ms"].as_f64())
         .fold(0.0, f64::max);
     println!(
-        "\nbaseline round trip p50 {base_p50:.3} ms, p99 {:.3} ms ({base_lost} lost)",
-        quantile(&base, 0.99)
+        "\nbaseline round trip p50 {base_p50:.3} ms, p99 {:.3} ms ({base_lost} lost); TCP request/response p50 {tcp_base_p50:.3} ms, p99 {:.3} ms",
+        quantile(&base, 0.99),
+        quantile(&tcp_base, 0.99)
+    );
+    let tcp_worst = |key: &str| {
+        nfq.iter()
+            .filter_map(|r| r[key].as_f64())
+            .map(f64::abs)
+            .fold(0.0, f64::max)
+    };
+    println!(
+        "nfqueue TCP request/response: worst |error p50| {:.3} ms (target <= {TCP_TARGET_P50_MS}), worst |error p99| {:.3} ms (target <= {TCP_TARGET_P99_MS})",
+        tcp_worst("tcp_error_p50_ms"),
+        tcp_worst("tcp_error_p99_ms")
     );
     println!(
         "nfqueue: worst |error p50| {worst50:.3} ms (target <= {TARGET_P50_MS}), worst |error| p99 {worst99:.3} ms (target <= {TARGET_P99_MS}), \

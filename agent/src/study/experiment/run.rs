@@ -88,6 +88,52 @@ pub struct RunOutcome {
     /// Seconds of measured load in the cells run now, and the wall time of the run.
     pub load_s: f64,
     pub wall_s: f64,
+    /// Where the wall time went, in seconds, in the order of a cell (`Phases`).
+    pub phases: Phases,
+}
+
+/// The run's wall time by phase of a cell, in seconds: what the run costs beyond its load.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Phases {
+    /// Starting a fresh server (and, for the first cell, the system and its seed).
+    pub server_s: f64,
+    /// Waiting for the server and the database to go idle, before the cell and after its
+    /// warm-up.
+    pub settle_s: f64,
+    /// Resetting the database to the seed.
+    pub reset_s: f64,
+    /// The warm-up's load.
+    pub warmup_s: f64,
+    /// The measured load.
+    pub load_s: f64,
+    /// The rest of a cell's measurement: the probes' mark and summary, the delay set and
+    /// cleared, the load's start and end.
+    pub measure_other_s: f64,
+    /// Writing the cell's records.
+    pub write_s: f64,
+}
+
+impl Phases {
+    /// (name, seconds) in the order of a cell.
+    pub fn named(&self) -> [(&'static str, f64); 7] {
+        [
+            ("fresh server", self.server_s),
+            ("settle", self.settle_s),
+            ("reset", self.reset_s),
+            ("warm-up", self.warmup_s),
+            ("load", self.load_s),
+            ("measurement other than load", self.measure_other_s),
+            ("write", self.write_s),
+        ]
+    }
+}
+
+/// Runs `f` and adds its wall time to `acc` (seconds).
+fn timed<T>(acc: &mut f64, f: impl FnOnce() -> T) -> T {
+    let t = Instant::now();
+    let out = f();
+    *acc += t.elapsed().as_secs_f64();
+    out
 }
 
 fn unix_now() -> f64 {
@@ -551,6 +597,7 @@ fn warm_up(
     s: &mut Server,
     key: &CellKey,
     notes: &mut Vec<String>,
+    ph: &mut Phases,
 ) -> anyhow::Result<Option<Warmup>> {
     let seconds = cx.cfg.warmup_s;
     if seconds <= 0.0 {
@@ -558,8 +605,10 @@ fn warm_up(
     }
     let spec = warmup_spec(s.system.url(), &key.route, seconds)?;
     // Not the run's load metrics: the warm-up counts in no load figure.
-    let report = run_load(cx, &mut s.session, &spec, &mut |_| {}, None)
-        .with_context(|| format!("warm-up of {}", key.stem()))?;
+    let report = timed(&mut ph.warmup_s, || {
+        run_load(cx, &mut s.session, &spec, &mut |_| {}, None)
+    })
+    .with_context(|| format!("warm-up of {}", key.stem()))?;
     if report.stopped_early || cx.stop.requested() {
         return Ok(None);
     }
@@ -569,10 +618,10 @@ fn warm_up(
             report.failures
         ));
     }
-    settle(cx, s, "after the warm-up", notes)?;
-    let posts_removed = s
-        .system
-        .reset()
+    timed(&mut ph.settle_s, || {
+        settle(cx, s, "after the warm-up", notes)
+    })?;
+    let posts_removed = timed(&mut ph.reset_s, || s.system.reset())
         .context("resetting the database after the warm-up")?;
     Ok(Some(Warmup {
         planned_s: seconds,
@@ -592,6 +641,7 @@ struct Tally {
     started: Instant,
     /// Seconds of measured load so far.
     load_s: f64,
+    phases: Phases,
 }
 
 /// The measured part of a cell: mark the probes, set the delay, run the load, clear the delay,
@@ -915,6 +965,7 @@ pub fn run(
         total: planned.len(),
         started: Instant::now(),
         load_s: 0.0,
+        phases: Phases::default(),
     };
     let mut current: Option<Server> = None;
     for key in todo {
@@ -924,27 +975,36 @@ pub fn run(
         let setup = sut::Setup::from_str(&key.setup, true)
             .map_err(|e| anyhow!("setup {}: {e}", key.setup))?;
         announce(&tally, key);
-        fresh_server(&cx, &mut current, setup)?;
+        let mut ph = tally.phases;
+        timed(&mut ph.server_s, || fresh_server(&cx, &mut current, setup))?;
         let s = current.as_mut().expect("started above");
         let mut notes = Vec::new();
         // The last cell's server is gone, but its database sessions end only once their statement
         // does; a queued io_create could add a row after the reset.
-        settle(&cx, s, "before the cell", &mut notes)?;
-        s.system
-            .reset()
+        timed(&mut ph.settle_s, || {
+            settle(&cx, s, "before the cell", &mut notes)
+        })?;
+        timed(&mut ph.reset_s, || s.system.reset())
             .context("resetting the database to the seed")?;
-        let warmup = warm_up(&cx, s, key, &mut notes)?;
+        let warmup = warm_up(&cx, s, key, &mut notes, &mut ph)?;
         if stop.requested() {
             break;
         }
-        let Some((mut cell, report)) = measure(&cx, s, key, &tally, warmup, notes)? else {
+        let mut measured = 0.0;
+        let Some((mut cell, report)) = timed(&mut measured, || {
+            measure(&cx, s, key, &tally, warmup, notes)
+        })?
+        else {
             break;
         };
+        ph.load_s += report.actual_duration_s;
+        ph.measure_other_s += (measured - report.actual_duration_s).max(0.0);
         // PostgreSQL or the server died during the cell (killed, out of memory): its numbers
         // are recorded, marked failed, and the next cell gets a whole new system.
         let died = (!s.system.alive()).then(|| what_died(&s.system));
         cell.failed = died.clone();
-        write_cell(&dir, &cell, &report)?;
+        timed(&mut ph.write_s, || write_cell(&dir, &cell, &report))?;
+        tally.phases = ph;
         tally.done += 1;
         tally.load_s += report.actual_duration_s;
         if let Some(why) = died {
@@ -974,6 +1034,7 @@ pub fn run(
         interrupted,
         load_s: tally.load_s,
         wall_s: tally.started.elapsed().as_secs_f64(),
+        phases: tally.phases,
     })
 }
 
