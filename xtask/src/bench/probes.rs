@@ -21,7 +21,8 @@ use serde_json::json;
 use super::bpfstats;
 use super::netns::{self, BenchNetns};
 use super::util::{
-    catch_interrupts, check_interrupted, http_get_status, median, tail, temp_path_directives, NGINX,
+    bpf_maps_bytes, catch_interrupts, check_interrupted, http_get_status, median, proc_status_kib,
+    tail, temp_path_directives, NGINX,
 };
 use super::wrk::{self, WrkResult};
 use crate::cmd::{self, secs, ChildGuard};
@@ -50,6 +51,8 @@ const ATTACH_TIMEOUT: Duration = Duration::from_secs(60);
 const AGENT_GRACE: Duration = Duration::from_secs(30);
 /// The ratio with/without the issue sets as the goal.
 const TARGET_RATIO: f64 = 0.97;
+/// The agent's resident memory the issue sets as the goal, MiB.
+const TARGET_RSS_MIB: f64 = 40.0;
 
 /// One wrk run with the agent attached, and what the agent cost during it.
 struct WithProbes {
@@ -60,6 +63,10 @@ struct WithProbes {
     agent_cpu_total_s: f64,
     bpf: bpfstats::Delta,
     clean_exit: bool,
+    /// The agent's peak resident memory (VmHWM) by the end of the load, MiB.
+    agent_rss_peak_mib: f64,
+    /// Kernel memory of the agent's BPF maps (memlock of its map descriptors), MiB.
+    maps_mib: f64,
 }
 
 impl WithProbes {
@@ -355,6 +362,8 @@ fn with_probes(
     // Both read before SIGINT: shutdown work is not part of the steady-state cost.
     let bpf1 = bpfstats::snapshot()?;
     let cpu1 = cpu_seconds(pid)?;
+    let agent_rss_peak_mib = proc_status_kib(pid, "VmHWM")? as f64 / 1024.0;
+    let maps_mib = bpf_maps_bytes(pid) as f64 / (1024.0 * 1024.0);
     let bpf = bpfstats::delta(&bpf0, &bpf1);
     if stats && bpf.programs == 0 {
         eprintln!("warning: no loaded BPF program is named awl_*; kernel-side cost reads as 0");
@@ -374,6 +383,8 @@ fn with_probes(
         agent_cpu_total_s: cpu1,
         bpf,
         clean_exit,
+        agent_rss_peak_mib,
+        maps_mib,
     })
 }
 
@@ -469,6 +480,9 @@ struct Summary {
     ratio: Option<f64>,
     cpu_s_per_100k: Option<f64>,
     bpf_ns_per_req: Option<f64>,
+    /// Largest peak RSS of the agent over the rounds, and its maps' memory, MiB.
+    rss_peak_mib: Option<f64>,
+    maps_mib: Option<f64>,
 }
 
 fn summarize(rounds: &[Round]) -> Summary {
@@ -481,6 +495,8 @@ fn summarize(rounds: &[Round]) -> Summary {
             ratio: None,
             cpu_s_per_100k: None,
             bpf_ns_per_req: None,
+            rss_peak_mib: None,
+            maps_mib: None,
         };
     }
     let rps_with = median(with.iter().map(|w| w.wrk.requests_per_sec).collect());
@@ -490,6 +506,12 @@ fn summarize(rounds: &[Round]) -> Summary {
         ratio: Some(rps_with / rps_without),
         cpu_s_per_100k: Some(median(with.iter().map(|w| w.cpu_s_per_100k()).collect())),
         bpf_ns_per_req: None,
+        rss_peak_mib: Some(
+            with.iter()
+                .map(|w| w.agent_rss_peak_mib)
+                .fold(0.0, f64::max),
+        ),
+        maps_mib: Some(with.iter().map(|w| w.maps_mib).fold(0.0, f64::max)),
     }
 }
 
@@ -539,6 +561,13 @@ fn print_summary(rounds: &[Round], profile: Option<&WithProbes>) {
     if let Some(b) = s.bpf_ns_per_req {
         println!("  BPF kernel time per request    {b:>12.0} ns");
     }
+    if let (Some(r), Some(m)) = (s.rss_peak_mib, s.maps_mib) {
+        println!(
+            "  agent peak RSS                 {r:>12.1} MiB ({} target <= {TARGET_RSS_MIB} MiB at {rps_with:.0} req/s)",
+            if r <= TARGET_RSS_MIB { "meets" } else { "ABOVE" }
+        );
+        println!("  BPF maps (kernel memory)       {m:>12.1} MiB");
+    }
 }
 
 fn wrk_json(w: &WrkResult) -> serde_json::Value {
@@ -573,6 +602,8 @@ fn write_json(path: &Path, args: &ProbesArgs, rounds: &[Round]) -> Result<()> {
                     "bpf_run_cnt": w.bpf.run_cnt,
                     "bpf_ns_per_request": w.bpf_ns_per_req(),
                     "agent_clean_exit": w.clean_exit,
+                    "agent_rss_peak_mib": w.agent_rss_peak_mib,
+                    "bpf_maps_mib": w.maps_mib,
                 })),
             })
         })
@@ -590,6 +621,8 @@ fn write_json(path: &Path, args: &ProbesArgs, rounds: &[Round]) -> Result<()> {
             "ratio": s.ratio,
             "agent_cpu_seconds_per_100k_requests": s.cpu_s_per_100k,
             "bpf_ns_per_request": s.bpf_ns_per_req,
+            "agent_rss_peak_mib": s.rss_peak_mib,
+            "bpf_maps_mib": s.maps_mib,
         },
     });
     let text = serde_json::to_string_pretty(&doc).context("serializing the summary")?;

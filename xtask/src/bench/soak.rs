@@ -18,7 +18,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::Args;
 
-use super::util::{catch_interrupts, check_interrupted};
+use super::util::{catch_interrupts, check_interrupted, proc_status_kib};
 use crate::cmd::{self, ChildGuard};
 
 #[derive(Args)]
@@ -72,15 +72,6 @@ fn metrics_text(addr: SocketAddr) -> Result<String> {
     Ok(out
         .split_once("\r\n\r\n")
         .map_or(String::new(), |(_, b)| b.to_string()))
-}
-
-fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS")
 }
 
 pub fn run(args: &SoakArgs) -> Result<()> {
@@ -202,7 +193,7 @@ pub fn run(args: &SoakArgs) -> Result<()> {
                 .filter(|l| l.starts_with("http_server_request_duration_seconds_count{"))
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
                 .sum();
-            let rss = rss_kib(daemon.pid())?;
+            let rss = proc_status_kib(daemon.pid(), "VmRSS")?;
             println!(
                 "{:>6}   {:>7.1} MiB   {series:>6}   {counted:>16}   {restarts:>8}",
                 t / 60,
