@@ -1353,42 +1353,70 @@ fn a_thousand_half_sent_control_requests_do_not_stall_scrapes() {
     assert_eq!(code, Some(0), "{stderr}");
 }
 
-/// `kill -9` of the daemon while it holds a delay on a container leaves the rule (nothing runs
-/// its guard); the next daemon's start removes it, and says so.
-#[test]
-fn a_delay_left_by_a_killed_daemon_is_removed_by_the_next_start() {
-    let image = httpd_image();
-    let t = tag();
-    let name = format!("awl{t}d");
-    let c = run_httpd(&image, &name, &[]);
-    let pid = docker(&["inspect", "-f", "{{.State.Pid}}", &name])
-        .trim()
-        .to_string();
-    let rules = || {
+/// An httpd container followed by a daemon with a control endpoint: what the delay tests start
+/// from. The container is removed on drop.
+struct Followed {
+    _image: DockerThing,
+    _container: Httpd,
+    name: String,
+    /// The container's process, whose network namespace holds the delay rules.
+    pid: String,
+    config: String,
+    daemon: Daemon,
+}
+
+impl Followed {
+    fn start(suffix: &str) -> Followed {
+        let image = httpd_image();
+        let name = format!("awl{}{suffix}", tag());
+        let container = run_httpd(&image, &name, &[]);
+        let pid = docker(&["inspect", "-f", "{{.State.Pid}}", &name])
+            .trim()
+            .to_string();
+        let config = format!(
+            "metrics_addr = \"127.0.0.1:0\"\ninterval_s = 0.25\n[control]\naddr = \"127.0.0.1:0\"\n[[watch]]\ncontainer = \"{name}\"\nhttp_ports = [8000]\n"
+        );
+        let daemon = Daemon::start(&config, None, &[]);
+        wait_for(
+            &daemon,
+            "the daemon to attach",
+            Duration::from_secs(15),
+            || {
+                daemon.targets(&[])["targets"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|x| x["container"] == name.as_str()))
+            },
+        );
+        Followed {
+            _image: image,
+            _container: container,
+            name,
+            pid,
+            config,
+            daemon,
+        }
+    }
+
+    /// awaitlab's iptables rules in the container's namespace.
+    fn rules(&self) -> usize {
         let out = Command::new("nsenter")
-            .args(["-t", &pid, "-n", "iptables-save"])
+            .args(["-t", &self.pid, "-n", "iptables-save"])
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter(|l| l.contains("awaitlab:"))
             .count()
-    };
-    let config = format!(
-        "metrics_addr = \"127.0.0.1:0\"\ninterval_s = 0.25\n[control]\naddr = \"127.0.0.1:0\"\n[[watch]]\ncontainer = \"{name}\"\nhttp_ports = [8000]\n"
-    );
-    let mut daemon = Daemon::start(&config, None, &[]);
-    let ctl = daemon.control.unwrap();
-    wait_for(
-        &daemon,
-        "the daemon to attach",
-        Duration::from_secs(15),
-        || {
-            daemon.targets(&[])["targets"]
-                .as_array()
-                .is_some_and(|a| a.iter().any(|x| x["container"] == name.as_str()))
-        },
-    );
+    }
+}
+
+/// `kill -9` of the daemon while it holds a delay on a container leaves the rule (nothing runs
+/// its guard); the next daemon's start removes it, and says so.
+#[test]
+fn a_delay_left_by_a_killed_daemon_is_removed_by_the_next_start() {
+    let mut f = Followed::start("d");
+    let (name, config) = (f.name.clone(), f.config.clone());
+    let ctl = f.daemon.control.unwrap();
     let json = [("content-type", "application/json")];
     let path = format!("/v1/targets/{name}/delay");
     let (status, body) = http(
@@ -1399,14 +1427,14 @@ fn a_delay_left_by_a_killed_daemon_is_removed_by_the_next_start() {
         b"{\"delay_ms\": 50, \"backend\": \"nfqueue\"}",
     );
     assert_eq!(status, 200, "{body}");
-    assert_eq!(rules(), 1, "the delay's rule in the container");
-    let mut child = daemon.child.take().unwrap();
+    assert_eq!(f.rules(), 1, "the delay's rule in the container");
+    let mut child = f.daemon.child.take().unwrap();
     child.kill().unwrap();
     child.wait().unwrap();
-    assert_eq!(rules(), 1, "kill -9 ran no guard: the rule stays");
+    assert_eq!(f.rules(), 1, "kill -9 ran no guard: the rule stays");
 
     let next = Daemon::start(&config, None, &[]);
-    assert_eq!(rules(), 0, "the next start removed it");
+    assert_eq!(f.rules(), 0, "the next start removed it");
     assert!(
         next.stderr_text()
             .contains("removed a delay left by a killed agent"),
@@ -1415,7 +1443,6 @@ fn a_delay_left_by_a_killed_daemon_is_removed_by_the_next_start() {
     );
     let (code, stderr) = next.stop();
     assert_eq!(code, Some(0), "{stderr}");
-    drop(c);
 }
 
 /// Kills `awaitlab delay set` (after SIGCONT, should it be stopped) on drop, then clears the
@@ -1446,37 +1473,9 @@ impl Drop for Owner {
 /// from under the stuck owner.
 #[test]
 fn a_clear_waiting_on_an_owner_that_ignores_sigterm_does_not_stall_the_daemon() {
-    let image = httpd_image();
-    let name = format!("awl{}o", tag());
-    let _c = run_httpd(&image, &name, &[]);
-    let pid = docker(&["inspect", "-f", "{{.State.Pid}}", &name])
-        .trim()
-        .to_string();
-    let rules = || {
-        let out = Command::new("nsenter")
-            .args(["-t", &pid, "-n", "iptables-save"])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| l.contains("awaitlab:"))
-            .count()
-    };
-    let config = format!(
-        "metrics_addr = \"127.0.0.1:0\"\ninterval_s = 0.25\n[control]\naddr = \"127.0.0.1:0\"\n[[watch]]\ncontainer = \"{name}\"\nhttp_ports = [8000]\n"
-    );
-    let daemon = Daemon::start(&config, None, &[]);
-    let (m, ctl) = (daemon.metrics.unwrap(), daemon.control.unwrap());
-    wait_for(
-        &daemon,
-        "the daemon to attach",
-        Duration::from_secs(15),
-        || {
-            daemon.targets(&[])["targets"]
-                .as_array()
-                .is_some_and(|a| a.iter().any(|x| x["container"] == name.as_str()))
-        },
-    );
+    let f = Followed::start("o");
+    let name = f.name.clone();
+    let (m, ctl) = (f.daemon.metrics.unwrap(), f.daemon.control.unwrap());
 
     let target = format!("docker:{name}");
     let dir = TempDir::new("awl-owner");
@@ -1511,7 +1510,7 @@ fn a_clear_waiting_on_an_owner_that_ignores_sigterm_does_not_stall_the_daemon() 
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(rules(), 1, "the owner's rule");
+    assert_eq!(f.rules(), 1, "the owner's rule");
     // SAFETY: signalling our own child.
     unsafe { libc::kill(owner.child.id() as i32, libc::SIGSTOP) };
 
@@ -1555,7 +1554,7 @@ fn a_clear_waiting_on_an_owner_that_ignores_sigterm_does_not_stall_the_daemon() 
             } else if status == 200 {
                 // Set: the clear had removed the owner's rule, so the only rule is the daemon's
                 // own. Take it off again for the count of rules below.
-                assert_eq!(rules(), 1, "the daemon's delay beside the owner's");
+                assert_eq!(f.rules(), 1, "the daemon's delay beside the owner's");
                 let (s, b) = http(ctl, "DELETE", &path, &[], b"");
                 assert_eq!(s, 200, "{b}");
             } else {
@@ -1580,8 +1579,8 @@ fn a_clear_waiting_on_an_owner_that_ignores_sigterm_does_not_stall_the_daemon() 
     assert!(slowest < Duration::from_secs(10), "{slowest:?}");
     // It waited its 5 s (the owner never stopped), then removed the rule under the owner.
     assert!(waited >= Duration::from_secs(5), "{waited:?}");
-    assert_eq!(rules(), 0, "the clear removed the stuck owner's rule");
+    assert_eq!(f.rules(), 0, "the clear removed the stuck owner's rule");
     drop(owner);
-    let (code, stderr) = daemon.stop();
+    let (code, stderr) = f.daemon.stop();
     assert_eq!(code, Some(0), "{stderr}");
 }
