@@ -1,8 +1,9 @@
 //! `cargo xtask bench soak [--minutes N]`: the daemon follows a container that is restarted
 //! every 30 s while `awaitlab load` keeps it busy, for N minutes (default 20). Every minute it
-//! prints the daemon's resident memory, its number of series on /metrics and the requests the
-//! probes counted; at the end, RSS growth per hour after the first two minutes (target: under
-//! 1 MB per hour) and the range of the series count (target: bounded, no growth).
+//! prints the daemon's resident memory (the lowest and highest of the minute, sampled every half
+//! second), its number of series on /metrics and the requests the probes counted; at the end,
+//! the growth per hour of the lowest RSS after the first two minutes (target: under 1 MB per
+//! hour) and the range of the series count (target: bounded, no growth).
 //!
 //! The container (busybox httpd on the local base image, a fixed loopback port so that restarts
 //! keep it), the daemon and the load are removed by guards, also on error or Ctrl-C.
@@ -169,9 +170,12 @@ pub fn run(args: &SoakArgs) -> Result<()> {
         Duration::from_secs(10),
     )?;
 
-    println!("\nminute   daemon RSS   series   requests counted   restarts");
+    println!("\nminute   daemon RSS min / max   series   requests counted   restarts");
     let start = Instant::now();
     let mut samples: Vec<(f64, u64, usize)> = Vec::new();
+    // RSS every half second: the lowest of a minute is what the daemon keeps (a leak raises it);
+    // the highest includes the transient memory of re-attaching after a restart.
+    let (mut rss_min, mut rss_max) = (u64::MAX, 0u64);
     let (mut restarts, mut next_restart, mut next_sample) = (0u32, 0u64, 60u64);
     while start.elapsed().as_secs() < run_s {
         check_interrupted()?;
@@ -181,6 +185,8 @@ pub fn run(args: &SoakArgs) -> Result<()> {
             cmd::output(Command::new("docker").args(["restart", "-t", "1", &container.1]))?;
             restarts += 1;
         }
+        let rss = proc_status_kib(daemon.pid(), "VmRSS")?;
+        (rss_min, rss_max) = (rss_min.min(rss), rss_max.max(rss));
         if t >= next_sample {
             next_sample += 60;
             let text = metrics_text(metrics)?;
@@ -193,19 +199,20 @@ pub fn run(args: &SoakArgs) -> Result<()> {
                 .filter(|l| l.starts_with("http_server_request_duration_seconds_count{"))
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
                 .sum();
-            let rss = proc_status_kib(daemon.pid(), "VmRSS")?;
             println!(
-                "{:>6}   {:>7.1} MiB   {series:>6}   {counted:>16}   {restarts:>8}",
+                "{:>6}   {:>7.1} / {:>7.1} MiB   {series:>6}   {counted:>16}   {restarts:>8}",
                 t / 60,
-                rss as f64 / 1024.0,
+                rss_min as f64 / 1024.0,
+                rss_max as f64 / 1024.0,
             );
-            samples.push((t as f64 / 3600.0, rss, series));
+            samples.push((t as f64 / 3600.0, rss_min, series));
+            (rss_min, rss_max) = (u64::MAX, 0);
         }
         std::thread::sleep(Duration::from_millis(500));
     }
     daemon.stop()?;
 
-    // Growth after warm-up: the least-squares slope of RSS over the samples from minute 2 on.
+    // Growth after warm-up: the least-squares slope of each minute's lowest RSS from minute 2 on.
     let after: Vec<&(f64, u64, usize)> = samples.iter().filter(|s| s.0 >= 2.0 / 60.0).collect();
     if after.len() >= 2 {
         let n = after.len() as f64;
