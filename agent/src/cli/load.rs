@@ -95,7 +95,7 @@ pub struct Args {
     pub no_keepalive: bool,
     /// Threads that run the users (default: half the cores, leaving the rest to a server on
     /// this host).
-    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=load::MAX_THREADS as u64))]
+    #[arg(long)]
     pub threads: Option<usize>,
     /// Print the JSON report on stdout instead of the text summary.
     #[arg(long)]
