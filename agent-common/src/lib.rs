@@ -85,6 +85,9 @@ const _: () = assert!(core::mem::size_of::<Config>() == 124);
 
 /// Copy the first bytes of requests and responses (method, path, status).
 pub const CONFIG_CAPTURE_PAYLOAD: u32 = 1;
+/// Aggregation mode: requests, round trips and connects go into the per-CPU histograms of
+/// `REQ_AGG` and `DB_AGG` instead of one ring-buffer record each.
+pub const CONFIG_AGGREGATE: u32 = 2;
 
 /// What a ring-buffer record is; the first field of every record.
 #[repr(u32)]
@@ -240,15 +243,197 @@ pub enum Counter {
     /// Nanoseconds requests spent in the server (first request byte to first response byte, or
     /// to the end of a request never answered), summed as they leave it.
     RequestsLeftServerNs = 18,
+    /// Aggregation mode: a request whose (method and path, process, status) found `REQ_AGG`
+    /// full; it is counted under the overflow key (`AggKey::OVERFLOW`).
+    AggMapFull = 19,
 }
 /// Number of slots in `COUNTERS`.
-pub const COUNTERS: u32 = 19;
+pub const COUNTERS: u32 = 20;
+
+/// Histogram of the aggregation mode: log-linear, [`HIST_SUB`] buckets per power of two from
+/// 2^[`HIST_MIN_LOG2`] ns (64 ns; anything below lands in bucket 0) up to 2^[`HIST_MAX_LOG2`] ns
+/// (73 minutes; anything above lands in the last bucket). Reading a bucket as its midpoint is
+/// off by at most half a bucket's width over its lower bound: 1 / (2 x 16) = 3.125 %.
+pub const HIST_SUB_LOG2: u32 = 4;
+pub const HIST_SUB: u32 = 1 << HIST_SUB_LOG2;
+pub const HIST_MIN_LOG2: u32 = 6;
+pub const HIST_MAX_LOG2: u32 = 42;
+pub const HIST_BUCKETS: usize = ((HIST_MAX_LOG2 - HIST_MIN_LOG2) * HIST_SUB) as usize;
+
+/// Index of the highest set bit of `v` (0 for 0 and 1), by halving: no count-leading-zeros
+/// instruction in BPF, and the same code runs on both sides.
+#[inline(always)]
+pub fn log2_floor(v: u64) -> u32 {
+    let mut x = v;
+    let mut k = 0;
+    if x >= 1 << 32 {
+        x >>= 32;
+        k += 32;
+    }
+    if x >= 1 << 16 {
+        x >>= 16;
+        k += 16;
+    }
+    if x >= 1 << 8 {
+        x >>= 8;
+        k += 8;
+    }
+    if x >= 1 << 4 {
+        x >>= 4;
+        k += 4;
+    }
+    if x >= 1 << 2 {
+        x >>= 2;
+        k += 2;
+    }
+    if x >= 1 << 1 {
+        k += 1;
+    }
+    k
+}
+
+/// The bucket of a duration of `ns` nanoseconds.
+#[inline(always)]
+pub fn hist_bucket(ns: u64) -> usize {
+    if ns < 1 << HIST_MIN_LOG2 {
+        return 0;
+    }
+    let k = log2_floor(ns);
+    if k >= HIST_MAX_LOG2 {
+        return HIST_BUCKETS - 1;
+    }
+    let sub = (ns >> (k - HIST_SUB_LOG2)) & (HIST_SUB as u64 - 1);
+    ((k - HIST_MIN_LOG2) * HIST_SUB) as usize + sub as usize
+}
+
+/// The lowest duration and the width (ns) of bucket `i`: it holds `[low, low + width)`.
+pub fn hist_bucket_range(i: usize) -> (u64, u64) {
+    let i = i.min(HIST_BUCKETS - 1) as u64;
+    let k = HIST_MIN_LOG2 as u64 + i / HIST_SUB as u64;
+    let sub = i % HIST_SUB as u64;
+    let width = 1u64 << (k - HIST_SUB_LOG2 as u64);
+    ((HIST_SUB as u64 + sub) * width, width)
+}
+
+/// One histogram with its count and exact sum.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Hist {
+    pub count: u64,
+    pub sum_ns: u64,
+    pub buckets: [u32; HIST_BUCKETS],
+}
+const _: () = assert!(core::mem::size_of::<Hist>() == 16 + 4 * HIST_BUCKETS);
+
+impl Default for Hist {
+    fn default() -> Self {
+        Hist {
+            count: 0,
+            sum_ns: 0,
+            buckets: [0; HIST_BUCKETS],
+        }
+    }
+}
+
+impl Hist {
+    #[inline(always)]
+    pub fn add(&mut self, ns: u64) {
+        self.count += 1;
+        self.sum_ns += ns;
+        let b = hist_bucket(ns);
+        if b < HIST_BUCKETS {
+            self.buckets[b] = self.buckets[b].wrapping_add(1);
+        }
+    }
+}
+
+/// Key of `REQ_AGG`: what a request's server-time histogram is kept by.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AggKey {
+    /// [`head_hash`] of the request head (method and path); 0 without a head.
+    pub head: u64,
+    /// Serving process.
+    pub tgid: u32,
+    /// Status code, 0 when no status line was seen.
+    pub status: u16,
+    /// `REQ_EXCLUSIVE_THREAD` and `REQ_NO_RESPONSE` bits of the request.
+    pub flags: u16,
+}
+const _: () = assert!(core::mem::size_of::<AggKey>() == 16);
+
+impl AggKey {
+    /// Where requests go when `REQ_AGG` is full (index 0 of `REQ_AGG_OVERFLOW`).
+    pub const OVERFLOW: AggKey = AggKey {
+        head: u64::MAX,
+        tgid: 0,
+        status: 0,
+        flags: 0,
+    };
+}
+
+/// Indexes of `DB_AGG`.
+pub const DB_AGG_ROUND_TRIP: u32 = 0;
+pub const DB_AGG_CONNECT: u32 = 1;
+
+/// Hash of a request head's method and path (up to the query, the fragment or the version),
+/// with every run of digits read as one `0`: `/posts/12/` and `/posts/345/` are one key. The
+/// agent turns a key back into a label from the head kept in `HEADS`, so a collision only
+/// merges two paths' histograms. FNV-1a, 64 bits.
+#[inline(always)]
+pub fn head_hash(head: &[u8; HEAD_LEN], len: usize) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut spaces = 0;
+    let mut prev_digit = false;
+    let mut i = 0;
+    while i < HEAD_LEN {
+        if i >= len {
+            break;
+        }
+        let mut b = head[i];
+        if b == b'\r' || b == b'\n' || b == b'?' || b == b'#' {
+            break;
+        }
+        if b == b' ' {
+            spaces += 1;
+            if spaces == 2 {
+                break;
+            }
+        }
+        let digit = b.is_ascii_digit();
+        if !(digit && prev_digit) {
+            if digit {
+                b = b'0';
+            }
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        prev_digit = digit;
+        i += 1;
+    }
+    h
+}
+
+/// Status code of a status line's first bytes (`HTTP/1.1 200 OK`), 0 when it is not one.
+#[inline(always)]
+pub fn status_code(line: &[u8; STATUS_LEN], len: usize) -> u16 {
+    if len < 12 || line[0] != b'H' || line[1] != b'T' || line[8] != b' ' {
+        return 0;
+    }
+    let (a, b, c) = (line[9], line[10], line[11]);
+    if !a.is_ascii_digit() || !b.is_ascii_digit() || !c.is_ascii_digit() {
+        return 0;
+    }
+    (a - b'0') as u16 * 100 + (b - b'0') as u16 * 10 + (c - b'0') as u16
+}
 
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain-old-data records with explicit padding and no references.
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::ThreadCpu {}
+    unsafe impl aya::Pod for super::AggKey {}
+    unsafe impl aya::Pod for super::Hist {}
 }
 
 impl RequestEvent {
@@ -280,4 +465,85 @@ fn read_record<T: Copy>(b: &[u8]) -> Option<T> {
     // SAFETY: length checked; every T here is a repr(C) record of integers and byte arrays, valid
     // for any bit pattern, and read_unaligned makes no alignment assumption.
     Some(unsafe { core::ptr::read_unaligned(b.as_ptr().cast::<T>()) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log2_floor_is_the_highest_set_bit() {
+        for v in (0..64).map(|k| 1u64 << k).flat_map(|p| [p - 1, p, p + 1]) {
+            let want = if v <= 1 { 0 } else { 63 - v.leading_zeros() };
+            assert_eq!(log2_floor(v), want, "{v}");
+        }
+        assert_eq!(log2_floor(u64::MAX), 63);
+    }
+
+    /// Every duration lands in the bucket whose range holds it, and the midpoint is within
+    /// 3.125 % of it (the error the docs state); the buckets tile the range without gaps.
+    #[test]
+    fn buckets_hold_their_values_and_tile_the_range() {
+        let mut v = 64u64;
+        while v < 1 << HIST_MAX_LOG2 {
+            let b = hist_bucket(v);
+            let (low, width) = hist_bucket_range(b);
+            assert!(
+                low <= v && v < low + width,
+                "{v} in bucket {b} = [{low}, +{width})"
+            );
+            let mid = (low + width / 2) as f64;
+            assert!(
+                (mid - v as f64).abs() / v as f64 <= 1.0 / 32.0 + 1e-12,
+                "{v}"
+            );
+            v += 1 + v / 97;
+        }
+        for b in 1..HIST_BUCKETS {
+            let (low, width) = hist_bucket_range(b - 1);
+            assert_eq!(hist_bucket_range(b).0, low + width);
+        }
+        assert_eq!(hist_bucket(0), 0);
+        assert_eq!(hist_bucket(u64::MAX), HIST_BUCKETS - 1);
+    }
+
+    fn head(s: &[u8]) -> ([u8; HEAD_LEN], usize) {
+        let mut h = [0u8; HEAD_LEN];
+        let n = s.len().min(HEAD_LEN);
+        h[..n].copy_from_slice(&s[..n]);
+        (h, n)
+    }
+
+    #[test]
+    fn head_hash_keys_method_and_path_with_numbers_collapsed() {
+        let k = |s: &[u8]| {
+            let (h, n) = head(s);
+            head_hash(&h, n)
+        };
+        let a = k(b"GET /posts/12/ HTTP/1.1\r\nHost: x\r\n");
+        assert_eq!(a, k(b"GET /posts/345/ HTTP/1.0\r\n"));
+        assert_eq!(a, k(b"GET /posts/9/?page=2 HTTP/1.1\r\n"));
+        assert_ne!(a, k(b"POST /posts/12/ HTTP/1.1\r\n"));
+        assert_ne!(a, k(b"GET /posts/12/x HTTP/1.1\r\n"));
+        assert_ne!(k(b"GET /a1b HTTP/1.1"), k(b"GET /a1 HTTP/1.1"));
+        // Bytes after the copied length do not count.
+        let (mut h, n) = head(b"GET /x HTTP/1.1");
+        h[n] = b'y';
+        assert_eq!(head_hash(&h, n), k(b"GET /x HTTP/1.1"));
+    }
+
+    #[test]
+    fn status_codes() {
+        let s = |b: &[u8]| {
+            let mut l = [0u8; STATUS_LEN];
+            let n = b.len().min(STATUS_LEN);
+            l[..n].copy_from_slice(&b[..n]);
+            status_code(&l, n)
+        };
+        assert_eq!(s(b"HTTP/1.1 200 OK\r\n"), 200);
+        assert_eq!(s(b"HTTP/1.0 503 Service"), 503);
+        assert_eq!(s(b"HTTP/1.1 20"), 0);
+        assert_eq!(s(b"HTTP/1.1 2x0 OK"), 0);
+        assert_eq!(s(b"hello world, no"), 0);
+    }
 }

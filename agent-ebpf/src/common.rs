@@ -3,12 +3,21 @@
 //! Every kernel field is read through `bpf_probe_read_kernel` at an offset from [`Config`], so a
 //! kernel whose structs moved still works as long as its BTF says where they are.
 
-use agent_common::{Config, Counter, ThreadCpu, COUNTERS};
+use agent_common::{Config, Counter, Hist, ThreadCpu, COUNTERS};
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
+
+/// Aggregation mode: the database round-trip and connect histograms (`DB_AGG_*` indexes).
+#[map]
+pub static DB_AGG: PerCpuArray<Hist> = PerCpuArray::with_max_entries(2, 0);
+
+/// An all-zero histogram, never written: the initial value of a new `REQ_AGG` entry (a
+/// histogram does not fit on the 512-byte BPF stack).
+#[map]
+pub static ZERO_HIST: Array<Hist> = Array::with_max_entries(1, 0);
 
 /// Entry 0 holds the configuration, written by the agent before any program is attached.
 #[map]

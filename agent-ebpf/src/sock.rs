@@ -9,9 +9,10 @@
 //! of a request and a response are copied for the agent to parse.
 
 use agent_common::{
-    Counter, DbConnectEvent, DbRoundTripEvent, EventHeader, EventKind, RequestEvent,
-    CONFIG_CAPTURE_PAYLOAD, HEAD_LEN, REQ_END_CLOSE, REQ_EXCLUSIVE_THREAD, REQ_NO_HEAD,
-    REQ_NO_RESPONSE, STATUS_LEN,
+    head_hash, status_code, AggKey, Config, Counter, DbConnectEvent, DbRoundTripEvent, EventHeader,
+    EventKind, Hist, RequestEvent, CONFIG_AGGREGATE, CONFIG_CAPTURE_PAYLOAD, DB_AGG_CONNECT,
+    DB_AGG_ROUND_TRIP, HEAD_LEN, REQ_END_CLOSE, REQ_EXCLUSIVE_THREAD, REQ_NO_HEAD, REQ_NO_RESPONSE,
+    STATUS_LEN,
 };
 use aya_ebpf::{
     helpers::{
@@ -21,12 +22,13 @@ use aya_ebpf::{
         },
     },
     macros::{btf_tracepoint, map},
-    maps::HashMap,
+    maps::{HashMap, PerCpuArray, PerCpuHashMap},
     programs::BtfTracePointContext,
 };
 
 use crate::common::{
-    add, config, count, now, port_in, read, sk_in_target, submit_flags, thread_on_cpu, EVENTS,
+    add, config, count, now, port_in, read, sk_in_target, submit_flags, thread_on_cpu, DB_AGG,
+    EVENTS, ZERO_HIST,
 };
 
 const ROLE_HTTP: u32 = 1;
@@ -116,6 +118,30 @@ static CONNECTING: HashMap<u64, Connecting> = HashMap::with_max_entries(4096, 0)
 #[map]
 static THREAD_REQ: HashMap<u32, ThreadReq> = HashMap::with_max_entries(16384, 0);
 
+/// `BPF_F_NO_PREALLOC`: a per-CPU entry takes memory (a histogram per CPU) only once used.
+const BPF_F_NO_PREALLOC: u32 = 1;
+const BPF_NOEXIST: u64 = 1;
+
+/// Aggregation mode: server-time histograms of finished requests, per CPU.
+#[map]
+static REQ_AGG: PerCpuHashMap<AggKey, Hist> =
+    PerCpuHashMap::with_max_entries(1024, BPF_F_NO_PREALLOC);
+
+/// Requests that found `REQ_AGG` full (counted in `AggMapFull` as well).
+#[map]
+static REQ_AGG_OVERFLOW: PerCpuArray<Hist> = PerCpuArray::with_max_entries(1, 0);
+
+/// The first request head seen for each `AggKey::head`, for the agent to name it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Head {
+    len: u32,
+    bytes: [u8; HEAD_LEN],
+}
+
+#[map]
+static HEADS: HashMap<u64, Head> = HashMap::with_max_entries(1024, 0);
+
 /// Called when a target thread exits.
 #[inline(always)]
 pub fn forget_thread(tid: u32) {
@@ -175,14 +201,14 @@ fn try_io(ctx: &BtfTracePointContext, is_send: bool) -> Option<()> {
         conn.bytes_out += ret as u64;
     } else if conn.state == D_SENT {
         conn.state = D_RECVD;
-        db_round_trip(sk, conn, t);
+        db_round_trip(c, sk, conn, t);
     }
     Some(())
 }
 
 /// First sight of a socket of the target: decide from its ports whether it is ours, and track it.
 #[inline(always)]
-fn classify(c: &agent_common::Config, sk: u64) -> Option<*mut Conn> {
+fn classify(c: &Config, sk: u64) -> Option<*mut Conn> {
     let family: u16 = read(sk, c.offsets.sk_family)?;
     if family != AF_INET && family != AF_INET6 {
         return None;
@@ -214,13 +240,13 @@ fn track(sk: u64, role: u32, lport: u16, rport: u16) -> Option<*mut Conn> {
 }
 
 #[inline(always)]
-fn http_recv(c: &agent_common::Config, sk: u64, conn: &mut Conn, n: u64, t: u64) {
+fn http_recv(c: &Config, sk: u64, conn: &mut Conn, n: u64, t: u64) {
     if conn.state == H_RECV {
         conn.bytes_in += n;
         return;
     }
     if conn.state == H_RESP {
-        finalize(sk, conn, 0, t);
+        finalize(c, sk, conn, 0, t);
     }
     let id = bpf_get_current_pid_tgid();
     let tid = id as u32;
@@ -283,7 +309,7 @@ fn http_recv(c: &agent_common::Config, sk: u64, conn: &mut Conn, n: u64, t: u64)
 }
 
 #[inline(always)]
-fn http_send(c: &agent_common::Config, conn: &mut Conn, n: u64, t: u64) {
+fn http_send(c: &Config, conn: &mut Conn, n: u64, t: u64) {
     if conn.state == H_IDLE {
         // A response we did not see the request of (attached mid-request).
         count(Counter::UnknownSocket);
@@ -328,9 +354,9 @@ fn leave_server(start: u64, t: u64) {
     add(Counter::RequestsLeftServerNs, t.saturating_sub(start));
 }
 
-/// Emits the request record and returns the connection to idle.
+/// Emits the request record (or adds it to its histogram) and returns the connection to idle.
 #[inline(always)]
-fn finalize(sk: u64, conn: &mut Conn, extra_flags: u32, t: u64) {
+fn finalize(c: &Config, sk: u64, conn: &mut Conn, extra_flags: u32, t: u64) {
     let mut flags = conn.flags | extra_flags;
     if conn.state != H_RESP {
         flags |= REQ_NO_RESPONSE;
@@ -346,14 +372,18 @@ fn finalize(sk: u64, conn: &mut Conn, extra_flags: u32, t: u64) {
     }
     conn.state = H_IDLE;
     count(Counter::Requests);
-    let Some(mut e) = EVENTS.reserve::<RequestEvent>(0) else {
-        count(Counter::RingbufFull);
-        return;
-    };
     let end = if conn.last_send_ns != 0 {
         conn.last_send_ns
     } else {
         t
+    };
+    if c.flags & CONFIG_AGGREGATE != 0 {
+        aggregate_request(conn, flags, end.saturating_sub(conn.start_ns));
+        return;
+    }
+    let Some(mut e) = EVENTS.reserve::<RequestEvent>(0) else {
+        count(Counter::RingbufFull);
+        return;
     };
     let ev = RequestEvent {
         hdr: EventHeader {
@@ -387,14 +417,76 @@ fn finalize(sk: u64, conn: &mut Conn, extra_flags: u32, t: u64) {
     e.submit(submit_flags());
 }
 
+/// Aggregation mode: adds a finished request to the histogram of its key.
 #[inline(always)]
-fn db_round_trip(sk: u64, conn: &mut Conn, t: u64) {
+fn aggregate_request(conn: &Conn, flags: u32, server_ns: u64) {
+    let head_len = conn.head_len as usize;
+    let key = AggKey {
+        head: if head_len > 0 {
+            head_hash(&conn.head, head_len)
+        } else {
+            0
+        },
+        tgid: conn.tgid,
+        status: status_code(&conn.status, conn.status_len as usize),
+        flags: (flags & (REQ_EXCLUSIVE_THREAD | REQ_NO_RESPONSE)) as u16,
+    };
+    let p = match REQ_AGG.get_ptr_mut(&key) {
+        Some(p) => Some(p),
+        None => new_key(&key, conn, head_len),
+    };
+    let p = match p {
+        Some(p) => p,
+        None => {
+            count(Counter::AggMapFull);
+            match REQ_AGG_OVERFLOW.get_ptr_mut(0) {
+                Some(p) => p,
+                None => return,
+            }
+        }
+    };
+    // SAFETY: per-CPU map value, no other writer on this CPU while the program runs.
+    unsafe { (*p).add(server_ns) };
+}
+
+/// A key this CPU has not seen: its entry (zeroed; another CPU may have made it meanwhile),
+/// and the head that names it. None when the map is full.
+#[inline(always)]
+fn new_key(key: &AggKey, conn: &Conn, head_len: usize) -> Option<*mut Hist> {
+    let zero = ZERO_HIST.get(0)?;
+    let _ = REQ_AGG.insert(key, zero, BPF_NOEXIST);
+    let p = REQ_AGG.get_ptr_mut(key)?;
+    if key.head != 0 && HEADS.get_ptr(key.head).is_none() {
+        let h = Head {
+            len: head_len as u32,
+            bytes: conn.head,
+        };
+        let _ = HEADS.insert(key.head, h, BPF_NOEXIST);
+    }
+    Some(p)
+}
+
+/// Aggregation mode: adds a duration to one of the database histograms.
+#[inline(always)]
+fn aggregate_db(which: u32, ns: u64) {
+    if let Some(p) = DB_AGG.get_ptr_mut(which) {
+        // SAFETY: per-CPU map value, as above.
+        unsafe { (*p).add(ns) };
+    }
+}
+
+#[inline(always)]
+fn db_round_trip(c: &Config, sk: u64, conn: &mut Conn, t: u64) {
     let dur = t.saturating_sub(conn.start_ns);
     count(Counter::DbRoundTrips);
     let id = bpf_get_current_pid_tgid();
     let attributed = attribute(id as u32, dur, false);
     if attributed {
         count(Counter::DbRoundTripsAttributed);
+    }
+    if c.flags & CONFIG_AGGREGATE != 0 {
+        aggregate_db(DB_AGG_ROUND_TRIP, dur);
+        return;
     }
     let Some(mut e) = EVENTS.reserve::<DbRoundTripEvent>(0) else {
         count(Counter::RingbufFull);
@@ -452,7 +544,7 @@ fn attribute(tid: u32, dur: u64, is_connect: bool) -> bool {
 /// Copies the first bytes the current syscall read into or wrote from user memory.
 /// Returns how many bytes are meaningful, or None when the buffer is unknown.
 #[inline(always)]
-fn user_buf(c: &agent_common::Config) -> Option<u64> {
+fn user_buf(c: &Config) -> Option<u64> {
     if c.offsets.regs_size == 0 {
         return None;
     }
@@ -501,7 +593,7 @@ fn read_user(addr: u64) -> Option<u64> {
 }
 
 #[inline(always)]
-fn copy_user_head(c: &agent_common::Config, dst: &mut [u8; HEAD_LEN], n: u64) -> Option<u16> {
+fn copy_user_head(c: &Config, dst: &mut [u8; HEAD_LEN], n: u64) -> Option<u16> {
     let buf = user_buf(c)?;
     let len = if n < HEAD_LEN as u64 {
         n as u32
@@ -523,7 +615,7 @@ fn copy_user_head(c: &agent_common::Config, dst: &mut [u8; HEAD_LEN], n: u64) ->
 }
 
 #[inline(always)]
-fn copy_user_status(c: &agent_common::Config, dst: &mut [u8; STATUS_LEN], n: u64) -> Option<u16> {
+fn copy_user_status(c: &Config, dst: &mut [u8; STATUS_LEN], n: u64) -> Option<u16> {
     let buf = user_buf(c)?;
     let len = if n < STATUS_LEN as u64 {
         n as u32
@@ -571,7 +663,7 @@ fn try_state(ctx: &BtfTracePointContext) -> Option<()> {
             let answered = conn.state == H_RESP && (server_done || peer_done);
             let abandoned = conn.state == H_RECV && new == TCP_CLOSE;
             if answered || abandoned {
-                finalize(sk, conn, REQ_END_CLOSE, t);
+                finalize(c, sk, conn, REQ_END_CLOSE, t);
             }
         }
         if new == TCP_CLOSE {
@@ -615,6 +707,10 @@ fn try_state(ctx: &BtfTracePointContext) -> Option<()> {
         count(Counter::DbConnects);
         attribute(cn.tid, dur, true);
         track(sk, ROLE_DB, lport, rport);
+        if c.flags & CONFIG_AGGREGATE != 0 {
+            aggregate_db(DB_AGG_CONNECT, dur);
+            return Some(());
+        }
         let Some(mut e) = EVENTS.reserve::<DbConnectEvent>(0) else {
             count(Counter::RingbufFull);
             return Some(());

@@ -46,6 +46,11 @@ pub struct Args {
     /// Do not copy request and response heads (no method, path or status).
     #[arg(long)]
     pub no_payload: bool,
+    /// Have the programs write a record per request (implied by --json). Without it they
+    /// keep histograms in kernel maps that the agent reads each interval (aggregation mode:
+    /// the same figures, at less cost per request; quantiles within 3.125 %).
+    #[arg(long)]
+    pub records: bool,
     /// Connections the probes follow at once (default 32768); more are counted as
     /// conn_map_full and not measured.
     #[arg(long, default_value_t = MapSizes::default().connections)]
@@ -108,6 +113,7 @@ async fn watch(args: &Args, target: &Target) -> anyhow::Result<()> {
         http_ports: dedup(&args.http_ports),
         db_ports: dedup(&args.db_ports),
         capture_payload: !args.no_payload,
+        aggregate: !(args.json || args.records),
         sizes: MapSizes {
             connections: args.max_connections,
             threads: args.max_threads,

@@ -370,6 +370,7 @@ impl Daemon {
             http_ports: dedup(&rule.http_ports),
             db_ports: dedup(&rule.db_ports),
             capture_payload: rule.capture_payload,
+            aggregate: true,
             sizes: self.cfg.maps,
         };
         let (name, cid, metrics) = (c.name.clone(), c.id.clone(), self.metrics.clone());

@@ -26,7 +26,7 @@ use prometheus::{
 };
 
 use crate::{
-    probe::aggregate::{http::LabelSet, CpuTotals, Observer, Record, Snapshot},
+    probe::aggregate::{http::LabelSet, CpuTotals, Measured, Observer, Record, Snapshot},
     probe::ProbeStatus,
 };
 
@@ -100,6 +100,7 @@ const LOST: &[(&str, Option<K>)] = &[
     ("thread_map_full", Some(K::ThreadMapFull)),
     ("payload_read_failed", Some(K::PayloadReadFailed)),
     ("unknown_socket", Some(K::UnknownSocket)),
+    ("agg_map_full", Some(K::AggMapFull)),
     ("malformed", None),
 ];
 
@@ -348,6 +349,23 @@ impl Observer for TargetObserver {
                 self.db_rtt.observe(secs(*dur_ns));
             }
             Record::DbConnect { dur_ns } => self.db_connect.observe(secs(*dur_ns)),
+        }
+    }
+
+    fn aggregated(&mut self, what: Measured, values: &[(u64, u64)], labels: &LabelSet) {
+        let h = match what {
+            Measured::Server { label, status } => {
+                self.server_histogram(label, status, labels).clone()
+            }
+            Measured::DbRoundTrip => self.db_rtt.clone(),
+            Measured::DbConnect => self.db_connect.clone(),
+        };
+        // A kernel bucket lies within one of these buckets unless it straddles a boundary;
+        // then all its count goes to the side of its midpoint (at most 3.125 % off).
+        for &(ns, n) in values {
+            for _ in 0..n {
+                h.observe(secs(ns));
+            }
         }
     }
 

@@ -16,9 +16,12 @@ pub mod session;
 
 use std::path::Path;
 
-use agent_common::{Config, Counter, ThreadCpu, CONFIG_CAPTURE_PAYLOAD, COUNTERS, MAX_PORTS};
+use agent_common::{
+    AggKey, Config, Counter, Hist, ThreadCpu, CONFIG_AGGREGATE, CONFIG_CAPTURE_PAYLOAD, COUNTERS,
+    HEAD_LEN, MAX_PORTS,
+};
 use aya::{
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::BtfTracePoint,
     Ebpf,
 };
@@ -61,6 +64,9 @@ pub struct ProbeSpec {
     pub db_ports: Vec<u16>,
     /// Copy request heads and response status lines (method, path, status).
     pub capture_payload: bool,
+    /// Aggregation mode: the programs keep histograms in maps and write no record per request
+    /// (`Session` reads the maps); per-request records only when false.
+    pub aggregate: bool,
     pub sizes: MapSizes,
 }
 
@@ -259,25 +265,23 @@ impl Probes {
         })
     }
 
+    fn map(&self, name: &'static str) -> Result<&Map, ProbeError> {
+        self.ebpf.map(name).ok_or(ProbeError::Map {
+            name,
+            source: aya::maps::MapError::InvalidName { name: name.into() },
+        })
+    }
+
     /// Sums of the per-CPU counters, indexed by `agent_common::Counter` (wrapping sums).
     pub fn counters(&self) -> Result<[u64; COUNTERS as usize], ProbeError> {
-        let map = self.ebpf.map("COUNTERS_MAP").ok_or(ProbeError::Map {
-            name: "COUNTERS_MAP",
-            source: aya::maps::MapError::InvalidName {
-                name: "COUNTERS_MAP".into(),
-            },
-        })?;
-        let arr: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(map).map_err(|source| ProbeError::Map {
-                name: "COUNTERS_MAP",
-                source,
-            })?;
+        let name = "COUNTERS_MAP";
+        let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(self.map(name)?)
+            .map_err(|source| ProbeError::Map { name, source })?;
         let mut out = [0u64; COUNTERS as usize];
         for (i, slot) in out.iter_mut().enumerate() {
-            let v = arr.get(&(i as u32), 0).map_err(|source| ProbeError::Map {
-                name: "COUNTERS_MAP",
-                source,
-            })?;
+            let v = arr
+                .get(&(i as u32), 0)
+                .map_err(|source| ProbeError::Map { name, source })?;
             // Wrapping: the in-server counters go up on one CPU and down on another.
             *slot = v.iter().fold(0u64, |a, x| a.wrapping_add(*x));
         }
@@ -286,19 +290,58 @@ impl Probes {
 
     /// Every tracked thread's CPU totals.
     pub fn threads(&self) -> Result<Vec<(u32, ThreadCpu)>, ProbeError> {
-        let map = self.ebpf.map("THREADS").ok_or(ProbeError::Map {
-            name: "THREADS",
-            source: aya::maps::MapError::InvalidName {
-                name: "THREADS".into(),
-            },
-        })?;
-        let h: BpfHashMap<&MapData, u32, ThreadCpu> =
-            BpfHashMap::try_from(map).map_err(|source| ProbeError::Map {
-                name: "THREADS",
-                source,
-            })?;
+        let name = "THREADS";
+        let h: BpfHashMap<&MapData, u32, ThreadCpu> = BpfHashMap::try_from(self.map(name)?)
+            .map_err(|source| ProbeError::Map { name, source })?;
         // Entries may vanish while we iterate (threads exiting): skip those, keep the rest.
         Ok(h.iter().filter_map(Result::ok).collect())
+    }
+
+    /// Aggregation mode: what the maps hold now, cumulative since the attach.
+    pub(crate) fn aggregates(&self) -> Result<aggregate::KernelAggregates, ProbeError> {
+        let sum = |values: &[Hist]| {
+            let mut h = aggregate::HistSum::default();
+            for v in values {
+                h.add(v);
+            }
+            h
+        };
+        let name = "REQ_AGG";
+        let reqs: PerCpuHashMap<&MapData, AggKey, Hist> = PerCpuHashMap::try_from(self.map(name)?)
+            .map_err(|source| ProbeError::Map { name, source })?;
+        let mut requests: Vec<(AggKey, aggregate::HistSum)> = reqs
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (k, sum(&v)))
+            .collect();
+        let per_cpu_array =
+            |name: &'static str, i: u32| -> Result<aggregate::HistSum, ProbeError> {
+                let a: PerCpuArray<&MapData, Hist> = PerCpuArray::try_from(self.map(name)?)
+                    .map_err(|source| ProbeError::Map { name, source })?;
+                let v = a
+                    .get(&i, 0)
+                    .map_err(|source| ProbeError::Map { name, source })?;
+                Ok(sum(&v))
+            };
+        requests.push((AggKey::OVERFLOW, per_cpu_array("REQ_AGG_OVERFLOW", 0)?));
+        let name = "THREAD_REQ";
+        let serving: BpfHashMap<&MapData, u32, [u8; 16]> = BpfHashMap::try_from(self.map(name)?)
+            .map_err(|source| ProbeError::Map { name, source })?;
+        Ok(aggregate::KernelAggregates {
+            requests,
+            db_round_trip: per_cpu_array("DB_AGG", agent_common::DB_AGG_ROUND_TRIP)?,
+            db_connect: per_cpu_array("DB_AGG", agent_common::DB_AGG_CONNECT)?,
+            serving_tids: serving.keys().filter_map(Result::ok).collect(),
+        })
+    }
+
+    /// Aggregation mode: the first request head the programs saw for a `AggKey::head`.
+    pub(crate) fn head(&self, hash: u64) -> Option<Vec<u8>> {
+        let h: BpfHashMap<&MapData, u64, [u8; 4 + HEAD_LEN]> =
+            BpfHashMap::try_from(self.map("HEADS").ok()?).ok()?;
+        let v = h.get(&hash, 0).ok()?;
+        let len = (u32::from_ne_bytes([v[0], v[1], v[2], v[3]]) as usize).min(HEAD_LEN);
+        Some(v[4..4 + len].to_vec())
     }
 }
 
@@ -352,6 +395,9 @@ fn build_config(spec: &ProbeSpec, btf: &btf::Btf) -> Result<Config, ProbeError> 
         flags |= CONFIG_CAPTURE_PAYLOAD;
     } else {
         offsets.regs_size = 0;
+    }
+    if spec.aggregate {
+        flags |= CONFIG_AGGREGATE;
     }
     Ok(Config {
         netns_inum: spec.netns_inum,

@@ -5,7 +5,9 @@
 //! attached across cells. Dropping the session detaches and unloads the programs.
 //!
 //! The session must be drained regularly (`drain`, or `pump` in a loop): the programs wake the
-//! agent only when half a megabyte of records waits.
+//! agent only when half a megabyte of records waits. In aggregation mode (`ProbeSpec::aggregate`)
+//! there are no records: the programs keep histograms in maps, and every reading of the session
+//! (`snapshot`, `mark`, `summary_since`) first reads the maps (`absorb`).
 
 use std::time::{Duration, Instant};
 
@@ -25,6 +27,7 @@ pub struct Session {
     pub agg: Aggregator,
     target: String,
     netns_inum: u32,
+    aggregate: bool,
     attached: Mark,
 }
 
@@ -54,6 +57,7 @@ impl Session {
             agg: Aggregator::new(),
             target: target.into(),
             netns_inum: spec.netns_inum,
+            aggregate: spec.aggregate,
             attached: Mark {
                 at: Instant::now(),
                 counters,
@@ -97,6 +101,17 @@ impl Session {
         self.drain(each)
     }
 
+    /// Aggregation mode: adds what the maps gained to the aggregator (a no-op otherwise).
+    fn absorb(&mut self, counters: &[u64; COUNTERS as usize]) -> Result<(), ProbeError> {
+        if !self.aggregate {
+            return Ok(());
+        }
+        let k = self.probes.aggregates()?;
+        let probes = &self.probes;
+        self.agg.absorb(&k, counters, |hash| probes.head(hash));
+        Ok(())
+    }
+
     fn read_now(&self, counters: &[u64; COUNTERS as usize]) -> Result<Reading, ProbeError> {
         Ok(Reading::at(
             crate::clock::monotonic_ns(),
@@ -109,6 +124,7 @@ impl Session {
     /// returns them.
     pub(crate) fn snapshot(&mut self) -> Result<([u64; COUNTERS as usize], CpuTotals), ProbeError> {
         let counters = self.probes.counters()?;
+        self.absorb(&counters)?;
         let reading = self.read_now(&counters)?;
         self.agg.snapshot(&counters, &reading);
         Ok((counters, reading.cpu))
@@ -124,6 +140,7 @@ impl Session {
     pub fn mark(&mut self) -> Result<Mark, ProbeError> {
         self.drain(|_| {});
         let counters = self.probes.counters()?;
+        self.absorb(&counters)?;
         let reading = self.read_now(&counters)?;
         self.agg.total = Stats {
             since_ns: reading.at_ns,
@@ -141,6 +158,7 @@ impl Session {
     pub fn summary_since(&mut self, mark: &Mark) -> Result<Summary, ProbeError> {
         self.drain(|_| {});
         let now = self.probes.counters()?;
+        self.absorb(&now)?;
         let end = self.read_now(&now)?;
         self.agg.snapshot(&now, &end);
         let mut delta = [0u64; COUNTERS as usize];

@@ -1,8 +1,10 @@
 //! `cargo xtask bench probes`: what the agent's probes cost a busy web server.
 //!
 //! nginx serves a constant response inside a private namespace; wrk loads it from the root
-//! namespace, alternately without and with the agent watching, and the rounds are compared by
-//! median throughput, the agent's CPU time and the kernel time of its eBPF programs. Traffic goes
+//! namespace, alternately without the agent, with the agent in per-request mode (`watch
+//! --records`: a ring-buffer record per request) and in aggregation mode (`watch`: histograms in
+//! kernel maps), and the rounds are compared by median throughput, the agent's CPU time and the
+//! kernel time of its eBPF programs. Traffic goes
 //! only to `netns::NS_ADDR`, inside the namespace this command creates. Every process, the
 //! namespace and the sysctl are undone by guards, also on error, panic or Ctrl-C; this module
 //! must not leave any of them behind, and must not fail a run for missing the throughput target
@@ -49,8 +51,38 @@ const HTTP_PORT: u16 = 8080;
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(60);
 /// The agent flushes results on SIGINT; give it time before SIGKILL.
 const AGENT_GRACE: Duration = Duration::from_secs(30);
-/// The ratio with/without the issue sets as the goal.
-const TARGET_RATIO: f64 = 0.97;
+/// The ratios with/without the issue sets as the goals, per mode.
+const TARGET_RATIO_RECORDS: f64 = 0.97;
+const TARGET_RATIO_AGGREGATE: f64 = 0.99;
+
+/// How the agent runs: a record per request, or histograms in maps.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Records,
+    Aggregate,
+}
+
+impl Mode {
+    const ALL: [Mode; 2] = [Mode::Records, Mode::Aggregate];
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Records => "records",
+            Mode::Aggregate => "aggregate",
+        }
+    }
+    fn target(self) -> f64 {
+        match self {
+            Mode::Records => TARGET_RATIO_RECORDS,
+            Mode::Aggregate => TARGET_RATIO_AGGREGATE,
+        }
+    }
+    fn flags(self) -> &'static [&'static str] {
+        match self {
+            Mode::Records => &["--records"],
+            Mode::Aggregate => &[],
+        }
+    }
+}
 /// The agent's resident memory the issue sets as the goal, MiB.
 const TARGET_RSS_MIB: f64 = 40.0;
 
@@ -93,7 +125,8 @@ fn per(x: f64, requests: u64) -> f64 {
 
 struct Round {
     without: WrkResult,
-    with: Option<WithProbes>,
+    /// One run per mode (`Mode::ALL` order), empty with --no-agent.
+    with: Vec<(Mode, WithProbes)>,
 }
 
 pub fn run(args: &ProbesArgs) -> Result<()> {
@@ -141,38 +174,34 @@ pub fn run(args: &ProbesArgs) -> Result<()> {
         eprintln!("\nround {round}/{}: without probes", args.runs);
         let without = wrk::run(&url, args.duration)?;
         check_interrupted()?;
-        let with = match &agent {
-            Some(agent) => {
-                eprintln!("round {round}/{}: with probes", args.runs);
-                Some(with_probes(
-                    agent,
-                    &ns,
-                    &url,
-                    args.duration,
-                    &out_dir,
-                    round,
-                    false,
-                )?)
+        let mut with = Vec::new();
+        if let Some(agent) = &agent {
+            for mode in Mode::ALL {
+                eprintln!("round {round}/{}: with probes ({})", args.runs, mode.name());
+                let w = with_probes(agent, &ns, &url, args.duration, &out_dir, round, mode)?;
+                with.push((mode, w));
+                check_interrupted()?;
             }
-            None => None,
-        };
-        check_interrupted()?;
-        print_round(round, &without, with.as_ref());
+        }
+        print_round(round, &without, &with);
         rounds.push(Round { without, with });
     }
 
-    let profile = match &agent {
-        Some(agent) => {
-            eprintln!("\nprofile run: with probes and kernel BPF statistics enabled");
-            let p = with_probes(agent, &ns, &url, args.duration, &out_dir, 0, true)?;
-            print_profile(&p);
-            Some(p)
+    let mut profiles = Vec::new();
+    if let Some(agent) = &agent {
+        for mode in Mode::ALL {
+            eprintln!(
+                "\nprofile run ({}): with probes and kernel BPF statistics enabled",
+                mode.name()
+            );
+            let p = with_probes(agent, &ns, &url, args.duration, &out_dir, 0, mode)?;
+            print_profile(mode, &p);
+            profiles.push((mode, p));
         }
-        None => None,
-    };
-    print_summary(&rounds, profile.as_ref());
+    }
+    print_summary(&rounds, &profiles);
     let json_path = out_dir.join("summary.json");
-    write_json(&json_path, args, &rounds)?;
+    write_json(&json_path, args, &rounds, &profiles)?;
     println!("\nmachine-readable summary: {}", json_path.display());
     if agent.is_some() {
         println!(
@@ -183,7 +212,8 @@ pub fn run(args: &ProbesArgs) -> Result<()> {
 
     let unclean = rounds
         .iter()
-        .filter(|r| r.with.as_ref().is_some_and(|w| !w.clean_exit))
+        .flat_map(|r| &r.with)
+        .filter(|(_, w)| !w.clean_exit)
         .count();
     ensure!(
         unclean == 0,
@@ -300,8 +330,10 @@ fn with_probes(
     duration: u32,
     out_dir: &Path,
     round: u32,
-    stats: bool,
+    mode: Mode,
 ) -> Result<WithProbes> {
+    // Round 0 is the profile run.
+    let stats = round == 0;
     // bpf_stats adds two clock reads to every program run: it is on only for the separate
     // profile run, never while throughput is compared.
     let _stats = if stats {
@@ -309,8 +341,8 @@ fn with_probes(
     } else {
         None
     };
-    let stdout_path = out_dir.join(format!("agent-round-{round}.stdout"));
-    let stderr_path = out_dir.join(format!("agent-round-{round}.stderr"));
+    let stdout_path = out_dir.join(format!("agent-round-{round}-{}.stdout", mode.name()));
+    let stderr_path = out_dir.join(format!("agent-round-{round}-{}.stderr", mode.name()));
     let stdout = File::create(&stdout_path)
         .with_context(|| format!("creating {}", stdout_path.display()))?;
     let stderr = File::create(&stderr_path)
@@ -322,6 +354,7 @@ fn with_probes(
             .arg("--target")
             .arg(ns.path())
             .args(["--http-port", &HTTP_PORT.to_string()])
+            .args(mode.flags())
             // Extra agent flags for experiments (e.g. --no-payload), split on whitespace.
             .args(
                 std::env::var("AWL_BENCH_AGENT_ARGS")
@@ -441,15 +474,15 @@ fn fmt_us(v: Option<f64>) -> String {
     v.map_or_else(|| "-".to_owned(), |us| format!("{us:.0}us"))
 }
 
-fn print_round(round: u32, without: &WrkResult, with: Option<&WithProbes>) {
+fn print_round(round: u32, without: &WrkResult, with: &[(Mode, WithProbes)]) {
     println!("\nround {round}");
     println!(
-        "  {:<8} {:>10} {:>11} {:>9} {:>9} {:>11} {:>14}",
+        "  {:<10} {:>10} {:>11} {:>9} {:>9} {:>11} {:>14}",
         "probes", "requests", "req/s", "p50", "p99", "agent CPU", "CPU s/100k req"
     );
     let row = |label: &str, w: &WrkResult, rest: String| {
         println!(
-            "  {:<8} {:>10} {:>11.0} {:>9} {:>9} {rest}",
+            "  {:<10} {:>10} {:>11.0} {:>9} {:>9} {rest}",
             label,
             w.requests,
             w.requests_per_sec,
@@ -458,73 +491,86 @@ fn print_round(round: u32, without: &WrkResult, with: Option<&WithProbes>) {
         );
         if w.non_2xx > 0 || w.socket_errors.is_some() {
             println!(
-                "           warning: {} non-2xx responses, socket errors: {}",
+                "             warning: {} non-2xx responses, socket errors: {}",
                 w.non_2xx,
                 w.socket_errors.as_deref().unwrap_or("none")
             );
         }
     };
     row("off", without, String::new());
-    if let Some(p) = with {
+    for (mode, p) in with {
         row(
-            "on",
+            mode.name(),
             &p.wrk,
-            format!("{:>10.3}s {:>14.4}", p.agent_cpu_s, p.cpu_s_per_100k()),
-        );
-        println!(
-            "           ratio on/off {:.3}",
-            p.wrk.requests_per_sec / without.requests_per_sec
+            format!(
+                "{:>10.3}s {:>14.4}   ratio {:.3}",
+                p.agent_cpu_s,
+                p.cpu_s_per_100k(),
+                p.wrk.requests_per_sec / without.requests_per_sec
+            ),
         );
     }
 }
 
-struct Summary {
-    rps_without: f64,
-    rps_with: Option<f64>,
-    ratio: Option<f64>,
-    cpu_s_per_100k: Option<f64>,
-    bpf_ns_per_req: Option<f64>,
+/// Medians over the rounds of one mode.
+struct ModeSummary {
+    mode: Mode,
+    rps: f64,
+    ratio: f64,
+    cpu_s_per_100k: f64,
     /// Largest RSS of the agent at the end of a round's load, its largest peak, and its maps'
     /// memory, MiB.
-    rss_mib: Option<f64>,
-    rss_peak_mib: Option<f64>,
-    maps_mib: Option<f64>,
+    rss_mib: f64,
+    rss_peak_mib: f64,
+    maps_mib: f64,
 }
 
-fn summarize(rounds: &[Round]) -> Summary {
+fn summarize(rounds: &[Round]) -> (f64, Vec<ModeSummary>) {
     let rps_without = median(rounds.iter().map(|r| r.without.requests_per_sec).collect());
-    let with: Vec<&WithProbes> = rounds.iter().filter_map(|r| r.with.as_ref()).collect();
-    if with.is_empty() {
-        return Summary {
-            rps_without,
-            rps_with: None,
-            ratio: None,
-            cpu_s_per_100k: None,
-            bpf_ns_per_req: None,
-            rss_mib: None,
-            rss_peak_mib: None,
-            maps_mib: None,
-        };
-    }
-    let rps_with = median(with.iter().map(|w| w.wrk.requests_per_sec).collect());
-    Summary {
-        rps_without,
-        rps_with: Some(rps_with),
-        ratio: Some(rps_with / rps_without),
-        cpu_s_per_100k: Some(median(with.iter().map(|w| w.cpu_s_per_100k()).collect())),
-        bpf_ns_per_req: None,
-        rss_mib: Some(with.iter().map(|w| w.agent_rss_mib).fold(0.0, f64::max)),
-        rss_peak_mib: Some(
-            with.iter()
-                .map(|w| w.agent_rss_peak_mib)
-                .fold(0.0, f64::max),
-        ),
-        maps_mib: Some(with.iter().map(|w| w.maps_mib).fold(0.0, f64::max)),
-    }
+    let modes = Mode::ALL
+        .iter()
+        .filter_map(|&mode| {
+            let with: Vec<&WithProbes> = rounds
+                .iter()
+                .flat_map(|r| &r.with)
+                .filter(|(m, _)| *m == mode)
+                .map(|(_, w)| w)
+                .collect();
+            if with.is_empty() {
+                return None;
+            }
+            let max = |f: fn(&WithProbes) -> f64| with.iter().map(|w| f(w)).fold(0.0, f64::max);
+            // The ratio of each round (its own without-run), then the median: rounds drift.
+            let ratio = median(
+                rounds
+                    .iter()
+                    .flat_map(|r| {
+                        r.with
+                            .iter()
+                            .filter(|(m, _)| *m == mode)
+                            .map(|(_, w)| w.wrk.requests_per_sec / r.without.requests_per_sec)
+                    })
+                    .collect(),
+            );
+            Some(ModeSummary {
+                mode,
+                rps: median(with.iter().map(|w| w.wrk.requests_per_sec).collect()),
+                ratio,
+                cpu_s_per_100k: median(with.iter().map(|w| w.cpu_s_per_100k()).collect()),
+                rss_mib: max(|w| w.agent_rss_mib),
+                rss_peak_mib: max(|w| w.agent_rss_peak_mib),
+                maps_mib: max(|w| w.maps_mib),
+            })
+        })
+        .collect();
+    (rps_without, modes)
 }
 
-fn print_profile(p: &WithProbes) {
-    println!("\nkernel-side cost (profile run, bpf_stats on; not part of the ratio)");
+fn print_profile(mode: Mode, p: &WithProbes) {
+    println!(
+        "\nkernel-side cost, {} mode (profile run, bpf_stats on; not part of the ratio)",
+        mode.name()
+    );
     let reqs = p.wrk.requests.max(1) as f64;
     println!(
         "  all programs     {:>7.0} ns/req  {:>6.2} runs/req   at {:.0} req/s",
@@ -542,40 +588,44 @@ fn print_profile(p: &WithProbes) {
     }
 }
 
-fn print_summary(rounds: &[Round], profile: Option<&WithProbes>) {
-    let mut s = summarize(rounds);
-    s.bpf_ns_per_req = profile.map(|p| p.bpf_ns_per_req());
+fn print_summary(rounds: &[Round], profiles: &[(Mode, WithProbes)]) {
+    let (rps_without, modes) = summarize(rounds);
     println!("\nsummary over {} round(s) (medians)", rounds.len());
-    println!(
-        "  throughput without probes      {:>12.0} req/s",
-        s.rps_without
-    );
-    let (Some(rps_with), Some(ratio)) = (s.rps_with, s.ratio) else {
+    println!("  throughput without probes      {rps_without:>12.0} req/s");
+    if modes.is_empty() {
         println!("  (--no-agent: with-probes half skipped)");
         return;
-    };
-    println!("  throughput with probes         {rps_with:>12.0} req/s");
-    let verdict = if ratio >= TARGET_RATIO {
-        "meets"
-    } else {
-        "BELOW"
-    };
-    println!(
-        "  ratio with/without             {ratio:>12.3}   ({verdict} target >= {TARGET_RATIO})"
-    );
-    if let Some(c) = s.cpu_s_per_100k {
-        println!("  agent CPU per 100k requests    {c:>12.4} s   (user+system, during load)");
     }
-    if let Some(b) = s.bpf_ns_per_req {
-        println!("  BPF kernel time per request    {b:>12.0} ns");
-    }
-    if let (Some(r), Some(peak), Some(m)) = (s.rss_mib, s.rss_peak_mib, s.maps_mib) {
+    for s in &modes {
+        let target = s.mode.target();
+        println!("  {} mode", s.mode.name());
+        println!("    throughput with probes       {:>12.0} req/s", s.rps);
         println!(
-            "  agent RSS under load           {r:>12.1} MiB ({} target <= {TARGET_RSS_MIB} MiB at {rps_with:.0} req/s)",
-            if r <= TARGET_RSS_MIB { "meets" } else { "ABOVE" }
+            "    ratio with/without           {:>12.3}   ({} target >= {target})",
+            s.ratio,
+            if s.ratio >= target { "meets" } else { "BELOW" }
         );
-        println!("  agent peak RSS (start incl.)   {peak:>12.1} MiB");
-        println!("  BPF maps (kernel memory)       {m:>12.1} MiB");
+        println!(
+            "    agent CPU per 100k requests  {:>12.4} s   (user+system, during load)",
+            s.cpu_s_per_100k
+        );
+        if let Some((_, p)) = profiles.iter().find(|(m, _)| *m == s.mode) {
+            println!(
+                "    BPF kernel time per request  {:>12.0} ns",
+                p.bpf_ns_per_req()
+            );
+        }
+        println!(
+            "    agent RSS under load         {:>12.1} MiB ({} target <= {TARGET_RSS_MIB} MiB at {:.0} req/s)",
+            s.rss_mib,
+            if s.rss_mib <= TARGET_RSS_MIB { "meets" } else { "ABOVE" },
+            s.rps
+        );
+        println!(
+            "    agent peak RSS (start incl.) {:>12.1} MiB",
+            s.rss_peak_mib
+        );
+        println!("    BPF maps (kernel memory)     {:>12.1} MiB", s.maps_mib);
     }
 }
 
@@ -590,10 +640,37 @@ fn wrk_json(w: &WrkResult) -> serde_json::Value {
     })
 }
 
+fn with_json(w: &WithProbes) -> serde_json::Value {
+    json!({
+        "wrk": wrk_json(&w.wrk),
+        "agent_cpu_seconds": w.agent_cpu_s,
+        "agent_cpu_seconds_total": w.agent_cpu_total_s,
+        "agent_cpu_seconds_per_100k_requests": w.cpu_s_per_100k(),
+        "bpf_programs": w.bpf.programs,
+        "bpf_run_time_ns": w.bpf.run_time_ns,
+        "bpf_run_cnt": w.bpf.run_cnt,
+        "bpf_ns_per_request": w.bpf_ns_per_req(),
+        "agent_clean_exit": w.clean_exit,
+        "agent_rss_mib": w.agent_rss_mib,
+        "agent_rss_peak_mib": w.agent_rss_peak_mib,
+        "bpf_maps_mib": w.maps_mib,
+    })
+}
+
 /// Stable schema (bump `version` on any incompatible change), built from the same data as the
 /// tables. NaN (no requests) becomes null.
-fn write_json(path: &Path, args: &ProbesArgs, rounds: &[Round]) -> Result<()> {
-    let s = summarize(rounds);
+fn write_json(
+    path: &Path,
+    args: &ProbesArgs,
+    rounds: &[Round],
+    profiles: &[(Mode, WithProbes)],
+) -> Result<()> {
+    let (rps_without, modes) = summarize(rounds);
+    let by_mode = |with: &[(Mode, WithProbes)]| -> serde_json::Map<String, serde_json::Value> {
+        with.iter()
+            .map(|(m, w)| (m.name().to_string(), with_json(w)))
+            .collect()
+    };
     let rounds_json: Vec<_> = rounds
         .iter()
         .enumerate()
@@ -601,39 +678,39 @@ fn write_json(path: &Path, args: &ProbesArgs, rounds: &[Round]) -> Result<()> {
             json!({
                 "round": i + 1,
                 "without_probes": wrk_json(&r.without),
-                "with_probes": r.with.as_ref().map(|w| json!({
-                    "wrk": wrk_json(&w.wrk),
-                    "agent_cpu_seconds": w.agent_cpu_s,
-                    "agent_cpu_seconds_total": w.agent_cpu_total_s,
-                    "agent_cpu_seconds_per_100k_requests": w.cpu_s_per_100k(),
-                    "bpf_programs": w.bpf.programs,
-                    "bpf_run_time_ns": w.bpf.run_time_ns,
-                    "bpf_run_cnt": w.bpf.run_cnt,
-                    "bpf_ns_per_request": w.bpf_ns_per_req(),
-                    "agent_clean_exit": w.clean_exit,
-                    "agent_rss_mib": w.agent_rss_mib,
-                    "agent_rss_peak_mib": w.agent_rss_peak_mib,
-                    "bpf_maps_mib": w.maps_mib,
-                })),
+                "with_probes": by_mode(&r.with),
             })
         })
         .collect();
+    let summary: serde_json::Map<String, serde_json::Value> = modes
+        .iter()
+        .map(|s| {
+            let profile = profiles.iter().find(|(m, _)| *m == s.mode);
+            (
+                s.mode.name().to_string(),
+                json!({
+                    "target_ratio": s.mode.target(),
+                    "requests_per_sec_with_probes": s.rps,
+                    "ratio": s.ratio,
+                    "agent_cpu_seconds_per_100k_requests": s.cpu_s_per_100k,
+                    "bpf_ns_per_request": profile.map(|(_, p)| p.bpf_ns_per_req()),
+                    "agent_rss_mib": s.rss_mib,
+                    "agent_rss_peak_mib": s.rss_peak_mib,
+                    "bpf_maps_mib": s.maps_mib,
+                }),
+            )
+        })
+        .collect();
     let doc = json!({
-        "version": 1,
+        "version": 2,
         "bench": "probes",
         "duration_seconds": args.duration,
         "wrk": {"threads": 1, "connections": 50},
-        "target_ratio": TARGET_RATIO,
         "rounds": rounds_json,
+        "profiles": by_mode(profiles),
         "summary": {
-            "requests_per_sec_without_probes": s.rps_without,
-            "requests_per_sec_with_probes": s.rps_with,
-            "ratio": s.ratio,
-            "agent_cpu_seconds_per_100k_requests": s.cpu_s_per_100k,
-            "bpf_ns_per_request": s.bpf_ns_per_req,
-            "agent_rss_mib": s.rss_mib,
-            "agent_rss_peak_mib": s.rss_peak_mib,
-            "bpf_maps_mib": s.maps_mib,
+            "requests_per_sec_without_probes": rps_without,
+            "modes": summary,
         },
     });
     let text = serde_json::to_string_pretty(&doc).context("serializing the summary")?;

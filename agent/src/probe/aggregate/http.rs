@@ -74,21 +74,13 @@ fn normalise_segment(seg: &str) -> &str {
     seg
 }
 
-/// Status code of a response's first bytes (`HTTP/1.1 200 OK`), 0 when not a status line.
+/// Status code of a response's first bytes (`HTTP/1.1 200 OK`), 0 when not a status line: the
+/// programs' own reading (`agent_common::status_code`), so both modes name statuses alike.
 pub(crate) fn parse_status(head: &[u8]) -> u16 {
-    if head.len() < 12 || !head.starts_with(b"HTTP/") {
-        return 0;
-    }
-    let Some(sp) = head.iter().position(|&b| b == b' ') else {
-        return 0;
-    };
-    let code = &head[sp + 1..];
-    if code.len() < 3 || !code[..3].iter().all(u8::is_ascii_digit) {
-        return 0;
-    }
-    code[..3]
-        .iter()
-        .fold(0u16, |a, &d| a * 10 + u16::from(d - b'0'))
+    let mut line = [0u8; agent_common::STATUS_LEN];
+    let n = head.len().min(line.len());
+    line[..n].copy_from_slice(&head[..n]);
+    agent_common::status_code(&line, n)
 }
 
 /// Interns (method, path) labels up to a bound; past it everything new is `OTHER /other`, so a

@@ -35,7 +35,7 @@ pub struct Summary {
     pub probes: Vec<ProbeStatus>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PathCount {
     pub method: String,
     pub path: String,
@@ -143,6 +143,10 @@ pub struct Lost {
     /// Requests the kernel finished minus requests received.
     pub requests_not_received: u64,
     pub round_trips_not_received: u64,
+    /// Aggregation mode: requests counted under `OTHER /other` because the histogram map was
+    /// full (measured, but not by their own path).
+    #[serde(default)]
+    pub agg_map_full: u64,
 }
 
 pub struct SummaryInput<'a> {
@@ -216,6 +220,7 @@ impl Summary {
                 malformed: i.malformed,
                 requests_not_received: c(Counter::Requests).saturating_sub(s.requests),
                 round_trips_not_received: c(Counter::DbRoundTrips).saturating_sub(s.db_round_trips),
+                agg_map_full: c(Counter::AggMapFull),
             },
             probes: i.probes.to_vec(),
         }

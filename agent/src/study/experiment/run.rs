@@ -351,6 +351,7 @@ fn attach(
         http_ports: vec![sut::SERVER_PORT],
         db_ports: vec![system.db_port()],
         capture_payload: true,
+        aggregate: false,
         sizes: Default::default(),
     };
     let mut session = Session::attach(&spec, system.netns()).context("attaching the probes")?;
