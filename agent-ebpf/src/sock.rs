@@ -267,7 +267,13 @@ fn http_recv(c: &Config, sk: u64, conn: &mut Conn, n: u64, t: u64) {
     conn.db_connect_ns = 0;
     conn.on_cpu_ns = 0;
     conn.status_len = 0;
-    conn.cpu_start_ns = thread_on_cpu(tid, conn.tgid, t);
+    // On-CPU time per request goes only into records: aggregation mode skips the two thread
+    // map lookups (the threads' totals still come from sched_switch).
+    conn.cpu_start_ns = if c.flags & CONFIG_AGGREGATE == 0 {
+        thread_on_cpu(tid, conn.tgid, t)
+    } else {
+        0
+    };
     conn.head_len = 0;
     if c.flags & CONFIG_CAPTURE_PAYLOAD != 0 {
         match copy_user_head(c, &mut conn.head, n) {
@@ -331,7 +337,10 @@ fn http_send(c: &Config, conn: &mut Conn, n: u64, t: u64) {
     conn.bytes_out += n;
     // On-CPU time up to the first response byte: later writes of the same response are the
     // kernel copying, and one map lookup less per write matters on fast servers.
-    if conn.first_send_ns == t && bpf_get_current_pid_tgid() as u32 == conn.tid {
+    if conn.first_send_ns == t
+        && c.flags & CONFIG_AGGREGATE == 0
+        && bpf_get_current_pid_tgid() as u32 == conn.tid
+    {
         let cpu = thread_on_cpu(conn.tid, conn.tgid, t);
         conn.on_cpu_ns = cpu.saturating_sub(conn.cpu_start_ns);
     }

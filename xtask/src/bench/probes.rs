@@ -83,6 +83,8 @@ impl Mode {
         }
     }
 }
+/// Steal above which a round is flagged as noisy.
+const NOISY_STEAL: f64 = 0.02;
 /// The agent's resident memory the issue sets as the goal, MiB.
 const TARGET_RSS_MIB: f64 = 40.0;
 
@@ -477,17 +479,19 @@ fn fmt_us(v: Option<f64>) -> String {
 fn print_round(round: u32, without: &WrkResult, with: &[(Mode, WithProbes)]) {
     println!("\nround {round}");
     println!(
-        "  {:<10} {:>10} {:>11} {:>9} {:>9} {:>11} {:>14}",
-        "probes", "requests", "req/s", "p50", "p99", "agent CPU", "CPU s/100k req"
+        "  {:<10} {:>10} {:>11} {:>9} {:>9} {:>6} {:>11} {:>14}",
+        "probes", "requests", "req/s", "p50", "p99", "steal", "agent CPU", "CPU s/100k req"
     );
     let row = |label: &str, w: &WrkResult, rest: String| {
         println!(
-            "  {:<10} {:>10} {:>11.0} {:>9} {:>9} {rest}",
+            "  {:<10} {:>10} {:>11.0} {:>9} {:>9} {:>6} {rest}",
             label,
             w.requests,
             w.requests_per_sec,
             fmt_us(w.p50_us),
-            fmt_us(w.p99_us)
+            fmt_us(w.p99_us),
+            w.steal_share
+                .map_or("-".to_string(), |s| format!("{:.1}%", s * 100.0))
         );
         if w.non_2xx > 0 || w.socket_errors.is_some() {
             println!(
@@ -591,6 +595,20 @@ fn print_profile(mode: Mode, p: &WithProbes) {
 fn print_summary(rounds: &[Round], profiles: &[(Mode, WithProbes)]) {
     let (rps_without, modes) = summarize(rounds);
     println!("\nsummary over {} round(s) (medians)", rounds.len());
+    let noisy = rounds
+        .iter()
+        .filter(|r| {
+            std::iter::once(&r.without)
+                .chain(r.with.iter().map(|(_, w)| &w.wrk))
+                .any(|w| w.steal_share.is_some_and(|s| s > NOISY_STEAL))
+        })
+        .count();
+    if noisy > 0 {
+        println!(
+            "  warning: {noisy} round(s) ran while the hypervisor took over {:.0} % of the CPUs (steal); their ratios measure the neighbours too",
+            NOISY_STEAL * 100.0
+        );
+    }
     println!("  throughput without probes      {rps_without:>12.0} req/s");
     if modes.is_empty() {
         println!("  (--no-agent: with-probes half skipped)");
@@ -637,6 +655,7 @@ fn wrk_json(w: &WrkResult) -> serde_json::Value {
         "p99_us": w.p99_us,
         "non_2xx": w.non_2xx,
         "socket_errors": w.socket_errors,
+        "steal_share": w.steal_share,
     })
 }
 

@@ -21,6 +21,24 @@ pub struct WrkResult {
     pub non_2xx: u64,
     /// wrk's "Socket errors:" line, when present.
     pub socket_errors: Option<String>,
+    /// Share of the host's CPU time the hypervisor gave to others during the run (steal, from
+    /// /proc/stat); above a few percent the run's throughput says more about the neighbours
+    /// than about us. None where the kernel does not report it.
+    pub steal_share: Option<f64>,
+}
+
+/// (steal ticks, all ticks) summed over the CPUs, from the first line of /proc/stat.
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    Some((*fields.get(7)?, fields.iter().take(8).sum()))
 }
 
 /// One thread and 50 connections: enough to keep a one-worker nginx busy on a 2-core host while
@@ -36,8 +54,14 @@ pub fn run(url: &str, duration_secs: u32) -> Result<WrkResult> {
     ]);
     let line = cmd::display(&cmd);
     eprintln!("$ {line}");
+    let before = cpu_ticks();
     let out = cmd::output(&mut cmd)?;
-    parse(&out).with_context(|| format!("parsing the report of `{line}`:\n{out}"))
+    let mut r = parse(&out).with_context(|| format!("parsing the report of `{line}`:\n{out}"))?;
+    r.steal_share = match (before, cpu_ticks()) {
+        (Some((s0, a0)), Some((s1, a1))) if a1 > a0 => Some((s1 - s0) as f64 / (a1 - a0) as f64),
+        _ => None,
+    };
+    Ok(r)
 }
 
 pub fn parse(report: &str) -> Result<WrkResult> {
@@ -77,6 +101,7 @@ pub fn parse(report: &str) -> Result<WrkResult> {
         bail!("no \"N requests in\" or \"Requests/sec:\" line");
     };
     Ok(WrkResult {
+        steal_share: None,
         requests,
         requests_per_sec,
         p50_us,
