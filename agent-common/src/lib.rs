@@ -7,6 +7,9 @@
 //! resolves them from BTF at load time and hands them to the programs in [`Config`].
 #![no_std]
 
+/// Bytes of the ring buffer of records (per-request mode; aggregation mode loads it with one
+/// page).
+pub const EVENTS_BYTES: u32 = 8 * 1024 * 1024;
 /// Ports per role the programs compare against (0 = unused slot).
 pub const MAX_PORTS: usize = 8;
 /// Bytes of a request's first read kept for user space (method and path).

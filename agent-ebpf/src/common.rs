@@ -29,7 +29,7 @@ pub static COUNTERS_MAP: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTE
 
 /// Finished requests, database round trips and connects, read by the agent.
 #[map]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(agent_common::EVENTS_BYTES, 0);
 
 /// On/off-CPU totals per target thread (key: thread id).
 #[map]

@@ -84,10 +84,8 @@ pub fn chart(secs: &[Tally], start_s: f64, duration_s: f64) -> Vec<f64> {
 
 /// Max sRPS: the largest point of Locust's report chart (0 for a run of 5 s or less, which has
 /// no point).
-pub fn max_srps(secs: &[Tally], start_s: f64, duration_s: f64) -> f64 {
-    chart(secs, start_s, duration_s)
-        .into_iter()
-        .fold(0.0, f64::max)
+pub fn max_srps(chart_points: &[f64]) -> f64 {
+    chart_points.iter().copied().fold(0.0, f64::max)
 }
 
 /// The best fixed 5-second window of (requests - failures) / 5 over per-second
@@ -150,7 +148,7 @@ mod tests {
         for p in &c[2..] {
             assert!(close(*p, 18.0), "{c:?}");
         }
-        assert!(close(max_srps(&s, 0.5, 30.0), 18.0));
+        assert!(close(max_srps(&chart(&s, 0.5, 30.0)), 18.0));
         // The fixed windows agree on a steady run: [5, 10) ... hold 5 x 18 / 5.
         let per: Vec<(u64, u64)> = s.iter().map(|t| (t.requests, t.failures)).collect();
         assert!(close(max_srps_5s_window(&per, 30.0), 18.0));
@@ -170,7 +168,7 @@ mod tests {
         // after the point, so t_last is still 8.2: 0. 25 and 30: t_last = 20.5, seconds
         // [8, 18): 30 / 10 = 3.
         assert_eq!(c, vec![0.0, 0.0, 0.0, 0.0, 3.0, 3.0]);
-        assert_eq!(max_srps(&s, 0.0, 31.0), 3.0);
+        assert_eq!(max_srps(&chart(&s, 0.0, 31.0)), 3.0);
         // Ending at 30 s exactly leaves the last point out.
         assert_eq!(chart(&s, 0.0, 30.0).len(), 5);
         // The best fixed window, [5, 10), holds both bursts: 60 / 5 = 12, four times the chart.
@@ -191,7 +189,7 @@ mod tests {
         // Past the last recorded second: t_last stays in the last second with a completion.
         assert_eq!(current_rates(&s, 40.0), (4.0, 1.0));
         // A run of 5 s or less has no chart point.
-        assert_eq!(max_srps(&s[..4], 0.0, 4.9), 0.0);
+        assert_eq!(max_srps(&chart(&s[..4], 0.0, 4.9)), 0.0);
         assert_eq!(chart(&s, 0.0, 5.0), Vec::<f64>::new());
     }
 

@@ -248,7 +248,7 @@ pub(crate) async fn run_with_metrics(
         (p.current_rps, p.current_fail_per_sec) = chart::current_rates(&tallies, i as f64 + 1.0);
     }
     let per_second: Vec<(u64, u64)> = points.iter().map(|p| (p.requests, p.failures)).collect();
-    let report = LoadReport {
+    let mut report = LoadReport {
         version: REPORT_VERSION,
         url: spec.url.clone(),
         method: sh.template.method().to_string(),
@@ -263,13 +263,8 @@ pub(crate) async fn run_with_metrics(
         successes: totals.requests - totals.failures,
         failures: totals.failures,
         total_successes: chart::total_successes(totals.requests, totals.failures),
-        // Up to the planned end, which the run overshoots by a moment: Locust's run-time timer
-        // quits before its chart's point at that end.
-        max_srps: chart::max_srps(
-            &tallies,
-            into_second.as_secs_f64(),
-            actual.min(planned).as_secs_f64(),
-        ),
+        // Set below from the report's own chart.
+        max_srps: 0.0,
         max_srps_5s_window: chart::max_srps_5s_window(&per_second, actual.as_secs_f64()),
         failures_by_kind: report::failures_by_kind(&totals),
         status_counts: totals
@@ -288,6 +283,7 @@ pub(crate) async fn run_with_metrics(
         threads: spec.threads(),
         series: points,
     };
+    report.max_srps = chart::max_srps(&report.chart());
     Ok(report)
 }
 
@@ -302,7 +298,8 @@ impl LoadReport {
     }
 
     /// The points of Locust 2.13's report chart for this run (`chart::chart`), from the series:
-    /// `max_srps` is the largest.
+    /// `max_srps` is the largest. Up to the planned end, which the run overshoots by a moment:
+    /// Locust's run-time timer quits before its chart's point at that end.
     pub fn chart(&self) -> Vec<f64> {
         let tallies: Vec<chart::Tally> = self.series.iter().map(SeriesPoint::tally).collect();
         let into_second = (self.started_unix_ms % 1000) as f64 / 1000.0;

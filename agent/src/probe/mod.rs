@@ -188,6 +188,16 @@ impl Probes {
         let kernel_btf = aya::Btf::from_sys_fs().map_err(|e| ProbeError::Load(e.into()))?;
         spec.sizes.check().map_err(ProbeError::Sizes)?;
         let mut ebpf = aya::EbpfLoader::new()
+            // Aggregation mode writes no record: one page instead of 8 MiB, which the agent
+            // would map twice (16 MiB of its resident memory).
+            .map_max_entries(
+                "EVENTS",
+                if spec.aggregate {
+                    4096
+                } else {
+                    agent_common::EVENTS_BYTES
+                },
+            )
             .map_max_entries("CONNS", spec.sizes.connections)
             .map_max_entries("THREADS", spec.sizes.threads)
             .map_max_entries("THREAD_REQ", spec.sizes.threads)

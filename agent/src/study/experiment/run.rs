@@ -273,17 +273,19 @@ fn server_sessions(sut: &Sut) -> &'static str {
     }
 }
 
-/// Waits until PostgreSQL has no client connection but ours and the server has been quiet for a
-/// second: a closed-loop run (the warm-up too) leaves requests queued in the server when the load
-/// stops, and a killed server's database sessions end only once their statement does.
+/// Waits until PostgreSQL has no client connection but ours and the server has been quiet for
+/// `quiet`: a closed-loop run (the warm-up too) leaves requests queued in the server when the
+/// load stops, and a killed server's database sessions end only once their statement does.
 /// Idle means: no database client, no request finished, and (almost) no CPU used by the
-/// server's namespace for a whole second. The CPU test catches the cpu route, whose queued
-/// requests use no database and finish only every ~0.8 s.
+/// server's namespace for `quiet` (a second after load). The CPU test catches the cpu route,
+/// whose queued requests use no database and finish only every ~0.8 s. A fresh server has had
+/// no load: only the old one's sessions are waited for (`quiet` zero, checked at once).
 fn drain(
     sut: &Sut,
     netns_inum: u32,
     session: Option<&mut Session>,
     timeout: Duration,
+    quiet: Duration,
 ) -> anyhow::Result<Option<String>> {
     let sessions = format!(
         "SELECT count(*) FROM pg_stat_activity WHERE {}",
@@ -293,8 +295,11 @@ fn drain(
     let mut session = session;
     let mut quiet_since: Option<Instant> = None;
     let mut ticks = netns_cpu_ticks(netns_inum);
+    let mut first = true;
     loop {
-        std::thread::sleep(Duration::from_millis(250));
+        if !std::mem::take(&mut first) {
+            std::thread::sleep(Duration::from_millis(250));
+        }
         let now_ticks = netns_cpu_ticks(netns_inum);
         // 2 ticks (20 ms at the usual 100 Hz) in 250 ms: housekeeping, not a request.
         let busy = now_ticks.saturating_sub(ticks) > 2;
@@ -312,7 +317,7 @@ fn drain(
         });
         if conns == 0 && finished_now == 0 && !busy {
             let q = *quiet_since.get_or_insert_with(Instant::now);
-            if q.elapsed() >= Duration::from_secs(1) {
+            if q.elapsed() >= quiet {
                 return Ok(None);
             }
         } else {
@@ -512,12 +517,27 @@ fn same_namespace(before: (&str, u32), after: (&str, u32)) -> bool {
     before == after
 }
 
-/// Waits for the server to go idle (`drain`). If it does not within the drain timeout, the
-/// database sessions still open are terminated so that the cell starts with none, and the cell's
-/// notes say so.
-fn settle(cx: &Ctx<'_>, s: &mut Server, when: &str, notes: &mut Vec<String>) -> anyhow::Result<()> {
+/// How long a server that has had load must be idle before it counts as drained.
+const AFTER_LOAD_QUIET: Duration = Duration::from_secs(1);
+
+/// Waits for the server to go idle (`drain`, quiet for `quiet`). If it does not within the drain
+/// timeout, the database sessions still open are terminated so that the cell starts with none,
+/// and the cell's notes say so.
+fn settle(
+    cx: &Ctx<'_>,
+    s: &mut Server,
+    when: &str,
+    quiet: Duration,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<()> {
     let timeout = Duration::from_secs(cx.cfg.drain_timeout_s);
-    if let Some(n) = drain(&s.system, s.target.netns_inum, s.session.as_mut(), timeout)? {
+    if let Some(n) = drain(
+        &s.system,
+        s.target.netns_inum,
+        s.session.as_mut(),
+        timeout,
+        quiet,
+    )? {
         let cut = s
             .system
             .psql(&[&format!(
@@ -620,7 +640,7 @@ fn warm_up(
         ));
     }
     timed(&mut ph.settle_s, || {
-        settle(cx, s, "after the warm-up", notes)
+        settle(cx, s, "after the warm-up", AFTER_LOAD_QUIET, notes)
     })?;
     let posts_removed = timed(&mut ph.reset_s, || s.system.reset())
         .context("resetting the database after the warm-up")?;
@@ -981,9 +1001,10 @@ pub fn run(
         let s = current.as_mut().expect("started above");
         let mut notes = Vec::new();
         // The last cell's server is gone, but its database sessions end only once their statement
-        // does; a queued io_create could add a row after the reset.
+        // does; a queued io_create could add a row after the reset. The fresh server has had no
+        // load, so no quiet time is waited for.
         timed(&mut ph.settle_s, || {
-            settle(&cx, s, "before the cell", &mut notes)
+            settle(&cx, s, "before the cell", Duration::ZERO, &mut notes)
         })?;
         timed(&mut ph.reset_s, || s.system.reset())
             .context("resetting the database to the seed")?;
