@@ -440,7 +440,7 @@ fn aggregate_request(conn: &Conn, flags: u32, server_ns: u64) {
         status: status_code(&conn.status, conn.status_len as usize),
         flags: (flags & (REQ_EXCLUSIVE_THREAD | REQ_NO_RESPONSE)) as u16,
     };
-    let p = match REQ_AGG.get_ptr_mut(&key) {
+    let p = match REQ_AGG.get_ptr_mut(key) {
         Some(p) => Some(p),
         None => new_key(&key, conn, head_len),
     };
