@@ -38,6 +38,51 @@ enum Behaviour {
     CloseWithoutResponse,
     /// Read the request and never answer (until the client goes away).
     Hang,
+    /// Answers in turn with the framings a client must follow (`framed`), keep-alive but for
+    /// the last, which ends its body by closing.
+    Framings,
+}
+
+/// Body bytes of the `Framings` answer to the server's request number `n` (from 0).
+fn framed_body_len(n: u64) -> u64 {
+    [19, 100_000, 0, 2, 5_000][(n % 5) as usize]
+}
+
+/// Writes `Framings`' answer to request `n`; false when the connection is to close.
+fn framed(conn: &mut TcpStream, n: u64) -> std::io::Result<bool> {
+    let _ = conn.set_nodelay(true);
+    match n % 5 {
+        0 => {
+            // An interim response, then a chunked body with a chunk extension and a trailer.
+            conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+            conn.write_all(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+                  3;ext=1\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\nX-Trailer: t\r\n\r\n",
+            )?;
+        }
+        1 => {
+            // A body six times the client's read buffer, in pieces.
+            conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")?;
+            for _ in 0..10 {
+                conn.write_all(&[b'x'; 10_000])?;
+            }
+        }
+        2 => conn.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")?,
+        3 => {
+            // The head one byte a segment.
+            for b in b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" {
+                conn.write_all(&[*b])?;
+            }
+        }
+        _ => {
+            // HTTP/1.0 without a length: the body ends with the connection.
+            conn.write_all(b"HTTP/1.0 200 OK\r\n\r\n")?;
+            conn.write_all(&[b'y'; 5_000])?;
+            conn.shutdown(Shutdown::Write)?;
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// A thread-per-connection HTTP/1.1 server; stops and joins its threads on drop.
@@ -180,9 +225,14 @@ fn handle(
         if !got {
             return;
         }
-        requests.fetch_add(1, Ordering::SeqCst);
+        let n = requests.fetch_add(1, Ordering::SeqCst);
         let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
         match b {
+            Behaviour::Framings => {
+                if !matches!(framed(&mut conn, n), Ok(true)) {
+                    return;
+                }
+            }
             Behaviour::KeepAlive => {
                 if conn.write_all(ok).is_err() {
                     return;
@@ -337,6 +387,35 @@ fn keep_alive_server_counts_match_and_connections_are_reused() {
     assert_eq!(r.total_successes, r.requests);
     assert_eq!(r.status_counts.get("200"), Some(&r.requests));
     assert_eq!(r.bytes_received, 2 * r.requests);
+}
+
+/// Interim responses, chunked bodies with extensions and trailers, a body larger than the read
+/// buffer, 204, a head split into one-byte segments, and an HTTP/1.0 body ended by the close:
+/// every response is a success and the body bytes counted are the ones the server sent.
+#[test]
+fn every_framing_is_read_to_its_end() {
+    let s = Server::start(Behaviour::Framings);
+    let r = run(&closed(s.url("/f"), 4, 2.0));
+    assert_eq!(r.failures, 0, "{:?}", kinds(&r));
+    assert_eq!(r.requests, s.requests());
+    assert!(r.requests >= 10, "only {} requests", r.requests);
+    let sent: u64 = (0..s.requests()).map(framed_body_len).sum();
+    assert_eq!(r.bytes_received, sent);
+    // Requests numbered n = 0, 1, ... by the server: n % 5 == 2 got 204, n % 5 == 4 closed.
+    let n = s.requests();
+    assert_eq!(
+        r.status_counts.get("204").copied().unwrap_or(0),
+        (n + 2) / 5
+    );
+    // Each close was followed by a new connection unless the run ended first (one per user
+    // at most).
+    let closes = n / 5;
+    assert!(
+        (closes..=4 + closes).contains(&s.connections()),
+        "{} connections for {closes} closes",
+        s.connections()
+    );
+    assert_eq!(r.connect_ms.count, s.connections());
 }
 
 #[test]

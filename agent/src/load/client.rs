@@ -1,6 +1,8 @@
-//! One user's HTTP/1 connection (hyper's client `conn::http1`), driven inside the user's own
-//! task: no connection task, no channel, no pool. The connection is kept while the server
-//! keeps it; it is dropped (closed) at once after a `Connection: close` response, after any
+//! One user's HTTP/1.1 connection, driven inside the user's own task: no connection task, no
+//! channel, no pool. The request is the template's bytes, written with one call; the response
+//! head is parsed in place (httparse) and its body is framed by `Content-Length`, chunked
+//! encoding or the end of the connection, counted and dropped. The connection is kept while
+//! the server keeps it; it is closed at once after a `Connection: close` response, after any
 //! error, and when the server has closed it in the meantime, and the next request opens a new
 //! one. Connect time is recorded apart from response time.
 //!
@@ -10,40 +12,39 @@
 use std::{
     future::Future,
     net::SocketAddr,
-    pin::Pin,
-    task::Poll,
+    os::fd::AsRawFd,
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{
-    client::conn::http1::{self, Connection, SendRequest},
-    header::CONNECTION,
-    Request, Version,
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
 };
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
 use super::record::{ErrorKind, Outcome, Recorder};
 
-type Io = TokioIo<TcpStream>;
-
-struct Conn {
-    sender: SendRequest<Full<Bytes>>,
-    conn: Connection<Io, Full<Bytes>>,
-    last_used: Instant,
-}
-
 /// A connection idle for longer than this is checked for a close by the server before reuse.
-/// Below it the check would cost a read syscall per request for nothing: servers close idle
+/// Below it the check would cost a syscall per request for nothing: servers close idle
 /// connections after seconds, not microseconds.
 const IDLE_CHECK: Duration = Duration::from_millis(20);
 
-/// A user's connection slot.
+/// The read buffer's first size (as hyper's); it grows only for a response head, which must fit in
+/// `MAX_HEAD`.
+const READ_BUF: usize = 8 * 1024;
+const MAX_HEAD: usize = 1024 * 1024;
+/// Headers parsed per response head (more is a protocol error, as in hyper's default of 100).
+const MAX_HEADERS: usize = 100;
+
+struct Conn {
+    stream: TcpStream,
+    last_used: Instant,
+}
+
+/// A user's connection slot and its read buffer (kept across connections).
 #[derive(Default)]
 pub(crate) struct UserConn {
     conn: Option<Conn>,
+    buf: ReadBuf,
 }
 
 /// The result of one exchange on the wire.
@@ -53,74 +54,51 @@ pub(crate) struct Exchange {
 }
 
 impl UserConn {
-    /// Sends `req` on the user's connection, opening one if needed, and reads the whole
-    /// response. Never panics, never retries.
+    /// Sends `req` (a whole request, as rendered by the template) on the user's connection,
+    /// opening one if needed, and reads the whole response. `head` says the request is HEAD
+    /// (its response has no body). Never panics, never retries.
     pub async fn send(
         &mut self,
         addr: SocketAddr,
+        req: &[u8],
+        head: bool,
         keep_alive: bool,
-        req: Request<Full<Bytes>>,
         rec: &Recorder,
     ) -> Exchange {
-        if let Some(c) = self
+        if self
             .conn
-            .as_mut()
-            .filter(|c| c.last_used.elapsed() >= IDLE_CHECK)
+            .as_ref()
+            .is_some_and(|c| c.last_used.elapsed() >= IDLE_CHECK && !still_open(&c.stream))
         {
-            // The server may have closed an idle connection since the last request: poll the
-            // connection once without waiting, so that a FIN already received is seen now
-            // rather than as a failure of the next request.
-            let closed =
-                std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut c.conn).poll(cx).is_ready()))
-                    .await;
-            if closed || c.sender.is_closed() {
-                self.conn = None;
-            }
+            // The server closed the idle connection since the last request: a FIN already
+            // received is seen now rather than as a failure of the next request.
+            self.conn = None;
         }
         if self.conn.is_none() {
             match connect(addr, rec).await {
                 Ok(c) => self.conn = Some(c),
-                Err(kind) => {
-                    return Exchange {
-                        outcome: Outcome::Error(kind),
-                        bytes: 0,
-                    }
-                }
+                Err(kind) => return failed(kind),
             }
-        }
-        let mut req = req;
-        if !keep_alive {
-            req.headers_mut()
-                .insert(CONNECTION, hyper::header::HeaderValue::from_static("close"));
+            self.buf.clear();
         }
         let c = self.conn.as_mut().expect("connection was just opened");
-        let (result, conn_err) = exchange(c, req).await;
+        let result = exchange(&mut c.stream, &mut self.buf, req, head).await;
         c.last_used = Instant::now();
         match result {
-            Ok((status, bytes, close)) => {
-                if close || !keep_alive || conn_err.is_some() {
+            Ok(r) => {
+                if r.close || !keep_alive {
                     // Closing promptly matters: gunicorn's sync worker waits for the client
                     // to close after each response.
                     self.conn = None;
                 }
                 Exchange {
-                    outcome: Outcome::Status(status),
-                    bytes,
+                    outcome: Outcome::Status(r.status),
+                    bytes: r.bytes,
                 }
             }
-            Err(e) => {
+            Err(kind) => {
                 self.conn = None;
-                // The connection's own error (e.g. the reset it read) says more than the
-                // request's ("connection closed").
-                let kind = conn_err
-                    .as_ref()
-                    .map(classify)
-                    .filter(|k| *k != ErrorKind::Protocol)
-                    .unwrap_or_else(|| classify(&e));
-                Exchange {
-                    outcome: Outcome::Error(kind),
-                    bytes: 0,
-                }
+                failed(kind)
             }
         }
     }
@@ -131,6 +109,31 @@ impl UserConn {
     }
 }
 
+fn failed(kind: ErrorKind) -> Exchange {
+    Exchange {
+        outcome: Outcome::Error(kind),
+        bytes: 0,
+    }
+}
+
+/// Whether an idle connection is still open: a peek that would block says nothing has come,
+/// not even the server's FIN. (Asked of the socket itself, not of the runtime's readiness,
+/// which is only as fresh as its last look at epoll.) Bytes nobody asked for mean the
+/// connection is out of step: not reused either.
+fn still_open(stream: &TcpStream) -> bool {
+    let mut b = 0u8;
+    // SAFETY: a one-byte peek into a local byte on a socket this stream owns.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            (&mut b as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock
+}
+
 async fn connect(addr: SocketAddr, rec: &Recorder) -> Result<Conn, ErrorKind> {
     let t0 = Instant::now();
     let stream = TcpStream::connect(addr)
@@ -139,68 +142,259 @@ async fn connect(addr: SocketAddr, rec: &Recorder) -> Result<Conn, ErrorKind> {
     rec.connect(t0.elapsed());
     // Requests are small and written at once; Nagle would only delay them.
     let _ = stream.set_nodelay(true);
-    let (sender, conn) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| classify(&e))?;
     Ok(Conn {
-        sender,
-        conn,
+        stream,
         last_used: Instant::now(),
     })
 }
 
-type Response = (u16, u64, bool);
+/// The bytes read and not yet consumed: `data[start..end]`.
+struct ReadBuf {
+    data: Vec<u8>,
+    start: usize,
+    end: usize,
+}
 
-/// Drives the request and the connection together until the response body has been read.
-/// Returns the response (status, body bytes, whether the server asked to close) or the
-/// request's error, and the connection's own error if it ended with one.
-async fn exchange(
-    c: &mut Conn,
-    req: Request<Full<Bytes>>,
-) -> (Result<Response, hyper::Error>, Option<hyper::Error>) {
-    let Conn { sender, conn, .. } = c;
-    let request = async {
-        let resp = sender.send_request(req).await?;
-        let status = resp.status().as_u16();
-        let close = wants_close(resp.version(), resp.headers());
-        let mut body = resp.into_body();
-        let mut bytes = 0u64;
-        while let Some(frame) = body.frame().await {
-            if let Some(d) = frame?.data_ref() {
-                bytes += d.len() as u64;
-            }
-        }
-        Ok::<_, hyper::Error>((status, bytes, close))
-    };
-    tokio::pin!(request);
-    let mut conn_done: Option<Result<(), hyper::Error>> = None;
-    loop {
-        tokio::select! {
-            biased;
-            r = &mut request => {
-                let conn_err = match conn_done { Some(Err(e)) => Some(e), _ => None };
-                return (r, conn_err);
-            }
-            done = &mut *conn, if conn_done.is_none() => {
-                conn_done = Some(done);
-            }
+impl Default for ReadBuf {
+    fn default() -> Self {
+        ReadBuf {
+            data: vec![0; READ_BUF],
+            start: 0,
+            end: 0,
         }
     }
 }
 
-fn wants_close(version: Version, headers: &hyper::HeaderMap) -> bool {
-    let has = |token: &str| {
-        headers.get_all(CONNECTION).iter().any(|v| {
-            v.to_str()
-                .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-                .unwrap_or(false)
-        })
+impl ReadBuf {
+    fn clear(&mut self) {
+        self.start = 0;
+        self.end = 0;
+    }
+
+    fn filled(&self) -> &[u8] {
+        &self.data[self.start..self.end]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.end {
+            self.clear();
+        }
+    }
+
+    /// Reads more from `stream` after what is held; Ok(0) is the end of the connection.
+    async fn fill(&mut self, stream: &mut TcpStream) -> Result<usize, ErrorKind> {
+        if self.end == self.data.len() {
+            if self.start > 0 {
+                self.data.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            } else if self.data.len() < MAX_HEAD {
+                // Only a head that does not fit yet keeps everything it read.
+                self.data.resize(self.data.len() * 2, 0);
+            } else {
+                return Err(ErrorKind::Protocol);
+            }
+        }
+        let n = stream
+            .read(&mut self.data[self.end..])
+            .await
+            .map_err(|e| classify_io(&e, false))?;
+        self.end += n;
+        Ok(n)
+    }
+}
+
+struct Response {
+    status: u16,
+    /// Body bytes (decoded: chunk framing not counted).
+    bytes: u64,
+    /// The server closes the connection after this response.
+    close: bool,
+}
+
+/// How a response's body ends (RFC 9112 6.3).
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+/// Writes the request and reads its response: head, then body.
+async fn exchange(
+    stream: &mut TcpStream,
+    buf: &mut ReadBuf,
+    req: &[u8],
+    head_request: bool,
+) -> Result<Response, ErrorKind> {
+    stream
+        .write_all(req)
+        .await
+        .map_err(|e| classify_io(&e, false))?;
+    let (status, framing, mut close) = loop {
+        match parse_head(buf.filled(), head_request)? {
+            Some((n, status, framing, close)) => {
+                buf.consume(n);
+                // An interim response (100 Continue, 103 Early Hints) precedes the real one.
+                if (100..200).contains(&status) && status != 101 {
+                    continue;
+                }
+                break (status, framing, close);
+            }
+            None => {
+                if buf.fill(stream).await? == 0 {
+                    return Err(ErrorKind::ClosedWithoutResponse);
+                }
+            }
+        }
     };
-    if version == Version::HTTP_10 {
-        !has("keep-alive")
+    let bytes = match framing {
+        Framing::Empty => 0,
+        Framing::Length(n) => read_exact_body(stream, buf, n).await?,
+        Framing::Chunked => read_chunked(stream, buf).await?,
+        Framing::UntilClose => {
+            close = true;
+            let mut total = 0u64;
+            loop {
+                total += buf.filled().len() as u64;
+                buf.clear();
+                if buf.fill(stream).await? == 0 {
+                    break total;
+                }
+            }
+        }
+    };
+    Ok(Response {
+        status,
+        bytes,
+        close,
+    })
+}
+
+/// Parses a response head from `data`: None while incomplete, else its length, status, body
+/// framing and whether the server will close the connection.
+fn parse_head(
+    data: &[u8],
+    head_request: bool,
+) -> Result<Option<(usize, u16, Framing, bool)>, ErrorKind> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let n = match resp.parse(data) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(ErrorKind::Protocol),
+    };
+    let status = resp.code.ok_or(ErrorKind::Protocol)?;
+    let http10 = resp.version == Some(0);
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let (mut close, mut keep) = (false, false);
+    for h in resp.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let v = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or(ErrorKind::Protocol)?;
+            // Two different lengths cannot both frame the body (RFC 9112 6.3, item 5).
+            if length.is_some_and(|l| l != v) {
+                return Err(ErrorKind::Protocol);
+            }
+            length = Some(v);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            // Chunked only when it is the last coding.
+            chunked = tokens(h.value)
+                .last()
+                .is_some_and(|t| t.eq_ignore_ascii_case("chunked"));
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            for t in tokens(h.value) {
+                close |= t.eq_ignore_ascii_case("close");
+                keep |= t.eq_ignore_ascii_case("keep-alive");
+            }
+        }
+    }
+    let framing = if head_request || (100..200).contains(&status) || status == 204 || status == 304
+    {
+        Framing::Empty
+    } else if chunked {
+        Framing::Chunked
+    } else if let Some(l) = length {
+        if l == 0 {
+            Framing::Empty
+        } else {
+            Framing::Length(l)
+        }
     } else {
-        has("close")
+        Framing::UntilClose
+    };
+    Ok(Some((n, status, framing, close || (http10 && !keep))))
+}
+
+/// The comma-separated tokens of a header value, trimmed.
+fn tokens(v: &[u8]) -> impl Iterator<Item = &str> {
+    std::str::from_utf8(v)
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+async fn read_exact_body(
+    stream: &mut TcpStream,
+    buf: &mut ReadBuf,
+    n: u64,
+) -> Result<u64, ErrorKind> {
+    let mut left = n;
+    loop {
+        let take = (buf.filled().len() as u64).min(left);
+        buf.consume(take as usize);
+        left -= take;
+        if left == 0 {
+            return Ok(n);
+        }
+        if buf.fill(stream).await? == 0 {
+            return Err(ErrorKind::ClosedWithoutResponse);
+        }
+    }
+}
+
+/// Reads a chunked body (RFC 9112 7.1): size lines (extensions ignored), data, and the
+/// trailer section, which ends with an empty line.
+async fn read_chunked(stream: &mut TcpStream, buf: &mut ReadBuf) -> Result<u64, ErrorKind> {
+    let mut total = 0u64;
+    loop {
+        let line = read_line(stream, buf).await?;
+        let size = line.split(|&b| b == b';').next().unwrap_or_default();
+        let size = std::str::from_utf8(size)
+            .ok()
+            .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
+            .ok_or(ErrorKind::Protocol)?;
+        if size == 0 {
+            // Trailers, if any, up to the empty line.
+            while !read_line(stream, buf).await?.is_empty() {}
+            return Ok(total);
+        }
+        total += read_exact_body(stream, buf, size).await?;
+        if !read_line(stream, buf).await?.is_empty() {
+            return Err(ErrorKind::Protocol);
+        }
+    }
+}
+
+/// One line of chunk framing without its CRLF (at most 4 KiB: a size line is short).
+async fn read_line(stream: &mut TcpStream, buf: &mut ReadBuf) -> Result<Vec<u8>, ErrorKind> {
+    loop {
+        if let Some(i) = buf.filled().windows(2).position(|w| w == b"\r\n") {
+            let line = buf.filled()[..i].to_vec();
+            buf.consume(i + 2);
+            return Ok(line);
+        }
+        if buf.filled().len() > 4096 {
+            return Err(ErrorKind::Protocol);
+        }
+        if buf.fill(stream).await? == 0 {
+            return Err(ErrorKind::ClosedWithoutResponse);
+        }
     }
 }
 
@@ -216,24 +410,6 @@ fn classify_io(e: &std::io::Error, connecting: bool) -> ErrorKind {
     }
 }
 
-/// Maps hyper's error to a failure kind, preferring the underlying I/O error when there is one.
-pub(crate) fn classify(e: &hyper::Error) -> ErrorKind {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(s) = src {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            return classify_io(io, false);
-        }
-        src = s.source();
-    }
-    if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
-        ErrorKind::ClosedWithoutResponse
-    } else if e.is_timeout() {
-        ErrorKind::Timeout
-    } else {
-        ErrorKind::Protocol
-    }
-}
-
 /// Runs `f` with an optional deadline; on expiry the connection is dropped and the request is
 /// a timeout.
 pub(crate) async fn with_timeout<F: Future<Output = Exchange>>(
@@ -243,5 +419,52 @@ pub(crate) async fn with_timeout<F: Future<Output = Exchange>>(
     match timeout {
         None => Some(f.await),
         Some(t) => tokio::time::timeout(t, f).await.ok(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(s: &str) -> (usize, u16, Framing, bool) {
+        parse_head(s.as_bytes(), false).unwrap().unwrap()
+    }
+
+    /// The framing rules of RFC 9112 6.3 and the close rules of 9.3, on hand-written heads.
+    #[test]
+    fn heads_give_their_framing_and_close() {
+        let (n, status, f, close) = head("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello");
+        assert_eq!((n, status, close), (38, 200, false));
+        assert!(matches!(f, Framing::Length(5)));
+        let (_, _, f, _) = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
+        assert!(matches!(f, Framing::Chunked));
+        let (_, _, f, close) = head("HTTP/1.1 200 OK\r\nConnection: Keep-Alive, close\r\n\r\n");
+        assert!(matches!(f, Framing::UntilClose) && close);
+        let (_, _, f, close) = head("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n");
+        assert!(
+            matches!(f, Framing::Empty) && close,
+            "HTTP/1.0 closes by default"
+        );
+        let (_, _, _, close) = head("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\n");
+        assert!(!close);
+        let (_, status, f, _) = head("HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n");
+        assert!(status == 304 && matches!(f, Framing::Empty));
+        let (_, _, f, _) = parse_head(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n", true)
+            .unwrap()
+            .unwrap();
+        assert!(matches!(f, Framing::Empty), "a HEAD response has no body");
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\ncontent-len", false)
+            .unwrap()
+            .is_none());
+        for bad in [
+            "HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
+            "HTTP/9 200 OK\r\n\r\n",
+        ] {
+            assert!(matches!(
+                parse_head(bad.as_bytes(), false),
+                Err(ErrorKind::Protocol)
+            ));
+        }
     }
 }

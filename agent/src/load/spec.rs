@@ -246,7 +246,12 @@ pub(crate) fn parse_url(url: &str) -> Result<Endpoint, LoadError> {
 /// Checks everything that does not need the network.
 pub(crate) fn validate(spec: &LoadSpec) -> Result<(Endpoint, Template), LoadError> {
     let target = parse_url(&spec.url)?;
-    let template = Template::new(&spec.request, &target.path_and_query, &target.authority)?;
+    let template = Template::new(
+        &spec.request,
+        &target.path_and_query,
+        &target.authority,
+        spec.keep_alive,
+    )?;
     match &spec.model {
         Model::Closed { schedule, wait } => {
             ClosedSchedule::new(schedule.stages.clone())?;

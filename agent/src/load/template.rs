@@ -7,10 +7,9 @@
 //! requests (reference-counted), never copied.
 
 use bytes::Bytes;
-use http_body_util::Full;
 use hyper::{
     header::{HeaderName, HeaderValue, CONTENT_TYPE, HOST},
-    Method, Request, Uri,
+    Method, Uri,
 };
 use serde::{Deserialize, Serialize};
 
@@ -160,8 +159,42 @@ impl Text {
         Text { pieces }
     }
 
-    fn is_static(&self) -> bool {
-        self.pieces.iter().all(|p| matches!(p, Piece::Lit(_)))
+    fn literal(s: String) -> Text {
+        Text {
+            pieces: vec![Piece::Lit(Bytes::from(s))],
+        }
+    }
+
+    fn push_str(&mut self, s: &str) {
+        self.pieces
+            .push(Piece::Lit(Bytes::copy_from_slice(s.as_bytes())));
+    }
+
+    /// The rendered length (a placeholder is always its N letters).
+    fn len(&self) -> usize {
+        self.pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Lit(b) => b.len(),
+                Piece::Letters(n) => *n,
+            })
+            .sum()
+    }
+
+    /// Adjacent literals joined, so that rendering copies once per literal run.
+    fn merged(self) -> Text {
+        let mut pieces: Vec<Piece> = Vec::new();
+        for p in self.pieces {
+            match (pieces.last_mut(), p) {
+                (Some(Piece::Lit(a)), Piece::Lit(b)) => {
+                    let mut v = a.to_vec();
+                    v.extend_from_slice(&b);
+                    *a = Bytes::from(v);
+                }
+                (_, p) => pieces.push(p),
+            }
+        }
+        Text { pieces }
     }
 
     fn render(&self, rng: &mut Rng, buf: &mut Vec<u8>) {
@@ -176,16 +209,6 @@ impl Text {
                 }
             }
         }
-    }
-
-    fn static_bytes(&self) -> Bytes {
-        let mut v = Vec::new();
-        for p in &self.pieces {
-            if let Piece::Lit(b) = p {
-                v.extend_from_slice(b);
-            }
-        }
-        Bytes::from(v)
     }
 }
 
@@ -208,40 +231,33 @@ fn verbatim(s: &str) -> String {
     s.to_owned()
 }
 
-enum Body {
-    Static(Bytes),
-    Dynamic(Text),
-}
-
-enum HeaderVal {
-    Static(HeaderValue),
-    Dynamic(Text),
-}
-
-/// A compiled request: everything parsed and validated once.
+/// A compiled request: everything parsed and validated once, kept as the bytes it is sent as
+/// (request line, headers, body) with the placeholders' places marked. The body's length does
+/// not depend on the letters drawn, so `Content-Length` is part of the fixed text.
 pub(crate) struct Template {
-    method: Method,
-    uri: Uri,
-    host: HeaderValue,
-    headers: Vec<(HeaderName, HeaderVal)>,
-    body: Body,
+    method: String,
+    path: String,
+    wire: Text,
+    head: bool,
 }
 
 impl Template {
-    /// `path_and_query` is the request target (origin form), `host` the Host header.
+    /// `path_and_query` is the request target (origin form), `host` the Host header;
+    /// without `keep_alive` every request asks the server to close (`Connection: close`).
     pub fn new(
         spec: &RequestSpec,
         path_and_query: &str,
         host: &str,
+        keep_alive: bool,
     ) -> Result<Template, TemplateError> {
         let method = Method::from_bytes(spec.method.to_ascii_uppercase().as_bytes())
             .map_err(|_| TemplateError::Method(spec.method.clone()))?;
         let uri: Uri = path_and_query
             .parse()
             .map_err(|_| TemplateError::Header(path_and_query.to_owned()))?;
-        let host =
-            HeaderValue::from_str(host).map_err(|_| TemplateError::Header(host.to_owned()))?;
-        let mut headers = Vec::new();
+        HeaderValue::from_str(host).map_err(|_| TemplateError::Header(host.to_owned()))?;
+        let target = uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut wire = Text::literal(format!("{method} {target} HTTP/1.1\r\nhost: {host}\r\n"));
         let content_type = match &spec.body {
             BodySpec::Form(_) => Some("application/x-www-form-urlencoded"),
             BodySpec::Json(_) => Some("application/json"),
@@ -252,10 +268,7 @@ impl Template {
             .iter()
             .any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
         if let (Some(ct), false) = (content_type, user_sets_type) {
-            headers.push((
-                CONTENT_TYPE,
-                HeaderVal::Static(HeaderValue::from_static(ct)),
-            ));
+            wire.push_str(&format!("{CONTENT_TYPE}: {ct}\r\n"));
         }
         for (k, v) in &spec.headers {
             let name = HeaderName::from_bytes(k.trim().as_bytes())
@@ -265,23 +278,16 @@ impl Template {
                     "{k}: {v} (the Host header comes from the URL)"
                 )));
             }
-            let text = Text::parse(v.trim(), verbatim)?;
-            let val = if text.is_static() {
-                HeaderVal::Static(
-                    HeaderValue::from_str(v.trim())
-                        .map_err(|_| TemplateError::Header(format!("{k}: {v}")))?,
-                )
-            } else {
-                if HeaderValue::from_str(v.trim()).is_err() {
-                    return Err(TemplateError::Header(format!("{k}: {v}")));
-                }
-                HeaderVal::Dynamic(text)
-            };
-            headers.push((name, val));
+            // The literal parts are checked as a header value; letters are always valid.
+            HeaderValue::from_str(v.trim())
+                .map_err(|_| TemplateError::Header(format!("{k}: {v}")))?;
+            wire.push_str(&format!("{name}: "));
+            wire.pieces.extend(Text::parse(v.trim(), verbatim)?.pieces);
+            wire.push_str("\r\n");
         }
-        let text = match &spec.body {
-            BodySpec::None => None,
-            BodySpec::Raw(s) | BodySpec::Json(s) => Some(Text::parse(s, verbatim)?),
+        let body = match &spec.body {
+            BodySpec::None => Text { pieces: Vec::new() },
+            BodySpec::Raw(s) | BodySpec::Json(s) => Text::parse(s, verbatim)?,
             BodySpec::Form(fields) => {
                 let mut parts = Vec::new();
                 for (k, v) in fields {
@@ -290,58 +296,44 @@ impl Template {
                     t.pieces.extend(Text::parse(v, form_encode)?.pieces);
                     parts.push(t);
                 }
-                Some(Text::concat(parts, b"&"))
+                Text::concat(parts, b"&")
             }
         };
-        let body = match text {
-            None => Body::Static(Bytes::new()),
-            Some(t) if t.is_static() => Body::Static(t.static_bytes()),
-            Some(t) => Body::Dynamic(t),
-        };
+        // A body, or a method that defines one, says its length (RFC 9110 8.6).
+        let len = body.len();
+        if len > 0 || matches!(method, Method::POST | Method::PUT | Method::PATCH) {
+            wire.push_str(&format!("content-length: {len}\r\n"));
+        }
+        if !keep_alive {
+            wire.push_str("connection: close\r\n");
+        }
+        wire.push_str("\r\n");
+        wire.pieces.extend(body.pieces);
         Ok(Template {
-            method,
-            uri,
-            host,
-            headers,
-            body,
+            head: method == Method::HEAD,
+            method: method.to_string(),
+            path: uri.path().to_owned(),
+            wire: wire.merged(),
         })
     }
 
-    pub fn method(&self) -> &Method {
+    pub fn method(&self) -> &str {
         &self.method
     }
 
     pub fn path(&self) -> &str {
-        self.uri.path()
+        &self.path
     }
 
-    /// One request. `buf` is the caller's scratch space for placeholders (reused, so that a
-    /// dynamic body costs one copy into the request and no other allocation).
-    pub fn build(&self, rng: &mut Rng, buf: &mut Vec<u8>) -> Request<Full<Bytes>> {
-        let body = match &self.body {
-            Body::Static(b) => b.clone(),
-            Body::Dynamic(t) => {
-                t.render(rng, buf);
-                Bytes::copy_from_slice(buf)
-            }
-        };
-        let mut req = Request::new(Full::new(body));
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        let h = req.headers_mut();
-        h.insert(HOST, self.host.clone());
-        for (k, v) in &self.headers {
-            let v = match v {
-                HeaderVal::Static(v) => v.clone(),
-                HeaderVal::Dynamic(t) => {
-                    t.render(rng, buf);
-                    // Letters and the validated literals are valid header bytes.
-                    HeaderValue::from_bytes(buf).unwrap_or_else(|_| HeaderValue::from_static(""))
-                }
-            };
-            h.append(k.clone(), v);
-        }
-        req
+    /// Whether the request is HEAD (its response has no body whatever its headers say).
+    pub fn is_head(&self) -> bool {
+        self.head
+    }
+
+    /// One request as sent on the wire, written into `out` (reused: no allocation once it has
+    /// grown to the request's size), with fresh letters for every placeholder.
+    pub fn render(&self, rng: &mut Rng, out: &mut Vec<u8>) {
+        self.wire.render(rng, out);
     }
 }
 
@@ -376,7 +368,6 @@ impl Rng {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::BodyExt;
 
     /// `Route::ALL` and `name` are what the command line, configurations and results use: the
     /// same variants, in clap's order, with clap's names.
@@ -392,12 +383,58 @@ mod tests {
         assert_eq!(Route::ALL.to_vec(), Route::value_variants().to_vec());
     }
 
-    fn body_of(req: Request<Full<Bytes>>) -> String {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let b = rt.block_on(req.into_body().collect()).unwrap().to_bytes();
-        String::from_utf8(b.to_vec()).unwrap()
+    /// A rendered request read back by httparse (an independent parser): method, target,
+    /// headers (names lower-cased) and the body its Content-Length delimits.
+    struct Sent {
+        method: String,
+        target: String,
+        headers: Vec<(String, String)>,
+        body: String,
+    }
+
+    impl Sent {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        }
+    }
+
+    fn sent(t: &Template, rng: &mut Rng) -> Sent {
+        let mut wire = Vec::new();
+        t.render(rng, &mut wire);
+        let mut h = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut h);
+        let n = match req.parse(&wire).unwrap() {
+            httparse::Status::Complete(n) => n,
+            httparse::Status::Partial => panic!("incomplete head: {wire:?}"),
+        };
+        let headers: Vec<(String, String)> = req
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    h.name.to_ascii_lowercase(),
+                    String::from_utf8(h.value.to_vec()).unwrap(),
+                )
+            })
+            .collect();
+        let len: usize = headers
+            .iter()
+            .find(|(k, _)| k == "content-length")
+            .map_or(0, |(_, v)| v.parse().unwrap());
+        assert_eq!(
+            wire.len(),
+            n + len,
+            "the body is exactly Content-Length bytes"
+        );
+        Sent {
+            method: req.method.unwrap().to_owned(),
+            target: req.path.unwrap().to_owned(),
+            headers,
+            body: String::from_utf8(wire[n..].to_vec()).unwrap(),
+        }
     }
 
     #[test]
@@ -406,19 +443,24 @@ mod tests {
             &Route::IoCreate.request(),
             Route::IoCreate.path(),
             "127.0.0.1:8000",
+            true,
         )
         .unwrap();
         let mut rng = Rng::new(1);
-        let mut buf = Vec::new();
-        let a = t.build(&mut rng, &mut buf);
-        assert_eq!(a.method(), Method::POST);
-        assert_eq!(a.uri().path(), "/posts/io_create/");
-        assert_eq!(a.headers()[HOST], "127.0.0.1:8000");
+        let a = sent(&t, &mut rng);
+        assert_eq!(a.method, "POST");
+        assert_eq!(a.target, "/posts/io_create/");
+        assert_eq!(a.header("host"), Some("127.0.0.1:8000"));
         assert_eq!(
-            a.headers()[CONTENT_TYPE],
-            "application/x-www-form-urlencoded"
+            a.header("content-type"),
+            Some("application/x-www-form-urlencoded")
         );
-        let body = body_of(a);
+        assert_eq!(
+            a.header("connection"),
+            None,
+            "keep-alive is HTTP/1.1's default"
+        );
+        let body = a.body;
         let (title, content) = body.split_once('&').unwrap();
         let title = title.strip_prefix("title=Post+").unwrap();
         let content = content.strip_prefix("content=Content+").unwrap();
@@ -429,7 +471,7 @@ mod tests {
             .chain(content.bytes())
             .all(|c| c.is_ascii_alphabetic()));
         // Fresh letters for every request.
-        let b = body_of(t.build(&mut rng, &mut buf));
+        let b = sent(&t, &mut rng).body;
         assert_ne!(body, b);
     }
 
@@ -440,22 +482,41 @@ mod tests {
             headers: vec![("X-Id".into(), "u-{rand:4}".into())],
             body: BodySpec::Form(vec![("a b".into(), "x&y=z".into())]),
         };
-        let t = Template::new(&spec, "/p?q=1", "h").unwrap();
-        let r = t.build(&mut Rng::new(2), &mut Vec::new());
-        assert_eq!(r.method(), Method::PUT);
-        assert_eq!(r.headers()["x-id"].len(), 6);
-        assert_eq!(body_of(r), "a+b=x%26y%3Dz");
+        let t = Template::new(&spec, "/p?q=1", "h", false).unwrap();
+        let r = sent(&t, &mut Rng::new(2));
+        assert_eq!(r.method, "PUT");
+        assert_eq!(r.target, "/p?q=1");
+        assert_eq!(t.path(), "/p");
+        let id = r.header("x-id").unwrap();
+        assert!(id.len() == 6 && id.starts_with("u-"), "{id}");
+        assert_eq!(r.header("connection"), Some("close"));
+        assert_eq!(r.body, "a+b=x%26y%3Dz");
+        // No body on a GET: no Content-Length; HEAD is known as such.
+        let get = Template::new(&RequestSpec::default(), "/", "h", true).unwrap();
+        assert_eq!(sent(&get, &mut Rng::new(3)).header("content-length"), None);
+        assert!(!get.is_head());
+        let head = RequestSpec {
+            method: "head".into(),
+            ..RequestSpec::default()
+        };
+        assert!(Template::new(&head, "/", "h", true).unwrap().is_head());
+        // A header value with a line break would smuggle a header: refused.
+        let spec = RequestSpec {
+            headers: vec![("X-A".into(), "a\r\nX-B: {rand:2}".into())],
+            ..RequestSpec::default()
+        };
+        assert!(Template::new(&spec, "/", "h", true).is_err());
         for bad in ["{rand:}", "{rand:0}", "{rand:x}", "{rand:3"] {
             let spec = RequestSpec {
                 body: BodySpec::Raw(bad.into()),
                 ..RequestSpec::default()
             };
-            assert!(Template::new(&spec, "/", "h").is_err(), "{bad}");
+            assert!(Template::new(&spec, "/", "h", true).is_err(), "{bad}");
         }
         let spec = RequestSpec {
             method: "GE T".into(),
             ..RequestSpec::default()
         };
-        assert!(Template::new(&spec, "/", "h").is_err());
+        assert!(Template::new(&spec, "/", "h", true).is_err());
     }
 }

@@ -67,9 +67,9 @@ pub(super) async fn one_request(
     started: Instant,
 ) {
     let mut guard = InFlight { sh, done: false };
-    let req = sh.template.build(rng, buf);
-    let ex =
-        client::with_timeout(sh.timeout, conn.send(sh.addr, sh.keep_alive, req, &sh.rec)).await;
+    sh.template.render(rng, buf);
+    let send = conn.send(sh.addr, buf, sh.template.is_head(), sh.keep_alive, &sh.rec);
+    let ex = client::with_timeout(sh.timeout, send).await;
     let ex = ex.unwrap_or_else(|| {
         conn.reset();
         client::Exchange {
