@@ -922,6 +922,8 @@ fn the_library_guard_removes_its_delay_when_the_owner_panics() {
             a.packets_seen >= 10 && a.bypassed == 0 && a.rule_packets >= 10,
             "{a:?}"
         );
+        // The line keeps the kernel's receive time stamps on: every packet came with one.
+        assert_eq!(a.packets_stamped, a.packets_seen, "{a:?}");
         panic!("owner fails");
     }));
     let msg = outcome

@@ -2,7 +2,10 @@
 //! delay and then accepted, in arrival order.
 //!
 //! Two threads. The reader receives packet ids from the netlink socket and stamps each with its
-//! release time. The releaser sleeps on an absolute nanosecond timer (`clock_nanosleep`,
+//! release time, counted from the kernel's time stamp of the packet when the message has one
+//! (the line keeps receive time stamps on while it runs, `TimeStamps`): the reader's own clock
+//! would leave out the time the reader took to wake, which on a line idle between packets (a
+//! TCP request every 100 ms) was most of the error. The releaser sleeps on an absolute nanosecond timer (`clock_nanosleep`,
 //! `TIMER_ABSTIME`, timer slack 1 ns) until the oldest packet is due, then accepts every packet
 //! due by then with one batch verdict: a fixed delay keeps the FIFO sorted by release time, and
 //! jitter is clamped so that it never reorders (reordering would make TCP retransmit). Holding
@@ -23,7 +26,7 @@ use std::{
 
 use super::nfq::{self, Msg, Received, Socket};
 
-use crate::clock::{monotonic_ns, thread_cpu_ns};
+use crate::clock::{monotonic_ns, realtime_ns, thread_cpu_ns};
 
 /// Release times for successive packets: arrival + delay ± uniform jitter, never earlier than
 /// the previous packet's (no reordering), never before arrival.
@@ -68,6 +71,8 @@ pub(crate) struct Counters {
     pub seen: AtomicU64,
     /// Packets accepted after their hold.
     pub released: AtomicU64,
+    /// Packets that came with the kernel's time stamp (their hold counts from their arrival).
+    pub stamped: AtomicU64,
     /// Packet ids skipped (the kernel assigned them but the socket could not deliver them).
     pub id_gaps: AtomicU64,
     /// Receive errors with ENOBUFS (socket buffer overflow; those packets were failed open).
@@ -99,6 +104,54 @@ pub(crate) struct DelayLine {
     socket: Arc<Socket>,
     queue_num: u16,
     threads: Vec<JoinHandle<()>>,
+    /// Held for the line's life (None if the kernel refused: the reader's clock then serves).
+    _stamps: Option<TimeStamps>,
+}
+
+/// Keeps the kernel's receive time stamps on while it lives: a socket that asked for them
+/// (`SO_TIMESTAMPNS`) turns on the global switch (`net_enable_timestamp`), and then every
+/// packet is stamped as it arrives, or as NFQUEUE queues it, and NFQUEUE passes the stamp on
+/// (`NFQA_TIMESTAMP`). Closing the socket turns the switch back off when no other socket
+/// wants stamps. The socket is never bound and carries no traffic.
+struct TimeStamps {
+    _socket: std::os::fd::OwnedFd,
+}
+
+impl TimeStamps {
+    fn new() -> std::io::Result<TimeStamps> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain socket(2); the fd is owned (and closed) by OwnedFd from here on.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt with a valid int option on a socket we own.
+        let r = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                libc::SOL_SOCKET,
+                libc::SO_TIMESTAMPNS,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(TimeStamps { _socket: fd })
+    }
+}
+
+/// A packet's arrival on CLOCK_MONOTONIC: `mono_now` less the age its kernel time stamp gives
+/// (`real_now` and the stamp on CLOCK_REALTIME), or `mono_now` without a stamp or with one that
+/// is not of the last second (a clock step, or a stamp that is not an arrival's).
+fn arrival_ns(stamp_us: Option<u64>, mono_now: u64, real_now: u64) -> u64 {
+    match stamp_us.map(|us| real_now.checked_sub(us.saturating_mul(1_000))) {
+        Some(Some(age)) if age < 1_000_000_000 => mono_now - age.min(mono_now),
+        _ => mono_now,
+    }
 }
 
 impl DelayLine {
@@ -131,18 +184,24 @@ impl DelayLine {
             ),
         });
         let socket = Arc::new(socket);
+        let stamps = TimeStamps::new()
+            .map_err(|e| {
+                tracing::warn!("delay line: no kernel time stamps ({e}); the reader's clock serves")
+            })
+            .ok();
         let mut line = DelayLine {
             shared,
             socket,
             queue_num,
             threads: Vec::new(),
+            _stamps: stamps,
         };
         let seed = monotonic_ns();
         let (sh, so) = (line.shared.clone(), line.socket.clone());
         line.threads.push(
             std::thread::Builder::new()
                 .name("awl-delay-rx".into())
-                .spawn(move || reader(&sh, &so, Schedule::new(delay, jitter, seed)))?,
+                .spawn(move || reader(&sh, &so, queue_num, Schedule::new(delay, jitter, seed)))?,
         );
         let (sh, so) = (line.shared.clone(), line.socket.clone());
         line.threads.push(
@@ -224,7 +283,7 @@ fn line_thread_realtime(which: &str) {
     }
 }
 
-fn reader(sh: &Shared, so: &Socket, mut sched: Schedule) {
+fn reader(sh: &Shared, so: &Socket, queue_num: u16, mut sched: Schedule) {
     line_thread_realtime("reader");
     let c = &sh.counters;
     // COPY_META messages are ~150 bytes; 1 KiB leaves room for every attribute the kernel adds.
@@ -232,6 +291,7 @@ fn reader(sh: &Shared, so: &Socket, mut sched: Schedule) {
     let mut lens = Vec::with_capacity(64);
     let mut last_id: Option<u32> = None;
     let mut ids = Vec::with_capacity(1024);
+    let mut holds = Vec::with_capacity(1024);
     let mut last_cpu = 0;
     while !sh.stop.load(Ordering::Relaxed) {
         match so.recv_many(&mut bufs, &mut lens) {
@@ -253,21 +313,26 @@ fn reader(sh: &Shared, so: &Socket, mut sched: Schedule) {
                 break;
             }
         };
-        let arrival = monotonic_ns();
+        let (mono_now, real_now) = (monotonic_ns(), realtime_ns());
         ids.clear();
+        let mut stamped = 0;
         for (buf, &n) in bufs.iter().zip(&lens) {
             nfq::parse(&buf[..n], |r| {
-                if let Received::Packet(id) = r {
-                    ids.push(id);
+                if let Received::Packet { id, stamp_us } = r {
+                    stamped += u64::from(stamp_us.is_some());
+                    ids.push((id, arrival_ns(stamp_us, mono_now, real_now)));
                 }
             });
         }
+        c.stamped.fetch_add(stamped, Ordering::Relaxed);
         if ids.is_empty() {
             continue;
         }
+        let now = monotonic_ns();
+        let (mut direct, mut direct_n) = (None, 0u64);
         let mut q = sh.queue.lock().unwrap_or_else(|p| p.into_inner());
         let was_empty = q.is_empty();
-        for &id in &ids {
+        for &(id, arrival) in &ids {
             if let Some(prev) = last_id {
                 let gap = id.wrapping_sub(prev).wrapping_sub(1);
                 if gap != 0 && gap < u32::MAX / 2 {
@@ -275,11 +340,29 @@ fn reader(sh: &Shared, so: &Socket, mut sched: Schedule) {
                 }
             }
             last_id = Some(id);
-            q.push_back((id, arrival, sched.due(arrival)));
+            let due = sched.due(arrival);
+            if q.is_empty() && due <= now {
+                // Nothing is held before it and it is due already (a zero delay): accepted
+                // here, without waking the releaser. Its batch verdict also covers packets the
+                // releaser has taken and not yet accepted, all of them due.
+                direct = Some(id);
+                direct_n += 1;
+                holds.push((now - arrival.min(now)) / 1000);
+            } else {
+                q.push_back((id, arrival, due));
+            }
         }
+        let wake = was_empty && !q.is_empty();
         drop(q);
         c.seen.fetch_add(ids.len() as u64, Ordering::Relaxed);
-        if was_empty {
+        if let Some(id) = direct {
+            if let Err(e) = so.send(&Msg::accept_upto(queue_num, id)) {
+                tracing::error!("delay line: verdict: {e}");
+            }
+            c.released.fetch_add(direct_n, Ordering::Relaxed);
+            record_holds(sh, &mut holds);
+        }
+        if wake {
             sh.wake.notify_one();
         }
         let cpu = thread_cpu_ns();
@@ -295,6 +378,7 @@ fn releaser(sh: &Shared, so: &Socket, queue_num: u16) {
     let c = &sh.counters;
     let mut last_cpu = 0;
     let mut holds = Vec::with_capacity(4096);
+    let mut timer = Timer::default();
     loop {
         let head_due = {
             let mut q = sh.queue.lock().unwrap_or_else(|p| p.into_inner());
@@ -311,7 +395,12 @@ fn releaser(sh: &Shared, so: &Socket, queue_num: u16) {
             }
         };
         // At most 100 ms at a time, so that a stop during a long hold is noticed promptly.
-        sleep_until(head_due.min(monotonic_ns() + 100_000_000));
+        let cap = monotonic_ns() + 100_000_000;
+        if head_due <= cap {
+            timer.wait_until(head_due);
+        } else {
+            sleep_until(cap);
+        }
         let now = monotonic_ns();
         if now < head_due {
             continue;
@@ -336,22 +425,61 @@ fn releaser(sh: &Shared, so: &Socket, queue_num: u16) {
             }
             c.released.fetch_add(popped, Ordering::Relaxed);
         }
-        // Never wait for a reader of the figures (a normal-priority thread): keep the samples
-        // until the histogram is free.
-        if !holds.is_empty() {
-            if let Ok(mut h) = sh.holds.try_lock() {
-                for &us in &holds {
-                    let _ = h.record(us.max(1));
-                }
-                holds.clear();
-            }
-        }
+        record_holds(sh, &mut holds);
         let cpu = thread_cpu_ns();
         c.cpu_ns.fetch_add(cpu - last_cpu, Ordering::Relaxed);
         last_cpu = cpu;
     }
     let cpu = thread_cpu_ns();
     c.cpu_ns.fetch_add(cpu - last_cpu, Ordering::Relaxed);
+}
+
+/// Adds the held times (µs) to the line's histogram and clears them, unless the histogram is in
+/// use: never wait for a reader of the figures (a normal-priority thread); the samples are kept
+/// for the next time.
+fn record_holds(sh: &Shared, holds: &mut Vec<u64>) {
+    if holds.is_empty() {
+        return;
+    }
+    if let Ok(mut h) = sh.holds.try_lock() {
+        for &us in holds.iter() {
+            let _ = h.record(us.max(1));
+        }
+        holds.clear();
+    }
+}
+
+/// The releaser's wait for a due time. A timer that ends a long sleep fires late by the host's
+/// wake-up latency (on a 2-core VM 0.1 to 0.4 ms after 100 ms idle, against microseconds on a
+/// busy CPU), so for a wait of `LONG` or more it sleeps until `late_ns` and a half before the
+/// due time (`late_ns`: a moving average of how late such wakes were, at most `MAX_SPIN`) and
+/// spins the rest. Short waits, which a busy line makes, only sleep.
+#[derive(Default)]
+struct Timer {
+    late_ns: u64,
+}
+
+impl Timer {
+    const LONG: u64 = 2_000_000;
+    const MAX_SPIN: u64 = 300_000;
+
+    fn wait_until(&mut self, due: u64) {
+        let now = monotonic_ns();
+        if due <= now {
+            return;
+        }
+        if due - now < Self::LONG {
+            sleep_until(due);
+            return;
+        }
+        let wake = due - (self.late_ns + self.late_ns / 2 + 5_000).min(Self::MAX_SPIN);
+        sleep_until(wake);
+        let woke = monotonic_ns();
+        self.late_ns = (self.late_ns * 7 + woke.saturating_sub(wake).min(Self::MAX_SPIN)) / 8;
+        while monotonic_ns() < due {
+            std::hint::spin_loop();
+        }
+    }
 }
 
 fn sleep_until(t_ns: u64) {
@@ -375,6 +503,21 @@ fn sleep_until(t_ns: u64) {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// The arrival is the stamp's age before now on the monotonic clock; no stamp, a stamp from
+    /// the future (the real clock stepped back) or older than a second: now.
+    #[test]
+    fn arrival_is_the_stamps_age_before_now() {
+        let (mono, real) = (5_000_000_000, 1_700_000_000_000_000_000);
+        assert_eq!(
+            arrival_ns(Some(real / 1_000 - 250), mono, real),
+            mono - 250_000
+        );
+        assert_eq!(arrival_ns(None, mono, real), mono);
+        assert_eq!(arrival_ns(Some(real / 1_000 + 1), mono, real), mono);
+        assert_eq!(arrival_ns(Some(real / 1_000 - 1_000_001), mono, real), mono);
+        assert_eq!(arrival_ns(Some(u64::MAX), mono, real), mono);
+    }
 
     #[test]
     fn fixed_delay_adds_exactly_the_delay() {

@@ -250,6 +250,9 @@ pub struct Achieved {
     /// nfqueue only: hold p50 minus the requested delay.
     pub hold_error_p50_ms: Option<f64>,
     pub packets_seen: u64,
+    /// nfqueue only: packets that came with the kernel's time stamp, so that their hold counts
+    /// from their arrival rather than from when the line's reader woke.
+    pub packets_stamped: u64,
     /// Packets that matched our rules (iptables counters).
     pub rule_packets: u64,
     /// Packets that passed undelayed: rule counter minus packets the line saw.
@@ -313,17 +316,18 @@ impl DelayGuard {
             0
         };
         // Read after the rule counter, so a packet counted there has had its chance to arrive.
-        let (hold, seen, gaps, cpu) = match &self.line {
+        let (hold, seen, stamped, gaps, cpu) = match &self.line {
             Some(l) => {
                 let c = l.counters();
                 (
                     Some(l.holds()),
                     c.seen.load(Ordering::Relaxed),
+                    c.stamped.load(Ordering::Relaxed),
                     c.id_gaps.load(Ordering::Relaxed),
                     c.cpu_ns.load(Ordering::Relaxed),
                 )
             }
-            None => (None, 0, 0, 0),
+            None => (None, 0, 0, 0, 0),
         };
         let requested_ms = self.spec.delay.as_secs_f64() * 1e3;
         Achieved {
@@ -339,6 +343,7 @@ impl DelayGuard {
                 .map(|h| h.p50_us / 1e3 - requested_ms),
             hold,
             packets_seen: seen,
+            packets_stamped: stamped,
             rule_packets,
             bypassed: rule_packets.saturating_sub(seen),
             id_gaps: gaps,

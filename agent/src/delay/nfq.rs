@@ -19,6 +19,7 @@ const NFQNL_MSG_VERDICT_BATCH: u16 = 3;
 
 const NFQA_PACKET_HDR: u16 = 1;
 const NFQA_VERDICT_HDR: u16 = 2;
+const NFQA_TIMESTAMP: u16 = 4;
 const NFQA_CFG_CMD: u16 = 1;
 const NFQA_CFG_PARAMS: u16 = 2;
 const NFQA_CFG_QUEUE_MAXLEN: u16 = 3;
@@ -120,8 +121,13 @@ impl Msg {
 /// What one received datagram held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Received {
-    /// A queued packet and its id.
-    Packet(u32),
+    /// A queued packet, its id, and the kernel's time stamp of it (CLOCK_REALTIME, in µs)
+    /// when the message had one: the kernel stamps a packet on arrival, or else as it queues
+    /// it, once some socket has asked for receive time stamps (`line::TimeStamps`).
+    Packet {
+        id: u32,
+        stamp_us: Option<u64>,
+    },
     /// An error (negative errno) or ACK (0) for request `seq`.
     Ack {
         seq: u32,
@@ -149,20 +155,25 @@ pub fn parse(buf: &[u8], mut f: impl FnMut(Received)) {
             f(Received::Ack { seq, errno });
         } else if kind == (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET && body.len() >= 4 {
             let mut a = 4; // after nfgenmsg
-            let mut id = None;
+            let (mut id, mut stamp_us) = (None, None);
             while a + 4 <= body.len() {
                 let alen = u16::from_ne_bytes(body[a..a + 2].try_into().unwrap()) as usize;
                 let akind = u16::from_ne_bytes(body[a + 2..a + 4].try_into().unwrap()) & 0x3fff;
                 if alen < 4 || a + alen > body.len() {
                     break;
                 }
-                if akind == NFQA_PACKET_HDR && alen >= 8 {
-                    id = Some(u32::from_be_bytes(body[a + 4..a + 8].try_into().unwrap()));
-                    break;
+                let v = &body[a + 4..a + alen];
+                if akind == NFQA_PACKET_HDR && v.len() >= 4 {
+                    id = Some(u32::from_be_bytes(v[..4].try_into().unwrap()));
+                } else if akind == NFQA_TIMESTAMP && v.len() >= 16 {
+                    // struct nfqnl_msg_packet_timestamp: seconds and microseconds, big-endian.
+                    let sec = u64::from_be_bytes(v[..8].try_into().unwrap());
+                    let usec = u64::from_be_bytes(v[8..16].try_into().unwrap());
+                    stamp_us = sec.checked_mul(1_000_000).and_then(|t| t.checked_add(usec));
                 }
                 a += align4(alen);
             }
-            f(id.map_or(Received::Other, Received::Packet));
+            f(id.map_or(Received::Other, |id| Received::Packet { id, stamp_us }));
         } else {
             f(Received::Other);
         }
@@ -393,7 +404,11 @@ mod tests {
         two.extend_from_slice(&msg);
         let mut got = Vec::new();
         parse(&two, |r| got.push(r));
-        assert_eq!(got, vec![Received::Packet(42), Received::Packet(42)]);
+        let p42 = Received::Packet {
+            id: 42,
+            stamp_us: None,
+        };
+        assert_eq!(got, vec![p42, p42]);
         // A message truncated inside its packet header yields no id rather than garbage; one
         // truncated after it still yields the id.
         got.clear();
@@ -401,6 +416,24 @@ mod tests {
         assert_eq!(got, vec![Received::Other]);
         got.clear();
         parse(&msg[..msg.len() - 1], |r| got.push(r));
-        assert_eq!(got, vec![Received::Packet(42)]);
+        assert_eq!(got, vec![p42]);
+        // The kernel's time stamp after the packet header: 1,700,000,000 s and 123,456 µs.
+        body.extend_from_slice(&20u16.to_ne_bytes());
+        body.extend_from_slice(&NFQA_TIMESTAMP.to_ne_bytes());
+        body.extend_from_slice(&1_700_000_000u64.to_be_bytes());
+        body.extend_from_slice(&123_456u64.to_be_bytes());
+        let mut msg = ((16 + body.len()) as u32).to_ne_bytes().to_vec();
+        msg.extend_from_slice(&((3u16 << 8) | NFQNL_MSG_PACKET).to_ne_bytes());
+        msg.extend_from_slice(&[0; 10]);
+        msg.extend_from_slice(&body);
+        got.clear();
+        parse(&msg, |r| got.push(r));
+        assert_eq!(
+            got,
+            vec![Received::Packet {
+                id: 42,
+                stamp_us: Some(1_700_000_000_123_456)
+            }]
+        );
     }
 }
