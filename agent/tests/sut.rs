@@ -564,25 +564,40 @@ fn assert_modes_agree(records: &Summary, aggregated: &Summary) {
         a.ratios.db_wait_ms_per_request.unwrap_or(0.0),
         r.ratios.db_wait_ms_per_request.unwrap_or(0.0),
     );
+    // One event may be split further: on this VM the hypervisor can stop the vCPU between the
+    // two sets' runs, and the event's two timestamps then differ by that pause (76 and 160 us
+    // seen on single connects in full test runs, where the others agreed within 2 us; the
+    // hypervisor's slices here run to a few hundred us). Allow one such pause of 0.5 ms in the
+    // sum.
+    const PAUSE_MS: f64 = 0.5;
     let rts = r.ratios.db_round_trips_per_request.unwrap_or(0.0);
-    assert!((aw - rw).abs() <= 0.002 * rts, "{aw} vs {rw} ms: {what}");
+    assert!(
+        (aw - rw).abs() <= 0.002 * rts + PAUSE_MS / r.requests as f64,
+        "{aw} vs {rw} ms: {what}"
+    );
     // Relative: the histograms' errors. Absolute: the two sets' timestamps, as above, which
     // matter on durations of tens of microseconds (a connect inside the host: 36 vs 40 us seen).
-    let close = |x: f64, y: f64| (x - y).abs() <= (1.0 / 32.0 + 0.002) * y + 0.010;
+    // The tail (p99 and max of tens to hundreds of events) is one event's value, so it also
+    // allows the one pause; the body (p50, p90, mean) does not.
+    let close = |x: f64, y: f64, abs: f64| (x - y).abs() <= (1.0 / 32.0 + 0.002) * y + abs;
     for (qa, qr) in [
         (&a.server_time, &r.server_time),
         (&a.db.round_trip, &r.db.round_trip),
         (&a.db.connect, &r.db.connect),
     ] {
         assert_eq!(qa.count, qr.count, "{what}");
-        for (x, y) in [
-            (qa.p50_ms, qr.p50_ms),
-            (qa.p90_ms, qr.p90_ms),
-            (qa.p99_ms, qr.p99_ms),
-            (qa.max_ms, qr.max_ms),
-            (qa.mean_ms, qr.mean_ms),
+        for (x, y, abs) in [
+            (qa.p50_ms, qr.p50_ms, 0.010),
+            (qa.p90_ms, qr.p90_ms, 0.010),
+            (qa.p99_ms, qr.p99_ms, 0.010 + PAUSE_MS),
+            (qa.max_ms, qr.max_ms, 0.010 + PAUSE_MS),
+            (
+                qa.mean_ms,
+                qr.mean_ms,
+                0.010 + PAUSE_MS / qr.count.max(1) as f64,
+            ),
         ] {
-            assert!(close(x, y), "{x} vs {y}: {what}");
+            assert!(close(x, y, abs), "{x} vs {y}: {what}");
         }
     }
 }

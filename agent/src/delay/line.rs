@@ -5,11 +5,12 @@
 //! release time, counted from the kernel's time stamp of the packet when the message has one
 //! (the line keeps receive time stamps on while it runs, `TimeStamps`): the reader's own clock
 //! would leave out the time the reader took to wake, which on a line idle between packets (a
-//! TCP request every 100 ms) was most of the error. The releaser sleeps on an absolute nanosecond timer (`clock_nanosleep`,
-//! `TIMER_ABSTIME`, timer slack 1 ns) until the oldest packet is due, then accepts every packet
-//! due by then with one batch verdict: a fixed delay keeps the FIFO sorted by release time, and
-//! jitter is clamped so that it never reorders (reordering would make TCP retransmit). Holding
-//! time, bypasses and CPU are counted.
+//! TCP request every 100 ms) was most of the error. The releaser sleeps on an absolute
+//! nanosecond timer (`clock_nanosleep`, `TIMER_ABSTIME`, timer slack 1 ns; on long waits it
+//! wakes early and spins the rest, `Timer`) until the oldest packet is due, then accepts every
+//! packet due by then with one batch verdict: a fixed delay keeps the FIFO sorted by release
+//! time, and jitter is clamped so that it never reorders (reordering would make TCP
+//! retransmit). Holding time, bypasses and CPU are counted.
 //!
 //! It must never drop or alter a packet: the only verdict is ACCEPT, and on stop everything still
 //! held is accepted at once.
