@@ -1,10 +1,11 @@
 //! Request templates: method, target, headers and a body (raw, form or JSON) with random-field
-//! placeholders, built once and turned into a request per send without parsing anything again.
+//! placeholders, checked once and kept as the request's bytes on the wire; each send renders
+//! them into the user's buffer (one copy of each literal run, the letters drawn in place)
+//! without parsing anything again.
 //!
 //! `{rand:N}` in a body, form value or header value becomes N random ASCII letters
 //! (`[A-Za-z]`, like Python's `random.choices(string.ascii_letters, k=N)`), fresh for every
-//! request. The study's routes are shorthands (`Route`). A static body is shared between
-//! requests (reference-counted), never copied.
+//! request. The study's routes are shorthands (`Route`).
 
 use bytes::Bytes;
 use hyper::{
