@@ -126,21 +126,14 @@ impl TimeStamps {
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
+        // SAFETY: fd is a new socket nothing else owns.
         let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-        let on: libc::c_int = 1;
-        // SAFETY: setsockopt with a valid int option on a socket we own.
-        let r = unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&fd),
-                libc::SOL_SOCKET,
-                libc::SO_TIMESTAMPNS,
-                (&on as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        nfq::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            &(1 as libc::c_int),
+        )?;
         Ok(TimeStamps { _socket: fd })
     }
 }

@@ -181,6 +181,29 @@ pub fn parse(buf: &[u8], mut f: impl FnMut(Received)) {
     }
 }
 
+/// setsockopt(2) of a `T` on `fd`.
+pub(crate) fn setsockopt<T>(
+    fd: std::os::fd::RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    v: &T,
+) -> io::Result<()> {
+    // SAFETY: v points to a T of the size passed; a bad fd is an error, not UB.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            v as *const T as *const libc::c_void,
+            std::mem::size_of::<T>() as u32,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A NETLINK_NETFILTER socket. It belongs to the network namespace of the thread that created it,
 /// for its whole life, whichever thread uses it afterwards.
 pub(crate) struct Socket {
@@ -234,20 +257,7 @@ impl Socket {
     }
 
     fn setsockopt<T>(&self, level: libc::c_int, name: libc::c_int, v: &T) -> io::Result<()> {
-        // SAFETY: v points to a T of the size passed.
-        let r = unsafe {
-            libc::setsockopt(
-                self.fd.as_raw_fd(),
-                level,
-                name,
-                v as *const T as *const libc::c_void,
-                std::mem::size_of::<T>() as u32,
-            )
-        };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        setsockopt(self.fd.as_raw_fd(), level, name, v)
     }
 
     pub fn send(&self, m: &Msg) -> io::Result<()> {

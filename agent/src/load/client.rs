@@ -363,31 +363,39 @@ async fn read_exact_body(
 async fn read_chunked(stream: &mut TcpStream, buf: &mut ReadBuf) -> Result<u64, ErrorKind> {
     let mut total = 0u64;
     loop {
-        let line = read_line(stream, buf).await?;
+        let n = line_len(stream, buf).await?;
+        let line = &buf.filled()[..n];
         let size = line.split(|&b| b == b';').next().unwrap_or_default();
         let size = std::str::from_utf8(size)
             .ok()
             .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
             .ok_or(ErrorKind::Protocol)?;
+        buf.consume(n + 2);
         if size == 0 {
             // Trailers, if any, up to the empty line.
-            while !read_line(stream, buf).await?.is_empty() {}
-            return Ok(total);
+            loop {
+                let n = line_len(stream, buf).await?;
+                buf.consume(n + 2);
+                if n == 0 {
+                    return Ok(total);
+                }
+            }
         }
         total += read_exact_body(stream, buf, size).await?;
-        if !read_line(stream, buf).await?.is_empty() {
+        let n = line_len(stream, buf).await?;
+        buf.consume(n + 2);
+        if n != 0 {
             return Err(ErrorKind::Protocol);
         }
     }
 }
 
-/// One line of chunk framing without its CRLF (at most 4 KiB: a size line is short).
-async fn read_line(stream: &mut TcpStream, buf: &mut ReadBuf) -> Result<Vec<u8>, ErrorKind> {
+/// The length of the next line of chunk framing in `buf`, without its CRLF, read in if needed
+/// (at most 4 KiB: a size line is short). The caller consumes it with its CRLF.
+async fn line_len(stream: &mut TcpStream, buf: &mut ReadBuf) -> Result<usize, ErrorKind> {
     loop {
         if let Some(i) = buf.filled().windows(2).position(|w| w == b"\r\n") {
-            let line = buf.filled()[..i].to_vec();
-            buf.consume(i + 2);
-            return Ok(line);
+            return Ok(i);
         }
         if buf.filled().len() > 4096 {
             return Err(ErrorKind::Protocol);
