@@ -4,7 +4,7 @@
 //! size is pinned by a compile-time assertion, so the eBPF object and the agent agree on layout
 //! whatever compiler built either side. Nothing here may depend on `std`: the same file is
 //! compiled for `bpfel-unknown-none`. Kernel struct offsets are never constants here: user space
-//! resolves them from BTF at load time and hands them to the programs in [`Config`].
+//! resolves them from BTF at load time and hands them to the programs in [`Kernel`].
 #![no_std]
 
 /// Bytes of the ring buffer of records (per-request mode; aggregation mode loads it with one
@@ -43,12 +43,10 @@ pub struct Offsets {
     pub regs_nr: u32,
     /// `pt_regs` field holding the second syscall argument (`si` on x86_64, `regs[1]` on arm64)
     pub regs_arg1: u32,
-    /// Size of `struct pt_regs`, 0 when the payload capture is disabled.
-    pub regs_size: u32,
     /// `task_struct.flags` (`PF_*` bits)
     pub task_flags: u32,
 }
-const _: () = assert!(core::mem::size_of::<Offsets>() == 52);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 48);
 
 /// `PF_EXITING` in `task_struct.flags` (include/linux/sched.h, unchanged since 2.6): set by
 /// `exit_signals()` at the start of `do_exit()`, before the `sched_process_exit` tracepoint.
@@ -69,7 +67,19 @@ pub struct SyscallNrs {
 }
 const _: () = assert!(core::mem::size_of::<SyscallNrs>() == 32);
 
-/// The one configuration value of the programs (entry 0 of the `CONFIG` array map).
+/// What the programs know of the running kernel: the read-only global `KERNEL` of the object,
+/// set once at load time. The verifier reads a frozen read-only global as a constant, so a
+/// field read at one of these offsets is a plain load it checks against the kernel's BTF, not a
+/// `bpf_probe_read_kernel` call (about 15 ns each, several per request).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Kernel {
+    pub offsets: Offsets,
+    pub syscalls: SyscallNrs,
+}
+const _: () = assert!(core::mem::size_of::<Kernel>() == 80);
+
+/// What the programs measure (entry 0 of the `CONFIG` array map).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
@@ -81,10 +91,8 @@ pub struct Config {
     pub http_ports: [u16; MAX_PORTS],
     /// Remote ports of the database (client connections).
     pub db_ports: [u16; MAX_PORTS],
-    pub offsets: Offsets,
-    pub syscalls: SyscallNrs,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 124);
+const _: () = assert!(core::mem::size_of::<Config>() == 40);
 
 /// Copy the first bytes of requests and responses (method, path, status).
 pub const CONFIG_CAPTURE_PAYLOAD: u32 = 1;
@@ -434,6 +442,7 @@ pub fn status_code(line: &[u8; STATUS_LEN], len: usize) -> u16 {
 mod user {
     // SAFETY: plain-old-data records with explicit padding and no references.
     unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::Kernel {}
     unsafe impl aya::Pod for super::ThreadCpu {}
     unsafe impl aya::Pod for super::AggKey {}
     unsafe impl aya::Pod for super::Hist {}

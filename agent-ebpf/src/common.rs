@@ -1,11 +1,12 @@
 //! Maps, configuration and field readers shared by the programs.
 //!
-//! Every kernel field is read through `bpf_probe_read_kernel` at an offset from [`Config`], so a
-//! kernel whose structs moved still works as long as its BTF says where they are.
+//! Every kernel field is read at an offset from [`KERNEL`], which the agent resolves from the
+//! running kernel's BTF, so a kernel whose structs moved still works as long as its BTF says
+//! where they are.
 
-use agent_common::{Config, Counter, Hist, ThreadCpu, COUNTERS};
+use agent_common::{Config, Counter, Hist, Kernel, ThreadCpu, COUNTERS};
 use aya_ebpf::{
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::bpf_ktime_get_ns,
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
@@ -94,14 +95,27 @@ pub fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
-/// Reads a `T` at `base + off` in kernel memory.
+/// Offsets and syscall numbers of the running kernel, written by the agent before loading.
+/// Read-only and frozen: the verifier reads its fields as constants. Only ever read through
+/// [`kernel`], so the compiler cannot fold the all-zero value it is compiled with.
+#[unsafe(no_mangle)]
+static KERNEL: Kernel = unsafe { core::mem::zeroed() };
+
+/// Reads one field of [`KERNEL`]: `kernel(|k| &k.offsets.sk_net)`.
 #[inline(always)]
-pub fn read<T>(base: u64, off: u32) -> Option<T> {
-    if base == 0 {
-        return None;
-    }
-    // SAFETY: bpf_probe_read_kernel tolerates any address; a fault returns an error.
-    unsafe { bpf_probe_read_kernel((base + off as u64) as *const T).ok() }
+pub fn kernel<T: Copy + 'static>(f: impl FnOnce(&'static Kernel) -> &'static T) -> T {
+    // SAFETY: a field of a static; volatile so the load stays a load of the global.
+    unsafe { core::ptr::read_volatile(f(&KERNEL)) }
+}
+
+/// Reads the `T` at `base + off`, where `base` is a pointer the verifier knows the BTF type of
+/// (a tracepoint argument, a helper's BTF return, or a pointer read this way) and `off` a
+/// constant from [`KERNEL`]. The verifier checks the access against the type, and the kernel
+/// turns a fault (a NULL `base`) into 0: a plain load instead of a `bpf_probe_read_kernel` call.
+#[inline(always)]
+pub fn field<T: Copy>(base: u64, off: u32) -> T {
+    // SAFETY: see above; the load is guarded by the kernel's exception table.
+    unsafe { core::ptr::read((base + off as u64) as *const T) }
 }
 
 /// The target's `struct net *`, learnt from the first socket whose namespace inode matched.
@@ -113,9 +127,7 @@ pub static TARGET_NET: Array<u64> = Array::with_max_entries(1, 0);
 /// Whether a `struct sock *` belongs to the target namespace.
 #[inline(always)]
 pub fn sk_in_target(c: &Config, sk: u64) -> bool {
-    let Some(net) = read::<u64>(sk, c.offsets.sk_net) else {
-        return false;
-    };
+    let net: u64 = field(sk, kernel(|k| &k.offsets.sk_net));
     let Some(cached) = TARGET_NET.get_ptr_mut(0) else {
         return false;
     };
@@ -124,7 +136,7 @@ pub fn sk_in_target(c: &Config, sk: u64) -> bool {
     if known != 0 {
         return net == known;
     }
-    if read::<u32>(net, c.offsets.net_inum) == Some(c.netns_inum) {
+    if field::<u32>(net, kernel(|k| &k.offsets.net_inum)) == c.netns_inum {
         // SAFETY: as above; racing writers all write the same value.
         unsafe { *cached = net };
         return true;
@@ -132,12 +144,12 @@ pub fn sk_in_target(c: &Config, sk: u64) -> bool {
     false
 }
 
-/// Network namespace inode of a `struct task_struct *` (None while it exits: nsproxy is NULL).
+/// Network namespace inode of a `struct task_struct *` (0 while it exits: nsproxy is NULL).
 #[inline(always)]
-pub fn task_netns(c: &Config, task: u64) -> Option<u32> {
-    let nsproxy: u64 = read(task, c.offsets.task_nsproxy)?;
-    let net: u64 = read(nsproxy, c.offsets.nsproxy_net_ns)?;
-    read(net, c.offsets.net_inum)
+pub fn task_netns(task: u64) -> u32 {
+    let nsproxy: u64 = field(task, kernel(|k| &k.offsets.task_nsproxy));
+    let net: u64 = field(nsproxy, kernel(|k| &k.offsets.nsproxy_net_ns));
+    field(net, kernel(|k| &k.offsets.net_inum))
 }
 
 #[inline(always)]

@@ -11,10 +11,10 @@
 //! (or waiting) until the agent detached. Slices of such a thread go straight to the "exited"
 //! on-CPU counter instead.
 
-use agent_common::{Config, Counter, ThreadCpu, PF_EXITING};
+use agent_common::{Counter, ThreadCpu, PF_EXITING};
 use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 
-use crate::common::{add, config, count, now, read, task_netns, LAST_SWITCH, THREADS};
+use crate::common::{add, config, count, field, kernel, now, task_netns, LAST_SWITCH, THREADS};
 
 /// `tp_btf/sched_switch`: `TP_PROTO(bool preempt, struct task_struct *prev,
 /// struct task_struct *next, unsigned int prev_state)` (include/trace/events/sched.h; the
@@ -34,32 +34,30 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Option<()> {
     let slice = LAST_SWITCH.get_ptr_mut(0)?;
     // SAFETY: per-CPU slot, no other writer on this CPU while the program runs.
     let slice_start = unsafe { core::mem::replace(&mut *slice, t) };
-    if task_netns(c, prev) == Some(c.netns_inum) {
-        let tid: u32 = read(prev, c.offsets.task_pid)?;
-        switch_out(
-            tid,
-            read(prev, c.offsets.task_tgid).unwrap_or(0),
-            t,
-            slice_start,
-            exiting(c, prev),
-        );
+    if task_netns(prev) == c.netns_inum {
+        let (tid, tgid) = task_ids(prev);
+        switch_out(tid, tgid, t, slice_start, exiting(prev));
     }
-    if task_netns(c, next) == Some(c.netns_inum) {
-        let tid: u32 = read(next, c.offsets.task_pid)?;
-        switch_in(
-            tid,
-            read(next, c.offsets.task_tgid).unwrap_or(0),
-            t,
-            exiting(c, next),
-        );
+    if task_netns(next) == c.netns_inum {
+        let (tid, tgid) = task_ids(next);
+        switch_in(tid, tgid, t, exiting(next));
     }
     Some(())
 }
 
+/// Thread id and process id of a task.
+#[inline(always)]
+fn task_ids(task: u64) -> (u32, u32) {
+    (
+        field(task, kernel(|k| &k.offsets.task_pid)),
+        field(task, kernel(|k| &k.offsets.task_tgid)),
+    )
+}
+
 /// Whether a task is in `do_exit()` (see the module doc).
 #[inline(always)]
-fn exiting(c: &Config, task: u64) -> bool {
-    read::<u32>(task, c.offsets.task_flags).is_some_and(|f| f & PF_EXITING != 0)
+fn exiting(task: u64) -> bool {
+    field::<u32>(task, kernel(|k| &k.offsets.task_flags)) & PF_EXITING != 0
 }
 
 #[inline(always)]

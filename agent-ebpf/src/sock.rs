@@ -10,25 +10,23 @@
 
 use agent_common::{
     head_hash, status_code, AggKey, Config, Counter, DbConnectEvent, DbRoundTripEvent, EventHeader,
-    EventKind, Hist, RequestEvent, CONFIG_AGGREGATE, CONFIG_CAPTURE_PAYLOAD, DB_AGG_CONNECT,
-    DB_AGG_ROUND_TRIP, HEAD_LEN, REQ_END_CLOSE, REQ_EXCLUSIVE_THREAD, REQ_NO_HEAD, REQ_NO_RESPONSE,
-    STATUS_LEN,
+    EventKind, Hist, RequestEvent, SyscallNrs, CONFIG_AGGREGATE, CONFIG_CAPTURE_PAYLOAD,
+    DB_AGG_CONNECT, DB_AGG_ROUND_TRIP, HEAD_LEN, REQ_END_CLOSE, REQ_EXCLUSIVE_THREAD, REQ_NO_HEAD,
+    REQ_NO_RESPONSE, STATUS_LEN,
 };
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid,
-        generated::{
-            bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
-        },
+        generated::{bpf_get_current_task_btf, bpf_probe_read_user, bpf_task_pt_regs},
     },
     macros::{btf_tracepoint, map},
-    maps::{HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
     programs::BtfTracePointContext,
 };
 
 use crate::common::{
-    add, config, count, now, port_in, read, sk_in_target, submit_flags, thread_on_cpu, DB_AGG,
-    EVENTS, ZERO_HIST,
+    add, config, count, field, kernel, now, port_in, sk_in_target, submit_flags, thread_on_cpu,
+    DB_AGG, EVENTS, ZERO_HIST,
 };
 
 const ROLE_HTTP: u32 = 1;
@@ -69,6 +67,10 @@ struct Conn {
     tgid: u32,
     db_round_trips: u32,
     db_connects: u32,
+    /// A thread that read a request here while another it had read waited (sticky, like
+    /// `ThreadReq::multiplexed`): its next requests here skip the `THREAD_REQ` lookup.
+    shared_tid: u32,
+    _pad: u32,
     start_ns: u64,
     first_send_ns: u64,
     last_send_ns: u64,
@@ -117,6 +119,10 @@ static CONNECTING: HashMap<u64, Connecting> = HashMap::with_max_entries(4096, 0)
 
 #[map]
 static THREAD_REQ: HashMap<u32, ThreadReq> = HashMap::with_max_entries(16384, 0);
+
+/// An all-zero `Conn`, never written: the initial value of a `CONNS` entry.
+#[map]
+static ZERO_CONN: Array<Conn> = Array::with_max_entries(1, 0);
 
 /// `BPF_F_NO_PREALLOC`: a per-CPU entry takes memory (a histogram per CPU) only once used.
 const BPF_F_NO_PREALLOC: u32 = 1;
@@ -209,12 +215,11 @@ fn try_io(ctx: &BtfTracePointContext, is_send: bool) -> Option<()> {
 /// First sight of a socket of the target: decide from its ports whether it is ours, and track it.
 #[inline(always)]
 fn classify(c: &Config, sk: u64) -> Option<*mut Conn> {
-    let family: u16 = read(sk, c.offsets.sk_family)?;
+    let family: u16 = field(sk, kernel(|k| &k.offsets.sk_family));
     if family != AF_INET && family != AF_INET6 {
         return None;
     }
-    let lport: u16 = read(sk, c.offsets.sk_num)?;
-    let rport = u16::from_be(read(sk, c.offsets.sk_dport)?);
+    let (lport, rport) = sk_ports(sk);
     let role = if port_in(&c.http_ports, lport) {
         ROLE_HTTP
     } else if port_in(&c.db_ports, rport) {
@@ -225,18 +230,38 @@ fn classify(c: &Config, sk: u64) -> Option<*mut Conn> {
     track(sk, role, lport, rport)
 }
 
+/// Local and remote port of a socket, host byte order.
+#[inline(always)]
+fn sk_ports(sk: u64) -> (u16, u16) {
+    let lport: u16 = field(sk, kernel(|k| &k.offsets.sk_num));
+    let rport: u16 = field(sk, kernel(|k| &k.offsets.sk_dport));
+    (lport, u16::from_be(rport))
+}
+
 #[inline(always)]
 fn track(sk: u64, role: u32, lport: u16, rport: u16) -> Option<*mut Conn> {
-    // SAFETY: Conn is plain data; all-zero is its idle state.
-    let mut conn: Conn = unsafe { core::mem::zeroed() };
-    conn.role = role;
-    conn.local_port = lport;
-    conn.remote_port = rport;
-    if CONNS.insert(sk, conn, 0).is_err() {
+    // From a zeroed map value (all-zero is the idle state): a `Conn` zeroed on the stack
+    // compiles to a byte-at-a-time `memset` loop, about 1,000 instructions per connection.
+    let zero = ZERO_CONN.get(0)?;
+    if CONNS.insert(sk, zero, 0).is_err() {
         count(Counter::ConnMapFull);
         return None;
     }
-    CONNS.get_ptr_mut(sk)
+    let p = CONNS.get_ptr_mut(sk)?;
+    // SAFETY: map value pointer valid for this program run.
+    let conn = unsafe { &mut *p };
+    conn.role = role;
+    conn.local_port = lport;
+    conn.remote_port = rport;
+    Some(p)
+}
+
+/// Stores zero in a field. Plain zero stores to neighbouring fields are merged by LLVM into a
+/// call of `memset`, which on BPF is a loop of about 5 instructions a byte.
+#[inline(always)]
+fn clear<T: Default>(field: &mut T) {
+    // SAFETY: a valid, aligned &mut.
+    unsafe { core::ptr::write_volatile(field, T::default()) };
 }
 
 #[inline(always)]
@@ -253,20 +278,25 @@ fn http_recv(c: &Config, sk: u64, conn: &mut Conn, n: u64, t: u64) {
     conn.state = H_RECV;
     enter_server(t);
     conn.seq += 1;
-    conn.flags = 0;
+    conn.flags = if conn.shared_tid != tid && serve(sk, conn.seq, tid) {
+        REQ_EXCLUSIVE_THREAD
+    } else {
+        conn.shared_tid = tid;
+        0
+    };
     conn.tid = tid;
     conn.tgid = (id >> 32) as u32;
     conn.start_ns = t;
-    conn.first_send_ns = 0;
-    conn.last_send_ns = 0;
     conn.bytes_in = n;
-    conn.bytes_out = 0;
-    conn.db_round_trips = 0;
-    conn.db_connects = 0;
-    conn.db_wait_ns = 0;
-    conn.db_connect_ns = 0;
-    conn.on_cpu_ns = 0;
-    conn.status_len = 0;
+    clear(&mut conn.first_send_ns);
+    clear(&mut conn.last_send_ns);
+    clear(&mut conn.bytes_out);
+    clear(&mut conn.db_round_trips);
+    clear(&mut conn.db_connects);
+    clear(&mut conn.db_wait_ns);
+    clear(&mut conn.db_connect_ns);
+    clear(&mut conn.on_cpu_ns);
+    clear(&mut conn.status_len);
     // On-CPU time per request goes only into records: aggregation mode skips the two thread
     // map lookups (the threads' totals still come from sched_switch).
     conn.cpu_start_ns = if c.flags & CONFIG_AGGREGATE == 0 {
@@ -274,44 +304,46 @@ fn http_recv(c: &Config, sk: u64, conn: &mut Conn, n: u64, t: u64) {
     } else {
         0
     };
-    conn.head_len = 0;
+    clear(&mut conn.head_len);
     if c.flags & CONFIG_CAPTURE_PAYLOAD != 0 {
-        match copy_user_head(c, &mut conn.head, n) {
+        match copy_user_head(&mut conn.head, n) {
             Some(len) => conn.head_len = len,
             None => conn.flags |= REQ_NO_HEAD,
         }
     }
+}
 
-    // Which request this thread now serves; an event loop shows up as a thread that reads a
-    // second request before answering the first.
-    if let Some(prev) = THREAD_REQ.get_ptr_mut(tid) {
-        // SAFETY: map value pointer valid for this program run.
-        let prev = unsafe { &mut *prev };
-        if prev.multiplexed == 0 && prev.sock != sk {
-            if let Some(pc) = CONNS.get_ptr(prev.sock) {
-                // SAFETY: as above.
-                let pc = unsafe { &*pc };
-                if pc.seq == prev.seq && pc.state == H_RECV {
-                    prev.multiplexed = 1;
-                }
+/// Records that thread `tid` now serves request `seq` of `sk`, and returns whether it serves it
+/// alone. An event loop shows up as a thread that reads a second request before answering the
+/// first; that first request loses its exclusive bit too.
+#[inline(always)]
+fn serve(sk: u64, seq: u32, tid: u32) -> bool {
+    let Some(prev) = THREAD_REQ.get_ptr_mut(tid) else {
+        let tr = ThreadReq {
+            sock: sk,
+            seq,
+            multiplexed: 0,
+        };
+        if THREAD_REQ.insert(tid, tr, 0).is_err() {
+            count(Counter::ThreadMapFull);
+        }
+        return true;
+    };
+    // SAFETY: map value pointer valid for this program run.
+    let prev = unsafe { &mut *prev };
+    if prev.multiplexed == 0 && prev.sock != sk {
+        if let Some(pc) = CONNS.get_ptr_mut(prev.sock) {
+            // SAFETY: as above.
+            let pc = unsafe { &mut *pc };
+            if pc.seq == prev.seq && pc.state == H_RECV {
+                prev.multiplexed = 1;
+                pc.flags &= !REQ_EXCLUSIVE_THREAD;
             }
         }
-        prev.sock = sk;
-        prev.seq = conn.seq;
-    } else if THREAD_REQ
-        .insert(
-            tid,
-            ThreadReq {
-                sock: sk,
-                seq: conn.seq,
-                multiplexed: 0,
-            },
-            0,
-        )
-        .is_err()
-    {
-        count(Counter::ThreadMapFull);
     }
+    prev.sock = sk;
+    prev.seq = seq;
+    prev.multiplexed == 0
 }
 
 #[inline(always)]
@@ -326,9 +358,9 @@ fn http_send(c: &Config, conn: &mut Conn, n: u64, t: u64) {
         leave_server(conn.start_ns, t);
         conn.first_send_ns = t;
         if c.flags & CONFIG_CAPTURE_PAYLOAD != 0 {
-            let mut status = [0u8; STATUS_LEN];
-            if let Some(len) = copy_user_status(c, &mut status, n) {
-                conn.status = status;
+            // Straight into the connection: a zeroed buffer on the stack costs a `memset`
+            // loop. The bytes count only up to `status_len`, which stays 0 on failure.
+            if let Some(len) = copy_user_status(&mut conn.status, n) {
                 conn.status_len = len;
             }
         }
@@ -371,12 +403,6 @@ fn finalize(c: &Config, sk: u64, conn: &mut Conn, extra_flags: u32, t: u64) {
         flags |= REQ_NO_RESPONSE;
         if conn.state == H_RECV {
             leave_server(conn.start_ns, t);
-        }
-    }
-    if let Some(tr) = THREAD_REQ.get_ptr(conn.tid) {
-        // SAFETY: map value pointer valid for this program run.
-        if unsafe { (*tr).multiplexed } == 0 {
-            flags |= REQ_EXCLUSIVE_THREAD;
         }
     }
     conn.state = H_IDLE;
@@ -550,43 +576,26 @@ fn attribute(tid: u32, dur: u64, is_connect: bool) -> bool {
     true
 }
 
-/// Copies the first bytes the current syscall read into or wrote from user memory.
-/// Returns how many bytes are meaningful, or None when the buffer is unknown.
+/// The user buffer of the current syscall (read, write, their socket and vector forms), from
+/// its saved registers; None for any other syscall.
 #[inline(always)]
-fn user_buf(c: &Config) -> Option<u64> {
-    if c.offsets.regs_size == 0 {
-        return None;
-    }
-    // SAFETY: helper calls with pointers the verifier checks; a fault returns an error.
-    unsafe {
-        let task = bpf_get_current_task_btf();
-        let regs_btf = bpf_task_pt_regs(task);
-        // Launder the BTF pointer into a plain address through the stack, so the offset
-        // arithmetic below is on a scalar (the verifier refuses variable offsets on BTF pointers).
-        let mut regs: u64 = 0;
-        if bpf_probe_read_kernel(
-            (&mut regs as *mut u64).cast(),
-            8,
-            (&regs_btf as *const _ as *const u64).cast(),
-        ) != 0
-        {
-            return None;
-        }
-        let nr: u64 = read(regs, c.offsets.regs_nr)?;
-        let arg1: u64 = read(regs, c.offsets.regs_arg1)?;
-        let s = &c.syscalls;
-        let nr = nr as u32;
-        if nr == s.read || nr == s.write || nr == s.recvfrom || nr == s.sendto {
-            Some(arg1)
-        } else if nr == s.recvmsg || nr == s.sendmsg {
-            // struct user_msghdr: msg_iov at 16 on LP64 (uapi, stable); iovec.iov_base first.
-            let iov: u64 = read_user(arg1 + 16)?;
-            read_user(iov)
-        } else if nr == s.readv || nr == s.writev {
-            read_user(arg1)
-        } else {
-            None
-        }
+fn user_buf() -> Option<u64> {
+    // SAFETY: helpers without preconditions; both return BTF pointers the verifier tracks.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
+    // The syscall number is an int (arm64's syscallno) or the low half of a long (x86_64).
+    let nr: u32 = field(regs, kernel(|k| &k.offsets.regs_nr));
+    let arg1: u64 = field(regs, kernel(|k| &k.offsets.regs_arg1));
+    let is = |f: fn(&'static SyscallNrs) -> &'static u32| nr == kernel(|k| f(&k.syscalls));
+    if is(|s| &s.read) || is(|s| &s.write) || is(|s| &s.recvfrom) || is(|s| &s.sendto) {
+        Some(arg1)
+    } else if is(|s| &s.recvmsg) || is(|s| &s.sendmsg) {
+        // struct user_msghdr: msg_iov at 16 on LP64 (uapi, stable); iovec.iov_base first.
+        let iov: u64 = read_user(arg1 + 16)?;
+        read_user(iov)
+    } else if is(|s| &s.readv) || is(|s| &s.writev) {
+        read_user(arg1)
+    } else {
+        None
     }
 }
 
@@ -602,8 +611,8 @@ fn read_user(addr: u64) -> Option<u64> {
 }
 
 #[inline(always)]
-fn copy_user_head(c: &Config, dst: &mut [u8; HEAD_LEN], n: u64) -> Option<u16> {
-    let buf = user_buf(c)?;
+fn copy_user_head(dst: &mut [u8; HEAD_LEN], n: u64) -> Option<u16> {
+    let buf = user_buf()?;
     let len = if n < HEAD_LEN as u64 {
         n as u32
     } else {
@@ -624,8 +633,8 @@ fn copy_user_head(c: &Config, dst: &mut [u8; HEAD_LEN], n: u64) -> Option<u16> {
 }
 
 #[inline(always)]
-fn copy_user_status(c: &Config, dst: &mut [u8; STATUS_LEN], n: u64) -> Option<u16> {
-    let buf = user_buf(c)?;
+fn copy_user_status(dst: &mut [u8; STATUS_LEN], n: u64) -> Option<u16> {
+    let buf = user_buf()?;
     let len = if n < STATUS_LEN as u64 {
         n as u32
     } else {
@@ -690,8 +699,7 @@ fn try_state(ctx: &BtfTracePointContext) -> Option<()> {
     if !sk_in_target(c, sk) {
         return None;
     }
-    let lport: u16 = read(sk, c.offsets.sk_num)?;
-    let rport = u16::from_be(read(sk, c.offsets.sk_dport)?);
+    let (lport, rport) = sk_ports(sk);
     if old == TCP_CLOSE && new == TCP_SYN_SENT && port_in(&c.db_ports, rport) {
         let id = bpf_get_current_pid_tgid();
         let cn = Connecting {

@@ -213,6 +213,96 @@ fn connections_opened_before_attach_are_measured() {
 
 /// A thread in the namespace alternates known CPU work and known sleeps. The kernel's own
 /// per-thread CPU clock is the truth for on-CPU time; the sleeps bound off-CPU time from below.
+/// One thread serving like an event loop: it answers a first request alone, then reads two
+/// requests before answering either, then a third. The server's own order of reads is the
+/// truth: only the first request had the thread to itself.
+#[test]
+fn requests_that_share_their_thread_lose_the_exclusive_bit() {
+    use std::io::{Read, Write};
+    let srv_ns = Netns::new("x");
+    let link = Veth::new(None, &srv_ns, "10.206.7");
+    let srv_addr: SocketAddr = format!("{}:8000", link.right_ip).parse().unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server = in_netns(&srv_ns, move || {
+        let listener = std::net::TcpListener::bind("0.0.0.0:8000").unwrap();
+        ready_tx.send(()).unwrap();
+        let accept = || {
+            let (s, _) = listener.accept().unwrap();
+            // A stuck client fails the test instead of hanging it.
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s
+        };
+        let read_request = |s: &mut TcpStream| {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 512];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut chunk).unwrap();
+                assert!(n > 0, "client closed early");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        };
+        let answer = |s: &mut TcpStream| {
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .unwrap()
+        };
+        // /w: read and answered before any other request is read.
+        let mut w = accept();
+        read_request(&mut w);
+        answer(&mut w);
+        drop(w);
+        // /a and /b: both read, then both answered.
+        let mut a = accept();
+        let mut b = accept();
+        read_request(&mut a);
+        read_request(&mut b);
+        answer(&mut a);
+        answer(&mut b);
+        // /c on a's connection: the thread is known to multiplex by now.
+        read_request(&mut a);
+        answer(&mut a);
+        let mut rest = [0u8; 1];
+        // Wait for the client's closes, so every request ends before the agent stops.
+        let _ = a.read(&mut rest);
+        let _ = b.read(&mut rest);
+    });
+    ready_rx.recv().unwrap();
+    let agent = Agent::watch(&["--target", &srv_ns.path(), "--http-port", "8000"]);
+
+    let mut w = TcpStream::connect(srv_addr).unwrap();
+    assert_eq!(get(&mut w, "/w", true), 200);
+    let mut a = TcpStream::connect(srv_addr).unwrap();
+    let mut b = TcpStream::connect(srv_addr).unwrap();
+    for (s, path) in [(&mut a, "/a"), (&mut b, "/b")] {
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+            .unwrap();
+    }
+    let mut response = [0u8; 40];
+    for s in [&mut a, &mut b] {
+        s.read_exact(&mut response).unwrap();
+        assert!(response.ends_with(b"ok"));
+    }
+    assert_eq!(get(&mut a, "/c", false), 200);
+    drop((a, b, w));
+    server.join().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = agent.stop();
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+
+    let mut exclusive: Vec<(String, bool)> = out
+        .records("request")
+        .iter()
+        .map(|r| {
+            let path = r["path"].as_str().unwrap().to_string();
+            (path, r["exclusive_thread"].as_bool().unwrap())
+        })
+        .collect();
+    exclusive.sort();
+    let want = [("/a", false), ("/b", false), ("/c", false), ("/w", true)]
+        .map(|(p, e)| (p.to_string(), e));
+    assert_eq!(exclusive, want);
+    out.assert_detached();
+}
+
 #[test]
 fn on_and_off_cpu_time_match_the_threads_own_clock() {
     let ns = Netns::new("cpu");

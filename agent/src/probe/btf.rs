@@ -260,15 +260,6 @@ impl Btf {
         })
     }
 
-    /// Size of a named struct.
-    pub(crate) fn struct_size(&self, strukt: &str) -> Result<u32, BtfError> {
-        let ids = self
-            .by_name
-            .get(strukt)
-            .ok_or_else(|| BtfError::NoStruct(strukt.into()))?;
-        Ok(self.types[ids[0] as usize].size_or_type)
-    }
-
     fn member_sized(&self, strukt: &str, path: &str, size: u32) -> Result<u32, BtfError> {
         let (off, got) = self.member(strukt, path)?;
         if got != size {
@@ -293,7 +284,6 @@ impl Btf {
             sk_family: self.member_sized("sock", "__sk_common.skc_family", 2)?,
             regs_nr,
             regs_arg1,
-            regs_size: self.struct_size("pt_regs")?,
             // `unsigned int flags` in every kernel the agent supports.
             task_flags: self.member_sized("task_struct", "flags", 4)?,
         })
@@ -415,7 +405,6 @@ mod tests {
             btf.member("nope", "a"),
             Err(BtfError::NoStruct(_))
         ));
-        assert_eq!(btf.struct_size("outer").unwrap(), 12);
     }
 
     #[test]

@@ -17,8 +17,8 @@ pub mod session;
 use std::path::Path;
 
 use agent_common::{
-    AggKey, Config, Counter, Hist, ThreadCpu, CONFIG_AGGREGATE, CONFIG_CAPTURE_PAYLOAD, COUNTERS,
-    HEAD_LEN, MAX_PORTS,
+    AggKey, Config, Counter, Hist, Kernel, ThreadCpu, CONFIG_AGGREGATE, CONFIG_CAPTURE_PAYLOAD,
+    COUNTERS, HEAD_LEN, MAX_PORTS,
 };
 use aya::{
     maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -184,10 +184,16 @@ impl Probes {
         raise_memlock();
         // One parse of /sys/kernel/btf/vmlinux (several MB) serves the offsets and the checks.
         let own = btf::Btf::from_sys_fs()?;
-        let config = build_config(spec, &own)?;
+        let config = build_config(spec)?;
+        let kernel = Kernel {
+            offsets: own.offsets()?,
+            syscalls: btf::syscall_nrs(),
+        };
         let kernel_btf = aya::Btf::from_sys_fs().map_err(|e| ProbeError::Load(e.into()))?;
         spec.sizes.check().map_err(ProbeError::Sizes)?;
         let mut ebpf = aya::EbpfLoader::new()
+            // Read-only: the verifier takes its fields as constants (see `Kernel`).
+            .override_global("KERNEL", &kernel, true)
             // Aggregation mode writes no record: one page instead of 8 MiB, which the agent
             // would map twice (16 MiB of its resident memory).
             .map_max_entries(
@@ -386,7 +392,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn build_config(spec: &ProbeSpec, btf: &btf::Btf) -> Result<Config, ProbeError> {
+fn build_config(spec: &ProbeSpec) -> Result<Config, ProbeError> {
     let ports = |v: &[u16], role: &'static str| -> Result<[u16; MAX_PORTS], ProbeError> {
         if v.len() > MAX_PORTS {
             return Err(ProbeError::TooManyPorts {
@@ -399,12 +405,9 @@ fn build_config(spec: &ProbeSpec, btf: &btf::Btf) -> Result<Config, ProbeError> 
         out[..v.len()].copy_from_slice(v);
         Ok(out)
     };
-    let mut offsets = btf.offsets()?;
     let mut flags = 0;
     if spec.capture_payload {
         flags |= CONFIG_CAPTURE_PAYLOAD;
-    } else {
-        offsets.regs_size = 0;
     }
     if spec.aggregate {
         flags |= CONFIG_AGGREGATE;
@@ -414,8 +417,6 @@ fn build_config(spec: &ProbeSpec, btf: &btf::Btf) -> Result<Config, ProbeError> 
         flags,
         http_ports: ports(&spec.http_ports, "HTTP")?,
         db_ports: ports(&spec.db_ports, "database")?,
-        offsets,
-        syscalls: btf::syscall_nrs(),
     })
 }
 
