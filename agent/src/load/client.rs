@@ -21,7 +21,10 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::record::{ErrorKind, Outcome, Recorder};
+use super::{
+    record::{ErrorKind, Outcome, Recorder},
+    template::Template,
+};
 
 /// A connection idle for longer than this is checked for a close by the server before reuse.
 /// Below it the check would cost a syscall per request for nothing: servers close idle
@@ -54,15 +57,13 @@ pub(crate) struct Exchange {
 }
 
 impl UserConn {
-    /// Sends `req` (a whole request, as rendered by the template) on the user's connection,
-    /// opening one if needed, and reads the whole response. `head` says the request is HEAD
-    /// (its response has no body). Never panics, never retries.
+    /// Sends `req` (a whole request, as rendered by `template`) on the user's connection,
+    /// opening one if needed, and reads the whole response. Never panics, never retries.
     pub async fn send(
         &mut self,
         addr: SocketAddr,
         req: &[u8],
-        head: bool,
-        keep_alive: bool,
+        template: &Template,
         rec: &Recorder,
     ) -> Exchange {
         if self
@@ -82,11 +83,11 @@ impl UserConn {
             self.buf.clear();
         }
         let c = self.conn.as_mut().expect("connection was just opened");
-        let result = exchange(&mut c.stream, &mut self.buf, req, head).await;
+        let result = exchange(&mut c.stream, &mut self.buf, req, template.is_head()).await;
         c.last_used = Instant::now();
         match result {
             Ok(r) => {
-                if r.close || !keep_alive {
+                if r.close || !template.keep_alive() {
                     // Closing promptly matters: gunicorn's sync worker waits for the client
                     // to close after each response.
                     self.conn = None;

@@ -120,7 +120,6 @@ pub(crate) async fn run_with_metrics(
         template,
         rec: Recorder::new(origin).with_metrics(metrics),
         timeout: spec.timeout,
-        keep_alive: spec.keep_alive,
         wait,
         target_users: AtomicU32::new(0),
         slots: match &spec.model {

@@ -240,6 +240,7 @@ pub(crate) struct Template {
     path: String,
     wire: Text,
     head: bool,
+    keep_alive: bool,
 }
 
 impl Template {
@@ -312,6 +313,7 @@ impl Template {
         wire.pieces.extend(body.pieces);
         Ok(Template {
             head: method == Method::HEAD,
+            keep_alive,
             method: method.to_string(),
             path: uri.path().to_owned(),
             wire: wire.merged(),
@@ -329,6 +331,12 @@ impl Template {
     /// Whether the request is HEAD (its response has no body whatever its headers say).
     pub fn is_head(&self) -> bool {
         self.head
+    }
+
+    /// Whether connections are kept open between requests (without it every request says
+    /// `Connection: close`, and the client closes after each response).
+    pub fn keep_alive(&self) -> bool {
+        self.keep_alive
     }
 
     /// One request as sent on the wire, written into `out` (reused: no allocation once it has

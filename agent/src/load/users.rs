@@ -10,7 +10,6 @@ pub(super) struct Shared {
     pub(super) template: Template,
     pub(super) rec: Recorder,
     pub(super) timeout: Option<Duration>,
-    pub(super) keep_alive: bool,
     pub(super) wait: Wait,
     /// Closed model: users with an index at or above this stop after their current request.
     pub(super) target_users: AtomicU32,
@@ -68,7 +67,7 @@ pub(super) async fn one_request(
 ) {
     let mut guard = InFlight { sh, done: false };
     sh.template.render(rng, buf);
-    let send = conn.send(sh.addr, buf, sh.template.is_head(), sh.keep_alive, &sh.rec);
+    let send = conn.send(sh.addr, buf, &sh.template, &sh.rec);
     let ex = client::with_timeout(sh.timeout, send).await;
     let ex = ex.unwrap_or_else(|| {
         conn.reset();
