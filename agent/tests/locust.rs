@@ -12,6 +12,7 @@
 mod common;
 
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -123,12 +124,43 @@ struct LocustRun {
     /// The same points computed by `awaitlab::load::chart` from Locust's own per-second
     /// counts at the times Locust took them.
     recomputed: Vec<f64>,
+    /// Successes completed in each unix second, from its first to its last.
+    by_second: BTreeMap<u64, u64>,
 }
 
 impl LocustRun {
     fn successes(&self) -> u64 {
         self.requests - self.failures
     }
+}
+
+/// Successes awaitlab completed in each unix second of its run.
+fn our_successes_by_second(r: &LoadReport) -> BTreeMap<u64, u64> {
+    let first = r.started_unix_ms / 1000;
+    r.series
+        .iter()
+        .map(|p| (first + u64::from(p.second), p.successes))
+        .collect()
+}
+
+/// Each tool's successes in the whole seconds during which both were running: every second
+/// both count, less each tool's first and last (partial, and the one tool starts a moment
+/// after the other and stops a moment after it, with the server to itself meanwhile: about
+/// 16 successes a second here).
+fn successes_in_common_seconds(a: &BTreeMap<u64, u64>, b: &BTreeMap<u64, u64>) -> (u64, u64) {
+    let inner = |m: &BTreeMap<u64, u64>| {
+        let (lo, hi) = (m.keys().next().copied(), m.keys().next_back().copied());
+        lo.zip(hi).map_or(1..1, |(lo, hi)| lo + 1..hi)
+    };
+    let (ra, rb) = (inner(a), inner(b));
+    let seconds = ra.start.max(rb.start)..ra.end.min(rb.end);
+    let sum = |m: &BTreeMap<u64, u64>| {
+        seconds
+            .clone()
+            .map(|s| m.get(&s).copied().unwrap_or(0))
+            .sum()
+    };
+    (sum(a), sum(b))
 }
 
 /// The largest of `chart`'s points from the first one whose 10-second window lies wholly after
@@ -244,11 +276,17 @@ fn finish_locust(dir: &Path, mut guard: Kill) -> LocustRun {
             rps - fps
         })
         .collect();
+    let by_second = tallies
+        .iter()
+        .zip(origin..)
+        .map(|(t, s)| (s, t.requests - t.failures))
+        .collect();
     LocustRun {
         requests: v["requests"].as_u64().unwrap(),
         failures: v["failures"].as_u64().unwrap(),
         chart,
         recomputed,
+        by_second,
     }
 }
 
@@ -301,9 +339,13 @@ fn settle() {
 
 /// Run together, the two tools' successes differed by 1.6-4.5 % and their Max sRPS by 1-7 %
 /// (a chart point averages only about 100 requests of each tool) in four comparisons here.
-/// 15 % leaves room for that, and still fails a client that keeps its users out of the listen
-/// queue for more than about 180 ms of each user's 1.2 s cycle (20 users x 60 ms), such as one
-/// that waited for the server's close after a `Connection: close` response.
+/// Successes are compared over the seconds both tools ran: once, the totals of a whole run
+/// differed by 17 % (245 and 210) while the sums of the two charts agreed within 2.3 %; most
+/// of the difference fell in the run's last seconds, which no chart point covers and where the
+/// tools do not stop at the same moment. 15 % leaves room for the 1.6-4.5 %, and still fails a
+/// client that keeps its users out of the listen queue for more than about 180 ms of each
+/// user's 1.2 s cycle (20 users x 60 ms), such as one that waited for the server's close after
+/// a `Connection: close` response.
 const TOLERANCE: f64 = 0.15;
 
 fn within(ours: f64, theirs: f64, tol: f64) -> bool {
@@ -372,13 +414,15 @@ fn awaitlab_load_and_locust_2_13_agree_on_the_system_under_test() {
         assert_eq!(locust.failures, 0, "{stack:?}: Locust saw failures");
         assert_eq!(ours.failures, 0, "{stack:?}: awaitlab saw failures");
         // TOLERANCE: see its definition.
-        if !within(
-            ours.total_successes as f64,
-            locust.successes() as f64,
-            TOLERANCE,
-        ) {
+        let (a, b) =
+            successes_in_common_seconds(&our_successes_by_second(&ours), &locust.by_second);
+        assert!(
+            b > 100,
+            "{stack:?}: {b} Locust successes in the common seconds"
+        );
+        if !within(a as f64, b as f64, TOLERANCE) {
             failed.push(format!(
-                "{stack:?}: total successes {} vs Locust's {}",
+                "{stack:?}: successes in the seconds both ran {a} vs Locust's {b} (totals {} and {})",
                 ours.total_successes,
                 locust.successes()
             ));

@@ -2,8 +2,9 @@
 //! offset and size of a struct member by path, through anonymous structs and unions.
 //!
 //! This is how the agent avoids compiling kernel struct offsets into the eBPF object (Rust eBPF
-//! cannot emit CO-RE relocations yet): offsets are looked up here at load time and handed to the
-//! programs in `agent_common::Config`. It only reads; it never guesses a missing field.
+//! cannot emit CO-RE relocations yet): offsets are looked up here at load time and written into
+//! the object's read-only global `KERNEL` (`agent_common::Kernel`) before it is loaded. It only
+//! reads; it never guesses a missing field.
 
 use std::{collections::HashMap, path::Path};
 
