@@ -154,7 +154,8 @@ pub struct RequestEvent {
     pub db_wait_ns: u64,
     /// Database TCP connect time spent by the serving thread during the request.
     pub db_connect_ns: u64,
-    /// On-CPU time of the serving thread from the first request byte to the first response byte.
+    /// On-CPU time of the serving thread from the first request byte to the first response byte;
+    /// 0 unless `REQ_EXCLUSIVE_THREAD` (only then is it the request's own).
     pub on_cpu_ns: u64,
     /// 1-based index of the request on its connection (1 = the first).
     pub seq: u32,

@@ -297,9 +297,11 @@ fn http_recv(c: &Config, sk: u64, conn: &mut Conn, n: u64, t: u64) {
     clear(&mut conn.db_connect_ns);
     clear(&mut conn.on_cpu_ns);
     clear(&mut conn.status_len);
-    // On-CPU time per request goes only into records: aggregation mode skips the two thread
-    // map lookups (the threads' totals still come from sched_switch).
-    conn.cpu_start_ns = if c.flags & CONFIG_AGGREGATE == 0 {
+    // On-CPU time per request goes only into records, and means something only for a request
+    // its thread serves alone: aggregation mode and shared threads (an event loop) skip the
+    // two thread map lookups (the threads' totals still come from sched_switch).
+    conn.cpu_start_ns = if c.flags & CONFIG_AGGREGATE == 0 && conn.flags & REQ_EXCLUSIVE_THREAD != 0
+    {
         thread_on_cpu(tid, conn.tgid, t)
     } else {
         0
@@ -371,6 +373,7 @@ fn http_send(c: &Config, conn: &mut Conn, n: u64, t: u64) {
     // kernel copying, and one map lookup less per write matters on fast servers.
     if conn.first_send_ns == t
         && c.flags & CONFIG_AGGREGATE == 0
+        && conn.flags & REQ_EXCLUSIVE_THREAD != 0
         && bpf_get_current_pid_tgid() as u32 == conn.tid
     {
         let cpu = thread_on_cpu(conn.tid, conn.tgid, t);

@@ -288,8 +288,8 @@ fn requests_that_share_their_thread_lose_the_exclusive_bit() {
     let out = agent.stop();
     assert_eq!(out.code, Some(0), "{}", out.stderr);
 
-    let mut exclusive: Vec<(String, bool)> = out
-        .records("request")
+    let records = out.records("request");
+    let mut exclusive: Vec<(String, bool)> = records
         .iter()
         .map(|r| {
             let path = r["path"].as_str().unwrap().to_string();
@@ -300,6 +300,16 @@ fn requests_that_share_their_thread_lose_the_exclusive_bit() {
     let want = [("/a", false), ("/b", false), ("/c", false), ("/w", true)]
         .map(|(p, e)| (p.to_string(), e));
     assert_eq!(exclusive, want);
+    // On-CPU time is kept only for the request that had its thread alone (the thread ran
+    // between reading /w and answering it, so its clock moved).
+    for r in &records {
+        let on_cpu = r["on_cpu_ns"].as_u64().unwrap();
+        if r["exclusive_thread"] == true {
+            assert!(on_cpu > 0, "{r}");
+        } else {
+            assert_eq!(on_cpu, 0, "{r}");
+        }
+    }
     out.assert_detached();
 }
 

@@ -46,7 +46,8 @@ pub struct RequestRecord {
     pub db_wait_ns: u64,
     pub db_connects: u32,
     pub db_connect_ns: u64,
-    /// On-CPU time of the serving thread from the first request byte to the first response byte.
+    /// On-CPU time of the serving thread from the first request byte to the first response byte;
+    /// 0 unless `exclusive_thread` (only then is it the request's own).
     pub on_cpu_ns: u64,
     /// The serving thread served only this request meanwhile: the per-request database and CPU
     /// figures are this request's own. False for event-loop threads.
