@@ -197,6 +197,9 @@ fn try_io(ctx: &BtfTracePointContext, is_send: bool) -> Option<()> {
         } else {
             http_recv(c, sk, conn, ret as u64, t);
         }
+    } else if conn.role != ROLE_DB {
+        // An entry another CPU has just inserted (zeroed) and not yet given its role (`track`).
+        return None;
     } else if is_send {
         if conn.state != D_SENT {
             conn.state = D_SENT;
@@ -250,9 +253,10 @@ fn track(sk: u64, role: u32, lport: u16, rport: u16) -> Option<*mut Conn> {
     let p = CONNS.get_ptr_mut(sk)?;
     // SAFETY: map value pointer valid for this program run.
     let conn = unsafe { &mut *p };
-    conn.role = role;
+    // Until its role is set, a program on another CPU that finds the entry ignores it.
     conn.local_port = lport;
     conn.remote_port = rport;
+    conn.role = role;
     Some(p)
 }
 
