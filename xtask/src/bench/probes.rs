@@ -1,14 +1,17 @@
 //! `cargo xtask bench probes`: what the agent's probes cost a busy web server.
 //!
-//! nginx serves a constant response inside a private namespace; wrk loads it from the root
-//! namespace, alternately without the agent, with the agent in per-request mode (`watch
-//! --records`: a ring-buffer record per request) and in aggregation mode (`watch`: histograms in
-//! kernel maps), and the rounds are compared by median throughput, the agent's CPU time and the
-//! kernel time of its eBPF programs. Traffic goes
-//! only to `netns::NS_ADDR`, inside the namespace this command creates. Every process, the
-//! namespace and the sysctl are undone by guards, also on error, panic or Ctrl-C; this module
-//! must not leave any of them behind, and must not fail a run for missing the throughput target
-//! (it reports, CI decides).
+//! nginx serves a constant response inside a private namespace; one wrk run loads it from the
+//! root namespace for the whole benchmark, while the agent is started and stopped around it:
+//! short windows without the agent alternate with windows with it, in per-request mode (`watch
+//! --records`: a ring-buffer record per request) and in aggregation mode (`watch`: histograms
+//! in kernel maps). nginx's own request counter (`stub_status`) gives each window's throughput.
+//! Each window with the agent is compared with the mean of the windows without it on either side,
+//! so that the host's drift over seconds cancels, and the ratio is the median over those pairs,
+//! with a distribution-free 95 % confidence interval. Separate profile runs measure the kernel
+//! time of the eBPF programs (`bpf_stats`). Traffic goes only to `netns::NS_ADDR`, inside the
+//! namespace this command creates. Every process, the namespace and the sysctl are undone by
+//! guards, also on error, panic or Ctrl-C; this module must not leave any of them behind, and
+//! must not fail a run for missing the throughput target (it reports, CI decides).
 
 use std::fs::{self, File};
 use std::net::SocketAddr;
@@ -23,21 +26,21 @@ use serde_json::json;
 use super::bpfstats;
 use super::netns::{self, BenchNetns};
 use super::util::{
-    bpf_maps_bytes, catch_interrupts, check_interrupted, http_get_status, median, proc_status_kib,
-    tail, temp_path_directives, NGINX,
+    bpf_maps_bytes, catch_interrupts, check_interrupted, http_client, http_get, http_get_status,
+    median, median_ci, proc_status_kib, tail, temp_path_directives, NGINX,
 };
 use super::wrk::{self, WrkResult};
 use crate::cmd::{self, secs, ChildGuard};
 
 #[derive(Args)]
 pub struct ProbesArgs {
-    /// Rounds; each runs wrk once without and once with the agent.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Cycles; each has one window with the agent per mode, each between two windows without it.
+    #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u32).range(1..))]
     runs: u32,
-    /// Seconds of load per wrk run.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Seconds of each window, and of each profile run.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     duration: u32,
-    /// Debugging aid: skip the with-probes half (tests the harness without an agent).
+    /// Debugging aid: skip the with-probes windows (tests the harness without an agent).
     #[arg(long, hide = true)]
     no_agent: bool,
     /// Debugging aid: run this binary as the agent instead of building target/release/awaitlab
@@ -47,10 +50,17 @@ pub struct ProbesArgs {
 }
 
 const HTTP_PORT: u16 = 8080;
+/// nginx's `stub_status` page: its request counter is what the windows are measured by.
+const STATUS_PATH: &str = "/awl_bench_status";
 /// Long enough for the agent to load and attach all programs on a slow CI host.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(60);
 /// The agent flushes results on SIGINT; give it time before SIGKILL.
 const AGENT_GRACE: Duration = Duration::from_secs(30);
+/// Left out of every window: the agent's first work after attaching (its first map reads, the
+/// memory it returns after parsing the kernel's BTF), and its teardown after SIGINT.
+const SETTLE: Duration = Duration::from_millis(300);
+/// Load before the first window: nginx's and wrk's caches and connections warm up.
+const WARM_UP: Duration = Duration::from_secs(2);
 /// The ratios with/without the issue sets as the goals, per mode.
 const TARGET_RATIO_RECORDS: f64 = 0.97;
 const TARGET_RATIO_AGGREGATE: f64 = 0.99;
@@ -83,32 +93,125 @@ impl Mode {
         }
     }
 }
-/// Steal above which a round is flagged as noisy.
+/// Steal above which a window is flagged as noisy, and its pair left out of the ratio.
 const NOISY_STEAL: f64 = 0.02;
 /// The agent's resident memory the issue sets as the goal, MiB.
 const TARGET_RSS_MIB: f64 = 40.0;
 
-/// One wrk run with the agent attached, and what the agent cost during it.
-struct WithProbes {
-    wrk: WrkResult,
-    /// Agent utime+stime during the wrk run only (startup and program loading excluded).
-    agent_cpu_s: f64,
-    /// Agent utime+stime from start to just before SIGINT.
-    agent_cpu_total_s: f64,
-    bpf: bpfstats::Delta,
-    clean_exit: bool,
-    /// The agent's resident memory at the end of the load (VmRSS), and its peak so far
-    /// (VmHWM, which includes parsing the kernel's BTF at start), MiB.
-    agent_rss_mib: f64,
-    agent_rss_peak_mib: f64,
+/// What the agent cost during one window.
+struct AgentCost {
+    /// utime + stime during the window only (start, loading and teardown excluded).
+    cpu_s: f64,
+    /// Resident memory at the window's end (VmRSS), and its peak so far (VmHWM, which includes
+    /// parsing the kernel's BTF at start), MiB.
+    rss_mib: f64,
+    rss_peak_mib: f64,
     /// Kernel memory of the agent's BPF maps (memlock of its map descriptors), MiB.
     maps_mib: f64,
+    clean_exit: bool,
 }
 
-impl WithProbes {
-    fn cpu_s_per_100k(&self) -> f64 {
-        per(self.agent_cpu_s * 100_000.0, self.wrk.requests)
+/// A stretch of the one continuous load, with the agent in one mode or without it (`None`).
+struct Window {
+    mode: Option<Mode>,
+    requests: u64,
+    seconds: f64,
+    steal_share: Option<f64>,
+    agent: Option<AgentCost>,
+}
+
+impl Window {
+    fn rps(&self) -> f64 {
+        self.requests as f64 / self.seconds
     }
+    fn noisy(&self) -> bool {
+        self.steal_share.is_some_and(|s| s > NOISY_STEAL)
+    }
+}
+
+/// A window with the agent, compared with the mean of the windows without it on either side.
+struct Pair<'a> {
+    with: &'a Window,
+    cost: &'a AgentCost,
+    ratio: f64,
+    /// One of the three windows ran with steal above `NOISY_STEAL`.
+    noisy: bool,
+}
+
+/// Throughput of `w[1]` over the mean of `w[0]` and `w[2]`.
+fn pair_ratio(w: &[Window]) -> f64 {
+    w[1].rps() / ((w[0].rps() + w[2].rps()) / 2.0)
+}
+
+fn pairs(windows: &[Window], mode: Mode) -> Vec<Pair<'_>> {
+    windows
+        .windows(3)
+        .filter(|w| w[1].mode == Some(mode) && w[0].mode.is_none() && w[2].mode.is_none())
+        .filter_map(|w| {
+            Some(Pair {
+                with: &w[1],
+                cost: w[1].agent.as_ref()?,
+                ratio: pair_ratio(w),
+                noisy: w.iter().any(Window::noisy),
+            })
+        })
+        .collect()
+}
+
+/// nginx's count of the requests it has read (its `stub_status` page).
+struct RequestCounter {
+    client: reqwest::blocking::Client,
+    addr: SocketAddr,
+}
+
+impl RequestCounter {
+    fn new(addr: SocketAddr) -> Result<Self> {
+        Ok(Self {
+            client: http_client()?,
+            addr,
+        })
+    }
+
+    /// The count and when it was read. The reading's own request is in the count.
+    fn read(&self) -> Result<(u64, Instant)> {
+        let (status, body) = http_get(&self.client, self.addr, STATUS_PATH)?;
+        let at = Instant::now();
+        ensure!(status == 200, "nginx answered {status} for {STATUS_PATH}");
+        Ok((parse_stub_status(&body)?, at))
+    }
+
+    /// Requests served during `duration` from now, the seconds between the two readings, and
+    /// the steal share meanwhile.
+    fn measure(&self, duration: Duration) -> Result<(u64, f64, Option<f64>)> {
+        let ticks = wrk::cpu_ticks();
+        let (n0, t0) = self.read()?;
+        std::thread::sleep(duration);
+        check_interrupted()?;
+        let (n1, t1) = self.read()?;
+        // The second reading counted itself.
+        let requests = n1.saturating_sub(n0 + 1);
+        let steal = wrk::steal_share(ticks, wrk::cpu_ticks());
+        Ok((requests, (t1 - t0).as_secs_f64(), steal))
+    }
+}
+
+/// The third figure of the third line of nginx's `stub_status` page ("Active connections: 2",
+/// "server accepts handled requests", " 4 4 9", ...): the requests read so far.
+fn parse_stub_status(body: &str) -> Result<u64> {
+    body.lines()
+        .nth(2)
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no request count in nginx's stub_status page:\n{body}"))
+}
+
+/// A profile run: wrk alone with the agent attached and `bpf_stats` on.
+struct Profile {
+    wrk: WrkResult,
+    bpf: bpfstats::Delta,
+}
+
+impl Profile {
     fn bpf_ns_per_req(&self) -> f64 {
         per(self.bpf.run_time_ns as f64, self.wrk.requests)
     }
@@ -123,12 +226,6 @@ fn per(x: f64, requests: u64) -> f64 {
     } else {
         x / requests as f64
     }
-}
-
-struct Round {
-    without: WrkResult,
-    /// One run per mode (`Mode::ALL` order), empty with --no-agent.
-    with: Vec<(Mode, WithProbes)>,
 }
 
 pub fn run(args: &ProbesArgs) -> Result<()> {
@@ -157,6 +254,7 @@ pub fn run(args: &ProbesArgs) -> Result<()> {
         );
         Some(path)
     };
+    let modes: &[Mode] = if agent.is_some() { &Mode::ALL } else { &[] };
 
     let out_dir = cmd::target_dir().join("bench/probes");
     fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
@@ -164,64 +262,236 @@ pub fn run(args: &ProbesArgs) -> Result<()> {
     let tmp = TempDir::create()?;
     let ns = BenchNetns::create().context("creating the benchmark namespace")?;
     let _nginx = start_nginx(&ns, tmp.path())?;
-    let url = format!("http://{}:{HTTP_PORT}/", netns::NS_ADDR);
+    let addr = SocketAddr::new(netns::NS_ADDR.parse().context("NS_ADDR")?, HTTP_PORT);
+    let url = format!("http://{addr}/");
+    let counter = RequestCounter::new(addr)?;
 
-    // Warm caches and connection paths so that round 1's "without" run is not penalised.
+    // One wrk for all windows, given more time than they can take; stopped after the last.
+    let window = Duration::from_secs(args.duration.into());
+    let per_cycle = modes.len().max(1) as u32 * 2;
+    let wrk_secs = (WARM_UP.as_secs() as u32)
+        + (1 + args.runs * per_cycle) * (args.duration + 2)
+        + ATTACH_TIMEOUT.as_secs() as u32;
+    let wrk_report = out_dir.join("wrk.txt");
+    let mut load = ChildGuard::spawn(
+        "wrk",
+        wrk::command(&url, wrk_secs).stdout(
+            File::create(&wrk_report)
+                .with_context(|| format!("creating {}", wrk_report.display()))?,
+        ),
+        libc::SIGINT,
+        Duration::from_secs(5),
+    )?;
     eprintln!("warm-up");
-    wrk::run(&url, args.duration.min(2))?;
+    std::thread::sleep(WARM_UP);
     check_interrupted()?;
 
-    let mut rounds = Vec::new();
-    for round in 1..=args.runs {
-        eprintln!("\nround {round}/{}: without probes", args.runs);
-        let without = wrk::run(&url, args.duration)?;
-        check_interrupted()?;
-        let mut with = Vec::new();
-        if let Some(agent) = &agent {
-            for mode in Mode::ALL {
-                eprintln!("round {round}/{}: with probes ({})", args.runs, mode.name());
-                let w = with_probes(agent, &ns, &url, args.duration, &out_dir, round, mode)?;
-                with.push((mode, w));
-                check_interrupted()?;
-            }
+    println!(
+        "\n{:<7} {:<10} {:>9} {:>11} {:>11} {:>7} {:>6} {:>10}",
+        "cycle", "probes", "req/s", "off before", "off after", "ratio", "steal", "agent CPU"
+    );
+    let mut windows = vec![off_window(&counter, window, &mut load)?];
+    for cycle in 1..=args.runs {
+        if modes.is_empty() {
+            windows.push(off_window(&counter, window, &mut load)?);
+            println!(
+                "{cycle:<7} {:<10} {:>9.0}",
+                "off",
+                windows[windows.len() - 1].rps()
+            );
         }
-        print_round(round, &without, &with);
-        rounds.push(Round { without, with });
+        for &mode in modes {
+            let agent = agent.as_deref().context("an agent")?;
+            let log = out_dir.join(format!("agent-{}-{cycle}", mode.name()));
+            windows.push(agent_window(agent, &ns, &counter, mode, window, &log)?);
+            windows.push(off_window(&counter, window, &mut load)?);
+            let w = &windows[windows.len() - 3..];
+            print_pair(cycle, mode, w);
+        }
+    }
+    let (status, _) = load.stop()?;
+    let report = fs::read_to_string(&wrk_report).unwrap_or_default();
+    match wrk::parse(&report) {
+        Ok(r) if r.non_2xx > 0 || r.socket_errors.is_some() => eprintln!(
+            "warning: wrk saw {} non-2xx responses, socket errors: {}",
+            r.non_2xx,
+            r.socket_errors.as_deref().unwrap_or("none")
+        ),
+        Ok(_) => {}
+        Err(e) => eprintln!("warning: wrk ({status}) left no report: {e:#}"),
     }
 
     let mut profiles = Vec::new();
     if let Some(agent) = &agent {
-        for mode in Mode::ALL {
+        for &mode in modes {
             eprintln!(
                 "\nprofile run ({}): with probes and kernel BPF statistics enabled",
                 mode.name()
             );
-            let p = with_probes(agent, &ns, &url, args.duration, &out_dir, 0, mode)?;
+            let log = out_dir.join(format!("agent-profile-{}", mode.name()));
+            let p = profile(agent, &ns, &url, args.duration, &log, mode)?;
             print_profile(mode, &p);
             profiles.push((mode, p));
         }
     }
-    print_summary(&rounds, &profiles);
+    print_summary(&windows, modes, &profiles);
     let json_path = out_dir.join("summary.json");
-    write_json(&json_path, args, &rounds, &profiles)?;
+    write_json(&json_path, args, &windows, modes, &profiles)?;
     println!("\nmachine-readable summary: {}", json_path.display());
     if agent.is_some() {
         println!(
-            "agent logs: {}/agent-round-*.{{stdout,stderr}}",
+            "agent logs: {}/agent-*.{{stdout,stderr}}",
             out_dir.display()
         );
     }
 
-    let unclean = rounds
+    let unclean = windows
         .iter()
-        .flat_map(|r| &r.with)
-        .filter(|(_, w)| !w.clean_exit)
+        .filter_map(|w| w.agent.as_ref())
+        .filter(|a| !a.clean_exit)
         .count();
     ensure!(
         unclean == 0,
-        "the agent did not exit cleanly on SIGINT in {unclean} round(s); see its logs"
+        "the agent did not exit cleanly on SIGINT in {unclean} window(s); see its logs"
     );
     Ok(())
+}
+
+/// A window without the agent. Fails when the load has stopped.
+fn off_window(counter: &RequestCounter, window: Duration, load: &mut ChildGuard) -> Result<Window> {
+    let (requests, seconds, steal_share) = counter.measure(window)?;
+    if let Some(status) = load.try_wait()? {
+        bail!("wrk exited ({status}) before the last window");
+    }
+    Ok(Window {
+        mode: None,
+        requests,
+        seconds,
+        steal_share,
+        agent: None,
+    })
+}
+
+/// A window with the agent in `mode`: started, attached and settled before it, stopped after.
+fn agent_window(
+    agent: &Path,
+    ns: &BenchNetns,
+    counter: &RequestCounter,
+    mode: Mode,
+    window: Duration,
+    log: &Path,
+) -> Result<Window> {
+    let mut child = start_agent(agent, ns, mode, log)?;
+    std::thread::sleep(SETTLE);
+    let pid = child.pid();
+    let cpu0 = cpu_seconds(pid)?;
+    let (requests, seconds, steal_share) = counter.measure(window)?;
+    let cpu1 = cpu_seconds(pid)?;
+    let rss_mib = proc_status_kib(pid, "VmRSS")? as f64 / 1024.0;
+    let rss_peak_mib = proc_status_kib(pid, "VmHWM")? as f64 / 1024.0;
+    let maps_mib = bpf_maps_bytes(pid) as f64 / (1024.0 * 1024.0);
+    let clean_exit = stop_agent(&mut child)?;
+    std::thread::sleep(SETTLE);
+    Ok(Window {
+        mode: Some(mode),
+        requests,
+        seconds,
+        steal_share,
+        agent: Some(AgentCost {
+            cpu_s: cpu1 - cpu0,
+            rss_mib,
+            rss_peak_mib,
+            maps_mib,
+            clean_exit,
+        }),
+    })
+}
+
+/// A profile run: its own wrk run with the agent attached and `bpf_stats` on. The statistics
+/// add two clock reads to every program run, so they are never on while throughput is compared.
+fn profile(
+    agent: &Path,
+    ns: &BenchNetns,
+    url: &str,
+    duration: u32,
+    log: &Path,
+    mode: Mode,
+) -> Result<Profile> {
+    let _stats = bpfstats::StatsEnabled::enable()?;
+    let mut child = start_agent(agent, ns, mode, log)?;
+    let bpf0 = bpfstats::snapshot()?;
+    let wrk = wrk::run(url, duration)?;
+    let bpf1 = bpfstats::snapshot()?;
+    stop_agent(&mut child)?;
+    let bpf = bpfstats::delta(&bpf0, &bpf1);
+    if bpf.programs == 0 {
+        eprintln!("warning: no loaded BPF program is named awl_*; kernel-side cost reads as 0");
+    }
+    Ok(Profile { wrk, bpf })
+}
+
+/// Starts `awaitlab watch` in `mode` on the namespace, its output in `log`.stdout/.stderr, and
+/// returns once it says its probes are attached.
+fn start_agent(agent: &Path, ns: &BenchNetns, mode: Mode, log: &Path) -> Result<ChildGuard> {
+    let stdout_path = log.with_extension("stdout");
+    let stderr_path = log.with_extension("stderr");
+    let stdout = File::create(&stdout_path)
+        .with_context(|| format!("creating {}", stdout_path.display()))?;
+    let stderr = File::create(&stderr_path)
+        .with_context(|| format!("creating {}", stderr_path.display()))?;
+    let mut child = ChildGuard::spawn(
+        "awaitlab agent",
+        Command::new(agent)
+            .arg("watch")
+            .arg("--target")
+            .arg(ns.path())
+            .args(["--http-port", &HTTP_PORT.to_string()])
+            .args(mode.flags())
+            // Extra agent flags for experiments (e.g. --no-payload), split on whitespace.
+            .args(
+                std::env::var("AWL_BENCH_AGENT_ARGS")
+                    .unwrap_or_default()
+                    .split_whitespace(),
+            )
+            .stdout(stdout)
+            .stderr(stderr),
+        libc::SIGINT,
+        AGENT_GRACE,
+    )?;
+    let started = Instant::now();
+    loop {
+        check_interrupted()?;
+        if has_attached_line(&stderr_path) {
+            return Ok(child);
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "the agent exited ({status}) before attaching; stderr:\n{}",
+                tail(&stderr_path)
+            );
+        }
+        if started.elapsed() > ATTACH_TIMEOUT {
+            bail!(
+                "the agent did not print \"attached\" within {}; stderr:\n{}",
+                secs(ATTACH_TIMEOUT),
+                tail(&stderr_path)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// SIGINT, and whether the agent exited cleanly (warned about when it did not).
+fn stop_agent(child: &mut ChildGuard) -> Result<bool> {
+    let (status, killed) = child.stop()?;
+    let clean = status.success() && !killed;
+    if !clean {
+        eprintln!(
+            "warning: the agent exited with {status}{}",
+            if killed { " after SIGKILL" } else { "" }
+        );
+    }
+    Ok(clean)
 }
 
 /// Removes the nginx runtime directory when dropped.
@@ -268,6 +538,7 @@ http {{
     keepalive_requests 1000000;
 {temp_paths}    server {{
         listen {HTTP_PORT};
+        location = {STATUS_PATH} {{ stub_status; }}
         location / {{ default_type text/plain; return 200 \"ok\\n\"; }}
     }}
 }}
@@ -325,108 +596,6 @@ fn start_nginx(ns: &BenchNetns, tmp: &Path) -> Result<ChildGuard> {
     Ok(nginx)
 }
 
-fn with_probes(
-    agent: &Path,
-    ns: &BenchNetns,
-    url: &str,
-    duration: u32,
-    out_dir: &Path,
-    round: u32,
-    mode: Mode,
-) -> Result<WithProbes> {
-    // Round 0 is the profile run.
-    let stats = round == 0;
-    // bpf_stats adds two clock reads to every program run: it is on only for the separate
-    // profile run, never while throughput is compared.
-    let _stats = if stats {
-        Some(bpfstats::StatsEnabled::enable()?)
-    } else {
-        None
-    };
-    let stdout_path = out_dir.join(format!("agent-round-{round}-{}.stdout", mode.name()));
-    let stderr_path = out_dir.join(format!("agent-round-{round}-{}.stderr", mode.name()));
-    let stdout = File::create(&stdout_path)
-        .with_context(|| format!("creating {}", stdout_path.display()))?;
-    let stderr = File::create(&stderr_path)
-        .with_context(|| format!("creating {}", stderr_path.display()))?;
-    let mut child = ChildGuard::spawn(
-        "awaitlab agent",
-        Command::new(agent)
-            .arg("watch")
-            .arg("--target")
-            .arg(ns.path())
-            .args(["--http-port", &HTTP_PORT.to_string()])
-            .args(mode.flags())
-            // Extra agent flags for experiments (e.g. --no-payload), split on whitespace.
-            .args(
-                std::env::var("AWL_BENCH_AGENT_ARGS")
-                    .unwrap_or_default()
-                    .split_whitespace(),
-            )
-            .stdout(stdout)
-            .stderr(stderr),
-        libc::SIGINT,
-        AGENT_GRACE,
-    )?;
-
-    let started = Instant::now();
-    loop {
-        check_interrupted()?;
-        if has_attached_line(&stderr_path) {
-            break;
-        }
-        if let Some(status) = child.try_wait()? {
-            bail!(
-                "the agent exited ({status}) before attaching; stderr:\n{}",
-                tail(&stderr_path)
-            );
-        }
-        if started.elapsed() > ATTACH_TIMEOUT {
-            bail!(
-                "the agent did not print \"attached\" within {}; stderr:\n{}",
-                secs(ATTACH_TIMEOUT),
-                tail(&stderr_path)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    eprintln!("agent attached after {}", secs(started.elapsed()));
-
-    let pid = child.pid();
-    let cpu0 = cpu_seconds(pid)?;
-    let bpf0 = bpfstats::snapshot()?;
-    let wrk = wrk::run(url, duration)?;
-    // Both read before SIGINT: shutdown work is not part of the steady-state cost.
-    let bpf1 = bpfstats::snapshot()?;
-    let cpu1 = cpu_seconds(pid)?;
-    let agent_rss_mib = proc_status_kib(pid, "VmRSS")? as f64 / 1024.0;
-    let agent_rss_peak_mib = proc_status_kib(pid, "VmHWM")? as f64 / 1024.0;
-    let maps_mib = bpf_maps_bytes(pid) as f64 / (1024.0 * 1024.0);
-    let bpf = bpfstats::delta(&bpf0, &bpf1);
-    if stats && bpf.programs == 0 {
-        eprintln!("warning: no loaded BPF program is named awl_*; kernel-side cost reads as 0");
-    }
-
-    let (status, killed) = child.stop()?;
-    let clean_exit = status.success() && !killed;
-    if !clean_exit {
-        eprintln!(
-            "warning: the agent exited with {status}{}",
-            if killed { " after SIGKILL" } else { "" }
-        );
-    }
-    Ok(WithProbes {
-        wrk,
-        agent_cpu_s: cpu1 - cpu0,
-        agent_cpu_total_s: cpu1,
-        bpf,
-        clean_exit,
-        agent_rss_mib,
-        agent_rss_peak_mib,
-        maps_mib,
-    })
-}
-
 /// The agent logs one line containing "attached" once all its probes are live. Lines like
 /// "... not attached" or "... failed to be attached" do not count.
 fn has_attached_line(stderr_path: &Path) -> bool {
@@ -472,115 +641,113 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok(total as f64 / hz as f64)
 }
 
-fn fmt_us(v: Option<f64>) -> String {
-    v.map_or_else(|| "-".to_owned(), |us| format!("{us:.0}us"))
+fn fmt_steal(s: Option<f64>) -> String {
+    s.map_or("-".to_string(), |s| format!("{:.1}%", s * 100.0))
 }
 
-fn print_round(round: u32, without: &WrkResult, with: &[(Mode, WithProbes)]) {
-    println!("\nround {round}");
+/// One row: the window with the agent (`w[1]`) between the two without it.
+fn print_pair(cycle: u32, mode: Mode, w: &[Window]) {
+    let cpu = w[1].agent.as_ref().map_or(f64::NAN, |a| a.cpu_s);
+    let steal = w
+        .iter()
+        .filter_map(|w| w.steal_share)
+        .fold(None, |m: Option<f64>, s| Some(m.map_or(s, |m| m.max(s))));
     println!(
-        "  {:<10} {:>10} {:>11} {:>9} {:>9} {:>6} {:>11} {:>14}",
-        "probes", "requests", "req/s", "p50", "p99", "steal", "agent CPU", "CPU s/100k req"
+        "{cycle:<7} {:<10} {:>9.0} {:>11.0} {:>11.0} {:>7.3} {:>6} {:>9.2}s",
+        mode.name(),
+        w[1].rps(),
+        w[0].rps(),
+        w[2].rps(),
+        pair_ratio(w),
+        fmt_steal(steal),
+        cpu
     );
-    let row = |label: &str, w: &WrkResult, rest: String| {
-        println!(
-            "  {:<10} {:>10} {:>11.0} {:>9} {:>9} {:>6} {rest}",
-            label,
-            w.requests,
-            w.requests_per_sec,
-            fmt_us(w.p50_us),
-            fmt_us(w.p99_us),
-            w.steal_share
-                .map_or("-".to_string(), |s| format!("{:.1}%", s * 100.0))
-        );
-        if w.non_2xx > 0 || w.socket_errors.is_some() {
-            println!(
-                "             warning: {} non-2xx responses, socket errors: {}",
-                w.non_2xx,
-                w.socket_errors.as_deref().unwrap_or("none")
-            );
-        }
-    };
-    row("off", without, String::new());
-    for (mode, p) in with {
-        row(
-            mode.name(),
-            &p.wrk,
-            format!(
-                "{:>10.3}s {:>14.4}   ratio {:.3}",
-                p.agent_cpu_s,
-                p.cpu_s_per_100k(),
-                p.wrk.requests_per_sec / without.requests_per_sec
-            ),
-        );
-    }
 }
 
-/// Medians over the rounds of one mode.
+/// The figures of one mode over its pairs (those without noisy steal).
 struct ModeSummary {
     mode: Mode,
+    pairs: usize,
+    left_out: usize,
     rps: f64,
     ratio: f64,
+    ratio_ci: Option<(f64, f64)>,
+    /// Over all its windows: the agent's CPU seconds per 100k requests served.
     cpu_s_per_100k: f64,
-    /// Largest RSS of the agent at the end of a round's load, its largest peak, and its maps'
-    /// memory, MiB.
+    /// Largest RSS of the agent at a window's end, its largest peak, and its maps' memory, MiB.
     rss_mib: f64,
     rss_peak_mib: f64,
     maps_mib: f64,
 }
 
-fn summarize(rounds: &[Round]) -> (f64, Vec<ModeSummary>) {
-    let rps_without = median(rounds.iter().map(|r| r.without.requests_per_sec).collect());
-    let modes = Mode::ALL
+fn summarize(windows: &[Window], modes: &[Mode]) -> (f64, Vec<ModeSummary>) {
+    let rps_without = median(
+        windows
+            .iter()
+            .filter(|w| w.mode.is_none())
+            .map(Window::rps)
+            .collect(),
+    );
+    let modes = modes
         .iter()
         .filter_map(|&mode| {
-            let with: Vec<&WithProbes> = rounds
-                .iter()
-                .flat_map(|r| &r.with)
-                .filter(|(m, _)| *m == mode)
-                .map(|(_, w)| w)
-                .collect();
-            if with.is_empty() {
+            let all = pairs(windows, mode);
+            let left_out = all.iter().filter(|p| p.noisy).count();
+            // Noisy pairs measure the neighbours too; all of them, if none is quiet.
+            let kept: Vec<&Pair> = if left_out < all.len() {
+                all.iter().filter(|p| !p.noisy).collect()
+            } else {
+                all.iter().collect()
+            };
+            if kept.is_empty() {
                 return None;
             }
-            let max = |f: fn(&WithProbes) -> f64| with.iter().map(|w| f(w)).fold(0.0, f64::max);
-            // The ratio of each round (its own without-run), then the median: rounds drift.
-            let ratio = median(
-                rounds
-                    .iter()
-                    .flat_map(|r| {
-                        r.with
-                            .iter()
-                            .filter(|(m, _)| *m == mode)
-                            .map(|(_, w)| w.wrk.requests_per_sec / r.without.requests_per_sec)
-                    })
-                    .collect(),
-            );
+            let ratios: Vec<f64> = kept.iter().map(|p| p.ratio).collect();
+            let max = |f: fn(&AgentCost) -> f64| all.iter().map(|p| f(p.cost)).fold(0.0, f64::max);
+            let cpu: f64 = all.iter().map(|p| p.cost.cpu_s).sum();
+            let requests: u64 = all.iter().map(|p| p.with.requests).sum();
             Some(ModeSummary {
                 mode,
-                rps: median(with.iter().map(|w| w.wrk.requests_per_sec).collect()),
-                ratio,
-                cpu_s_per_100k: median(with.iter().map(|w| w.cpu_s_per_100k()).collect()),
-                rss_mib: max(|w| w.agent_rss_mib),
-                rss_peak_mib: max(|w| w.agent_rss_peak_mib),
-                maps_mib: max(|w| w.maps_mib),
+                pairs: kept.len(),
+                left_out: all.len() - kept.len(),
+                rps: median(kept.iter().map(|p| p.with.rps()).collect()),
+                ratio: median(ratios.clone()),
+                ratio_ci: median_ci(ratios),
+                cpu_s_per_100k: per(cpu * 100_000.0, requests),
+                rss_mib: max(|a| a.rss_mib),
+                rss_peak_mib: max(|a| a.rss_peak_mib),
+                maps_mib: max(|a| a.maps_mib),
             })
         })
         .collect();
     (rps_without, modes)
 }
 
-fn print_profile(mode: Mode, p: &WithProbes) {
+/// Whether the ratio meets its target, and whether the confidence interval settles it.
+fn verdict(ratio: f64, ci: Option<(f64, f64)>, target: f64) -> String {
+    let at_median = if ratio >= target { "meets" } else { "BELOW" };
+    match ci {
+        Some((lo, hi)) if lo < target && target <= hi => {
+            format!("{at_median} target >= {target} at the median; its 95 % CI holds the target")
+        }
+        Some(_) => format!("{at_median} target >= {target}, outside its 95 % CI"),
+        None => format!("{at_median} target >= {target}; too few pairs for a 95 % CI"),
+    }
+}
+
+fn print_profile(mode: Mode, p: &Profile) {
     println!(
         "\nkernel-side cost, {} mode (profile run, bpf_stats on; not part of the ratio)",
         mode.name()
     );
     let reqs = p.wrk.requests.max(1) as f64;
     println!(
-        "  all programs     {:>7.0} ns/req  {:>6.2} runs/req   at {:.0} req/s",
+        "  all programs     {:>7.0} ns/req  {:>6.2} runs/req   at {:.0} req/s, p50 {}, p99 {}",
         p.bpf_ns_per_req(),
         p.bpf_runs_per_req(),
-        p.wrk.requests_per_sec
+        p.wrk.requests_per_sec,
+        fmt_us(p.wrk.p50_us),
+        fmt_us(p.wrk.p99_us),
     );
     for (name, ns, cnt) in &p.bpf.per_program {
         println!(
@@ -592,39 +759,45 @@ fn print_profile(mode: Mode, p: &WithProbes) {
     }
 }
 
-fn print_summary(rounds: &[Round], profiles: &[(Mode, WithProbes)]) {
-    let (rps_without, modes) = summarize(rounds);
-    println!("\nsummary over {} round(s) (medians)", rounds.len());
-    let noisy = rounds
-        .iter()
-        .filter(|r| {
-            std::iter::once(&r.without)
-                .chain(r.with.iter().map(|(_, w)| &w.wrk))
-                .any(|w| w.steal_share.is_some_and(|s| s > NOISY_STEAL))
-        })
-        .count();
-    if noisy > 0 {
-        println!(
-            "  warning: {noisy} round(s) ran while the hypervisor took over {:.0} % of the CPUs (steal); their ratios measure the neighbours too",
-            NOISY_STEAL * 100.0
-        );
-    }
+fn fmt_us(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_owned(), |us| format!("{us:.0}us"))
+}
+
+fn print_summary(windows: &[Window], modes: &[Mode], profiles: &[(Mode, Profile)]) {
+    let (rps_without, summaries) = summarize(windows, modes);
+    println!(
+        "\nsummary over {} window(s) of load (medians)",
+        windows.len()
+    );
     println!("  throughput without probes      {rps_without:>12.0} req/s");
-    if modes.is_empty() {
-        println!("  (--no-agent: with-probes half skipped)");
+    if summaries.is_empty() {
+        println!("  (--no-agent: with-probes windows skipped)");
         return;
     }
-    for s in &modes {
-        let target = s.mode.target();
+    for s in &summaries {
         println!("  {} mode", s.mode.name());
+        if s.left_out > 0 {
+            println!(
+                "    warning: {} pair(s) left out: steal above {:.0} % in one of their windows",
+                s.left_out,
+                NOISY_STEAL * 100.0
+            );
+        }
         println!("    throughput with probes       {:>12.0} req/s", s.rps);
         println!(
-            "    ratio with/without           {:>12.3}   ({} target >= {target})",
+            "    ratio with/without           {:>12.3}   over {} pairs{}",
             s.ratio,
-            if s.ratio >= target { "meets" } else { "BELOW" }
+            s.pairs,
+            s.ratio_ci.map_or(String::new(), |(lo, hi)| format!(
+                ", 95 % CI {lo:.3} to {hi:.3}"
+            ))
         );
         println!(
-            "    agent CPU per 100k requests  {:>12.4} s   (user+system, during load)",
+            "                                              ({})",
+            verdict(s.ratio, s.ratio_ci, s.mode.target())
+        );
+        println!(
+            "    agent CPU per 100k requests  {:>12.4} s   (user+system, in its windows)",
             s.cpu_s_per_100k
         );
         if let Some((_, p)) = profiles.iter().find(|(m, _)| *m == s.mode) {
@@ -647,32 +820,38 @@ fn print_summary(rounds: &[Round], profiles: &[(Mode, WithProbes)]) {
     }
 }
 
-fn wrk_json(w: &WrkResult) -> serde_json::Value {
+fn window_json(w: &Window) -> serde_json::Value {
+    let a = w.agent.as_ref();
     json!({
+        "probes": w.mode.map_or("off", Mode::name),
         "requests": w.requests,
-        "requests_per_sec": w.requests_per_sec,
-        "p50_us": w.p50_us,
-        "p99_us": w.p99_us,
-        "non_2xx": w.non_2xx,
-        "socket_errors": w.socket_errors,
+        "seconds": w.seconds,
+        "requests_per_sec": w.rps(),
         "steal_share": w.steal_share,
+        "agent_cpu_seconds": a.map(|a| a.cpu_s),
+        "agent_rss_mib": a.map(|a| a.rss_mib),
+        "agent_rss_peak_mib": a.map(|a| a.rss_peak_mib),
+        "bpf_maps_mib": a.map(|a| a.maps_mib),
+        "agent_clean_exit": a.map(|a| a.clean_exit),
     })
 }
 
-fn with_json(w: &WithProbes) -> serde_json::Value {
+fn profile_json(p: &Profile) -> serde_json::Value {
+    let w = &p.wrk;
     json!({
-        "wrk": wrk_json(&w.wrk),
-        "agent_cpu_seconds": w.agent_cpu_s,
-        "agent_cpu_seconds_total": w.agent_cpu_total_s,
-        "agent_cpu_seconds_per_100k_requests": w.cpu_s_per_100k(),
-        "bpf_programs": w.bpf.programs,
-        "bpf_run_time_ns": w.bpf.run_time_ns,
-        "bpf_run_cnt": w.bpf.run_cnt,
-        "bpf_ns_per_request": w.bpf_ns_per_req(),
-        "agent_clean_exit": w.clean_exit,
-        "agent_rss_mib": w.agent_rss_mib,
-        "agent_rss_peak_mib": w.agent_rss_peak_mib,
-        "bpf_maps_mib": w.maps_mib,
+        "wrk": {
+            "requests": w.requests,
+            "requests_per_sec": w.requests_per_sec,
+            "p50_us": w.p50_us,
+            "p99_us": w.p99_us,
+            "non_2xx": w.non_2xx,
+            "socket_errors": w.socket_errors,
+            "steal_share": w.steal_share,
+        },
+        "bpf_programs": p.bpf.programs,
+        "bpf_run_time_ns": p.bpf.run_time_ns,
+        "bpf_run_cnt": p.bpf.run_cnt,
+        "bpf_ns_per_request": p.bpf_ns_per_req(),
     })
 }
 
@@ -681,27 +860,12 @@ fn with_json(w: &WithProbes) -> serde_json::Value {
 fn write_json(
     path: &Path,
     args: &ProbesArgs,
-    rounds: &[Round],
-    profiles: &[(Mode, WithProbes)],
+    windows: &[Window],
+    modes: &[Mode],
+    profiles: &[(Mode, Profile)],
 ) -> Result<()> {
-    let (rps_without, modes) = summarize(rounds);
-    let by_mode = |with: &[(Mode, WithProbes)]| -> serde_json::Map<String, serde_json::Value> {
-        with.iter()
-            .map(|(m, w)| (m.name().to_string(), with_json(w)))
-            .collect()
-    };
-    let rounds_json: Vec<_> = rounds
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            json!({
-                "round": i + 1,
-                "without_probes": wrk_json(&r.without),
-                "with_probes": by_mode(&r.with),
-            })
-        })
-        .collect();
-    let summary: serde_json::Map<String, serde_json::Value> = modes
+    let (rps_without, summaries) = summarize(windows, modes);
+    let summary: serde_json::Map<String, serde_json::Value> = summaries
         .iter()
         .map(|s| {
             let profile = profiles.iter().find(|(m, _)| *m == s.mode);
@@ -709,8 +873,11 @@ fn write_json(
                 s.mode.name().to_string(),
                 json!({
                     "target_ratio": s.mode.target(),
+                    "pairs": s.pairs,
+                    "pairs_left_out": s.left_out,
                     "requests_per_sec_with_probes": s.rps,
                     "ratio": s.ratio,
+                    "ratio_ci95": s.ratio_ci.map(|(lo, hi)| [lo, hi]),
                     "agent_cpu_seconds_per_100k_requests": s.cpu_s_per_100k,
                     "bpf_ns_per_request": profile.map(|(_, p)| p.bpf_ns_per_req()),
                     "agent_rss_mib": s.rss_mib,
@@ -721,12 +888,16 @@ fn write_json(
         })
         .collect();
     let doc = json!({
-        "version": 2,
+        "version": 3,
         "bench": "probes",
-        "duration_seconds": args.duration,
+        "cycles": args.runs,
+        "window_seconds": args.duration,
         "wrk": {"threads": 1, "connections": 50},
-        "rounds": rounds_json,
-        "profiles": by_mode(profiles),
+        "windows": windows.iter().map(window_json).collect::<Vec<_>>(),
+        "profiles": profiles
+            .iter()
+            .map(|(m, p)| (m.name().to_string(), profile_json(p)))
+            .collect::<serde_json::Map<_, _>>(),
         "summary": {
             "requests_per_sec_without_probes": rps_without,
             "modes": summary,
@@ -762,6 +933,14 @@ mod tests {
         fs::remove_dir_all(&dir).expect("cleanup");
     }
 
+    /// The page of nginx 1.22 (Debian bookworm), as served.
+    #[test]
+    fn stub_status_request_count() {
+        let page = "Active connections: 51 \nserver accepts handled requests\n 53 53 1207431 \nReading: 0 Writing: 1 Waiting: 50 \n";
+        assert_eq!(parse_stub_status(page).unwrap(), 1_207_431);
+        assert!(parse_stub_status("<html>404</html>").is_err());
+    }
+
     #[test]
     fn nginx_config_skips_directives_of_missing_modules() {
         let c = nginx_config(
@@ -772,5 +951,6 @@ mod tests {
         assert!(c.contains("fastcgi_temp_path"));
         assert!(!c.contains("uwsgi_temp_path"));
         assert!(c.contains("return 200 \"ok\\n\";"));
+        assert!(c.contains("location = /awl_bench_status { stub_status; }"));
     }
 }

@@ -59,19 +59,38 @@ pub fn temp_path_directives(dir: &Path, nginx_v: &str) -> String {
     temp_paths
 }
 
-/// One GET / (reqwest, straight to `addr`: no proxy from the environment); returns the status.
-pub fn http_get_status(addr: SocketAddr) -> Result<u16> {
-    let client = reqwest::blocking::Client::builder()
+/// A blocking HTTP client that goes straight to the address it is given (no proxy from the
+/// environment), with short timeouts.
+pub fn http_client() -> Result<reqwest::blocking::Client> {
+    reqwest::blocking::Client::builder()
         .no_proxy()
         .connect_timeout(Duration::from_millis(500))
         .timeout(Duration::from_secs(2))
         .build()
-        .context("building the HTTP client")?;
+        .context("building the HTTP client")
+}
+
+/// One GET of `path` at `addr`; returns the status and the body.
+pub fn http_get(
+    client: &reqwest::blocking::Client,
+    addr: SocketAddr,
+    path: &str,
+) -> Result<(u16, String)> {
+    let url = format!("http://{addr}{path}");
     let resp = client
-        .get(format!("http://{addr}/"))
+        .get(&url)
         .send()
-        .with_context(|| format!("GET http://{addr}/"))?;
-    Ok(resp.status().as_u16())
+        .with_context(|| format!("GET {url}"))?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .text()
+        .with_context(|| format!("reading the body of GET {url}"))?;
+    Ok((status, body))
+}
+
+/// One GET / straight to `addr`; returns the status.
+pub fn http_get_status(addr: SocketAddr) -> Result<u16> {
+    Ok(http_get(&http_client()?, addr, "/")?.0)
 }
 
 pub fn tail(path: &Path) -> String {
@@ -95,6 +114,35 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
+}
+
+/// Ranks (1-based, in ascending order) of a distribution-free 95 % confidence interval for the
+/// median of `n` values: the k-th smallest and the k-th largest, for the largest k with
+/// P(Binomial(n, 1/2) < k) <= 0.025 (the sign test's interval). None for fewer than 6 values,
+/// where even the smallest and the largest leave more than 5 % outside.
+pub fn median_ci_ranks(n: usize) -> Option<(usize, usize)> {
+    if n == 0 || n > 1000 {
+        return None;
+    }
+    let mut pmf = 0.5f64.powi(n as i32);
+    let mut cdf = 0.0;
+    let mut k = 0;
+    for j in 0..n {
+        cdf += pmf;
+        if cdf > 0.025 {
+            break;
+        }
+        k = j + 1;
+        pmf *= (n - j) as f64 / (j + 1) as f64;
+    }
+    (k > 0).then_some((k, n + 1 - k))
+}
+
+/// The 95 % confidence interval of [`median_ci_ranks`] over `v`.
+pub fn median_ci(mut v: Vec<f64>) -> Option<(f64, f64)> {
+    let (lo, hi) = median_ci_ranks(v.len())?;
+    v.sort_by(f64::total_cmp);
+    Some((v[lo - 1], v[hi - 1]))
 }
 
 /// A memory figure of `/proc/PID/status` in KiB: `VmRSS` (resident now) or `VmHWM` (its peak).
@@ -151,6 +199,22 @@ mod tests {
         assert_eq!(http_get_status(addr).unwrap(), 204);
         let request = server.join().unwrap();
         assert!(request.starts_with("GET / HTTP/1.1\r\n"), "{request}");
+    }
+
+    /// Against the published table of the sign test's confidence intervals for the median
+    /// (Conover, Practical Nonparametric Statistics, table A3; also Altman et al., Statistics
+    /// with Confidence, table 18.4): ranks 1..6 for n = 6, 2..9 for 10, 3..10 for 12, 6..15 for
+    /// 20, 10..21 for 30.
+    #[test]
+    fn median_ci_ranks_match_the_published_table() {
+        assert_eq!(median_ci_ranks(5), None);
+        assert_eq!(median_ci_ranks(6), Some((1, 6)));
+        assert_eq!(median_ci_ranks(10), Some((2, 9)));
+        assert_eq!(median_ci_ranks(12), Some((3, 10)));
+        assert_eq!(median_ci_ranks(20), Some((6, 15)));
+        assert_eq!(median_ci_ranks(30), Some((10, 21)));
+        let v: Vec<f64> = (1..=12).rev().map(f64::from).collect();
+        assert_eq!(median_ci(v), Some((3.0, 10.0)));
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub struct WrkResult {
 }
 
 /// (steal ticks, all ticks) summed over the CPUs, from the first line of /proc/stat.
-fn cpu_ticks() -> Option<(u64, u64)> {
+pub fn cpu_ticks() -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let fields: Vec<u64> = stat
         .lines()
@@ -41,9 +41,17 @@ fn cpu_ticks() -> Option<(u64, u64)> {
     Some((*fields.get(7)?, fields.iter().take(8).sum()))
 }
 
+/// The share of CPU time stolen between two `cpu_ticks` readings.
+pub fn steal_share(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> Option<f64> {
+    match (before, after) {
+        (Some((s0, a0)), Some((s1, a1))) if a1 > a0 => Some((s1 - s0) as f64 / (a1 - a0) as f64),
+        _ => None,
+    }
+}
+
 /// One thread and 50 connections: enough to keep a one-worker nginx busy on a 2-core host while
 /// leaving a core for the agent, so that the agent's cost shows up as lost throughput.
-pub fn run(url: &str, duration_secs: u32) -> Result<WrkResult> {
+pub fn command(url: &str, duration_secs: u32) -> Command {
     let mut cmd = Command::new("wrk");
     cmd.args([
         "-t1",
@@ -52,15 +60,18 @@ pub fn run(url: &str, duration_secs: u32) -> Result<WrkResult> {
         "--latency",
         url,
     ]);
+    cmd
+}
+
+/// One wrk run of [`command`], with its report parsed and the steal during it.
+pub fn run(url: &str, duration_secs: u32) -> Result<WrkResult> {
+    let mut cmd = command(url, duration_secs);
     let line = cmd::display(&cmd);
     eprintln!("$ {line}");
     let before = cpu_ticks();
     let out = cmd::output(&mut cmd)?;
     let mut r = parse(&out).with_context(|| format!("parsing the report of `{line}`:\n{out}"))?;
-    r.steal_share = match (before, cpu_ticks()) {
-        (Some((s0, a0)), Some((s1, a1))) if a1 > a0 => Some((s1 - s0) as f64 / (a1 - a0) as f64),
-        _ => None,
-    };
+    r.steal_share = steal_share(before, cpu_ticks());
     Ok(r)
 }
 
