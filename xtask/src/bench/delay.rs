@@ -5,12 +5,15 @@
 //! traversals, one of them through the delay). For each requested delay it runs
 //! `awaitlab delay set` and reports the achieved round trip minus the undelayed baseline (p50 and
 //! p99 error), the same for TCP request/responses (4 bytes each way on kept connections, against
-//! a TCP baseline), then floods the sink at rising rates through a 100 ms delay to find the highest
-//! rate held with nothing bypassed and nothing lost, and the delay line's CPU per 10k packets.
-//! The netem back end is measured the same way as a peer where the kernel has netem.
+//! a TCP baseline, and against a reference measured at the same time: a third namespace whose
+//! echo holds each request as long itself), then floods the sink at rising rates through a
+//! 100 ms delay to find the highest rate held with nothing bypassed and nothing lost, and the
+//! delay line's CPU per 10k packets. The netem back end is measured the same way as a peer where
+//! the kernel has netem.
 //!
-//! Traffic stays inside the two namespaces this command creates; they (and the agent) are removed
-//! by guards, also on error or Ctrl-C. It reports and never fails a run for missing a target.
+//! Traffic stays inside the three namespaces this command creates; they (and the agent) are
+//! removed by guards, also on error or Ctrl-C. It reports and never fails a run for missing a
+//! target.
 
 use std::fs::{self, File};
 use std::net::{SocketAddr, UdpSocket};
@@ -48,16 +51,22 @@ const TCP_TARGET_P99_MS: f64 = 0.5;
 const ECHO_PORT: u16 = 7100;
 const SINK_PORT: u16 = 7101;
 const TCP_ECHO_PORT: u16 = 7102;
-/// TCP connections the request/response probes are spread over: each waits for its answer
-/// before its next request, so under a 200 ms delay 20 connections still send one request
-/// every 10 ms between them.
-const TCP_CONNS: u32 = 20;
+/// TCP connections the request/response probes of one side (through the line, or to the
+/// reference) are spread over: each waits for its answer before its next request, so under a
+/// 200 ms delay 10 connections still send one request every 20 ms between them.
+const TCP_CONNS: u32 = 10;
+const TARGET_IP: &str = "10.232.0.2";
+/// The reference's TCP echo: a third namespace, on a veth of its own, that no line delays.
+const REFERENCE_IP: &str = "10.232.0.6";
 
-/// Two namespaces and the veth between them (10.232.0.1 client, 10.232.0.2 target; no address
-/// in the root namespace, so parallel runs elsewhere cannot collide).
+/// The client and target namespaces and the veth between them (10.232.0.1 client, 10.232.0.2
+/// target), and the reference namespace on a second veth from the client (10.232.0.5 client,
+/// 10.232.0.6 reference). No address in the root namespace, so parallel runs elsewhere cannot
+/// collide.
 struct Pair {
     client: String,
     target: String,
+    reference: String,
 }
 
 impl Pair {
@@ -67,21 +76,32 @@ impl Pair {
         let p = Pair {
             client: format!("awlbd{pid}c"),
             target: format!("awlbd{pid}t"),
+            reference: format!("awlbd{pid}r"),
         };
-        ip(&["netns", "add", &p.client])?;
-        ip(&["netns", "add", &p.target])?;
-        let (c, t) = (format!("awlbd{pid}x"), format!("awlbd{pid}y"));
-        ip(&[
-            "link", "add", &c, "netns", &p.client, "type", "veth", "peer", "name", &t, "netns",
-            &p.target,
-        ])?;
-        for (ns, dev, addr) in [
-            (&p.client, &c, "10.232.0.1/30"),
-            (&p.target, &t, "10.232.0.2/30"),
-        ] {
-            ip(&["-n", ns, "addr", "add", addr, "dev", dev])?;
-            ip(&["-n", ns, "link", "set", dev, "up"])?;
+        for ns in [&p.client, &p.target, &p.reference] {
+            ip(&["netns", "add", ns])?;
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        for (peer, (c, c_addr), (t, t_addr)) in [
+            (
+                &p.target,
+                (format!("awlbd{pid}x"), "10.232.0.1/30"),
+                (format!("awlbd{pid}y"), "10.232.0.2/30"),
+            ),
+            (
+                &p.reference,
+                (format!("awlbd{pid}u"), "10.232.0.5/30"),
+                (format!("awlbd{pid}v"), "10.232.0.6/30"),
+            ),
+        ] {
+            ip(&[
+                "link", "add", &c, "netns", &p.client, "type", "veth", "peer", "name", &t, "netns",
+                peer,
+            ])?;
+            for (ns, dev, addr) in [(&p.client, &c, c_addr), (peer, &t, t_addr)] {
+                ip(&["-n", ns, "addr", "add", addr, "dev", dev])?;
+                ip(&["-n", ns, "link", "set", dev, "up"])?;
+            }
         }
         Ok(p)
     }
@@ -89,9 +109,10 @@ impl Pair {
 
 impl Drop for Pair {
     fn drop(&mut self) {
-        // Deleting the namespaces deletes the veth pair with them.
+        // Deleting the namespaces deletes the veth pairs with them.
         remove_ns(&self.client);
         remove_ns(&self.target);
+        remove_ns(&self.reference);
     }
 }
 
@@ -139,7 +160,7 @@ impl Servers {
             let (tx, rx) = std::sync::mpsc::channel();
             threads.push(in_ns(&pair.target, move || -> () {
                 let sock =
-                    UdpSocket::bind(("10.232.0.2", port)).expect("bind in the target namespace");
+                    UdpSocket::bind((TARGET_IP, port)).expect("bind in the target namespace");
                 sock.set_read_timeout(Some(Duration::from_millis(100)))
                     .unwrap();
                 set_rcvbuf(&sock, 32 << 20);
@@ -161,10 +182,12 @@ impl Servers {
             rx.recv_timeout(Duration::from_secs(5))
                 .context("the target's UDP servers did not start")?;
         }
-        let (s, (tx, rx)) = (stop.clone(), std::sync::mpsc::channel());
-        threads.push(in_ns(&pair.target, move || tcp_echo(&s, &tx)));
-        rx.recv_timeout(Duration::from_secs(5))
-            .context("the target's TCP echo did not start")?;
+        for (ns, ip) in [(&pair.target, TARGET_IP), (&pair.reference, REFERENCE_IP)] {
+            let (s, (tx, rx)) = (stop.clone(), std::sync::mpsc::channel());
+            threads.push(in_ns(ns, move || tcp_echo(&s, &tx, ip)));
+            rx.recv_timeout(Duration::from_secs(5))
+                .with_context(|| format!("the TCP echo at {ip} did not start"))?;
+        }
         Ok(Servers {
             stop,
             sunk,
@@ -173,12 +196,12 @@ impl Servers {
     }
 }
 
-/// The target's TCP echo: each connection (TCP_NODELAY) gets its 4-byte requests back at once,
-/// on a real-time thread of its own, until `stop`.
-fn tcp_echo(stop: &Arc<AtomicBool>, ready: &std::sync::mpsc::Sender<()>) {
+/// A TCP echo at `ip` (the target's, or the reference's): each connection (TCP_NODELAY) gets
+/// its 4-byte requests back, after the hold they ask for, on a real-time thread of its own,
+/// until `stop`.
+fn tcp_echo(stop: &Arc<AtomicBool>, ready: &std::sync::mpsc::Sender<()>, ip: &str) {
     use std::io::{Read as _, Write as _};
-    let l = std::net::TcpListener::bind(("10.232.0.2", TCP_ECHO_PORT))
-        .expect("bind in the target namespace");
+    let l = std::net::TcpListener::bind((ip, TCP_ECHO_PORT)).expect("bind in its namespace");
     l.set_nonblocking(true).unwrap();
     ready.send(()).unwrap();
     std::thread::scope(|sc| {
@@ -200,7 +223,7 @@ fn tcp_echo(stop: &Arc<AtomicBool>, ready: &std::sync::mpsc::Sender<()>) {
                     match c.read_exact(&mut buf) {
                         Ok(()) => {
                             // The request is the time to hold it here before the echo, in ms:
-                            // the reference delay (`tcp_rtts`).
+                            // the reference delay (`tcp_side_by_side`).
                             let hold = u32::from_le_bytes(buf);
                             if hold > 0 {
                                 std::thread::sleep(Duration::from_millis(hold.into()));
@@ -219,20 +242,33 @@ fn tcp_echo(stop: &Arc<AtomicBool>, ready: &std::sync::mpsc::Sender<()>) {
     });
 }
 
-/// Round trips (ms) of `n` TCP request/responses (4 bytes each way, TCP_NODELAY) from the client
-/// namespace over `TCP_CONNS` connections opened first (the handshake is not timed), each
-/// sending its next request 2 ms after its last answer. The echo server holds each request
-/// `hold_ms` before answering: with 0 and a delay line this measures the line; with the
-/// delay's length and no line it is the reference, a delay of the same length that this
-/// host's timers and wake-ups make (see `run`).
-fn tcp_rtts(pair: &Pair, n: u32, hold_ms: u32) -> Result<Vec<f64>> {
+/// The line's TCP round trips and the reference's (ms), measured at the same time: `n`
+/// request/responses each (4 bytes each way, TCP_NODELAY) from the client namespace, over
+/// `TCP_CONNS` connections per side opened first (the handshake is not timed), each sending
+/// its next request 2 ms after its last answer. The target's echo answers at once, so with a
+/// delay line set those round trips measure the line. The reference's echo holds each request
+/// `hold_ms` itself, with no line: a delay of the same length made by this host's timers and
+/// wake-ups (see `run`). Measured side by side, both see the host's moment alike; one after
+/// the other, the tails of two different moments were compared.
+fn tcp_side_by_side(pair: &Pair, n: u32, hold_ms: u32) -> Result<(Vec<f64>, Vec<f64>)> {
+    let line = tcp_probe_threads(pair, TARGET_IP, n, 0);
+    let reference = tcp_probe_threads(pair, REFERENCE_IP, n, hold_ms);
+    // Both joined before either error is returned: no probe thread outlives the call.
+    let (line, reference) = (join_rtts(line), join_rtts(reference));
+    Ok((line?, reference?))
+}
+
+type ProbeThread = std::thread::JoinHandle<Result<Result<Vec<f64>>>>;
+
+/// `TCP_CONNS` threads in the client namespace, each with its connection to `ip`.
+fn tcp_probe_threads(pair: &Pair, ip: &'static str, n: u32, hold_ms: u32) -> Vec<ProbeThread> {
     use std::io::{Read as _, Write as _};
     let per = n.div_ceil(TCP_CONNS);
-    let threads: Vec<_> = (0..TCP_CONNS)
+    (0..TCP_CONNS)
         .map(|_| {
             in_ns(&pair.client, move || -> Result<Vec<f64>> {
                 realtime();
-                let mut c = std::net::TcpStream::connect(("10.232.0.2", TCP_ECHO_PORT))?;
+                let mut c = std::net::TcpStream::connect((ip, TCP_ECHO_PORT))?;
                 c.set_nodelay(true)?;
                 c.set_read_timeout(Some(Duration::from_secs(5)))?;
                 let mut rtts = Vec::with_capacity(per as usize);
@@ -248,15 +284,27 @@ fn tcp_rtts(pair: &Pair, n: u32, hold_ms: u32) -> Result<Vec<f64>> {
                 Ok(rtts)
             })
         })
-        .collect();
+        .collect()
+}
+
+fn join_rtts(threads: Vec<ProbeThread>) -> Result<Vec<f64>> {
     let mut all = Vec::new();
+    let mut first_err = None;
     for t in threads {
-        all.extend(
-            t.join()
-                .map_err(|_| anyhow::anyhow!("TCP probe thread panicked"))???,
-        );
+        match t.join() {
+            Ok(Ok(Ok(v))) => all.extend(v),
+            Ok(Ok(Err(e)) | Err(e)) => {
+                first_err.get_or_insert(e);
+            }
+            Err(_) => {
+                first_err.get_or_insert(anyhow::anyhow!("TCP probe thread panicked"));
+            }
+        }
     }
-    Ok(all)
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(all),
+    }
 }
 
 impl Drop for Servers {
@@ -493,7 +541,7 @@ pub fn run(args: &DelayArgs) -> Result<()> {
         "baseline: {} TCP request/responses without delay",
         args.probes
     );
-    let tcp_base = tcp_rtts(&pair, args.probes, 0)?;
+    let (tcp_base, _) = tcp_side_by_side(&pair, args.probes, 0)?;
     let tcp_base_p50 = quantile(&tcp_base, 0.5);
     let mut results = Vec::new();
     println!("\n                     UDP probes (one packet each way)                         TCP request/response: error against no delay | against the reference");
@@ -503,18 +551,14 @@ pub fn run(args: &DelayArgs) -> Result<()> {
             check_interrupted()?;
             let set = DelaySet::start(&agent, &pair, ms, backend, &out_dir)?;
             let (rtts, lost) = probe_rtts(&pair, args.probes, ms)?;
-            let tcp = tcp_rtts(&pair, args.probes, 0)?;
+            // The reference, at the same time: the same requests held as long by its echo
+            // server itself (a thread's timer on this host), no line. An ideal network delay
+            // would cost the endpoints the same wake-ups after a long idle (measured here at
+            // 0.3-0.4 ms each after 100 ms on a 2-core VM, against microseconds on a busy CPU),
+            // which the no-delay baseline never pays; the line's own error is what it adds
+            // beyond them.
+            let (tcp, reference) = tcp_side_by_side(&pair, args.probes, ms)?;
             let summary = set.stop()?;
-            // The reference: the same requests held as long by the echo server itself (a
-            // thread's timer on this host), no line. An ideal network delay would cost the
-            // endpoints the same wake-ups after a long idle (measured here at 0.3-0.4 ms each
-            // after 100 ms on a 2-core VM, against microseconds on a busy CPU), which the
-            // no-delay baseline never pays; the line's own error is what it adds beyond them.
-            let reference = if ms > 0 {
-                tcp_rtts(&pair, args.probes, ms)?
-            } else {
-                tcp_base.clone()
-            };
             let (r50, r99) = (
                 quantile(&tcp, 0.5) - quantile(&reference, 0.5),
                 quantile(&tcp, 0.99) - quantile(&reference, 0.99),
