@@ -4,10 +4,11 @@
 //! `awaitlab load`'s peak memory with 10,000 users.
 //!
 //! Rounds alternate the tools (in a rotating order) so that noise from a shared host spreads
-//! over all of them; medians are compared. Traffic goes only to 127.0.0.1, to the nginx this
-//! command starts on a port the kernel picked. nginx, every tool process and the temporary
-//! directory are removed by guards, also on error or Ctrl-C. This module reports and never
-//! fails a run for missing a target ratio.
+//! over all of them. Each configuration's medians are printed; a ratio is the median of the
+//! rounds' own ratios, with a sign-test 95 % confidence interval. Traffic goes only to
+//! 127.0.0.1, to the nginx this command starts on a port the kernel picked. nginx, every tool
+//! process and the temporary directory are removed by guards, also on error or Ctrl-C. This
+//! module reports and never fails a run for missing a target ratio.
 
 use std::fs;
 use std::net::{SocketAddr, TcpListener};
@@ -21,16 +22,17 @@ use clap::Args;
 use serde_json::json;
 
 use super::util::{
-    catch_interrupts, check_interrupted, http_get_status, median, tail, temp_path_directives, NGINX,
+    catch_interrupts, check_interrupted, http_get_status, median, median_ci, tail,
+    temp_path_directives, verdict, NGINX,
 };
 use crate::cmd::{self, ChildGuard};
 use crate::setup;
 
 #[derive(Args)]
 pub struct LoadArgs {
-    /// Rounds; each runs every tool once. Medians over 5 keep one disturbed run (a shared
-    /// 2-core host) from deciding a ratio.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Rounds; each runs every tool once. A ratio is the median of the rounds' own ratios,
+    /// and 6 rounds or more give it a 95 % confidence interval (8: the lowest to the highest).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     runs: u32,
     /// Seconds of load per tool run.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
@@ -521,40 +523,62 @@ pub fn run(a: &LoadArgs) -> Result<()> {
     if let Some(n) = default_threads {
         println!("  awaitlab's default here: {n} thread(s) on {cores} cores");
     }
+    // Each ratio is the median of the rounds' own: the tools of a round ran minutes apart at
+    // most, while this host's throughput drifts by 10 % and more over a run.
+    let samples = |t: Tool| {
+        results
+            .iter()
+            .find(|(x, _)| *x == t)
+            .map_or(&[][..], |(_, v)| v.as_slice())
+    };
+    let per_round = |peer: Tool, by: fn(&Sample) -> f64| -> Vec<f64> {
+        samples(ours.0)
+            .iter()
+            .zip(samples(peer))
+            .map(|(o, p)| by(o) / by(p))
+            .collect()
+    };
     let mut ratios = serde_json::Map::new();
-    let mut ratio = |key: String, r: f64, target: f64, what: String| {
+    let mut ratio = |key: String, v: Vec<f64>, target: f64, what: String| {
+        let r = median(v.clone());
+        let ci = median_ci(v);
         println!(
-            "  {what:<48} {r:>6.2}  (target >= {target}: {})",
-            if r >= target { "met" } else { "NOT met" }
+            "  {what:<48} {r:>6.2}{}  ({})",
+            ci.map_or(String::new(), |(lo, hi)| format!(
+                ", 95 % CI {lo:.2} to {hi:.2}"
+            )),
+            verdict(r, ci, target)
         );
         ratios.insert(
             key,
-            json!({ "ratio": r, "target": target, "met": r >= target }),
+            json!({ "ratio": r, "ci95": ci.map(|(lo, hi)| [lo, hi]), "target": target, "met": r >= target }),
         );
     };
+    let rps_of: fn(&Sample) -> f64 = |s| s.rps;
+    let eff_of: fn(&Sample) -> f64 = |s| s.per_cpu_s;
     if let (Some(w), Some(we)) = (best(&is_wrk, &rate), best(&is_wrk, &eff)) {
         ratio(
             "best_wrk_rate".into(),
-            ours.1 / w.1,
+            per_round(w.0, rps_of),
             WRK_TARGET,
             format!("awaitlab (default) / best wrk ({}), req/s", w.0.name()),
         );
         ratio(
             "best_wrk_per_cpu_s".into(),
-            ours.2 / we.2,
+            per_round(we.0, eff_of),
             WRK_TARGET,
             format!("awaitlab (default) / best wrk ({}), req/CPU-s", we.0.name()),
         );
     }
     for (peer, target) in TARGETS {
-        let Some(p) = med.iter().find(|m| m.0 == peer) else {
+        if samples(peer).is_empty() {
             continue;
-        };
+        }
         ratio(
-            p.0.name(),
-            ours.1 / p.1,
+            peer.name(),
+            per_round(peer, rps_of),
             target,
-            format!("awaitlab (default) / {}, req/s", p.0.name()),
+            format!("awaitlab (default) / {}, req/s", peer.name()),
         );
     }
     println!(
@@ -569,7 +593,7 @@ pub fn run(a: &LoadArgs) -> Result<()> {
     let out_dir = cmd::target_dir().join("bench/load");
     fs::create_dir_all(&out_dir)?;
     let summary = json!({
-        "version": 2,
+        "version": 3,
         "connections": a.connections,
         "runs": a.runs,
         "duration_s": a.duration,

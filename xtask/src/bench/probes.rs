@@ -27,7 +27,7 @@ use super::bpfstats;
 use super::netns::{self, BenchNetns};
 use super::util::{
     bpf_maps_bytes, catch_interrupts, check_interrupted, http_client, http_get, http_get_status,
-    median, median_ci, proc_status_kib, tail, temp_path_directives, NGINX,
+    median, median_ci, proc_status_kib, tail, temp_path_directives, verdict, NGINX,
 };
 use super::wrk::{self, WrkResult};
 use crate::cmd::{self, secs, ChildGuard};
@@ -721,18 +721,6 @@ fn summarize(windows: &[Window], modes: &[Mode]) -> (f64, Vec<ModeSummary>) {
         })
         .collect();
     (rps_without, modes)
-}
-
-/// Whether the ratio meets its target, and whether the confidence interval settles it.
-fn verdict(ratio: f64, ci: Option<(f64, f64)>, target: f64) -> String {
-    let at_median = if ratio >= target { "meets" } else { "BELOW" };
-    match ci {
-        Some((lo, hi)) if lo < target && target <= hi => {
-            format!("{at_median} target >= {target} at the median; its 95 % CI holds the target")
-        }
-        Some(_) => format!("{at_median} target >= {target}, outside its 95 % CI"),
-        None => format!("{at_median} target >= {target}; too few pairs for a 95 % CI"),
-    }
 }
 
 fn print_profile(mode: Mode, p: &Profile) {

@@ -145,6 +145,18 @@ pub fn median_ci(mut v: Vec<f64>) -> Option<(f64, f64)> {
     Some((v[lo - 1], v[hi - 1]))
 }
 
+/// Whether the ratio meets its target, and whether the confidence interval settles it.
+pub fn verdict(ratio: f64, ci: Option<(f64, f64)>, target: f64) -> String {
+    let at_median = if ratio >= target { "meets" } else { "BELOW" };
+    match ci {
+        Some((lo, hi)) if lo < target && target <= hi => {
+            format!("{at_median} target >= {target} at the median; its 95 % CI holds the target")
+        }
+        Some(_) => format!("{at_median} target >= {target}, outside its 95 % CI"),
+        None => format!("{at_median} target >= {target}; too few pairs for a 95 % CI"),
+    }
+}
+
 /// A memory figure of `/proc/PID/status` in KiB: `VmRSS` (resident now) or `VmHWM` (its peak).
 pub fn proc_status_kib(pid: u32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
