@@ -44,6 +44,25 @@ fn served(subnet: u8) -> Served {
     }
 }
 
+impl Served {
+    /// `start` (`Agent::watch` or `Agent::watch_aggregated`) on the server's namespace and port,
+    /// with a 0.5 s interval, metrics on a free loopback port, and `extra` arguments.
+    fn agent(&self, start: fn(&[&str]) -> Agent, extra: &[&str]) -> Agent {
+        let mut args = vec![
+            "--target",
+            &self.target,
+            "--http-port",
+            "8000",
+            "--interval",
+            "0.5",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        start(&args)
+    }
+}
+
 /// `n` keep-alive GETs of `path(i)` on each of `conns` connections at once, each answered 200.
 fn burst(addr: SocketAddr, conns: usize, n: usize, path: impl Fn(usize) -> String + Sync) {
     std::thread::scope(|s| {
@@ -66,16 +85,7 @@ fn burst(addr: SocketAddr, conns: usize, n: usize, path: impl Fn(usize) -> Strin
 #[test]
 fn a_burst_that_overruns_the_ring_buffer_is_counted_exactly() {
     let s = served(1);
-    let agent = Agent::watch(&[
-        "--target",
-        &s.target,
-        "--http-port",
-        "8000",
-        "--interval",
-        "0.5",
-        "--metrics-addr",
-        "127.0.0.1:0",
-    ]);
+    let agent = s.agent(Agent::watch, &[]);
     // SAFETY: signalling our own child.
     unsafe { libc::kill(agent.pid() as i32, libc::SIGSTOP) };
     burst(s.addr, 4, 15_000, |_| "/x".to_string());
@@ -195,16 +205,7 @@ fn ten_thousand_connections_fill_the_connection_map_to_its_cap_counted() {
 #[test]
 fn ten_thousand_distinct_paths_keep_the_labels_at_their_cap() {
     let s = served(2);
-    let agent = Agent::watch(&[
-        "--target",
-        &s.target,
-        "--http-port",
-        "8000",
-        "--interval",
-        "0.5",
-        "--metrics-addr",
-        "127.0.0.1:0",
-    ]);
+    let agent = s.agent(Agent::watch, &[]);
     // Letters only: numeric segments would be normalised into one route.
     let name = |mut i: usize| {
         let mut p = String::from("/r");
@@ -237,6 +238,64 @@ fn ten_thousand_distinct_paths_keep_the_labels_at_their_cap() {
     assert!(routes.contains("/other"), "{routes:?}");
     assert_eq!(counted, served, "every request under some path");
     assert_eq!(sum["requests"].as_u64().unwrap(), served);
+    out.assert_detached();
+}
+
+/// Aggregation mode with `--max-request-keys 16` and 100 paths, each requested once (one key
+/// each: one process, status 200): the first 16 keys get histograms of their own; the other 84
+/// requests find the map full and are measured under `OTHER /other`, each counted as
+/// agg_map_full. Read on /metrics, against the server's own count.
+#[test]
+fn a_full_request_key_map_sends_the_rest_to_other_counted_exactly() {
+    const KEYS: usize = 16;
+    const PATHS: usize = 100;
+    let s = served(3);
+    let agent = s.agent(
+        Agent::watch_aggregated,
+        &["--max-request-keys", &KEYS.to_string()],
+    );
+    // Letters only: numeric segments would share a key.
+    let name = |i: usize| {
+        let letter = |n: usize| (b'a' + n as u8) as char;
+        format!("/k{}{}", letter(i / 26), letter(i % 26))
+    };
+    burst(s.addr, 1, PATHS, name);
+    // Two intervals: the agent reads the maps once each.
+    std::thread::sleep(Duration::from_millis(1200));
+    let (_, text) = http_get(agent.metrics_addr(), "/metrics");
+    let out = agent.stop();
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(s.server.requests.load(Ordering::Relaxed), PATHS as u64);
+    let value = |l: &str| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap();
+    let lost = text
+        .lines()
+        .find(|l| l.starts_with("awaitlab_lost_events_total{") && l.contains("agg_map_full"))
+        .map(value);
+    let overflow = (PATHS - KEYS) as f64;
+    assert_eq!(lost, Some(overflow), "agg_map_full on /metrics:\n{text}");
+    let by_route: Vec<(&str, f64)> = text
+        .lines()
+        .filter(|l| l.starts_with("http_server_request_duration_seconds_count{"))
+        .filter_map(|l| {
+            Some((
+                l.split("http_route=\"").nth(1)?.split('"').next()?,
+                value(l),
+            ))
+        })
+        .collect();
+    let other: f64 = by_route
+        .iter()
+        .filter(|(r, _)| *r == "/other")
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(other, overflow, "{by_route:?}");
+    // The 16 keys the map held: one request each, under their own paths.
+    let own: Vec<&(&str, f64)> = by_route.iter().filter(|(r, _)| *r != "/other").collect();
+    assert_eq!(own.len(), KEYS, "{by_route:?}");
+    assert!(
+        own.iter().all(|(r, n)| *n == 1.0 && r.starts_with("/k")),
+        "{by_route:?}"
+    );
     out.assert_detached();
 }
 

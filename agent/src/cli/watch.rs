@@ -58,6 +58,10 @@ pub struct Args {
     /// Threads the probes follow at once (default 16384); more are counted as thread_map_full.
     #[arg(long, default_value_t = MapSizes::default().threads)]
     pub max_threads: u32,
+    /// Aggregation mode: request histograms kept at once, one per method and path, process,
+    /// status (default 1024); requests past them go to OTHER /other, counted as agg_map_full.
+    #[arg(long, default_value_t = MapSizes::default().request_keys)]
+    pub max_request_keys: u32,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464; port 0 picks a
     /// free port, printed on stderr). Off by default; bind a loopback address unless a scraper
     /// elsewhere must reach it.
@@ -117,6 +121,7 @@ async fn watch(args: &Args, target: &Target) -> anyhow::Result<()> {
         sizes: MapSizes {
             connections: args.max_connections,
             threads: args.max_threads,
+            request_keys: args.max_request_keys,
         },
     };
     let mut stop = crate::signals::Stop::install()?;

@@ -41,7 +41,8 @@ pub struct DaemonConfig {
     /// that containers coming and going do not grow the series without bound. Default 300.
     #[serde(default = "default_series_grace")]
     pub series_grace_s: f64,
-    /// The probes' map sizes for each container (`[maps]`: `connections`, `threads`).
+    /// The probes' map sizes for each container (`[maps]`: `connections`, `threads`,
+    /// `request_keys`).
     #[serde(default)]
     pub maps: crate::probe::MapSizes,
     /// How containers are found: `docker` (the Docker Engine's events; default) or `cgroup`
@@ -473,6 +474,16 @@ mod tests {
         assert!(cfg("[maps]\nthreads = 4194305").is_err());
         let c = cfg("[maps]\nconnections = 1000").unwrap();
         assert_eq!((c.maps.connections, c.maps.threads), (1000, 16_384));
+        assert_eq!(c.maps.request_keys, 1_024);
+        let e = cfg("[maps]\nrequest_keys = 0").unwrap_err();
+        assert!(e.contains("request_keys must be 1-"), "{e}");
+        assert_eq!(
+            cfg("[maps]\nrequest_keys = 4096")
+                .unwrap()
+                .maps
+                .request_keys,
+            4096
+        );
         assert!(cfg(
             "[control]\naddr = \"127.0.0.1:1\"\nload_allow = [\"10.0.0.0/8\", \"fd00::1\"]"
         )

@@ -70,10 +70,13 @@ pub struct ProbeSpec {
     pub sizes: MapSizes,
 }
 
-/// How many entries the probes' per-connection and per-thread maps hold. A connection or a
-/// thread that finds its map full is not measured and is counted (`conn_map_full`,
-/// `thread_map_full`). Each connection entry takes about 100 bytes of kernel memory, each
-/// thread about 60 (two maps); the defaults take under 5 MB.
+/// How many entries the probes' per-connection, per-thread and per-request-key maps hold. A
+/// connection or a thread that finds its map full is not measured and is counted
+/// (`conn_map_full`, `thread_map_full`); a request whose key finds the aggregation map full is
+/// measured under `OTHER /other` and counted (`agg_map_full`). Each connection entry takes
+/// about 100 bytes of kernel memory, each thread about 60 (two maps), each request key about
+/// 2.3 KB per CPU once used (and 80 bytes for the head that names it); the defaults take under
+/// 5 MB before use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MapSizes {
@@ -81,6 +84,9 @@ pub struct MapSizes {
     pub connections: u32,
     /// Threads followed at once (CPU time and the request each is serving).
     pub threads: u32,
+    /// Aggregation mode: histograms kept at once, one per method and path, serving process,
+    /// status and exclusive-thread bit.
+    pub request_keys: u32,
 }
 
 impl Default for MapSizes {
@@ -88,6 +94,7 @@ impl Default for MapSizes {
         MapSizes {
             connections: 32_768,
             threads: 16_384,
+            request_keys: 1_024,
         }
     }
 }
@@ -97,7 +104,11 @@ impl MapSizes {
     pub const MAX: u32 = 1 << 22;
 
     pub fn check(&self) -> Result<(), String> {
-        for (what, n) in [("connections", self.connections), ("threads", self.threads)] {
+        for (what, n) in [
+            ("connections", self.connections),
+            ("threads", self.threads),
+            ("request_keys", self.request_keys),
+        ] {
             if !(1..=Self::MAX).contains(&n) {
                 return Err(format!("map size {what} must be 1-{}, got {n}", Self::MAX));
             }
@@ -207,6 +218,8 @@ impl Probes {
             .map_max_entries("CONNS", spec.sizes.connections)
             .map_max_entries("THREADS", spec.sizes.threads)
             .map_max_entries("THREAD_REQ", spec.sizes.threads)
+            .map_max_entries("REQ_AGG", spec.sizes.request_keys)
+            .map_max_entries("HEADS", spec.sizes.request_keys)
             .load(OBJECT)?;
         {
             let mut cfg: Array<&mut MapData, Config> =

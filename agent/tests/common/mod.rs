@@ -506,15 +506,26 @@ impl Agent {
         metrics_addr_in(&self.stderr_so_far())
     }
 
-    /// Starts `awaitlab watch ARGS --json` and waits until the probes are attached.
+    /// Starts `awaitlab watch ARGS --json` (per-request records) and waits until the probes are
+    /// attached.
     pub fn watch(args: &[&str]) -> Agent {
+        Agent::start(args, &["--json"])
+    }
+
+    /// Starts `awaitlab watch ARGS` in aggregation mode (text on stdout) and waits until the
+    /// probes are attached.
+    pub fn watch_aggregated(args: &[&str]) -> Agent {
+        Agent::start(args, &[])
+    }
+
+    fn start(args: &[&str], mode: &[&str]) -> Agent {
         let dir = tempdir::TempDir::new("awl-agent");
         let stdout = dir.path().join("stdout");
         let stderr = dir.path().join("stderr");
         let child = Command::new(agent_bin())
             .arg("watch")
             .args(args)
-            .arg("--json")
+            .args(mode)
             .stdout(File::create(&stdout).unwrap())
             .stderr(File::create(&stderr).unwrap())
             .spawn()
