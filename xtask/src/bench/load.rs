@@ -22,8 +22,8 @@ use clap::Args;
 use serde_json::json;
 
 use super::util::{
-    catch_interrupts, check_interrupted, http_get_status, median, median_ci, tail,
-    temp_path_directives, verdict, NGINX,
+    catch_interrupts, check_interrupted, http_get_status, median, tail, temp_path_directives,
+    Estimate, NGINX,
 };
 use crate::cmd::{self, ChildGuard};
 use crate::setup;
@@ -540,18 +540,16 @@ pub fn run(a: &LoadArgs) -> Result<()> {
     };
     let mut ratios = serde_json::Map::new();
     let mut ratio = |key: String, v: Vec<f64>, target: f64, what: String| {
-        let r = median(v.clone());
-        let ci = median_ci(v);
+        let e = Estimate::of(v);
         println!(
-            "  {what:<48} {r:>6.2}{}  ({})",
-            ci.map_or(String::new(), |(lo, hi)| format!(
-                ", 95 % CI {lo:.2} to {hi:.2}"
-            )),
-            verdict(r, ci, target)
+            "  {what:<48} {:>6.2}{}  ({})",
+            e.median,
+            e.ci_text(2),
+            e.verdict(target)
         );
         ratios.insert(
             key,
-            json!({ "ratio": r, "ci95": ci.map(|(lo, hi)| [lo, hi]), "target": target, "met": r >= target }),
+            json!({ "ratio": e.median, "ci95": e.ci_json(), "target": target, "met": e.median >= target }),
         );
     };
     let rps_of: fn(&Sample) -> f64 = |s| s.rps;

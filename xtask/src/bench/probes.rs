@@ -27,7 +27,7 @@ use super::bpfstats;
 use super::netns::{self, BenchNetns};
 use super::util::{
     bpf_maps_bytes, catch_interrupts, check_interrupted, http_client, http_get, http_get_status,
-    median, median_ci, proc_status_kib, tail, temp_path_directives, verdict, NGINX,
+    median, proc_status_kib, tail, temp_path_directives, Estimate, NGINX,
 };
 use super::wrk::{self, WrkResult};
 use crate::cmd::{self, secs, ChildGuard};
@@ -292,16 +292,16 @@ pub fn run(args: &ProbesArgs) -> Result<()> {
     );
     let mut windows = vec![off_window(&counter, window, &mut load)?];
     for cycle in 1..=args.runs {
-        if modes.is_empty() {
+        let Some(agent) = agent.as_deref() else {
             windows.push(off_window(&counter, window, &mut load)?);
             println!(
                 "{cycle:<7} {:<10} {:>9.0}",
                 "off",
                 windows[windows.len() - 1].rps()
             );
-        }
+            continue;
+        };
         for &mode in modes {
-            let agent = agent.as_deref().context("an agent")?;
             let log = out_dir.join(format!("agent-{}-{cycle}", mode.name()));
             windows.push(agent_window(agent, &ns, &counter, mode, window, &log)?);
             windows.push(off_window(&counter, window, &mut load)?);
@@ -334,9 +334,17 @@ pub fn run(args: &ProbesArgs) -> Result<()> {
             profiles.push((mode, p));
         }
     }
-    print_summary(&windows, modes, &profiles);
+    let (rps_without, summaries) = summarize(&windows, modes);
+    print_summary(windows.len(), rps_without, &summaries, &profiles);
     let json_path = out_dir.join("summary.json");
-    write_json(&json_path, args, &windows, modes, &profiles)?;
+    write_json(
+        &json_path,
+        args,
+        &windows,
+        rps_without,
+        &summaries,
+        &profiles,
+    )?;
     println!("\nmachine-readable summary: {}", json_path.display());
     if agent.is_some() {
         println!(
@@ -670,8 +678,7 @@ struct ModeSummary {
     pairs: usize,
     left_out: usize,
     rps: f64,
-    ratio: f64,
-    ratio_ci: Option<(f64, f64)>,
+    ratio: Estimate,
     /// Over all its windows: the agent's CPU seconds per 100k requests served.
     cpu_s_per_100k: f64,
     /// Largest RSS of the agent at a window's end, its largest peak, and its maps' memory, MiB.
@@ -702,7 +709,6 @@ fn summarize(windows: &[Window], modes: &[Mode]) -> (f64, Vec<ModeSummary>) {
             if kept.is_empty() {
                 return None;
             }
-            let ratios: Vec<f64> = kept.iter().map(|p| p.ratio).collect();
             let max = |f: fn(&AgentCost) -> f64| all.iter().map(|p| f(p.cost)).fold(0.0, f64::max);
             let cpu: f64 = all.iter().map(|p| p.cost.cpu_s).sum();
             let requests: u64 = all.iter().map(|p| p.with.requests).sum();
@@ -711,8 +717,7 @@ fn summarize(windows: &[Window], modes: &[Mode]) -> (f64, Vec<ModeSummary>) {
                 pairs: kept.len(),
                 left_out: all.len() - kept.len(),
                 rps: median(kept.iter().map(|p| p.with.rps()).collect()),
-                ratio: median(ratios.clone()),
-                ratio_ci: median_ci(ratios),
+                ratio: Estimate::of(kept.iter().map(|p| p.ratio).collect()),
                 cpu_s_per_100k: per(cpu * 100_000.0, requests),
                 rss_mib: max(|a| a.rss_mib),
                 rss_peak_mib: max(|a| a.rss_peak_mib),
@@ -751,18 +756,19 @@ fn fmt_us(v: Option<f64>) -> String {
     v.map_or_else(|| "-".to_owned(), |us| format!("{us:.0}us"))
 }
 
-fn print_summary(windows: &[Window], modes: &[Mode], profiles: &[(Mode, Profile)]) {
-    let (rps_without, summaries) = summarize(windows, modes);
-    println!(
-        "\nsummary over {} window(s) of load (medians)",
-        windows.len()
-    );
+fn print_summary(
+    windows: usize,
+    rps_without: f64,
+    summaries: &[ModeSummary],
+    profiles: &[(Mode, Profile)],
+) {
+    println!("\nsummary over {windows} window(s) of load (medians)");
     println!("  throughput without probes      {rps_without:>12.0} req/s");
     if summaries.is_empty() {
         println!("  (--no-agent: with-probes windows skipped)");
         return;
     }
-    for s in &summaries {
+    for s in summaries {
         println!("  {} mode", s.mode.name());
         if s.left_out > 0 {
             println!(
@@ -774,15 +780,13 @@ fn print_summary(windows: &[Window], modes: &[Mode], profiles: &[(Mode, Profile)
         println!("    throughput with probes       {:>12.0} req/s", s.rps);
         println!(
             "    ratio with/without           {:>12.3}   over {} pairs{}",
-            s.ratio,
+            s.ratio.median,
             s.pairs,
-            s.ratio_ci.map_or(String::new(), |(lo, hi)| format!(
-                ", 95 % CI {lo:.3} to {hi:.3}"
-            ))
+            s.ratio.ci_text(3)
         );
         println!(
             "                                              ({})",
-            verdict(s.ratio, s.ratio_ci, s.mode.target())
+            s.ratio.verdict(s.mode.target())
         );
         println!(
             "    agent CPU per 100k requests  {:>12.4} s   (user+system, in its windows)",
@@ -849,10 +853,10 @@ fn write_json(
     path: &Path,
     args: &ProbesArgs,
     windows: &[Window],
-    modes: &[Mode],
+    rps_without: f64,
+    summaries: &[ModeSummary],
     profiles: &[(Mode, Profile)],
 ) -> Result<()> {
-    let (rps_without, summaries) = summarize(windows, modes);
     let summary: serde_json::Map<String, serde_json::Value> = summaries
         .iter()
         .map(|s| {
@@ -864,8 +868,8 @@ fn write_json(
                     "pairs": s.pairs,
                     "pairs_left_out": s.left_out,
                     "requests_per_sec_with_probes": s.rps,
-                    "ratio": s.ratio,
-                    "ratio_ci95": s.ratio_ci.map(|(lo, hi)| [lo, hi]),
+                    "ratio": s.ratio.median,
+                    "ratio_ci95": s.ratio.ci_json(),
                     "agent_cpu_seconds_per_100k_requests": s.cpu_s_per_100k,
                     "bpf_ns_per_request": profile.map(|(_, p)| p.bpf_ns_per_req()),
                     "agent_rss_mib": s.rss_mib,

@@ -145,15 +145,47 @@ pub fn median_ci(mut v: Vec<f64>) -> Option<(f64, f64)> {
     Some((v[lo - 1], v[hi - 1]))
 }
 
-/// Whether the ratio meets its target, and whether the confidence interval settles it.
-pub fn verdict(ratio: f64, ci: Option<(f64, f64)>, target: f64) -> String {
-    let at_median = if ratio >= target { "meets" } else { "BELOW" };
-    match ci {
-        Some((lo, hi)) if lo < target && target <= hi => {
-            format!("{at_median} target >= {target} at the median; its 95 % CI holds the target")
+/// A ratio estimated from paired measurements (each pair's own ratio): their median, and the
+/// median's 95 % confidence interval ([`median_ci`]; None below 6 pairs).
+pub struct Estimate {
+    pub median: f64,
+    pub ci: Option<(f64, f64)>,
+}
+
+impl Estimate {
+    pub fn of(ratios: Vec<f64>) -> Estimate {
+        Estimate {
+            median: median(ratios.clone()),
+            ci: median_ci(ratios),
         }
-        Some(_) => format!("{at_median} target >= {target}, outside its 95 % CI"),
-        None => format!("{at_median} target >= {target}; too few pairs for a 95 % CI"),
+    }
+
+    /// `", 95 % CI LO to HI"` with `digits` decimals, or nothing without an interval.
+    pub fn ci_text(&self, digits: usize) -> String {
+        self.ci.map_or(String::new(), |(lo, hi)| {
+            format!(", 95 % CI {lo:.digits$} to {hi:.digits$}")
+        })
+    }
+
+    /// Whether the median meets `target` (at least), and whether the interval settles it.
+    pub fn verdict(&self, target: f64) -> String {
+        let at_median = if self.median >= target {
+            "meets"
+        } else {
+            "BELOW"
+        };
+        match self.ci {
+            Some((lo, hi)) if lo < target && target <= hi => format!(
+                "{at_median} target >= {target} at the median; its 95 % CI holds the target"
+            ),
+            Some(_) => format!("{at_median} target >= {target}, outside its 95 % CI"),
+            None => format!("{at_median} target >= {target}; too few pairs for a 95 % CI"),
+        }
+    }
+
+    /// The interval as `[lo, hi]` (null without one).
+    pub fn ci_json(&self) -> serde_json::Value {
+        serde_json::json!(self.ci.map(|(lo, hi)| [lo, hi]))
     }
 }
 
@@ -227,6 +259,21 @@ mod tests {
         assert_eq!(median_ci_ranks(30), Some((10, 21)));
         let v: Vec<f64> = (1..=12).rev().map(f64::from).collect();
         assert_eq!(median_ci(v), Some((3.0, 10.0)));
+    }
+
+    /// The verdict says where the median lies and whether the interval includes the target.
+    #[test]
+    fn estimate_verdicts() {
+        let e = Estimate::of(vec![0.90, 0.93, 0.95, 0.96, 0.97, 0.99, 1.02, 0.94]);
+        assert_eq!(e.median, 0.955);
+        assert_eq!(e.ci, Some((0.90, 1.02)));
+        assert_eq!(e.ci_text(2), ", 95 % CI 0.90 to 1.02");
+        assert!(e.verdict(1.0).starts_with("BELOW") && e.verdict(1.0).contains("holds"));
+        assert!(e.verdict(0.8).starts_with("meets") && e.verdict(0.8).contains("outside"));
+        assert!(e.verdict(1.1).starts_with("BELOW") && e.verdict(1.1).contains("outside"));
+        let few = Estimate::of(vec![1.0, 2.0]);
+        assert_eq!((few.ci, few.ci_text(2)), (None, String::new()));
+        assert!(few.verdict(1.0).contains("too few pairs"));
     }
 
     #[test]
