@@ -312,7 +312,7 @@ fn http_recv(c: &Config, sk: u64, conn: &mut Conn, n: u64, t: u64) {
     };
     clear(&mut conn.head_len);
     if c.flags & CONFIG_CAPTURE_PAYLOAD != 0 {
-        match copy_user_head(&mut conn.head, n) {
+        match copy_user(&mut conn.head, n) {
             Some(len) => conn.head_len = len,
             None => conn.flags |= REQ_NO_HEAD,
         }
@@ -366,7 +366,7 @@ fn http_send(c: &Config, conn: &mut Conn, n: u64, t: u64) {
         if c.flags & CONFIG_CAPTURE_PAYLOAD != 0 {
             // Straight into the connection: a zeroed buffer on the stack costs a `memset`
             // loop. The bytes count only up to `status_len`, which stays 0 on failure.
-            if let Some(len) = copy_user_status(&mut conn.status, n) {
+            if let Some(len) = copy_user(&mut conn.status, n) {
                 conn.status_len = len;
             }
         }
@@ -617,41 +617,19 @@ fn read_user(addr: u64) -> Option<u64> {
     Some(v)
 }
 
+/// Copies the first bytes (at most `N`, at most the `n` the syscall moved) of the current
+/// syscall's user buffer into `dst`, and returns how many; None when there is no buffer or the
+/// read failed (counted).
 #[inline(always)]
-fn copy_user_head(dst: &mut [u8; HEAD_LEN], n: u64) -> Option<u16> {
+fn copy_user<const N: usize>(dst: &mut [u8; N], n: u64) -> Option<u16> {
     let buf = user_buf()?;
-    let len = if n < HEAD_LEN as u64 {
-        n as u32
-    } else {
-        HEAD_LEN as u32
-    };
-    // Bound for the verifier: len is in 1..=HEAD_LEN.
-    let len = len & (2 * HEAD_LEN as u32 - 1);
-    if len == 0 || len > HEAD_LEN as u32 {
+    let len = if n < N as u64 { n as u32 } else { N as u32 };
+    // Bound for the verifier: len is in 1..=N.
+    let len = len & (2 * N as u32 - 1);
+    if len == 0 || len > N as u32 {
         return None;
     }
-    // SAFETY: dst has HEAD_LEN bytes and len <= HEAD_LEN.
-    let r = unsafe { bpf_probe_read_user(dst.as_mut_ptr().cast(), len, buf as *const _) };
-    if r != 0 {
-        count(Counter::PayloadReadFailed);
-        return None;
-    }
-    Some(len as u16)
-}
-
-#[inline(always)]
-fn copy_user_status(dst: &mut [u8; STATUS_LEN], n: u64) -> Option<u16> {
-    let buf = user_buf()?;
-    let len = if n < STATUS_LEN as u64 {
-        n as u32
-    } else {
-        STATUS_LEN as u32
-    };
-    let len = len & (2 * STATUS_LEN as u32 - 1);
-    if len == 0 || len > STATUS_LEN as u32 {
-        return None;
-    }
-    // SAFETY: dst has STATUS_LEN bytes and len <= STATUS_LEN.
+    // SAFETY: dst has N bytes and len <= N.
     let r = unsafe { bpf_probe_read_user(dst.as_mut_ptr().cast(), len, buf as *const _) };
     if r != 0 {
         count(Counter::PayloadReadFailed);

@@ -26,8 +26,8 @@ fn field(s: &str) -> String {
     }
 }
 
-fn row(out: &mut String, cells: &[String]) {
-    let line: Vec<String> = cells.iter().map(|c| field(c)).collect();
+fn row<S: AsRef<str>>(out: &mut String, cells: &[S]) {
+    let line: Vec<String> = cells.iter().map(|c| field(c.as_ref())).collect();
     out.push_str(&line.join(","));
     out.push_str("\r\n");
 }
@@ -69,7 +69,7 @@ fn error_text(kind: &str, r: &LoadReport) -> String {
 
 pub(crate) fn stats_csv(r: &LoadReport) -> String {
     let mut out = String::new();
-    let mut header: Vec<String> = [
+    let header: Vec<&str> = [
         "Type",
         "Name",
         "Request Count",
@@ -82,10 +82,9 @@ pub(crate) fn stats_csv(r: &LoadReport) -> String {
         "Requests/s",
         "Failures/s",
     ]
-    .iter()
-    .map(|s| s.to_string())
+    .into_iter()
+    .chain(PCT_COLUMNS)
     .collect();
-    header.extend(PCT_COLUMNS.iter().map(|s| s.to_string()));
     row(&mut out, &header);
     let dur = r.actual_duration_s.max(1e-9);
     let avg_size = if r.requests > 0 {
@@ -116,7 +115,7 @@ pub(crate) fn stats_csv(r: &LoadReport) -> String {
 
 pub(crate) fn stats_history_csv(r: &LoadReport) -> String {
     let mut out = String::new();
-    let mut header: Vec<String> = [
+    let header: Vec<&str> = [
         "Timestamp",
         "User Count",
         "Type",
@@ -124,23 +123,18 @@ pub(crate) fn stats_history_csv(r: &LoadReport) -> String {
         "Requests/s",
         "Failures/s",
     ]
-    .iter()
-    .map(|s| s.to_string())
+    .into_iter()
+    .chain(PCT_COLUMNS)
+    .chain([
+        "Total Request Count",
+        "Total Failure Count",
+        "Total Median Response Time",
+        "Total Average Response Time",
+        "Total Min Response Time",
+        "Total Max Response Time",
+        "Total Average Content Size",
+    ])
     .collect();
-    header.extend(PCT_COLUMNS.iter().map(|s| s.to_string()));
-    header.extend(
-        [
-            "Total Request Count",
-            "Total Failure Count",
-            "Total Median Response Time",
-            "Total Average Response Time",
-            "Total Min Response Time",
-            "Total Max Response Time",
-            "Total Average Content Size",
-        ]
-        .iter()
-        .map(|s| s.to_string()),
-    );
     row(&mut out, &header);
     let start_s = r.started_unix_ms / 1000;
     for p in &r.series {
@@ -175,15 +169,7 @@ pub(crate) fn stats_history_csv(r: &LoadReport) -> String {
 
 pub(crate) fn failures_csv(r: &LoadReport) -> String {
     let mut out = String::new();
-    row(
-        &mut out,
-        &[
-            "Method".into(),
-            "Name".into(),
-            "Error".into(),
-            "Occurrences".into(),
-        ],
-    );
+    row(&mut out, &["Method", "Name", "Error", "Occurrences"]);
     for f in &r.failures_by_kind {
         row(
             &mut out,

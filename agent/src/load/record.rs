@@ -326,15 +326,18 @@ impl Recorder {
         })
     }
 
+    /// The shards registered so far (the list is cloned: recording threads are not held up).
+    fn all_shards(&self) -> Vec<Arc<Mutex<Shard>>> {
+        self.shards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Removes and merges every second before `before` from all shards.
     pub(crate) fn take_seconds(&self, before: u64) -> BTreeMap<u64, Second> {
         let mut out: BTreeMap<u64, Second> = BTreeMap::new();
-        let shards = self
-            .shards
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        for sh in shards {
+        for sh in self.all_shards() {
             let taken = {
                 let mut g = sh.lock().unwrap_or_else(|e| e.into_inner());
                 let keep = g.seconds.split_off(&before);
@@ -355,12 +358,7 @@ impl Recorder {
     /// Whole-run totals of all shards so far.
     pub fn totals(&self) -> Totals {
         let mut t = Totals::default();
-        let shards = self
-            .shards
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        for sh in shards {
+        for sh in self.all_shards() {
             t.merge(&sh.lock().unwrap_or_else(|e| e.into_inner()).totals);
         }
         t
