@@ -41,6 +41,9 @@ enum Behaviour {
     /// Answers in turn with the framings a client must follow (`framed`), keep-alive but for
     /// the last, which ends its body by closing.
     Framings,
+    /// 101 Switching Protocols, then the connection speaks another protocol: the server never
+    /// answers HTTP on it again and waits (up to 2 s) for the client to close.
+    Upgrade,
 }
 
 /// Body bytes of the `Framings` answer to the server's request number `n` (from 0).
@@ -257,6 +260,15 @@ fn handle(
                     return;
                 }
             }
+            Behaviour::Upgrade => {
+                let _ = conn.write_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: awl\r\n\r\n",
+                );
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut sink = [0u8; 512];
+                while matches!(conn.read(&mut sink), Ok(n) if n > 0) {}
+                return;
+            }
             Behaviour::CloseAfterEach => {
                 let _ = conn.write_all(
                     b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
@@ -416,6 +428,21 @@ fn every_framing_is_read_to_its_end() {
         s.connections()
     );
     assert_eq!(r.connect_ms.count, s.connections());
+}
+
+/// A 101 is a final answer after which the connection is no longer HTTP: the request counts
+/// with its status, and the next request opens a new connection.
+#[test]
+fn a_switching_protocols_answer_ends_the_connection() {
+    let s = Server::start(Behaviour::Upgrade);
+    let r = run(&closed(s.url("/u"), 10, 2.0));
+    // A generator that reused the connection would wait for an answer that never comes: at
+    // most 10 users x 1 request in 2 s.
+    assert!(r.requests > 50, "only {} requests", r.requests);
+    assert_eq!(r.failures, 0, "{:?}", kinds(&r));
+    assert_eq!(r.requests, s.requests());
+    assert_eq!(r.status_counts.get("101"), Some(&r.requests));
+    assert_eq!(s.connections(), r.requests);
 }
 
 #[test]

@@ -241,7 +241,8 @@ async fn exchange(
                 if (100..200).contains(&status) && status != 101 {
                     continue;
                 }
-                break (status, framing, close);
+                // After 101 Switching Protocols the connection speaks another protocol.
+                break (status, framing, close || status == 101);
             }
             None => {
                 if buf.fill(stream).await? == 0 {
