@@ -273,6 +273,12 @@ fn server_sessions(sut: &Sut) -> &'static str {
     }
 }
 
+/// Requests the probes have seen finish since they were attached, in either mode.
+fn finished_requests(session: &Session) -> Option<u64> {
+    let c = session.probes().counters().ok()?;
+    Some(c[agent_common::Counter::Requests as usize])
+}
+
 /// Waits until PostgreSQL has no client connection but ours and the server has been quiet for
 /// `quiet`: a closed-loop run (the warm-up too) leaves requests queued in the server when the
 /// load stops, and a killed server's database sessions end only once their statement does.
@@ -293,6 +299,7 @@ fn drain(
     );
     let t0 = Instant::now();
     let mut session = session;
+    let mut finished = session.as_deref().and_then(finished_requests);
     let mut quiet_since: Option<Instant> = None;
     let mut ticks = netns_cpu_ticks(netns_inum);
     let mut first = true;
@@ -311,9 +318,10 @@ fn drain(
             .and_then(|out| out.trim().parse().ok())
             .unwrap_or(u64::MAX);
         let finished_now = session.as_deref_mut().map_or(0, |s| {
-            let before = s.agg.total.requests;
             s.drain(|_| {});
-            s.agg.total.requests - before
+            // The kernel's count, not the records drained: in aggregation mode none come.
+            let now = finished_requests(s).unwrap_or(0);
+            now.saturating_sub(finished.replace(now).unwrap_or(now))
         });
         if conns == 0 && finished_now == 0 && !busy {
             let q = *quiet_since.get_or_insert_with(Instant::now);
