@@ -99,6 +99,10 @@ pub const CONFIG_CAPTURE_PAYLOAD: u32 = 1;
 /// Aggregation mode: requests, round trips and connects go into the per-CPU histograms of
 /// `REQ_AGG` and `DB_AGG` instead of one ring-buffer record each.
 pub const CONFIG_AGGREGATE: u32 = 2;
+/// A measuring aid, not a mode to run (`watch --probe-floor`): the socket I/O programs check
+/// the socket's namespace and return. `cargo xtask bench probes --floor` measures with it what
+/// the hooks themselves cost a server, before any work.
+pub const CONFIG_FLOOR: u32 = 4;
 
 /// What a ring-buffer record is; the first field of every record.
 #[repr(u32)]

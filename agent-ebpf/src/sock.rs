@@ -11,8 +11,8 @@
 use agent_common::{
     head_hash, status_code, AggKey, Config, Counter, DbConnectEvent, DbRoundTripEvent, EventHeader,
     EventKind, Hist, RequestEvent, SyscallNrs, CONFIG_AGGREGATE, CONFIG_CAPTURE_PAYLOAD,
-    DB_AGG_CONNECT, DB_AGG_ROUND_TRIP, HEAD_LEN, REQ_END_CLOSE, REQ_EXCLUSIVE_THREAD, REQ_NO_HEAD,
-    REQ_NO_RESPONSE, STATUS_LEN,
+    CONFIG_FLOOR, DB_AGG_CONNECT, DB_AGG_ROUND_TRIP, HEAD_LEN, REQ_END_CLOSE, REQ_EXCLUSIVE_THREAD,
+    REQ_NO_HEAD, REQ_NO_RESPONSE, STATUS_LEN,
 };
 use aya_ebpf::{
     helpers::{
@@ -181,7 +181,7 @@ fn try_io(ctx: &BtfTracePointContext, is_send: bool) -> Option<()> {
     }
     // Namespace first: on a busy host most socket I/O is someone else's, and two field reads
     // are cheaper than a hash lookup that misses.
-    if !sk_in_target(c, sk) {
+    if !sk_in_target(c, sk) || c.flags & CONFIG_FLOOR != 0 {
         return None;
     }
     let t = now();

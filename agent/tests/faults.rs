@@ -299,6 +299,41 @@ fn a_full_request_key_map_sends_the_rest_to_other_counted_exactly() {
     out.assert_detached();
 }
 
+/// `watch --probe-floor` (the benchmark's floor): the programs attach and see the target's
+/// sockets, but the I/O path stops at the namespace check. The connection-state program still
+/// counts the 5 connections the clients opened (so the programs ran and matched the namespace);
+/// not one of the server's 50 requests is measured.
+#[test]
+fn the_probe_floor_sees_the_target_and_measures_no_request() {
+    const CONNS: usize = 5;
+    const EACH: usize = 10;
+    let s = served(4);
+    let agent = s.agent(Agent::watch_aggregated, &["--probe-floor"]);
+    burst(s.addr, CONNS, EACH, |i| format!("/f{i}"));
+    // Two intervals: the agent reads the maps once each.
+    std::thread::sleep(Duration::from_millis(1200));
+    let (_, text) = http_get(agent.metrics_addr(), "/metrics");
+    let out = agent.stop();
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(
+        s.server.requests.load(Ordering::Relaxed),
+        (CONNS * EACH) as u64
+    );
+    let value = |l: &str| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap();
+    let opened = text
+        .lines()
+        .find(|l| l.starts_with("awaitlab_connections_opened_total{") && l.contains("\"http\""))
+        .map(value);
+    assert_eq!(opened, Some(CONNS as f64), "{text}");
+    let measured: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("http_server_request_duration_seconds_count{"))
+        .map(value)
+        .sum();
+    assert_eq!(measured, 0.0, "{text}");
+    out.assert_detached();
+}
+
 /// A tmpfs mounted for one test and unmounted on drop (lazily, should anything hold it).
 struct Tmpfs(tempdir::TempDir);
 

@@ -67,6 +67,11 @@ pub struct Args {
     /// elsewhere must reach it.
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Measuring aid for `cargo xtask bench probes --floor`: the programs attach and run but
+    /// only check each socket's namespace, so no request is measured. What is left is the cost
+    /// of the hooks themselves.
+    #[arg(long, hide = true)]
+    pub probe_floor: bool,
 }
 
 fn parse_interval(s: &str) -> Result<f64, String> {
@@ -118,6 +123,7 @@ async fn watch(args: &Args, target: &Target) -> anyhow::Result<()> {
         db_ports: dedup(&args.db_ports),
         capture_payload: !args.no_payload,
         aggregate: !(args.json || args.records),
+        floor: args.probe_floor,
         sizes: MapSizes {
             connections: args.max_connections,
             threads: args.max_threads,

@@ -371,6 +371,7 @@ impl Daemon {
             db_ports: dedup(&rule.db_ports),
             capture_payload: rule.capture_payload,
             aggregate: true,
+            floor: false,
             sizes: self.cfg.maps,
         };
         let (name, cid, metrics) = (c.name.clone(), c.id.clone(), self.metrics.clone());

@@ -18,7 +18,7 @@ use std::path::Path;
 
 use agent_common::{
     AggKey, Config, Counter, Hist, Kernel, ThreadCpu, CONFIG_AGGREGATE, CONFIG_CAPTURE_PAYLOAD,
-    COUNTERS, HEAD_LEN, MAX_PORTS,
+    CONFIG_FLOOR, COUNTERS, HEAD_LEN, MAX_PORTS,
 };
 use aya::{
     maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -67,6 +67,9 @@ pub struct ProbeSpec {
     /// Aggregation mode: the programs keep histograms in maps and write no record per request
     /// (`Session` reads the maps); per-request records only when false.
     pub aggregate: bool,
+    /// A measuring aid (`CONFIG_FLOOR`): the socket I/O programs only check the namespace, so
+    /// requests are not measured. False everywhere but `watch --probe-floor`.
+    pub floor: bool,
     pub sizes: MapSizes,
 }
 
@@ -424,6 +427,9 @@ fn build_config(spec: &ProbeSpec) -> Result<Config, ProbeError> {
     }
     if spec.aggregate {
         flags |= CONFIG_AGGREGATE;
+    }
+    if spec.floor {
+        flags |= CONFIG_FLOOR;
     }
     Ok(Config {
         netns_inum: spec.netns_inum,

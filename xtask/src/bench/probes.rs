@@ -4,7 +4,9 @@
 //! root namespace for the whole benchmark, while the agent is started and stopped around it:
 //! short windows without the agent alternate with windows with it, in per-request mode (`watch
 //! --records`: a ring-buffer record per request) and in aggregation mode (`watch`: histograms
-//! in kernel maps). nginx's own request counter (`stub_status`) gives each window's throughput.
+//! in kernel maps), and with `--floor` also with programs that only check the namespace (the
+//! hooks' own cost, below which no program can go). nginx's own request counter
+//! (`stub_status`) gives each window's throughput.
 //! Each window with the agent is compared with the mean of the windows without it on either side,
 //! so that the host's drift over seconds cancels, and the ratio is the median over those pairs,
 //! with a distribution-free 95 % confidence interval. Separate profile runs measure the kernel
@@ -40,6 +42,11 @@ pub struct ProbesArgs {
     /// Seconds of each window, and of each profile run.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     duration: u32,
+    /// Also measure the design's floor, as a third window per cycle: the agent with programs
+    /// that only check each socket's namespace (`watch --probe-floor`), i.e. the cost of the
+    /// hooks themselves, which no program they run can go below.
+    #[arg(long, conflicts_with = "no_agent")]
+    floor: bool,
     /// Debugging aid: skip the with-probes windows (tests the harness without an agent).
     #[arg(long, hide = true)]
     no_agent: bool,
@@ -65,31 +72,38 @@ const WARM_UP: Duration = Duration::from_secs(2);
 const TARGET_RATIO_RECORDS: f64 = 0.97;
 const TARGET_RATIO_AGGREGATE: f64 = 0.99;
 
-/// How the agent runs: a record per request, or histograms in maps.
+/// How the agent runs: a record per request, histograms in maps, or (`--floor`) programs that
+/// stop at the namespace check.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Mode {
     Records,
     Aggregate,
+    Floor,
 }
 
 impl Mode {
     const ALL: [Mode; 2] = [Mode::Records, Mode::Aggregate];
+    const WITH_FLOOR: [Mode; 3] = [Mode::Records, Mode::Aggregate, Mode::Floor];
     fn name(self) -> &'static str {
         match self {
             Mode::Records => "records",
             Mode::Aggregate => "aggregate",
+            Mode::Floor => "floor",
         }
     }
-    fn target(self) -> f64 {
+    /// The floor has none: it is what the targets are compared with.
+    fn target(self) -> Option<f64> {
         match self {
-            Mode::Records => TARGET_RATIO_RECORDS,
-            Mode::Aggregate => TARGET_RATIO_AGGREGATE,
+            Mode::Records => Some(TARGET_RATIO_RECORDS),
+            Mode::Aggregate => Some(TARGET_RATIO_AGGREGATE),
+            Mode::Floor => None,
         }
     }
     fn flags(self) -> &'static [&'static str] {
         match self {
             Mode::Records => &["--records"],
             Mode::Aggregate => &[],
+            Mode::Floor => &["--probe-floor"],
         }
     }
 }
@@ -254,7 +268,11 @@ pub fn run(args: &ProbesArgs) -> Result<()> {
         );
         Some(path)
     };
-    let modes: &[Mode] = if agent.is_some() { &Mode::ALL } else { &[] };
+    let modes: &[Mode] = match (&agent, args.floor) {
+        (None, _) => &[],
+        (Some(_), false) => &Mode::ALL,
+        (Some(_), true) => &Mode::WITH_FLOOR,
+    };
 
     let out_dir = cmd::target_dir().join("bench/probes");
     fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
@@ -784,10 +802,11 @@ fn print_summary(
             s.pairs,
             s.ratio.ci_text(3)
         );
-        println!(
-            "                                              ({})",
-            s.ratio.verdict(s.mode.target())
+        let verdict = s.mode.target().map_or_else(
+            || "the floor: programs that only check the namespace".to_owned(),
+            |t| s.ratio.verdict(t),
         );
+        println!("                                              ({verdict})");
         println!(
             "    agent CPU per 100k requests  {:>12.4} s   (user+system, in its windows)",
             s.cpu_s_per_100k

@@ -365,6 +365,7 @@ fn attach(
         db_ports: vec![system.db_port()],
         capture_payload: true,
         aggregate: false,
+        floor: false,
         sizes: Default::default(),
     };
     let mut session = Session::attach(&spec, system.netns()).context("attaching the probes")?;
