@@ -508,6 +508,7 @@ fn probed(sut: &Sut, traffic: impl FnOnce()) -> (Summary, Summary) {
         db_ports: vec![sut.db_port()],
         capture_payload: true,
         aggregate,
+        floor: false,
         sizes: Default::default(),
     };
     let mut records = Session::attach(&spec(false), sut.netns()).unwrap();
