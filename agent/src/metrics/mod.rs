@@ -774,7 +774,7 @@ mod tests {
         let r = Registry::new();
         let m = ProbeMetrics::new(&r).unwrap();
         let mut labels = LabelSet::new(8);
-        let label = labels.intern("GET", "/posts/io_read/".into());
+        let label = labels.intern("GET", "/posts/io_read/");
         let rec = crate::probe::aggregate::RequestRecord {
             kind: "request",
             pid: 1,
@@ -852,7 +852,7 @@ mod tests {
         let r = Registry::new();
         let m = ProbeMetrics::new(&r).unwrap();
         let mut labels = LabelSet::new(8);
-        let label = labels.intern("GET", "/a".into());
+        let label = labels.intern("GET", "/a");
         let req = |status| {
             Record::Request(crate::probe::aggregate::RequestRecord {
                 status,

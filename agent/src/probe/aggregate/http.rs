@@ -12,11 +12,7 @@ const METHODS: &[&str] = &[
 /// Method and raw path of a request line; the path is marked with a trailing `…` when the copied
 /// head ended inside it.
 pub(crate) fn parse_request_head(head: &[u8]) -> (&'static str, String) {
-    let line_end = head
-        .iter()
-        .position(|&b| b == b'\r' || b == b'\n')
-        .unwrap_or(head.len());
-    let line = &head[..line_end];
+    let line = &head[..request_line_end(head)];
     let mut parts = line.splitn(3, |&b| b == b' ');
     let method = parts.next().unwrap_or(b"");
     let method = METHODS
@@ -35,6 +31,13 @@ pub(crate) fn parse_request_head(head: &[u8]) -> (&'static str, String) {
         p.push('…');
     }
     (method, p)
+}
+
+/// Where a head's request line ends: all `parse_request_head` reads of it.
+fn request_line_end(head: &[u8]) -> usize {
+    head.iter()
+        .position(|&b| b == b'\r' || b == b'\n')
+        .unwrap_or(head.len())
 }
 
 /// Collapses identifiers so that `/posts/123/` and `/posts/456/` are one label.
@@ -87,9 +90,17 @@ pub(crate) fn parse_status(head: &[u8]) -> u16 {
 /// scanner hitting random URLs cannot blow up the label set of the metrics.
 pub struct LabelSet {
     max: usize,
-    ids: HashMap<(&'static str, String), usize>,
+    /// Label ids by method, then path: a known label is found without allocating.
+    ids: HashMap<&'static str, HashMap<String, usize>>,
     labels: Vec<(&'static str, String)>,
+    /// Request lines seen (the bytes `parse_request_head` reads) and what they parse to: a
+    /// server's requests repeat a few lines, so most records skip the parse.
+    lines: HashMap<Box<[u8]>, (&'static str, String, usize)>,
 }
+
+/// Request lines remembered by [`LabelSet::request`]; past it the memory starts over (the
+/// labels stay).
+const MAX_LINES: usize = 4096;
 
 impl LabelSet {
     pub fn new(max: usize) -> Self {
@@ -97,24 +108,43 @@ impl LabelSet {
             max: max.max(1),
             ids: HashMap::new(),
             labels: Vec::new(),
+            lines: HashMap::new(),
         };
         s.labels.push(("OTHER", "/other".into()));
-        s.ids.insert(("OTHER", "/other".into()), 0);
+        s.ids.entry("OTHER").or_default().insert("/other".into(), 0);
         s
     }
 
-    pub(crate) fn intern(&mut self, method: &'static str, path: String) -> usize {
-        let key = (method, path);
-        if let Some(&id) = self.ids.get(&key) {
+    pub(crate) fn intern(&mut self, method: &'static str, path: &str) -> usize {
+        if let Some(&id) = self.ids.get(method).and_then(|m| m.get(path)) {
             return id;
         }
         if self.labels.len() > self.max {
             return 0;
         }
         let id = self.labels.len();
-        self.labels.push(key.clone());
-        self.ids.insert(key, id);
+        self.labels.push((method, path.to_owned()));
+        self.ids
+            .entry(method)
+            .or_default()
+            .insert(path.to_owned(), id);
         id
+    }
+
+    /// Method, path and label of a request head: `parse_request_head`, then `intern`,
+    /// remembered by request line.
+    pub(crate) fn request(&mut self, head: &[u8]) -> (&'static str, String, usize) {
+        let line = &head[..request_line_end(head)];
+        if let Some((m, p, l)) = self.lines.get(line) {
+            return (m, p.clone(), *l);
+        }
+        let (m, p) = parse_request_head(line);
+        let l = self.intern(m, &p);
+        if self.lines.len() >= MAX_LINES {
+            self.lines.clear();
+        }
+        self.lines.insert(line.into(), (m, p.clone(), l));
+        (m, p, l)
     }
 
     pub fn get(&self, id: usize) -> (&'static str, &str) {
@@ -173,14 +203,44 @@ mod tests {
     #[test]
     fn label_set_is_bounded() {
         let mut s = LabelSet::new(3);
-        let a = s.intern("GET", "/a".into());
-        assert_eq!(s.intern("GET", "/a".into()), a);
+        let a = s.intern("GET", "/a");
+        assert_eq!(s.intern("GET", "/a"), a);
+        assert_ne!(s.intern("POST", "/a"), a);
         for i in 0..100 {
-            s.intern("GET", format!("/x{i}"));
+            s.intern("GET", &format!("/x{i}"));
         }
         assert!(s.labels.len() <= 4);
-        assert_eq!(s.intern("GET", "/brand-new".into()), 0);
+        assert_eq!(s.intern("GET", "/brand-new"), 0);
         assert_eq!(s.get(0), ("OTHER", "/other"));
+    }
+
+    /// The remembered lines give what parsing and interning each head anew gives (the
+    /// reference), in a set small enough to fill, for heads that share, repeat and vary their
+    /// request lines, including past `MAX_LINES`.
+    #[test]
+    fn remembered_request_lines_match_a_fresh_parse() {
+        let mut cached = LabelSet::new(8);
+        let mut fresh = LabelSet::new(8);
+        let heads: Vec<Vec<u8>> = (0..3 * MAX_LINES)
+            .map(|i| match i % 5 {
+                0 => b"GET /posts/io_read/ HTTP/1.1\r\nHost: a\r\n".to_vec(),
+                1 => format!("GET /p/{i}/ HTTP/1.1\r\nHost: b\r\n").into_bytes(),
+                2 => format!("POST /q{}?x={i} HTTP/1.1\r\n", i % 20).into_bytes(),
+                3 => b"GET /truncated/pa".to_vec(),
+                _ => format!("PUT /u{i}").into_bytes(),
+            })
+            .collect();
+        for h in heads.iter().chain(heads.iter().rev()) {
+            let (m, p) = parse_request_head(h);
+            let l = fresh.intern(m, &p);
+            assert_eq!(
+                cached.request(h),
+                (m, p, l),
+                "{}",
+                String::from_utf8_lossy(h)
+            );
+        }
+        assert_eq!(cached.labels, fresh.labels);
     }
 
     proptest! {

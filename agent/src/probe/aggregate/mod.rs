@@ -315,12 +315,11 @@ pub(crate) fn decode(bytes: &[u8], labels: &mut http::LabelSet) -> Option<(Recor
         k if k == EventKind::Request as u32 => {
             let e = RequestEvent::from_bytes(bytes)?;
             let head = &e.head[..(e.head_len as usize).min(e.head.len())];
-            let (method, path) = if e.flags & REQ_NO_HEAD != 0 || head.is_empty() {
-                ("OTHER", "/?".to_string())
+            let (method, path, label) = if e.flags & REQ_NO_HEAD != 0 || head.is_empty() {
+                ("OTHER", "/?".to_string(), labels.intern("OTHER", "/?"))
             } else {
-                http::parse_request_head(head)
+                labels.request(head)
             };
-            let label = labels.intern(method, path.clone());
             let status =
                 http::parse_status(&e.status[..(e.status_len as usize).min(e.status.len())]);
             let rec = RequestRecord {
@@ -635,7 +634,7 @@ impl Aggregator {
             Some(h) => http::parse_request_head(&h),
             None => ("OTHER", "/?".to_string()),
         };
-        let l = self.labels.intern(method, path);
+        let l = self.labels.intern(method, &path);
         self.head_labels.insert(hash, l);
         l
     }
@@ -1067,7 +1066,7 @@ mod tests {
                     b.add(d)
                 }
                 let (m, p) = http::parse_request_head(h);
-                let l = labels.intern(m, p.clone());
+                let l = labels.intern(m, &p);
                 records.add(
                     &Record::Request(RequestRecord {
                         method: m,
