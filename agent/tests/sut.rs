@@ -579,7 +579,9 @@ fn assert_modes_agree(records: &Summary, aggregated: &Summary) {
     // Relative: the histograms' errors. Absolute: the two sets' timestamps, as above, which
     // matter on durations of tens of microseconds (a connect inside the host: 36 vs 40 us seen).
     // The tail (p99 and max of tens to hundreds of events) is one event's value, so it also
-    // allows the one pause; the body (p50, p90, mean) does not.
+    // allows the one pause; the body (p50, p90, mean) does not. A p90 with fewer than 5 events
+    // above it is tail too: one paused event moves it to its neighbour, and in a sparse tail
+    // that is far (p90 of 20 connects, the 3rd largest: 44 vs 68 us seen, maxima 76 vs 84 us).
     let close = |x: f64, y: f64, abs: f64| (x - y).abs() <= (1.0 / 32.0 + 0.002) * y + abs;
     for (qa, qr) in [
         (&a.server_time, &r.server_time),
@@ -587,9 +589,10 @@ fn assert_modes_agree(records: &Summary, aggregated: &Summary) {
         (&a.db.connect, &r.db.connect),
     ] {
         assert_eq!(qa.count, qr.count, "{what}");
+        let p90_pause = if qr.count < 50 { PAUSE_MS } else { 0.0 };
         for (x, y, abs) in [
             (qa.p50_ms, qr.p50_ms, 0.010),
-            (qa.p90_ms, qr.p90_ms, 0.010),
+            (qa.p90_ms, qr.p90_ms, 0.010 + p90_pause),
             (qa.p99_ms, qr.p99_ms, 0.010 + PAUSE_MS),
             (qa.max_ms, qr.max_ms, 0.010 + PAUSE_MS),
             (
