@@ -895,12 +895,22 @@ fn the_control_endpoint_sets_and_clears_a_delay_and_runs_a_load() {
         "db_client_connection_create_time",
         "awaitlab_serving_thread",
     ];
-    let missing: Vec<String> = dashboards_without_data(&prometheus, load_started + 7.0, "4s", "6s")
-        .into_iter()
-        .filter(|m| m.starts_with("awaitlab-overview.json"))
-        .filter(|m| !cannot.iter().any(|c| m.contains(c)))
-        .collect();
-    assert!(missing.is_empty(), "{}", missing.join("\n"));
+    // The load keeps both cores busy, and once in a full suite no query had data at 7 s, not
+    // even the series the load does not touch: the scrapes around it were lost (each has a 1 s
+    // timeout), not the daemon's figures. The claim is data during the load, so any of four
+    // instants in it will do (each 4 s rate window holds four scrapes); the first instant's
+    // gaps are reported when none has all.
+    let missing_at = |at: f64| -> Vec<String> {
+        dashboards_without_data(&prometheus, load_started + at, "4s", "6s")
+            .into_iter()
+            .filter(|m| m.starts_with("awaitlab-overview.json"))
+            .filter(|m| !cannot.iter().any(|c| m.contains(c)))
+            .collect()
+    };
+    let missing = missing_at(7.0);
+    let complete =
+        missing.is_empty() || [6.0, 8.0, 5.0].iter().any(|&at| missing_at(at).is_empty());
+    assert!(complete, "{}", missing.join("\n"));
     let (_, text) = http_get(m, "/metrics");
     promtool_check(&text).unwrap_or_else(|e| panic!("promtool check metrics:\n{e}\n{text}"));
     drop(prometheus);
