@@ -45,6 +45,20 @@ fn served(subnet: u8) -> Served {
 }
 
 impl Served {
+    /// Waits two of the agent's 0.5 s intervals (it reads the kernel's maps once each), reads
+    /// its /metrics, stops it (exit 0), and checks that the server answered `requests`.
+    fn metrics_then_stop(&self, agent: Agent, requests: usize) -> (String, Finished) {
+        std::thread::sleep(Duration::from_millis(1200));
+        let (_, text) = http_get(agent.metrics_addr(), "/metrics");
+        let out = agent.stop();
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        assert_eq!(
+            self.server.requests.load(Ordering::Relaxed),
+            requests as u64
+        );
+        (text, out)
+    }
+
     /// `start` (`Agent::watch` or `Agent::watch_aggregated`) on the server's namespace and port,
     /// with a 0.5 s interval, metrics on a free loopback port, and `extra` arguments.
     fn agent(&self, start: fn(&[&str]) -> Agent, extra: &[&str]) -> Agent {
@@ -260,13 +274,7 @@ fn a_full_request_key_map_sends_the_rest_to_other_counted_exactly() {
         format!("/k{}{}", letter(i / 26), letter(i % 26))
     };
     burst(s.addr, 1, PATHS, name);
-    // Two intervals: the agent reads the maps once each.
-    std::thread::sleep(Duration::from_millis(1200));
-    let (_, text) = http_get(agent.metrics_addr(), "/metrics");
-    let out = agent.stop();
-    assert_eq!(out.code, Some(0), "{}", out.stderr);
-    assert_eq!(s.server.requests.load(Ordering::Relaxed), PATHS as u64);
-    let value = |l: &str| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap();
+    let (text, out) = s.metrics_then_stop(agent, PATHS);
     let lost = text
         .lines()
         .find(|l| l.starts_with("awaitlab_lost_events_total{") && l.contains("agg_map_full"))
@@ -310,16 +318,7 @@ fn the_probe_floor_sees_the_target_and_measures_no_request() {
     let s = served(4);
     let agent = s.agent(Agent::watch_aggregated, &["--probe-floor"]);
     burst(s.addr, CONNS, EACH, |i| format!("/f{i}"));
-    // Two intervals: the agent reads the maps once each.
-    std::thread::sleep(Duration::from_millis(1200));
-    let (_, text) = http_get(agent.metrics_addr(), "/metrics");
-    let out = agent.stop();
-    assert_eq!(out.code, Some(0), "{}", out.stderr);
-    assert_eq!(
-        s.server.requests.load(Ordering::Relaxed),
-        (CONNS * EACH) as u64
-    );
-    let value = |l: &str| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap();
+    let (text, out) = s.metrics_then_stop(agent, CONNS * EACH);
     let opened = text
         .lines()
         .find(|l| l.starts_with("awaitlab_connections_opened_total{") && l.contains("\"http\""))
@@ -332,6 +331,11 @@ fn the_probe_floor_sees_the_target_and_measures_no_request() {
         .sum();
     assert_eq!(measured, 0.0, "{text}");
     out.assert_detached();
+}
+
+/// The value of one line of the Prometheus text format.
+fn value(line: &str) -> f64 {
+    line.rsplit(' ').next().unwrap().parse().unwrap()
 }
 
 /// A tmpfs mounted for one test and unmounted on drop (lazily, should anything hold it).
