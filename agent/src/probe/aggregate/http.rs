@@ -192,6 +192,12 @@ mod tests {
         );
     }
 
+    /// A head the probes could not copy is labelled like any unparseable one.
+    #[test]
+    fn no_head_is_other() {
+        assert_eq!(parse_request_head(b""), ("OTHER", "/?".into()));
+    }
+
     #[test]
     fn status_lines() {
         assert_eq!(parse_status(b"HTTP/1.1 200 OK\r\n"), 200);

@@ -314,12 +314,12 @@ pub(crate) fn decode(bytes: &[u8], labels: &mut http::LabelSet) -> Option<(Recor
     match hdr.kind {
         k if k == EventKind::Request as u32 => {
             let e = RequestEvent::from_bytes(bytes)?;
-            let head = &e.head[..(e.head_len as usize).min(e.head.len())];
-            let (method, path, label) = if e.flags & REQ_NO_HEAD != 0 || head.is_empty() {
-                ("OTHER", "/?".to_string(), labels.intern("OTHER", "/?"))
-            } else {
-                labels.request(head)
+            // No head (or a failed copy) parses as `OTHER /?`, like any unparseable one.
+            let head = match e.flags & REQ_NO_HEAD {
+                0 => &e.head[..(e.head_len as usize).min(e.head.len())],
+                _ => &[],
             };
+            let (method, path, label) = labels.request(head);
             let status =
                 http::parse_status(&e.status[..(e.status_len as usize).min(e.status.len())]);
             let rec = RequestRecord {
@@ -630,11 +630,8 @@ impl Aggregator {
         if let Some(&l) = self.head_labels.get(&hash) {
             return l;
         }
-        let (method, path) = match head(hash).filter(|h| !h.is_empty() && hash != 0) {
-            Some(h) => http::parse_request_head(&h),
-            None => ("OTHER", "/?".to_string()),
-        };
-        let l = self.labels.intern(method, &path);
+        let h = head(hash).filter(|_| hash != 0).unwrap_or_default();
+        let (_, _, l) = self.labels.request(&h);
         self.head_labels.insert(hash, l);
         l
     }
