@@ -3,7 +3,12 @@
 //!
 //! It must never fail on odd bytes: anything unparseable becomes `OTHER` / `/?` / 0.
 
-use std::collections::HashMap;
+use std::sync::Arc;
+
+/// The label maps are looked up once per request record, with keys the agent controls the size
+/// of (a request line is at most `HEAD_LEN` bytes): foldhash, seeded per process, costs a third
+/// of std's SipHash there, and `MAX_LINES` bounds what colliding lines could cost.
+use foldhash::HashMap;
 
 const METHODS: &[&str] = &[
     "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE",
@@ -95,8 +100,11 @@ pub struct LabelSet {
     labels: Vec<(&'static str, String)>,
     /// Request lines seen (the bytes `parse_request_head` reads) and what they parse to: a
     /// server's requests repeat a few lines, so most records skip the parse.
-    lines: HashMap<Box<[u8]>, (&'static str, String, usize)>,
+    lines: HashMap<Box<[u8]>, Request>,
 }
+
+/// What a request line names: its method, normalised path and label id.
+pub(crate) type Request = (&'static str, Arc<str>, usize);
 
 /// Request lines remembered by [`LabelSet::request`]; past it the memory starts over (the
 /// labels stay).
@@ -106,9 +114,9 @@ impl LabelSet {
     pub fn new(max: usize) -> Self {
         let mut s = LabelSet {
             max: max.max(1),
-            ids: HashMap::new(),
+            ids: HashMap::default(),
             labels: Vec::new(),
-            lines: HashMap::new(),
+            lines: HashMap::default(),
         };
         s.labels.push(("OTHER", "/other".into()));
         s.ids.entry("OTHER").or_default().insert("/other".into(), 0);
@@ -132,14 +140,16 @@ impl LabelSet {
     }
 
     /// Method, path and label of a request head: `parse_request_head`, then `intern`,
-    /// remembered by request line.
-    pub(crate) fn request(&mut self, head: &[u8]) -> (&'static str, String, usize) {
+    /// remembered by request line. The path is shared with the memory, so a known line costs
+    /// no allocation.
+    pub(crate) fn request(&mut self, head: &[u8]) -> Request {
         let line = &head[..request_line_end(head)];
         if let Some((m, p, l)) = self.lines.get(line) {
             return (m, p.clone(), *l);
         }
         let (m, p) = parse_request_head(line);
         let l = self.intern(m, &p);
+        let p: Arc<str> = p.into();
         if self.lines.len() >= MAX_LINES {
             self.lines.clear();
         }
@@ -241,7 +251,7 @@ mod tests {
             let l = fresh.intern(m, &p);
             assert_eq!(
                 cached.request(h),
-                (m, p, l),
+                (m, p.into(), l),
                 "{}",
                 String::from_utf8_lossy(h)
             );

@@ -7,7 +7,10 @@
 pub mod http;
 pub mod summary;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use agent_common::{
     hist_bucket_range, AggKey, Counter, DbConnectEvent, DbRoundTripEvent, EventHeader, EventKind,
@@ -30,7 +33,7 @@ pub struct RequestRecord {
     pub pid: u32,
     pub tid: u32,
     pub method: &'static str,
-    pub path: String,
+    pub path: Arc<str>,
     /// 0 when no status line was seen.
     pub status: u16,
     /// CLOCK_MONOTONIC nanoseconds of the first request byte read.
@@ -761,7 +764,7 @@ mod tests {
             panic!("not a request")
         };
         assert_eq!(
-            (r.method, r.path.as_str(), r.status),
+            (r.method, &*r.path, r.status),
             ("GET", "/posts/io_read/", 200)
         );
         assert_eq!(r.server_ns, 3_000_000);
@@ -1067,7 +1070,7 @@ mod tests {
                 records.add(
                     &Record::Request(RequestRecord {
                         method: m,
-                        path: p,
+                        path: p.into(),
                         status: key.status,
                         pid: 7,
                         tid: 70,
