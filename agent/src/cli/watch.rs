@@ -143,6 +143,8 @@ async fn watch(args: &Args, target: &Target) -> anyhow::Result<()> {
     };
 
     let mut session = Session::attach(&spec, &target.spec)?;
+    // The interval lines below read windows; nothing else keeps them.
+    session.agg.keep_windows();
     let status = session.probes().status();
     let hooks = |live: bool| -> Vec<&str> {
         status

@@ -496,7 +496,10 @@ pub(crate) trait Observer: Send {
 pub struct Aggregator {
     pub labels: http::LabelSet,
     pub total: Stats,
-    pub window: Stats,
+    /// The interval since the last `take_window`, kept only once a reader asks for it
+    /// (`keep_windows`: `watch`'s interval lines); the runner and the daemon read `total` and
+    /// the observers, and would pay for a second histogram record per request.
+    window: Option<Stats>,
     /// Records the agent could not decode (should stay 0).
     pub malformed: u64,
     observers: Vec<Box<dyn Observer>>,
@@ -519,7 +522,7 @@ impl Aggregator {
         Aggregator {
             labels: http::LabelSet::new(64),
             total: Stats::default(),
-            window: Stats::default(),
+            window: None,
             malformed: 0,
             observers: Vec::new(),
             last: BTreeMap::new(),
@@ -563,7 +566,9 @@ impl Aggregator {
             return None;
         };
         self.total.add(&rec, label);
-        self.window.add(&rec, label);
+        if let Some(w) = &mut self.window {
+            w.add(&rec, label);
+        }
         for o in &mut self.observers {
             o.record(&rec, label, &self.labels);
         }
@@ -589,7 +594,9 @@ impl Aggregator {
             }
             let label = self.label_of(key.head, &mut head);
             self.total.add_requests(key, label, &d);
-            self.window.add_requests(key, label, &d);
+            if let Some(w) = &mut self.window {
+                w.add_requests(key, label, &d);
+            }
             let values: Vec<(u64, u64)> = d.values().collect();
             for o in &mut self.observers {
                 o.aggregated(
@@ -610,7 +617,7 @@ impl Aggregator {
         let cn = k.db_connect.since(&self.last_connect);
         self.last_round_trip = k.db_round_trip.clone();
         self.last_connect = k.db_connect.clone();
-        for s in [&mut self.total, &mut self.window] {
+        for s in std::iter::once(&mut self.total).chain(&mut self.window) {
             s.add_round_trips(&rt, attributed);
             s.add_connects(&cn);
             s.add_serving(&k.serving_tids);
@@ -639,9 +646,14 @@ impl Aggregator {
         l
     }
 
-    /// Ends the current interval and returns it.
+    /// Keeps intervals from now on, for `take_window`.
+    pub(crate) fn keep_windows(&mut self) {
+        self.window.get_or_insert_with(Stats::default);
+    }
+
+    /// Ends the current interval and returns it (empty unless `keep_windows` was called).
     pub(crate) fn take_window(&mut self) -> Stats {
-        std::mem::take(&mut self.window)
+        self.window.as_mut().map(std::mem::take).unwrap_or_default()
     }
 }
 
@@ -1115,6 +1127,7 @@ mod tests {
         }
         let observed = Arc::new(Mutex::new(0));
         let mut agg = Aggregator::new();
+        agg.keep_windows();
         agg.add_observer(Box::new(Count(observed.clone())));
         let head_of = |k: u64| heads.iter().find(|h| hash(h) == k).map(|h| h.to_vec());
         agg.absorb(&kernel, &counters, head_of);
@@ -1156,9 +1169,8 @@ mod tests {
         kernel.requests[0].1.add(&more);
         agg.absorb(&kernel, &counters, head_of);
         assert_eq!(agg.total.requests, records.requests + 1);
-        assert_eq!(agg.window.requests, records.requests + 1);
         assert_eq!(agg.take_window().requests, records.requests + 1);
         agg.absorb(&kernel, &counters, head_of);
-        assert_eq!(agg.window.requests, 0);
+        assert_eq!(agg.take_window().requests, 0);
     }
 }
