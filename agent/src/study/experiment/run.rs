@@ -386,31 +386,22 @@ fn stderr_is_tty() -> bool {
 }
 
 /// One line of progress on stderr.
-/// `done` cells ran in this process, `skipped` were finished before (a resumed run).
-fn progress(
-    done: usize,
-    skipped: usize,
-    total: usize,
-    started: Instant,
-    cell: &CellKey,
-    p: &load::Progress,
-) {
+fn progress(t: &Tally, cell: &CellKey, p: &load::Progress) {
     let tty = stderr_is_tty();
     // Not a terminal (CI, a log file): one line every 10 s instead of a redrawn one.
     if !tty && !p.elapsed.as_secs().is_multiple_of(10) {
         return;
     }
-    let per_cell = if done > 0 {
-        started.elapsed().as_secs_f64() / done as f64
-    } else {
-        p.planned.as_secs_f64() + 20.0
-    };
-    let left = per_cell * total.saturating_sub(done + skipped) as f64 - p.elapsed.as_secs_f64();
+    let left = seconds_left(
+        t,
+        t.started.elapsed().as_secs_f64(),
+        p.planned.as_secs_f64(),
+    );
     eprint!(
         "{}[{}/{}] {} {} {} ms r{}: {:>4.0}/{:.0} s, {} users, {:.0} req/s, {} failures; about {:.0} min left{}",
         if tty { "\r\x1b[2K" } else { "" },
-        done + skipped + 1,
-        total,
+        t.done + t.skipped + 1,
+        t.total,
         cell.setup,
         cell.route,
         cell.delay_ms,
@@ -420,9 +411,23 @@ fn progress(
         p.users,
         p.requests_last_s as f64,
         p.failures,
-        left.max(0.0) / 60.0,
+        left / 60.0,
         if tty { "" } else { "\n" }
     );
+}
+
+/// Seconds a run still needs, `now_s` into it while a cell of `planned_s` of load runs: each
+/// cell left (this one too) takes what the finished ones took on average, less what this one
+/// has already used. Before any cell finished a cell counts as its load and 20 s for the fresh
+/// server and the warm-up.
+fn seconds_left(t: &Tally, now_s: f64, planned_s: f64) -> f64 {
+    let per_cell = if t.done > 0 {
+        t.done_s / t.done as f64
+    } else {
+        planned_s + 20.0
+    };
+    let cells = t.total.saturating_sub(t.done + t.skipped) as f64;
+    (per_cell * cells - (now_s - t.done_s)).max(0.0)
 }
 
 /// What happens before a cell's load starts (its progress line follows).
@@ -664,11 +669,14 @@ fn warm_up(
 }
 
 /// Counts of a run in progress, for the progress line.
+/// `done` cells ran in this process, `skipped` were finished before (a resumed run).
 struct Tally {
     done: usize,
     skipped: usize,
     total: usize,
     started: Instant,
+    /// Seconds from `started` to the end of the last cell done.
+    done_s: f64,
     /// Seconds of measured load so far.
     load_s: f64,
     phases: Phases,
@@ -725,14 +733,7 @@ fn measure(
                 m.delay.set("server", g.requested(), Some(hold), &backend);
             }
         }
-        progress(
-            tally.done,
-            tally.skipped,
-            tally.total,
-            tally.started,
-            key,
-            p,
-        )
+        progress(tally, key, p)
     };
     let report = run_load(
         cx,
@@ -994,6 +995,7 @@ pub fn run(
         skipped: planned.len() - todo.len(),
         total: planned.len(),
         started: Instant::now(),
+        done_s: 0.0,
         load_s: 0.0,
         phases: Phases::default(),
     };
@@ -1037,6 +1039,7 @@ pub fn run(
         timed(&mut ph.write_s, || write_cell(&dir, &cell, &report))?;
         tally.phases = ph;
         tally.done += 1;
+        tally.done_s = tally.started.elapsed().as_secs_f64();
         tally.load_s += report.actual_duration_s;
         if let Some(why) = died {
             eprintln!("awaitlab: {}: {why}; recorded as failed", key.stem());
@@ -1080,6 +1083,41 @@ mod tests {
             config: serde_json::to_value(cfg).unwrap(),
             planned,
         }
+    }
+
+    #[test]
+    fn the_time_left_falls_as_a_cell_runs_and_counts_from_the_cells_done() {
+        // 27 cells, 2 done in 120 s (60 s each), 1 skipped from an earlier run: 24 cells left,
+        // this one among them.
+        let t = Tally {
+            done: 2,
+            skipped: 1,
+            total: 27,
+            started: Instant::now(),
+            done_s: 120.0,
+            load_s: 0.0,
+            phases: Phases::default(),
+        };
+        assert_eq!(seconds_left(&t, 120.0, 30.0), 24.0 * 60.0);
+        // 10 and 25 s into the cell: exactly that much less, whatever the cell's own length.
+        assert_eq!(seconds_left(&t, 130.0, 30.0), 24.0 * 60.0 - 10.0);
+        assert_eq!(seconds_left(&t, 145.0, 30.0), 24.0 * 60.0 - 25.0);
+        // Before the first cell is done: the planned load and 20 s per cell.
+        let first = Tally {
+            done: 0,
+            skipped: 0,
+            done_s: 0.0,
+            ..t
+        };
+        assert_eq!(seconds_left(&first, 5.0, 30.0), 27.0 * 50.0 - 5.0);
+        // A cell that overruns the average does not make the estimate negative.
+        let last = Tally {
+            done: 26,
+            skipped: 0,
+            done_s: 26.0 * 60.0,
+            ..t
+        };
+        assert_eq!(seconds_left(&last, 26.0 * 60.0 + 90.0, 30.0), 0.0);
     }
 
     #[test]
