@@ -203,7 +203,9 @@ pub struct DbConnectEvent {
     pub start_ns: u64,
     pub dur_ns: u64,
     pub remote_port: u16,
-    pub _pad: [u16; 3],
+    /// 1 when the connect was added to the figures of the request its thread was serving.
+    pub attributed: u16,
+    pub _pad: [u16; 2],
 }
 const _: () = assert!(core::mem::size_of::<DbConnectEvent>() == 56);
 
@@ -262,9 +264,22 @@ pub enum Counter {
     /// Aggregation mode: a request whose (method and path, process, status) found `REQ_AGG`
     /// full; it is counted under the overflow key (`AggKey::OVERFLOW`).
     AggMapFull = 19,
+    /// Round-trip nanoseconds added to a request's figures (the time of `DbRoundTripsAttributed`).
+    DbWaitAttributedNs = 20,
+    /// Connects added to a request's figures, and their nanoseconds.
+    DbConnectsAttributed = 21,
+    DbConnectAttributedNs = 22,
+    /// What finished requests carried when they finished: the round trips and connects pinned
+    /// to them and their nanoseconds. With the four above, user space counts the database work
+    /// of the requests that finished in an interval without the pinned work of those still in
+    /// the server at its end.
+    FinishedDbRoundTrips = 23,
+    FinishedDbWaitNs = 24,
+    FinishedDbConnects = 25,
+    FinishedDbConnectNs = 26,
 }
 /// Number of slots in `COUNTERS`.
-pub const COUNTERS: u32 = 20;
+pub const COUNTERS: u32 = 27;
 
 /// Histogram of the aggregation mode: log-linear, [`HIST_SUB`] buckets per power of two from
 /// 2^[`HIST_MIN_LOG2`] ns (64 ns; anything below lands in bucket 0) up to 2^[`HIST_MAX_LOG2`] ns

@@ -414,6 +414,15 @@ fn finalize(c: &Config, sk: u64, conn: &mut Conn, extra_flags: u32, t: u64) {
     }
     conn.state = H_IDLE;
     count(Counter::Requests);
+    // Skipped on servers without a database (no cost there).
+    if conn.db_round_trips != 0 {
+        add(Counter::FinishedDbRoundTrips, conn.db_round_trips as u64);
+        add(Counter::FinishedDbWaitNs, conn.db_wait_ns);
+    }
+    if conn.db_connects != 0 {
+        add(Counter::FinishedDbConnects, conn.db_connects as u64);
+        add(Counter::FinishedDbConnectNs, conn.db_connect_ns);
+    }
     let end = if conn.last_send_ns != 0 {
         conn.last_send_ns
     } else {
@@ -576,9 +585,12 @@ fn attribute(tid: u32, dur: u64, is_connect: bool) -> bool {
     if is_connect {
         conn.db_connects += 1;
         conn.db_connect_ns += dur;
+        count(Counter::DbConnectsAttributed);
+        add(Counter::DbConnectAttributedNs, dur);
     } else {
         conn.db_round_trips += 1;
         conn.db_wait_ns += dur;
+        add(Counter::DbWaitAttributedNs, dur);
     }
     true
 }
@@ -707,7 +719,7 @@ fn try_state(ctx: &BtfTracePointContext) -> Option<()> {
         let dur = t.saturating_sub(cn.start_ns);
         count(Counter::DbConnsOpened);
         count(Counter::DbConnects);
-        attribute(cn.tid, dur, true);
+        let attributed = attribute(cn.tid, dur, true);
         track(sk, ROLE_DB, lport, rport);
         if c.flags & CONFIG_AGGREGATE != 0 {
             aggregate_db(DB_AGG_CONNECT, dur);
@@ -729,7 +741,8 @@ fn try_state(ctx: &BtfTracePointContext) -> Option<()> {
             start_ns: cn.start_ns,
             dur_ns: dur,
             remote_port: rport,
-            _pad: [0; 3],
+            attributed: attributed as u16,
+            _pad: [0; 2],
         });
         e.submit(submit_flags());
     } else if old == TCP_SYN_RECV && new == TCP_ESTABLISHED && port_in(&c.http_ports, lport) {

@@ -552,6 +552,16 @@ fn assert_modes_agree(records: &Summary, aggregated: &Summary) {
     assert_eq!(a.requests_by_pid, r.requests_by_pid, "{what}");
     assert_eq!(a.db.round_trips, r.db.round_trips, "{what}");
     assert_eq!(a.db.connects, r.db.connects, "{what}");
+    // Counts per finished request, from the kernel's counters on one side and the records on
+    // the other: exact.
+    assert_eq!(
+        a.ratios.db_round_trips_per_request, r.ratios.db_round_trips_per_request,
+        "{what}"
+    );
+    assert_eq!(
+        a.ratios.db_connects_per_request, r.ratios.db_connects_per_request,
+        "{what}"
+    );
     assert_eq!(
         a.ratios.attributed_share, r.ratios.attributed_share,
         "{what}"
@@ -639,6 +649,74 @@ fn netns_aggregation_and_records_agree() {
     assert_eq!(records.requests, 120);
     assert_eq!(records.status.len(), 2, "{records:?}");
     assert_modes_agree(&records, &aggregated);
+    let pids = sut.server_pids().to_vec();
+    drop(sut);
+    assert_clean(&name, &pids);
+}
+
+/// Per-request database figures count what the finished requests carried: a Sync request
+/// still in the server when the summary is taken, with round trips and a connect already made
+/// and pinned to it, adds none. The truths: the client's count of finished requests, one
+/// connect per request (CONN_MAX_AGE = 0), and the round trips per request of a summary in
+/// which no request was in flight (every Sync io_read request makes the same exchanges).
+#[test]
+fn netns_a_request_still_in_the_server_adds_nothing_per_request() {
+    use awaitlab::delay::{self, BackendChoice, DelaySpec};
+    let name = name();
+    let o = Options::new(Setup::Sync, Stack::Current, &name);
+    let sut = Sut::up(BackendKind::Netns, &o).unwrap_or_else(|e| panic!("up: {e}"));
+    let addr = sut.state().server_addr().unwrap();
+    let quiet = probed_io_reads(&sut, 5);
+    let truth = quiet.db.round_trips as f64 / quiet.requests as f64;
+    // 100 ms on every packet into the server: a request (its own packet, a connect, 7 round
+    // trips) takes about 900 ms. The one started last is read after 100 ms, connects by
+    // 200 ms and has made about three round trips when the summary is taken, 700 ms after it
+    // started (500 ms here, 200 ms in `probed`); at 500 ms it had made one.
+    let target = awaitlab::probe::namespace::Target::resolve(sut.netns()).unwrap();
+    let spec = DelaySpec {
+        delay: Duration::from_millis(100),
+        ..Default::default()
+    };
+    let guard = delay::set(&target, &spec, BackendChoice::Auto).unwrap();
+    let mut last = None;
+    let (records, aggregated) = probed(&sut, || {
+        for _ in 0..3 {
+            let (status, body) = http(addr, "GET", "/posts/io_read/", None, T).unwrap();
+            assert_eq!(status, 200, "{body}");
+        }
+        last = Some(std::thread::spawn(move || {
+            http(addr, "GET", "/posts/io_read/", None, T).unwrap()
+        }));
+        std::thread::sleep(Duration::from_millis(500));
+    });
+    let (status, body) = last.unwrap().join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    drop(guard);
+    eprintln!("quiet: {quiet:?}\nrecords: {records:?}\naggregated: {aggregated:?}");
+    assert_modes_agree(&records, &aggregated);
+    let r = &records;
+    assert_eq!(r.requests, 3, "the fourth was still in the server: {r:?}");
+    // The in-flight request's work was in the interval (else this test shows nothing): its
+    // connect, and at least one round trip, over 3 finished requests.
+    let all_per_request = r.db.round_trips as f64 / r.requests as f64;
+    assert_eq!(r.db.connects, 4, "{r:?}");
+    assert!(
+        all_per_request >= truth + 1.0 / 3.0 - 0.01,
+        "{all_per_request} vs {truth}: {r:?}"
+    );
+    assert_eq!(r.ratios.db_connects_per_request, Some(1.0), "{r:?}");
+    // Exact: every request makes the same exchanges (the quiet requests all made `truth`,
+    // an integer), and the in-flight request's round trips are left out whole.
+    assert_eq!(truth.fract(), 0.0, "{quiet:?}");
+    assert_eq!(r.ratios.db_round_trips_per_request, Some(truth), "{r:?}");
+    // Their wait lies within their server time now (it exceeded it before).
+    let wait =
+        r.ratios.db_wait_ms_per_request.unwrap() + r.ratios.db_connect_ms_per_request.unwrap();
+    assert!(
+        wait <= r.server_time.mean_ms,
+        "{wait} ms of {}: {r:?}",
+        r.server_time.mean_ms
+    );
     let pids = sut.server_pids().to_vec();
     drop(sut);
     assert_clean(&name, &pids);

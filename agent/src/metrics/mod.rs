@@ -348,7 +348,7 @@ impl Observer for TargetObserver {
             Record::DbRoundTrip { dur_ns, .. } => {
                 self.db_rtt.observe(secs(*dur_ns));
             }
-            Record::DbConnect { dur_ns } => self.db_connect.observe(secs(*dur_ns)),
+            Record::DbConnect { dur_ns, .. } => self.db_connect.observe(secs(*dur_ns)),
         }
     }
 
@@ -864,7 +864,14 @@ mod tests {
             let mut o = m.observer(t, Some(5432));
             o.record(&req(200), Some(label), &labels);
             o.record(&req(500), Some(label), &labels);
-            o.record(&Record::DbConnect { dur_ns: 1000 }, None, &labels);
+            o.record(
+                &Record::DbConnect {
+                    dur_ns: 1000,
+                    attributed: false,
+                },
+                None,
+                &labels,
+            );
             m.set_attached(t, &[]);
         }
         let series = |t: &str| {

@@ -37,6 +37,21 @@ pub(super) fn per_request(x: &Summary, v: f64) -> Option<f64> {
     (x.requests > 0).then(|| v / x.requests as f64)
 }
 
+/// Database connects per finished request (results written before this figure existed:
+/// connects over finished requests).
+pub(super) fn connects_per_request(p: &Summary) -> Option<f64> {
+    p.ratios
+        .db_connects_per_request
+        .or_else(|| per_request(p, p.db.connects as f64))
+}
+
+/// Milliseconds spent connecting per finished request (older results as above).
+fn connect_ms_per_request(p: &Summary) -> Option<f64> {
+    p.ratios
+        .db_connect_ms_per_request
+        .or_else(|| per_request(p, p.db.connects as f64 * p.db.connect.mean_ms))
+}
+
 /// Mean server time (ms) of the requests a cell's probes saw finish.
 pub(super) fn server_mean_ms(x: &Summary) -> Option<f64> {
     (x.server_time.count > 0).then_some(x.server_time.mean_ms)
@@ -56,14 +71,13 @@ pub(super) fn route_findings<'a>(
             continue;
         };
         let rt = sync.mean(probe(|p| p.ratios.db_round_trips_per_request));
-        let conn = sync.mean(probe(|p| per_request(p, p.db.connects as f64)));
+        let conn = sync.mean(probe(connects_per_request));
         let server = sync.mean(probe(server_mean_ms));
         // What a request waited on the database, measured: its round trips' time plus its
         // connects' (each pays the added delay once; an estimate of rounds x delay overcounts
         // round trips the probes attribute to a request but that fall outside its server time).
         let waited = sync.mean(probe(|p| {
-            let connects = per_request(p, p.db.connects as f64)?;
-            Some(p.ratios.db_wait_ms_per_request? + connects * p.db.connect.mean_ms)
+            Some(p.ratios.db_wait_ms_per_request? + connect_ms_per_request(p)?)
         }));
         let srps = sync.mean(max_srps).unwrap_or(0.0);
         if let (Some(rt), Some(server), Some(waited)) = (rt, server, waited) {
@@ -164,9 +178,7 @@ impl Split {
         Some(Split {
             server: g.mean(probe(server_mean_ms))?,
             wait: g.mean(probe(|p| p.ratios.db_wait_ms_per_request))?,
-            connect: g.mean(probe(|p| {
-                per_request(p, p.db.connects as f64 * p.db.connect.mean_ms)
-            }))?,
+            connect: g.mean(probe(connect_ms_per_request))?,
             cpu: g.mean(probe(|p| per_request(p, p.cpu.on_cpu_s * 1000.0)))?,
         })
     }
@@ -204,7 +216,7 @@ pub(super) fn open_questions<'a>(
             refusals_text(u),
             refusals_text(l)
         );
-        let connects = |gr: &Group| gr.mean(probe(|p| per_request(p, p.db.connects as f64)));
+        let connects = |gr: &Group| gr.mean(probe(connects_per_request));
         let (uc, lc) = (connects(u), connects(l));
         if let (Some(uc), Some(lc)) = (uc, lc) {
             let _ = write!(line, "; database connects per request {uc:.2} vs {lc:.2}");
@@ -263,9 +275,7 @@ pub(super) fn open_questions<'a>(
             let rt = l
                 .mean(probe(|p| p.ratios.db_round_trips_per_request))
                 .unwrap_or(0.0);
-            let cn = l
-                .mean(probe(|p| per_request(p, p.db.connects as f64)))
-                .unwrap_or(0.0);
+            let cn = l.mean(probe(connects_per_request)).unwrap_or(0.0);
             let _ = write!(
                 line,
                 "; mean server time {:.0} ms = database wait {:.0} ms ({rt:.1} round trips) + connecting {:.0} ms ({cn:.1} connects) + server CPU {:.0} ms + waiting in the server {:.0} ms",

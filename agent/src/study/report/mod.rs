@@ -302,7 +302,7 @@ impl Report {
                             1,
                         ),
                         gr.fmt(p(|x| x.ratios.db_round_trips_per_request), 2),
-                        gr.fmt(probe(|x| per_request(x, x.db.connects as f64)), 2),
+                        gr.fmt(probe(connects_per_request), 2),
                         format!(
                             "{} / {}",
                             gr.fmt(
@@ -549,6 +549,9 @@ mod tests {
             ratios: Ratios {
                 db_round_trips_per_request: Some(rt),
                 db_wait_ms_per_request: Some(wait_ms),
+                db_connects_per_request: Some(connects),
+                // The connect quantiles above: 100 ms each.
+                db_connect_ms_per_request: Some(connects * 100.0),
                 db_wait_share_of_server_time: Some(wait_ms / server_ms),
                 attributed_share: None,
             },
