@@ -503,6 +503,8 @@ pub struct Reading {
     /// those still in it. The difference of two readings is the request time inside the
     /// interval, cut exactly at both ends.
     pub in_server_ns: u64,
+    /// Requests in the server at this instant: read, not answered yet.
+    pub in_server: u64,
 }
 
 impl Reading {
@@ -525,6 +527,7 @@ impl Reading {
                 .map(|(tid, th)| (*tid, thread_at(now, th)))
                 .collect(),
             in_server_ns: c(Counter::RequestsLeftServerNs).wrapping_add(inside),
+            in_server: c(Counter::RequestsInServer),
         }
     }
 }

@@ -28,6 +28,11 @@ pub struct Summary {
     pub server_time: Quantiles,
     pub db: DbSummary,
     pub ratios: Ratios,
+    /// Requests still in the server at the end: read, not answered. Where the kernel could not
+    /// pin round trips to requests (`ratios.attributed_share` below 1), the per-request
+    /// figures count their work too.
+    #[serde(default)]
+    pub requests_in_server_at_end: Option<u64>,
     pub http_conns_opened: u64,
     pub http_conns_closed: u64,
     pub cpu: CpuSummary,
@@ -208,6 +213,7 @@ impl Summary {
                 conns_closed: c(Counter::DbConnsClosed),
             },
             ratios: s.ratios(Some(i.end.in_server_ns.wrapping_sub(i.start.in_server_ns))),
+            requests_in_server_at_end: Some(i.end.in_server),
             http_conns_opened: c(Counter::HttpConnsOpened),
             http_conns_closed: c(Counter::HttpConnsClosed),
             cpu: CpuSummary::between(i.start, i.end, &s.serving_tids, i.duration_s),
@@ -247,6 +253,7 @@ mod tests {
                 .map(|&(tid, on, off)| (tid, (on, off)))
                 .collect(),
             in_server_ns: 0,
+            in_server: 0,
         }
     }
 

@@ -143,7 +143,47 @@ pub(super) fn route_findings<'a>(
     if out.is_empty() {
         out.push("No cell of this route has both a Sync and another setup to compare.".into());
     }
+    for &s in setups {
+        if let Some(line) = unpinned_caveat(s, route, delays, g) {
+            out.push(line);
+        }
+    }
     out
+}
+
+/// Where the kernel could pin no round trip to its request (an event loop) and requests were
+/// still in the server when a cell ended, the per-request database figures of that setup
+/// count those requests' work too: says so, with their number.
+fn unpinned_caveat<'a>(
+    setup: &str,
+    route: &str,
+    delays: &BTreeSet<u32>,
+    g: &dyn Fn(&str, &str, u32) -> Option<&'a Group<'a>>,
+) -> Option<String> {
+    let mut at = Vec::new();
+    for &d in delays {
+        let Some(gr) = g(setup, route, d) else {
+            continue;
+        };
+        let unpinned = gr
+            .mean(probe(|p| p.ratios.attributed_share))
+            .is_some_and(|a| a < 0.99);
+        let inside = gr.mean(probe(|p| p.requests_in_server_at_end.map(|n| n as f64)));
+        let finished = gr.mean(probe(|p| Some(p.requests as f64)));
+        if let (true, Some(n), Some(f)) = (unpinned, inside, finished) {
+            if n >= 0.5 {
+                at.push(format!("{n:.0} at {d} ms (against {f:.0} finished)"));
+            }
+        }
+    }
+    if at.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "{} {route}: its database round trips, connects and wait per request are upper bounds. The kernel could not pin its round trips to requests (a thread serves several at once), so they count the work of the requests still in the server when each cell ended too: {}.",
+        setup_name(setup),
+        at.join(", ")
+    ))
 }
 
 pub(super) fn kinds_text(g: &Group) -> String {

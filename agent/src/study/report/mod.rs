@@ -555,6 +555,7 @@ mod tests {
                 db_wait_share_of_server_time: Some(wait_ms / server_ms),
                 attributed_share: None,
             },
+            requests_in_server_at_end: None,
             http_conns_opened: 0,
             http_conns_closed: 0,
             cpu: CpuSummary {
@@ -629,10 +630,21 @@ mod tests {
         // 410 ms of round trips + 1 connect of 100 ms = 510 ms waited per request (measured):
         // bound when the mean server time is 600 ms (510 >= 300), not when it is 2000 ms
         // (510 < 1000).
+        // Sync pinned every round trip; Async Limited's io_read none, with 120 requests still
+        // in the server at the end.
+        let pinned = |mut s: Summary, share: f64, inside: u64| {
+            s.ratios.attributed_share = Some(share);
+            s.requests_in_server_at_end = Some(inside);
+            s
+        };
         let cells = vec![
             with(
                 cell("sync", "io_read", 100, 1, 50),
-                summary(50, 600.0, 4.0, 1.0, 410.0, (1, 3.0, 27.0), 3.5),
+                pinned(
+                    summary(50, 600.0, 4.0, 1.0, 410.0, (1, 3.0, 27.0), 3.5),
+                    1.0,
+                    1,
+                ),
                 None,
             ),
             with(
@@ -642,7 +654,11 @@ mod tests {
             ),
             with(
                 cell("async-limited", "io_read", 100, 1, 900),
-                summary(900, 900.0, 4.0, 1.0, 450.0, (1, 12.0, 18.0), 15.0),
+                pinned(
+                    summary(900, 900.0, 4.0, 1.0, 450.0, (1, 12.0, 18.0), 15.0),
+                    0.0,
+                    120,
+                ),
                 Some(37),
             ),
             with(
@@ -668,6 +684,14 @@ mod tests {
                 .any(|l| l.starts_with("Sync io_create at 100 ms: mean server time 2000 ms")),
             "{all}"
         );
+        // The per-request caveat only where round trips went unpinned with requests inside.
+        let upper: Vec<&String> = f.iter().filter(|l| l.contains("upper bounds")).collect();
+        assert_eq!(upper.len(), 1, "{all}");
+        assert!(
+            upper[0].starts_with("Async Limited io_read:")
+                && upper[0].ends_with("120 at 100 ms (against 900 finished)."),
+            "{all}"
+        );
         // The connection limit only where PostgreSQL's log counted refusals, with the count.
         let limit: Vec<&String> = f
             .iter()
@@ -681,7 +705,7 @@ mod tests {
         );
         assert!(
             f.iter()
-                .filter(|l| l.starts_with("Async Limited"))
+                .filter(|l| l.starts_with("Async Limited at"))
                 .all(|l| l.contains("most failures were http_500 (2)")),
             "{all}"
         );
