@@ -151,6 +151,16 @@ pub(super) fn route_findings<'a>(
     out
 }
 
+/// The requests still in the server at the end of a cell (mean over repetitions) whose round
+/// trips the kernel could not pin to requests, when there were any: the per-request database
+/// figures of that cell count their work too.
+fn unpinned_inside(gr: &Group) -> Option<f64> {
+    gr.mean(probe(|p| p.ratios.attributed_share))
+        .filter(|&a| a < 0.99)?;
+    gr.mean(probe(|p| p.requests_in_server_at_end.map(|n| n as f64)))
+        .filter(|&n| n >= 0.5)
+}
+
 /// Where the kernel could pin no round trip to its request (an event loop) and requests were
 /// still in the server when a cell ended, the per-request database figures of that setup
 /// count those requests' work too: says so, with their number.
@@ -162,18 +172,11 @@ fn unpinned_caveat<'a>(
 ) -> Option<String> {
     let mut at = Vec::new();
     for &d in delays {
-        let Some(gr) = g(setup, route, d) else {
-            continue;
-        };
-        let unpinned = gr
-            .mean(probe(|p| p.ratios.attributed_share))
-            .is_some_and(|a| a < 0.99);
-        let inside = gr.mean(probe(|p| p.requests_in_server_at_end.map(|n| n as f64)));
-        let finished = gr.mean(probe(|p| Some(p.requests as f64)));
-        if let (true, Some(n), Some(f)) = (unpinned, inside, finished) {
-            if n >= 0.5 {
-                at.push(format!("{n:.0} at {d} ms (against {f:.0} finished)"));
-            }
+        if let Some(n) = g(setup, route, d).and_then(unpinned_inside) {
+            let f = g(setup, route, d)
+                .and_then(|gr| gr.mean(probe(|p| Some(p.requests as f64))))
+                .unwrap_or(0.0);
+            at.push(format!("{n:.0} at {d} ms (against {f:.0} finished)"));
         }
     }
     if at.is_empty() {
@@ -325,6 +328,12 @@ pub(super) fn open_questions<'a>(
                 sp.cpu,
                 sp.rest()
             );
+            if let Some(n) = unpinned_inside(l) {
+                let _ = write!(
+                    line,
+                    " (database wait and connecting are upper bounds: they count the work of the {n:.0} requests still in the server at the end too)"
+                );
+            }
             if let Some(c) = l.mean(probe(|p| p.cpu.cpu_s_per_wall_s)) {
                 let _ = write!(line, "; server CPU s per wall s {c:.2}");
             }
