@@ -513,9 +513,28 @@ fn probed(sut: &Sut, traffic: impl FnOnce()) -> (Summary, Summary) {
     };
     let mut records = Session::attach(&spec(false), sut.netns()).unwrap();
     let mut aggregated = Session::attach(&spec(true), sut.netns()).unwrap();
+    let attached = (records.mark().unwrap(), aggregated.mark().unwrap());
     let addr = sut.state().server_addr().unwrap();
     let (status, body) = http(addr, "GET", "/posts/io_read/", None, T).unwrap();
     assert_eq!(status, 200, "{body}");
+    // The warm-up's request ends with the server's close of its connection, which can come
+    // after the client has read the response (it fell between the two marks once, and one
+    // mode counted a request more): wait until both sets of programs have seen it end.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let ended = |s: &mut Session, m| {
+            let x = s.summary_since(m).unwrap();
+            x.requests >= 1 && x.http_conns_closed >= 1
+        };
+        if ended(&mut records, &attached.0) && ended(&mut aggregated, &attached.1) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the warm-up request did not end"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let marks = (records.mark().unwrap(), aggregated.mark().unwrap());
     traffic();
     // The server's close of each connection ends its request record before our read sees EOF;
