@@ -172,10 +172,11 @@ fn unpinned_caveat<'a>(
 ) -> Option<String> {
     let mut at = Vec::new();
     for &d in delays {
-        if let Some(n) = g(setup, route, d).and_then(unpinned_inside) {
-            let f = g(setup, route, d)
-                .and_then(|gr| gr.mean(probe(|p| Some(p.requests as f64))))
-                .unwrap_or(0.0);
+        let Some(gr) = g(setup, route, d) else {
+            continue;
+        };
+        if let Some(n) = unpinned_inside(gr) {
+            let f = gr.mean(probe(|p| Some(p.requests as f64))).unwrap_or(0.0);
             at.push(format!("{n:.0} at {d} ms (against {f:.0} finished)"));
         }
     }
