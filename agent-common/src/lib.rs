@@ -103,6 +103,16 @@ pub const CONFIG_AGGREGATE: u32 = 2;
 /// the socket's namespace and return. `cargo xtask bench probes --floor` measures with it what
 /// the hooks themselves cost a server, before any work.
 pub const CONFIG_FLOOR: u32 = 4;
+/// Aggregation mode: request keys past the slots of `REQ_SLOT_HIST` go to the per-CPU hash
+/// `REQ_AGG` (set when the configured number of keys exceeds [`REQ_SLOTS`]).
+pub const CONFIG_KEY_HASH: u32 = 8;
+
+/// Aggregation mode: the first request keys (at most this many) get a slot in the per-CPU
+/// array `REQ_SLOT_HIST`, and a connection remembers its last key's slot, so a keep-alive
+/// connection repeating its request finds its histogram without a hash lookup. Later keys
+/// live in the per-CPU hash `REQ_AGG`. Each slot takes a histogram per CPU from the start
+/// (about 2.3 KB).
+pub const REQ_SLOTS: u32 = 32;
 
 /// What a ring-buffer record is; the first field of every record.
 #[repr(u32)]

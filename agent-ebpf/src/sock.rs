@@ -11,8 +11,8 @@
 use agent_common::{
     head_hash, status_code, AggKey, Config, Counter, DbConnectEvent, DbRoundTripEvent, EventHeader,
     EventKind, Hist, RequestEvent, SyscallNrs, CONFIG_AGGREGATE, CONFIG_CAPTURE_PAYLOAD,
-    CONFIG_FLOOR, DB_AGG_CONNECT, DB_AGG_ROUND_TRIP, HEAD_LEN, REQ_END_CLOSE, REQ_EXCLUSIVE_THREAD,
-    REQ_NO_HEAD, REQ_NO_RESPONSE, STATUS_LEN,
+    CONFIG_FLOOR, CONFIG_KEY_HASH, DB_AGG_CONNECT, DB_AGG_ROUND_TRIP, HEAD_LEN, REQ_END_CLOSE,
+    REQ_EXCLUSIVE_THREAD, REQ_NO_HEAD, REQ_NO_RESPONSE, REQ_SLOTS, STATUS_LEN,
 };
 use aya_ebpf::{
     helpers::{
@@ -70,7 +70,11 @@ struct Conn {
     /// A thread that read a request here while another it had read waited (sticky, like
     /// `ThreadReq::multiplexed`): its next requests here skip the `THREAD_REQ` lookup.
     shared_tid: u32,
-    _pad: u32,
+    /// Aggregation mode: where `slot_key`'s histogram is: 0 unknown, `SLOT_HASH` in `REQ_AGG`,
+    /// else its `REQ_SLOT_HIST` index plus one.
+    slot: u32,
+    /// The key of this connection's last finished request (meaningful when `slot` is not 0).
+    slot_key: AggKey,
     start_ns: u64,
     first_send_ns: u64,
     last_send_ns: u64,
@@ -128,7 +132,35 @@ static ZERO_CONN: Array<Conn> = Array::with_max_entries(1, 0);
 const BPF_F_NO_PREALLOC: u32 = 1;
 const BPF_NOEXIST: u64 = 1;
 
-/// Aggregation mode: server-time histograms of finished requests, per CPU.
+/// Aggregation mode: server-time histograms of the first request keys, per CPU, one slot
+/// each (`REQ_SLOTS`; the agent may make it smaller). A slot is never given back.
+#[map]
+static REQ_SLOT_HIST: PerCpuArray<Hist> = PerCpuArray::with_max_entries(REQ_SLOTS, 0);
+
+/// The slot of each key in `REQ_SLOT_HIST`.
+#[map]
+static REQ_SLOT_OF: HashMap<AggKey, u32> = HashMap::with_max_entries(REQ_SLOTS, 0);
+
+/// The key that owns each slot given out: inserting here (`BPF_NOEXIST`, atomic per slot) is
+/// how a CPU takes a slot, since BPF has no fetch-and-add a `no_std` program can use on stable
+/// Rust.
+#[map]
+static REQ_SLOT_OWNER: HashMap<u32, AggKey> = HashMap::with_max_entries(REQ_SLOTS, 0);
+
+/// The next free slot, as far as any CPU knows (written without a lock: a CPU that finds its
+/// slot taken tries the next ones).
+#[map]
+static REQ_SLOTS_USED: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Slots a CPU tries for a new key before giving up on the array (only CPUs racing for new
+/// keys at the same moment take more than one).
+const SLOT_TRIES: u32 = 4;
+
+/// `Conn::slot` of a key whose histogram is in `REQ_AGG`.
+const SLOT_HASH: u32 = u32::MAX;
+
+/// Aggregation mode: server-time histograms of the keys past the slots, per CPU (used only
+/// with `CONFIG_KEY_HASH`).
 #[map]
 static REQ_AGG: PerCpuHashMap<AggKey, Hist> =
     PerCpuHashMap::with_max_entries(1024, BPF_F_NO_PREALLOC);
@@ -429,7 +461,7 @@ fn finalize(c: &Config, sk: u64, conn: &mut Conn, extra_flags: u32, t: u64) {
         t
     };
     if c.flags & CONFIG_AGGREGATE != 0 {
-        aggregate_request(conn, flags, end.saturating_sub(conn.start_ns));
+        aggregate_request(c, conn, flags, end.saturating_sub(conn.start_ns));
         return;
     }
     let Some(mut e) = EVENTS.reserve::<RequestEvent>(0) else {
@@ -470,7 +502,7 @@ fn finalize(c: &Config, sk: u64, conn: &mut Conn, extra_flags: u32, t: u64) {
 
 /// Aggregation mode: adds a finished request to the histogram of its key.
 #[inline(always)]
-fn aggregate_request(conn: &Conn, flags: u32, server_ns: u64) {
+fn aggregate_request(c: &Config, conn: &mut Conn, flags: u32, server_ns: u64) {
     let head_len = conn.head_len as usize;
     let key = AggKey {
         head: if head_len > 0 {
@@ -482,9 +514,11 @@ fn aggregate_request(conn: &Conn, flags: u32, server_ns: u64) {
         status: status_code(&conn.status, conn.status_len as usize),
         flags: (flags & (REQ_EXCLUSIVE_THREAD | REQ_NO_RESPONSE)) as u16,
     };
-    let p = match REQ_AGG.get_ptr_mut(key) {
-        Some(p) => Some(p),
-        None => new_key(&key, conn, head_len),
+    // A keep-alive connection mostly repeats its last key: then no hash lookup at all.
+    let p = if conn.slot != 0 && conn.slot != SLOT_HASH && conn.slot_key == key {
+        REQ_SLOT_HIST.get_ptr_mut(conn.slot - 1)
+    } else {
+        hist_of(c, conn, &key, head_len)
     };
     let p = match p {
         Some(p) => p,
@@ -500,13 +534,29 @@ fn aggregate_request(conn: &Conn, flags: u32, server_ns: u64) {
     unsafe { (*p).add(server_ns) };
 }
 
-/// A key this CPU has not seen: its entry (zeroed; another CPU may have made it meanwhile),
-/// and the head that names it. None when the map is full.
+/// The histogram of a key the connection has not just used: its slot, or its `REQ_AGG` entry,
+/// made when new. Remembers where it is on the connection. None when every place is full.
 #[inline(always)]
-fn new_key(key: &AggKey, conn: &Conn, head_len: usize) -> Option<*mut Hist> {
-    let zero = ZERO_HIST.get(0)?;
-    let _ = REQ_AGG.insert(key, zero, BPF_NOEXIST);
-    let p = REQ_AGG.get_ptr_mut(key)?;
+fn hist_of(c: &Config, conn: &mut Conn, key: &AggKey, head_len: usize) -> Option<*mut Hist> {
+    let in_hash = conn.slot == SLOT_HASH && conn.slot_key == *key;
+    conn.slot_key = *key;
+    conn.slot = 0;
+    if !in_hash {
+        if let Some(s) = REQ_SLOT_OF.get_ptr(key) {
+            // SAFETY: map value pointer valid for this program run.
+            let s = unsafe { *s };
+            conn.slot = s + 1;
+            return REQ_SLOT_HIST.get_ptr_mut(s);
+        }
+    }
+    if c.flags & CONFIG_KEY_HASH != 0 {
+        if let Some(p) = REQ_AGG.get_ptr_mut(key) {
+            conn.slot = SLOT_HASH;
+            return Some(p);
+        }
+    }
+    let (p, slot) = new_key(c, key)?;
+    conn.slot = slot;
     if key.head != 0 && HEADS.get_ptr(key.head).is_none() {
         let h = Head {
             len: head_len as u32,
@@ -515,6 +565,47 @@ fn new_key(key: &AggKey, conn: &Conn, head_len: usize) -> Option<*mut Hist> {
         let _ = HEADS.insert(key.head, h, BPF_NOEXIST);
     }
     Some(p)
+}
+
+/// A key no CPU had given a place: a free slot while there is one, else a new `REQ_AGG` entry
+/// (zeroed; another CPU may have made it meanwhile). Returns its histogram and `Conn::slot`.
+#[inline(always)]
+fn new_key(c: &Config, key: &AggKey) -> Option<(*mut Hist, u32)> {
+    if let Some(used) = REQ_SLOTS_USED.get_ptr_mut(0) {
+        // SAFETY: array value pointer valid for this program run (shared by all CPUs: read and
+        // written whole, any value it holds is only a place to start trying).
+        let mut s = unsafe { *used };
+        let mut tries = 0;
+        // `get_ptr_mut` fails past the array's size, which the agent may have made smaller.
+        while tries < SLOT_TRIES {
+            let Some(p) = REQ_SLOT_HIST.get_ptr_mut(s) else {
+                break;
+            };
+            if REQ_SLOT_OWNER.insert(s, key, BPF_NOEXIST).is_ok() {
+                // SAFETY: as above. Only forwards, as far as this CPU can tell.
+                unsafe {
+                    if *used <= s {
+                        *used = s + 1;
+                    }
+                }
+                if REQ_SLOT_OF.insert(key, s, BPF_NOEXIST).is_ok() {
+                    return Some((p, s + 1));
+                }
+                // Another CPU gave the key a slot first: use that one (this one stays unused).
+                // SAFETY: map value pointer valid for this program run.
+                let theirs = unsafe { *REQ_SLOT_OF.get_ptr(key)? };
+                return Some((REQ_SLOT_HIST.get_ptr_mut(theirs)?, theirs + 1));
+            }
+            s += 1;
+            tries += 1;
+        }
+    }
+    if c.flags & CONFIG_KEY_HASH == 0 {
+        return None;
+    }
+    let zero = ZERO_HIST.get(0)?;
+    let _ = REQ_AGG.insert(key, zero, BPF_NOEXIST);
+    Some((REQ_AGG.get_ptr_mut(key)?, SLOT_HASH))
 }
 
 /// Aggregation mode: adds a duration to one of the database histograms.

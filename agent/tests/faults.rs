@@ -255,34 +255,15 @@ fn ten_thousand_distinct_paths_keep_the_labels_at_their_cap() {
     out.assert_detached();
 }
 
-/// Aggregation mode with `--max-request-keys 16` and 100 paths, each requested once (one key
-/// each: one process, status 200): the first 16 keys get histograms of their own; the other 84
-/// requests find the map full and are measured under `OTHER /other`, each counted as
-/// agg_map_full. Read on /metrics, against the server's own count.
-#[test]
-fn a_full_request_key_map_sends_the_rest_to_other_counted_exactly() {
-    const KEYS: usize = 16;
-    const PATHS: usize = 100;
-    let s = served(3);
-    let agent = s.agent(
-        Agent::watch_aggregated,
-        &["--max-request-keys", &KEYS.to_string()],
-    );
-    // Letters only: numeric segments would share a key.
-    let name = |i: usize| {
-        let letter = |n: usize| (b'a' + n as u8) as char;
-        format!("/k{}{}", letter(i / 26), letter(i % 26))
-    };
-    burst(s.addr, 1, PATHS, name);
-    let (text, out) = s.metrics_then_stop(agent, PATHS);
-    let lost = text
-        .lines()
-        .find(|l| l.starts_with("awaitlab_lost_events_total{") && l.contains("agg_map_full"))
-        .map(value);
-    let overflow = (PATHS - KEYS) as f64;
-    assert_eq!(lost, Some(overflow), "agg_map_full on /metrics:\n{text}");
-    let by_route: Vec<(&str, f64)> = text
-        .lines()
+/// A path of letters only (numeric segments would share a key): `/k` and two letters from `i`.
+fn key_path(i: usize) -> String {
+    let letter = |n: usize| (b'a' + n as u8) as char;
+    format!("/k{}{}", letter(i / 26 % 26), letter(i % 26))
+}
+
+/// The request count of each route on /metrics.
+fn by_route(text: &str) -> Vec<(&str, f64)> {
+    text.lines()
         .filter(|l| l.starts_with("http_server_request_duration_seconds_count{"))
         .filter_map(|l| {
             Some((
@@ -290,7 +271,36 @@ fn a_full_request_key_map_sends_the_rest_to_other_counted_exactly() {
                 value(l),
             ))
         })
-        .collect();
+        .collect()
+}
+
+/// Aggregation mode with `--max-request-keys 48` and 100 paths, each requested once (one key
+/// each: one process, status 200): the first 48 keys get histograms of their own (32 in the
+/// per-CPU array's slots, 16 in the hash past them); the other 52 requests find both full and
+/// are measured under `OTHER /other`, each counted as agg_map_full. Read on /metrics, against
+/// the server's own count.
+#[test]
+fn a_full_request_key_map_sends_the_rest_to_other_counted_exactly() {
+    const KEYS: usize = 48;
+    const PATHS: usize = 100;
+    assert!(
+        KEYS > agent_common::REQ_SLOTS as usize,
+        "past the slots, into the hash"
+    );
+    let s = served(3);
+    let agent = s.agent(
+        Agent::watch_aggregated,
+        &["--max-request-keys", &KEYS.to_string()],
+    );
+    burst(s.addr, 1, PATHS, key_path);
+    let (text, out) = s.metrics_then_stop(agent, PATHS);
+    let lost = text
+        .lines()
+        .find(|l| l.starts_with("awaitlab_lost_events_total{") && l.contains("agg_map_full"))
+        .map(value);
+    let overflow = (PATHS - KEYS) as f64;
+    assert_eq!(lost, Some(overflow), "agg_map_full on /metrics:\n{text}");
+    let by_route = by_route(&text);
     let other: f64 = by_route
         .iter()
         .filter(|(r, _)| *r == "/other")
@@ -304,6 +314,40 @@ fn a_full_request_key_map_sends_the_rest_to_other_counted_exactly() {
         own.iter().all(|(r, n)| *n == 1.0 && r.starts_with("/k")),
         "{by_route:?}"
     );
+    out.assert_detached();
+}
+
+/// Aggregation mode, keep-alive connections that change their request's key: each of 4
+/// connections asks for 36 paths in turn, each twice in a row, and goes round twice. A
+/// connection remembers where its last key's histogram is; a repeat uses it, a change looks the
+/// new key up. The 36 keys fill the 32 slots of the per-CPU array and 4 go to the hash past
+/// them. The truth is what the clients sent: 16 requests of every path, none lost.
+#[test]
+fn keep_alive_connections_changing_keys_count_every_path() {
+    const CONNS: usize = 4;
+    const PATHS: usize = 36;
+    const EACH: usize = 2 * 2 * PATHS;
+    assert!(
+        PATHS > agent_common::REQ_SLOTS as usize,
+        "past the slots, into the hash"
+    );
+    let s = served(5);
+    let agent = s.agent(Agent::watch_aggregated, &[]);
+    burst(s.addr, CONNS, EACH, |i| key_path(i % EACH / 2 % PATHS));
+    let (text, out) = s.metrics_then_stop(agent, CONNS * EACH);
+    let lost = text
+        .lines()
+        .find(|l| l.starts_with("awaitlab_lost_events_total{") && l.contains("agg_map_full"))
+        .map(value)
+        .unwrap_or(0.0);
+    assert_eq!(lost, 0.0, "{text}");
+    let mut counts = by_route(&text);
+    counts.sort_by(|a, b| a.0.cmp(b.0));
+    let want: Vec<(String, f64)> = (0..PATHS)
+        .map(|i| (key_path(i), (CONNS * EACH / PATHS) as f64))
+        .collect();
+    let got: Vec<(String, f64)> = counts.iter().map(|(r, n)| (r.to_string(), *n)).collect();
+    assert_eq!(got, want);
     out.assert_detached();
 }
 

@@ -14,11 +14,12 @@ pub mod btf;
 pub mod namespace;
 pub mod session;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use agent_common::{
     AggKey, Config, Counter, Hist, Kernel, ThreadCpu, CONFIG_AGGREGATE, CONFIG_CAPTURE_PAYLOAD,
-    CONFIG_FLOOR, COUNTERS, HEAD_LEN, MAX_PORTS,
+    CONFIG_FLOOR, CONFIG_KEY_HASH, COUNTERS, HEAD_LEN, MAX_PORTS,
 };
 use aya::{
     maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -76,10 +77,11 @@ pub struct ProbeSpec {
 /// How many entries the probes' per-connection, per-thread and per-request-key maps hold. A
 /// connection or a thread that finds its map full is not measured and is counted
 /// (`conn_map_full`, `thread_map_full`); a request whose key finds the aggregation map full is
-/// measured under `OTHER /other` and counted (`agg_map_full`). Each connection entry takes
-/// about 100 bytes of kernel memory, each thread about 60 (two maps), each request key about
-/// 2.3 KB per CPU once used (and 80 bytes for the head that names it); the defaults take under
-/// 5 MB before use.
+/// measured under `OTHER /other` and counted (`agg_map_full`). Kernel memory (`bpftool map
+/// show`, kernel 6.18): each connection about 290 bytes and each thread about 200 (two maps),
+/// from the start; each request key about 2.3 KB per CPU and 145 bytes for the head that names
+/// it, from the start for the first 32 (`REQ_SLOTS`, an array), once used for the rest (a
+/// hash). The defaults take about 13 MB, 74 KB of it per CPU, before use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MapSizes {
@@ -105,6 +107,16 @@ impl Default for MapSizes {
 impl MapSizes {
     /// Largest size accepted for either map.
     pub const MAX: u32 = 1 << 22;
+
+    /// Request keys with a slot of their own in the per-CPU array (`REQ_SLOTS` at most).
+    fn request_slots(&self) -> u32 {
+        self.request_keys.min(agent_common::REQ_SLOTS)
+    }
+
+    /// Request keys past the slots, kept in the per-CPU hash.
+    fn hashed_request_keys(&self) -> u32 {
+        self.request_keys - self.request_slots()
+    }
 
     pub fn check(&self) -> Result<(), String> {
         for (what, n) in [
@@ -221,7 +233,11 @@ impl Probes {
             .map_max_entries("CONNS", spec.sizes.connections)
             .map_max_entries("THREADS", spec.sizes.threads)
             .map_max_entries("THREAD_REQ", spec.sizes.threads)
-            .map_max_entries("REQ_AGG", spec.sizes.request_keys)
+            .map_max_entries("REQ_SLOT_HIST", spec.sizes.request_slots())
+            .map_max_entries("REQ_SLOT_OF", spec.sizes.request_slots())
+            .map_max_entries("REQ_SLOT_OWNER", spec.sizes.request_slots())
+            // At least one entry (a map cannot have none): unused without `CONFIG_KEY_HASH`.
+            .map_max_entries("REQ_AGG", spec.sizes.hashed_request_keys().max(1))
             .map_max_entries("HEADS", spec.sizes.request_keys)
             .load(OBJECT)?;
         {
@@ -338,14 +354,6 @@ impl Probes {
             }
             h
         };
-        let name = "REQ_AGG";
-        let reqs: PerCpuHashMap<&MapData, AggKey, Hist> = PerCpuHashMap::try_from(self.map(name)?)
-            .map_err(|source| ProbeError::Map { name, source })?;
-        let mut requests: Vec<(AggKey, aggregate::HistSum)> = reqs
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(k, v)| (k, sum(&v)))
-            .collect();
         let per_cpu_array =
             |name: &'static str, i: u32| -> Result<aggregate::HistSum, ProbeError> {
                 let a: PerCpuArray<&MapData, Hist> = PerCpuArray::try_from(self.map(name)?)
@@ -355,6 +363,33 @@ impl Probes {
                     .map_err(|source| ProbeError::Map { name, source })?;
                 Ok(sum(&v))
             };
+        // By key: two CPUs racing on a new key when the slots ran out can leave it a slot and
+        // a hash entry.
+        let mut requests: BTreeMap<AggKey, aggregate::HistSum> = BTreeMap::new();
+        let mut add = |key: AggKey, per_cpu: &[Hist]| {
+            let h = requests.entry(key).or_default();
+            per_cpu.iter().for_each(|v| h.add(v));
+        };
+        let name = "REQ_SLOT_OF";
+        let slot_of: BpfHashMap<&MapData, AggKey, u32> = BpfHashMap::try_from(self.map(name)?)
+            .map_err(|source| ProbeError::Map { name, source })?;
+        let name = "REQ_SLOT_HIST";
+        let slots: PerCpuArray<&MapData, Hist> = PerCpuArray::try_from(self.map(name)?)
+            .map_err(|source| ProbeError::Map { name, source })?;
+        for (key, slot) in slot_of.iter().filter_map(Result::ok) {
+            let v = slots
+                .get(&slot, 0)
+                .map_err(|source| ProbeError::Map { name, source })?;
+            add(key, &v);
+        }
+        let name = "REQ_AGG";
+        let hashed: PerCpuHashMap<&MapData, AggKey, Hist> =
+            PerCpuHashMap::try_from(self.map(name)?)
+                .map_err(|source| ProbeError::Map { name, source })?;
+        for (key, v) in hashed.iter().filter_map(Result::ok) {
+            add(key, &v);
+        }
+        let mut requests: Vec<(AggKey, aggregate::HistSum)> = requests.into_iter().collect();
         requests.push((AggKey::OVERFLOW, per_cpu_array("REQ_AGG_OVERFLOW", 0)?));
         let name = "THREAD_REQ";
         let serving: BpfHashMap<&MapData, u32, [u8; 16]> = BpfHashMap::try_from(self.map(name)?)
@@ -430,6 +465,9 @@ fn build_config(spec: &ProbeSpec) -> Result<Config, ProbeError> {
     }
     if spec.floor {
         flags |= CONFIG_FLOOR;
+    }
+    if spec.sizes.hashed_request_keys() > 0 {
+        flags |= CONFIG_KEY_HASH;
     }
     Ok(Config {
         netns_inum: spec.netns_inum,
