@@ -124,6 +124,11 @@ impl Server {
                 let Ok(conn) = conn else { continue };
                 c.fetch_add(1, Ordering::SeqCst);
                 let (r, s, bz, mb) = (r.clone(), s.clone(), bz.clone(), mb.clone());
+                // A thread per connection: let the finished ones go (dropping a finished
+                // thread's handle frees its stack). Kept until the end, a connection per
+                // request filled the process's memory maps within seconds (tens of thousands of
+                // connections on a fast host) and the next thread could not start.
+                handlers.retain(|h: &std::thread::JoinHandle<()>| !h.is_finished());
                 handlers.push(std::thread::spawn(move || {
                     handle(conn, b, &r, &s, &bz, &mb)
                 }));
