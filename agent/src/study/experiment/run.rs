@@ -398,7 +398,7 @@ fn progress(t: &Tally, cell: &CellKey, p: &load::Progress) {
         p.planned.as_secs_f64(),
     );
     eprint!(
-        "{}[{}/{}] {} {} {} ms r{}: {:>4.0}/{:.0} s, {} users, {:.0} req/s, {} failures; about {:.0} min left{}",
+        "{}[{}/{}] {} {} {} ms r{}: {:>4.0}/{:.0} s, {} users, {:.0} req/s, {} failures; {} left{}",
         if tty { "\r\x1b[2K" } else { "" },
         t.done + t.skipped + 1,
         t.total,
@@ -411,7 +411,7 @@ fn progress(t: &Tally, cell: &CellKey, p: &load::Progress) {
         p.users,
         p.requests_last_s as f64,
         p.failures,
-        left / 60.0,
+        time_left(left),
         if tty { "" } else { "\n" }
     );
 }
@@ -428,6 +428,15 @@ fn seconds_left(t: &Tally, now_s: f64, planned_s: f64) -> f64 {
     };
     let cells = t.total.saturating_sub(t.done + t.skipped) as f64;
     (per_cell * cells - (now_s - t.done_s)).max(0.0)
+}
+
+/// The progress line's estimate: whole minutes, and no "about 0 min" in the last one.
+fn time_left(s: f64) -> String {
+    if s < 60.0 {
+        "under a minute".to_string()
+    } else {
+        format!("about {:.0} min", s / 60.0)
+    }
 }
 
 /// What happens before a cell's load starts (its progress line follows).
@@ -1083,6 +1092,15 @@ mod tests {
             config: serde_json::to_value(cfg).unwrap(),
             planned,
         }
+    }
+
+    #[test]
+    fn the_time_left_reads_in_minutes_and_the_last_one_says_so() {
+        assert_eq!(time_left(0.0), "under a minute");
+        assert_eq!(time_left(59.9), "under a minute");
+        assert_eq!(time_left(60.0), "about 1 min");
+        assert_eq!(time_left(149.0), "about 2 min");
+        assert_eq!(time_left(24.0 * 60.0 - 25.0), "about 24 min");
     }
 
     #[test]
