@@ -142,8 +142,9 @@ static REQ_SLOT_HIST: PerCpuArray<Hist> = PerCpuArray::with_max_entries(REQ_SLOT
 static REQ_SLOT_OF: HashMap<AggKey, u32> = HashMap::with_max_entries(REQ_SLOTS, 0);
 
 /// The key that owns each slot given out: inserting here (`BPF_NOEXIST`, atomic per slot) is
-/// how a CPU takes a slot, since BPF has no fetch-and-add a `no_std` program can use on stable
-/// Rust.
+/// how a CPU takes a slot. Core's atomics have no fetch-and-add on the BPF target, and the
+/// compiler intrinsic behind them is an unstable feature whose signature changes between
+/// nightlies.
 #[map]
 static REQ_SLOT_OWNER: HashMap<u32, AggKey> = HashMap::with_max_entries(REQ_SLOTS, 0);
 
