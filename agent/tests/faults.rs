@@ -108,11 +108,7 @@ fn a_burst_that_overruns_the_ring_buffer_is_counted_exactly() {
     std::thread::sleep(Duration::from_secs(2));
     let metrics = agent.metrics_addr();
     let (_, text) = http_get(metrics, "/metrics");
-    let exported: f64 = text
-        .lines()
-        .find(|l| l.starts_with("awaitlab_lost_events_total{") && l.contains("ringbuf_full"))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0);
+    let exported = lost_on_metrics(&text, "ringbuf_full").unwrap_or(0.0);
     let out = agent.stop();
     assert_eq!(out.code, Some(0), "the agent kept running: {}", out.stderr);
     let sum = out.summary();
@@ -192,11 +188,7 @@ fn ten_thousand_connections_fill_the_connection_map_to_its_cap_counted() {
         .collect();
     std::thread::sleep(Duration::from_millis(1500));
     let (_, text) = http_get(agent.metrics_addr(), "/metrics");
-    let exported = text
-        .lines()
-        .find(|l| l.starts_with("awaitlab_lost_events_total{") && l.contains("conn_map_full"))
-        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .unwrap_or(0.0);
+    let exported = lost_on_metrics(&text, "conn_map_full").unwrap_or(0.0);
     let out = agent.stop();
     drop(held);
     drop(listener);
@@ -294,10 +286,7 @@ fn a_full_request_key_map_sends_the_rest_to_other_counted_exactly() {
     );
     burst(s.addr, 1, PATHS, key_path);
     let (text, out) = s.metrics_then_stop(agent, PATHS);
-    let lost = text
-        .lines()
-        .find(|l| l.starts_with("awaitlab_lost_events_total{") && l.contains("agg_map_full"))
-        .map(value);
+    let lost = lost_on_metrics(&text, "agg_map_full");
     let overflow = (PATHS - KEYS) as f64;
     assert_eq!(lost, Some(overflow), "agg_map_full on /metrics:\n{text}");
     let by_route = by_route(&text);
@@ -335,11 +324,7 @@ fn keep_alive_connections_changing_keys_count_every_path() {
     let agent = s.agent(Agent::watch_aggregated, &[]);
     burst(s.addr, CONNS, EACH, |i| key_path(i % EACH / 2 % PATHS));
     let (text, out) = s.metrics_then_stop(agent, CONNS * EACH);
-    let lost = text
-        .lines()
-        .find(|l| l.starts_with("awaitlab_lost_events_total{") && l.contains("agg_map_full"))
-        .map(value)
-        .unwrap_or(0.0);
+    let lost = lost_on_metrics(&text, "agg_map_full").unwrap_or(0.0);
     assert_eq!(lost, 0.0, "{text}");
     let mut counts = by_route(&text);
     counts.sort_by(|a, b| a.0.cmp(b.0));
@@ -375,6 +360,13 @@ fn the_probe_floor_sees_the_target_and_measures_no_request() {
         .sum();
     assert_eq!(measured, 0.0, "{text}");
     out.assert_detached();
+}
+
+/// `awaitlab_lost_events_total` of one cause on a /metrics page (None when not exported).
+fn lost_on_metrics(text: &str, cause: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with("awaitlab_lost_events_total{") && l.contains(cause))
+        .map(value)
 }
 
 /// The value of one line of the Prometheus text format.
